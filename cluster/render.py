@@ -1,0 +1,226 @@
+"""`triptych deploy render CONFIG [--format commands|ray-up|kuberay]`.
+
+Turns a deploy YAML into what brings up a matching Ray cluster: the `ray start` commands for
+hand-managed machines, a Ray cluster launcher config (`ray up`), or a KubeRay RayCluster
+manifest. The cluster has one head node (gateway, router, controller; it carries no pool
+resources, so no pool worker lands there) and, per active pool, ceil(workers / per_node) worker
+nodes. Each worker node advertises `per_node` times one worker's resources (CPU, GPU and the
+pool's custom resources), so Ray places exactly `per_node` workers of that pool on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, DeployConfig, load_config
+
+FORMATS = ("commands", "ray-up", "kuberay")
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """`count` identical worker nodes serving one pool."""
+
+    name: str  # the pool's role, e.g. "prefill"
+    count: int
+    num_cpus: int
+    num_gpus: int
+    resources: dict[str, float]  # custom resources only
+
+
+def node_groups(cfg: DeployConfig, workers_per_node: int = 1) -> list[NodeGroup]:
+    groups = []
+    for pool in cfg.active_pools():
+        per_node = min(workers_per_node, pool.workers)
+        groups.append(
+            NodeGroup(
+                name=pool.role.value,
+                count=math.ceil(pool.workers / per_node),
+                num_cpus=max(1, math.ceil(pool.num_cpus * per_node)),  # `ray start` takes whole CPUs
+                num_gpus=math.ceil(pool.num_gpus * per_node),
+                resources={k: v * per_node for k, v in pool.resources.items()},
+            )
+        )
+    return groups
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _resources_json(resources: dict[str, float]) -> str:
+    return json.dumps({k: _num(v) for k, v in resources.items()})
+
+
+def _ray_version() -> str:
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return "2.60.0"
+
+
+def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
+    groups = node_groups(cfg, args.workers_per_node)
+    head = f"{args.head_address}:{args.port}"
+    lines = [
+        f"# Ray cluster for {cfg.source} ({cfg.mode.value}): 1 head + {sum(g.count for g in groups)} worker nodes.",
+        "# On the head node (gateway, router, controller):",
+        f"ray start --head --port={args.port} --num-cpus={args.head_cpus} --num-gpus=0",
+    ]
+    for g in groups:
+        lines.append(f"# {g.name} pool: {g.count} node(s); run on each:")
+        start = f"ray start --address={head} --num-cpus={g.num_cpus} --num-gpus={g.num_gpus}"
+        lines.extend([f"{start} --resources={shlex.quote(_resources_json(g.resources))}"] * g.count)
+    lines += ["# Then, on the head node:", f"triptych serve {shlex.quote(cfg.source)}"]
+    return "\n".join(lines) + "\n"
+
+
+def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]:
+    groups = node_groups(cfg, args.workers_per_node)
+    node_types: dict[str, Any] = {
+        "head": {"resources": {"CPU": args.head_cpus, "GPU": 0}, "node_config": {}, "min_workers": 0, "max_workers": 0}
+    }
+    for g in groups:
+        node_types[g.name] = {
+            "resources": {"CPU": g.num_cpus, "GPU": g.num_gpus, **{k: _num(v) for k, v in g.resources.items()}},
+            "node_config": {},
+            "min_workers": g.count,
+            "max_workers": g.count,
+        }
+    return {
+        "cluster_name": args.cluster_name or _default_name(cfg),
+        "max_workers": sum(g.count for g in groups),
+        "provider": {"type": args.provider, "region": args.region},
+        "available_node_types": node_types,
+        "head_node_type": "head",
+        "file_mounts": {"~/triptych.yaml": str(Path(cfg.source).resolve())},
+        "setup_commands": [],
+        "head_start_ray_commands": [
+            "ray stop",
+            f"ray start --head --port={args.port} --autoscaling-config=~/ray_bootstrap_config.yaml",
+        ],
+        "worker_start_ray_commands": ["ray stop", f"ray start --address=$RAY_HEAD_IP:{args.port}"],
+    }
+
+
+def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]:
+    groups = node_groups(cfg, args.workers_per_node)
+    image = args.image or f"rayproject/ray:{_ray_version()}-py311"
+
+    def container(name: str, cpus: float, gpus: int, ports: list[dict[str, Any]]) -> dict[str, Any]:
+        limits = {"cpu": str(_num(cpus)), "memory": args.memory}
+        if gpus:
+            limits["nvidia.com/gpu"] = str(gpus)
+        out = {"name": name, "image": image, "resources": {"limits": limits, "requests": dict(limits)}}
+        if ports:
+            out["ports"] = ports
+        return out
+
+    head_ports = [
+        {"containerPort": args.port, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": cfg.server.grpc_port, "name": "triptych-grpc"},
+    ]
+    if cfg.server.http_port:
+        head_ports.append({"containerPort": cfg.server.http_port, "name": "triptych-http"})
+    workers = []
+    for g in groups:
+        params = {"num-cpus": str(g.num_cpus), "num-gpus": str(g.num_gpus)}
+        if g.resources:
+            # KubeRay passes the value through a shell, hence the inner quotes.
+            params["resources"] = json.dumps(_resources_json(g.resources))
+        workers.append(
+            {
+                "groupName": g.name,
+                "replicas": g.count,
+                "minReplicas": g.count,
+                "maxReplicas": g.count,
+                "rayStartParams": params,
+                "template": {"spec": {"containers": [container("ray-worker", g.num_cpus, g.num_gpus, [])]}},
+            }
+        )
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": args.cluster_name or _default_name(cfg)},
+        "spec": {
+            "rayVersion": _ray_version(),
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": str(args.head_cpus), "dashboard-host": "0.0.0.0"},
+                "template": {"spec": {"containers": [container("ray-head", args.head_cpus, 0, head_ports)]}},
+            },
+            "workerGroupSpecs": workers,
+        },
+    }
+
+
+def _default_name(cfg: DeployConfig) -> str:
+    return "triptych-" + Path(cfg.source).stem.replace("_", "-").lower()
+
+
+def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
+    if args.format == "commands":
+        return render_commands(cfg, args)
+    if args.format == "ray-up":
+        header = (
+            f"# Ray cluster launcher config for {cfg.source}; `ray up` this file.\n"
+            "# Fill provider and each node type's node_config for your cloud; `resources` is what\n"
+            "# each node type advertises to Ray (pool workers are placed by their custom resources).\n"
+            "# Install triptych on the nodes (setup_commands or the image), then on the head node:\n"
+            "#   triptych serve ~/triptych.yaml\n"
+        )
+        return header + yaml.safe_dump(ray_up_config(cfg, args), sort_keys=False)
+    header = (
+        f"# KubeRay RayCluster for {cfg.source}; `kubectl apply -f` this file.\n"
+        "# The image must contain triptych (and the model if model.path is set).\n"
+    )
+    return header + yaml.safe_dump(kuberay_manifest(cfg, args), sort_keys=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="deploy YAML, e.g. deploy/multinode.yaml")
+    parser.add_argument("--format", choices=FORMATS, default="commands", help="what to print (default: commands)")
+    parser.add_argument("--workers-per-node", type=int, default=1, metavar="N", help="pool workers packed per node")
+    parser.add_argument("--head-address", default="HEAD_IP", help="head node address for `ray start --address`")
+    parser.add_argument("--port", type=int, default=6379, help="Ray GCS port on the head node")
+    parser.add_argument("--head-cpus", type=int, default=2, help="CPUs of the head node (gateway + router)")
+    parser.add_argument("--cluster-name", default=None, help="default: triptych-<config file stem>")
+    parser.add_argument("--image", default=None, help="kuberay: container image (default rayproject/ray:<ray version>-py311)")
+    parser.add_argument("--memory", default="8Gi", help="kuberay: memory per pod")
+    parser.add_argument("--provider", default="aws", help="ray-up: provider type")
+    parser.add_argument("--region", default="us-west-2", help="ray-up: provider region")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers_per_node < 1:
+        print("--workers-per-node must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(cfg, args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cluster.render CONFIG ...`, the same as `triptych deploy render`."""
+    parser = argparse.ArgumentParser(prog="triptych deploy render", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

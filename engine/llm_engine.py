@@ -1,0 +1,192 @@
+"""The colocated engine: schedule → run → postprocess, and the offline `generate()` API."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import model_loader
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.errors import InvalidRequestError, OutOfKVCacheError
+from engine.kv_cache import BlockManager, KVSpec
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, StepOutput
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer loaded once; several engines (and the tests' reference) may share it."""
+
+    model: object
+    tokenizer: object
+    name: str
+
+    @classmethod
+    def load(cls, model: str | None = None, dtype: str = "float32") -> "LoadedModel":
+        hf_model, tokenizer, source = model_loader.load(model, dtype)
+        return cls(hf_model, tokenizer, source.name)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return frozenset(ids)
+
+
+class RequestValidator:
+    """Turns user prompts into token ids and refuses what the engine cannot serve."""
+
+    def __init__(self, loaded: LoadedModel, max_model_len: int, kv_capacity_tokens: int) -> None:
+        self.loaded = loaded
+        self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
+
+    def tokenize(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        tok = self.loaded.tokenizer
+        if isinstance(prompt, str):
+            ids = tok(prompt).input_ids if prompt else []
+        elif prompt and isinstance(prompt[0], dict):
+            ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        else:
+            ids = list(prompt)
+            vocab = len(tok)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        return ids
+
+    def check(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; the model's context is {self.max_model_len} tokens "
+                f"(at least one must be left to generate)")
+        if n + 1 > self.kv_capacity_tokens:
+            raise OutOfKVCacheError(f"prompt has {n} tokens; the KV cache holds only {self.kv_capacity_tokens}")
+
+
+class LLMEngine:
+    """Colocated serving engine.
+
+    >>> engine = LLMEngine(EngineConfig())
+    >>> engine.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or LoadedModel.load(config.model, config.dtype)
+        model_config = self.loaded.model.config
+        self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
+        self.kv_spec = KVSpec.from_model_config(model_config, config.block_size, config.num_kv_blocks,
+                                                self.loaded.model.dtype)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        self.runner = ModelRunner(self.loaded.model, self.kv_spec)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sampler = Sampler()
+        self.validator = RequestValidator(self.loaded, self.max_model_len,
+                                          config.num_kv_blocks * config.block_size)
+        self.eos_token_ids = self.loaded.eos_token_ids
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int] | list[dict], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        sampling = sampling or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        ids = self.validator.tokenize(prompt)
+        self.validator.check(ids, sampling)
+        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic())
+        self._seqs[request_id] = seq
+        self._detok[request_id] = Detokenizer(self.tokenizer, sampling.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        self._detok.pop(request_id, None)
+        self.sampler.forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------- step
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.forward(batch, sparse=self.config.sparse)
+        seqs = [e.seq for e in result.sampled]
+        tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
+        self.scheduler.update(batch, {id(s): t for s, t in zip(seqs, tokens)})
+        return [self._postprocess(seq) for seq in seqs]
+
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+        last = seq.token_ids[-1]
+        if not seq.sampling.ignore_eos and last in self.eos_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _postprocess(self, seq: Sequence) -> StepOutput:
+        detok = self._detok[seq.request_id]
+        new_text, hit_stop = detok.update(seq.output_token_ids)
+        reason = FinishReason.STOP if hit_stop else self._finish_reason(seq)
+        if reason is not None:
+            new_text += detok.flush()
+            seq.output_text = detok.text
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+            self.sampler.forget(seq.request_id)
+        return StepOutput(seq.request_id, [seq.token_ids[-1]], new_text, reason is not None, reason)
+
+    # ---------------------------------------------------------------- offline API
+    def generate(self, prompts: list, sampling: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts (text, token ids, or chat message lists) to completion in one batch."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        # Validate everything before anything is queued, so a bad prompt leaves no state behind.
+        checked = []
+        for prompt, p in zip(prompts, params):
+            ids = self.validator.tokenize(prompt)
+            self.validator.check(ids, p)
+            checked.append((ids, p))
+        order = [self.add_request(ids, p) for ids, p in checked]
+        seqs = {rid: self._seqs[rid] for rid in order}
+        while any(not s.is_finished for s in seqs.values()):
+            self.step()
+        return [RequestOutput(rid, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason)
+                for rid, s in seqs.items()]

@@ -1,0 +1,117 @@
+"""Colocated scheduler: continuous batching with chunked prefill, decode first (Sarathi-Serve).
+
+Each step spends a token budget: first one token for every decoding sequence (so decodes never
+stall behind a long prompt), then prompt chunks of sequences already admitted, then new
+sequences from the waiting queue in arrival order. When the KV cache cannot grow a decoding
+sequence, the most recently arrived running sequence is preempted: its blocks are freed and it
+goes back to the front of the waiting queue to be recomputed (prompt + output so far).
+
+The scheduler never touches tensors; it hands (sequence, n new tokens) pairs to the runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.kv_cache import BlockManager
+from engine.model_runner import ScheduledSeq
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order; preemption takes from the end
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        scheduled: set[int] = set()
+
+        # 1. decode tokens first
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or id(seq) in scheduled:
+                continue
+            while not self.blocks.can_allocate(seq.block_table, seq.num_tokens):
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq.block_table, seq.num_tokens)
+            batch.append(ScheduledSeq(seq, 1))
+            scheduled.add(id(seq))
+            budget -= 1
+
+        # 2. continue prompts already admitted (chunked prefill)
+        for seq in self.running:
+            if budget == 0:
+                break
+            if id(seq) in scheduled or seq.num_uncomputed <= 1 and seq.num_computed_tokens > 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                continue
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+            batch.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+
+        # 3. admit waiting sequences
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq.block_table, n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.block_table, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+
+        if not batch and self.running:
+            # Every running sequence is stuck on memory: free the latest one so the rest can move.
+            self._preempt(self.running[-1])
+            return self.schedule()
+        return batch
+
+    def update(self, batch: list[ScheduledSeq], sampled: dict[int, int]) -> None:
+        """Advance computed counts and append sampled tokens (keyed by id(seq))."""
+        for entry in batch:
+            entry.seq.num_computed_tokens += entry.num_new_tokens
+            token = sampled.get(id(entry.seq))
+            if token is not None:
+                entry.seq.token_ids.append(token)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence on any path and give its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.finish(reason)

@@ -1,0 +1,302 @@
+"""Same-node CPU transport over POSIX shared memory, one copy per byte.
+
+The receiver's whole KV cache lives in a shared-memory segment it creates (allocate_cache).
+The sender maps that segment once and copies each layer's blocks straight from its own cache
+into the reserved destination blocks; the receiver copies nothing. Completion is signalled
+per item through a ControlBlock slot (see control.py for the ordering argument).
+
+Resources: the receiver creates and unlinks everything (cache, control table, one payload
+segment per request with payloads); the sender only maps, so a killed sender leaks nothing,
+and a killed receiver's segments are found by `segment.cleanup_stale()`.
+
+The sender copies on one background thread so send_layer returns at once and the copy of layer
+l overlaps the compute of layer l+1; finish() waits for the copies.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.base import (
+    KVReceiver,
+    KVSender,
+    TransferBackend,
+    TransferError,
+    TransferState,
+    TransferStatus,
+    TransferTimeout,
+)
+from kv_transfer.blocks import check_layer_blocks, copy_blocks
+from kv_transfer.control import ControlBlock, StateCode
+from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata
+from kv_transfer.segment import Segment, pid_alive
+
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class ShmEndpoint:
+    receiver_id: str  # unique per receiver: key of the sender's cached mappings
+    cache: object  # shm: (cache segment name, num_blocks); cuda_ipc: an IPC handle
+    ctl_name: str
+    num_slots: int
+    max_items: int
+    slot: int
+    gen: int
+    payloads: tuple[object, ...] = ()  # one handle per PayloadSpec of the metadata
+
+
+@dataclass
+class _RecvRequest:
+    meta: TransferMetadata
+    slot: int
+    gen: int
+    payloads: dict[str, torch.Tensor]
+    segment: Segment | None = None
+
+
+class ShmReceiver(KVReceiver):
+    backend_name = "shm"
+
+    def __init__(self, layout, *, max_requests: int = 256, max_payloads: int = 8) -> None:
+        super().__init__(layout)
+        self.receiver_id = uuid.uuid4().hex
+        self._ctl = ControlBlock.create(max_requests, layout.num_layers + max_payloads)
+        self._cache_segment: Segment | None = None
+        self._free_slots = list(range(max_requests - 1, -1, -1))
+        self._gens = itertools.count(1)
+        self._requests: dict[str, _RecvRequest] = {}
+
+    # -- hooks the CUDA IPC receiver overrides -------------------------------------------
+    def allocate_cache(self, num_blocks: int) -> torch.Tensor:
+        shape = self.layout.cache_shape(num_blocks)
+        seg = Segment.create("kv", self.layout.bytes_per_block() * num_blocks)
+        self._cache_segment = seg
+        kv = seg.tensor(self.layout.torch_dtype, shape)
+        self.register_cache(kv)
+        return kv
+
+    def register_cache(self, kv: torch.Tensor) -> None:
+        seg = self._cache_segment
+        base = kv.untyped_storage().data_ptr()
+        if seg is None or base != torch.frombuffer(seg.buf, dtype=torch.uint8, count=1).data_ptr():
+            raise ValueError("the shm receiver writes only into a cache made by allocate_cache()")
+        super().register_cache(kv)
+
+    def _cache_handle(self) -> object:
+        return (self._cache_segment.name, self.kv.shape[2]) if self._cache_segment else None
+
+    def _alloc_payloads(
+        self, request_id: str, specs: Sequence[PayloadSpec]
+    ) -> tuple[tuple[object, ...], dict[str, torch.Tensor], Segment | None]:
+        offsets, total = [], 0
+        for spec in specs:
+            offsets.append(total)
+            total += -(-spec.nbytes // _ALIGN) * _ALIGN
+        seg = Segment.create("pl", total)
+        tensors = {s.name: seg.tensor(s.torch_dtype, s.shape, o) for s, o in zip(specs, offsets)}
+        return tuple((seg.name, o) for o in offsets), tensors, seg
+
+    # -- KVReceiver ----------------------------------------------------------------------
+    def prepare(self, request_id, dst_block_ids, *, num_tokens=None, layers=None, payloads=()):
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already open")
+        meta = self._make_metadata(request_id, dst_block_ids, num_tokens, layers, payloads)
+        if len(meta.payloads) > self._ctl.max_items - self.layout.num_layers:
+            raise ValueError(f"at most {self._ctl.max_items - self.layout.num_layers} payloads")
+        if not self._free_slots:
+            raise RuntimeError(f"all {self._ctl.num_slots} transfer slots are in use")
+        handles, tensors, seg = self._alloc_payloads(request_id, meta.payloads) if meta.payloads else ((), {}, None)
+        slot, gen = self._free_slots.pop(), next(self._gens)
+        self._ctl.open_slot(slot, gen, meta.num_items)
+        self._requests[request_id] = _RecvRequest(meta, slot, gen, tensors, seg)
+        endpoint = ShmEndpoint(
+            self.receiver_id, self._cache_handle(), self._ctl.segment.name,
+            self._ctl.num_slots, self._ctl.max_items, slot, gen, handles,
+        )
+        return TransferDescriptor(self.backend_name, meta, self.layout, endpoint)
+
+    def poll(self, request_id):
+        r = self._requests[request_id]
+        code, pid, done = self._ctl.snapshot(r.slot, r.gen)
+        n_layers = len(r.meta.layers)
+        layers = frozenset(r.meta.layer_start + i for i in range(n_layers) if done[i])
+        names = frozenset(p.name for i, p in enumerate(r.meta.payloads) if done[n_layers + i])
+        error = None
+        if code in (StateCode.CANCELLED, StateCode.FAILED):
+            status = code.status
+            error = "aborted by sender" if code is StateCode.CANCELLED else "sender failed"
+        elif done.all():
+            status = TransferStatus.DONE  # every byte is here even if finish() never ran
+        elif pid and not pid_alive(pid):
+            status, error = TransferStatus.FAILED, f"sender process {pid} died"
+        else:
+            status = code.status
+        return TransferState(status, layers, names, error)
+
+    def _payload(self, request_id, name):
+        return self._requests[request_id].payloads[name]
+
+    def release(self, request_id):
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return
+        self._ctl.close_slot(r.slot, next(self._gens))
+        self._free_slots.append(r.slot)
+        if r.segment is not None:
+            r.segment.unlink()
+
+    def close(self):
+        for rid in list(self._requests):
+            self.release(rid)
+        self._ctl.segment.unlink()
+        if self._cache_segment is not None:
+            self._cache_segment.unlink()
+
+    def segment_names(self) -> list[str]:
+        """Segments this receiver still has linked (for leak checks)."""
+        segs = [self._ctl.segment, self._cache_segment] + [r.segment for r in self._requests.values()]
+        return [s.name for s in segs if s is not None and s.owner]
+
+
+@dataclass
+class _SendRequest:
+    meta: TransferMetadata
+    ep: ShmEndpoint
+    ctl: ControlBlock
+    cache: torch.Tensor | None
+    payloads: dict[str, torch.Tensor]
+    sent: set[int] = field(default_factory=set)
+    futures: list[cf.Future] = field(default_factory=list)
+    aborted: bool = False
+
+
+class ShmSender(KVSender):
+    backend_name = "shm"
+
+    def __init__(self, layout, *, async_copy: bool = True) -> None:
+        super().__init__(layout)
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kv-shm-send") if async_copy else None
+        self._caches: dict[str, torch.Tensor] = {}  # receiver_id -> mapped cache
+        self._ctls: dict[str, ControlBlock] = {}  # receiver_id -> mapped control table
+        self._open: dict[str, _SendRequest] = {}
+
+    # -- hooks the CUDA IPC sender overrides ---------------------------------------------
+    def _open_cache(self, ep: ShmEndpoint, cached: torch.Tensor | None) -> torch.Tensor:
+        """The receiver's cache as a tensor of this process; `cached` is the last one opened."""
+        if cached is not None:
+            return cached
+        name, num_blocks = ep.cache
+        return Segment.attach(name).tensor(self.layout.torch_dtype, self.layout.cache_shape(num_blocks))
+
+    def _open_payloads(self, meta: TransferMetadata, ep: ShmEndpoint) -> dict[str, torch.Tensor]:
+        if not meta.payloads:
+            return {}
+        seg = Segment.attach(ep.payloads[0][0])
+        return {s.name: seg.tensor(s.torch_dtype, s.shape, off) for s, (_, off) in zip(meta.payloads, ep.payloads)}
+
+    def _start_copy(self, dst: torch.Tensor, dst_ids, src: torch.Tensor, src_ids) -> Callable[[], None]:
+        """Begin moving src into dst; the returned callable completes it (on the copy thread)."""
+        return lambda: copy_blocks(dst, dst_ids, src, src_ids)
+
+    # -- KVSender ------------------------------------------------------------------------
+    def connect(self, desc):
+        self._check_descriptor(desc)
+        meta, ep = desc.meta, desc.endpoint
+        if meta.request_id in self._open:
+            raise ValueError(f"request {meta.request_id!r} is already connected")
+        ctl = self._ctls.get(ep.receiver_id)
+        if ctl is None:
+            ctl = self._ctls[ep.receiver_id] = ControlBlock.attach(ep.ctl_name, ep.num_slots, ep.max_items)
+        if not ctl.owns(ep.slot, ep.gen):
+            raise TransferError(f"request {meta.request_id!r} was released by the receiver")
+        cache = None
+        if len(meta.layers):
+            cache = self._caches[ep.receiver_id] = self._open_cache(ep, self._caches.get(ep.receiver_id))
+        ctl.set_pid(ep.slot, os.getpid())
+        ctl.set_state(ep.slot, ep.gen, StateCode.IN_PROGRESS)
+        self._open[meta.request_id] = _SendRequest(meta, ep, ctl, cache, self._open_payloads(meta, ep))
+
+    def _submit(self, r: _SendRequest, item: int, start: Callable[[], Callable[[], None]]) -> None:
+        if item in r.sent:
+            raise ValueError(f"item {item} of request {r.meta.request_id!r} sent twice")
+        if not r.ctl.owns(r.ep.slot, r.ep.gen):
+            raise TransferError(f"request {r.meta.request_id!r} was released by the receiver")
+        r.sent.add(item)
+        complete = start()
+
+        def land() -> None:
+            if r.aborted:
+                return
+            if not r.ctl.owns(r.ep.slot, r.ep.gen):
+                raise TransferError(f"request {r.meta.request_id!r} was released by the receiver")
+            complete()
+            r.ctl.mark_item(r.ep.slot, r.ep.gen, item)
+
+        if self._pool is None:
+            land()
+        else:
+            r.futures.append(self._pool.submit(land))
+
+    def send_layer(self, request_id, layer, blocks, src_block_ids=None):
+        r = self._open[request_id]
+        check_layer_blocks(self.layout, r.meta, layer, blocks, src_block_ids)
+        start = lambda: self._start_copy(r.cache[layer], r.meta.dst_block_ids, blocks, src_block_ids)
+        self._submit(r, layer - r.meta.layer_start, start)
+
+    def send_payload(self, request_id, name, tensor):
+        r = self._open[request_id]
+        dst = r.payloads.get(name)
+        item = r.meta.payload_index(name)
+        if dst is None or dst.shape != tensor.shape or dst.dtype != tensor.dtype:
+            raise ValueError(f"payload {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, expected {r.meta.payloads}")
+        self._submit(r, item, lambda: self._start_copy_payload(dst, tensor))
+
+    def _start_copy_payload(self, dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+        return lambda: dst.copy_(src)
+
+    def finish(self, request_id, *, timeout):
+        r = self._open[request_id]
+        done, pending = cf.wait(r.futures, timeout=timeout)
+        if pending:
+            raise TransferTimeout(f"request {request_id!r}: copies not done after {timeout}s")
+        del self._open[request_id]
+        errors = [f.exception() for f in done if f.exception() is not None]
+        missing = sorted(set(range(r.meta.num_items)) - r.sent)
+        if errors or missing:
+            r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.FAILED)
+            why = errors[0] if errors else f"items {missing} were never sent"
+            raise TransferError(f"request {request_id!r} failed: {why}")
+        r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.DONE)
+
+    def abort(self, request_id):
+        r = self._open.pop(request_id, None)
+        if r is None:
+            return
+        r.aborted = True
+        for f in r.futures:
+            f.cancel()
+        cf.wait(r.futures, timeout=10.0)  # a copy already running finishes before blocks are reused
+        r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.CANCELLED)
+
+    def close(self):
+        for rid in list(self._open):
+            self.abort(rid)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._caches.clear()
+        self._ctls.clear()
+
+
+class ShmBackend(TransferBackend):
+    name = "shm"
+    Sender = ShmSender
+    Receiver = ShmReceiver
+    same_node_only = True

@@ -1,0 +1,84 @@
+"""Write a `Plan` as a deploy YAML that `triptych serve` loads unchanged (cluster.config schema).
+
+The top-level keys are those of deploy/local.yaml: version, model, ray, mode, engine, pools,
+transport, slo, server. What the plan decides:
+- mode: disaggregated | colocated;
+- pools.<role>: workers (instances), tensor_parallel, pipeline_parallel, and what one worker
+  reserves in Ray for all its TP×PP ranks: num_gpus = TP·PP on a GPU cluster (num_cpus 1), or
+  num_cpus = TP·PP on a CPU cluster; resources {<role>: 1} so pools land on labelled nodes;
+- engine: KV blocks per worker (the smallest instance's KV capacity), token budget, batch size;
+- transport: nccl between GPUs, shm on a single CPU node, gloo across CPU nodes;
+- slo: the planning SLOs in ms and the attainment target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from placement.hardware import ClusterSpec, DeviceKind
+from placement.latency_model import PerfModel
+from placement.search import Plan, Role, SearchSettings
+from placement.simulator import Mode
+
+DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server")
+
+
+def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_path: str | None = None) -> dict:
+    """The deploy document as plain YAML data (only str/int/float/bool/None/list/dict)."""
+    cluster: ClusterSpec = perf.cluster
+    gpu = cluster.device is DeviceKind.GPU
+    single = cluster.num_nodes == 1
+    blocks = min(perf.kv_capacity_tokens(p.tp, p.pp) // settings.block_size for p in plan.pools)
+    pools: dict[str, dict] = {"encode": {"workers": 0}}
+    for p in plan.pools:
+        devices = p.tp * p.pp
+        entry = {"workers": p.instances,
+                 "num_cpus": 1 if gpu else devices,
+                 "num_gpus": devices if gpu else 0,
+                 "resources": {p.role.value: 1},
+                 "tensor_parallel": p.tp,
+                 "pipeline_parallel": p.pp}
+        if p.role in (Role.PREFILL, Role.COLOCATED):
+            entry["sparse"] = {"method": "dense"}
+        pools[p.role.value] = entry
+    if gpu:
+        backend = "nccl" if plan.mode is Mode.DISAGGREGATED else "cuda_ipc"
+    else:
+        backend = "shm" if single else "gloo"
+    local = single and not gpu
+    dtype = "float32" if perf.model.bytes_per_param >= 4 else ("bfloat16" if gpu else "float16")
+    return {
+        "version": 1,
+        "model": {"path": model_path, "dtype": dtype, "max_model_len": settings.max_model_len},
+        "ray": {"address": None if local else "auto", "num_cpus": max(4, cluster.num_gpus + 2) if local else None},
+        "mode": plan.mode.value,
+        "engine": {"block_size": settings.block_size, "num_kv_blocks": int(min(blocks, 1 << 24)),
+                   "max_num_batched_tokens": settings.token_budget, "max_num_seqs": settings.max_batch},
+        "pools": pools,
+        "transport": {"backend": backend, "streaming": True},
+        "slo": {"ttft_ms": round(settings.slo.ttft_s * 1000, 3), "tpot_ms": round(settings.slo.tpot_s * 1000, 3),
+                "attainment": settings.target_attainment},
+        "server": {"host": "127.0.0.1" if local else "0.0.0.0", "grpc_port": 50051, "http_port": 8000,
+                   "max_queued_requests": 256, "request_timeout_s": 300},
+    }
+
+
+def write_plan(path: str | Path, plan: Plan, perf: PerfModel, settings: SearchSettings,
+               model_path: str | None = None) -> None:
+    """Write the deploy YAML with a comment header summarising the plan's prediction."""
+    doc = plan_document(plan, perf, settings, model_path)
+    header = [
+        f"# Written by `triptych plan` for {perf.model.name} on cluster {perf.cluster.name}.",
+        f"# Placement: {plan.describe()} on {plan.num_gpus} of {perf.cluster.num_gpus} devices"
+        f"{' (low node affinity)' if plan.low_affinity else ''}.",
+        f"# Predicted (simulation): goodput {plan.goodput:.3g} req/s ({plan.goodput_per_gpu:.3g} per device); "
+        f"attainment {plan.attainment:.1%} at {plan.rate:.3g} req/s.",
+        "# A plan is only trusted once this prediction has been compared with the measured goodput.",
+    ]
+    for n, names in enumerate(plan.nodes):
+        header.append(f"# node {n}: {', '.join(names) if names else '(idle)'}")
+    if model_path is None and perf.model.name != "SmolLM2-135M":
+        header.append(f"# model.path is null (the embedded SmolLM2): set it to {perf.model.name}'s local directory.")
+    Path(path).write_text("\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))

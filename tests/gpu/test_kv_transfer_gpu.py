@@ -1,0 +1,73 @@
+"""CUDA IPC (same GPU) and NCCL (two GPUs) transports, two processes via torch.multiprocessing."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kv_transfer.base import TransferStatus
+from kv_transfer.layout import KVLayout, PayloadSpec
+from kv_transfer.registry import get_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+LAYOUT = KVLayout("tiny-llama", torch.float16, num_layers=4, num_kv_heads=2, head_dim=64, block_size=16)
+SRC_IDS, DST_IDS = [3, 0, 1, 2], [7, 8, 9, 2]
+TIMEOUT = 120.0
+
+
+def source(device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(LAYOUT.cache_shape(6), generator=g).to(LAYOUT.torch_dtype).to(device)
+
+
+def sender_main(backend: str, device: str, descs, results) -> None:
+    torch.cuda.set_device(device)
+    tx = get_backend(backend).Sender(LAYOUT, device=device)
+    desc = descs.get()
+    rid, src = desc.meta.request_id, source(device)
+    tx.connect(desc)
+    for layer in range(LAYOUT.num_layers):
+        tx.send_layer(rid, layer, src[layer], src_block_ids=SRC_IDS)
+    tx.send_payload(rid, "img", torch.ones(4, 8, device=device))
+    tx.finish(rid, timeout=TIMEOUT)
+    results.put("ok")
+    descs.get()  # keep mappings alive until the receiver has checked
+    tx.close()
+
+
+def run_pair(backend: str, rx_device: str, tx_device: str) -> None:
+    ctx = mp.get_context("spawn")
+    descs, results = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=sender_main, args=(backend, tx_device, descs, results))
+    proc.start()
+    opts = {"host": "127.0.0.1"} if backend == "nccl" else {}
+    rx = get_backend(backend).Receiver(LAYOUT, device=rx_device, **opts)
+    try:
+        kv = rx.allocate_cache(12)
+        descs.put(rx.prepare("r1", DST_IDS, payloads=[PayloadSpec("img", (4, 8), "float32")]))
+        for layer in range(LAYOUT.num_layers):
+            rx.wait("r1", layers=[layer], timeout=TIMEOUT)
+            assert torch.equal(kv[layer][:, DST_IDS], source(rx_device)[layer][:, SRC_IDS])
+        assert rx.wait("r1", timeout=TIMEOUT).status is TransferStatus.DONE
+        assert torch.equal(rx.recv_payload("r1", "img", timeout=1).cpu(), torch.ones(4, 8))
+        assert results.get(timeout=TIMEOUT) == "ok"
+        rx.release("r1")
+        descs.put(None)
+    finally:
+        proc.join(timeout=TIMEOUT)
+        rx.close()
+    assert proc.exitcode == 0
+
+
+def test_cuda_ipc_same_gpu():
+    run_pair("cuda_ipc", "cuda:0", "cuda:0")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs cupy")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
+def test_nccl_two_gpus():
+    run_pair("nccl", "cuda:0", "cuda:1")

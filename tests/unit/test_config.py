@@ -1,0 +1,214 @@
+"""cluster.config: defaults, every shipped example, and one test per kind of error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import (
+    ConfigError,
+    DeployConfig,
+    Mode,
+    Role,
+    SparseMethod,
+    TransportBackend,
+    load_config,
+    parse_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "deploy").glob("*.yaml"))
+
+
+def _error(data, **kw) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml", **kw)
+    return info.value
+
+
+def _with(**sections) -> dict:
+    return {"version": 1, **sections}
+
+
+def test_defaults_equal_local_yaml():
+    local = load_config(REPO / "deploy" / "local.yaml")
+    assert local == parse_config({"version": 1}) == DeployConfig()
+    assert local.source.endswith("local.yaml")
+    assert local.mode is Mode.DISAGGREGATED
+    assert local.pools.prefill.resources == {"prefill": 1}
+    assert local.pools.prefill.sparse.method is SparseMethod.DENSE
+    assert [p.role for p in local.active_pools()] == [Role.PREFILL, Role.DECODE]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_load_and_roundtrip(path):
+    cfg = load_config(path)
+    assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_config_is_frozen():
+    cfg = DeployConfig()
+    with pytest.raises(AttributeError):
+        cfg.mode = Mode.COLOCATED  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.pools.prefill.resources["x"] = 1  # type: ignore[index]
+
+
+def test_full_pool_and_sparse_settings():
+    cfg = parse_config(_with(pools={"prefill": {
+        "workers": 2, "num_cpus": 2, "num_gpus": 1, "resources": {"prefill": 1, "fast": 0.5},
+        "tensor_parallel": 2, "pipeline_parallel": 1,
+        "sparse": {"method": "flexprefill", "gamma": 0.95, "tau": 0.2, "min_budget": 512, "block_size": 64, "dense_below": 0},
+    }}))  # fmt: skip
+    p = cfg.pools.prefill
+    assert (p.workers, p.num_cpus, p.tensor_parallel) == (2, 2.0, 2)
+    assert p.ray_resources() == {"CPU": 2.0, "GPU": 1.0, "prefill": 1, "fast": 0.5}
+    assert p.sparse.method is SparseMethod.FLEXPREFILL and p.sparse.gamma == 0.95 and p.sparse.dense_below == 0
+
+
+def test_colocated_mode_uses_colocated_pool():
+    cfg = parse_config(_with(mode="colocated", pools={"prefill": {"workers": 0}, "colocated": {"workers": 2}}))
+    assert [p.role for p in cfg.active_pools()] == [Role.COLOCATED]
+    cfg = parse_config(_with(mode="colocated", pools={"encode": {"workers": 1}}))
+    assert [p.role for p in cfg.active_pools()] == [Role.ENCODE, Role.COLOCATED]
+
+
+def test_overrides():
+    cfg = load_config(REPO / "deploy" / "local.yaml", overrides={"mode": "colocated", "pools.decode.workers": 3})
+    assert cfg.mode is Mode.COLOCATED and cfg.pools.decode.workers == 3
+    err = _error(_with(), overrides={"pools.prefill.workers": -2})
+    assert err.path == "pools.prefill.workers"
+
+
+def test_nullable_fields():
+    cfg = parse_config(_with(ray={"address": "auto", "num_cpus": None}, server={"http_port": None}))
+    assert cfg.ray.address == "auto" and cfg.ray.num_cpus is None and cfg.server.http_port is None
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_error_names_file_path_and_expectation():
+    err = _error(_with(pools={"prefill": {"workers": -1}}))
+    assert (err.source, err.path) == ("test.yaml", "pools.prefill.workers")
+    assert str(err).startswith("test.yaml: pools.prefill.workers: expected an integer >= 0, got -1")
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        (_with(pools={"prefill": {"worker": 1}}), "pools.prefill.worker", "did you mean 'workers'?"),
+        (_with(pools={"prefil": {}}), "pools.prefil", "did you mean 'prefill'?"),
+        (_with(servr={}), "servr", "did you mean 'server'?"),
+        (_with(engine={"zzz": 1}), "engine.zzz", "allowed keys: block_size"),
+    ],
+)
+def test_unknown_keys(data, path, fragment):
+    err = _error(data)
+    assert err.path == path and fragment in str(err) and "unknown key" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        (_with(pools={"prefill": {"workers": "two"}}), "pools.prefill.workers", "expected an integer, got string 'two'"),
+        (_with(pools={"prefill": {"workers": 1.5}}), "pools.prefill.workers", "expected an integer"),
+        (_with(engine={"block_size": True}), "engine.block_size", "got boolean true"),
+        (_with(slo={"ttft_ms": "fast"}), "slo.ttft_ms", "expected a number"),
+        (_with(transport={"streaming": "yes please"}), "transport.streaming", "expected true or false"),
+        (_with(server={"host": 5}), "server.host", "expected a non-empty string"),
+        (_with(pools=[1, 2]), "pools", "expected a mapping, got a list"),
+        (_with(pools={"decode": {"resources": ["decode"]}}), "pools.decode.resources", "expected a mapping"),
+        (_with(pools={"decode": {"resources": {"decode": "x"}}}), "pools.decode.resources.decode", "expected a number"),
+        (_with(pools={"decode": {"resources": {"GPU": 1}}}), "pools.decode.resources.GPU", "use num_cpus / num_gpus"),
+    ],
+)
+def test_wrong_types(data, path, fragment):
+    err = _error(data)
+    assert err.path == path and fragment in str(err)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        (_with(pools={"decode": {"num_cpus": -1}}), "pools.decode.num_cpus", ">= 0"),
+        (_with(pools={"decode": {"tensor_parallel": 0}}), "pools.decode.tensor_parallel", ">= 1"),
+        (_with(engine={"num_kv_blocks": 0}), "engine.num_kv_blocks", ">= 1"),
+        (_with(server={"grpc_port": 70000}), "server.grpc_port", "<= 65535"),
+        (_with(slo={"tpot_ms": 0}), "slo.tpot_ms", "> 0"),
+        (_with(pools={"prefill": {"sparse": {"gamma": 1.5}}}), "pools.prefill.sparse.gamma", "<= 1.0"),
+    ],
+)
+def test_out_of_range(data, path, fragment):
+    err = _error(data)
+    assert err.path == path and fragment in str(err)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        (_with(mode="split"), "mode", "expected one of colocated | disaggregated, got 'split'"),
+        (_with(transport={"backend": "shmem"}), "transport.backend", "did you mean 'shm'?"),
+        (_with(pools={"prefill": {"sparse": {"method": "flex"}}}), "pools.prefill.sparse.method", "dense | flexprefill | static"),
+        (_with(model={"dtype": "fp16"}), "model.dtype", "float32 | float16 | bfloat16"),
+    ],
+)
+def test_bad_enum_values(data, path, fragment):
+    err = _error(data)
+    assert err.path == path and fragment in str(err)
+
+
+def test_missing_required_version():
+    err = _error({"mode": "colocated"})
+    assert err.path == "version" and "required" in str(err)
+    assert _error({"version": 2}).path == "version"
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_disaggregated_needs_prefill_and_decode_workers(role):
+    err = _error(_with(pools={role: {"workers": 0}}))
+    assert err.path == f"pools.{role}.workers" and f"disaggregated mode needs at least 1 {role} worker" in str(err)
+
+
+def test_colocated_needs_colocated_workers():
+    err = _error(_with(mode="colocated", pools={"colocated": {"workers": 0}}))
+    assert err.path == "pools.colocated.workers"
+
+
+def test_encode_pool_may_be_empty_but_takes_no_sparse():
+    assert parse_config(_with(pools={"encode": {"workers": 0}})).pools.encode.workers == 0
+    assert _error(_with(pools={"decode": {"sparse": {"method": "static"}}})).path == "pools.decode.sparse"
+
+
+def test_gpu_transport_needs_gpus():
+    err = _error(_with(transport={"backend": "nccl"}))
+    assert err.path == "transport.backend" and "num_gpus is 0" in str(err)
+    gpus = {"num_gpus": 1}
+    cfg = parse_config(_with(transport={"backend": "nccl"}, pools={"prefill": gpus, "decode": gpus}))
+    assert cfg.transport.backend is TransportBackend.NCCL
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npools:\n  prefill:\n    workers: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(bad) in str(info.value) and "line " in str(info.value) and "invalid YAML" in str(info.value)
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("version: 1\nmode: colocated\nmode: disaggregated\n")
+    with pytest.raises(ConfigError, match=r"line 3.*duplicate key 'mode'"):
+        load_config(dup)
+
+
+def test_missing_file_and_top_level_not_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "nope.yaml")
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)

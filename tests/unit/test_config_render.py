@@ -1,0 +1,98 @@
+"""cluster.render: the multinode example renders to valid YAML / commands with pool resources."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import render
+from cluster.config import parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+MULTINODE = str(REPO / "deploy" / "multinode.yaml")
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    render.add_arguments(parser)
+    return parser.parse_args([MULTINODE, *argv])
+
+
+def _run(capsys, *argv: str) -> str:
+    assert render.run(_args(*argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_commands(capsys):
+    out = _run(capsys, "--format", "commands", "--head-address", "10.0.0.1")
+    starts = [shlex.split(line) for line in out.splitlines() if line.startswith("ray start")]
+    assert starts[0][:3] == ["ray", "start", "--head"]
+    workers = {}
+    for argv in starts[1:]:
+        assert "--address=10.0.0.1:6379" in argv
+        res = json.loads(next(a for a in argv if a.startswith("--resources=")).split("=", 1)[1])
+        workers.update(res)
+    assert workers == {"prefill": 1, "decode": 1}
+    assert out.rstrip().endswith(f"triptych serve {MULTINODE}")
+
+
+def test_ray_up(capsys):
+    doc = yaml.safe_load(_run(capsys, "--format", "ray-up"))
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] == "head" and doc["max_workers"] == 2
+    assert types["prefill"]["resources"] == {"CPU": 2, "GPU": 0, "prefill": 1}
+    assert types["decode"]["resources"]["decode"] == 1
+    assert types["prefill"]["min_workers"] == types["prefill"]["max_workers"] == 1
+    assert "prefill" not in types["head"]["resources"]
+
+
+def test_kuberay(capsys):
+    doc = yaml.safe_load(_run(capsys, "--format", "kuberay", "--image", "me/triptych:1"))
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode"}
+    params = groups["prefill"]["rayStartParams"]
+    assert json.loads(json.loads(params["resources"])) == {"prefill": 1}  # shell-quoted JSON string
+    assert groups["decode"]["replicas"] == 1
+    head = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] == "me/triptych:1"
+    assert 50051 in [p["containerPort"] for p in head["ports"]]
+
+
+def test_node_groups_pack_workers_and_gpus():
+    cfg = parse_config({"version": 1, "pools": {
+        "prefill": {"workers": 3, "num_cpus": 0.5, "num_gpus": 1, "resources": {"prefill": 1}},
+        "decode": {"workers": 2, "num_gpus": 2, "tensor_parallel": 2},
+        "encode": {"workers": 1},
+    }})  # fmt: skip
+    groups = {g.name: g for g in render.node_groups(cfg, workers_per_node=2)}
+    assert list(groups) == ["encode", "prefill", "decode"]
+    assert (groups["prefill"].count, groups["prefill"].num_cpus, groups["prefill"].num_gpus) == (2, 1, 2)
+    assert groups["prefill"].resources == {"prefill": 2}
+    assert (groups["decode"].count, groups["decode"].num_gpus) == (1, 4)
+    assert (groups["encode"].count, groups["encode"].resources) == (1, {"encode": 1})
+
+
+def test_colocated_example_renders_one_pool(capsys):
+    assert render.main([str(REPO / "deploy" / "colocated.yaml"), "--format", "ray-up"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert set(doc["available_node_types"]) == {"head", "colocated"}
+
+
+def test_bad_config_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npools: {prefill: {workers: -1}}\n")
+    assert render.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: pools.prefill.workers" in err
+
+
+@pytest.mark.parametrize("fmt", render.FORMATS)
+def test_local_yaml_renders(capsys, fmt):
+    assert render.main([str(REPO / "deploy" / "local.yaml"), "--format", fmt]) == 0
+    assert capsys.readouterr().out

@@ -1,0 +1,137 @@
+"""shm transport between two processes: streaming, abort, killed sender, leak checks."""
+
+import os
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kv_transfer import segment
+from kv_transfer.base import TransferCancelled, TransferError, TransferFailed, TransferStatus
+from kv_transfer.layout import KVLayout, PayloadSpec
+from kv_transfer.registry import get_backend
+
+LAYOUT = KVLayout("tiny-llama", torch.float16, num_layers=4, num_kv_heads=2, head_dim=8, block_size=4)
+SRC_IDS = [5, 1, 2, 3]
+DST_IDS = [10, 11, 12, 0]
+TIMEOUT = 60.0
+
+
+def source_cache(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(LAYOUT.cache_shape(8), generator=g).to(LAYOUT.torch_dtype)
+
+
+def sender_main(backend: str, commands, results) -> None:
+    """Runs in a child process: executes (op, desc, seed, n_layers) commands in order."""
+    tx = get_backend(backend).Sender(LAYOUT)
+    while (cmd := commands.get()) is not None:
+        op, desc, seed, n_layers = cmd
+        rid, src = desc.meta.request_id, source_cache(seed)
+        try:
+            tx.connect(desc)
+            for layer in range(n_layers):
+                tx.send_layer(rid, layer, src[layer], src_block_ids=SRC_IDS)
+            for spec in desc.meta.payloads:
+                tx.send_payload(rid, spec.name, torch.full(spec.shape, float(seed), dtype=spec.torch_dtype))
+            if op == "finish":
+                tx.finish(rid, timeout=TIMEOUT)
+            elif op == "abort":
+                tx.abort(rid)
+            # "hang": some layers sent, never finished; the test kills this process
+            results.put(("ok", rid))
+        except Exception as e:  # reported to the test process
+            results.put(("error", repr(e)))
+    tx.close()
+    results.put(("closed", None))
+
+
+def start_sender(backend: str):
+    ctx = mp.get_context("spawn")
+    commands, results = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=sender_main, args=(backend, commands, results), daemon=True)
+    proc.start()
+    return proc, commands, results
+
+
+def test_streams_layer_by_layer_then_abort_and_leaves_no_segment():
+    proc, commands, results = start_sender("shm")
+    rx = get_backend("shm").Receiver(LAYOUT)
+    try:
+        kv = rx.allocate_cache(16)
+        desc = rx.prepare("r1", DST_IDS, num_tokens=14, payloads=[PayloadSpec("img", (3, 5), "float32")])
+        assert len(segment.list_segments()) == 3  # cache, control table, payloads
+        commands.put(("finish", desc, 1, 4))
+        for layer in range(4):  # the receiver waits for each layer in turn
+            state = rx.wait("r1", layers=[layer], timeout=TIMEOUT)
+            assert layer in state.layers_done
+            assert torch.equal(kv[layer][:, DST_IDS], source_cache(1)[layer][:, SRC_IDS])
+        assert rx.wait("r1", timeout=TIMEOUT).status is TransferStatus.DONE
+        assert results.get(timeout=TIMEOUT) == ("ok", "r1")
+        assert torch.equal(rx.recv_payload("r1", "img", timeout=1), torch.full((3, 5), 1.0))
+        rx.release("r1")
+
+        desc = rx.prepare("r2", [1, 2, 3, 4])
+        commands.put(("abort", desc, 2, 2))
+        with pytest.raises(TransferCancelled):
+            rx.wait("r2", timeout=TIMEOUT)
+        assert results.get(timeout=TIMEOUT) == ("ok", "r2")
+        rx.release("r2")
+        commands.put(None)
+        assert results.get(timeout=TIMEOUT) == ("closed", None)
+    finally:
+        rx.close()
+        proc.join(timeout=TIMEOUT)
+    assert segment.list_segments() == []
+
+
+def test_killed_sender_is_detected_and_nothing_leaks():
+    proc, commands, results = start_sender("shm")
+    rx = get_backend("shm").Receiver(LAYOUT)
+    try:
+        rx.allocate_cache(16)
+        commands.put(("hang", rx.prepare("r1", DST_IDS), 3, 2))
+        rx.wait("r1", layers=[0, 1], timeout=TIMEOUT)
+        assert results.get(timeout=TIMEOUT) == ("ok", "r1")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=TIMEOUT)
+        with pytest.raises(TransferFailed, match="died"):
+            rx.wait("r1", timeout=TIMEOUT)
+        rx.release("r1")
+    finally:
+        rx.close()
+    assert segment.list_segments() == []
+
+
+def test_release_fences_a_late_sender():
+    backend = get_backend("shm")
+    with backend.Receiver(LAYOUT) as rx, backend.Sender(LAYOUT, async_copy=False) as tx:
+        rx.allocate_cache(16)
+        tx.connect(rx.prepare("r1", DST_IDS))
+        tx.send_layer("r1", 0, source_cache(4)[0], SRC_IDS)
+        rx.release("r1")
+        with pytest.raises(TransferError, match="released"):
+            tx.send_layer("r1", 1, source_cache(4)[1], SRC_IDS)
+        tx.abort("r1")
+    assert segment.list_segments() == []
+
+
+def receiver_that_dies(names) -> None:
+    rx = get_backend("shm").Receiver(LAYOUT)
+    rx.allocate_cache(4)
+    names.put(rx.segment_names())
+    signal.pause()
+
+
+def test_cleanup_stale_removes_segments_of_a_killed_receiver():
+    ctx = mp.get_context("spawn")
+    names = ctx.Queue()
+    proc = ctx.Process(target=receiver_that_dies, args=(names,), daemon=True)
+    proc.start()
+    left = names.get(timeout=TIMEOUT)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=TIMEOUT)
+    assert sorted(left) == segment.list_segments(proc.pid)
+    assert set(left) <= set(segment.cleanup_stale())
+    assert segment.list_segments(proc.pid) == []

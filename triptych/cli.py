@@ -1,0 +1,70 @@
+"""The `triptych` command. Each subcommand lives in its package and is imported only when used,
+so `triptych --help` stays fast and the SDK never pulls in torch or Ray."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name → (module with add_arguments(parser) and run(args) -> int, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("cluster.demo", "start the embedded default cluster, chat with it through the SDK, print timings"),
+    "serve": ("cluster.serve", "serve a deploy YAML on a local or existing Ray cluster (gRPC + HTTP)"),
+    "generate": ("engine.cli", "offline generation with the colocated engine (no Ray, no server)"),
+    "plan": ("placement.cli", "choose per-pool parallelism and instance counts for the most goodput"),
+    "profile": ("placement.profiler", "measure the engine and write a profile file for `triptych plan`"),
+}
+GROUPS: dict[str, dict[str, tuple[str, str]]] = {
+    "deploy": {"render": ("cluster.render", "print Ray launcher / KubeRay manifests and `ray start` commands")},
+    "admin": {"set-role": ("cluster.admin", "move a worker to another role (prefill, decode, encode)")},
+}
+
+
+def _add(sub, name: str, module: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        parser.set_defaults(_run=lambda args, m=module: _missing(m))
+        return
+    mod.add_arguments(parser)
+    parser.set_defaults(_run=mod.run)
+
+
+def _missing(module: str) -> int:
+    print(f"triptych: this command needs {module}, which this installation does not have", file=sys.stderr)
+    return 2
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triptych", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Only the chosen subcommand's module is imported; the others get a bare entry for --help.
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in COMMANDS.items():
+        if name == chosen:
+            _add(sub, name, module, help_text)
+        else:
+            sub.add_parser(name, help=help_text)
+    for group, members in GROUPS.items():
+        gparser = sub.add_parser(group, help=f"{group} commands")
+        gsub = gparser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+        for name, (module, help_text) in members.items():
+            if group == chosen:
+                _add(gsub, name, module, help_text)
+            else:
+                gsub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

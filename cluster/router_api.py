@@ -1,0 +1,160 @@
+"""The contract between the gateway (gRPC + HTTP doors) and a router (colocated or disaggregated).
+
+A request's life as the gateway sees it:
+
+    gateway ──generate(GenerateInput)──▶ router ──▶ TokenEvent* ──▶ exactly one FinalEvent
+                                             │
+    gateway ──abort(request_id)─────────────▶┘   (the stream then ends with FinalEvent(ABORT))
+
+Errors raised *before* the first event (bad input, overload) are RouterError subclasses and map to
+gRPC status codes / HTTP statuses; errors after the stream started arrive as FinalEvent(ERROR).
+Every stream ends: the router enforces `deadline_s` and turns dead workers into FinalEvent(ERROR).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from engine.sequence import FinishReason, SamplingParams
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"      # gRPC INVALID_ARGUMENT, HTTP 400
+    RESOURCE_EXHAUSTED = "resource_exhausted"  # gRPC RESOURCE_EXHAUSTED, HTTP 429
+    UNAVAILABLE = "unavailable"                # gRPC UNAVAILABLE, HTTP 503 (no live worker)
+    DEADLINE_EXCEEDED = "deadline_exceeded"    # gRPC DEADLINE_EXCEEDED, HTTP 504
+    NOT_FOUND = "not_found"                    # gRPC NOT_FOUND, HTTP 404
+    INTERNAL = "internal"                      # gRPC INTERNAL, HTTP 500
+
+
+class RouterError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """Exactly one of prompt / messages / token_ids is set."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    images: tuple[bytes, ...] = ()
+    deadline_s: float | None = None        # seconds from submission; None: the server's default
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each phase of one request (0 where a phase did not happen)."""
+
+    queue_s: float = 0.0
+    encode_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    e2e_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str                                # the whole completion
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    dtype: str
+    supports_images: bool
+
+
+class Role(enum.Enum):
+    ENCODE = "encode"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    role: Role
+    node_id: str
+    alive: bool
+    queue_length: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class RoleSwitch:
+    worker_id: str
+    from_role: Role
+    to_role: Role
+    at_unix_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    mode: str                                   # "colocated" | "disaggregated"
+    workers: tuple[WorkerStatus, ...]
+    role_switches: tuple[RoleSwitch, ...] = ()
+
+
+class Router(abc.ABC):
+    """What the gateway needs. Implementations: ColocatedRouter, DisaggRouter (cluster/router.py)."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateInput) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Validate, then stream. Raises RouterError before the first event on bad input/overload.
+
+        Closing the iterator early (client went away) aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> bool:
+        """True when the request was in flight; its stream then ends with FinalEvent(ABORT)."""
+
+    @abc.abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    async def cluster_status(self) -> ClusterStatus: ...
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        """Token ids of a chat (used by the gateway for session bookkeeping and usage counts)."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...

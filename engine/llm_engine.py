@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import model_loader
+from engine import model_loader, multimodal
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.errors import InvalidRequestError, OutOfKVCacheError
@@ -16,7 +16,7 @@ from engine.kv_cache import BlockManager, KVSpec
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, StepOutput
+from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus, StepOutput
 
 
 @dataclass
@@ -26,6 +26,7 @@ class LoadedModel:
     model: object
     tokenizer: object
     name: str
+    image_token_id: int | None = None  # vision-language models: the image placeholder token
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32") -> "LoadedModel":
@@ -51,13 +52,13 @@ class LoadedModel:
 class RequestValidator:
     """Turns user prompts into token ids and refuses what the engine cannot serve."""
 
-    def __init__(self, loaded: LoadedModel, max_model_len: int, kv_capacity_tokens: int) -> None:
-        self.loaded = loaded
+    def __init__(self, tokenizer, max_model_len: int, kv_capacity_tokens: int) -> None:
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.kv_capacity_tokens = kv_capacity_tokens
 
     def tokenize(self, prompt: str | list[int] | list[dict]) -> list[int]:
-        tok = self.loaded.tokenizer
+        tok = self.tokenizer
         if isinstance(prompt, str):
             ids = tok(prompt).input_ids if prompt else []
         elif prompt and isinstance(prompt[0], dict):
@@ -89,7 +90,8 @@ class LLMEngine:
     >>> engine.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 kv: torch.Tensor | None = None) -> None:
         self.config = config
         self.loaded = loaded or LoadedModel.load(config.model, config.dtype)
         model_config = self.loaded.model.config
@@ -97,15 +99,16 @@ class LLMEngine:
         self.kv_spec = KVSpec.from_model_config(model_config, config.block_size, config.num_kv_blocks,
                                                 self.loaded.model.dtype)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        self.runner = ModelRunner(self.loaded.model, self.kv_spec)
+        self.runner = ModelRunner(self.loaded.model, self.kv_spec, kv)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
-        self.validator = RequestValidator(self.loaded, self.max_model_len,
+        self.validator = RequestValidator(self.loaded.tokenizer, self.max_model_len,
                                           config.num_kv_blocks * config.block_size)
         self.eos_token_ids = self.loaded.eos_token_ids
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
+        self._prompt_embeds: dict[str, torch.Tensor] = {}  # image requests: [prompt len, H]
 
     @property
     def tokenizer(self):
@@ -113,18 +116,40 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int] | list[dict], sampling: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, image_features: list[torch.Tensor] | None = None) -> str:
+        """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order."""
         sampling = sampling or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         ids = self.validator.tokenize(prompt)
+        embeds = None
+        if image_features:
+            ids, embeds = multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id, ids, image_features)
         self.validator.check(ids, sampling)
         seq = Sequence(request_id, ids, sampling, arrival=time.monotonic())
+        if embeds is not None:
+            self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq
         self._detok[request_id] = Detokenizer(self.tokenizer, sampling.stop)
         self.scheduler.add(seq)
         return request_id
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                      sampling: SamplingParams, block_table: list[int]) -> StepOutput:
+        """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
+        worker) and whose first token was sampled there. Returns the first token's output; the
+        sequence may already be finished by it (EOS, max_tokens=1, a stop string)."""
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        seq = Sequence(request_id, list(prompt_token_ids), sampling, arrival=time.monotonic(),
+                       token_ids=list(prompt_token_ids) + [first_token],
+                       num_computed_tokens=len(prompt_token_ids), block_table=block_table,
+                       status=SequenceStatus.RUNNING)
+        self._seqs[request_id] = seq
+        self._detok[request_id] = Detokenizer(self.tokenizer, sampling.stop)
+        self.scheduler.running.append(seq)
+        return self._postprocess(seq)
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -133,6 +158,7 @@ class LLMEngine:
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._detok.pop(request_id, None)
         self.sampler.forget(request_id)
+        self._prompt_embeds.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:
@@ -143,7 +169,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        result = self.runner.forward(batch, sparse=self.config.sparse)
+        embeds = None
+        if self._prompt_embeds:
+            embeds = multimodal.packed_inputs_embeds(batch, self._prompt_embeds, self.loaded.model.get_input_embeddings())
+        result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds)
         seqs = [e.seq for e in result.sampled]
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
         self.scheduler.update(batch, {id(s): t for s, t in zip(seqs, tokens)})
@@ -167,6 +196,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             del self._seqs[seq.request_id], self._detok[seq.request_id]
             self.sampler.forget(seq.request_id)
+            self._prompt_embeds.pop(seq.request_id, None)
         return StepOutput(seq.request_id, [seq.token_ids[-1]], new_text, reason is not None, reason)
 
     # ---------------------------------------------------------------- offline API

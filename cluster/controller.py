@@ -1,0 +1,161 @@
+"""The controller: turns a DeployConfig into running pools of Ray actors and a router.
+
+    start_router(config) ─▶ model converted/cached once (progress shown)
+                         ─▶ Ray started locally (custom resources per pool) or joined
+                         ─▶ worker actors created with their pool's resources, awaited ready
+                         ─▶ KV layouts of prefill and decode checked compatible (handshake)
+                         ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Callable
+
+from cluster.config import DeployConfig, Mode, PoolConfig
+from cluster.router import ClusterRouter, WorkerHandle
+from cluster.router_api import ModelInfo, Role
+from decode_workers.decode_core import DecodeOptions
+from engine.config import EngineConfig
+from prefill_workers.prefill_core import PrefillOptions
+
+READY_TIMEOUT_S = 600.0
+
+
+def _progress(msg: str) -> None:
+    print(f"[triptych] {msg}", file=sys.stderr, flush=True)
+
+
+def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
+    sparse = None
+    if pool.sparse.method.value != "dense":
+        from engine.sparse import SparsePrefillConfig
+
+        s = pool.sparse
+        sparse = SparsePrefillConfig(method=s.method.value, block_size=s.block_size, gamma=s.gamma, tau=s.tau,
+                                     min_budget=s.min_budget, dense_below=s.dense_below,
+                                     sink=s.sink, local=s.local)
+    e = config.engine
+    return EngineConfig(model=config.model.path, dtype=config.model.dtype.value, block_size=e.block_size,
+                        num_kv_blocks=e.num_kv_blocks, max_num_batched_tokens=e.max_num_batched_tokens,
+                        max_num_seqs=e.max_num_seqs, max_model_len=config.model.max_model_len, sparse=sparse)
+
+
+def _ray_resources(config: DeployConfig) -> dict[str, float]:
+    """Custom resources a local Ray must offer so every pool's workers can be placed."""
+    total: dict[str, float] = {}
+    for pool in _pools(config):
+        for name, amount in pool.resources.items():
+            total[name] = total.get(name, 0.0) + amount * pool.workers
+    return total
+
+
+def _pools(config: DeployConfig) -> list[PoolConfig]:
+    p = config.pools
+    return [p.colocated] if config.mode is Mode.COLOCATED else [p.prefill, p.decode]
+
+
+def _actor_options(pool: PoolConfig, name: str) -> dict:
+    return dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources),
+                max_concurrency=1000, name=name, max_restarts=0)
+
+
+async def start_router(config: DeployConfig, *, ray_address: str | None = None,
+                       progress: Callable[[str], None] = _progress, namespace: str | None = None) -> ClusterRouter:
+    import ray
+    from transformers import AutoTokenizer
+
+    from engine import model_loader
+    from prefill_workers.actor import PrefillWorker
+    from decode_workers.actor import DecodeWorker
+
+    loop = asyncio.get_running_loop()
+    source = model_loader.resolve(config.model.path)
+    directory = await loop.run_in_executor(None, model_loader.local_dir, source)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+
+    started_ray = False
+    address = ray_address or config.ray.address
+    if not ray.is_initialized():
+        if address:
+            progress(f"joining Ray cluster at {address} ...")
+            ray.init(address=address, namespace=namespace, log_to_driver=False)
+        else:
+            progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
+            ray.init(num_cpus=config.ray.num_cpus, resources=_ray_resources(config), include_dashboard=False,
+                     namespace=namespace, log_to_driver=False)
+            started_ray = True
+
+    tag = f"{int(time.time() * 1000) % 10**8:08d}"
+    model_path = str(directory)
+    prefill: list[WorkerHandle] = []
+    decode: list[WorkerHandle] = []
+    backend = config.transport.backend.value
+    if config.mode is Mode.COLOCATED:
+        pool = config.pools.colocated
+        opts = DecodeOptions(engine_config(config, pool), backend="fake")
+        for i in range(pool.workers):
+            wid = f"colocated-{i}"
+            actor = ray.remote(DecodeWorker).options(**_actor_options(pool, f"{wid}-{tag}")).remote(
+                wid, model_path, opts, max(1, int(pool.num_cpus)), Role.COLOCATED)
+            decode.append(WorkerHandle(wid, Role.COLOCATED, actor))
+    else:
+        ppool, dpool = config.pools.prefill, config.pools.decode
+        popts = PrefillOptions(engine_config(config, ppool), backend=backend, streaming=config.transport.streaming)
+        dopts = DecodeOptions(engine_config(config, dpool), backend=backend)
+        for i in range(ppool.workers):
+            wid = f"prefill-{i}"
+            actor = ray.remote(PrefillWorker).options(**_actor_options(ppool, f"{wid}-{tag}")).remote(
+                wid, model_path, popts, max(1, int(ppool.num_cpus)))
+            prefill.append(WorkerHandle(wid, Role.PREFILL, actor))
+        for i in range(dpool.workers):
+            wid = f"decode-{i}"
+            actor = ray.remote(DecodeWorker).options(**_actor_options(dpool, f"{wid}-{tag}")).remote(
+                wid, model_path, dopts, max(1, int(dpool.num_cpus)))
+            decode.append(WorkerHandle(wid, Role.DECODE, actor))
+
+    handles = prefill + decode
+
+    async def teardown() -> None:
+        await asyncio.gather(*(asyncio.wait_for(h.actor.shutdown.remote(), 10) for h in handles if h.alive),
+                             return_exceptions=True)
+        for h in handles:
+            try:
+                ray.kill(h.actor)
+            except Exception:
+                pass
+        if started_ray:
+            ray.shutdown()
+
+    progress(f"starting {len(prefill)} prefill and {len(decode)} {'colocated' if prefill == [] else 'decode'} worker(s) ...")
+    t0 = time.monotonic()
+    try:
+        ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), READY_TIMEOUT_S)
+    except BaseException:
+        await teardown()
+        raise
+    layouts = {}
+    for h, (info, layout) in zip(handles, ready):
+        h.node_id = info.node_id
+        layouts[h.worker_id] = layout
+    if prefill and decode:
+        from kv_transfer.layout import check_compatible
+
+        ref = layouts[decode[0].worker_id]
+        for h in handles:
+            check_compatible(ref, layouts[h.worker_id])
+    progress(f"workers ready in {time.monotonic() - t0:.1f}s")
+
+    mc = config.model
+    eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+    info = ModelInfo(name=source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
+                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=False)
+    router = ClusterRouter(
+        mode=config.mode.value, tokenizer=tokenizer, model_info=info,
+        kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
+        prefill=prefill, decode=decode, max_inflight=config.server.max_queued_requests,
+        default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown)
+    router.start()
+    return router

@@ -1,0 +1,377 @@
+"""The router: owns every request's lifecycle, in the gateway's process.
+
+Disaggregated path of one request:
+
+    admit (tokenize, limits, backpressure)
+      → reserve KV blocks on the least-loaded decode worker that has room   (waits while none has)
+      → prefill on the prefill worker with the shortest queue; it streams the prompt's K/V into
+        the reserved blocks layer by layer and returns token 1        (a dead prefill worker: retry)
+      → activate on the decode worker → TokenEvent(token 1)
+      → TokenEvents from the decode worker's step messages → FinalEvent
+
+Colocated path: submit to the least-loaded colocated worker → TokenEvents → FinalEvent.
+
+Every wait is bounded by the request's deadline. A decode worker that dies ends its requests with
+FinalEvent(ERROR) naming the worker; nothing waits forever. Closing a stream early aborts the
+request on whichever worker holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Role,
+                                Router, RouterError, Timings, TokenEvent, WorkerStatus)
+from engine.errors import EngineError
+from engine.llm_engine import RequestValidator
+from engine.sequence import FinishReason, StepOutput
+from prefill_workers.prefill_core import PrefillTask
+
+log = logging.getLogger(__name__)
+RESERVE_RETRY_S = 0.02
+POLL_S = 0.5
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    worker_id: str
+    role: Role
+    actor: object
+    node_id: str = ""
+    alive: bool = True
+    inflight: int = 0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request in flight. `events` carries StepOutputs, or an Exception that ends it."""
+
+    request_id: str
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    decode: WorkerHandle | None = None
+    prefill: WorkerHandle | None = None
+
+
+def _is_actor_death(exc: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    return isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError))
+
+
+class ClusterRouter(Router):
+    def __init__(self, *, mode: str, tokenizer, model_info: ModelInfo, kv_capacity_tokens: int,
+                 prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
+                 default_timeout_s: float, on_shutdown=None) -> None:
+        self.mode = mode
+        self.tokenizer = tokenizer
+        self._info = model_info
+        self.validator = RequestValidator(tokenizer, model_info.max_model_len, kv_capacity_tokens)
+        self.prefill = prefill
+        self.decode = decode
+        self.max_inflight = max_inflight
+        self.default_timeout_s = default_timeout_s
+        self._flights: dict[str, _Flight] = {}
+        self._ids = itertools.count()
+        self._pollers: list[asyncio.Task] = []
+        self._on_shutdown = on_shutdown
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._pollers = [loop.create_task(self._poll(w)) for w in self.decode]
+
+    # ------------------------------------------------------------------ worker messages
+    async def _poll(self, worker: WorkerHandle) -> None:
+        """Route one decode worker's step messages to their requests; fail them if it dies."""
+        while worker.alive:
+            try:
+                messages: list[list[StepOutput]] = await worker.actor.poll.remote(POLL_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if _is_actor_death(exc):
+                    self._worker_died(worker, exc)
+                    return
+                log.exception("polling %s failed", worker.worker_id)
+                await asyncio.sleep(POLL_S)
+                continue
+            for step in messages:
+                for out in step:
+                    flight = self._flights.get(out.request_id)
+                    if flight is not None:
+                        flight.events.put_nowait(out)
+
+    def _worker_died(self, worker: WorkerHandle, exc: BaseException) -> None:
+        worker.alive = False
+        log.error("worker %s died: %s", worker.worker_id, exc)
+        for flight in list(self._flights.values()):
+            if flight.decode is worker:
+                flight.events.put_nowait(RouterError(
+                    ErrorKind.UNAVAILABLE, f"{worker.role.value} worker {worker.worker_id} died while serving this request"))
+
+    # ------------------------------------------------------------------ admission
+    def _prompt_ids(self, request: GenerateInput) -> list[int]:
+        if request.images and not self._info.supports_images:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self._info.name} does not accept images")
+        if request.messages is not None:
+            prompt = [{"role": m.role, "content": m.content} for m in request.messages]
+        elif request.token_ids is not None:
+            prompt = list(request.token_ids)
+        elif request.prompt is not None:
+            prompt = request.prompt
+        else:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, "request has no prompt, messages or token_ids")
+        try:
+            ids = self.validator.tokenize(prompt)
+            self.validator.check(ids, request.sampling)
+        except EngineError as exc:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        return ids
+
+    def _admit(self, request: GenerateInput) -> tuple[_Flight, list[int]]:
+        if len(self._flights) >= self.max_inflight:
+            raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"server has {len(self._flights)} requests in flight (limit {self.max_inflight}); retry later")
+        if request.request_id in self._flights:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight")
+        ids = self._prompt_ids(request)
+        pool = self.decode
+        if not any(w.alive for w in pool) or (self.mode == "disaggregated" and not any(w.alive for w in self.prefill)):
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request")
+        flight = _Flight(request.request_id or f"req-{next(self._ids)}")
+        self._flights[flight.request_id] = flight
+        return flight, ids
+
+    def apply_chat_template(self, messages) -> list[int]:
+        return self.validator.tokenize([{"role": m.role, "content": m.content} for m in messages])
+
+    # ------------------------------------------------------------------ the stream
+    def generate(self, request: GenerateInput) -> AsyncIterator[TokenEvent | FinalEvent]:
+        flight, ids = self._admit(request)
+        return self._stream(request, flight, ids)
+
+    async def _stream(self, request: GenerateInput, flight: _Flight, ids: list[int]):
+        t0 = time.monotonic()
+        deadline = t0 + (request.deadline_s or self.default_timeout_s)
+        timings: dict[str, float] = {}
+        tokens: list[int] = []
+        text: list[str] = []
+        first_at = last_at = None
+        reason, error = None, None
+        try:
+            if self.mode == "disaggregated":
+                first = await self._prefill_and_activate(request, flight, ids, deadline, timings)
+            else:
+                first = await self._submit(request, flight, ids, deadline)
+            out = first
+            while True:
+                if out is not None:
+                    now = time.monotonic()
+                    first_at = first_at or now
+                    last_at = now
+                    tokens.extend(out.new_token_ids)
+                    text.append(out.new_text)
+                    yield TokenEvent(tuple(out.new_token_ids), out.new_text)
+                    if out.finished:
+                        reason = out.finish_reason
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
+                                      f"request deadline of {deadline - t0:.1f}s exceeded after {len(tokens)} tokens")
+                try:
+                    out = await asyncio.wait_for(flight.events.get(), remaining)
+                except asyncio.TimeoutError:
+                    out = None
+                    continue
+                if isinstance(out, BaseException):
+                    raise out
+        except _Aborted:
+            reason = FinishReason.ABORT
+        except RouterError as exc:
+            reason, error = FinishReason.ERROR, exc.message
+        except asyncio.CancelledError:
+            reason = FinishReason.ABORT
+            raise
+        except Exception as exc:
+            log.exception("request %s failed", flight.request_id)
+            reason, error = FinishReason.ERROR, f"internal error: {exc!r}"
+        finally:
+            self._flights.pop(flight.request_id, None)
+            if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
+                await self._release(flight)
+            for w in (flight.decode, flight.prefill):
+                if w is not None:
+                    w.inflight -= 1
+        if reason is None:  # the consumer closed the stream early: aborted, nothing more to send
+            return
+        end = time.monotonic()
+        n = len(tokens)
+        yield FinalEvent(
+            reason, len(ids), n, "".join(text),
+            Timings(queue_s=timings.get("queue_s", 0.0), prefill_s=timings.get("prefill_s", 0.0),
+                    transfer_s=timings.get("transfer_s", 0.0),
+                    decode_s=(last_at - first_at) if first_at else 0.0,
+                    ttft_s=(first_at - t0) if first_at else 0.0,
+                    tpot_s=((last_at - first_at) / (n - 1)) if first_at and n > 1 else 0.0,
+                    e2e_s=end - t0),
+            error)
+
+    async def _release(self, flight: _Flight) -> None:
+        """Abort wherever the request may still hold something; a dead worker holds nothing."""
+        for worker, method in ((flight.prefill, "cancel"), (flight.decode, "cancel")):
+            if worker is None or not worker.alive:
+                continue
+            try:
+                await asyncio.wait_for(getattr(worker.actor, method).remote(flight.request_id), 10.0)
+            except Exception as exc:
+                log.warning("cancel of %s on %s failed: %s", flight.request_id, worker.worker_id, exc)
+
+    async def _bounded(self, ref, deadline: float, what: str):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded before {what}")
+        try:
+            return await asyncio.wait_for(ref, remaining)
+        except asyncio.TimeoutError:
+            raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded during {what}") from None
+
+    async def _submit(self, request, flight, ids, deadline) -> None:
+        worker = min((w for w in self.decode if w.alive), key=lambda w: w.inflight, default=None)
+        if worker is None:
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
+        flight.decode = worker
+        worker.inflight += 1
+        try:
+            await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling), deadline, "submit")
+        except RouterError:
+            raise
+        except Exception as exc:
+            if _is_actor_death(exc):
+                self._worker_died(worker, exc)
+                raise RouterError(ErrorKind.UNAVAILABLE, f"colocated worker {worker.worker_id} died") from None
+            raise
+        return None
+
+    async def _reserve(self, flight, ids, deadline, timings):
+        t = time.monotonic()
+        while True:
+            for worker in sorted((w for w in self.decode if w.alive), key=lambda w: w.inflight):
+                try:
+                    desc = await self._bounded(worker.actor.reserve.remote(flight.request_id, len(ids)), deadline,
+                                               "KV reservation")
+                except RouterError:
+                    raise
+                except Exception as exc:
+                    if _is_actor_death(exc):
+                        self._worker_died(worker, exc)
+                        continue
+                    raise
+                if desc is not None:
+                    flight.decode = worker
+                    worker.inflight += 1
+                    timings["queue_s"] = time.monotonic() - t
+                    return worker, desc
+            if not any(w.alive for w in self.decode):
+                raise RouterError(ErrorKind.UNAVAILABLE, "every decode worker is dead")
+            if time.monotonic() + RESERVE_RETRY_S >= deadline:
+                raise RouterError(ErrorKind.DEADLINE_EXCEEDED, "request deadline exceeded waiting for decode KV space")
+            await asyncio.sleep(RESERVE_RETRY_S)
+
+    async def _prefill_and_activate(self, request, flight, ids, deadline, timings) -> StepOutput:
+        attempts = 0
+        while True:
+            decode, desc = await self._reserve(flight, ids, deadline, timings)
+            prefill = min((w for w in self.prefill if w.alive), key=lambda w: w.inflight, default=None)
+            if prefill is None:
+                raise RouterError(ErrorKind.UNAVAILABLE, "every prefill worker is dead")
+            flight.prefill = prefill
+            prefill.inflight += 1
+            task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc)
+            try:
+                result = await self._bounded(prefill.actor.prefill.remote(task), deadline, "prefill")
+            except RouterError:
+                raise
+            except Exception as exc:
+                if not _is_actor_death(exc):
+                    raise
+                # Prefill is idempotent: drop the reservation and run it again elsewhere.
+                self._worker_died(prefill, exc)
+                attempts += 1
+                prefill.inflight -= 1
+                flight.prefill = None
+                await self._release(flight)
+                decode.inflight -= 1
+                flight.decode = None
+                if attempts > len(self.prefill):
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"prefill failed on {attempts} workers") from None
+                continue
+            finally:
+                if flight.prefill is prefill:
+                    prefill.inflight -= 1
+                    flight.prefill = None
+            if result.first_token is None:
+                raise RouterError(ErrorKind.INTERNAL, f"prefill of {flight.request_id} failed: {result.error}")
+            timings["queue_s"] += result.queue_s
+            timings["prefill_s"] = result.prefill_s
+            timings["transfer_s"] = result.transfer_s
+            try:
+                return await self._bounded(
+                    decode.actor.activate.remote(flight.request_id, ids, result.first_token, request.sampling),
+                    deadline, "decode activation")
+            except RouterError:
+                raise
+            except Exception as exc:
+                if _is_actor_death(exc):
+                    self._worker_died(decode, exc)
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died") from None
+                raise RouterError(ErrorKind.INTERNAL, f"decode activation failed: {exc}") from None
+
+    # ------------------------------------------------------------------ control
+    async def abort(self, request_id: str) -> bool:
+        flight = self._flights.get(request_id)
+        if flight is None:
+            return False
+        flight.events.put_nowait(_Aborted())
+        return True
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def cluster_status(self) -> ClusterStatus:
+        async def one(w: WorkerHandle) -> WorkerStatus:
+            if w.alive:
+                try:
+                    return await asyncio.wait_for(w.actor.status.remote(), 5.0)
+                except Exception:
+                    pass
+            return WorkerStatus(w.worker_id, w.role, w.node_id, False, 0, 0, 0, 0)
+        workers = await asyncio.gather(*(one(w) for w in self.prefill + self.decode))
+        return ClusterStatus(self.mode, tuple(workers))
+
+    async def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """True once every live worker holds no request and no KV block (used by leak checks)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            states = await asyncio.gather(*(w.actor.idle.remote() for w in self.prefill + self.decode if w.alive),
+                                          return_exceptions=True)
+            if all(s is True for s in states) and not self._flights:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def shutdown(self) -> None:
+        for task in self._pollers:
+            task.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
+        if self._on_shutdown is not None:
+            await self._on_shutdown()
+
+
+class _Aborted(RouterError):
+    def __init__(self) -> None:
+        super().__init__(ErrorKind.NOT_FOUND, "aborted")

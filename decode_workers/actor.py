@@ -1,0 +1,102 @@
+"""DecodeWorker: a Ray async actor around DecodeCore. It only delegates.
+
+All calls into the core run on one executor thread, so the core is never touched concurrently;
+the actor's event loop stays free to answer reserve / activate / poll while a step computes.
+Outputs: each step's StepOutputs of all sequences form one message; `poll()` (long-poll by the
+router) returns the messages produced since the last poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from cluster.router_api import Role, WorkerStatus
+from cluster.worker_common import setup_threads, worker_info
+from decode_workers.decode_core import DecodeCore, DecodeOptions
+from engine.llm_engine import LoadedModel
+from engine.sequence import SamplingParams, StepOutput
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, model: str | None, options: DecodeOptions, num_threads: int = 1,
+                 role: Role = Role.DECODE) -> None:
+        setup_threads(num_threads)
+        self.worker_id = worker_id
+        self.role = role
+        self.info = worker_info(worker_id, role.value)
+        self.core = DecodeCore(options, LoadedModel.load(model, options.engine.dtype))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-core")
+        self._outbox: list[list[StepOutput]] = []
+        self._has_output = asyncio.Event()
+        self._has_work = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.core.has_work():
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+            outs = await self._call(self.core.step)
+            if outs:
+                self._publish(outs)
+
+    def _publish(self, outs: list[StepOutput]) -> None:
+        self._outbox.append(outs)
+        self._has_output.set()
+
+    # ------------------------------------------------------------ router-facing API
+    async def ready(self):
+        return self.info, self.core.layout
+
+    async def reserve(self, request_id: str, num_prompt_tokens: int):
+        return await self._call(self.core.reserve, request_id, num_prompt_tokens)
+
+    async def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                       sampling: SamplingParams) -> StepOutput:
+        out = await self._call(self.core.activate, request_id, prompt_token_ids, first_token, sampling)
+        self._ensure_loop()
+        self._has_work.set()
+        return out
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """Colocated role: the whole request (prefill and decode) runs here."""
+        await self._call(self.core.engine.add_request, list(prompt_token_ids), sampling, request_id)
+        self._ensure_loop()
+        self._has_work.set()
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self._call(self.core.cancel, request_id)
+
+    async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
+        """Step messages produced since the last poll; waits up to timeout_s for one."""
+        if not self._outbox:
+            try:
+                await asyncio.wait_for(self._has_output.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return []
+        out, self._outbox = self._outbox, []
+        self._has_output.clear()
+        return out
+
+    async def status(self) -> WorkerStatus:
+        def read():
+            e = self.core.engine
+            return WorkerStatus(self.worker_id, self.role, self.info.node_id, True,
+                                queue_length=len(e.scheduler.waiting), running=len(e.scheduler.running),
+                                kv_blocks_used=e.blocks.num_used_blocks, kv_blocks_total=e.blocks.num_total_blocks)
+        return await self._call(read)
+
+    async def idle(self) -> bool:
+        return await self._call(self.core.idle)
+
+    async def shutdown(self) -> None:
+        await self._call(self.core.close)

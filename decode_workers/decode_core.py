@@ -1,0 +1,148 @@
+"""Decode side of disaggregated serving, without Ray (the actor only delegates to this).
+
+A request's life on a decode worker:
+
+    reserve(rid, n) ──▶ RESERVED: blocks for the n prompt tokens held under a lease; the
+        │               receiver's descriptor goes (via the router) to a prefill worker, which
+        │               writes the prompt K/V straight into these blocks, layer by layer
+        ├─ activate(rid, prompt, first_token) ──▶ RUNNING in the engine's continuous batch
+        │                                         ──▶ FINISHED (blocks back to the pool)
+        └─ cancel(rid) / lease lapses ──▶ blocks back to the pool — at once if the transfer is
+                                          over, else after a short quarantine, so a copy still
+                                          in flight can never land in reused blocks
+
+Invariant: every block is free, RESERVED, QUARANTINED or owned by one engine sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, LoadedModel
+from engine.sequence import SamplingParams, StepOutput
+from kv_transfer.base import TransferError, TransferStatus
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from kv_transfer.registry import get_backend
+
+QUARANTINE_S = 1.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    engine: EngineConfig
+    backend: str = "shm"
+    lease_s: float = 60.0            # a reservation not activated within this is reclaimed
+    activate_timeout_s: float = 30.0  # how long activate() waits for the last KV layer to land
+
+
+@dataclass
+class _Reservation:
+    block_table: list[int]
+    expires_at: float
+
+
+def kv_layout(loaded: LoadedModel, engine: EngineConfig) -> KVLayout:
+    cfg = loaded.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return KVLayout(loaded.name, loaded.model.dtype, cfg.num_hidden_layers,
+                    cfg.num_key_value_heads or cfg.num_attention_heads, head_dim, engine.block_size)
+
+
+class DecodeCore:
+    def __init__(self, options: DecodeOptions, loaded: LoadedModel) -> None:
+        self.options = options
+        self.layout = kv_layout(loaded, options.engine)
+        self.receiver = get_backend(options.backend).Receiver(self.layout)
+        kv = self.receiver.allocate_cache(options.engine.num_kv_blocks)
+        self.engine = LLMEngine(options.engine, loaded, kv=kv)
+        self._reserved: dict[str, _Reservation] = {}
+        self._quarantine: list[tuple[float, list[int]]] = []
+
+    # ------------------------------------------------------------ admission
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> TransferDescriptor | None:
+        """Hold blocks for a prompt and open its transfer; None when there is no room now."""
+        self._housekeeping()
+        blocks = self.engine.blocks
+        running = len(self.engine.scheduler.running) + len(self._reserved)
+        if running >= self.options.engine.max_num_seqs or not blocks.can_allocate([], num_prompt_tokens + 1):
+            return None
+        table: list[int] = []
+        blocks.allocate(table, num_prompt_tokens)
+        try:
+            desc = self.receiver.prepare(request_id, table, num_tokens=num_prompt_tokens)
+        except Exception:
+            blocks.free(table)
+            raise
+        self._reserved[request_id] = _Reservation(table, time.monotonic() + self.options.lease_s)
+        return desc
+
+    def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                 sampling: SamplingParams) -> StepOutput:
+        """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do."""
+        res = self._reserved.pop(request_id, None)
+        if res is None:
+            raise KeyError(f"request {request_id!r} has no reservation on this decode worker (lease lapsed?)")
+        try:
+            self.receiver.wait(request_id, timeout=self.options.activate_timeout_s)
+        except TransferError:
+            self._drop(request_id, res.block_table)
+            raise
+        self.receiver.release(request_id)
+        return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table)
+
+    def cancel(self, request_id: str) -> bool:
+        res = self._reserved.pop(request_id, None)
+        if res is not None:
+            self._drop(request_id, res.block_table)
+            return True
+        return self.engine.abort(request_id)
+
+    def _drop(self, request_id: str, table: list[int]) -> None:
+        try:
+            over = self.receiver.poll(request_id).status.terminal
+        except KeyError:
+            over = True
+        self.receiver.release(request_id)
+        if over:
+            self.engine.blocks.free(table)
+        else:
+            self._quarantine.append((time.monotonic() + QUARANTINE_S, table))
+
+    def _housekeeping(self) -> list[str]:
+        """Reclaim lapsed leases and quarantined blocks; returns the request ids whose lease lapsed."""
+        now = time.monotonic()
+        keep = []
+        for until, table in self._quarantine:
+            if until <= now:
+                self.engine.blocks.free(table)
+            else:
+                keep.append((until, table))
+        self._quarantine = keep
+        lapsed = [rid for rid, r in self._reserved.items() if r.expires_at <= now]
+        for rid in lapsed:
+            self._drop(rid, self._reserved.pop(rid).block_table)
+        return lapsed
+
+    # ------------------------------------------------------------ running
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        self._housekeeping()
+        return self.engine.step()
+
+    def idle(self) -> bool:
+        """Nothing reserved, quarantined or running: every block is free."""
+        self._housekeeping()
+        return not self._reserved and not self._quarantine and not self.engine.has_unfinished()
+
+    def close(self) -> None:
+        self.receiver.close()
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.engine.runner.kv

@@ -1,0 +1,88 @@
+"""PrefillWorker: a Ray async actor around PrefillCore. It only delegates.
+
+`prefill(task)` queues the task and resolves when its first token is sampled and its K/V have
+landed on the decode worker. A background loop drains the queue in batches (token budget),
+running each batch's forward on the executor thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from cluster.router_api import Role, WorkerStatus
+from cluster.worker_common import setup_threads, worker_info
+from engine.llm_engine import LoadedModel
+from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, model: str | None, options: PrefillOptions, num_threads: int = 1) -> None:
+        setup_threads(num_threads)
+        self.worker_id = worker_id
+        self.info = worker_info(worker_id, Role.PREFILL.value)
+        self.core = PrefillCore(options, LoadedModel.load(model, options.engine.dtype))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
+        self._futures: dict[str, asyncio.Future] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._busy = 0
+
+    async def ready(self):
+        return self.info, self.core.layout
+
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._futures[task.request_id] = fut
+        self.core.queue.append(dataclasses.replace(task, enqueued_at=time.monotonic()))
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._run())
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            self._futures.pop(task.request_id, None)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Drop a queued task (its caller gets an error result). A task already in a forward
+        finishes its forward; the router discards its result."""
+        task = self.core.cancel_queued(request_id)
+        fut = self._futures.get(request_id)
+        if task is not None and fut is not None and not fut.done():
+            fut.set_result(PrefillResult(request_id, None, "cancelled"))
+        return task is not None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self.core.take_batch()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._busy = len(batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self.core.run_batch, batch)
+            except Exception as exc:  # the forward itself failed: every task of the batch fails
+                results = [PrefillResult(t.request_id, None, f"prefill failed: {exc!r}") for t in batch]
+            finally:
+                self._busy = 0
+            for r in results:
+                fut = self._futures.get(r.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(r)
+
+    async def status(self) -> WorkerStatus:
+        b = self.core.blocks
+        return WorkerStatus(self.worker_id, Role.PREFILL, self.info.node_id, True,
+                            queue_length=len(self.core.queue), running=self._busy,
+                            kv_blocks_used=b.num_used_blocks, kv_blocks_total=b.num_total_blocks)
+
+    async def idle(self) -> bool:
+        return not self.core.queue and self._busy == 0 and self.core.blocks.all_free()
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.core.close)

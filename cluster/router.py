@@ -106,8 +106,11 @@ class ClusterRouter(Router):
                         flight.events.put_nowait(out)
 
     def _worker_died(self, worker: WorkerHandle, exc: BaseException) -> None:
+        if not worker.alive:
+            return
         worker.alive = False
         log.error("worker %s died: %s", worker.worker_id, exc)
+        asyncio.get_running_loop().create_task(_reap_segments())
         for flight in list(self._flights.values()):
             if flight.decode is worker:
                 flight.events.put_nowait(RouterError(
@@ -370,6 +373,17 @@ class ClusterRouter(Router):
         await asyncio.gather(*self._pollers, return_exceptions=True)
         if self._on_shutdown is not None:
             await self._on_shutdown()
+
+
+async def _reap_segments(attempts: int = 50) -> None:
+    """Unlink the shared-memory segments a dead worker on this host left behind (its process
+    may take a moment to exit after Ray reports it dead)."""
+    from kv_transfer.segment import cleanup_stale
+
+    for _ in range(attempts):
+        if cleanup_stale():
+            return
+        await asyncio.sleep(0.1)
 
 
 class _Aborted(RouterError):

@@ -79,3 +79,39 @@ def hf_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -
     finally:
         model.config._attn_implementation = saved
     return out[0, len(prompt_ids):].tolist()
+
+
+# The real-model oracle, computed once per session and shared by the engine and cluster tests.
+SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1400, 1600, 1800, 1900, 2000]
+SMOL_NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def smol_chats(smol):
+    """20 chat prompts whose user message is 5..2000 tokens (see tests/prompts.py)."""
+    from tests.prompts import chat_prompts
+
+    return chat_prompts(smol.tokenizer, SMOL_LENGTHS)
+
+
+@pytest.fixture(scope="session")
+def smol_prompt_ids(smol, smol_chats):
+    return [list(smol.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+            for c in smol_chats]
+
+
+@pytest.fixture(scope="session")
+def smol_reference(smol, smol_prompt_ids):
+    """transformers generate() greedy continuations of the 20 prompts, one at a time."""
+    return [hf_greedy(smol, ids, SMOL_NEW_TOKENS) for ids in smol_prompt_ids]
+
+
+@pytest.fixture(scope="session")
+def smol_colocated(smol, smol_chats):
+    """The colocated engine's greedy continuations of the 20 prompts, as one continuous batch."""
+    from engine.sequence import SamplingParams
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=4096, max_num_batched_tokens=1024), smol)
+    outs = engine.generate(smol_chats, SamplingParams(max_tokens=SMOL_NEW_TOKENS))
+    assert engine.blocks.all_free()
+    return [o.token_ids for o in outs]

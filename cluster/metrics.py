@@ -1,0 +1,116 @@
+"""Prometheus metrics of the gateway, in a registry of their own (never the global default one,
+so several gateways — e.g. in tests — can live in one process).
+
+Per-request latencies come from the router's FinalEvent timings (server-measured phases); the
+inter-token latency is measured at the gateway as the gap between successive token events,
+shared evenly among the tokens of one event. Latency histograms only count requests that
+completed (STOP / LENGTH); every request, however it ended, counts in `requests_total`.
+The per-pool / per-worker gauges are refreshed from `router.cluster_status()` on each scrape.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from cluster.router_api import ClusterStatus, FinalEvent
+from engine.sequence import FinishReason
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"triptych_{name}_seconds", doc, buckets=buckets, registry=r)
+
+        self.ttft = hist("time_to_first_token", "Arrival to first token.", _SLOW)
+        self.itl = hist("inter_token_latency", "Gap between output tokens, seen at the gateway.", _FAST)
+        self.e2e = hist("e2e_request_latency", "Arrival to final chunk.", _SLOW)
+        self.queue = hist("queue_time", "Admission wait before any phase started.", _SLOW)
+        self.prefill = hist("prefill_time", "Prefill compute time.", _SLOW)
+        self.transfer = hist("kv_transfer_time", "KV transfer time not overlapped with prefill.", _FAST)
+        self.encode = hist("encode_time", "Image encoding time.", _SLOW)
+        self.requests = Counter("triptych_requests", "Requests by how they ended and which door they came in.",
+                                ["finish_reason", "door"], registry=r)  # fmt: skip
+        self.rejected = Counter("triptych_request_errors", "Requests refused before streaming, by error kind.",
+                                ["kind", "door"], registry=r)  # fmt: skip
+        self.tokens = Counter("triptych_tokens_generated", "Completion tokens generated.", registry=r)
+        self.queue_length = Gauge("triptych_pool_queue_length", "Requests waiting in a pool.", ["role"], registry=r)
+        self.kv_usage = Gauge("triptych_kv_cache_usage_ratio", "Fraction of a worker's KV blocks in use.",
+                              ["role", "worker"], registry=r)  # fmt: skip
+        self.workers_alive = Gauge("triptych_pool_workers_alive", "Live workers in a pool.", ["role"], registry=r)
+        self.role_switches = Gauge("triptych_role_switches_total", "Role switches since the cluster started.",
+                                   registry=r)  # fmt: skip
+
+    def start(self, door: str) -> RequestRecorder:
+        return RequestRecorder(self, door)
+
+    def record_rejected(self, kind: str, door: str) -> None:
+        self.rejected.labels(kind=kind, door=door).inc()
+
+    def update_cluster(self, status: ClusterStatus) -> None:
+        """Refresh the gauges from a cluster snapshot (workers that disappeared are dropped)."""
+        self.queue_length.clear()
+        self.kv_usage.clear()
+        self.workers_alive.clear()
+        queued: dict[str, int] = {}
+        alive: dict[str, int] = {}
+        for w in status.workers:
+            role = w.role.value
+            queued[role] = queued.get(role, 0) + w.queue_length
+            alive[role] = alive.get(role, 0) + int(w.alive)
+            if w.kv_blocks_total > 0:
+                self.kv_usage.labels(role=role, worker=w.worker_id).set(w.kv_blocks_used / w.kv_blocks_total)
+        for role, n in queued.items():
+            self.queue_length.labels(role=role).set(n)
+        for role, n in alive.items():
+            self.workers_alive.labels(role=role).set(n)
+        self.role_switches.set(len(status.role_switches))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+class RequestRecorder:
+    """Collects one request's metrics while it streams; `finish` records them."""
+
+    def __init__(self, metrics: Metrics, door: str) -> None:
+        self._m = metrics
+        self._door = door
+        self._last: float | None = None
+
+    def on_tokens(self, n: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None and n > 0:
+            gap = (now - self._last) / n
+            for _ in range(n):
+                self._m.itl.observe(gap)
+        self._last = now
+
+    def finish(self, final: FinalEvent) -> None:
+        m = self._m
+        m.requests.labels(finish_reason=final.finish_reason.value, door=self._door).inc()
+        m.tokens.inc(max(0, final.completion_tokens))
+        if final.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
+            return
+        t = final.timings
+        m.e2e.observe(t.e2e_s)
+        m.queue.observe(t.queue_s)
+        if final.completion_tokens > 0:
+            m.ttft.observe(t.ttft_s)
+        if t.prefill_s > 0:
+            m.prefill.observe(t.prefill_s)
+        if t.transfer_s > 0:
+            m.transfer.observe(t.transfer_s)
+        if t.encode_s > 0:
+            m.encode.observe(t.encode_s)

@@ -1,0 +1,117 @@
+"""`triptych serve --config FILE [--address RAY_ADDRESS] [--grpc-port N] [--http-port N]`.
+
+    load + validate the YAML ──▶ start_router (Ray local or joined, worker actors)
+        ──▶ gateway.start (gRPC + HTTP) ──▶ serve until SIGINT / SIGTERM
+        ──▶ gateway stop (in-flight requests get a grace period) ──▶ router.shutdown()
+
+`start_serving` is the in-process entry (tests, `triptych demo`): it returns the router and
+the running gateway, and the caller stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from cluster import gateway
+from cluster.config import ConfigError, DeployConfig, load_config
+from cluster.router_api import Router
+
+Progress = Callable[..., Any]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="deploy YAML (e.g. deploy/local.yaml)")
+    parser.add_argument("--address", metavar="RAY_ADDRESS", default=None,
+                        help="join this Ray cluster ('auto' or HOST:PORT) instead of the config's ray.address")
+    parser.add_argument("--host", default=None, help="bind address (overrides server.host)")
+    parser.add_argument("--grpc-port", type=int, default=None, metavar="N",
+                        help="gRPC port (overrides server.grpc_port; 0: a free port)")
+    parser.add_argument("--http-port", type=int, default=None, metavar="N",
+                        help="OpenAI-compatible HTTP port (overrides server.http_port; 0: a free port)")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> DeployConfig:
+    """Load the YAML with the command-line overrides applied (validated like the file)."""
+    overrides = {key: value for key, value in (
+        ("ray.address", args.address), ("server.host", args.host),
+        ("server.grpc_port", args.grpc_port), ("server.http_port", args.http_port),
+    ) if value is not None}  # fmt: skip
+    return load_config(args.config, overrides)
+
+
+async def start_serving(config: DeployConfig, address: str | None = None,
+                        progress: Progress = print) -> tuple[Router, gateway.RunningGateway]:  # fmt: skip
+    """Start the cluster and the gateway on it. On failure nothing is left running."""
+    from cluster.controller import start_router  # Ray and torch load only here
+
+    router = await start_router(config, ray_address=address, progress=progress)
+    try:
+        running = await gateway.start(router, config.server)
+    except BaseException:
+        await router.shutdown()
+        raise
+    return router, running
+
+
+async def stop_serving(router: Router, running: gateway.RunningGateway, progress: Progress = print) -> None:
+    progress("stopping the gateway ...")
+    try:
+        await running.stop()
+    finally:
+        progress("shutting down the cluster ...")
+        await router.shutdown()
+
+
+def describe(config: DeployConfig, router: Router, running: gateway.RunningGateway) -> str:
+    info = router.model_info()
+    pools = ", ".join(f"{p.role.value} x{p.workers}" for p in config.active_pools())
+    lines = [f"Triptych serving {info.name} ({config.mode.value}: {pools})",
+             f"  gRPC    {running.host}:{running.grpc_port}   (triptych.v1.Triptych, grpc.health.v1, reflection)"]
+    if running.http_url:
+        lines.append(f"  HTTP    http://{running.host}:{running.http_port}/v1   (OpenAI-compatible; /health, /metrics)")
+    return "\n".join(lines)
+
+
+async def _serve(config: DeployConfig, address: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Startup can take a while (Ray, model loading); a signal during it cancels the startup.
+    starting = asyncio.ensure_future(start_serving(config, address))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        print("triptych serve: interrupted during startup", file=sys.stderr)
+        return 130
+    stopping.cancel()
+    try:
+        router, running = starting.result()
+    except gateway.BindError as err:
+        print(f"triptych serve: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        print(f"triptych serve: could not start the cluster: {err}", file=sys.stderr)
+        return 1
+    print(describe(config, router, running), flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    await stop.wait()
+    await stop_serving(router, running)
+    print("stopped.", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as err:
+        print(f"triptych serve: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config, args.address))

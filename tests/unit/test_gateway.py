@@ -1,0 +1,292 @@
+"""The real gateway over real loopback gRPC, driven by the SDK, on a fake router."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import triptych
+from cluster import gateway as gw
+from cluster.config import ServerConfig
+from cluster.router_api import ChatMessage, ErrorKind
+from cluster.sessions import SessionStore, trim_to_fit
+from tests.unit.test_gateway_fakes import ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, wait_for
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = GatewayThread()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def router(server) -> FakeRouter:
+    return server.router
+
+
+@pytest.fixture()
+def client(server):
+    with triptych.Client(server.target, timeout=10) as c:
+        yield c
+
+
+def test_generate_streams_tokens_then_final(client, router):
+    chunks = list(client.generate("hello", max_tokens=8, request_id="g1"))
+    assert [c.text for c in chunks[:-1]] == ["Hel", "lo", "!"]
+    assert [c.index for c in chunks[:-1]] == [0, 1, 2]
+    final = chunks[-1]
+    assert final.is_final and final.finish_reason == "stop" and final.request_id == "g1"
+    assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3)
+    assert final.timings.ttft_s == pytest.approx(0.04) and final.timings.transfer_s == pytest.approx(0.003)
+    inp = router.inputs[-1]
+    assert inp.request_id == "g1" and inp.prompt == "hello" and inp.messages is None
+    assert inp.sampling.max_tokens == 8
+
+
+def test_sampling_defaults_follow_the_api_doc(client, router):
+    client.complete("hello")
+    s = router.inputs[-1].sampling
+    assert s.temperature == 1.0 and s.top_p == 1.0 and s.top_k == 0 and s.seed is None
+    assert s.max_tokens == MAX_MODEL_LEN  # 0: up to max_model_len
+    assert router.inputs[-1].request_id  # the server assigned one
+    client.complete("hello", temperature=0.0, top_p=0.5, top_k=-1, seed=7, stop=["\n", "."], ignore_eos=True,
+                    images=[PNG])  # fmt: skip
+    inp = router.inputs[-1]
+    s = inp.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.ignore_eos) == (0.0, 0.5, 0, 7, ("\n", "."), True)
+    assert inp.images == (PNG,)
+
+
+def test_chat_messages_and_images_reach_the_router(client, router):
+    reply = client.complete(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": ["What is ", PNG, {"type": "text", "text": "this?"}]},
+    ], max_tokens=4)  # fmt: skip
+    assert reply.text == "Hello!" and reply.finish_reason == "stop"
+    msgs = router.inputs[-1].messages
+    assert msgs == (ChatMessage("system", "Be brief."), ChatMessage("user", "What is this?", (PNG,)))
+
+
+def test_token_ids_input(client, router):
+    client.complete(token_ids=[5, 6, 7], max_tokens=2)
+    assert router.inputs[-1].token_ids == (5, 6, 7)
+
+
+@pytest.mark.parametrize("word", sorted(ERRORS) + ["eager-busy", "eager-invalid"])
+def test_router_errors_map_to_status_codes(client, word):
+    kind, message = ERRORS[word.removeprefix("eager-")]
+    with pytest.raises(triptych.TriptychError) as info:
+        client.complete(f"please {word}")
+    assert info.value.code == gw.GRPC_CODES[kind]
+    assert info.value.message == message
+
+
+def test_router_bug_is_internal_and_server_keeps_serving(client):
+    with pytest.raises(triptych.Internal, match="fake router bug"):
+        client.complete("a bug")
+    assert client.complete("hello").text == "Hello!"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role must be one of"),
+    (dict(prompt="hello", session_id="s"), "session_id needs chat input"),
+    (dict(prompt="hello", top_p=0.0), "top_p"),
+    (dict(prompt="hello", temperature=-1.0), "temperature"),
+])  # fmt: skip
+def test_bad_input_is_invalid_argument(client, kwargs, needle):
+    with pytest.raises(triptych.InvalidArgument) as info:
+        client.complete(**kwargs)
+    assert needle in info.value.message
+
+
+def test_request_without_input_is_invalid(server):
+    from protos.triptych.v1 import triptych_pb2 as pb
+    from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TriptychStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(pb.GenerateRequest(), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no input" in info.value.details()
+        chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="hi")])])
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(pb.GenerateRequest(chat=chat, images=[pb.Image(data=PNG)]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside its messages" in info.value.details()
+
+
+def test_error_after_start_is_a_final_chunk(client):
+    reply = client.complete("please midfail")
+    assert reply.finish_reason == "error" and reply.error == "decode worker died" and reply.text == "a"
+
+
+def test_client_cancel_aborts_the_request(client, router, server):
+    stream = client.generate("go slow", request_id="cancel-me")
+    for _ in range(3):
+        next(stream)
+    stream.cancel()
+    assert wait_for(lambda: "cancel-me" in router.aborts)
+    assert wait_for(lambda: "cancel-me" not in server.gateway.in_flight)
+
+
+def test_deadline_reaches_router_and_aborts(client, router):
+    with pytest.raises(triptych.DeadlineExceeded):
+        list(client.generate("go slow", request_id="deadline", timeout=0.5))
+    inp = next(i for i in router.inputs if i.request_id == "deadline")
+    assert 0 < inp.deadline_s <= 0.6
+    assert wait_for(lambda: "deadline" in router.aborts)
+
+
+def test_abort_rpc(client, router):
+    stream = client.generate("go slow", request_id="to-abort")
+    next(stream)
+    assert client.abort("to-abort") is True
+    rest = list(stream)
+    assert rest[-1].is_final and rest[-1].finish_reason == "abort"
+    assert client.abort("to-abort") is False  # finished: idempotent
+    assert client.abort("never-existed") is False
+
+
+def test_duplicate_in_flight_request_id(client):
+    stream = client.generate("go slow", request_id="dup")
+    next(stream)
+    with pytest.raises(triptych.InvalidArgument, match="already in flight"):
+        client.complete("hello", request_id="dup")
+    stream.cancel()
+
+
+def test_session_history_is_kept_and_sent(client, router):
+    client.complete(messages=[{"role": "user", "content": "first"}], session_id="s1")
+    client.complete(messages=[{"role": "user", "content": "second"}], session_id="s1")
+    assert router.inputs[-1].messages == (
+        ChatMessage("user", "first"), ChatMessage("assistant", "Hello!"), ChatMessage("user", "second"))
+    client.complete(messages=[{"role": "user", "content": "other"}], session_id="s2")
+    assert router.inputs[-1].messages == (ChatMessage("user", "other"),)
+    # A failed turn is not recorded.
+    client.complete(messages=[{"role": "user", "content": "please midfail"}], session_id="s1")
+    client.complete(messages=[{"role": "user", "content": "third"}], session_id="s1")
+    assert [m.content for m in router.inputs[-1].messages] == ["first", "Hello!", "second", "Hello!", "third"]
+
+
+def test_model_info_and_cluster_status(client):
+    info = client.model_info()
+    assert (info.model, info.max_model_len, info.eos_token_ids, info.supports_images) == (MODEL, MAX_MODEL_LEN, (2,), True)
+    status = client.cluster_status()
+    assert status.mode == "disaggregated"
+    assert [p.role for p in status.pools] == ["prefill", "decode"]
+    decode = status.pool("decode")
+    assert [w.worker_id for w in decode.workers] == ["decode-0", "decode-1"] and not decode.workers[1].alive
+    assert status.pool("prefill").workers[0].queue_length == 3 and status.pool("prefill").workers[0].epoch == 1
+    assert status.role_switches[0].to_role == "decode" and status.role_switches[0].reason == "decode queue"
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", gw.SERVICE_NAME):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name for s in next(iter(responses)).list_services_response.service}
+    assert {"triptych.v1.Triptych", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_start_reports_ports_and_names_a_busy_port():
+    srv = GatewayThread()
+    try:
+        assert srv.running.grpc_port > 0 and srv.running.http_port > 0
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            busy = s.getsockname()[1]
+            config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=busy)
+            with pytest.raises(gw.BindError, match=f"HTTP to 127.0.0.1:{busy}"):
+                srv.call(gw.start(FakeRouter(), config))
+    finally:
+        srv.stop()
+
+
+def test_stopped_gateway_refuses_requests():
+    srv = GatewayThread()
+    srv.gateway.serving = False  # as during shutdown
+    try:
+        with triptych.Client(srv.target, timeout=5) as c, pytest.raises(triptych.Unavailable):
+            c.complete("hello")
+    finally:
+        srv.stop()
+
+
+# -- sessions (pure) ----------------------------------------------------------------------
+
+
+def test_session_store_lru_and_ttl():
+    now = [0.0]
+    store = SessionStore(max_sessions=2, ttl_s=10, clock=lambda: now[0])
+    u = (ChatMessage("user", "hi"),)
+    store.append_turn("a", u, "A")
+    store.append_turn("b", u, "B")
+    store.history("a")  # a is now the most recent
+    store.append_turn("c", u, "C")  # evicts b
+    assert "b" not in store and "a" in store and len(store) == 2
+    assert store.history("a") == (ChatMessage("user", "hi"), ChatMessage("assistant", "A"))
+    now[0] = 11.0
+    assert store.history("a") == () and len(store) == 0
+
+
+def test_trim_keeps_system_and_new_messages():
+    def m(role, text):
+        return ChatMessage(role, text)
+
+    history = (m("system", "s"), m("user", "u1 u1 u1"), m("assistant", "a1 a1"), m("user", "u2"), m("assistant", "a2"))
+    new = (m("user", "now"),)
+    count = lambda ms: sum(len(x.content.split()) for x in ms)  # noqa: E731
+    assert trim_to_fit(history, new, count, 100) == history
+    assert trim_to_fit(history, new, count, 4) == (m("system", "s"), m("user", "u2"), m("assistant", "a2"))
+    assert trim_to_fit(history, new, count, 1) == (m("system", "s"),)
+
+
+def test_error_kinds_all_mapped():
+    assert set(gw.GRPC_CODES) == set(ErrorKind)
+
+
+def test_stop_aborts_in_flight_requests_after_grace():
+    import threading
+    import time
+
+    import httpx
+
+    srv = GatewayThread(http_grace_s=0.3)
+    router = srv.router
+    client = triptych.Client(srv.target, timeout=10)
+    stream = client.generate("go slow", request_id="grpc-inflight")
+    next(stream)
+
+    def http_slow():
+        body = {"messages": [{"role": "user", "content": "go slow"}], "stream": True}
+        try:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=10,
+                              headers={"X-Request-Id": "http-inflight"}) as resp:  # fmt: skip
+                for _ in resp.iter_lines():
+                    pass
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=http_slow, daemon=True)
+    t.start()
+    assert wait_for(lambda: "http-inflight" in srv.gateway.in_flight)
+    started = time.monotonic()
+    srv.call(srv.running.stop(grace_s=0.3))
+    assert time.monotonic() - started < 3
+    assert wait_for(lambda: {"grpc-inflight", "http-inflight"} <= set(router.aborts))
+    with pytest.raises(triptych.TriptychError):
+        list(stream)
+    client.close()
+    t.join(5)
+    srv.stop()  # idempotent: stops the loop thread

@@ -1,0 +1,167 @@
+"""A fake Router and a gateway running on its own event-loop thread, shared by the gateway,
+HTTP and metrics tests (this module holds no tests itself).
+
+FakeRouter picks its behaviour from the last words of the input (prompt or last message):
+"slow" streams until aborted, "midfail" fails after one token, ERRORS' keywords raise that
+RouterError before the first event ("eager-..." raises from generate() itself), "bug" raises a
+plain exception; anything else streams "Hel" "lo" "!" then FinalEvent(STOP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from cluster import gateway as gw
+from cluster.config import ServerConfig
+from cluster.router_api import (
+    ChatMessage,
+    ClusterStatus,
+    ErrorKind,
+    FinalEvent,
+    GenerateInput,
+    ModelInfo,
+    Role,
+    RoleSwitch,
+    Router,
+    RouterError,
+    Timings,
+    TokenEvent,
+    WorkerStatus,
+)
+from engine.sequence import FinishReason
+
+MODEL = "fake-model"
+MAX_MODEL_LEN = 512
+TIMINGS = Timings(queue_s=0.01, encode_s=0.0, prefill_s=0.02, transfer_s=0.003, decode_s=0.05,
+                  ttft_s=0.04, tpot_s=0.01, e2e_s=0.1)  # fmt: skip
+ERRORS = {
+    "invalid": (ErrorKind.INVALID_ARGUMENT, "prompt is 9000 tokens, max_model_len is 512"),
+    "busy": (ErrorKind.RESOURCE_EXHAUSTED, "300 requests waiting (max_queued_requests 256)"),
+    "down": (ErrorKind.UNAVAILABLE, "no live decode worker"),
+    "late": (ErrorKind.DEADLINE_EXCEEDED, "request timed out after 300 s"),
+    "missing": (ErrorKind.NOT_FOUND, "no such session"),
+    "crash": (ErrorKind.INTERNAL, "prefill worker died"),
+}
+
+
+def input_text(inp: GenerateInput) -> str:
+    if inp.prompt is not None:
+        return inp.prompt
+    if inp.messages:
+        return inp.messages[-1].content
+    return "tokens"
+
+
+class FakeRouter(Router):
+    def __init__(self) -> None:
+        self.inputs: list[GenerateInput] = []
+        self.aborts: list[str] = []       # requests whose stream was closed or aborted early
+        self.abort_calls: list[str] = []  # Abort RPC / router.abort() calls
+        self.shut_down = False
+        self._abort_events: dict[str, asyncio.Event] = {}
+
+    def generate(self, request: GenerateInput):
+        self.inputs.append(request)
+        word = input_text(request).split()[-1] if input_text(request).split() else ""
+        if word.startswith("eager-"):
+            raise RouterError(*ERRORS[word.removeprefix("eager-")])
+        return self._stream(request, word)
+
+    async def _stream(self, request: GenerateInput, word: str):
+        if word in ERRORS:
+            raise RouterError(*ERRORS[word])
+        if word == "bug":
+            raise ValueError("fake router bug")
+        rid = request.request_id
+        aborted = self._abort_events[rid] = asyncio.Event()
+        finished = False
+        try:
+            if word == "slow":
+                n = 0
+                while not aborted.is_set():
+                    yield TokenEvent((7,), "x")
+                    n += 1
+                    await asyncio.sleep(0.01)
+                finished = True
+                yield FinalEvent(FinishReason.ABORT, 3, n, "x" * n, TIMINGS)
+                return
+            if word == "midfail":
+                yield TokenEvent((1,), "a")
+                finished = True
+                yield FinalEvent(FinishReason.ERROR, 3, 1, "a", TIMINGS, error="decode worker died")
+                return
+            for i, piece in enumerate(["Hel", "lo", "!"]):
+                yield TokenEvent((10 + i,), piece)
+            finished = True
+            yield FinalEvent(FinishReason.STOP, 5, 3, "Hello!", TIMINGS)
+        finally:
+            self._abort_events.pop(rid, None)
+            if not finished:
+                self.aborts.append(rid)
+
+    async def abort(self, request_id: str) -> bool:
+        self.abort_calls.append(request_id)
+        event = self._abort_events.get(request_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(MODEL, MAX_MODEL_LEN, 1000, (2,), "float32", True)
+
+    async def cluster_status(self) -> ClusterStatus:
+        return ClusterStatus(
+            mode="disaggregated",
+            workers=(
+                WorkerStatus("prefill-0", Role.PREFILL, "node-1", True, 3, 1, 10, 100, epoch=1),
+                WorkerStatus("decode-0", Role.DECODE, "node-1", True, 0, 2, 50, 200),
+                WorkerStatus("decode-1", Role.DECODE, "node-2", False, 1, 0, 0, 200),
+            ),
+            role_switches=(RoleSwitch("decode-1", Role.PREFILL, Role.DECODE, 12.5, "decode queue"),),
+        )
+
+    def apply_chat_template(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        return [0] * sum(len(m.content.split()) + 2 for m in messages)  # one token per word
+
+    async def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class GatewayThread:
+    """The real gateway (gRPC + HTTP on free loopback ports) on an event loop in its own thread,
+    so blocking clients (SDK, httpx, openai) can be used from the test thread."""
+
+    def __init__(self, router: Router | None = None, **start_kwargs) -> None:
+        self.router = router or FakeRouter()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0)
+        self.running = self.call(gw.start(self.router, config, **start_kwargs))
+        self.target = self.running.grpc_target
+        self.url = self.running.http_url
+
+    @property
+    def gateway(self) -> gw.Gateway:
+        return self.running.gateway
+
+    def call(self, coro, timeout: float = 10.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.running.stop(grace_s=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -1,0 +1,201 @@
+"""The OpenAI-compatible HTTP door over real loopback HTTP: httpx and the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.unit.test_gateway_fakes import ERRORS, MODEL, GatewayThread, wait_for
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
+PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = GatewayThread()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def router(server):
+    return server.router
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=10) as c:
+        yield c
+
+
+def chat_body(text="hello", **kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **kw}
+
+
+def sse_events(resp: httpx.Response) -> list:
+    """Parse an SSE body strictly: only `data: ...` events separated by blank lines."""
+    body = resp.text
+    assert body.endswith("data: [DONE]\n\n"), body[-200:]
+    events = body.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e.removeprefix("data: ") if e == "data: [DONE]" else json.loads(e.removeprefix("data: ")) for e in events]
+
+
+def test_openai_chat_non_streaming(oai, router):
+    resp = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=8, temperature=0, seed=3, stop=["\n"], user="u1")  # fmt: skip
+    assert resp.object == "chat.completion" and resp.model == MODEL and resp.id.startswith("chatcmpl-")
+    choice = resp.choices[0]
+    assert (choice.index, choice.message.role, choice.message.content, choice.finish_reason) == (0, "assistant", "Hello!", "stop")
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (5, 3, 8)
+    s = router.inputs[-1].sampling
+    assert (s.max_tokens, s.temperature, s.seed, s.stop) == (8, 0.0, 3, ("\n",))
+
+
+def test_openai_chat_streaming(oai):
+    stream = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], stream=True,
+                                         stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
+def test_openai_completions(oai, router):
+    resp = oai.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+    assert resp.object == "text_completion" and resp.choices[0].text == "Hello!" and resp.choices[0].finish_reason == "stop"
+    assert router.inputs[-1].prompt == "hello" and router.inputs[-1].messages is None
+    text = "".join(c.choices[0].text for c in oai.completions.create(model=MODEL, prompt="hello", stream=True))
+    assert text == "Hello!"
+    oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4)
+    assert router.inputs[-1].token_ids == (1, 2, 3)
+
+
+def test_sse_wire_format(http):
+    resp = http.post("/v1/chat/completions", json=chat_body(stream=True), headers={"X-Request-Id": "sse-1"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    assert resp.headers["x-request-id"] == "sse-1"
+    events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["id"] for c in chunks} == {"chatcmpl-sse-1"} and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]] == ["Hel", "lo", "!"]
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert chunks[-1]["timings"]["ttft_s"] == pytest.approx(0.04)
+
+
+def test_non_streaming_json_shape(http):
+    resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello"})
+    body = resp.json()
+    assert resp.status_code == 200 and body["choices"] == [{"index": 0, "text": "Hello!", "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["timings"]["prefill_s"] == pytest.approx(0.02) and isinstance(body["created"], int)
+
+
+@pytest.mark.parametrize("word, status", [("invalid", 400), ("busy", 429), ("down", 503), ("late", 504),
+                                          ("missing", 404), ("crash", 500), ("eager-busy", 429)])  # fmt: skip
+@pytest.mark.parametrize("stream", [False, True])
+def test_router_errors_map_to_http_statuses(http, word, status, stream):
+    kind, message = ERRORS[word.removeprefix("eager-")]
+    resp = http.post("/v1/chat/completions", json=chat_body(f"please {word}", stream=stream))
+    assert resp.status_code == status
+    assert resp.json()["error"]["message"] == message and resp.json()["error"]["code"] == kind.value
+
+
+def test_openai_client_sees_errors(oai):
+    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "invalid"}])
+    with pytest.raises(openai.RateLimitError):
+        oai.completions.create(model=MODEL, prompt="busy")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (json.dumps(chat_body(n=2)).encode(), "'n' must be 1"),
+    (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number"),
+    (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1"),
+    (json.dumps(chat_body(stop=[1])).encode(), "'stop' must be a string or an array"),
+    (json.dumps({"model": MODEL, "messages": []}).encode(), "'messages' must be a non-empty array"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
+    (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported"),
+])  # fmt: skip
+def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle):
+    resp = http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+def test_images_from_data_urls(http, router):
+    parts = [{"type": "text", "text": "What is "}, {"type": "image_url", "image_url": {"url": PNG_URL}},
+             {"type": "text", "text": "this?"}]  # fmt: skip
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+    assert resp.status_code == 200
+    msg = router.inputs[-1].messages[0]
+    assert msg.content == "What is this?" and msg.images == (PNG,)
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("data:image/png;base64,@@not-base64@@", "messages[0].content[1].image_url: invalid base64"),
+    ("https://example.com/cat.png", "only data: URLs"),
+    ("data:image/png,rawbytes", "not a base64 data URL"),
+])  # fmt: skip
+def test_bad_image_is_400_naming_the_image(http, url, needle):
+    parts = [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": url}}]
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+    assert resp.status_code == 400 and needle in resp.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+def test_error_after_start(http):
+    resp = http.post("/v1/chat/completions", json=chat_body("please midfail"))
+    assert resp.status_code == 500 and resp.json()["error"]["message"] == "decode worker died"
+    events = sse_events(http.post("/v1/chat/completions", json=chat_body("please midfail", stream=True)))
+    assert events[-2]["error"]["message"] == "decode worker died" and events[-1] == "[DONE]"
+
+
+def test_client_disconnect_aborts(server, router):
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        with c.stream("POST", "/v1/chat/completions", json=chat_body("go slow", stream=True),
+                      headers={"X-Request-Id": "http-gone"}) as resp:  # fmt: skip
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any("x" in line for line in got)
+    assert wait_for(lambda: "http-gone" in router.aborts)
+    assert wait_for(lambda: "http-gone" not in server.gateway.in_flight)
+
+
+def test_models_health_and_unknown_routes(http, oai):
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+    assert http.get("/v1/models/nope").status_code == 404
+    assert http.get("/health").status_code == 200
+    resp = http.get("/v1/nothing-here")
+    assert resp.status_code == 404 and "error" in resp.json()
+    assert http.get("/v1/chat/completions").status_code == 405
+
+
+def test_health_503_when_not_serving(server, http):
+    server.gateway.serving = False
+    try:
+        assert http.get("/health").status_code == 503
+        assert http.post("/v1/chat/completions", json=chat_body()).status_code == 503
+    finally:
+        server.gateway.serving = True

@@ -1,0 +1,73 @@
+"""Prometheus metrics: own registry, recorded per request, gauges refreshed on scrape."""
+
+from __future__ import annotations
+
+import httpx
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import triptych
+from cluster.metrics import Metrics
+from cluster.router_api import FinalEvent, Timings
+from engine.sequence import FinishReason
+from tests.unit.test_gateway_fakes import MODEL, GatewayThread
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = GatewayThread()
+    yield srv
+    srv.stop()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_after_requests(server):
+    with triptych.Client(server.target, timeout=10) as c:
+        c.complete("hello")
+        c.complete("please midfail")
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "busy"}).status_code == 429
+        resp = http.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    s = samples(resp.text)
+    for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "queue_time",
+                 "prefill_time", "kv_transfer_time"):  # fmt: skip
+        assert s[(f"triptych_{name}_seconds_count", ())] >= 1, name
+    assert ("triptych_encode_time_seconds_count", ()) in s  # declared, no observation without images
+    assert s[("triptych_time_to_first_token_seconds_sum", ())] == pytest.approx(0.04 * s[("triptych_time_to_first_token_seconds_count", ())])
+    assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "stop")))] >= 1
+    assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "error")))] >= 1
+    assert s[("triptych_requests_total", (("door", "http"), ("finish_reason", "stop")))] >= 1
+    assert s[("triptych_request_errors_total", (("door", "http"), ("kind", "resource_exhausted")))] >= 1
+    assert s[("triptych_tokens_generated_total", ())] >= 7
+    assert s[("triptych_pool_queue_length", (("role", "prefill"),))] == 3
+    assert s[("triptych_pool_queue_length", (("role", "decode"),))] == 1
+    assert s[("triptych_kv_cache_usage_ratio", (("role", "decode"), ("worker", "decode-0")))] == pytest.approx(0.25)
+    assert s[("triptych_pool_workers_alive", (("role", "decode"),))] == 1
+    assert s[("triptych_role_switches_total", ())] == 1
+
+
+def test_own_registry_not_global():
+    a, b = Metrics(), Metrics()  # two in one process: no duplicate-registration error
+    a.start("grpc").finish(FinalEvent(FinishReason.STOP, 1, 2, "hi", Timings(ttft_s=0.1, e2e_s=0.2)))
+    assert b"triptych_requests_total" in a.render()
+    assert prometheus_client.REGISTRY.get_sample_value("triptych_requests_total",
+                                                       {"finish_reason": "stop", "door": "grpc"}) is None  # fmt: skip
+    assert samples(b.render().decode())[("triptych_tokens_generated_total", ())] == 0
+
+
+def test_aborted_requests_skip_latency_histograms():
+    m = Metrics()
+    m.start("http").finish(FinalEvent(FinishReason.ABORT, 1, 2, "hi", Timings(ttft_s=0.1, e2e_s=0.2)))
+    s = samples(m.render().decode())
+    assert s[("triptych_e2e_request_latency_seconds_count", ())] == 0
+    assert s[("triptych_requests_total", (("door", "http"), ("finish_reason", "abort")))] == 1

@@ -120,12 +120,50 @@ def ttft_streaming_table(run_prefill: Callable[[bool], float], prompt_lens: list
     return table
 
 
+def cluster_ttft(prompt_lens: list[int], reps: int) -> str:
+    """TTFT of one prompt through a real prefill + decode pair (shm), streaming on vs off."""
+    import asyncio
+
+    from bench.common import prompt_ids, text_token_ids
+    from cluster.config import parse_config
+    from cluster.controller import start_router
+    from cluster.router_api import FinalEvent, GenerateInput
+    from engine.sequence import SamplingParams
+
+    async def measure(streaming: bool) -> dict[int, list[float]]:
+        config = parse_config({"version": 1, "ray": {"num_cpus": 2}, "transport": {"streaming": streaming},
+                               "engine": {"max_num_batched_tokens": 8192}}, f"bench.kv_transfer:streaming={streaming}")
+        router = await start_router(config)
+        try:
+            corpus = text_token_ids(router.tokenizer)
+            out: dict[int, list[float]] = {}
+            for n in prompt_lens:
+                ids = prompt_ids(corpus, [n], seed=n)[0]
+                for rep in range(reps + 1):  # the first run warms up and is not counted
+                    inp = GenerateInput(f"ttft-{streaming}-{n}-{rep}", SamplingParams(max_tokens=2, ignore_eos=True),
+                                        token_ids=tuple(ids))
+                    async for ev in router.generate(inp):
+                        if isinstance(ev, FinalEvent) and rep:
+                            out.setdefault(n, []).append(ev.timings.ttft_s)
+            return out
+        finally:
+            await router.shutdown()
+
+    results = {flag: asyncio.run(measure(flag)) for flag in (False, True)}
+    return ttft_streaming_table(None, prompt_lens, run_for_len=lambda n, flag: results[flag].pop(), reps=reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ttft", type=int, nargs="*", default=None, metavar="PROMPT_LEN",
+                   help="instead of bandwidth: TTFT of prompts of these lengths (default 4096), streaming on vs off")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--backends", nargs="+", default=["shm", "gloo", "cuda_ipc", "nccl"])
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
+    if args.ttft is not None:
+        cluster_ttft(args.ttft or [4096], args.reps)
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         probe = SenderActor.remote("shm", 1)

@@ -265,8 +265,9 @@ class ClusterRouter(Router):
         while True:
             for worker in sorted((w for w in self.decode if w.alive), key=lambda w: w.inflight):
                 try:
-                    desc = await self._bounded(worker.actor.reserve.remote(flight.request_id, len(ids)), deadline,
-                                               "KV reservation")
+                    lease = max(1.0, deadline - time.monotonic())
+                    desc = await self._bounded(worker.actor.reserve.remote(flight.request_id, len(ids), lease),
+                                               deadline, "KV reservation")
                 except RouterError:
                     raise
                 except Exception as exc:

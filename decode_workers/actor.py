@@ -57,8 +57,8 @@ class DecodeWorker:
     async def ready(self):
         return self.info, self.core.layout
 
-    async def reserve(self, request_id: str, num_prompt_tokens: int):
-        return await self._call(self.core.reserve, request_id, num_prompt_tokens)
+    async def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None):
+        return await self._call(self.core.reserve, request_id, num_prompt_tokens, lease_s)
 
     async def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
                        sampling: SamplingParams) -> StepOutput:

@@ -35,7 +35,7 @@ QUARANTINE_S = 1.0
 class DecodeOptions:
     engine: EngineConfig
     backend: str = "shm"
-    lease_s: float = 60.0            # a reservation not activated within this is reclaimed
+    lease_s: float = 300.0           # longest lease a reservation may ask for
     activate_timeout_s: float = 30.0  # how long activate() waits for the last KV layer to land
 
 
@@ -63,8 +63,12 @@ class DecodeCore:
         self._quarantine: list[tuple[float, list[int]]] = []
 
     # ------------------------------------------------------------ admission
-    def reserve(self, request_id: str, num_prompt_tokens: int) -> TransferDescriptor | None:
-        """Hold blocks for a prompt and open its transfer; None when there is no room now."""
+    def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
+                ) -> TransferDescriptor | None:
+        """Hold blocks for a prompt and open its transfer; None when there is no room now.
+
+        The lease (the request's remaining deadline) bounds how long the blocks wait for
+        activate(): a router or prefill worker that vanishes cannot hold them forever."""
         self._housekeeping()
         blocks = self.engine.blocks
         running = len(self.engine.scheduler.running) + len(self._reserved)
@@ -77,7 +81,8 @@ class DecodeCore:
         except Exception:
             blocks.free(table)
             raise
-        self._reserved[request_id] = _Reservation(table, time.monotonic() + self.options.lease_s)
+        lease = min(lease_s or self.options.lease_s, self.options.lease_s)
+        self._reserved[request_id] = _Reservation(table, time.monotonic() + lease)
         return desc
 
     def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,

@@ -1,0 +1,171 @@
+"""`triptych profile --config FILE -o profile.json`: measure the real engine for the planner.
+
+Measures, on this machine and with the deployment's engine settings:
+  prefill  one packed forward over batches of prompts (time vs. the prompt lengths),
+  decode   one step over B sequences of context C (time vs. B and total context),
+  transfer one KV hand-off of N bytes through the deployment's transport (shm/gloo in-process,
+           receiver and sender in this process: the copy cost without Ray's scheduling),
+and writes a `placement.profile` file that `triptych plan --model profile.json` fits.
+Encode is left empty for text-only models (the planner then uses its roofline prior).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="deploy YAML whose model and engine settings to measure")
+    parser.add_argument("-o", "--output", default="profile.json", help="where to write the profile (JSON)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the prefill pool's num_cpus)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter samples (about a minute on 2 cores)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per sample; the median is kept")
+
+
+def _progress(msg: str) -> None:
+    print(f"[profile] {msg}", file=sys.stderr, flush=True)
+
+
+class EngineProbe:
+    """Times raw forwards of the engine's runner on sequences with made-up (but valid) tokens."""
+
+    def __init__(self, loaded, engine_config) -> None:
+        from engine.kv_cache import BlockManager, KVSpec
+        from engine.model_runner import ModelRunner
+
+        self.engine_config = engine_config
+        spec = KVSpec.from_model_config(loaded.model.config, engine_config.block_size, engine_config.num_kv_blocks,
+                                        loaded.model.dtype)
+        self.blocks = BlockManager(engine_config.num_kv_blocks, engine_config.block_size)
+        self.runner = ModelRunner(loaded.model, spec)
+        self.vocab = loaded.model.config.vocab_size
+
+    def _seq(self, i: int, n: int, computed: int):
+        from engine.sequence import SamplingParams, Sequence
+
+        ids = [(7919 * (i + 1) + 31 * k) % (self.vocab - 3) + 3 for k in range(n)]
+        seq = Sequence(f"p{i}", ids, SamplingParams(max_tokens=1), num_computed_tokens=computed)
+        self.blocks.allocate(seq.block_table, n)
+        return seq
+
+    def time_forward(self, prompt_lens: list[int], computed: list[int], reps: int) -> float:
+        from engine.model_runner import ScheduledSeq
+
+        seqs = [self._seq(i, n, c) for i, (n, c) in enumerate(zip(prompt_lens, computed))]
+        try:
+            batch = [ScheduledSeq(s, s.num_tokens - s.num_computed_tokens) for s in seqs]
+            times = []
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                self.runner.forward(batch, sparse=self.engine_config.sparse)
+                times.append(time.perf_counter() - t)
+            return statistics.median(times[1:])
+        finally:
+            for s in seqs:
+                self.blocks.free(s.block_table)
+
+
+def _transfer_samples(layout, backend_name: str, sizes_blocks: list[int], reps: int):
+    import torch
+
+    from kv_transfer.registry import get_backend
+    from placement.profile import TransferSample
+
+    backend = get_backend(backend_name)
+    n_max = max(sizes_blocks)
+    src = torch.randn(layout.cache_shape(n_max)).to(layout.torch_dtype)
+    out = []
+    with backend.Receiver(layout) as rx, backend.Sender(layout) as tx:
+        rx.allocate_cache(n_max)
+        for n in sizes_blocks:
+            times = []
+            for rep in range(reps + 1):
+                rid = f"t{n}-{rep}"
+                t = time.perf_counter()
+                desc = rx.prepare(rid, list(range(n)))
+                tx.connect(desc)
+                for layer in range(layout.num_layers):
+                    tx.send_layer(rid, layer, src[layer], src_block_ids=list(range(n)))
+                tx.finish(rid, timeout=60)
+                rx.wait(rid, timeout=60)
+                times.append(time.perf_counter() - t)
+                rx.release(rid)
+            out.append(TransferSample(n * layout.bytes_per_block(), statistics.median(times[1:])))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, load_config
+    from placement.errors import PlanningError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"triptych profile: {exc}", file=sys.stderr)
+        return 2
+    try:
+        profile = measure(config, threads=args.threads, quick=args.quick, reps=args.reps)
+    except PlanningError as exc:
+        print(f"triptych profile: {exc}", file=sys.stderr)
+        return 2
+    from placement.profile import save_profile
+
+    save_profile(profile, args.output)
+    _progress(f"wrote {args.output}: {len(profile.prefill)} prefill, {len(profile.decode)} decode, "
+              f"{len(profile.transfer)} transfer samples")
+    return 0
+
+
+def measure(config, *, threads: int | None = None, quick: bool = False, reps: int = 3):
+    import torch
+
+    from cluster.config import Mode
+    from cluster.controller import engine_config
+    from decode_workers.decode_core import kv_layout
+    from engine.llm_engine import LoadedModel
+    from placement.profile import DecodeSample, HardwareInfo, ModelInfo, PrefillSample, Profile
+
+    pool = config.pools.colocated if config.mode is Mode.COLOCATED else config.pools.prefill
+    torch.set_num_threads(threads or max(1, int(pool.num_cpus)))
+    ecfg = engine_config(config, pool)
+    _progress(f"loading the model ({config.model.path or 'embedded SmolLM2-135M-Instruct'}) ...")
+    loaded = LoadedModel.load(config.model.path, ecfg.dtype)
+    probe = EngineProbe(loaded, ecfg)
+
+    prefill_batches = ([[64], [256], [512], [128, 128], [256, 256], [64] * 8, [1024]] if quick else
+                       [[32], [128], [256], [512], [1024], [2048], [128, 128], [256, 256, 256, 256],
+                        [512, 512], [64] * 8, [1024, 1024], [3072]])
+    prefill = []
+    for i, lens in enumerate(prefill_batches):
+        _progress(f"prefill {i + 1}/{len(prefill_batches)}: prompts {lens}")
+        prefill.append(PrefillSample(tuple(lens), probe.time_forward(lens, [0] * len(lens), reps)))
+
+    batches = [1, 4, 16] if quick else [1, 4, 8, 16, 32, 64]
+    contexts = [128, 512] if quick else [128, 512, 1024, 2048]
+    decode = []
+    for b in batches:
+        for c in contexts:
+            if b * (c + 1) > ecfg.num_kv_blocks * ecfg.block_size:
+                continue
+            _progress(f"decode: batch {b}, context {c}")
+            t = probe.time_forward([c + 1] * b, [c] * b, reps)
+            decode.append(DecodeSample(b, b * c, t))
+
+    layout = kv_layout(loaded, ecfg)
+    sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
+    backend = config.transport.backend.value
+    _progress(f"transfer over {backend}: {sizes} blocks")
+    transfer = _transfer_samples(layout, backend, sizes, reps)
+
+    cfg = loaded.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype_bytes = torch.finfo(loaded.model.dtype).bits // 8
+    model = ModelInfo(loaded.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                      cfg.num_key_value_heads, head_dim, cfg.intermediate_size, cfg.vocab_size,
+                      sum(p.numel() for p in loaded.model.parameters()), dtype_bytes,
+                      ModelInfo.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype_bytes))
+    hardware = HardwareInfo(f"CPU, {torch.get_num_threads()} thread(s)", "cpu", 1, 1, 1)
+    return Profile(model, hardware, tuple(prefill), tuple(decode), (), tuple(transfer))

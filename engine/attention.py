@@ -6,8 +6,11 @@ For each layer this function
   1. writes the new K/V into the paged cache at `slot_mapping` (one index_copy per tensor),
   2. tells an optional listener that the layer's K/V are complete (layer-wise KV streaming),
   3. attends: prefill segments one by one (a segment with no earlier context attends to its own
-     K/V without touching the cache; a later chunk gathers its context from the cache), and all
-     single-token decode rows in one padded, masked SDPA call.
+     K/V without touching the cache; a later chunk gathers its context from the cache), and the
+     single-token decode rows bucket by bucket: each bucket gathers its rows' whole KV blocks
+     (index_select on block ids) into one padded tensor and runs one masked SDPA call. Rows are
+     bucketed by context length (see model_runner) because the gather and SDPA cost scale with
+     rows x longest context, not with the real context tokens.
 Called without `triptych_meta` (e.g. by `generate()`), it is plain SDPA, so one loaded model
 serves both the engine and the reference.
 """
@@ -38,14 +41,26 @@ class PrefillSegment:
     ctx_slots: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class DecodeBucket:
+    """Single-token decode rows attended together, each over nb whole KV blocks (padded).
+
+    rows [B]: packed row of each decode token; blocks [B * nb]: row i's block ids are
+    blocks[i * nb:(i + 1) * nb], the tail padded with block 0; mask [B, 1, 1, nb * block_size]:
+    True at the row's real context tokens (positions < its context length).
+    """
+
+    rows: torch.Tensor
+    blocks: torch.Tensor
+    mask: torch.Tensor
+
+
 @dataclass
 class AttentionMetadata:
     kv: torch.Tensor                      # [layers, 2, blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor            # [T] cache slot of each packed token
     prefills: list[PrefillSegment]
-    decode_rows: torch.Tensor | None      # [B] packed row of each decode token
-    decode_slots: torch.Tensor | None     # [B, Lmax] context slots, padded with slot 0
-    decode_mask: torch.Tensor | None      # [B, 1, 1, Lmax] True where a real context token
+    decodes: list[DecodeBucket]
     on_layer_done: Callable[[int], None] | None = None
     sparse: object | None = None          # engine.sparse.SparsePrefillConfig
 
@@ -64,13 +79,14 @@ def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
 
         out, _ = sparse_prefill_attention(q, k, v, q_offset=lk - lq, scale=scale, config=sparse)
         return out
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # 4-D [1, H, L, D]: SDPA on CPU sends 3-D inputs to its slow unfused math path (~6x at 8K).
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if lq == lk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
         mask = causal_offset_mask(lq, lk)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -82,8 +98,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     k = key[0].transpose(0, 1)     # [T, Hkv, D]
     v = value[0].transpose(0, 1)
     n_kv, d = k.shape[1], k.shape[2]
-    k_cache = meta.kv[layer, 0].view(-1, n_kv, d)
-    v_cache = meta.kv[layer, 1].view(-1, n_kv, d)
+    k_blocks, v_blocks = meta.kv[layer, 0], meta.kv[layer, 1]   # [blocks, block_size, Hkv, D]
+    k_cache, v_cache = k_blocks.view(-1, n_kv, d), v_blocks.view(-1, n_kv, d)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.on_layer_done is not None:
@@ -95,14 +111,16 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         if seg.ctx_slots is None:
             ks, vs = k[rows], v[rows]
         else:
-            ks, vs = k_cache[seg.ctx_slots], v_cache[seg.ctx_slots]
+            # index_select copies rows with a plain loop; advanced indexing (cache[idx]) is ~3x slower.
+            ks, vs = k_cache.index_select(0, seg.ctx_slots), v_cache.index_select(0, seg.ctx_slots)
         out[rows] = _attend_segment(q[rows], ks, vs, scaling, meta.sparse)
-    if meta.decode_rows is not None:
-        qd = q[meta.decode_rows].unsqueeze(2)                    # [B, Hq, 1, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)          # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
-        out[meta.decode_rows] = od.squeeze(2)
+    for bucket in meta.decodes:
+        b = bucket.rows.shape[0]
+        qd = q.index_select(0, bucket.rows).unsqueeze(2)                                   # [B, Hq, 1, D]
+        kd = k_blocks.index_select(0, bucket.blocks).view(b, -1, n_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_blocks.index_select(0, bucket.blocks).view(b, -1, n_kv, d).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask, scale=scaling, enable_gqa=True)
+        out.index_copy_(0, bucket.rows, od.squeeze(2))
     return out.unsqueeze(0), None
 
 

@@ -15,6 +15,9 @@ from engine import attention
 from engine.kv_cache import KVSpec, allocate_kv_tensor
 from engine.sequence import Sequence
 
+# A decode bucket takes a row whose context is at least this share of the bucket's longest.
+DECODE_BUCKET_FILL = 0.75
+
 
 @dataclass(frozen=True)
 class ScheduledSeq:
@@ -51,37 +54,67 @@ class ModelRunner:
 
     def build(self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None,
               sparse: object | None = None):
-        ids, positions, slot_parts = [], [], []
+        # Token ids, positions and slots are gathered as Python ints and become one tensor each:
+        # per-sequence tensor ops would cost more than the ints for a batch of decode rows.
+        bs = self.kv_spec.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         prefills: list[attention.PrefillSegment] = []
-        decode_rows, decode_ctx = [], []
+        decodes: list[tuple[int, int, list[int]]] = []   # (packed row, context length, block table)
         row = 0
         for entry in batch:
             seq, n = entry.seq, entry.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
             ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            slot_parts.append(self._slots(seq.block_table, start, end))
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1 and start > 0:
-                decode_rows.append(row)
-                decode_ctx.append(self._slots(seq.block_table, 0, end))
+                decodes.append((row, end, table))
             else:
-                ctx = None if start == 0 else self._slots(seq.block_table, 0, end)
+                ctx = None if start == 0 else self._slots(table, 0, end)
                 prefills.append(attention.PrefillSegment(row, n, end, ctx))
             row += n
         meta = attention.AttentionMetadata(
             kv=self.kv,
-            slot_mapping=torch.cat(slot_parts),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
             prefills=prefills,
-            decode_rows=None, decode_slots=None, decode_mask=None,
+            decodes=self._decode_buckets(decodes),
             on_layer_done=on_layer_done,
             sparse=sparse,
         )
-        if decode_rows:
-            lengths = torch.tensor([c.numel() for c in decode_ctx])
-            meta.decode_rows = torch.tensor(decode_rows)
-            meta.decode_slots = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True)
-            meta.decode_mask = (torch.arange(meta.decode_slots.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
-        return torch.tensor(ids, dtype=torch.long), torch.cat(positions), meta
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta
+
+    def _decode_buckets(self, decodes: list[tuple[int, int, list[int]]]) -> list[attention.DecodeBucket]:
+        """Group decode rows by context length so that padding stays a bounded share of the gather.
+
+        Rows are taken longest first; a bucket accepts a row while the row's context is at least
+        DECODE_BUCKET_FILL of the bucket's longest (so at most ~1/4 of a bucket's gathered K/V is
+        padding), and a new bucket starts otherwise. Each bucket costs one SDPA call per layer.
+        """
+        bs = self.kv_spec.block_size
+        buckets, group = [], []
+        for entry in sorted(decodes, key=lambda e: -e[1]):
+            if group and entry[1] < DECODE_BUCKET_FILL * group[0][1]:
+                buckets.append(group)
+                group = []
+            group.append(entry)
+        if group:
+            buckets.append(group)
+        out = []
+        for group in buckets:
+            nb = -(-group[0][1] // bs)
+            blocks: list[int] = []
+            for _, length, table in group:
+                used = table[:-(-length // bs)]
+                blocks.extend(used)
+                blocks.extend([0] * (nb - len(used)))
+            lengths = torch.tensor([length for _, length, _ in group])
+            mask = (torch.arange(nb * bs)[None, :] < lengths[:, None])[:, None, None, :]
+            out.append(attention.DecodeBucket(torch.tensor([r for r, _, _ in group], dtype=torch.long),
+                                              torch.tensor(blocks, dtype=torch.long), mask))
+        return out
 
     @torch.inference_mode()
     def forward(self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None,

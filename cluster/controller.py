@@ -5,11 +5,14 @@
                          ─▶ worker actors created with their pool's resources, awaited ready
                          ─▶ KV layouts of prefill and decode checked compatible (handshake)
                          ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
+                         ─▶ Supervisor: restarts dead workers with the same `spawn(role, id, epoch)`
+                            the controller used, and swaps them into the router
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from typing import Callable
@@ -17,6 +20,7 @@ from typing import Callable
 from cluster.config import DeployConfig, Mode, PoolConfig
 from cluster.router import ClusterRouter, WorkerHandle
 from cluster.router_api import ModelInfo, Role
+from cluster.supervisor import Supervisor
 from decode_workers.decode_core import DecodeOptions
 from engine.config import EngineConfig
 from prefill_workers.prefill_core import PrefillOptions
@@ -68,8 +72,6 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     from transformers import AutoTokenizer
 
     from engine import model_loader
-    from prefill_workers.actor import PrefillWorker
-    from decode_workers.actor import DecodeWorker
 
     loop = asyncio.get_running_loop()
     source = model_loader.resolve(config.model.path)
@@ -89,36 +91,25 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
             started_ray = True
 
     tag = f"{int(time.time() * 1000) % 10**8:08d}"
-    model_path = str(directory)
+    spawn = _spawner(config, str(directory), tag)
     prefill: list[WorkerHandle] = []
     decode: list[WorkerHandle] = []
-    backend = config.transport.backend.value
     if config.mode is Mode.COLOCATED:
-        pool = config.pools.colocated
-        opts = DecodeOptions(engine_config(config, pool), backend="fake")
-        for i in range(pool.workers):
-            wid = f"colocated-{i}"
-            actor = ray.remote(DecodeWorker).options(**_actor_options(pool, f"{wid}-{tag}")).remote(
-                wid, model_path, opts, max(1, int(pool.num_cpus)), Role.COLOCATED)
-            decode.append(WorkerHandle(wid, Role.COLOCATED, actor))
+        decode += [WorkerHandle(f"colocated-{i}", Role.COLOCATED, spawn(Role.COLOCATED, f"colocated-{i}", 0))
+                   for i in range(config.pools.colocated.workers)]
     else:
-        ppool, dpool = config.pools.prefill, config.pools.decode
-        popts = PrefillOptions(engine_config(config, ppool), backend=backend, streaming=config.transport.streaming)
-        dopts = DecodeOptions(engine_config(config, dpool), backend=backend)
-        for i in range(ppool.workers):
-            wid = f"prefill-{i}"
-            actor = ray.remote(PrefillWorker).options(**_actor_options(ppool, f"{wid}-{tag}")).remote(
-                wid, model_path, popts, max(1, int(ppool.num_cpus)))
-            prefill.append(WorkerHandle(wid, Role.PREFILL, actor))
-        for i in range(dpool.workers):
-            wid = f"decode-{i}"
-            actor = ray.remote(DecodeWorker).options(**_actor_options(dpool, f"{wid}-{tag}")).remote(
-                wid, model_path, dopts, max(1, int(dpool.num_cpus)))
-            decode.append(WorkerHandle(wid, Role.DECODE, actor))
+        prefill += [WorkerHandle(f"prefill-{i}", Role.PREFILL, spawn(Role.PREFILL, f"prefill-{i}", 0))
+                    for i in range(config.pools.prefill.workers)]
+        decode += [WorkerHandle(f"decode-{i}", Role.DECODE, spawn(Role.DECODE, f"decode-{i}", 0))
+                   for i in range(config.pools.decode.workers)]
 
     handles = prefill + decode
+    supervisor: list[Supervisor] = []    # set once the router exists
 
     async def teardown() -> None:
+        for s in supervisor:
+            await s.stop()
+        handles = prefill + decode       # the router swaps restarted workers into these lists
         await asyncio.gather(*(asyncio.wait_for(h.actor.shutdown.remote(), 10) for h in handles if h.alive),
                              return_exceptions=True)
         for h in handles:
@@ -158,4 +149,52 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
         prefill=prefill, decode=decode, max_inflight=config.server.max_queued_requests,
         default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown)
     router.start()
+    check = None
+    if prefill and decode:
+        from kv_transfer.layout import check_compatible
+
+        check = functools.partial(check_compatible, layouts[decode[0].worker_id])
+    supervisor.append(Supervisor(router, spawn, _kill, check_layout=check))
+    supervisor[0].start()
+    router.supervisor = supervisor[0]    # status and tests read its restart history there
     return router
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:
+        pass
+
+
+def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role, str, int], object]:
+    """`spawn(role, worker_id, epoch)`: a new worker actor for that id (its pool's options and
+    resources), not yet ready. The controller starts every worker with it; the supervisor
+    starts replacements with it (epoch > 0; each gets a fresh actor name)."""
+    import ray
+
+    from decode_workers.actor import DecodeWorker
+    from prefill_workers.actor import PrefillWorker
+
+    backend = config.transport.backend.value
+    p = config.pools
+    if config.mode is Mode.COLOCATED:
+        opts = {Role.COLOCATED: DecodeOptions(engine_config(config, p.colocated), backend="fake")}
+    else:
+        opts = {Role.PREFILL: PrefillOptions(engine_config(config, p.prefill), backend=backend,
+                                             streaming=config.transport.streaming),
+                Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend)}
+
+    def spawn(role: Role, worker_id: str, epoch: int):
+        pool = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode}[role]
+        name = f"{worker_id}-{tag}" + (f"-r{epoch}" if epoch else "")
+        threads = max(1, int(pool.num_cpus))
+        if role is Role.PREFILL:
+            return ray.remote(PrefillWorker).options(**_actor_options(pool, name)).remote(
+                worker_id, model_path, opts[role], threads)
+        return ray.remote(DecodeWorker).options(**_actor_options(pool, name)).remote(
+            worker_id, model_path, opts[role], threads, role)
+
+    return spawn

@@ -19,6 +19,7 @@ request on whichever worker holds it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -45,6 +46,7 @@ class WorkerHandle:
     node_id: str = ""
     alive: bool = True
     inflight: int = 0
+    epoch: int = 0                   # restarts of this worker id (a replacement gets epoch + 1)
 
 
 @dataclass(eq=False)
@@ -60,7 +62,8 @@ class _Flight:
 def _is_actor_death(exc: BaseException) -> bool:
     import ray.exceptions as rex
 
-    return isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError))
+    # OutOfMemoryError: Ray's memory monitor killed the worker's process mid-call.
+    return isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError, rex.OutOfMemoryError))
 
 
 class ClusterRouter(Router):
@@ -79,6 +82,7 @@ class ClusterRouter(Router):
         self._ids = itertools.count()
         self._pollers: list[asyncio.Task] = []
         self._on_shutdown = on_shutdown
+        self.supervisor = None           # the controller's Supervisor (cluster/supervisor.py), if any
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +108,24 @@ class ClusterRouter(Router):
                     flight = self._flights.get(out.request_id)
                     if flight is not None:
                         flight.events.put_nowait(out)
+
+    def mark_dead(self, worker: WorkerHandle, exc: BaseException) -> None:
+        """A health check saw the worker's actor die: fail its requests as if a call had."""
+        self._worker_died(worker, exc)
+
+    def replace_worker(self, old: WorkerHandle, actor, node_id: str) -> WorkerHandle:
+        """Swap a ready replacement actor in for a dead worker (same id, epoch + 1).
+
+        A new handle, not the old one revived: requests still holding the old handle keep
+        failing against the dead actor instead of reaching a replacement that never saw them."""
+        assert not old.alive, f"{old.worker_id} is alive; only a dead worker is replaced"
+        pool = self.prefill if old.role is Role.PREFILL else self.decode
+        new = WorkerHandle(old.worker_id, old.role, actor, node_id, epoch=old.epoch + 1)
+        pool[pool.index(old)] = new
+        if new.role is not Role.PREFILL:
+            self._pollers = [t for t in self._pollers if not t.done()]
+            self._pollers.append(asyncio.get_running_loop().create_task(self._poll(new)))
+        return new
 
     def _worker_died(self, worker: WorkerHandle, exc: BaseException) -> None:
         if not worker.alive:
@@ -319,6 +341,8 @@ class ClusterRouter(Router):
                     prefill.inflight -= 1
                     flight.prefill = None
             if result.first_token is None:
+                if not decode.alive:  # the transfer failed because its target died
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died")
                 raise RouterError(ErrorKind.INTERNAL, f"prefill of {flight.request_id} failed: {result.error}")
             timings["queue_s"] += result.queue_s
             timings["prefill_s"] = result.prefill_s
@@ -350,10 +374,10 @@ class ClusterRouter(Router):
         async def one(w: WorkerHandle) -> WorkerStatus:
             if w.alive:
                 try:
-                    return await asyncio.wait_for(w.actor.status.remote(), 5.0)
+                    return dataclasses.replace(await asyncio.wait_for(w.actor.status.remote(), 5.0), epoch=w.epoch)
                 except Exception:
                     pass
-            return WorkerStatus(w.worker_id, w.role, w.node_id, False, 0, 0, 0, 0)
+            return WorkerStatus(w.worker_id, w.role, w.node_id, False, 0, 0, 0, 0, epoch=w.epoch)
         workers = await asyncio.gather(*(one(w) for w in self.prefill + self.decode))
         return ClusterStatus(self.mode, tuple(workers))
 

@@ -96,6 +96,11 @@ def cleanup_segments(pid: int | None = None) -> list[str]:
     return names
 
 
+def stale_segments() -> list[str]:
+    """Segments whose creator process is gone: a leak unless someone reaps them."""
+    return [name for name in list_all_segments() if not pid_alive(_owner(name))]
+
+
 def cleanup_stale() -> list[str]:
     """Unlink segments whose creator process is gone (e.g. a killed receiver)."""
     removed = []

@@ -13,7 +13,7 @@ from cluster.config import parse_config
 from cluster.controller import start_router
 from engine.sequence import FinishReason
 from tests.conftest import SMOL_NEW_TOKENS
-from tests.integration.harness import LoopThread, assert_no_leaks, chat_request, collect, run_all
+from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, chat_request, collect, run_all
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,7 @@ def cluster():
     yield loop, router
     loop.run(router.shutdown())
     loop.close()
+    assert_no_segments()
 
 
 def test_concurrent_greedy_identical(cluster, smol_chats, smol_reference, smol_colocated):

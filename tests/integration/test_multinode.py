@@ -5,7 +5,7 @@ import pytest
 from cluster.config import parse_config
 from cluster.controller import start_router
 from tests.conftest import SMOL_NEW_TOKENS
-from tests.integration.harness import LoopThread, assert_no_leaks, chat_request, run_all
+from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, chat_request, run_all
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,7 @@ def three_nodes():
     yield loop, router
     loop.run(router.shutdown())
     loop.close()
+    assert_no_segments()
     ray.shutdown()
     sim.shutdown()
 

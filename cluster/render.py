@@ -81,7 +81,7 @@ def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
         lines.append(f"# {g.name} pool: {g.count} node(s); run on each:")
         start = f"ray start --address={head} --num-cpus={g.num_cpus} --num-gpus={g.num_gpus}"
         lines.extend([f"{start} --resources={shlex.quote(_resources_json(g.resources))}"] * g.count)
-    lines += ["# Then, on the head node:", f"triptych serve {shlex.quote(cfg.source)}"]
+    lines += ["# Then, on the head node:", f"triptych serve --config {shlex.quote(cfg.source)} --address auto"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +178,7 @@ def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
             "# Fill provider and each node type's node_config for your cloud; `resources` is what\n"
             "# each node type advertises to Ray (pool workers are placed by their custom resources).\n"
             "# Install triptych on the nodes (setup_commands or the image), then on the head node:\n"
-            "#   triptych serve ~/triptych.yaml\n"
+            "#   triptych serve --config ~/triptych.yaml --address auto\n"
         )
         return header + yaml.safe_dump(ray_up_config(cfg, args), sort_keys=False)
     header = (

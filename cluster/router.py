@@ -140,7 +140,8 @@ class ClusterRouter(Router):
 
     # ------------------------------------------------------------------ admission
     def _prompt_ids(self, request: GenerateInput) -> list[int]:
-        if request.images and not self._info.supports_images:
+        has_images = bool(request.images) or any(m.images for m in request.messages or ())
+        if has_images and not self._info.supports_images:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self._info.name} does not accept images")
         if request.messages is not None:
             prompt = [{"role": m.role, "content": m.content} for m in request.messages]

@@ -17,7 +17,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "deploy": {"render": ("cluster.render", "print Ray launcher / KubeRay manifests and `ray start` commands")},
-    "admin": {"set-role": ("cluster.admin", "move a worker to another role (prefill, decode, encode)")},
 }
 
 

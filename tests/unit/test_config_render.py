@@ -38,7 +38,7 @@ def test_commands(capsys):
         res = json.loads(next(a for a in argv if a.startswith("--resources=")).split("=", 1)[1])
         workers.update(res)
     assert workers == {"prefill": 1, "decode": 1}
-    assert out.rstrip().endswith(f"triptych serve {MULTINODE}")
+    assert out.rstrip().endswith(f"triptych serve --config {MULTINODE} --address auto")
 
 
 def test_ray_up(capsys):

@@ -164,7 +164,7 @@ def main() -> None:
     if args.ttft is not None:
         cluster_ttft(args.ttft or [4096], args.reps)
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         probe = SenderActor.remote("shm", 1)
         memcpy = {mib: ray.get(probe.memcpy_mib_s.remote(mib, args.reps)) for mib in args.sizes}

@@ -86,7 +86,8 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
             ray.init(address=address, namespace=namespace, log_to_driver=False)
         else:
             progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
-            ray.init(num_cpus=config.ray.num_cpus, resources=_ray_resources(config), include_dashboard=False,
+            ray.init(address="local", num_cpus=config.ray.num_cpus, resources=_ray_resources(config),
+                     include_dashboard=False,
                      namespace=namespace, log_to_driver=False)
             started_ray = True
 

@@ -81,6 +81,12 @@ class RequestValidator:
                 f"(at least one must be left to generate)")
         if n + 1 > self.kv_capacity_tokens:
             raise OutOfKVCacheError(f"prompt has {n} tokens; the KV cache holds only {self.kv_capacity_tokens}")
+        # A sequence that can outgrow the whole cache would preempt itself forever.
+        longest = min(n + sampling.max_tokens, self.max_model_len)
+        if longest > self.kv_capacity_tokens:
+            raise OutOfKVCacheError(
+                f"prompt of {n} tokens plus max_tokens {sampling.max_tokens} can reach {longest} tokens; "
+                f"the KV cache holds only {self.kv_capacity_tokens}")
 
 
 class LLMEngine:

@@ -70,7 +70,7 @@ def test_two_encode_workers_one_node(model_dir):
 
     from encode_workers.worker import EncodeWorkerActor
 
-    ray.init(num_cpus=2, resources={"encode": 2}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, resources={"encode": 2}, include_dashboard=False, log_to_driver=False)
     try:
         workers = [EncodeWorkerActor.options(num_cpus=1, resources={"encode": 1}).remote(
             model_dir=model_dir, backend="shm", torch_threads=1, worker_id=f"enc{k}") for k in range(2)]

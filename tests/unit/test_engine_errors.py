@@ -66,3 +66,9 @@ def test_bad_batch_leaves_no_state(tiny, make_engine):
 def test_bad_engine_config():
     with pytest.raises(Exception, match="block_size must be a positive integer"):
         EngineConfig(block_size=0)
+
+
+def test_request_that_could_outgrow_the_cache(tiny, make_engine):
+    engine = make_engine(tiny, block_size=4, num_kv_blocks=10)
+    with pytest.raises(OutOfKVCacheError, match="plus max_tokens 30 can reach 50 tokens; the KV cache holds only 40"):
+        engine.generate([[5] * 20], SamplingParams(max_tokens=30))

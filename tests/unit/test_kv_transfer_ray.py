@@ -45,7 +45,7 @@ class Prefill:
 
 @pytest.mark.slow
 def test_two_ray_actors_stream_over_shm():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         decode, prefill = Decode.remote(), Prefill.remote()
         desc = ray.get(decode.prepare.remote("r1"))

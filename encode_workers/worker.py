@@ -1,0 +1,49 @@
+"""The encode worker as a Ray async actor. It only delegates to EncodeService.
+
+    actor = EncodeWorkerActor.options(num_cpus=1, resources={"encode": 1}).remote(model_dir="/models/llava")
+    stats = await actor.encode.remote(transfer_id, images, descriptor)
+
+Async, so several requests' encode() calls are in flight at once and their images share
+vision forwards (see encoder.py); the forward itself runs on a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ray
+import torch
+
+from encode_workers.encoder import ImageEncoder
+from encode_workers.service import EncodeService
+from encode_workers.transfer import EncodeStats
+from kv_transfer.layout import TransferDescriptor
+
+
+class EncodeWorker:
+    def __init__(self, model_dir: str | None = None, *, encoder_factory: Callable[[], ImageEncoder] | None = None,
+                 dtype: str = "float32", backend: str = "shm", cache_bytes: int = 512 << 20,
+                 max_images_per_batch: int = 8, torch_threads: int | None = None, worker_id: str | None = None) -> None:
+        """model_dir: a local LLaVA checkpoint; encoder_factory instead builds the encoder in the actor."""
+        if (model_dir is None) == (encoder_factory is None):
+            raise ValueError("give exactly one of model_dir and encoder_factory")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        kwargs = dict(backend=backend, cache_bytes=cache_bytes, max_images_per_batch=max_images_per_batch,
+                      worker_id=worker_id)
+        if model_dir is not None:
+            self.service = EncodeService.from_model_dir(model_dir, getattr(torch, dtype), **kwargs)
+        else:
+            self.service = EncodeService(encoder_factory(), **kwargs)
+
+    async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor) -> EncodeStats:
+        return await self.service.encode(transfer_id, images, descriptor)
+
+    async def stats(self) -> dict[str, object]:
+        return self.service.stats()
+
+    async def close(self) -> None:
+        self.service.close()
+
+
+EncodeWorkerActor = ray.remote(EncodeWorker)

@@ -3,6 +3,8 @@
     start_router(config) ─▶ model converted/cached once (progress shown)
                          ─▶ Ray started locally (custom resources per pool) or joined
                          ─▶ worker actors created with their pool's resources, awaited ready
+                            (a LLaVA checkpoint in disaggregated mode adds the encode pool: vision
+                            tower on encode workers, language side on prefill / decode workers)
                          ─▶ KV layouts of prefill and decode checked compatible (handshake)
                          ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
                          ─▶ Supervisor: restarts dead workers with the same `spawn(role, id, epoch)`
@@ -51,6 +53,8 @@ def _ray_resources(config: DeployConfig) -> dict[str, float]:
     """Custom resources a local Ray must offer so every pool's workers can be placed."""
     total: dict[str, float] = {}
     for pool in _pools(config):
+        if pool.workers == 0:            # e.g. no encode pool: offer nothing for it
+            continue
         for name, amount in pool.resources.items():
             total[name] = total.get(name, 0.0) + amount * pool.workers
     return total
@@ -58,7 +62,7 @@ def _ray_resources(config: DeployConfig) -> dict[str, float]:
 
 def _pools(config: DeployConfig) -> list[PoolConfig]:
     p = config.pools
-    return [p.colocated] if config.mode is Mode.COLOCATED else [p.prefill, p.decode]
+    return [p.colocated] if config.mode is Mode.COLOCATED else [p.encode, p.prefill, p.decode]
 
 
 def _actor_options(pool: PoolConfig, name: str) -> dict:
@@ -71,12 +75,13 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     import ray
     from transformers import AutoTokenizer
 
-    from engine import model_loader
+    from engine import model_loader, multimodal
 
     loop = asyncio.get_running_loop()
     source = model_loader.resolve(config.model.path)
     directory = await loop.run_in_executor(None, model_loader.local_dir, source)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    llava = multimodal.load_llava_config(directory) if multimodal.is_llava_dir(directory) else None
 
     started_ray = False
     address = ray_address or config.ray.address
@@ -95,6 +100,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     spawn = _spawner(config, str(directory), tag)
     prefill: list[WorkerHandle] = []
     decode: list[WorkerHandle] = []
+    encode: list[WorkerHandle] = []      # not supervised: a dead encode worker is skipped by the router
     if config.mode is Mode.COLOCATED:
         decode += [WorkerHandle(f"colocated-{i}", Role.COLOCATED, spawn(Role.COLOCATED, f"colocated-{i}", 0))
                    for i in range(config.pools.colocated.workers)]
@@ -103,6 +109,9 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
                     for i in range(config.pools.prefill.workers)]
         decode += [WorkerHandle(f"decode-{i}", Role.DECODE, spawn(Role.DECODE, f"decode-{i}", 0))
                    for i in range(config.pools.decode.workers)]
+        if llava is not None:
+            encode += [WorkerHandle(f"encode-{i}", Role.ENCODE, spawn(Role.ENCODE, f"encode-{i}", 0))
+                       for i in range(config.pools.encode.workers)]
 
     handles = prefill + decode
     supervisor: list[Supervisor] = []    # set once the router exists
@@ -112,8 +121,9 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
             await s.stop()
         handles = prefill + decode       # the router swaps restarted workers into these lists
         await asyncio.gather(*(asyncio.wait_for(h.actor.shutdown.remote(), 10) for h in handles if h.alive),
+                             *(asyncio.wait_for(h.actor.close.remote(), 10) for h in encode if h.alive),
                              return_exceptions=True)
-        for h in handles:
+        for h in handles + encode:
             try:
                 ray.kill(h.actor)
             except Exception:
@@ -121,13 +131,18 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
         if started_ray:
             ray.shutdown()
 
-    progress(f"starting {len(prefill)} prefill and {len(decode)} {'colocated' if prefill == [] else 'decode'} worker(s) ...")
+    progress(f"starting {len(encode)} encode, {len(prefill)} prefill and {len(decode)} "
+             f"{'colocated' if prefill == [] else 'decode'} worker(s) ...")
     t0 = time.monotonic()
     try:
-        ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), READY_TIMEOUT_S)
+        ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles + encode)),
+                                       READY_TIMEOUT_S)
     except BaseException:
         await teardown()
         raise
+    for h, info in zip(encode, ready[len(handles):]):
+        h.node_id = info.node_id
+    ready = ready[:len(handles)]
     layouts = {}
     for h, (info, layout) in zip(handles, ready):
         h.node_id = info.node_id
@@ -143,11 +158,13 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     mc = config.model
     eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
     info = ModelInfo(name=source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
-                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=False)
+                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=bool(encode))
     router = ClusterRouter(
         mode=config.mode.value, tokenizer=tokenizer, model_info=info,
         kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
-        prefill=prefill, decode=decode, max_inflight=config.server.max_queued_requests,
+        prefill=prefill, decode=decode, encode=encode,
+        image_token_id=llava.image_token_id if llava is not None else None,
+        tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=config.server.max_queued_requests,
         default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown)
     router.start()
     check = None
@@ -177,6 +194,7 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     import ray
 
     from decode_workers.actor import DecodeWorker
+    from encode_workers.worker import EncodeWorker
     from prefill_workers.actor import PrefillWorker
 
     backend = config.transport.backend.value
@@ -189,9 +207,13 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
                 Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend)}
 
     def spawn(role: Role, worker_id: str, epoch: int):
-        pool = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode}[role]
+        pool = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode, Role.ENCODE: p.encode}[role]
         name = f"{worker_id}-{tag}" + (f"-r{epoch}" if epoch else "")
         threads = max(1, int(pool.num_cpus))
+        if role is Role.ENCODE:
+            return ray.remote(EncodeWorker).options(**_actor_options(pool, name)).remote(
+                model_dir=model_path, dtype=config.model.dtype.value, backend=backend, torch_threads=threads,
+                worker_id=worker_id)
         if role is Role.PREFILL:
             return ray.remote(PrefillWorker).options(**_actor_options(pool, name)).remote(
                 worker_id, model_path, opts[role], threads)

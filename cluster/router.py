@@ -2,8 +2,10 @@
 
 Disaggregated path of one request:
 
-    admit (tokenize, limits, backpressure)
+    admit (tokenize, limits, backpressure; images decoded to check them, their tokens expanded)
       → reserve KV blocks on the least-loaded decode worker that has room   (waits while none has)
+      → [images] the prefill worker opens one receive per encode shard, the encode workers send
+        the features straight to it (encode_workers/parallel.py)
       → prefill on the prefill worker with the shortest queue; it streams the prompt's K/V into
         the reserved blocks layer by layer and returns token 1        (a dead prefill worker: retry)
       → activate on the decode worker → TokenEvent(token 1)
@@ -28,6 +30,9 @@ from typing import AsyncIterator
 
 from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Role,
                                 Router, RouterError, Timings, TokenEvent, WorkerStatus)
+from encode_workers.parallel import encode_parallel, plan_shards
+from encode_workers.transfer import EncodeShard
+from engine import multimodal
 from engine.errors import EngineError
 from engine.llm_engine import RequestValidator
 from engine.sequence import FinishReason, StepOutput
@@ -57,6 +62,7 @@ class _Flight:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     decode: WorkerHandle | None = None
     prefill: WorkerHandle | None = None
+    images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
 
 
 def _is_actor_death(exc: BaseException) -> bool:
@@ -69,13 +75,19 @@ def _is_actor_death(exc: BaseException) -> bool:
 class ClusterRouter(Router):
     def __init__(self, *, mode: str, tokenizer, model_info: ModelInfo, kv_capacity_tokens: int,
                  prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
-                 default_timeout_s: float, on_shutdown=None) -> None:
+                 default_timeout_s: float, on_shutdown=None, encode: list[WorkerHandle] = (),
+                 image_token_id: int | None = None, tokens_per_image: int = 0) -> None:
+        """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
+        image placeholder token and how many placeholders one image's features fill."""
         self.mode = mode
         self.tokenizer = tokenizer
         self._info = model_info
         self.validator = RequestValidator(tokenizer, model_info.max_model_len, kv_capacity_tokens)
         self.prefill = prefill
         self.decode = decode
+        self.encode = list(encode)
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
         self.max_inflight = max_inflight
         self.default_timeout_s = default_timeout_s
         self._flights: dict[str, _Flight] = {}
@@ -139,12 +151,31 @@ class ClusterRouter(Router):
                     ErrorKind.UNAVAILABLE, f"{worker.role.value} worker {worker.worker_id} died while serving this request"))
 
     # ------------------------------------------------------------------ admission
-    def _prompt_ids(self, request: GenerateInput) -> list[int]:
-        has_images = bool(request.images) or any(m.images for m in request.messages or ())
-        if has_images and not self._info.supports_images:
+    def _images(self, request: GenerateInput) -> tuple[bytes, ...]:
+        """The request's images in prompt order, each decoded once so bad bytes fail here."""
+        images = tuple(request.images) + tuple(b for m in request.messages or () for b in m.images)
+        if images and not self._info.supports_images:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self._info.name} does not accept images")
+        if request.images and request.messages is not None:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, "with messages, images go in the messages, not the request")
+        for i, data in enumerate(images):
+            try:
+                multimodal.decode_image(data, i)
+            except EngineError as exc:
+                raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        return images
+
+    def _chat(self, messages) -> list[dict]:
+        """Chat messages for the template; a message's images become image tokens before its text
+        ("<image>\n..." as LLaVA's chat format has them)."""
+        token = self.tokenizer.decode([self.image_token_id]) if self.image_token_id is not None else ""
+        return [{"role": m.role, "content": (token * len(m.images) + "\n" if m.images else "") + m.content}
+                for m in messages]
+
+    def _prompt_ids(self, request: GenerateInput, images: tuple[bytes, ...] = ()) -> list[int]:
+        """Token ids as the workers see them: with images, each image token expanded."""
         if request.messages is not None:
-            prompt = [{"role": m.role, "content": m.content} for m in request.messages]
+            prompt = self._chat(request.messages)
         elif request.token_ids is not None:
             prompt = list(request.token_ids)
         elif request.prompt is not None:
@@ -153,6 +184,8 @@ class ClusterRouter(Router):
             raise RouterError(ErrorKind.INVALID_ARGUMENT, "request has no prompt, messages or token_ids")
         try:
             ids = self.validator.tokenize(prompt)
+            if images:
+                ids = multimodal.expand_image_tokens(ids, self.image_token_id, len(images), self.tokens_per_image)
             self.validator.check(ids, request.sampling)
         except EngineError as exc:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
@@ -164,16 +197,17 @@ class ClusterRouter(Router):
                               f"server has {len(self._flights)} requests in flight (limit {self.max_inflight}); retry later")
         if request.request_id in self._flights:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight")
-        ids = self._prompt_ids(request)
+        images = self._images(request)
+        ids = self._prompt_ids(request, images)
         pool = self.decode
         if not any(w.alive for w in pool) or (self.mode == "disaggregated" and not any(w.alive for w in self.prefill)):
             raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request")
-        flight = _Flight(request.request_id or f"req-{next(self._ids)}")
+        flight = _Flight(request.request_id or f"req-{next(self._ids)}", images=images)
         self._flights[flight.request_id] = flight
         return flight, ids
 
     def apply_chat_template(self, messages) -> list[int]:
-        return self.validator.tokenize([{"role": m.role, "content": m.content} for m in messages])
+        return self.validator.tokenize(self._chat(messages))
 
     # ------------------------------------------------------------------ the stream
     def generate(self, request: GenerateInput) -> AsyncIterator[TokenEvent | FinalEvent]:
@@ -239,7 +273,7 @@ class ClusterRouter(Router):
         n = len(tokens)
         yield FinalEvent(
             reason, len(ids), n, "".join(text),
-            Timings(queue_s=timings.get("queue_s", 0.0), prefill_s=timings.get("prefill_s", 0.0),
+            Timings(queue_s=timings.get("queue_s", 0.0), encode_s=timings.get("encode_s", 0.0), prefill_s=timings.get("prefill_s", 0.0),
                     transfer_s=timings.get("transfer_s", 0.0),
                     decode_s=(last_at - first_at) if first_at else 0.0,
                     ttft_s=(first_at - t0) if first_at else 0.0,
@@ -318,8 +352,9 @@ class ClusterRouter(Router):
                 raise RouterError(ErrorKind.UNAVAILABLE, "every prefill worker is dead")
             flight.prefill = prefill
             prefill.inflight += 1
-            task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc)
             try:
+                shards = await self._encode(flight, prefill, deadline, timings) if flight.images else ()
+                task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards)
                 result = await self._bounded(prefill.actor.prefill.remote(task), deadline, "prefill")
             except RouterError:
                 raise
@@ -360,6 +395,46 @@ class ClusterRouter(Router):
                     raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died") from None
                 raise RouterError(ErrorKind.INTERNAL, f"decode activation failed: {exc}") from None
 
+    async def _encode(self, flight: _Flight, prefill: WorkerHandle, deadline: float, timings
+                      ) -> tuple[EncodeShard, ...]:
+        """Have the encode workers send the request's image features to `prefill`; its shards.
+
+        Only a dead *prefill* worker propagates as an actor death (the caller retries prefill
+        elsewhere); encode failures become RouterErrors and the prepared receives are closed."""
+        workers = [w for w in self.encode if w.alive]
+        if not workers:
+            raise RouterError(ErrorKind.UNAVAILABLE, "every encode worker is dead")
+        images = list(flight.images)
+        plan = plan_shards(flight.request_id, images, len(workers))
+        shards = [s for _, s in plan]
+        descs = await self._bounded(prefill.actor.prepare_images.remote(shards), deadline, "image receive setup")
+        t = time.monotonic()
+        try:
+            await self._bounded(encode_parallel([w.actor for w in workers], plan, images, descs), deadline,
+                                "image encoding")
+        except BaseException as exc:
+            try:
+                await asyncio.wait_for(prefill.actor.release_images.remote(shards), 10.0)
+            except Exception as rel:
+                log.warning("releasing image receives of %s failed: %s", flight.request_id, rel)
+            if not isinstance(exc, Exception) or isinstance(exc, RouterError):
+                raise
+            if _is_actor_death(exc):
+                await self._reap_encode([workers[w] for w, _ in plan])
+                raise RouterError(ErrorKind.UNAVAILABLE, f"an encode worker died: {exc}") from None
+            raise RouterError(ErrorKind.INTERNAL, f"image encoding failed: {exc}") from None
+        timings["encode_s"] = time.monotonic() - t
+        return tuple(shards)
+
+    async def _reap_encode(self, workers: list[WorkerHandle]) -> None:
+        """Mark dead the encode workers that Ray says are dead (an encode call failed with a death)."""
+        pings = await asyncio.gather(*(asyncio.wait_for(w.actor.ready.remote(), 5.0) for w in workers),
+                                     return_exceptions=True)
+        for w, ping in zip(workers, pings):
+            if isinstance(ping, BaseException) and _is_actor_death(ping):
+                w.alive = False
+                log.error("encode worker %s died: %s", w.worker_id, ping)
+
     # ------------------------------------------------------------------ control
     async def abort(self, request_id: str) -> bool:
         flight = self._flights.get(request_id)
@@ -379,7 +454,17 @@ class ClusterRouter(Router):
                 except Exception:
                     pass
             return WorkerStatus(w.worker_id, w.role, w.node_id, False, 0, 0, 0, 0, epoch=w.epoch)
-        workers = await asyncio.gather(*(one(w) for w in self.prefill + self.decode))
+
+        async def one_encode(w: WorkerHandle) -> WorkerStatus:
+            alive = w.alive
+            if alive:
+                try:
+                    await asyncio.wait_for(w.actor.ready.remote(), 5.0)
+                except Exception:
+                    alive = False
+            return WorkerStatus(w.worker_id, Role.ENCODE, w.node_id, alive, 0, 0, 0, 0, epoch=w.epoch)
+        workers = await asyncio.gather(*(one_encode(w) for w in self.encode),
+                                       *(one(w) for w in self.prefill + self.decode))
         return ClusterStatus(self.mode, tuple(workers))
 
     async def wait_idle(self, timeout_s: float = 30.0) -> bool:

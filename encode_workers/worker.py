@@ -39,6 +39,11 @@ class EncodeWorker:
     async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor) -> EncodeStats:
         return await self.service.encode(transfer_id, images, descriptor)
 
+    async def ready(self):
+        from cluster.worker_common import worker_info
+
+        return worker_info(self.service.worker_id, "encode")
+
     async def stats(self) -> dict[str, object]:
         return self.service.stats()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,9 +28,13 @@ class LoadedModel:
     tokenizer: object
     name: str
     image_token_id: int | None = None  # vision-language models: the image placeholder token
+    image_spec: multimodal.ImageFeatureSpec | None = None  # ... and one image's features on the wire
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32") -> "LoadedModel":
+        """A LLaVA checkpoint directory loads its language side only (the encode pool has the rest)."""
+        if multimodal.is_llava_dir(model):
+            return multimodal.load_llava_language(Path(model).expanduser(), getattr(torch, dtype))
         hf_model, tokenizer, source = model_loader.load(model, dtype)
         return cls(hf_model, tokenizer, source.name)
 

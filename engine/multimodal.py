@@ -122,16 +122,7 @@ class ImageProcessor:
         return cls(config.vision_config.image_size, mean, std)
 
     def decode(self, data: bytes, index: int = 0):
-        from PIL import Image, UnidentifiedImageError
-
-        if not isinstance(data, (bytes, bytearray, memoryview)) or not data:
-            raise InvalidRequestError(f"image {index}: expected non-empty image bytes, got {type(data).__name__}")
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InvalidRequestError(f"image {index} ({len(data)} bytes) could not be decoded: {e}") from None
+        return decode_image(data, index)
 
     def pixel_values(self, img) -> torch.Tensor:
         from PIL import Image
@@ -150,6 +141,20 @@ class ImageProcessor:
     def __call__(self, images: list[bytes]) -> torch.Tensor:
         """[N, 3, S, S] float32; InvalidRequestError names the first image that fails."""
         return torch.stack([self.pixel_values(self.decode(b, i)) for i, b in enumerate(images)])
+
+
+def decode_image(data: bytes, index: int = 0):
+    """Image bytes → RGB PIL image; InvalidRequestError names the image by its index."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not data:
+        raise InvalidRequestError(f"image {index}: expected non-empty image bytes, got {type(data).__name__}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"image {index} ({len(data)} bytes) could not be decoded: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ prompt side
@@ -243,6 +248,19 @@ _PREFIXES = {  # checkpoint key prefix → (side, prefix inside that side's modu
 }
 
 
+def is_llava_dir(model_dir: str | Path | None) -> bool:
+    """True for a local checkpoint directory whose config.json says model_type "llava"."""
+    if not model_dir:
+        return False
+    config = Path(model_dir).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "llava"
+    except (OSError, ValueError):
+        return False
+
+
 def load_llava_config(model_dir: str | Path):
     from transformers import LlavaConfig
 
@@ -311,4 +329,5 @@ def load_llava_language(model_dir: str | Path, dtype: torch.dtype = torch.float3
     path = Path(model_dir)
     config = load_llava_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(load_language_model(path, dtype), tokenizer, path.name, image_token_id=config.image_token_id)
+    return LoadedModel(load_language_model(path, dtype), tokenizer, path.name, image_token_id=config.image_token_id,
+                       image_spec=ImageFeatureSpec.from_config(config, dtype))

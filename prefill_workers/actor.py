@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cluster.router_api import Role, WorkerStatus
 from cluster.worker_common import setup_threads, worker_info
+from encode_workers.transfer import EncodeShard
 from engine.llm_engine import LoadedModel
+from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
 
 
@@ -32,6 +34,14 @@ class PrefillWorker:
 
     async def ready(self):
         return self.info, self.core.layout
+
+    async def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
+        # On the core's thread: the receiver is not shared with a running batch's receives.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.core.prepare_images, shards)
+
+    async def release_images(self, shards: list[EncodeShard]) -> None:
+        """Close the transfers of a request whose encode failed (it never reaches prefill())."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.core.release_images, shards)
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
@@ -82,7 +92,8 @@ class PrefillWorker:
                             kv_blocks_used=b.num_used_blocks, kv_blocks_total=b.num_total_blocks)
 
     async def idle(self) -> bool:
-        return not self.core.queue and self._busy == 0 and self.core.blocks.all_free()
+        return (not self.core.queue and self._busy == 0 and self.core.blocks.all_free()
+                and not self.core.open_image_shards)
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.core.close)

@@ -7,6 +7,12 @@
              layer has landed ──▶ local blocks freed ──▶ PrefillResult
 
 Prefill is idempotent: a task that fails here can be retried on another prefill worker.
+
+Image prompts (LLaVA language side): the router first has `prepare_images(shards)` open one
+payload-only transfer per encode shard on `receiver`, the encode workers send the features, then
+the task arrives with those shards. run_batch collects the features (releasing the shards), merges
+them into the prompt's embeddings, and the batch's forward runs on inputs_embeds (text prompts of
+the same batch use their token embeddings). Shards of a task cancelled while queued are released.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_image_features, release_image_transfers
+from engine import multimodal
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVSpec
 from engine.llm_engine import LoadedModel
@@ -32,14 +40,19 @@ class PrefillOptions:
     backend: str = "shm"
     streaming: bool = True
     finish_timeout_s: float = 30.0
+    image_timeout_s: float = 30.0     # waiting in run_batch for image features already sent
 
 
 @dataclass(frozen=True)
 class PrefillTask:
+    """prompt_token_ids: with images, already expanded (tokens_per_image placeholders per image),
+    as the decode worker holds them; image_shards: the transfers prepare_images() opened."""
+
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     descriptor: TransferDescriptor
+    image_shards: tuple[EncodeShard, ...] = ()
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -65,6 +78,32 @@ class PrefillCore:
         self.sampler = Sampler()
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()
+        self.loaded = loaded
+        # Image payloads only (no KV blocks); only a vision-language model gets one.
+        self.receiver = get_backend(options.backend).Receiver(self.layout) if loaded.image_spec else None
+        self.open_image_shards: dict[str, EncodeShard] = {}  # transfer id → prepared, not yet received
+
+    def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
+        """Open the transfers the encode workers send a request's image features into."""
+        if self.receiver is None:
+            raise ValueError(f"model {self.loaded.name} takes no images")
+        descs = prepare_image_receive(self.receiver, shards, self.loaded.image_spec)
+        self.open_image_shards.update((s.transfer_id, s) for s in shards)
+        return descs
+
+    def release_images(self, shards) -> None:
+        if self.receiver is not None:
+            release_image_transfers(self.receiver, [s for s in shards if self.open_image_shards.pop(s.transfer_id, None)])
+
+    def _prompt_embeds(self, task: PrefillTask) -> tuple[list[int], object]:
+        """(expanded ids, inputs_embeds [L, H]) of an image task; its shards are released either way."""
+        try:
+            feats = receive_image_features(self.receiver, list(task.image_shards), timeout=self.options.image_timeout_s)
+        finally:
+            for s in task.image_shards:
+                self.open_image_shards.pop(s.transfer_id, None)
+        return multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id,
+                                             list(task.prompt_token_ids), feats)
 
     def take_batch(self) -> list[PrefillTask]:
         """Queued prompts for one forward: at least one, more while the token budget and KV allow."""
@@ -88,16 +127,25 @@ class PrefillCore:
         for task in self.queue:
             if task.request_id == request_id:
                 self.queue.remove(task)
+                self.release_images(task.image_shards)
                 return task
         return None
 
     def run_batch(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
         start = time.monotonic()
-        seqs, live, errors = [], [], {}
+        seqs, live, errors, embeds = [], [], {}, {}
         for task in tasks:
-            seq = Sequence(task.request_id, list(task.prompt_token_ids), task.sampling)
+            ids = list(task.prompt_token_ids)
+            if task.image_shards:
+                try:
+                    ids, embeds[task.request_id] = self._prompt_embeds(task)
+                except Exception as exc:  # its forward rows are then token embeddings, discarded
+                    errors[task.request_id] = f"image features not received: {exc}"
+            seq = Sequence(task.request_id, ids, task.sampling)
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seqs.append(seq)
+            if task.request_id in errors:
+                continue
             try:
                 self.sender.connect(task.descriptor)
                 live.append(seq)
@@ -116,8 +164,11 @@ class PrefillCore:
 
         try:
             batch = [ScheduledSeq(s, s.num_tokens) for s in seqs]
+            inputs_embeds = None
+            if embeds:
+                inputs_embeds = multimodal.packed_inputs_embeds(batch, embeds, self.loaded.model.get_input_embeddings())
             result = self.runner.forward(batch, on_layer_done=send if self.options.streaming else None,
-                                         sparse=self.options.engine.sparse)
+                                         sparse=self.options.engine.sparse, inputs_embeds=inputs_embeds)
             if not self.options.streaming:
                 for layer in range(self.layout.num_layers):
                     send(layer)
@@ -147,3 +198,6 @@ class PrefillCore:
 
     def close(self) -> None:
         self.sender.close()
+        if self.receiver is not None:
+            self.release_images(list(self.open_image_shards.values()))
+            self.receiver.close()

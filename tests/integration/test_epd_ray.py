@@ -1,0 +1,157 @@
+"""Encode → prefill → decode on a local Ray: a tiny seeded LLaVA served by 2 encode workers,
+1 prefill and 1 decode worker, image features and KV over shared memory.
+
+Greedy tokens of one-image, two-image, chat-with-image and text-only requests (run at once)
+equal LlavaForConditionalGeneration.generate() on the same weights and images; a bad image is
+refused up front naming the image; nothing leaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cluster.config import parse_config
+from cluster.controller import start_router
+from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, Role, RouterError
+from engine import multimodal
+from engine.sequence import FinishReason, SamplingParams
+from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, collect, run_all
+from tests.unit.test_multimodal_split import IMAGE_TOKEN_ID, build_tiny_llava, png_bytes
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 12
+TOKENS_PER_IMAGE = 16
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return build_tiny_llava(seed=5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llava):
+    """The LLaVA checkpoint + the SmolLM2 tokenizer, its token IMAGE_TOKEN_ID marked special so
+    the image token's text tokenizes to exactly that id (as `<image>` does in real LLaVA)."""
+    from transformers import AutoTokenizer
+
+    from engine import model_loader
+
+    path = tmp_path_factory.mktemp("tiny-llava-epd")
+    llava.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None)))
+    tok.add_special_tokens({"additional_special_tokens": [tok.convert_ids_to_tokens(IMAGE_TOKEN_ID)]})
+    assert len(tok) == llava.config.text_config.vocab_size
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def reference(llava, ids: list[int], images: list[bytes]) -> list[int]:
+    """transformers generate() greedy on the expanded prompt, the processor's pixels fed to LLaVA."""
+    full = multimodal.expand_image_tokens(ids, IMAGE_TOKEN_ID, len(images), TOKENS_PER_IMAGE)
+    kwargs = {"pixel_values": multimodal.ImageProcessor.from_config(llava.config)(images)} if images else {}
+    text_config = llava.config.text_config
+    saved = text_config._attn_implementation
+    text_config._attn_implementation = "sdpa"
+    try:
+        with torch.inference_mode():
+            out = llava.generate(torch.tensor([full]), attention_mask=torch.ones(1, len(full), dtype=torch.long),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[2], pad_token_id=2,
+                                 **kwargs)
+    finally:
+        text_config._attn_implementation = saved
+    return out[0, len(full):].tolist()
+
+
+def deploy(model_dir: str, **overrides):
+    config = parse_config({"version": 1, "model": {"path": model_dir, "max_model_len": 1024},
+                           "ray": {"num_cpus": 4}, "pools": {"encode": {"workers": 2}}}, "test_epd_ray",
+                          overrides=overrides)
+    loop = LoopThread()
+    return loop, loop.run(start_router(config))
+
+
+def request(rid: str, ids: list[int] | None = None, images=(), messages=None) -> GenerateInput:
+    return GenerateInput(rid, SamplingParams(max_tokens=NEW_TOKENS), token_ids=tuple(ids) if ids else None,
+                         images=tuple(images), messages=messages)
+
+
+def check_epd(loop, router, llava):
+    info = router.model_info()
+    assert info.supports_images
+    status = loop.run(router.cluster_status())
+    assert sorted(w.role.value for w in status.workers) == ["decode", "encode", "encode", "prefill"]
+    assert all(w.alive for w in status.workers)
+
+    img = [png_bytes(40 + i) for i in range(4)]
+    one = [5, 17, 300, IMAGE_TOKEN_ID, 99, 1024, 7]
+    two = [IMAGE_TOKEN_ID, 12, 13, IMAGE_TOKEN_ID, 4000, 41, 42]
+    text = [8, 9, 10, 11, 12000, 13, 14, 15]
+    chat = (ChatMessage("user", "Describe the picture.", (img[3],)),)
+    chat_ids = router.apply_chat_template(chat)
+    assert chat_ids.count(IMAGE_TOKEN_ID) == 1
+    cases = [(request("one", one, img[:1]), one, img[:1]),
+             (request("two", two, img[1:3]), two, img[1:3]),
+             (request("text", text), text, []),
+             (request("chat", messages=chat), chat_ids, img[3:])]
+    results = loop.run(run_all(router, [c[0] for c in cases]))
+    assert all(r.final.error is None for r in results), [r.final.error for r in results]
+    for (req, ids, images), r in zip(cases, results):
+        assert r.token_ids == reference(llava, ids, images), req.request_id
+        assert r.final.prompt_tokens == len(ids) + len(images) * (TOKENS_PER_IMAGE - 1)
+        assert (r.final.timings.encode_s > 0) == bool(images)
+    assert len(set(results[0].token_ids)) > 3     # seeded weights give varied greedy tokens
+    assert_no_leaks(loop, router)
+
+    async def submit(req):
+        return router.generate(req)
+
+    with pytest.raises(RouterError) as err:
+        loop.run(submit(request("bad", two, [img[0], b"\x89PNG not really"])))
+    assert err.value.kind is ErrorKind.INVALID_ARGUMENT and "image 1" in err.value.message
+    with pytest.raises(RouterError) as err:           # one image token, two images
+        loop.run(submit(request("mismatch", one, img[:2])))
+    assert err.value.kind is ErrorKind.INVALID_ARGUMENT
+    again = loop.run(collect(router, request("again", one, img[:1])))
+    assert again.final.finish_reason is not FinishReason.ERROR and again.token_ids == results[0].token_ids
+    assert_no_leaks(loop, router)
+
+
+def test_epd_one_node(model_dir, llava):
+    loop, router = deploy(model_dir)
+    try:
+        check_epd(loop, router, llava)
+    finally:
+        loop.run(router.shutdown())
+        loop.close()
+    assert_no_segments()
+
+
+def test_epd_encode_on_another_simulated_node(model_dir, llava):
+    """Encode workers on their own node (only it offers the `encode` resource); shm still works
+    because simulated nodes share /dev/shm."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"prefill": 1, "decode": 1}})
+    sim.add_node(num_cpus=2, resources={"encode": 2})
+    loop = None
+    try:
+        ray.init(address=sim.address, log_to_driver=False)
+        loop, router = deploy(model_dir)
+        try:
+            status = loop.run(router.cluster_status())
+            nodes = {w.role: w.node_id for w in status.workers}
+            enc_nodes = {w.node_id for w in status.workers if w.role is Role.ENCODE}
+            assert len(enc_nodes) == 1 and nodes[Role.PREFILL] not in enc_nodes
+            check_epd(loop, router, llava)
+        finally:
+            loop.run(router.shutdown())
+    finally:
+        if loop is not None:
+            loop.close()
+        ray.shutdown()
+        sim.shutdown()

@@ -321,22 +321,24 @@ class ClusterRouter(Router):
         t = time.monotonic()
         while True:
             for worker in sorted((w for w in self.decode if w.alive), key=lambda w: w.inflight):
+                # Count the reservation before awaiting it: concurrent admissions must see it,
+                # or they all pick the same worker.
+                worker.inflight += 1
                 try:
                     lease = max(1.0, deadline - time.monotonic())
                     desc = await self._bounded(worker.actor.reserve.remote(flight.request_id, len(ids), lease),
                                                deadline, "KV reservation")
-                except RouterError:
-                    raise
-                except Exception as exc:
-                    if _is_actor_death(exc):
+                except BaseException as exc:
+                    worker.inflight -= 1
+                    if isinstance(exc, Exception) and _is_actor_death(exc):
                         self._worker_died(worker, exc)
                         continue
                     raise
                 if desc is not None:
                     flight.decode = worker
-                    worker.inflight += 1
                     timings["queue_s"] = time.monotonic() - t
                     return worker, desc
+                worker.inflight -= 1
             if not any(w.alive for w in self.decode):
                 raise RouterError(ErrorKind.UNAVAILABLE, "every decode worker is dead")
             if time.monotonic() + RESERVE_RETRY_S >= deadline:

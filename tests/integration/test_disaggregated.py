@@ -83,7 +83,9 @@ def test_killed_decode_worker_fails_its_requests_only(cluster, smol_chats):
     async def scenario():
         requests = [chat_request(f"kill-{i}", smol_chats[i % 6], 400) for i in range(6)]
         tasks = [asyncio.ensure_future(collect(router, r)) for r in requests]
+        t = time.monotonic()
         while victim.inflight == 0 or router.decode[1].inflight == 0:
+            assert time.monotonic() - t < 120, [(w.worker_id, w.inflight, w.alive) for w in router.decode]
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)            # decoding is under way on both workers
         ray.kill(victim.actor)

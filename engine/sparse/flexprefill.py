@@ -17,7 +17,9 @@ Per query head, from the LAST query block (rows R <= B of it):
                  blocks) keeps the guarantee at a far lower density.
 Then for every head: the sink block (kb 0) and the diagonal block are always kept, and every
 query block gets at least ceil(min_budget / B) key blocks (top scores of its pattern), capped by
-causality. Both patterns are computed for all heads and chosen with torch.where: no head loop.
+causality. Last, the last query block keeps every key block: its rows produce the first token,
+and they cost only 1 / NQB of the causal blocks (on SmolLM2-135M needle prompts, without this
+rule the answer was lost at 0.68 density; with it the greedy text equals dense). Both patterns are computed for all heads and chosen with torch.where: no head loop.
 """
 
 from __future__ import annotations
@@ -170,5 +172,6 @@ def flexprefill_index(q: torch.Tensor, k: torch.Tensor, q_offset: int, scale: fl
     qa_kept = (est * mask).sum((1, 2)) / nqb
     vs_kept = (a_bar * mask[:, -1]).sum(-1)
     kept = torch.where(query_aware, qa_kept, vs_kept)
+    mask[:, -1] = causal[-1]            # after `kept`: that reports the selection's own mass
     index = BlockIndex.from_mask(mask, b, q_offset, lk)
     return FlexPrefillResult(index, query_aware, js, kept)

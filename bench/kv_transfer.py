@@ -150,7 +150,7 @@ def cluster_ttft(prompt_lens: list[int], reps: int) -> str:
             await router.shutdown()
 
     results = {flag: asyncio.run(measure(flag)) for flag in (False, True)}
-    return ttft_streaming_table(None, prompt_lens, run_for_len=lambda n, flag: results[flag].pop(), reps=reps)
+    return ttft_streaming_table(None, prompt_lens, run_for_len=lambda n, flag: results[flag][n].pop(), reps=reps)
 
 
 def main() -> None:

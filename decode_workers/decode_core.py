@@ -24,7 +24,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, LoadedModel
 from engine.sequence import SamplingParams, StepOutput
-from kv_transfer.base import TransferError, TransferStatus
+from kv_transfer.base import TransferError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.registry import get_backend
 

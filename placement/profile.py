@@ -24,7 +24,7 @@ roofline prior for that phase.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from placement.errors import PlanningError

@@ -25,8 +25,8 @@ import pytest
 
 from cluster.config import parse_config
 from cluster.controller import start_router
-from cluster.router_api import GenerateInput, RouterError
-from engine.sequence import FinishReason, SamplingParams
+from cluster.router_api import RouterError
+from engine.sequence import FinishReason
 from kv_transfer.segment import list_all_segments
 from tests.integration.harness import LoopThread, chat_request, collect, run_all
 

@@ -8,7 +8,6 @@ refused up front naming the image; nothing leaks.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

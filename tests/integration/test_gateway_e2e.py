@@ -5,7 +5,6 @@ offline engine is identical; bad input gets the right status and the server keep
 client that disconnects mid-stream frees its KV blocks within a second.
 """
 
-import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -1,7 +1,6 @@
 """Latency-model fits, profile round trip, trace loading and cluster files."""
 
 import json
-import math
 import random
 from pathlib import Path
 

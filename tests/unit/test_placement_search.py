@@ -1,7 +1,6 @@
 """Search, YAML output and the `plan` CLI end to end, including infeasible inputs."""
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from placement.catalog import model_by_name
 from placement.errors import PlanningError
 from placement.hardware import load_cluster
 from placement.latency_model import PerfModel
-from placement.plan_yaml import DEPLOY_KEYS, plan_document, write_plan
+from placement.plan_yaml import DEPLOY_KEYS, write_plan
 from placement.search import Role, SearchSettings, plan_placement
 from placement.simulator import Slo
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 
 from cluster.router import ClusterRouter, WorkerHandle
 from cluster.router_api import ModelInfo, Role

@@ -1,20 +1,27 @@
-"""TTFT of image requests: encode inside the prefill process vs. on separate encode workers (EPD).
+"""TTFT of image requests through the real cluster: encode pool (EPD) vs. encoding in the prefill worker.
 
-    .venv/bin/python -m bench.encode [--images 1 2 4 8] [--text smol|tiny] [--vision-layers 24]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.encode [--images 1 2 4 8] [--modes inproc disagg-1 disagg-2]
+                                                        [--repeats 1] [--vision-layers 24]
 
-Vision side: CLIP ViT-L/14-336 shapes (hidden 1024, 24 layers, 16 heads, patch 14, 336 px →
-576 image tokens after LLaVA-1.5's feature layer -2 / CLS drop), seeded random weights, fp32,
-plus the LLaVA projector into the text hidden size. Text side: `smol` = the real SmolLM2-135M
-weights (hidden 576, 30 layers) used as the language model, or `tiny` = a seeded 2-layer Llama.
-Prompt: 16 text tokens + one image token per image (expanded to 576 each), max_tokens=1.
+Model: a LLaVA checkpoint written once to $TRIPTYCH_CACHE_DIR/bench/ (~1.2 GB): vision tower with
+CLIP ViT-L/14-336 shapes (hidden 1024, 24 layers, 16 heads, patch 14, 336 px → 576 image tokens
+after LLaVA-1.5's feature layer -2 / CLS drop), seeded random fp32 weights, the LLaVA projector,
+and a tiny seeded 2-layer Llama text side (hidden 64) with the SmolLM2 tokenizer.
 
-Measured per request (fresh images each time, so no cache hits), one request at a time:
-  inproc    decode+preprocess, one batched ViT forward, merge, engine prefill, all in this process
-  disagg-1  one EncodeWorker actor (torch threads = all) encodes; features cross shm into this
-            process (the prefill side); then the same engine prefill
-  disagg-2  two EncodeWorker actors (1 thread each) encode the images split by plan_shards
-TTFT = from the request's image bytes in hand to the first token sampled. The lead's prefill
-worker is not used: the prefill here is LLMEngine.step() in the driver, which is what it runs.
+Each mode is a real deployment started by the controller on a fresh local Ray, requests go
+through the router (`router.generate`) exactly as from the gateway:
+
+  inproc    no encode pool: the router sends the image bytes to the prefill worker actor, which
+            decodes, preprocesses and runs the ViT itself, then prefills (prefill: 2 CPUs/threads)
+  disagg-1  one encode worker actor (2 CPUs/threads) encodes; features go over shm to the
+            prefill worker actor (1 CPU), which prefills
+  disagg-2  two encode worker actors (1 CPU/thread each) encode the images split by plan_shards
+
+One request at a time, fresh images every request (no cache hits), prompt = 16 text tokens + one
+image token per image, max_tokens = 1. TTFT is the router's: from the request entering the router
+to its first token (admission with image decoding, encode, prefill, KV transfer, activation).
+Encode: EPD — the router's encode fan-out (preprocess + ViT + feature send); inproc — the prefill
+worker's preprocess + ViT. Prefill: the prefill worker's forward.
 """
 
 from __future__ import annotations
@@ -22,56 +29,56 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
+import statistics
 import time
+from pathlib import Path
 
-import ray
 import torch
 
 from bench.common import print_table
-from encode_workers.encoder import ImageEncoder
-from encode_workers.parallel import encode_parallel, plan_shards
-from encode_workers.transfer import prepare_image_receive, receive_image_features
-from encode_workers.worker import EncodeWorkerActor
-from engine import multimodal
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, LoadedModel
-from engine.sequence import SamplingParams
-from kv_transfer.layout import KVLayout
-from kv_transfer.registry import get_backend
 
-IMAGE_TOKEN_ID = 49151  # a plain SmolLM2 vocabulary token stands in for <image>
+IMAGE_TOKEN_ID = 49151  # the SmolLM2 tokenizer's last token, marked special, stands in for <image>
+TEXT_TOKENS = 16
+MODES = {  # mode → (encode workers, encode num_cpus, prefill num_cpus)
+    "inproc": (0, 1, 2),
+    "disagg-1": (1, 2, 1),
+    "disagg-2": (2, 1, 1),
+}
 
 
-def llava_config(text_hidden: int, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def checkpoint(vision_layers: int) -> Path:
+    """The bench's LLaVA checkpoint (built and saved once, then reused)."""
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
+    from engine import envs, model_loader
+
+    path = envs.cache_dir() / "bench" / f"llava-vit-l14-336-{vision_layers}l-tiny-llama"
+    if (path / "config.json").exists():
+        return path
+    print(f"building the bench checkpoint in {path} ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None)))
+    tok.add_special_tokens({"additional_special_tokens": [tok.convert_ids_to_tokens(IMAGE_TOKEN_ID)]})
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
                               hidden_act="quick_gelu")
-    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(hidden_size=text_hidden),
-                       image_token_index=IMAGE_TOKEN_ID)
-
-
-def vit_l_encoder(text_hidden: int, vision_layers: int) -> ImageEncoder:
-    """Seeded: every process that calls this builds bit-identical weights."""
-    config = llava_config(text_hidden, vision_layers)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    vision = multimodal.VisionEncoder(config).eval()
-    return ImageEncoder(vision, multimodal.ImageProcessor.from_config(config), "bench-vit-l")
-
-
-def text_side(kind: str) -> LoadedModel:
-    smol = LoadedModel.load(None)
-    if kind == "smol":
-        return LoadedModel(smol.model, smol.tokenizer, smol.name, image_token_id=IMAGE_TOKEN_ID)
-    from tests.conftest import build_tiny_llama
-
-    tiny = build_tiny_llama(len(smol.tokenizer))
-    tiny.config.max_position_embeddings = 8192  # default RoPE: any position works; 8 images need 4.6K
-    return LoadedModel(tiny, smol.tokenizer, "tiny", image_token_id=IMAGE_TOKEN_ID)
+    model = LlavaForConditionalGeneration(config).eval()
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
 
 
 def images_for(n: int, seed: int) -> list[bytes]:
+    """n different 640x480 JPEGs (seeded noise: nothing repeats, no cache hit)."""
     from PIL import Image
 
     out = []
@@ -84,74 +91,91 @@ def images_for(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def first_token(engine: LLMEngine, prompt: list[int], feats: list[torch.Tensor]) -> None:
-    engine.add_request(prompt, SamplingParams(max_tokens=1), image_features=feats)
-    while engine.has_unfinished():
-        engine.step()
+def deploy_config(model_dir: Path, mode: str, max_images: int):
+    from cluster.config import parse_config
+
+    enc_workers, enc_cpus, prefill_cpus = MODES[mode]
+    max_len = TEXT_TOKENS + max_images * 576 + 64
+    block = 16
+    return parse_config({
+        "version": 1,
+        "model": {"path": str(model_dir), "max_model_len": max_len},
+        "ray": {"num_cpus": 4},
+        "engine": {"block_size": block, "num_kv_blocks": -(-max_len // block) + 8,
+                   "max_num_batched_tokens": max_len, "max_num_seqs": 2},
+        "pools": {"encode": {"workers": enc_workers, "num_cpus": enc_cpus},
+                  "prefill": {"workers": 1, "num_cpus": prefill_cpus},
+                  "decode": {"workers": 1, "num_cpus": 1}},
+        "server": {"request_timeout_s": 3600},
+    }, f"bench-encode-{mode}")
+
+
+async def run_mode(model_dir: Path, mode: str, counts: list[int], repeats: int, seed0: int) -> list[dict]:
+    from cluster.controller import start_router
+    from cluster.router_api import FinalEvent, GenerateInput
+    from engine.sequence import SamplingParams
+
+    router = await start_router(deploy_config(model_dir, mode, max(counts)), progress=lambda m: None)
+    rows = []
+    try:
+        seed = seed0
+
+        async def one(n: int) -> FinalEvent:
+            nonlocal seed
+            seed += 1
+            prompt = tuple(range(100, 100 + TEXT_TOKENS)) + (IMAGE_TOKEN_ID,) * n
+            req = GenerateInput(f"{mode}-{n}-{seed}", SamplingParams(max_tokens=1), token_ids=prompt,
+                                images=tuple(images_for(n, seed)))
+            final = None
+            async for ev in router.generate(req):
+                if isinstance(ev, FinalEvent):
+                    final = ev
+            if final is None or final.error:
+                raise RuntimeError(f"{mode}, {n} images: {final.error if final else 'no final event'}")
+            return final
+
+        await one(1)  # warm-up: first forward of each actor
+        for n in counts:
+            finals = [await one(n) for _ in range(repeats)]
+            t = [f.timings for f in finals]
+            row = {"mode": mode, "images": n, "prompt_tokens": finals[0].prompt_tokens,
+                   "encode_s": statistics.median(x.encode_s for x in t),
+                   "prefill_s": statistics.median(x.prefill_s for x in t),
+                   "ttft_s": statistics.median(x.ttft_s for x in t),
+                   "ttft_all": [x.ttft_s for x in t], "load": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"  {mode:8s} {n} images: TTFT {row['ttft_s']:.2f}s (encode {row['encode_s']:.2f}s, "
+                  f"prefill {row['prefill_s']:.2f}s; every TTFT {[round(x, 2) for x in row['ttft_all']]}) "
+                  f"load {row['load']:.1f}", flush=True)
+    finally:
+        await router.shutdown()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--text", choices=["smol", "tiny"], default="smol")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--repeats", type=int, default=1, help="requests per image count (median reported)")
     ap.add_argument("--vision-layers", type=int, default=24)
-    ap.add_argument("--modes", nargs="+", default=["inproc", "disagg-1", "disagg-2"])
     args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    threads = torch.get_num_threads()
-    loaded = text_side(args.text)
-    hidden = loaded.model.config.hidden_size
-    engine = LLMEngine(EngineConfig(block_size=16, num_kv_blocks=640, max_num_batched_tokens=8192, max_num_seqs=4),
-                       loaded)
-    local = vit_l_encoder(hidden, args.vision_layers)
-    spec = multimodal.ImageFeatureSpec(local.num_image_tokens, hidden, torch.float32)
-    ks = engine.kv_spec
-    rx = get_backend("shm").Receiver(KVLayout("bench", ks.dtype, ks.num_layers, ks.num_kv_heads, ks.head_dim, ks.block_size))
+    model_dir = checkpoint(args.vision_layers)
+    load0 = os.getloadavg()[0]
+    rows = []
+    for k, mode in enumerate(args.modes):
+        print(f"{mode}: starting the deployment ...", flush=True)
+        rows += asyncio.run(run_mode(model_dir, mode, args.images, args.repeats, seed0=1000 * (k + 1)))
 
-    ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
-    pools = {}
-    if "disagg-1" in args.modes:
-        pools["disagg-1"] = [EncodeWorkerActor.options(num_cpus=0).remote(
-            encoder_factory=lambda: vit_l_encoder(hidden, args.vision_layers), cache_bytes=0, torch_threads=threads)]
-    if "disagg-2" in args.modes:
-        pools["disagg-2"] = [EncodeWorkerActor.options(num_cpus=0).remote(
-            encoder_factory=lambda: vit_l_encoder(hidden, args.vision_layers), cache_bytes=0,
-            torch_threads=max(1, threads // 2)) for _ in range(2)]
-    for workers in pools.values():
-        ray.get([w.stats.remote() for w in workers])  # wait until built
-
-    def run(mode: str, n: int, seed: int) -> dict[str, float]:
-        images = images_for(n, seed)
-        prompt = list(range(100, 116)) + [IMAGE_TOKEN_ID] * n
-        t0 = time.perf_counter()
-        if mode == "inproc":
-            pixels = torch.stack([local.preprocess(b, i) for i, b in enumerate(images)])
-            feats = local.forward(pixels)
-        else:
-            workers = pools[mode]
-            plan = plan_shards(f"r{seed}", images, len(workers))
-            shards = [s for _, s in plan]
-            descs = prepare_image_receive(rx, shards, spec)
-            asyncio.run(encode_parallel(workers, plan, images, descs, timeout=600))
-            feats = receive_image_features(rx, shards, timeout=600)
-        t1 = time.perf_counter()
-        first_token(engine, prompt, feats)
-        t2 = time.perf_counter()
-        return {"encode_s": t1 - t0, "prefill_s": t2 - t1, "ttft_s": t2 - t0}
-
-    rows, seed = [], 0
-    for mode in args.modes:
-        run(mode, 1, seed := seed + 1)  # warm-up
-        for n in args.images:
-            r = run(mode, n, seed := seed + 1)
-            rows.append([mode, str(n), str(n * spec.num_tokens + 16), f"{r['encode_s']:.2f}", f"{r['prefill_s']:.2f}",
-                         f"{r['ttft_s']:.2f}"])
-            print(rows[-1], flush=True)
-    print(f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers, fp32, random seeded; text: {args.text} "
-          f"(hidden {hidden}); torch threads {threads}; CPU")
-    print_table(["mode", "images", "prompt tokens", "encode(+transfer) s", "prefill s", "TTFT s"], rows)
-    rx.close()
-    ray.shutdown()
+    print(f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers, fp32, seeded random; text: 2-layer "
+          f"Llama (hidden 64); CPU, {os.cpu_count()} cores; load average {load0:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end; median of {args.repeats} request(s) per row")
+    labels = {"inproc": "in prefill worker (2 threads)", "disagg-1": "EPD, 1 encode worker (2 threads)",
+              "disagg-2": "EPD, 2 encode workers (1 thread each)"}
+    print_table(["encoding", "images", "prompt tokens", "encode s", "prefill s", "TTFT s"],
+                [[labels[r["mode"]], str(r["images"]), str(r["prompt_tokens"]), f"{r['encode_s']:.2f}",
+                  f"{r['prefill_s']:.2f}", f"{r['ttft_s']:.2f}"] for r in rows])
 
 
 if __name__ == "__main__":

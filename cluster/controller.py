@@ -4,7 +4,9 @@
                          ─▶ Ray started locally (custom resources per pool) or joined
                          ─▶ worker actors created with their pool's resources, awaited ready
                             (a LLaVA checkpoint in disaggregated mode adds the encode pool: vision
-                            tower on encode workers, language side on prefill / decode workers)
+                            tower on encode workers, language side on prefill / decode workers;
+                            with 0 encode workers, or colocated, the prefill / colocated workers
+                            load the vision tower too and encode images themselves)
                          ─▶ KV layouts of prefill and decode checked compatible (handshake)
                          ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
                          ─▶ Supervisor: restarts dead workers with the same `spawn(role, id, epoch)`
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import sys
 import time
@@ -100,7 +103,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     spawn = _spawner(config, str(directory), tag)
     prefill: list[WorkerHandle] = []
     decode: list[WorkerHandle] = []
-    encode: list[WorkerHandle] = []      # not supervised: a dead encode worker is skipped by the router
+    encode: list[WorkerHandle] = []      # supervised like the others; the router skips dead ones
     if config.mode is Mode.COLOCATED:
         decode += [WorkerHandle(f"colocated-{i}", Role.COLOCATED, spawn(Role.COLOCATED, f"colocated-{i}", 0))
                    for i in range(config.pools.colocated.workers)]
@@ -158,7 +161,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     mc = config.model
     eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
     info = ModelInfo(name=source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
-                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=bool(encode))
+                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=llava is not None)
     router = ClusterRouter(
         mode=config.mode.value, tokenizer=tokenizer, model_info=info,
         kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
@@ -205,6 +208,12 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
         opts = {Role.PREFILL: PrefillOptions(engine_config(config, p.prefill), backend=backend,
                                              streaming=config.transport.streaming),
                 Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend)}
+    if config.mode is Mode.COLOCATED or p.encode.workers == 0:
+        from engine import multimodal
+
+        if multimodal.is_llava_dir(model_path):  # no encode pool: these workers encode images themselves
+            role = Role.COLOCATED if config.mode is Mode.COLOCATED else Role.PREFILL
+            opts[role] = dataclasses.replace(opts[role], image_encoder_dir=model_path)
 
     def spawn(role: Role, worker_id: str, epoch: int):
         pool = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode, Role.ENCODE: p.encode}[role]

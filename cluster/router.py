@@ -85,7 +85,7 @@ class ClusterRouter(Router):
         self.validator = RequestValidator(tokenizer, model_info.max_model_len, kv_capacity_tokens)
         self.prefill = prefill
         self.decode = decode
-        self.encode = list(encode)
+        self.encode = encode if isinstance(encode, list) else list(encode)  # the supervisor swaps into it
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.max_inflight = max_inflight
@@ -131,10 +131,10 @@ class ClusterRouter(Router):
         A new handle, not the old one revived: requests still holding the old handle keep
         failing against the dead actor instead of reaching a replacement that never saw them."""
         assert not old.alive, f"{old.worker_id} is alive; only a dead worker is replaced"
-        pool = self.prefill if old.role is Role.PREFILL else self.decode
+        pool = {Role.PREFILL: self.prefill, Role.ENCODE: self.encode}.get(old.role, self.decode)
         new = WorkerHandle(old.worker_id, old.role, actor, node_id, epoch=old.epoch + 1)
         pool[pool.index(old)] = new
-        if new.role is not Role.PREFILL:
+        if new.role not in (Role.PREFILL, Role.ENCODE):
             self._pollers = [t for t in self._pollers if not t.done()]
             self._pollers.append(asyncio.get_running_loop().create_task(self._poll(new)))
         return new
@@ -307,7 +307,8 @@ class ClusterRouter(Router):
         flight.decode = worker
         worker.inflight += 1
         try:
-            await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling), deadline, "submit")
+            await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling,
+                                                           **({"images": flight.images} if flight.images else {})), deadline, "submit")
         except RouterError:
             raise
         except Exception as exc:
@@ -355,8 +356,11 @@ class ClusterRouter(Router):
             flight.prefill = prefill
             prefill.inflight += 1
             try:
-                shards = await self._encode(flight, prefill, deadline, timings) if flight.images else ()
-                task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards)
+                # With an encode pool its workers send the features (EPD); without one the prefill
+                # worker gets the image bytes and encodes them itself.
+                shards = await self._encode(flight, prefill, deadline, timings) if flight.images and self.encode else ()
+                task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
+                                   images=() if self.encode else flight.images)
                 result = await self._bounded(prefill.actor.prefill.remote(task), deadline, "prefill")
             except RouterError:
                 raise
@@ -385,6 +389,8 @@ class ClusterRouter(Router):
             timings["queue_s"] += result.queue_s
             timings["prefill_s"] = result.prefill_s
             timings["transfer_s"] = result.transfer_s
+            if result.encode_s:
+                timings["encode_s"] = result.encode_s
             try:
                 return await self._bounded(
                     decode.actor.activate.remote(flight.request_id, ids, result.first_token, request.sampling),

@@ -1,6 +1,6 @@
 """The supervisor: notices dead workers, starts replacements and swaps them into the router.
 
-One loop, every `check_s`:
+Every pool is supervised: encode, prefill and decode (or colocated) workers. One loop, every `check_s`:
 
     live worker ──health ping (ready(), bounded)── actor died ──▶ router.mark_dead(worker)
     dead worker, no restart under way, restarts < max_restarts ──▶ a restart task:
@@ -107,7 +107,7 @@ class Supervisor:
         return False
 
     def _workers(self) -> list[WorkerHandle]:
-        return self.router.prefill + self.router.decode
+        return self.router.prefill + self.router.decode + self.router.encode
 
     async def _run(self) -> None:
         while True:
@@ -162,8 +162,10 @@ class Supervisor:
         actor = None
         try:
             actor = self._spawn(dead.role, dead.worker_id, epoch)
-            info, layout = await asyncio.wait_for(actor.ready.remote(), self.options.ready_timeout_s)
-            if self._check_layout is not None:
+            ready = await asyncio.wait_for(actor.ready.remote(), self.options.ready_timeout_s)
+            # An encode worker's ready() is its WorkerInfo alone: it holds no KV cache, has no layout.
+            info, layout = (ready, None) if dead.role is Role.ENCODE else ready
+            if self._check_layout is not None and layout is not None:
                 self._check_layout(layout)
         except asyncio.CancelledError:
             if actor is not None:

@@ -67,9 +67,13 @@ class DecodeWorker:
         self._has_work.set()
         return out
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        """Colocated role: the whole request (prefill and decode) runs here."""
-        await self._call(self.core.engine.add_request, list(prompt_token_ids), sampling, request_id)
+    async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                     images: tuple[bytes, ...] = ()) -> None:
+        """Colocated role: the whole request (prefill and decode) runs here; images are encoded here too."""
+        if images:
+            await self._call(self.core.submit_with_images, request_id, list(prompt_token_ids), sampling, list(images))
+        else:
+            await self._call(self.core.engine.add_request, list(prompt_token_ids), sampling, request_id)
         self._ensure_loop()
         self._has_work.set()
 

@@ -13,6 +13,10 @@ payload-only transfer per encode shard on `receiver`, the encode workers send th
 the task arrives with those shards. run_batch collects the features (releasing the shards), merges
 them into the prompt's embeddings, and the batch's forward runs on inputs_embeds (text prompts of
 the same batch use their token embeddings). Shards of a task cancelled while queued are released.
+
+Without an encode pool (`PrefillOptions.image_encoder_dir` set), the task carries the raw image
+bytes instead (`images`); the core then holds the vision tower + projector itself
+(encode_workers/inproc.py) and run_batch encodes the batch's images before the forward.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from encode_workers.inproc import InProcessEncoder
 from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_image_features, release_image_transfers
 from engine import multimodal
 from engine.config import EngineConfig
@@ -41,6 +46,7 @@ class PrefillOptions:
     streaming: bool = True
     finish_timeout_s: float = 30.0
     image_timeout_s: float = 30.0     # waiting in run_batch for image features already sent
+    image_encoder_dir: str | None = None  # no encode pool: load the vision side from here, encode in-process
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class PrefillTask:
     sampling: SamplingParams
     descriptor: TransferDescriptor
     image_shards: tuple[EncodeShard, ...] = ()
+    images: tuple[bytes, ...] = ()   # no encode pool: raw images, encoded by this worker
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -65,6 +72,7 @@ class PrefillResult:
     prefill_s: float = 0.0           # the forward (with streamed sends overlapping it)
     transfer_s: float = 0.0          # exposed transfer: from the forward's end until all landed
     batch_size: int = 1
+    encode_s: float = 0.0            # in-process image encoding of the batch (no encode pool)
 
 
 class PrefillCore:
@@ -82,6 +90,9 @@ class PrefillCore:
         # Image payloads only (no KV blocks); only a vision-language model gets one.
         self.receiver = get_backend(options.backend).Receiver(self.layout) if loaded.image_spec else None
         self.open_image_shards: dict[str, EncodeShard] = {}  # transfer id → prepared, not yet received
+        self.image_encoder = None  # vision tower + projector, only when there is no encode pool
+        if options.image_encoder_dir is not None and loaded.image_spec is not None:
+            self.image_encoder = InProcessEncoder.from_model_dir(options.image_encoder_dir, loaded.model.dtype)
 
     def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
         """Open the transfers the encode workers send a request's image features into."""
@@ -104,6 +115,32 @@ class PrefillCore:
                 self.open_image_shards.pop(s.transfer_id, None)
         return multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id,
                                              list(task.prompt_token_ids), feats)
+
+    def _encode_batch(self, tasks: list[PrefillTask], errors: dict[str, str]) -> tuple[dict[str, list], float]:
+        """In-process encoding: {request id: features} for the tasks that carry raw images.
+
+        One call for the whole batch (its images share vision forwards); if an image is bad,
+        each task is encoded on its own so only the task with the bad image fails."""
+        with_images = [t for t in tasks if t.images]
+        if not with_images:
+            return {}, 0.0
+        start = time.monotonic()
+        if self.image_encoder is None:
+            for t in with_images:
+                errors[t.request_id] = f"model {self.loaded.name} takes no images on this prefill worker"
+            return {}, 0.0
+        feats: dict[str, list] = {}
+        try:
+            flat, _ = self.image_encoder.encode([b for t in with_images for b in t.images])
+            it = iter(flat)
+            feats = {t.request_id: [next(it) for _ in t.images] for t in with_images}
+        except Exception:
+            for t in with_images:
+                try:
+                    feats[t.request_id] = self.image_encoder.encode(list(t.images))[0]
+                except Exception as exc:
+                    errors[t.request_id] = f"image encoding failed: {exc}"
+        return feats, time.monotonic() - start
 
     def take_batch(self) -> list[PrefillTask]:
         """Queued prompts for one forward: at least one, more while the token budget and KV allow."""
@@ -134,9 +171,16 @@ class PrefillCore:
     def run_batch(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
         start = time.monotonic()
         seqs, live, errors, embeds = [], [], {}, {}
+        features, encode_s = self._encode_batch(tasks, errors)
         for task in tasks:
             ids = list(task.prompt_token_ids)
-            if task.image_shards:
+            if task.request_id in features:
+                try:
+                    ids, embeds[task.request_id] = multimodal.prompt_with_images(
+                        self.loaded.model, self.loaded.image_token_id, ids, features[task.request_id])
+                except Exception as exc:
+                    errors[task.request_id] = f"image features do not fit the prompt: {exc}"
+            elif task.image_shards:
                 try:
                     ids, embeds[task.request_id] = self._prompt_embeds(task)
                 except Exception as exc:  # its forward rows are then token embeddings, discarded
@@ -191,8 +235,9 @@ class PrefillCore:
                 self.sampler.forget(seq.request_id)
         return [
             PrefillResult(t.request_id, None if t.request_id in errors else tok, errors.get(t.request_id),
-                          queue_s=start - t.enqueued_at, prefill_s=forward_end - start,
-                          transfer_s=done - forward_end, batch_size=len(tasks))
+                          queue_s=start - t.enqueued_at, prefill_s=forward_end - start - encode_s,
+                          transfer_s=done - forward_end, batch_size=len(tasks),
+                          encode_s=encode_s if t.images else 0.0)
             for t, tok in zip(tasks, tokens)
         ]
 

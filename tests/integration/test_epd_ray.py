@@ -3,11 +3,16 @@
 
 Greedy tokens of one-image, two-image, chat-with-image and text-only requests (run at once)
 equal LlavaForConditionalGeneration.generate() on the same weights and images; a bad image is
-refused up front naming the image; nothing leaks.
+refused up front naming the image; nothing leaks. A killed encode worker is restarted by the
+supervisor and serves again.
+
+The same checks without an encode pool (`pools.encode.workers: 0`, and colocated mode): the
+prefill / colocated worker loads the vision tower itself and encodes the images it is sent.
 """
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import torch
@@ -78,11 +83,23 @@ def request(rid: str, ids: list[int] | None = None, images=(), messages=None) ->
                          images=tuple(images), messages=messages)
 
 
-def check_epd(loop, router, llava):
+def vision_calls(handle) -> int | None:
+    """Vision forwards run inside a prefill / colocated worker; None when it holds no vision tower."""
+    import ray
+
+    def probe(worker):
+        core = getattr(worker, "impl", worker).core      # a RoleWorker wraps the role's worker
+        return None if core.image_encoder is None else core.image_encoder.calls
+
+    return ray.get(handle.actor.__ray_call__.remote(probe), timeout=60)
+
+
+def check_epd(loop, router, llava, roles=("decode", "encode", "encode", "prefill"), encode_timed=True):
+    """encode_timed: the request's timings report image encoding (not in colocated mode)."""
     info = router.model_info()
     assert info.supports_images
     status = loop.run(router.cluster_status())
-    assert sorted(w.role.value for w in status.workers) == ["decode", "encode", "encode", "prefill"]
+    assert sorted(w.role.value for w in status.workers) == list(roles)
     assert all(w.alive for w in status.workers)
 
     img = [png_bytes(40 + i) for i in range(4)]
@@ -101,7 +118,8 @@ def check_epd(loop, router, llava):
     for (req, ids, images), r in zip(cases, results):
         assert r.token_ids == reference(llava, ids, images), req.request_id
         assert r.final.prompt_tokens == len(ids) + len(images) * (TOKENS_PER_IMAGE - 1)
-        assert (r.final.timings.encode_s > 0) == bool(images)
+        if encode_timed:
+            assert (r.final.timings.encode_s > 0) == bool(images), req.request_id
     assert len(set(results[0].token_ids)) > 3     # seeded weights give varied greedy tokens
     assert_no_leaks(loop, router)
 
@@ -119,10 +137,34 @@ def check_epd(loop, router, llava):
     assert_no_leaks(loop, router)
 
 
+def check_encode_restart(loop, router, llava):
+    """Kill an encode worker: the supervisor starts a replacement (epoch 1) and images flow again."""
+    import ray
+
+    victim = router.encode[0]
+    ray.kill(victim.actor)
+    deadline = time.monotonic() + 90
+    while not (router.encode[0] is not victim and router.encode[0].alive) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    new = router.encode[0]
+    assert new is not victim and new.alive and new.epoch == 1, (new, victim)
+    assert router.supervisor.restarts().get(victim.worker_id) == 1
+    status = loop.run(router.cluster_status())
+    assert {(w.worker_id, w.epoch, w.alive) for w in status.workers if w.role is Role.ENCODE} == {
+        (victim.worker_id, 1, True), (router.encode[1].worker_id, 0, True)}
+    ids = [IMAGE_TOKEN_ID, 12, IMAGE_TOKEN_ID, 4000, 41, 42]
+    images = [png_bytes(70), png_bytes(71)]       # new images: both workers encode, none cached
+    r = loop.run(collect(router, request("after-restart", ids, images)))
+    assert r.final.error is None and r.token_ids == reference(llava, ids, images)
+    assert_no_leaks(loop, router)
+
+
 def test_epd_one_node(model_dir, llava):
     loop, router = deploy(model_dir)
     try:
         check_epd(loop, router, llava)
+        assert vision_calls(router.prefill[0]) is None       # an encode pool: no vision tower in prefill
+        check_encode_restart(loop, router, llava)
     finally:
         loop.run(router.shutdown())
         loop.close()
@@ -154,3 +196,22 @@ def test_epd_encode_on_another_simulated_node(model_dir, llava):
             loop.close()
         ray.shutdown()
         sim.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_images_without_an_encode_pool(model_dir, llava, mode):
+    """No encode workers: the router sends the image bytes to the prefill worker (or the colocated
+    worker), which encodes them itself. Same greedy tokens as transformers, same clear refusal
+    of a bad image, nothing leaks."""
+    overrides = {"pools.encode.workers": 0} if mode == "disaggregated" else {"mode": "colocated"}
+    loop, router = deploy(model_dir, **overrides)
+    try:
+        assert router.encode == []
+        roles = ("decode", "prefill") if mode == "disaggregated" else ("colocated",)
+        check_epd(loop, router, llava, roles=roles, encode_timed=mode == "disaggregated")
+        worker = router.prefill[0] if mode == "disaggregated" else router.decode[0]
+        assert vision_calls(worker) >= 1                     # the images were encoded in that worker
+    finally:
+        loop.run(router.shutdown())
+        loop.close()
+    assert_no_segments()

@@ -189,3 +189,46 @@ def test_stop_kills_a_replacement_still_starting():
         return killed
 
     assert len(run(scenario())) == 1
+
+
+class FakeEncodeActor(FakeActor):
+    """An encode worker: ready() is its WorkerInfo alone (no KV layout); it is never polled."""
+
+    async def _ready(self):
+        if self.dead or self.fail_ready:
+            raise Dead(self.name)
+        return type("Info", (), {"node_id": self.node})()
+
+
+def test_dead_encode_worker_is_restarted_and_swapped_in():
+    async def scenario():
+        info = ModelInfo("fake-llava", 64, 10, (), "float32", True)
+        encode = [WorkerHandle(f"encode-{i}", Role.ENCODE, FakeEncodeActor(f"e{i}")) for i in range(2)]
+        router = ClusterRouter(mode="disaggregated", tokenizer=None, model_info=info, kv_capacity_tokens=64,
+                               prefill=[WorkerHandle("prefill-0", Role.PREFILL, FakeActor("p0"))],
+                               decode=[WorkerHandle("decode-0", Role.DECODE, FakeActor("d0"))],
+                               encode=encode, max_inflight=4, default_timeout_s=5.0)
+        spawned, checked = [], []
+
+        def spawn(role, worker_id, epoch):
+            spawned.append((role, worker_id, epoch))
+            return FakeEncodeActor(f"{worker_id}-r{epoch}", node="node-b")
+
+        sup = Supervisor(router, spawn, lambda a: None, check_layout=checked.append, options=FAST,
+                         is_death=lambda e: isinstance(e, Dead))
+        old = router.encode[1]
+        old.actor.dead = True               # the health ping finds it dead
+        sup.start()
+        await asyncio.sleep(0.05)
+        assert await sup.wait_all_alive(2.0)
+        await sup.stop()
+        await router.shutdown()
+        return router, encode, old, spawned, checked, sup
+
+    router, encode, old, spawned, checked, sup = run(scenario())
+    new = router.encode[1]
+    assert router.encode is encode                  # the controller's list: its teardown sees the replacement
+    assert not old.alive and new is not old and router.encode[0].epoch == 0
+    assert (new.worker_id, new.role, new.epoch, new.node_id, new.alive) == ("encode-1", Role.ENCODE, 1, "node-b", True)
+    assert spawned == [(Role.ENCODE, "encode-1", 1)] and checked == []   # no KV layout to check
+    assert new.actor.polls == 0 and sup.restarts() == {"encode-1": 1}

@@ -1,13 +1,15 @@
 """Sparse prefill quality on the real SmolLM2-135M: density, attention mass kept, attention
 output error and RULER-style task answers, dense vs FlexPrefill vs static at matched density.
 
-    OMP_NUM_THREADS=1 python bench/sparse_quality.py [--lengths 4096,8176] [--count 4096:3,8176:2]
+    OMP_NUM_THREADS=1 python bench/sparse_quality.py [--lengths 4096,8176] [--count 4096:5,8176:2]
         [--kinds passkey,needle,vartrack,cwe] [--layers 3,15,27] [--max-tokens 16]
+        [--measure all|first] [--json results.json] [--verbose]
 
-1. Dense: every prompt (bench/ruler.py, `count` per kind and length) through LLMEngine, one
-   forward per prompt (max_num_batched_tokens >= prompt); greedy answers scored. While the first
-   prompt of each kind runs, q/k/v of `--layers` are captured (post-RoPE, from the engine's own
-   attention call).
+1. Dense: every prompt (bench/ruler.py, `count` per kind and length; depths cycle through
+   10%..90% within a kind) through LLMEngine, one forward per prompt (max_num_batched_tokens >=
+   prompt); greedy answers scored. While the measured prompts run (every prompt with
+   `--measure all`, the first of each kind with `first`), q/k/v of `--layers` are captured
+   (post-RoPE, from the engine's own attention call).
 2. On the captured q/k/v, per method: block index density, attention mass kept (exact, mean over
    heads and 10th percentile over heads; engine/sparse/quality.py) and the relative error of the
    layer's attention output vs dense, ||o - o_dense|| / ||o_dense||.
@@ -15,7 +17,9 @@ output error and RULER-style task answers, dense vs FlexPrefill vs static at mat
    FlexPrefill's mean density there (its density does not depend on the input).
 4. FlexPrefill and static: every prompt through LLMEngine(EngineConfig(sparse=...)); answers
    scored and compared with dense (same answer string = greedy text equal; "lost" = dense
-   right, sparse wrong).
+   right, sparse wrong), in total and per task kind.
+With `--json`, every finished row (metrics, texts, answers) is written there as soon as it
+exists, so a long run that fails later keeps what it measured.
 8K prompts are 8176 tokens so that prompt + 16 new tokens fit SmolLM2's 8192 positions.
 """
 
@@ -46,6 +50,7 @@ class MethodRow:
     texts: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     prefill_s: float = 0.0
+    kinds: list[str] = field(default_factory=list)    # task kind of each text
 
 
 class Capture:
@@ -151,16 +156,49 @@ def fmt_row(r: MethodRow, dense: MethodRow) -> str:
             f"{lost:>4} {r.prefill_s / n:>9.1f}")
 
 
+def fmt_kinds(rows: list[MethodRow], length: int) -> list[str]:
+    """Per task kind at one length: right / same / lost of every method with answers."""
+    dense = next(r for r in rows if r.length == length and r.name == "dense")
+    mine = [r for r in rows if r.length == length and r.texts]
+    out = []
+    for kind in dict.fromkeys(dense.kinds):
+        idx = [i for i, k in enumerate(dense.kinds) if k == kind]
+        cells = []
+        for r in mine:
+            right = sum(r.correct[i] for i in idx)
+            same = sum(r.texts[i] == dense.texts[i] for i in idx)
+            lost = sum(dense.correct[i] and not r.correct[i] for i in idx)
+            cells.append(f"{r.name.split('(')[0]} {right}/{len(idx)} right, {same} same, "
+                         f"{lost} lost")
+        out.append(f"{length:>5} {kind:<8} " + "; ".join(cells))
+    return out
+
+
+def dump_json(path: str | None, rows: list[MethodRow], header: dict) -> None:
+    if not path:
+        return
+    import json
+    from dataclasses import asdict
+
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8176")
-    ap.add_argument("--count", default="4096:3,8176:2", help="tasks per kind, per length")
+    ap.add_argument("--count", default="4096:5,8176:2",
+                    help="tasks per kind, per length (LENGTH:N,...; 1 for lengths not named)")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--layers", default="3,15,27", help="layers whose q/k/v are measured")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default="dense,flexprefill,static")
     ap.add_argument("--accuracy", default="flexprefill,static",
                     help="sparse methods whose task answers are computed (dense always is)")
+    ap.add_argument("--measure", choices=("all", "first"), default="all",
+                    help="prompts whose layers are measured: all, or the first of each kind")
+    ap.add_argument("--json", default=None, help="write the rows here as they finish")
     ap.add_argument("--verbose", action="store_true", help="print every answer")
     args = ap.parse_args()
 
@@ -175,33 +213,47 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     methods = args.methods.split(",")
     flex = SparsePrefillConfig(method="flexprefill", dense_below=1024)
+    which = "every task" if args.measure == "all" else "the first task of each kind"
     print(f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s); flexprefill {flex}; layers {layers} measured on the first task of each "
-          f"kind; {args.max_tokens} greedy tokens", flush=True)
+          f"thread(s); flexprefill {flex}; layers {layers} measured on {which}; "
+          f"{args.max_tokens} greedy tokens", flush=True)
+    header = {"argv": sys.argv[1:], "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "flexprefill": repr(flex)}
     rows: list[MethodRow] = []
     for length in [int(x) for x in args.lengths.split(",")]:
         count = counts.get(length, 1)
         tasks = make_tasks(loaded.tokenizer, length, kinds, count)
-        first_of_kind = {i for i in range(0, len(tasks), count)}
+        kinds_of = [t.kind for t in tasks]
+        print(f"  {length}: {len(tasks)} tasks: " + ", ".join(
+            f"{k} x{kinds_of.count(k)} depths {sorted({t.depth for t in tasks if t.kind == k})}"
+            for k in dict.fromkeys(kinds_of)), flush=True)
+        measured_idx = (set(range(len(tasks))) if args.measure == "all"
+                        else {i for i in range(0, len(tasks), count)})
         capture = Capture(layers)
         texts, pre, caps = run_engine(loaded, tasks, None, args.max_tokens, capture,
-                                      first_of_kind)
+                                      measured_idx)
         scale = capture.scale
         dense = MethodRow("dense", length, [1.0], [1.0], [1.0], [0.0], texts,
-                          [score(t, x) for t, x in zip(tasks, texts)], pre)
+                          [score(t, x) for t, x in zip(tasks, texts)], pre, kinds_of)
         rows.append(dense)
+        dump_json(args.json, rows, header)
         print(f"  {length}: dense done ({pre:.0f} s prefill), right "
               f"{[t.kind for t, c in zip(tasks, dense.correct) if c]}", flush=True)
         measured = {}
 
         def measure(name, cfg):
             row = MethodRow(name, length)
+            t0 = time.perf_counter()
             for cap in caps:
                 for layer in layers:
                     d, m, p, e = layer_metrics(*cap[layer], scale, cfg)
                     row.density.append(d); row.mass_mean.append(m)       # noqa: E702
                     row.mass_p10.append(p); row.rel_err.append(e)        # noqa: E702
             measured[name] = (row, cfg)
+            print(f"  {length}: {name} measured on {len(caps)} prompt(s) x {len(layers)} "
+                  f"layers in {time.perf_counter() - t0:.0f} s: density "
+                  f"{statistics.mean(row.density):.3f}, mass {statistics.mean(row.mass_mean):.4f}"
+                  f", err {statistics.mean(row.rel_err):.4f}", flush=True)
             return row
         if "flexprefill" in methods:
             measure("flexprefill", flex)
@@ -213,10 +265,13 @@ def main() -> None:
         for name, (row, cfg) in measured.items():
             if name.split("(")[0] not in args.accuracy.split(","):
                 rows.append(row)          # mass / error / density only
+                dump_json(args.json, rows, header)
                 continue
             row.texts, row.prefill_s, _ = run_engine(loaded, tasks, cfg, args.max_tokens)
             row.correct = [score(t, x) for t, x in zip(tasks, row.texts)]
+            row.kinds = kinds_of
             rows.append(row)
+            dump_json(args.json, rows, header)
             print(f"  {length}: {name} done ({row.prefill_s:.0f} s prefill)", flush=True)
         if args.verbose:
             for i, t in enumerate(tasks):
@@ -236,13 +291,20 @@ def main() -> None:
         for r in rows:
             if r.length == length:
                 print(fmt_row(r, dense))
+    print()
+    print("per task kind (right = correct answers; same = greedy text identical to dense; "
+          "lost = dense right, method wrong):")
+    for length in sorted({r.length for r in rows}):
+        for line in fmt_kinds(rows, length):
+            print(line)
+    print()
     for name in sorted({r.name.split("(")[0] for r in rows} - {"dense"}):
         mine = [r for r in rows if r.name.startswith(name) and r.texts]
-        dense = [r for r in rows if r.name == "dense"]
-        lost = sum(sum(d and not c for d, c in zip(dr.correct, r.correct))
-                   for r in mine for dr in dense if dr.length == r.length)
-        total = sum(len(r.correct) for r in mine)
-        print(f"{name}: lost {lost} of {total} answers vs dense (goal: <= {total / 20:.1f})")
+        for r in mine:
+            dr = next(d for d in rows if d.name == "dense" and d.length == r.length)
+            lost = sum(d and not c for d, c in zip(dr.correct, r.correct))
+            print(f"{name} at {r.length}: lost {lost} of {len(r.correct)} answers vs dense "
+                  f"(dense right {sum(dr.correct)}; goal: lost <= {len(r.correct) / 20:.2f})")
 
 
 if __name__ == "__main__":

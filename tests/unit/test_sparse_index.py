@@ -38,6 +38,22 @@ def test_flexprefill_invariants(lk, off, b, tau):
     assert bool((res.estimated_mass >= gamma - 1e-5).all())
 
 
+@pytest.mark.parametrize("tau", [0.0, 1e9, 0.1])
+def test_flexprefill_head_chunking_gives_the_same_index(monkeypatch, tau):
+    # The last block's attention is computed per chunk of whole GQA groups; chunk size must not
+    # change the result (one group per chunk here vs all heads in one).
+    import engine.sparse.flexprefill as fp
+
+    lk, off, b = 461, 130, 32
+    q, k = _qk(lk, off, seed=4)
+    whole = flexprefill_index(q, k, off, D ** -0.5, b, 0.8, tau, 3 * b)
+    monkeypatch.setattr(fp, "_MAX_LAST_BLOCK_ELEMS", 1)
+    chunked = flexprefill_index(q, k, off, D ** -0.5, b, 0.8, tau, 3 * b)
+    assert torch.equal(whole.index.to_mask(), chunked.index.to_mask())
+    torch.testing.assert_close(whole.js_distance, chunked.js_distance)
+    torch.testing.assert_close(whole.estimated_mass, chunked.estimated_mass)
+
+
 def test_flexprefill_estimated_mass_recomputed():
     lk, off, b, gamma = 400, 0, 32, 0.7
     q, k = _qk(lk, off, seed=1)

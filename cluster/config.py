@@ -163,6 +163,22 @@ class ServerConfig:
     http_port: int | None = 8000  # None: no OpenAI-compatible HTTP server; 0: free port
     max_queued_requests: int = 256
     request_timeout_s: float = 300.0
+    reprefill_on_decode_failure: bool = False  # a dead decode worker's requests go on elsewhere
+
+
+@dataclass(frozen=True)
+class RoleSwitchingConfig:
+    """The role policy (cluster/role_policy.py); SLOs come from `slo`. Disaggregated mode only."""
+
+    enabled: bool = False
+    interval_s: float = 2.0  # how often the signals are read
+    sustain: int = 3  # consecutive checks a proposal must hold before a switch
+    cooldown_s: float = 30.0  # no switch for this long after one
+    window_s: float = 60.0  # requests that ended this recently count
+    min_samples: int = 8  # requests needed before attainment counts
+    queue_high: float = 2.0  # prefill queue per worker that counts as a prefill shortage
+    kv_high: float = 0.8  # decode KV usage that counts as a decode shortage
+    drain_timeout_s: float = 60.0  # a worker's requests must end within this before it switches
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,7 @@ class DeployConfig:
     transport: TransportConfig = TransportConfig()
     slo: SloConfig = SloConfig()
     server: ServerConfig = ServerConfig()
+    role_switching: RoleSwitchingConfig = RoleSwitchingConfig()
     source: str = field(default="<defaults>", compare=False)
 
     def active_pools(self) -> tuple[PoolConfig, ...]:
@@ -229,6 +246,7 @@ def parse_config(data: Any, source: str = "<dict>", overrides: Mapping[str, Any]
         transport=_transport(root.section("transport")),
         slo=_slo(root.section("slo")),
         server=_server(root.section("server")),
+        role_switching=_role_switching(root.section("role_switching")),
         source=source,
     )
     root.done()
@@ -328,6 +346,24 @@ def _server(s: _Section) -> ServerConfig:
         http_port=s.int("http_port", d.http_port, lo=0, hi=65535, nullable=True),
         max_queued_requests=s.int("max_queued_requests", d.max_queued_requests, lo=1),
         request_timeout_s=s.float("request_timeout_s", d.request_timeout_s, lo=0.0, lo_open=True),
+        reprefill_on_decode_failure=s.bool("reprefill_on_decode_failure", d.reprefill_on_decode_failure),
+    )
+    s.done()
+    return out
+
+
+def _role_switching(s: _Section) -> RoleSwitchingConfig:
+    d = RoleSwitchingConfig()
+    out = RoleSwitchingConfig(
+        enabled=s.bool("enabled", d.enabled),
+        interval_s=s.float("interval_s", d.interval_s, lo=0.0, lo_open=True),
+        sustain=s.int("sustain", d.sustain, lo=1),
+        cooldown_s=s.float("cooldown_s", d.cooldown_s, lo=0.0),
+        window_s=s.float("window_s", d.window_s, lo=0.0, lo_open=True),
+        min_samples=s.int("min_samples", d.min_samples, lo=1),
+        queue_high=s.float("queue_high", d.queue_high, lo=0.0, lo_open=True),
+        kv_high=s.float("kv_high", d.kv_high, lo=0.0, hi=1.0, lo_open=True),
+        drain_timeout_s=s.float("drain_timeout_s", d.drain_timeout_s, lo=0.0, lo_open=True),
     )
     s.done()
     return out
@@ -338,6 +374,9 @@ def _check_cross_fields(cfg: DeployConfig, root: _Section) -> None:
     for role in needed:
         if cfg.pools.get(role).workers < 1:
             root.fail(f"pools.{role.value}.workers", f"{cfg.mode.value} mode needs at least 1 {role.value} worker, got 0")
+    if cfg.role_switching.enabled and cfg.mode is not Mode.DISAGGREGATED:
+        root.fail("role_switching.enabled", "role switching moves workers between prefill and decode; "
+                  "it needs mode: disaggregated")
     if cfg.mode is Mode.DISAGGREGATED and cfg.transport.backend in (TransportBackend.CUDA_IPC, TransportBackend.NCCL):
         for role in needed:
             if cfg.pools.get(role).num_gpus <= 0:

@@ -168,7 +168,8 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
         prefill=prefill, decode=decode, encode=encode,
         image_token_id=llava.image_token_id if llava is not None else None,
         tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=config.server.max_queued_requests,
-        default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown)
+        default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown,
+        reprefill_on_decode_failure=config.server.reprefill_on_decode_failure)
     router.start()
     check = None
     if prefill and decode:
@@ -178,6 +179,19 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     supervisor.append(Supervisor(router, spawn, _kill, check_layout=check))
     supervisor[0].start()
     router.supervisor = supervisor[0]    # status and tests read its restart history there
+    rs = config.role_switching
+    if rs.enabled and config.mode is Mode.DISAGGREGATED:
+        from cluster.role_policy import RolePolicy, RolePolicyOptions
+
+        policy = RolePolicy(router, RolePolicyOptions(
+            ttft_slo_s=config.slo.ttft_ms / 1000, tpot_slo_s=config.slo.tpot_ms / 1000, target=config.slo.attainment,
+            interval_s=rs.interval_s, sustain=rs.sustain, cooldown_s=rs.cooldown_s, window_s=rs.window_s,
+            min_samples=rs.min_samples, queue_high=rs.queue_high, kv_high=rs.kv_high,
+            drain_timeout_s=rs.drain_timeout_s))
+        policy.start()
+        supervisor.append(policy)        # stopped by teardown like the supervisor
+        router.policy = policy
+        progress("role switching on: workers move between prefill and decode as the load shifts")
     return router
 
 
@@ -196,9 +210,8 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     starts replacements with it (epoch > 0; each gets a fresh actor name)."""
     import ray
 
-    from decode_workers.actor import DecodeWorker
+    from cluster.role_worker import RoleWorker
     from encode_workers.worker import EncodeWorker
-    from prefill_workers.actor import PrefillWorker
 
     backend = config.transport.backend.value
     p = config.pools
@@ -215,18 +228,21 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
             role = Role.COLOCATED if config.mode is Mode.COLOCATED else Role.PREFILL
             opts[role] = dataclasses.replace(opts[role], image_encoder_dir=model_path)
 
+    pools = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode, Role.ENCODE: p.encode}
+    home: dict[str, Role] = {}           # worker id -> the pool it was started in
+
     def spawn(role: Role, worker_id: str, epoch: int):
-        pool = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode, Role.ENCODE: p.encode}[role]
+        # A worker keeps its home pool's Ray resources and threads for life, whatever role it has
+        # switched to since: a restart must fit where the original was placed.
+        pool = pools[home.setdefault(worker_id, role)]
         name = f"{worker_id}-{tag}" + (f"-r{epoch}" if epoch else "")
         threads = max(1, int(pool.num_cpus))
         if role is Role.ENCODE:
             return ray.remote(EncodeWorker).options(**_actor_options(pool, name)).remote(
                 model_dir=model_path, dtype=config.model.dtype.value, backend=backend, torch_threads=threads,
                 worker_id=worker_id)
-        if role is Role.PREFILL:
-            return ray.remote(PrefillWorker).options(**_actor_options(pool, name)).remote(
-                worker_id, model_path, opts[role], threads)
-        return ray.remote(DecodeWorker).options(**_actor_options(pool, name)).remote(
-            worker_id, model_path, opts[role], threads, role)
+        # Prefill and decode workers can take either role (role switching); colocated ones only theirs.
+        return ray.remote(RoleWorker).options(**_actor_options(pool, name)).remote(
+            worker_id, model_path, opts, threads, role, epoch)
 
     return spawn

@@ -50,6 +50,7 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Triptych"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TriptychAdmin"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # requests carry images
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -60,6 +61,7 @@ GRPC_CODES = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _FINISH_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -318,10 +320,41 @@ class Gateway(pb_grpc.TriptychServicer):
                                     queue_length=w.queue_length, running=w.running, kv_blocks_used=w.kv_blocks_used,
                                     kv_blocks_total=w.kv_blocks_total, epoch=w.epoch)
                     for w in workers]))  # fmt: skip
-        switches = [pb.RoleSwitch(worker_id=s.worker_id, from_role=_ROLE_PB[s.from_role], to_role=_ROLE_PB[s.to_role],
-                                  at_unix_s=s.at_unix_s, reason=s.reason) for s in status.role_switches]  # fmt: skip
         return pb.GetClusterStatusResponse(mode=_MODE_PB.get(status.mode, pb.MODE_UNSPECIFIED), pools=pools,
-                                           role_switches=switches)  # fmt: skip
+                                           role_switches=[switch_to_pb(s) for s in status.role_switches],
+                                           role_switch_count=max(status.switch_count, len(status.role_switches)),
+                                           restarts=[pb.WorkerRestarts(worker_id=w, restarts=n) for w, n in status.restarts])
+
+
+def switch_to_pb(s) -> pb.RoleSwitch:
+    return pb.RoleSwitch(worker_id=s.worker_id, from_role=_ROLE_PB[s.from_role], to_role=_ROLE_PB[s.to_role],
+                         at_unix_s=s.at_unix_s, reason=s.reason, epoch=s.epoch, drain_s=s.drain_s, switch_s=s.switch_s)
+
+
+_ROLE_FROM_PB = {pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE, pb.ROLE_ENCODE: Role.ENCODE,
+                 pb.ROLE_COLOCATED: Role.COLOCATED}  # fmt: skip
+
+
+class AdminService(pb_grpc.TriptychAdminServicer):
+    """`triptych.v1.TriptychAdmin`: operator calls (role switching)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def SetWorkerRole(self, request: pb.SetWorkerRoleRequest, context) -> pb.SetWorkerRoleResponse:
+        role = _ROLE_FROM_PB.get(request.role)
+        if role is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_PREFILL or ROLE_DECODE")
+        if not request.worker_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is empty")
+        if request.drain_timeout_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be >= 0")
+        try:
+            record = await self.router.set_worker_role(request.worker_id, role, request.reason or "manual",
+                                                       request.drain_timeout_s or 60.0)
+        except RouterError as err:
+            await context.abort(GRPC_CODES[err.kind], err.message)
+        return pb.SetWorkerRoleResponse(switch=switch_to_pb(record))
 
 
 def _event_to_pb(rid: str, event: TokenEvent | FinalEvent, index: int) -> pb.GenerateResponse:
@@ -395,10 +428,12 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     grpc_server = grpc.aio.server(options=options)
     pb_grpc.add_TriptychServicer_to_server(gateway, grpc_server)
+    pb_grpc.add_TriptychAdminServicer_to_server(AdminService(router), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), grpc_server)
+    reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
+                                        grpc_server)
     address = f"{server.host}:{server.grpc_port}"
     try:
         grpc_port = grpc_server.add_insecure_port(address)

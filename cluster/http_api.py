@@ -47,6 +47,7 @@ _STATUS = {
     ErrorKind.UNAVAILABLE: (503, "service_unavailable_error"),
     ErrorKind.DEADLINE_EXCEEDED: (504, "timeout_error"),
     ErrorKind.INTERNAL: (500, "server_error"),
+    ErrorKind.FAILED_PRECONDITION: (409, "conflict_error"),
 }
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*;base64,(?P<data>.*)", re.DOTALL)
 

@@ -50,6 +50,13 @@ class Metrics:
         self.workers_alive = Gauge("triptych_pool_workers_alive", "Live workers in a pool.", ["role"], registry=r)
         self.role_switches = Gauge("triptych_role_switches_total", "Role switches since the cluster started.",
                                    registry=r)  # fmt: skip
+        self.last_switch = Gauge("triptych_last_role_switch_timestamp_seconds",
+                                 "Unix time of the most recent role switch of a worker, by the role it took.",
+                                 ["worker", "to_role"], registry=r)  # fmt: skip
+        self.restarts = Gauge("triptych_worker_restarts_total", "Successful restarts of a worker id since the cluster started.",
+                              ["worker"], registry=r)  # fmt: skip
+        self.epoch = Gauge("triptych_worker_epoch", "A worker's epoch (role switches + restarts).", ["worker", "role"],
+                           registry=r)  # fmt: skip
 
     def start(self, door: str) -> RequestRecorder:
         return RequestRecorder(self, door)
@@ -62,19 +69,27 @@ class Metrics:
         self.queue_length.clear()
         self.kv_usage.clear()
         self.workers_alive.clear()
+        self.epoch.clear()
+        self.last_switch.clear()
         queued: dict[str, int] = {}
         alive: dict[str, int] = {}
         for w in status.workers:
             role = w.role.value
             queued[role] = queued.get(role, 0) + w.queue_length
             alive[role] = alive.get(role, 0) + int(w.alive)
+            self.epoch.labels(worker=w.worker_id, role=role).set(w.epoch)
             if w.kv_blocks_total > 0:
                 self.kv_usage.labels(role=role, worker=w.worker_id).set(w.kv_blocks_used / w.kv_blocks_total)
         for role, n in queued.items():
             self.queue_length.labels(role=role).set(n)
         for role, n in alive.items():
             self.workers_alive.labels(role=role).set(n)
-        self.role_switches.set(len(status.role_switches))
+        self.role_switches.set(max(status.switch_count, len(status.role_switches)))
+        latest = {s.worker_id: s for s in status.role_switches}  # oldest first: the last one per worker stays
+        for s in latest.values():
+            self.last_switch.labels(worker=s.worker_id, to_role=s.to_role.value).set(s.at_unix_s)
+        for worker, n in status.restarts:
+            self.restarts.labels(worker=worker).set(n)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

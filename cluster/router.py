@@ -21,6 +21,7 @@ request on whichever worker holds it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Role,
+from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Role, RoleSwitch,
                                 Router, RouterError, Timings, TokenEvent, WorkerStatus)
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard
@@ -41,6 +42,7 @@ from prefill_workers.prefill_core import PrefillTask
 log = logging.getLogger(__name__)
 RESERVE_RETRY_S = 0.02
 POLL_S = 0.5
+SWITCH_HISTORY = 256
 
 
 @dataclass(eq=False)
@@ -51,7 +53,13 @@ class WorkerHandle:
     node_id: str = ""
     alive: bool = True
     inflight: int = 0
-    epoch: int = 0                   # restarts of this worker id (a replacement gets epoch + 1)
+    epoch: int = 0                   # restarts and role switches of this worker id (each + 1)
+    draining: bool = False           # a role switch is waiting for its requests to end: no new work
+    retired: bool = False            # replaced by a handle of a newer epoch (role switch)
+
+    @property
+    def serving(self) -> bool:
+        return self.alive and not self.draining and not self.retired
 
 
 @dataclass(eq=False)
@@ -65,6 +73,14 @@ class _Flight:
     images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
 
 
+def _is_stale(exc: BaseException) -> bool:
+    """The worker refused a call meant for an older epoch / another role (cluster/role_worker.py)."""
+    from cluster.role_worker import StaleEpochError
+
+    cause = getattr(exc, "cause", None)
+    return isinstance(exc, StaleEpochError) or isinstance(cause, StaleEpochError)
+
+
 def _is_actor_death(exc: BaseException) -> bool:
     import ray.exceptions as rex
 
@@ -76,9 +92,12 @@ class ClusterRouter(Router):
     def __init__(self, *, mode: str, tokenizer, model_info: ModelInfo, kv_capacity_tokens: int,
                  prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
                  default_timeout_s: float, on_shutdown=None, encode: list[WorkerHandle] = (),
-                 image_token_id: int | None = None, tokens_per_image: int = 0) -> None:
+                 image_token_id: int | None = None, tokens_per_image: int = 0,
+                 reprefill_on_decode_failure: bool = False) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
-        image placeholder token and how many placeholders one image's features fill."""
+        image placeholder token and how many placeholders one image's features fill.
+        reprefill_on_decode_failure: a request whose decode worker dies is prefilled again
+        (prompt + tokens so far) on live workers and goes on, instead of ending with an error."""
         self.mode = mode
         self.tokenizer = tokenizer
         self._info = model_info
@@ -95,6 +114,13 @@ class ClusterRouter(Router):
         self._pollers: list[asyncio.Task] = []
         self._on_shutdown = on_shutdown
         self.supervisor = None           # the controller's Supervisor (cluster/supervisor.py), if any
+        self.policy = None               # the role policy (cluster/role_policy.py) when role switching is on
+        self.reprefill_on_decode_failure = reprefill_on_decode_failure
+        self.switches: collections.deque[RoleSwitch] = collections.deque(maxlen=SWITCH_HISTORY)
+        self.switch_count = 0
+        self._switch_lock = asyncio.Lock()
+        # (end time, ttft_s, tpot_s, completion tokens, completed) of recent requests (role policy).
+        self.recent: collections.deque[tuple[float, float, float, int, bool]] = collections.deque(maxlen=4096)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,15 +129,20 @@ class ClusterRouter(Router):
     # ------------------------------------------------------------------ worker messages
     async def _poll(self, worker: WorkerHandle) -> None:
         """Route one decode worker's step messages to their requests; fail them if it dies."""
-        while worker.alive:
+        while worker.alive and not worker.retired:
             try:
-                messages: list[list[StepOutput]] = await worker.actor.poll.remote(POLL_S)
+                messages: list[list[StepOutput]] = await worker.actor.poll.remote(POLL_S, epoch=worker.epoch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if _is_actor_death(exc):
                     self._worker_died(worker, exc)
                     return
+                if _is_stale(exc):          # switched away (or switching): this handle is done
+                    if worker.retired:
+                        return
+                    await asyncio.sleep(POLL_S / 5)
+                    continue
                 log.exception("polling %s failed", worker.worker_id)
                 await asyncio.sleep(POLL_S)
                 continue
@@ -147,8 +178,8 @@ class ClusterRouter(Router):
         asyncio.get_running_loop().create_task(_reap_segments())
         for flight in list(self._flights.values()):
             if flight.decode is worker:
-                flight.events.put_nowait(RouterError(
-                    ErrorKind.UNAVAILABLE, f"{worker.role.value} worker {worker.worker_id} died while serving this request"))
+                flight.events.put_nowait(_DecodeDied(
+                    f"{worker.role.value} worker {worker.worker_id} died while serving this request"))
 
     # ------------------------------------------------------------------ admission
     def _images(self, request: GenerateInput) -> tuple[bytes, ...]:
@@ -200,7 +231,7 @@ class ClusterRouter(Router):
         images = self._images(request)
         ids = self._prompt_ids(request, images)
         pool = self.decode
-        if not any(w.alive for w in pool) or (self.mode == "disaggregated" and not any(w.alive for w in self.prefill)):
+        if not any(w.serving for w in pool) or (self.mode == "disaggregated" and not any(w.serving for w in self.prefill)):
             raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request")
         flight = _Flight(request.request_id or f"req-{next(self._ids)}", images=images)
         self._flights[flight.request_id] = flight
@@ -222,12 +253,15 @@ class ClusterRouter(Router):
         text: list[str] = []
         first_at = last_at = None
         reason, error = None, None
+        resumes = 0
         try:
-            if self.mode == "disaggregated":
-                first = await self._prefill_and_activate(request, flight, ids, deadline, timings)
-            else:
-                first = await self._submit(request, flight, ids, deadline)
-            out = first
+            try:
+                out = await self._start(request, flight, ids, deadline, timings)
+            except _DecodeDied:
+                if not self._may_resume(request, tokens, resumes):
+                    raise
+                resumes += 1
+                out = await self._resume(request, flight, ids, tokens, deadline, timings)
             while True:
                 if out is not None:
                     now = time.monotonic()
@@ -248,6 +282,12 @@ class ClusterRouter(Router):
                 except asyncio.TimeoutError:
                     out = None
                     continue
+                while isinstance(out, _DecodeDied) and self._may_resume(request, tokens, resumes):
+                    resumes += 1
+                    try:
+                        out = await self._resume(request, flight, ids, tokens, deadline, timings)
+                    except _DecodeDied as again:
+                        out = again
                 if isinstance(out, BaseException):
                     raise out
         except _Aborted:
@@ -271,6 +311,9 @@ class ClusterRouter(Router):
             return
         end = time.monotonic()
         n = len(tokens)
+        ttft = (first_at - t0) if first_at else end - t0
+        tpot = ((last_at - first_at) / (n - 1)) if first_at and n > 1 else 0.0
+        self.recent.append((end, ttft, tpot, n, reason in (FinishReason.STOP, FinishReason.LENGTH)))
         yield FinalEvent(
             reason, len(ids), n, "".join(text),
             Timings(queue_s=timings.get("queue_s", 0.0), encode_s=timings.get("encode_s", 0.0), prefill_s=timings.get("prefill_s", 0.0),
@@ -280,6 +323,32 @@ class ClusterRouter(Router):
                     tpot_s=((last_at - first_at) / (n - 1)) if first_at and n > 1 else 0.0,
                     e2e_s=end - t0),
             error)
+
+    async def _start(self, request, flight, ids, deadline, timings) -> StepOutput | None:
+        if self.mode == "disaggregated":
+            return await self._prefill_and_activate(request, flight, ids, deadline, timings)
+        return await self._submit(request, flight, ids, deadline)
+
+    def _may_resume(self, request: GenerateInput, tokens: list[int], resumes: int) -> bool:
+        return (self.reprefill_on_decode_failure and resumes < max(1, len(self.decode))
+                and len(tokens) < request.sampling.max_tokens)
+
+    async def _resume(self, request, flight, ids, tokens, deadline, timings) -> StepOutput | None:
+        """Re-prefill a request whose decode worker died: prompt + the tokens it already streamed,
+        on live workers, for the tokens it has left. Greedy output is the same as without the
+        failure; sampled output goes on from where it was, with the seed's stream restarted."""
+        if flight.decode is not None:
+            flight.decode.inflight -= 1
+            flight.decode = None
+        while not flight.events.empty():    # outputs of the dead worker that arrived late
+            stale = flight.events.get_nowait()
+            if isinstance(stale, _Aborted):
+                raise stale
+        log.warning("request %s: decode worker died after %d tokens; prefilling it again",
+                    flight.request_id, len(tokens))
+        sampling = dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens - len(tokens))
+        return await self._start(dataclasses.replace(request, sampling=sampling), flight, list(ids) + list(tokens),
+                                 deadline, timings)
 
     async def _release(self, flight: _Flight) -> None:
         """Abort wherever the request may still hold something; a dead worker holds nothing."""
@@ -301,14 +370,15 @@ class ClusterRouter(Router):
             raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded during {what}") from None
 
     async def _submit(self, request, flight, ids, deadline) -> None:
-        worker = min((w for w in self.decode if w.alive), key=lambda w: w.inflight, default=None)
+        worker = min((w for w in self.decode if w.serving), key=lambda w: w.inflight, default=None)
         if worker is None:
             raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
         flight.decode = worker
         worker.inflight += 1
         try:
-            await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling,
-                                                           **({"images": flight.images} if flight.images else {})), deadline, "submit")
+            await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling, epoch=worker.epoch,
+                                                           **({"images": flight.images} if flight.images else {})),
+                                deadline, "submit")
         except RouterError:
             raise
         except Exception as exc:
@@ -321,18 +391,21 @@ class ClusterRouter(Router):
     async def _reserve(self, flight, ids, deadline, timings):
         t = time.monotonic()
         while True:
-            for worker in sorted((w for w in self.decode if w.alive), key=lambda w: w.inflight):
+            for worker in sorted((w for w in self.decode if w.serving), key=lambda w: w.inflight):
                 # Count the reservation before awaiting it: concurrent admissions must see it,
                 # or they all pick the same worker.
                 worker.inflight += 1
                 try:
                     lease = max(1.0, deadline - time.monotonic())
-                    desc = await self._bounded(worker.actor.reserve.remote(flight.request_id, len(ids), lease),
-                                               deadline, "KV reservation")
+                    desc = await self._bounded(
+                        worker.actor.reserve.remote(flight.request_id, len(ids), lease, epoch=worker.epoch),
+                        deadline, "KV reservation")
                 except BaseException as exc:
                     worker.inflight -= 1
                     if isinstance(exc, Exception) and _is_actor_death(exc):
                         self._worker_died(worker, exc)
+                        continue
+                    if isinstance(exc, Exception) and _is_stale(exc):  # its role changed meanwhile
                         continue
                     raise
                 if desc is not None:
@@ -340,8 +413,8 @@ class ClusterRouter(Router):
                     timings["queue_s"] = time.monotonic() - t
                     return worker, desc
                 worker.inflight -= 1
-            if not any(w.alive for w in self.decode):
-                raise RouterError(ErrorKind.UNAVAILABLE, "every decode worker is dead")
+            if not any(w.serving for w in self.decode):
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live decode worker")
             if time.monotonic() + RESERVE_RETRY_S >= deadline:
                 raise RouterError(ErrorKind.DEADLINE_EXCEEDED, "request deadline exceeded waiting for decode KV space")
             await asyncio.sleep(RESERVE_RETRY_S)
@@ -350,9 +423,9 @@ class ClusterRouter(Router):
         attempts = 0
         while True:
             decode, desc = await self._reserve(flight, ids, deadline, timings)
-            prefill = min((w for w in self.prefill if w.alive), key=lambda w: w.inflight, default=None)
+            prefill = min((w for w in self.prefill if w.serving), key=lambda w: w.inflight, default=None)
             if prefill is None:
-                raise RouterError(ErrorKind.UNAVAILABLE, "every prefill worker is dead")
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker")
             flight.prefill = prefill
             prefill.inflight += 1
             try:
@@ -361,14 +434,15 @@ class ClusterRouter(Router):
                 shards = await self._encode(flight, prefill, deadline, timings) if flight.images and self.encode else ()
                 task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
                                    images=() if self.encode else flight.images)
-                result = await self._bounded(prefill.actor.prefill.remote(task), deadline, "prefill")
+                result = await self._bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
             except RouterError:
                 raise
             except Exception as exc:
-                if not _is_actor_death(exc):
+                if not (_is_actor_death(exc) or _is_stale(exc)):
                     raise
                 # Prefill is idempotent: drop the reservation and run it again elsewhere.
-                self._worker_died(prefill, exc)
+                if _is_actor_death(exc):
+                    self._worker_died(prefill, exc)
                 attempts += 1
                 prefill.inflight -= 1
                 flight.prefill = None
@@ -384,7 +458,7 @@ class ClusterRouter(Router):
                     flight.prefill = None
             if result.first_token is None:
                 if not decode.alive:  # the transfer failed because its target died
-                    raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died")
+                    raise _DecodeDied(f"decode worker {decode.worker_id} died")
                 raise RouterError(ErrorKind.INTERNAL, f"prefill of {flight.request_id} failed: {result.error}")
             timings["queue_s"] += result.queue_s
             timings["prefill_s"] = result.prefill_s
@@ -393,14 +467,17 @@ class ClusterRouter(Router):
                 timings["encode_s"] = result.encode_s
             try:
                 return await self._bounded(
-                    decode.actor.activate.remote(flight.request_id, ids, result.first_token, request.sampling),
+                    decode.actor.activate.remote(flight.request_id, ids, result.first_token, request.sampling,
+                                                 epoch=decode.epoch),
                     deadline, "decode activation")
             except RouterError:
                 raise
             except Exception as exc:
                 if _is_actor_death(exc):
                     self._worker_died(decode, exc)
-                    raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died") from None
+                    raise _DecodeDied(f"decode worker {decode.worker_id} died") from None
+                if _is_stale(exc):
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} changed role") from None
                 raise RouterError(ErrorKind.INTERNAL, f"decode activation failed: {exc}") from None
 
     async def _encode(self, flight: _Flight, prefill: WorkerHandle, deadline: float, timings
@@ -415,7 +492,8 @@ class ClusterRouter(Router):
         images = list(flight.images)
         plan = plan_shards(flight.request_id, images, len(workers))
         shards = [s for _, s in plan]
-        descs = await self._bounded(prefill.actor.prepare_images.remote(shards), deadline, "image receive setup")
+        descs = await self._bounded(prefill.actor.prepare_images.remote(shards, epoch=prefill.epoch), deadline,
+                                    "image receive setup")
         t = time.monotonic()
         try:
             await self._bounded(encode_parallel([w.actor for w in workers], plan, images, descs), deadline,
@@ -454,6 +532,96 @@ class ClusterRouter(Router):
     def model_info(self) -> ModelInfo:
         return self._info
 
+    # ------------------------------------------------------------------ role switching
+    def find_worker(self, worker_id: str) -> WorkerHandle | None:
+        for w in self.prefill + self.decode:
+            if w.worker_id == worker_id and not w.retired:
+                return w
+        return None
+
+    async def set_worker_role(self, worker_id: str, role: Role, reason: str = "manual",
+                              drain_timeout_s: float = 60.0) -> RoleSwitch:
+        """Move a worker between the prefill and decode pools without reloading its weights.
+
+            checks (disaggregated, alive, another worker stays in its pool) ─▶ drain: no new work,
+            wait until its requests end and it holds nothing (bounded; on timeout it serves again)
+            ─▶ set_role(role, epoch + 1) on the worker ─▶ a new handle (that epoch) in the other
+            pool; the old handle is retired, so its poller stops and its epoch is refused.
+
+        Raises RouterError: INVALID_ARGUMENT (unknown worker / role), FAILED_PRECONDITION (the
+        switch would empty a pool, the worker is dead or still busy, another switch runs)."""
+        if self.mode != "disaggregated":
+            raise RouterError(ErrorKind.FAILED_PRECONDITION, "role switching needs a disaggregated deployment")
+        if role not in (Role.PREFILL, Role.DECODE):
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"a worker can switch to prefill or decode, not {role.value}")
+        if self._switch_lock.locked():
+            raise RouterError(ErrorKind.FAILED_PRECONDITION, "another role switch is in progress")
+        async with self._switch_lock:
+            worker = self.find_worker(worker_id)
+            if worker is None:
+                known = ", ".join(w.worker_id for w in self.prefill + self.decode if not w.retired)
+                raise RouterError(ErrorKind.INVALID_ARGUMENT, f"no worker {worker_id!r} (workers: {known})")
+            if worker.role is role:
+                raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} already is a {role.value} worker")
+            if not worker.alive:
+                raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} is dead")
+            src = self.prefill if worker.role is Role.PREFILL else self.decode
+            dst = self.decode if worker.role is Role.PREFILL else self.prefill
+            if not any(w.serving for w in src if w is not worker):
+                raise RouterError(ErrorKind.FAILED_PRECONDITION,
+                                  f"worker {worker_id} is the last live {worker.role.value} worker")
+            t0 = time.monotonic()
+            worker.draining = True
+            try:
+                drained = await self._drained(worker, drain_timeout_s)
+                if not worker.alive:
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"worker {worker_id} died while draining")
+                if not drained:
+                    raise RouterError(ErrorKind.FAILED_PRECONDITION,
+                                      f"worker {worker_id} still had requests after {drain_timeout_s:.0f}s of "
+                                      f"draining; switch cancelled, it serves as {worker.role.value} again")
+                epoch = worker.epoch + 1
+                try:
+                    info, layout, switch_s = await asyncio.wait_for(worker.actor.set_role.remote(role, epoch), 120.0)
+                except asyncio.TimeoutError:
+                    raise RouterError(ErrorKind.INTERNAL, f"worker {worker_id} did not switch within 120s") from None
+                except Exception as exc:
+                    if _is_actor_death(exc):
+                        self._worker_died(worker, exc)
+                        raise RouterError(ErrorKind.UNAVAILABLE, f"worker {worker_id} died while switching") from None
+                    raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} refused: {exc}") from None
+            finally:
+                worker.draining = False
+            new = WorkerHandle(worker.worker_id, role, worker.actor, info.node_id, epoch=epoch)
+            worker.retired = True
+            src.remove(worker)
+            dst.append(new)
+            if role is Role.DECODE:
+                self._pollers = [t for t in self._pollers if not t.done()]
+                self._pollers.append(asyncio.get_running_loop().create_task(self._poll(new)))
+            record = RoleSwitch(worker_id, worker.role, role, time.time(), reason,
+                                epoch=epoch, drain_s=time.monotonic() - t0 - switch_s, switch_s=switch_s)
+            self.switches.append(record)
+            self.switch_count += 1
+            log.warning("worker %s switched %s -> %s (epoch %d, drain %.1fs, switch %.2fs): %s", worker_id,
+                        worker.role.value, role.value, epoch, record.drain_s, switch_s, reason)
+            return record
+
+    async def _drained(self, worker: WorkerHandle, timeout_s: float) -> bool:
+        """Wait until no request of this router is on the worker and the worker holds nothing."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if worker.inflight == 0 and not any(f.decode is worker or f.prefill is worker for f in self._flights.values()):
+                try:
+                    if await asyncio.wait_for(worker.actor.idle.remote(), 10.0):
+                        return True
+                except Exception as exc:
+                    if _is_actor_death(exc):
+                        self._worker_died(worker, exc)
+                        return False
+            await asyncio.sleep(0.05)
+        return False
+
     async def cluster_status(self) -> ClusterStatus:
         async def one(w: WorkerHandle) -> WorkerStatus:
             if w.alive:
@@ -473,7 +641,9 @@ class ClusterRouter(Router):
             return WorkerStatus(w.worker_id, Role.ENCODE, w.node_id, alive, 0, 0, 0, 0, epoch=w.epoch)
         workers = await asyncio.gather(*(one_encode(w) for w in self.encode),
                                        *(one(w) for w in self.prefill + self.decode))
-        return ClusterStatus(self.mode, tuple(workers))
+        restarts = tuple(sorted(self.supervisor.restarts().items())) if self.supervisor is not None else ()
+        return ClusterStatus(self.mode, tuple(workers), tuple(self.switches), switch_count=self.switch_count,
+                             restarts=restarts)
 
     async def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """True once every live worker holds no request and no KV block (used by leak checks)."""
@@ -503,6 +673,13 @@ async def _reap_segments(attempts: int = 50) -> None:
         if cleanup_stale():
             return
         await asyncio.sleep(0.1)
+
+
+class _DecodeDied(RouterError):
+    """The worker decoding the request died (before or after its first token)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.UNAVAILABLE, message)
 
 
 class _Aborted(RouterError):

@@ -27,6 +27,7 @@ class ErrorKind(enum.Enum):
     UNAVAILABLE = "unavailable"                # gRPC UNAVAILABLE, HTTP 503 (no live worker)
     DEADLINE_EXCEEDED = "deadline_exceeded"    # gRPC DEADLINE_EXCEEDED, HTTP 504
     NOT_FOUND = "not_found"                    # gRPC NOT_FOUND, HTTP 404
+    FAILED_PRECONDITION = "failed_precondition"  # gRPC FAILED_PRECONDITION, HTTP 409 (admin calls)
     INTERNAL = "internal"                      # gRPC INTERNAL, HTTP 500
 
 
@@ -123,14 +124,19 @@ class RoleSwitch:
     from_role: Role
     to_role: Role
     at_unix_s: float
-    reason: str
+    reason: str                                 # "manual" or the role policy's signal
+    epoch: int = 0                              # the worker's epoch after the switch
+    drain_s: float = 0.0                        # waiting for its requests to end
+    switch_s: float = 0.0                       # the worker rebuilding itself for the new role
 
 
 @dataclass(frozen=True)
 class ClusterStatus:
     mode: str                                   # "colocated" | "disaggregated"
     workers: tuple[WorkerStatus, ...]
-    role_switches: tuple[RoleSwitch, ...] = ()
+    role_switches: tuple[RoleSwitch, ...] = ()  # the most recent ones, oldest first
+    switch_count: int = 0                       # role switches since the cluster started
+    restarts: tuple[tuple[str, int], ...] = ()  # (worker id, successful restarts), restarted ones only
 
 
 class Router(abc.ABC):
@@ -151,6 +157,11 @@ class Router(abc.ABC):
 
     @abc.abstractmethod
     async def cluster_status(self) -> ClusterStatus: ...
+
+    async def set_worker_role(self, worker_id: str, role: Role, reason: str = "manual",
+                              drain_timeout_s: float = 60.0) -> RoleSwitch:
+        """Move a worker to another pool (admin). Routers without role switching refuse."""
+        raise RouterError(ErrorKind.FAILED_PRECONDITION, "this deployment does not switch worker roles")
 
     @abc.abstractmethod
     def apply_chat_template(self, messages: tuple[ChatMessage, ...]) -> list[int]:

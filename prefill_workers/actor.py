@@ -21,11 +21,13 @@ from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillRes
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, model: str | None, options: PrefillOptions, num_threads: int = 1) -> None:
+    def __init__(self, worker_id: str, model: str | None, options: PrefillOptions, num_threads: int = 1,
+                 loaded: LoadedModel | None = None) -> None:
+        """loaded: weights already in this process (a role switch reuses them); else `model` is loaded."""
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.info = worker_info(worker_id, Role.PREFILL.value)
-        self.core = PrefillCore(options, LoadedModel.load(model, options.engine.dtype))
+        self.core = PrefillCore(options, loaded or LoadedModel.load(model, options.engine.dtype))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
         self._futures: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()

@@ -12,6 +12,7 @@ from .client import Client, Stream
 from .errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -45,6 +46,7 @@ __all__ = [
     "DeadlineExceeded",
     "FinalChunk",
     "FinishReason",
+    "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "Mode",

@@ -225,8 +225,20 @@ def cluster_status_from_pb(r: pb.GetClusterStatusResponse) -> ClusterStatus:
     return ClusterStatus(
         mode=_MODE.get(r.mode),
         pools=tuple(PoolStatus(_ROLE.get(p.role), tuple(worker(w) for w in p.workers)) for p in r.pools),
-        role_switches=tuple(
-            RoleSwitch(s.worker_id, _ROLE.get(s.from_role), _ROLE.get(s.to_role), s.at_unix_s, s.reason)
-            for s in r.role_switches
-        ),
+        role_switches=tuple(role_switch_from_pb(s) for s in r.role_switches),
+        role_switch_count=r.role_switch_count,
+        restarts={w.worker_id: w.restarts for w in r.restarts},
     )
+
+
+def role_switch_from_pb(s: pb.RoleSwitch) -> RoleSwitch:
+    return RoleSwitch(s.worker_id, _ROLE.get(s.from_role), _ROLE.get(s.to_role), s.at_unix_s, s.reason,
+                      s.epoch, s.drain_s, s.switch_s)
+
+
+def set_role_request(worker_id: str, role: Role | str, drain_timeout_s: float, reason: str) -> pb.SetWorkerRoleRequest:
+    role = Role(role)
+    if role not in (Role.PREFILL, Role.DECODE):
+        raise ValueError(f"a worker can switch to prefill or decode, not {role.value}")
+    code = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE}[role]
+    return pb.SetWorkerRoleRequest(worker_id=worker_id, role=code, drain_timeout_s=drain_timeout_s, reason=reason)

@@ -28,7 +28,7 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 from . import _wire
 from .client import DEFAULT_TARGET
 from .errors import Unavailable, from_rpc_error
-from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, TokenChunk
+from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, Role, RoleSwitch, TokenChunk
 
 _UNSET: Any = object()
 
@@ -194,6 +194,13 @@ class AsyncClient:
     async def cluster_status(self, *, timeout: float | None = _UNSET) -> ClusterStatus:
         resp = await self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
         return _wire.cluster_status_from_pb(resp)
+
+    async def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
+                              reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
+        """Admin: move a worker to the prefill or decode pool (drains it first); the switch record."""
+        req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
+        stub = pb_grpc.TriptychAdminStub(self._ensure_channel())
+        return _wire.role_switch_from_pb((await self._unary(stub.SetWorkerRole, req, timeout)).switch)
 
     async def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:

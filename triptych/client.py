@@ -31,7 +31,7 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
 from . import _wire
 from .errors import Unavailable, from_rpc_error
-from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, TokenChunk
+from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, Role, RoleSwitch, TokenChunk
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 _UNSET: Any = object()  # "use the client's default timeout"
@@ -121,6 +121,7 @@ class Client:
         self._owns_channel = channel is None
         self._channel = channel if channel is not None else grpc.insecure_channel(target, options=list(options))
         self._stub = pb_grpc.TriptychStub(self._channel)
+        self._admin = pb_grpc.TriptychAdminStub(self._channel)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -206,6 +207,12 @@ class Client:
     def cluster_status(self, *, timeout: float | None = _UNSET) -> ClusterStatus:
         resp = self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
         return _wire.cluster_status_from_pb(resp)
+
+    def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
+                        reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
+        """Admin: move a worker to the prefill or decode pool (drains it first); the switch record."""
+        req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
+        return _wire.role_switch_from_pb(self._unary(self._admin.SetWorkerRole, req, timeout).switch)
 
     def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:

@@ -43,6 +43,10 @@ class NotFound(TriptychError):
     """Referenced object (e.g. a session) does not exist."""
 
 
+class FailedPrecondition(TriptychError):
+    """The cluster is not in a state that allows the call (e.g. a role switch that would empty a pool)."""
+
+
 class Internal(TriptychError):
     """Server bug or worker failure."""
 
@@ -55,6 +59,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TriptychError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

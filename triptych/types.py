@@ -127,6 +127,9 @@ class RoleSwitch:
     to_role: Role | None
     at_unix_s: float
     reason: str
+    epoch: int = 0          # the worker's epoch after the switch
+    drain_s: float = 0.0    # waiting for its requests to end
+    switch_s: float = 0.0   # rebuilding itself for the new role (no weight reload)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class ClusterStatus:
     mode: Mode | None
     pools: tuple[PoolStatus, ...] = ()
     role_switches: tuple[RoleSwitch, ...] = field(default=())
+    role_switch_count: int = 0                       # since the cluster started
+    restarts: dict[str, int] = field(default_factory=dict)  # worker id -> successful restarts
 
     def pool(self, role: Role | str) -> PoolStatus | None:
         """The pool with this role, or None."""

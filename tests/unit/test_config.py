@@ -212,3 +212,17 @@ def test_missing_file_and_top_level_not_mapping(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+def test_role_switching_and_reprefill_settings():
+    cfg = parse_config({"version": 1, "server": {"reprefill_on_decode_failure": True},
+                        "role_switching": {"enabled": True, "cooldown_s": 10, "kv_high": 0.5, "sustain": 2}}, "t")
+    rs = cfg.role_switching
+    assert cfg.server.reprefill_on_decode_failure and rs.enabled and (rs.cooldown_s, rs.kv_high, rs.sustain) == (10, 0.5, 2)
+    assert parse_config(cfg.to_dict(), "t") == cfg
+    assert not DeployConfig().role_switching.enabled and not DeployConfig().server.reprefill_on_decode_failure
+    err = _error({"version": 1, "mode": "colocated", "role_switching": {"enabled": True}})
+    assert err.path == "role_switching.enabled" and "needs mode: disaggregated" in err.reason
+    assert _error({"version": 1, "role_switching": {"kv_high": 1.5}}).path == "role_switching.kv_high"
+    assert _error({"version": 1, "role_switching": {"sustain": 0}}).path == "role_switching.sustain"
+    assert _error({"version": 1, "role_switching": {"enabled": True, "cooldwn_s": 3}}).path == "role_switching.cooldwn_s"

@@ -290,3 +290,24 @@ def test_stop_aborts_in_flight_requests_after_grace():
     client.close()
     t.join(5)
     srv.stop()  # idempotent: stops the loop thread
+
+
+def test_admin_set_worker_role(client, router):
+    s = client.set_worker_role("decode-1", "prefill", drain_timeout_s=5, reason="ops")
+    assert (s.worker_id, s.from_role, s.to_role, s.epoch, s.drain_s, s.switch_s, s.reason) == (
+        "decode-1", "decode", "prefill", 2, 0.5, 0.25, "ops")
+    assert router.inputs[-1][1:] == ("decode-1", gw.Role.PREFILL, "ops", 5.0)
+    with pytest.raises(triptych.FailedPrecondition, match="last live prefill worker"):
+        client.set_worker_role("prefill-0", "decode")
+    with pytest.raises(triptych.InvalidArgument, match="no worker 'nope-3'"):
+        client.set_worker_role("nope-3", "decode")
+    with pytest.raises(ValueError, match="prefill or decode, not encode"):
+        client.set_worker_role("decode-1", "encode")
+    with grpc.insecure_channel(client.target) as channel:    # a raw call with no role set
+        from protos.triptych.v1 import triptych_pb2 as pb
+        from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
+
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.TriptychAdminStub(channel).SetWorkerRole(pb.SetWorkerRoleRequest(worker_id="decode-1"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ROLE_PREFILL" in err.value.details()
+    assert client.cluster_status().role_switch_count == 1

@@ -62,6 +62,14 @@ class FakeRouter(Router):
         self.shut_down = False
         self._abort_events: dict[str, asyncio.Event] = {}
 
+    async def set_worker_role(self, worker_id, role, reason="manual", drain_timeout_s=60.0):
+        self.inputs.append(("set_role", worker_id, role, reason, drain_timeout_s))
+        if worker_id == "prefill-0":
+            raise RouterError(ErrorKind.FAILED_PRECONDITION, "worker prefill-0 is the last live prefill worker")
+        if worker_id.startswith("nope"):
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"no worker {worker_id!r}")
+        return RoleSwitch(worker_id, Role.DECODE, role, 1234.5, reason, epoch=2, drain_s=0.5, switch_s=0.25)
+
     def generate(self, request: GenerateInput):
         self.inputs.append(request)
         word = input_text(request).split()[-1] if input_text(request).split() else ""

@@ -71,3 +71,20 @@ def test_aborted_requests_skip_latency_histograms():
     s = samples(m.render().decode())
     assert s[("triptych_e2e_request_latency_seconds_count", ())] == 0
     assert s[("triptych_requests_total", (("door", "http"), ("finish_reason", "abort")))] == 1
+
+
+def test_switch_restart_and_epoch_gauges():
+    from cluster.router_api import ClusterStatus, Role, RoleSwitch, WorkerStatus
+
+    m = Metrics()
+    status = ClusterStatus("disaggregated", (WorkerStatus("decode-1", Role.PREFILL, "n", True, 0, 0, 0, 0, epoch=3),),
+                           (RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 100.0, "manual", epoch=1),
+                            RoleSwitch("decode-1", Role.PREFILL, Role.DECODE, 200.0, "manual", epoch=2),
+                            RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 300.0, "policy", epoch=3)),
+                           switch_count=300, restarts=(("decode-0", 2),))
+    m.update_cluster(status)
+    s = samples(m.render().decode())
+    assert s[("triptych_role_switches_total", ())] == 300          # all since start, not the kept history
+    assert s[("triptych_last_role_switch_timestamp_seconds", (("to_role", "prefill"), ("worker", "decode-1")))] == 300.0
+    assert s[("triptych_worker_restarts_total", (("worker", "decode-0"),))] == 2
+    assert s[("triptych_worker_epoch", (("role", "prefill"), ("worker", "decode-1")))] == 3

@@ -19,8 +19,8 @@ class _Method:
     def __init__(self, fn) -> None:
         self.fn = fn
 
-    def remote(self, *args):
-        return self.fn(*args)
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 class FakeActor:
@@ -36,7 +36,7 @@ class FakeActor:
             raise Dead(self.name)
         return type("Info", (), {"node_id": self.node})(), "layout"
 
-    async def _poll(self, timeout_s):
+    async def _poll(self, timeout_s, epoch=None):
         if self.dead:
             raise Dead(self.name)
         self.polls += 1

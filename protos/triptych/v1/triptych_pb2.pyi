@@ -241,25 +241,61 @@ class PoolStatus(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class RoleSwitch(_message.Message):
-    __slots__ = ("worker_id", "from_role", "to_role", "at_unix_s", "reason")
+    __slots__ = ("worker_id", "from_role", "to_role", "at_unix_s", "reason", "epoch", "drain_s", "switch_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
     TO_ROLE_FIELD_NUMBER: _ClassVar[int]
     AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     from_role: Role
     to_role: Role
     at_unix_s: float
     reason: str
-    def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[_Union[Role, str]] = ..., to_role: _Optional[_Union[Role, str]] = ..., at_unix_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    epoch: int
+    drain_s: float
+    switch_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[_Union[Role, str]] = ..., to_role: _Optional[_Union[Role, str]] = ..., at_unix_s: _Optional[float] = ..., reason: _Optional[str] = ..., epoch: _Optional[int] = ..., drain_s: _Optional[float] = ..., switch_s: _Optional[float] = ...) -> None: ...
+
+class WorkerRestarts(_message.Message):
+    __slots__ = ("worker_id", "restarts")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    restarts: int
+    def __init__(self, worker_id: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("mode", "pools", "role_switches")
+    __slots__ = ("mode", "pools", "role_switches", "role_switch_count", "restarts")
     MODE_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_SWITCH_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     role_switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., role_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ...) -> None: ...
+    role_switch_count: int
+    restarts: _containers.RepeatedCompositeFieldContainer[WorkerRestarts]
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., role_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., role_switch_count: _Optional[int] = ..., restarts: _Optional[_Iterable[_Union[WorkerRestarts, _Mapping]]] = ...) -> None: ...
+
+class SetWorkerRoleRequest(_message.Message):
+    __slots__ = ("worker_id", "role", "drain_timeout_s", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: Role
+    drain_timeout_s: float
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., drain_timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetWorkerRoleResponse(_message.Message):
+    __slots__ = ("switch",)
+    SWITCH_FIELD_NUMBER: _ClassVar[int]
+    switch: RoleSwitch
+    def __init__(self, switch: _Optional[_Union[RoleSwitch, _Mapping]] = ...) -> None: ...

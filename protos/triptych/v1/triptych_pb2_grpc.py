@@ -230,3 +230,86 @@ class Triptych:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TriptychAdminStub:
+    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
+    should put them behind its own auth proxy.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetWorkerRole = channel.unary_unary(
+                '/triptych.v1.TriptychAdmin/SetWorkerRole',
+                request_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.SerializeToString,
+                response_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.FromString,
+                _registered_method=True)
+
+
+class TriptychAdminServicer:
+    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
+    should put them behind its own auth proxy.
+    """
+
+    def SetWorkerRole(self, request, context):
+        """Moves a worker between the prefill and decode pools without reloading its weights: it
+        stops taking new requests, drains (up to drain_timeout_s), switches, and serves in the new
+        pool at epoch + 1. Errors: INVALID_ARGUMENT (unknown worker or role), FAILED_PRECONDITION
+        (colocated deployment, the last worker of its pool, dead, still busy after the drain
+        timeout, another switch in progress).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TriptychAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerRole,
+                    request_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.FromString,
+                    response_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'triptych.v1.TriptychAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('triptych.v1.TriptychAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TriptychAdmin:
+    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
+    should put them behind its own auth proxy.
+    """
+
+    @staticmethod
+    def SetWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triptych.v1.TriptychAdmin/SetWorkerRole',
+            protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.SerializeToString,
+            protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

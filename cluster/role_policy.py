@@ -1,0 +1,165 @@
+"""The role policy: moves workers between the prefill and decode pools as the load shifts.
+
+Every `interval_s` it reads one snapshot of the cluster and the requests that ended since the
+last switch:
+
+    signals ── TTFT attainment (recent requests within the TTFT SLO), prefill queue per worker
+            ── TPOT attainment (within the TPOT SLO), decode KV usage, decode sequences per worker
+    pressure: prefill short  = TTFT attainment < target  or  prefill queue per worker >= queue_high
+              decode short   = TPOT attainment < target  or  decode KV usage >= kv_high
+    proposal: prefill short and decode not short, and the decode pool would keep its KV usage
+              under kv_high with one worker less  ──▶ move the least-loaded decode worker to prefill
+              (and the mirror image for decode short)
+
+Hysteresis, so it does not flap:
+  - a proposal must repeat on `sustain` consecutive checks before it is carried out;
+  - after any switch nothing moves for `cooldown_s`, and attainment only counts requests that
+    arrived after the last switch (the ones before measured the old split);
+  - attainment signals need `min_samples` requests; an idle cluster proposes nothing;
+  - a pool never goes below `min_workers`.
+
+`decide()` is pure (unit-tested); `RolePolicy` runs it against a router and calls
+`router.set_worker_role`, which drains the worker, fences it with a new epoch and switches it
+without reloading weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from cluster.router_api import ClusterStatus, Role, RouterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolePolicyOptions:
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.2
+    target: float = 0.9             # attainment below this is a shortage
+    interval_s: float = 2.0
+    sustain: int = 3                # consecutive identical proposals before a switch
+    cooldown_s: float = 30.0        # after a switch, no other switch for this long
+    window_s: float = 60.0          # requests that ended this recently count
+    min_samples: int = 8            # requests needed for an attainment signal
+    queue_high: float = 2.0         # prefill queue per worker that counts as a shortage
+    kv_high: float = 0.8            # decode KV usage that counts as a shortage
+    min_workers: int = 1            # per pool
+    drain_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Signals:
+    n_prefill: int
+    n_decode: int
+    ttft_attainment: float | None   # None: fewer than min_samples requests
+    tpot_attainment: float | None
+    prefill_queue: float            # queued prompts per live prefill worker
+    decode_kv_usage: float          # used / total KV blocks over live decode workers
+    samples: int
+
+    def describe(self) -> str:
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.0f}%"
+        return (f"TTFT ok {pct(self.ttft_attainment)}, TPOT ok {pct(self.tpot_attainment)} of {self.samples}; "
+                f"prefill queue/worker {self.prefill_queue:.1f}; decode KV {100 * self.decode_kv_usage:.0f}%")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    from_role: Role
+    to_role: Role
+    reason: str
+
+
+def signals(status: ClusterStatus, recent, since: float, now: float, o: RolePolicyOptions) -> Signals:
+    """recent: (end monotonic s, ttft s, tpot s, completion tokens, completed) of requests."""
+    prefill = [w for w in status.workers if w.role is Role.PREFILL and w.alive]
+    decode = [w for w in status.workers if w.role is Role.DECODE and w.alive]
+    window = [r for r in recent if r[0] >= max(since, now - o.window_s)]
+    ttft_ok = tpot_ok = None
+    if len(window) >= o.min_samples:
+        ttft_ok = sum(1 for r in window if r[4] and r[1] <= o.ttft_slo_s) / len(window)
+        timed = [r for r in window if r[3] > 1]
+        tpot_ok = (sum(1 for r in timed if r[4] and r[2] <= o.tpot_slo_s) / len(timed)
+                   if len(timed) >= o.min_samples else None)
+    total = sum(w.kv_blocks_total for w in decode)
+    used = sum(w.kv_blocks_used for w in decode)
+    return Signals(len(prefill), len(decode), ttft_ok, tpot_ok,
+                   sum(w.queue_length for w in prefill) / max(1, len(prefill)),
+                   used / total if total else 0.0, len(window))
+
+
+def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
+    prefill_short = (s.ttft_attainment is not None and s.ttft_attainment < o.target) or s.prefill_queue >= o.queue_high
+    decode_short = (s.tpot_attainment is not None and s.tpot_attainment < o.target) or s.decode_kv_usage >= o.kv_high
+    if prefill_short and not decode_short and s.n_decode > o.min_workers:
+        # The decode workers left must hold what all of them hold now.
+        if s.decode_kv_usage * s.n_decode / (s.n_decode - 1) < o.kv_high:
+            return Proposal(Role.DECODE, Role.PREFILL, f"prefill short: {s.describe()}")
+    if decode_short and not prefill_short and s.n_prefill > o.min_workers:
+        return Proposal(Role.PREFILL, Role.DECODE, f"decode short: {s.describe()}")
+    return None
+
+
+class RolePolicy:
+    def __init__(self, router, options: RolePolicyOptions = RolePolicyOptions()) -> None:
+        self.router = router
+        self.options = options
+        self.last_switch = time.monotonic()     # count only requests that arrive after start
+        self._pending: tuple[Role, Role] | None = None
+        self._streak = 0
+        self._task: asyncio.Task | None = None
+        self.last_signals: Signals | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.interval_s)
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("role policy check failed")
+
+    async def check_once(self) -> Proposal | None:
+        """One evaluation; returns the proposal it carried out, if any."""
+        o = self.options
+        now = time.monotonic()
+        if now - self.last_switch < o.cooldown_s:
+            return None
+        status = await self.router.cluster_status()
+        s = signals(status, list(self.router.recent), self.last_switch, now, o)
+        self.last_signals = s
+        p = decide(s, o)
+        key = (p.from_role, p.to_role) if p else None
+        self._streak = self._streak + 1 if key is not None and key == self._pending else (1 if key else 0)
+        self._pending = key
+        if p is None or self._streak < o.sustain:
+            return None
+        pool = self.router.decode if p.from_role is Role.DECODE else self.router.prefill
+        candidates = sorted((w for w in pool if w.serving), key=lambda w: w.inflight)
+        if len(candidates) <= o.min_workers:
+            return None
+        worker = candidates[0]
+        log.warning("role policy: moving %s to %s (%s)", worker.worker_id, p.to_role.value, p.reason)
+        try:
+            await self.router.set_worker_role(worker.worker_id, p.to_role, p.reason, o.drain_timeout_s)
+        except RouterError as exc:
+            log.warning("role policy: switch of %s not done: %s", worker.worker_id, exc.message)
+            return None
+        finally:
+            self._streak, self._pending = 0, None
+            self.last_switch = time.monotonic()
+        return p

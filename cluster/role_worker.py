@@ -1,0 +1,168 @@
+"""RoleWorker: the Ray actor every prefill, decode and colocated worker runs as.
+
+It loads the weights once and serves through one role at a time, a PrefillWorker or a
+DecodeWorker built on those weights. A role switch replaces that inner worker, not the process:
+
+    set_role(role, epoch) ── refused unless epoch > current epoch (a stale or repeated order)
+                          ── refused unless the inner worker is idle (the router drains it first:
+                             no queued prompt, no reservation, no running sequence, no KV block
+                             held, no transfer in flight)
+                          ── inner worker closed: its transfer endpoints and KV cache released
+                          ── new inner worker for `role` on the same weights; epoch = epoch
+
+Epoch fencing: every call that starts work (reserve, activate, prefill, submit,
+prepare_images) carries the epoch the router's handle was made for. A call with another epoch,
+or meant for another role, raises StaleEpochError and touches nothing: a reservation or prefill
+ordered before a switch can never land in the new role's KV cache. The epoch also counts
+restarts (a replacement actor starts at the dead one's epoch + 1), so it never repeats for a
+worker id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cluster.router_api import Role
+from cluster.worker_common import setup_threads
+from decode_workers.actor import DecodeWorker
+from decode_workers.decode_core import DecodeOptions
+from engine.llm_engine import LoadedModel
+from prefill_workers.actor import PrefillWorker
+from prefill_workers.prefill_core import PrefillOptions
+
+
+class StaleEpochError(RuntimeError):
+    """A call meant for another epoch or role of this worker; nothing was done."""
+
+
+class RoleSwitchError(RuntimeError):
+    """A role switch this worker refused (busy, stale epoch, role it cannot take)."""
+
+
+class RoleWorker:
+    def __init__(self, worker_id: str, model: str | None, options: dict[Role, PrefillOptions | DecodeOptions],
+                 num_threads: int, role: Role, epoch: int = 0, loaded: LoadedModel | None = None) -> None:
+        """options: per role this worker may take, its options (a colocated worker has only COLOCATED).
+        loaded: weights already in memory (tests); else `model` is loaded."""
+        if role not in options:
+            raise ValueError(f"worker {worker_id}: no options for role {role.value}")
+        setup_threads(num_threads)
+        self.worker_id = worker_id
+        self.options = options
+        self.num_threads = num_threads
+        dtype = options[role].engine.dtype
+        self.loaded = loaded or LoadedModel.load(model, dtype)
+        self.role = role
+        self.epoch = epoch
+        self.impl = self._build(role)
+        self._switching = False
+
+    def _build(self, role: Role) -> PrefillWorker | DecodeWorker:
+        opts = self.options[role]
+        if role is Role.PREFILL:
+            return PrefillWorker(self.worker_id, None, opts, self.num_threads, loaded=self.loaded)
+        return DecodeWorker(self.worker_id, None, opts, self.num_threads, role, loaded=self.loaded)
+
+    def _fence(self, epoch: int | None, *roles: Role) -> None:
+        if self._switching:
+            raise StaleEpochError(f"worker {self.worker_id} is switching role")
+        if epoch is not None and epoch != self.epoch:
+            raise StaleEpochError(f"worker {self.worker_id} is at epoch {self.epoch}, the call was for epoch {epoch}")
+        if self.role not in roles:
+            raise StaleEpochError(f"worker {self.worker_id} is a {self.role.value} worker, the call needs "
+                                  f"{'/'.join(r.value for r in roles)}")
+
+    # ------------------------------------------------------------ role
+    async def set_role(self, role: Role, epoch: int) -> tuple[object, object, float]:
+        """Switch to `role` as `epoch`; returns (info, KV layout, seconds the switch took)."""
+        if role not in self.options:
+            raise RoleSwitchError(f"worker {self.worker_id} cannot take role {role.value} "
+                                  f"(it can be {', '.join(r.value for r in self.options)})")
+        if epoch <= self.epoch:
+            raise RoleSwitchError(f"worker {self.worker_id} is at epoch {self.epoch}; refusing epoch {epoch}")
+        if self._switching:
+            raise RoleSwitchError(f"worker {self.worker_id} is already switching role")
+        if not await self.impl.idle():
+            raise RoleSwitchError(f"worker {self.worker_id} is not idle; drain it before switching its role")
+        t0 = time.monotonic()
+        self._switching = True
+        try:
+            old = self.impl
+            await old.shutdown()
+            _stop(old)
+            self.role = role
+            self.impl = self._build(role)
+            self.epoch = epoch
+        finally:
+            self._switching = False
+        return self.impl.info, self.impl.core.layout, time.monotonic() - t0
+
+    async def weights_id(self) -> int:
+        """Address of the first weight tensor: unchanged by a role switch (no reload)."""
+        return next(self.loaded.model.parameters()).data_ptr()
+
+    # ------------------------------------------------------------ every role
+    async def ready(self):
+        return self.impl.info, self.impl.core.layout
+
+    async def status(self):
+        return await self.impl.status()
+
+    async def idle(self) -> bool:
+        return await self.impl.idle()
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self.impl.cancel(request_id)
+
+    async def shutdown(self) -> None:
+        await self.impl.shutdown()
+
+    # ------------------------------------------------------------ prefill role
+    async def prefill(self, task, epoch: int | None = None):
+        self._fence(epoch, Role.PREFILL)
+        return await self.impl.prefill(task)
+
+    async def prepare_images(self, shards, epoch: int | None = None):
+        self._fence(epoch, Role.PREFILL)
+        return await self.impl.prepare_images(shards)
+
+    async def release_images(self, shards) -> None:
+        if self.role is Role.PREFILL:
+            await self.impl.release_images(shards)
+
+    # ------------------------------------------------------------ decode / colocated roles
+    async def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None,
+                      epoch: int | None = None):
+        self._fence(epoch, Role.DECODE)
+        return await self.impl.reserve(request_id, num_prompt_tokens, lease_s)
+
+    async def activate(self, request_id: str, prompt_token_ids, first_token: int, sampling, epoch: int | None = None):
+        self._fence(epoch, Role.DECODE)
+        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling)
+
+    async def submit(self, request_id: str, prompt_token_ids, sampling, epoch: int | None = None,
+                     images: tuple[bytes, ...] = ()) -> None:
+        self._fence(epoch, Role.COLOCATED, Role.DECODE)
+        await self.impl.submit(request_id, prompt_token_ids, sampling, images)
+
+    async def poll(self, timeout_s: float = 1.0, epoch: int | None = None):
+        """Step messages of a decode / colocated worker; a poll for an older epoch (a router's
+        poller of a handle that a switch retired) raises StaleEpochError."""
+        self._fence(epoch, Role.DECODE, Role.COLOCATED)
+        return await self.impl.poll(timeout_s)
+
+
+def _stop(worker: PrefillWorker | DecodeWorker) -> None:
+    """Stop a retired inner worker's background loop and executor thread."""
+    task = getattr(worker, "_loop_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+    executor = getattr(worker, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=False)
+    # Wake anything still waiting on the old worker's events so it sees the cancellation.
+    for name in ("_has_output", "_has_work", "_wake"):
+        event = getattr(worker, name, None)
+        if isinstance(event, asyncio.Event):
+            event.set()

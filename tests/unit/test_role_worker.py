@@ -1,0 +1,96 @@
+"""RoleWorker without Ray: epoch fencing, switch preconditions, and a prefill -> decode request
+path that gives the same greedy tokens before and after both workers swap roles (no reload)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.role_worker import RoleSwitchError, RoleWorker, StaleEpochError
+from cluster.router_api import Role
+from decode_workers.decode_core import QUARANTINE_S, DecodeOptions
+from engine.config import EngineConfig
+from engine.sequence import SamplingParams
+from prefill_workers.prefill_core import PrefillOptions, PrefillTask
+from tests.conftest import hf_greedy
+
+
+def _options() -> dict:
+    cfg = EngineConfig(block_size=16, num_kv_blocks=64, max_num_batched_tokens=256, max_num_seqs=8)
+    return {Role.PREFILL: PrefillOptions(cfg, backend="fake"), Role.DECODE: DecodeOptions(cfg, backend="fake")}
+
+
+def _worker(tiny, wid: str, role: Role) -> RoleWorker:
+    return RoleWorker(wid, None, _options(), 1, role, epoch=0, loaded=tiny)
+
+
+async def _generate(prefill: RoleWorker, decode: RoleWorker, rid: str, ids: list[int], n: int) -> list[int]:
+    sampling = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    desc = await decode.reserve(rid, len(ids), 30.0, epoch=decode.epoch)
+    result = await prefill.prefill(PrefillTask(rid, tuple(ids), sampling, desc), epoch=prefill.epoch)
+    assert result.error is None, result.error
+    out = await decode.activate(rid, ids, result.first_token, sampling, epoch=decode.epoch)
+    tokens = list(out.new_token_ids)
+    finished = out.finished
+    while not finished:
+        for step in await decode.poll(1.0, epoch=decode.epoch):
+            for o in step:
+                if o.request_id == rid:
+                    tokens += o.new_token_ids
+                    finished = o.finished
+    return tokens
+
+
+def test_switch_keeps_weights_and_output(tiny):
+    ids = tiny.tokenizer("The three pools of a serving cluster are")["input_ids"]
+    want = hf_greedy(tiny, ids, 12)
+
+    async def scenario():
+        a, b = _worker(tiny, "a", Role.PREFILL), _worker(tiny, "b", Role.DECODE)
+        weights = (await a.weights_id(), await b.weights_id())
+        before = await _generate(a, b, "r1", ids, 12)
+        assert await a.idle() and await b.idle()
+        info_a, _, _ = await a.set_role(Role.DECODE, 1)
+        info_b, _, _ = await b.set_role(Role.PREFILL, 1)
+        after = await _generate(b, a, "r2", ids, 12)
+        assert (await a.weights_id(), await b.weights_id()) == weights      # same tensors: no reload
+        assert (a.role, a.epoch, info_a.role, b.role, b.epoch, info_b.role) == (
+            Role.DECODE, 1, "decode", Role.PREFILL, 1, "prefill")
+        assert await a.idle() and await b.idle()
+        await a.shutdown()
+        await b.shutdown()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == want and after == want
+
+
+def test_epoch_fencing_and_switch_preconditions(tiny):
+    async def scenario():
+        w = _worker(tiny, "d", Role.DECODE)
+        sampling = SamplingParams(max_tokens=4)
+        with pytest.raises(StaleEpochError, match="epoch 0, the call was for epoch 1"):
+            await w.reserve("x", 8, 10.0, epoch=1)
+        with pytest.raises(StaleEpochError, match="decode worker, the call needs prefill"):
+            await w.prefill(PrefillTask("x", (1, 2), sampling, None), epoch=0)
+        assert await w.reserve("held", 20, 10.0, epoch=0) is not None
+        with pytest.raises(RoleSwitchError, match="not idle"):
+            await w.set_role(Role.PREFILL, 1)
+        assert await w.cancel("held")
+        await asyncio.sleep(QUARANTINE_S + 0.1)      # blocks of an unfinished transfer wait this long
+        with pytest.raises(RoleSwitchError, match="refusing epoch 0"):
+            await w.set_role(Role.PREFILL, 0)
+        with pytest.raises(RoleSwitchError, match="cannot take role colocated"):
+            await w.set_role(Role.COLOCATED, 5)
+        await w.set_role(Role.PREFILL, 3)
+        # An order from before the switch (epoch 0, decode) lands nowhere.
+        with pytest.raises(StaleEpochError):
+            await w.reserve("late", 8, 10.0, epoch=0)
+        with pytest.raises(StaleEpochError):
+            await w.poll(0.01, epoch=0)
+        status = await w.status()
+        assert (status.role, w.epoch) == (Role.PREFILL, 3)
+        await w.shutdown()
+
+    asyncio.run(scenario())

@@ -1,0 +1,37 @@
+"""`triptych admin status`: the cluster's pools, workers, role switches and restarts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from triptych.client import DEFAULT_TARGET, Client
+from triptych.errors import TriptychError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"gRPC address of the server (default {DEFAULT_TARGET})")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.target) as client:
+            status = client.cluster_status(timeout=30)
+    except TriptychError as exc:
+        print(f"triptych admin status: {exc}", file=sys.stderr)
+        return 1
+    print(f"mode: {status.mode.value if status.mode else '?'}")
+    print(f"{'worker':<14} {'role':<10} {'alive':<6} {'epoch':>5} {'queue':>6} {'running':>8} {'kv used':>12} restarts")
+    for pool in status.pools:
+        for w in pool.workers:
+            kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}" if w.kv_blocks_total else "-"
+            role = w.role.value if w.role else "?"
+            print(f"{w.worker_id:<14} {role:<10} {str(w.alive).lower():<6} {w.epoch:>5} {w.queue_length:>6} "
+                  f"{w.running:>8} {kv:>12} {status.restarts.get(w.worker_id, 0)}")
+    print(f"role switches: {status.role_switch_count}")
+    for s in status.role_switches:
+        at = time.strftime("%H:%M:%S", time.localtime(s.at_unix_s))
+        print(f"  {at} {s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}, "
+              f"drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}")
+    return 0

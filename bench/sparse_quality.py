@@ -3,7 +3,8 @@ output error and RULER-style task answers, dense vs FlexPrefill vs static at mat
 
     OMP_NUM_THREADS=1 python bench/sparse_quality.py [--lengths 4096,8176] [--count 4096:5,8176:2]
         [--kinds passkey,needle,vartrack,cwe] [--layers 3,15,27] [--max-tokens 16]
-        [--measure all|first] [--json results.json] [--verbose]
+        [--measure all|first] [--json results.json] [--verbose] [--gamma G] [--min-budget N]
+        [--methods dense,flexprefill,static] [--accuracy flexprefill,static]  ("" = none)
 
 1. Dense: every prompt (bench/ruler.py, `count` per kind and length; depths cycle through
    10%..90% within a kind) through LLMEngine, one forward per prompt (max_num_batched_tokens >=
@@ -194,6 +195,10 @@ def main() -> None:
     ap.add_argument("--layers", default="3,15,27", help="layers whose q/k/v are measured")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default="dense,flexprefill,static")
+    ap.add_argument("--gamma", type=float, default=None, help="FlexPrefill gamma (default: "
+                    "SparsePrefillConfig's)")
+    ap.add_argument("--min-budget", type=int, default=None,
+                    help="FlexPrefill min_budget in tokens (default: SparsePrefillConfig's)")
     ap.add_argument("--accuracy", default="flexprefill,static",
                     help="sparse methods whose task answers are computed (dense always is)")
     ap.add_argument("--measure", choices=("all", "first"), default="all",
@@ -212,7 +217,9 @@ def main() -> None:
     counts = dict(tuple(map(int, c.split(":"))) for c in args.count.split(","))
     layers = [int(x) for x in args.layers.split(",")]
     methods = args.methods.split(",")
-    flex = SparsePrefillConfig(method="flexprefill", dense_below=1024)
+    overrides = {k: v for k, v in (("gamma", args.gamma), ("min_budget", args.min_budget))
+                 if v is not None}
+    flex = SparsePrefillConfig(method="flexprefill", dense_below=1024, **overrides)
     which = "every task" if args.measure == "all" else "the first task of each kind"
     print(f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {torch.get_num_threads()} "
           f"thread(s); flexprefill {flex}; layers {layers} measured on {which}; "

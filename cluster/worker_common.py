@@ -25,10 +25,12 @@ def setup_threads(num_threads: int) -> None:
 
 
 def worker_info(worker_id: str, role: str) -> WorkerInfo:
+    node_id = "local"
     try:
         import ray
 
-        node_id = ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():  # outside an actor (tests) asking would start a Ray instance
+            node_id = ray.get_runtime_context().get_node_id()
     except Exception:
-        node_id = "local"
+        pass
     return WorkerInfo(worker_id, role, node_id, socket.gethostname(), os.getpid())

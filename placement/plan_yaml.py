@@ -1,7 +1,8 @@
 """Write a `Plan` as a deploy YAML that `triptych serve` loads unchanged (cluster.config schema).
 
 The top-level keys are those of deploy/local.yaml: version, model, ray, mode, engine, pools,
-transport, slo, server. What the plan decides:
+transport, slo, server, role_switching (written off: a plan is a static placement). What the plan
+decides:
 - mode: disaggregated | colocated;
 - pools.<role>: workers (instances), tensor_parallel, pipeline_parallel, and what one worker
   reserves in Ray for all its TP×PP ranks: num_gpus = TP·PP on a GPU cluster (num_cpus 1), or
@@ -22,7 +23,7 @@ from placement.latency_model import PerfModel
 from placement.search import Plan, Role, SearchSettings
 from placement.simulator import Mode
 
-DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server")
+DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server", "role_switching")
 
 
 def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_path: str | None = None) -> dict:
@@ -62,6 +63,7 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
                 "attainment": settings.target_attainment},
         "server": {"host": "127.0.0.1" if local else "0.0.0.0", "grpc_port": 50051, "http_port": 8000,
                    "max_queued_requests": 256, "request_timeout_s": 300},
+        "role_switching": {"enabled": False},
     }
 
 

@@ -105,7 +105,7 @@ def ttft_streaming_table(run_prefill: Callable[[bool], float], prompt_lens: list
                          run_for_len: Callable[[int, bool], float] | None = None, reps: int = 3) -> str:
     """Hook for the engine: TTFT with layer-wise streaming on vs off.
 
-    run_for_len(prompt_len, streaming) -> TTFT seconds for one disaggregated request (the lead
+    run_for_len(prompt_len, streaming) -> TTFT seconds for one disaggregated request (main()
     wires it to a prefill + decode worker pair); run_prefill(streaming) is used when every
     prompt length is the same request. Returns the printed table.
     """

@@ -1,6 +1,6 @@
 """Role switching under a shifting load: SLO attainment over time with the role policy off and on.
 
-    OMP_NUM_THREADS=1 python -m bench.role_switch [--requests 60] [--rate-a 0.4] [--rate-b 0.4]
+    OMP_NUM_THREADS=1 python -m bench.role_switch [--requests 60] [--rate-a 0.4] [--rate-b 0.6]
         [--ttft-slo 4] [--tpot-slo 0.25] [--window 15] [--modes off on]
 
 The trace is built from the real Azure conversation trace, keeping its arrival pattern:
@@ -14,7 +14,7 @@ Each half's arrivals are rescaled to its rate; B starts when A's last request ar
 
 Deployment: 1 prefill + 2 decode workers, 1 thread each, the real SmolLM2 (the split that suits
 A). With switching on, the role policy (cluster/role_policy.py; SLOs as below, checks every 2 s,
-3 in a row, 20 s cooldown) may move workers; the switches are printed with their times.
+2 in a row, 20 s cooldown, 4 requests minimum) may move workers; the switches are printed with their times.
 Printed: attainment (TTFT and TPOT both met) per arrival window, per half, and overall.
 """
 
@@ -72,8 +72,8 @@ def config(switching: bool, ttft_ms: float, tpot_ms: float):
         "engine": {"num_kv_blocks": 1024, "max_num_seqs": 32},
         "pools": {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 2, "num_cpus": 1}},
         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
-        "role_switching": {"enabled": switching, "interval_s": 2, "sustain": 3, "cooldown_s": 20,
-                           "window_s": 30, "min_samples": 5, "drain_timeout_s": 60},
+        "role_switching": {"enabled": switching, "interval_s": 2, "sustain": 2, "cooldown_s": 20,
+                           "window_s": 30, "min_samples": 4, "drain_timeout_s": 60},
     }, f"bench.role_switch:{'on' if switching else 'off'}")
 
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--trace", type=Path, default=AZURE_CONV)
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--rate-a", type=float, default=0.4)
-    p.add_argument("--rate-b", type=float, default=0.4)
+    p.add_argument("--rate-b", type=float, default=0.6)
     p.add_argument("--ttft-slo", type=float, default=4.0)
     p.add_argument("--tpot-slo", type=float, default=0.25)
     p.add_argument("--window", type=float, default=15.0)

@@ -30,7 +30,8 @@ from placement.simulator import Slo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--model", required=True, help="known model name (e.g. Llama-3-8B) or a profile .json from `triptych profile`")
+    a("--model", required=True, help="known model name (e.g. Llama-3-8B), a profile .json from `triptych profile`, "
+                                     "or comma-separated profiles of one model at different TP/PP")
     a("--cluster", required=True, help="cluster YAML (see placement/clusters/)")
     a("--trace", required=True, help="Azure .csv or Mooncake .jsonl trace")
     a("--ttft-slo", type=float, required=True, help="time-to-first-token SLO, seconds")
@@ -63,12 +64,26 @@ def _settings(args: argparse.Namespace) -> SearchSettings:
                           token_budget=args.token_budget, max_batch=args.max_batch)
 
 
+def perf_model(model: str, cluster_path: str | Path) -> PerfModel:
+    """`--model`: a known name, a profile .json, or several profiles of one model at different
+    (TP, PP) joined by commas (the first is the reference the others' configurations scale from)."""
+    cluster = load_cluster(cluster_path)
+    parts = [m for m in model.split(",") if m]
+    if any(m.endswith(".json") or Path(m).is_file() for m in parts):
+        profiles = [load_profile(m) for m in parts]
+        names = {p.model.name for p in profiles}
+        if len(names) > 1:
+            raise PlanningError(f"--model: the profiles are of different models ({', '.join(sorted(names))})")
+        fits = [FittedProfile.from_profile(p) for p in profiles]
+        seen = [(f.tp, f.pp) for f in fits]
+        if len(set(seen)) < len(seen):
+            raise PlanningError(f"--model: two profiles at the same (TP, PP) {sorted(seen)}")
+        return PerfModel(profiles[0].model, cluster, fits[0], tuple(fits[1:]))
+    return PerfModel(model_by_name(model), cluster)
+
+
 def _perf(args: argparse.Namespace) -> PerfModel:
-    cluster = load_cluster(args.cluster)
-    if args.model.endswith(".json") or Path(args.model).is_file():
-        profile = load_profile(args.model)
-        return PerfModel(profile.model, cluster, FittedProfile.from_profile(profile))
-    return PerfModel(model_by_name(args.model), cluster)
+    return perf_model(args.model, args.cluster)
 
 
 def _table(plans: tuple[Plan, ...]) -> str:

@@ -202,18 +202,30 @@ class FittedProfile:
 
 @dataclass(frozen=True)
 class PerfModel:
-    """Latency and memory of any (tp, pp) instance of `model` on `cluster`, optionally profile-calibrated."""
+    """Latency and memory of any (tp, pp) instance of `model` on `cluster`, optionally profile-calibrated.
+
+    `fitted` is the reference profile (its transfer model is used); `extra` holds profiles of the
+    same model at other (tp, pp). A configuration that was profiled uses its own fit as is; any
+    other is scaled from the reference by the roofline ratio.
+    """
 
     model: ModelInfo
     cluster: ClusterSpec
     fitted: FittedProfile | None = None
+    extra: tuple[FittedProfile, ...] = ()
+
+    def profiled(self, tp: int, pp: int) -> FittedProfile | None:
+        """The fit measured at exactly (tp, pp), if any."""
+        return next((f for f in (self.fitted, *self.extra) if f is not None and (f.tp, f.pp) == (tp, pp)), None)
 
     def instance(self, tp: int, pp: int, stages_intra_node: bool = True) -> InstanceLatency:
         prior = roofline(self.model, self.cluster, tp, pp, stages_intra_node)
         if self.fitted is None:
             return prior
-        ref = roofline(self.model, self.cluster, self.fitted.tp, self.fitted.pp, True)
-        f = self.fitted
+        f = self.profiled(tp, pp) or self.fitted
+        ref = roofline(self.model, self.cluster, f.tp, f.pp, True)
+        if (f.tp, f.pp) == (tp, pp):
+            ref = prior      # measured here: the fit as is (ratio 1, also for stages across nodes)
         return InstanceLatency(
             tp, pp,
             _scaled(f.prefill, prior.prefill, ref.prefill) if f.prefill else prior.prefill,

@@ -6,6 +6,9 @@ Measures, on this machine and with the deployment's engine settings:
   transfer one KV hand-off of N bytes through the deployment's transport (shm/gloo in-process,
            receiver and sender in this process: the copy cost without Ray's scheduling),
 and writes a `placement.profile` file that `triptych plan --model profile.json` fits.
+`--threads N` profiles an N-thread worker (its TP on a CPU cluster). `--co-run K` keeps K-1 other
+processes doing prefill and decode forwards (N threads each) while prefill and decode are timed,
+so on a CPU node the samples see the other cores busy, as they are when a plan is deployed.
 Encode is left empty for text-only models (the planner then uses its roofline prior).
 """
 
@@ -23,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the prefill pool's num_cpus)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples (about a minute on 2 cores)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per sample; the median is kept")
+    parser.add_argument("--co-run", type=int, default=1,
+                        help="processes doing the same kind of work meanwhile, this one included (default 1: alone). "
+                             "On a CPU node the cores of a deployment share caches and memory bandwidth (and, on a "
+                             "shared machine, the CPU): profile 1-thread workers of a 2-core node with --co-run 2 so "
+                             "the samples see the other core busy, as it is when the plan is deployed")
 
 
 def _progress(msg: str) -> None:
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"triptych profile: {exc}", file=sys.stderr)
         return 2
     try:
-        profile = measure(config, threads=args.threads, quick=args.quick, reps=args.reps)
+        profile = measure(config, threads=args.threads, quick=args.quick, reps=args.reps, co_run=args.co_run)
     except PlanningError as exc:
         print(f"triptych profile: {exc}", file=sys.stderr)
         return 2
@@ -119,21 +127,87 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(config, *, threads: int | None = None, quick: bool = False, reps: int = 3):
+def _co_runner(model_path, engine_cfg, threads: int, ready, stop) -> None:
+    """A neighbour process: alternates a prefill forward and a decode step until `stop` is set."""
+    import dataclasses
+
+    import torch
+
+    from engine.llm_engine import LoadedModel
+
+    import os
+
+    parent = os.getppid()
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(engine_cfg, num_kv_blocks=min(engine_cfg.num_kv_blocks, 512))
+    probe = EngineProbe(LoadedModel.load(model_path, cfg.dtype), cfg)
+    probe.time_forward([256], [0], 1)
+    ready.set()
+    while not stop.is_set() and os.getppid() == parent:     # also ends if the profiler was killed
+        probe.time_forward([256], [0], 1)
+        for _ in range(4):
+            probe.time_forward([129] * 16, [128] * 16, 1)
+
+
+class CoRun:
+    """Context manager: `n` neighbour processes (see `_co_runner`) busy while the samples are timed."""
+
+    def __init__(self, n: int, model_path, engine_cfg, threads: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        self.ready = [ctx.Event() for _ in range(n)]
+        self.procs = [ctx.Process(target=_co_runner, args=(model_path, engine_cfg, threads, r, self.stop), daemon=True)
+                      for r in self.ready]
+
+    def __enter__(self) -> "CoRun":
+        for p in self.procs:
+            p.start()
+        for p, r in zip(self.procs, self.ready):
+            while not r.wait(1.0):
+                if not p.is_alive():
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"co-run process exited with code {p.exitcode} before it was ready")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+
+
+def measure(config, *, threads: int | None = None, quick: bool = False, reps: int = 3, co_run: int = 1):
+    import contextlib
+
     import torch
 
     from cluster.config import Mode
     from cluster.controller import engine_config
-    from decode_workers.decode_core import kv_layout
     from engine.llm_engine import LoadedModel
-    from placement.profile import DecodeSample, HardwareInfo, ModelInfo, PrefillSample, Profile
+    from placement.errors import PlanningError
 
+    if co_run < 1:
+        raise PlanningError(f"--co-run must be >= 1, got {co_run}")
     pool = config.pools.colocated if config.mode is Mode.COLOCATED else config.pools.prefill
     torch.set_num_threads(threads or max(1, int(pool.num_cpus)))
     ecfg = engine_config(config, pool)
     _progress(f"loading the model ({config.model.path or 'embedded SmolLM2-135M-Instruct'}) ...")
     loaded = LoadedModel.load(config.model.path, ecfg.dtype)
     probe = EngineProbe(loaded, ecfg)
+    neighbours = contextlib.nullcontext()
+    if co_run > 1:
+        _progress(f"starting {co_run - 1} co-running process(es) with {torch.get_num_threads()} thread(s) each ...")
+        neighbours = CoRun(co_run - 1, config.model.path, ecfg, torch.get_num_threads())
+    with neighbours:
+        prefill, decode = _forward_samples(probe, ecfg, quick, reps)
+    return _finish_profile(config, loaded, ecfg, prefill, decode, quick, reps, co_run)
+
+
+def _forward_samples(probe: EngineProbe, ecfg, quick: bool, reps: int):
+    from placement.profile import DecodeSample, PrefillSample
 
     prefill_batches = ([[64], [256], [512], [128, 128], [256, 256], [64] * 8, [1024]] if quick else
                        [[32], [128], [256], [512], [1024], [2048], [128, 128], [256, 256, 256, 256],
@@ -153,6 +227,14 @@ def measure(config, *, threads: int | None = None, quick: bool = False, reps: in
             _progress(f"decode: batch {b}, context {c}")
             t = probe.time_forward([c + 1] * b, [c] * b, reps)
             decode.append(DecodeSample(b, b * c, t))
+    return prefill, decode
+
+
+def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: int, co_run: int):
+    import torch
+
+    from decode_workers.decode_core import kv_layout
+    from placement.profile import HardwareInfo, ModelInfo, Profile
 
     layout = kv_layout(loaded, ecfg)
     sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
@@ -167,5 +249,9 @@ def measure(config, *, threads: int | None = None, quick: bool = False, reps: in
                       cfg.num_key_value_heads, head_dim, cfg.intermediate_size, cfg.vocab_size,
                       sum(p.numel() for p in loaded.model.parameters()), dtype_bytes,
                       ModelInfo.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype_bytes))
-    hardware = HardwareInfo(f"CPU, {torch.get_num_threads()} thread(s)", "cpu", 1, 1, 1)
+    # On a CPU cluster an instance of TP t is one worker process with t torch threads (the controller
+    # gives a worker num_cpus = TP·PP threads), so the thread count is the profiled TP degree.
+    threads_used = torch.get_num_threads()
+    busy = f", {co_run - 1} co-running process(es)" if co_run > 1 else ""
+    hardware = HardwareInfo(f"CPU, {threads_used} thread(s){busy}", "cpu", threads_used, threads_used, 1)
     return Profile(model, hardware, tuple(prefill), tuple(decode), (), tuple(transfer))

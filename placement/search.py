@@ -3,7 +3,8 @@
 Steps (`plan_placement`):
 1. Enumerate feasible (TP, PP) per phase: TP a power of two within one node that divides the
    attention heads; PP a power of two <= layers; weights/(TP·PP) fit a device and each decode
-   lane's KV holds at least one max_model_len sequence.
+   lane's KV holds at least one max_model_len sequence. On a CPU cluster TP is the worker's
+   thread count (no head constraint) and PP is 1: the engine has no pipeline there.
 2. Per candidate and phase, binary-search its goodput: the highest rate (req/s) at which a single
    instance keeps >= 90% of the fit sample within the phase's SLO (prefill: TTFT incl. KV transfer;
    decode: TPOT; colocated: both). The fit sample is rescaled to each probed rate.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from placement.errors import PlanningError
+from placement.hardware import DeviceKind
 from placement.latency_model import PerfModel, TransferModel
 from placement.simulator import Mode, PoolConfig, SimConfig, SimResult, Slo, simulate
 from placement.trace import Request, rescale_rate, stats
@@ -154,12 +156,16 @@ class Searcher:
     # ------------------------------------------------------------ feasibility
     def configs(self) -> list[tuple[int, int]]:
         m, c = self.perf.model, self.cluster
+        # On a CPU cluster the engine runs an instance as one process with TP·PP torch threads
+        # (intra-op parallelism): threads do not split attention heads, and there is no pipeline
+        # to overlap batches in, so only PP 1 is a configuration the engine really runs.
+        cpu = c.device is DeviceKind.CPU
         out, reasons = [], []
         for tp in _pow2(min(self.s.max_tp, c.gpus_per_node)):
-            if m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads):
+            if not cpu and (m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads)):
                 reasons.append(f"TP{tp}: {m.num_heads} heads / {m.num_kv_heads} KV heads not divisible")
                 continue
-            for pp in _pow2(min(self.s.max_pp, m.num_layers)):
+            for pp in ([1] if cpu else _pow2(min(self.s.max_pp, m.num_layers))):
                 if tp * pp > c.num_gpus:
                     continue
                 if self.perf.weight_bytes_per_device(tp, pp) > c.usable_memory_bytes:

@@ -123,3 +123,41 @@ def test_trace_errors(tmp_path):
     empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
     with pytest.raises(PlanningError, match="no requests"):
         tr.load_trace(empty)
+
+
+def test_profile_at_another_tp_is_used_as_is_there():
+    """Several profiles of one model: each profiled (TP, PP) uses its own fit, the rest scale from the first."""
+    from dataclasses import replace
+
+    p1 = _synthetic_profile()
+    # A 2-thread profile that is 1.6x faster, not the 2x the roofline ratio would assume.
+    p2 = replace(p1, hardware=HardwareInfo("test, 2 threads", "cpu", 2, 2, 1),
+                 prefill=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.prefill),
+                 decode=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.decode))
+    cluster = load_cluster(CLUSTERS / "local-cpu.yaml")
+    f1, f2 = FittedProfile.from_profile(p1), FittedProfile.from_profile(p2)
+    perf = PerfModel(p1.model, cluster, f1, (f2,))
+    assert perf.profiled(2, 1) is f2 and perf.profiled(4, 1) is None
+    assert perf.instance(1, 1).prefill.b == pytest.approx(2e-4)
+    assert perf.instance(2, 1).prefill.b == pytest.approx(2e-4 / 1.6)
+    assert perf.instance(2, 1).decode.c == pytest.approx(4e-4 / 1.6)
+    only_one = PerfModel(p1.model, cluster, f1)
+    assert only_one.instance(2, 1).prefill.b != pytest.approx(2e-4 / 1.6)   # the roofline ratio instead
+
+
+def test_cli_joins_profiles_and_refuses_mixed_models(tmp_path):
+    from dataclasses import replace
+
+    from placement.cli import perf_model
+
+    p1 = _synthetic_profile()
+    p2 = replace(p1, hardware=HardwareInfo("2 threads", "cpu", 2, 2, 1))
+    save_profile(p1, tmp_path / "a.json")
+    save_profile(p2, tmp_path / "b.json")
+    perf = perf_model(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", CLUSTERS / "local-cpu.yaml")
+    assert perf.profiled(2, 1) is not None and perf.fitted.tp == 1
+    save_profile(replace(p1, model=replace(p1.model, name="Other")), tmp_path / "c.json")
+    with pytest.raises(PlanningError, match="different models"):
+        perf_model(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}", CLUSTERS / "local-cpu.yaml")
+    with pytest.raises(PlanningError, match="same \\(TP, PP\\)"):
+        perf_model(f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}", CLUSTERS / "local-cpu.yaml")

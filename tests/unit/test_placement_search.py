@@ -98,6 +98,18 @@ def test_plan_yaml_loads_through_cluster_config(azure, tmp_path):
     assert cfg.slo.ttft_ms == 30000
 
 
+def test_cpu_cluster_plans_threads_not_pipelines(azure):
+    """On CPU an instance is one process with TP threads: no PP (nothing to pipeline), and TP needs no head split."""
+    from placement.search import Searcher
+
+    perf = PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "local-cpu.yaml"))  # 9 heads
+    s = Searcher(perf, *azure, _settings(max_model_len=2048))
+    assert s.configs() == [(1, 1), (2, 1)]
+    gpu = Searcher(PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "a100-4x8.yaml")), *azure,
+                   _settings(max_model_len=2048))
+    assert all(tp == 1 for tp, _ in gpu.configs()) and any(pp == 2 for _, pp in gpu.configs())
+
+
 def _args(tmp_path, **kw):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -126,8 +138,21 @@ def test_cli_end_to_end_4x8_under_60s(tmp_path, capsys):
     (dict(model="/nonexistent/profile.json"), "profile file not found"),
     (dict(ttft_slo=0), "--ttft-slo must be > 0"),
     (dict(trace_count=1), "need >= 2"),
+    (dict(model="Llama-2-70B", cluster=CLUSTERS / "local-cpu.yaml"), "fits on no"),
+    (dict(ttft_slo=1e-4, tpot_slo=1e-5), "no configuration meets the SLOs"),
+    (dict(rate=1e6), "lower --rate"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, change, message):
     assert cli.run(_args(tmp_path, **change)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("[plan ")]   # progress lines aside
+    assert len(errors) == 1 and errors[0].startswith("triptych plan: error:") and message in errors[0]
+    assert "Traceback" not in err
+
+
+def test_cli_empty_trace_file_exits_2(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    assert cli.run(_args(tmp_path, trace=empty)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert len(err) == 1 and "trace has no requests" in err[0]

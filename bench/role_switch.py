@@ -27,10 +27,9 @@ import time
 from dataclasses import dataclass
 
 from bench.common import AZURE_CONV, prompt_ids, text_token_ids
+from bench.goodput import replay as goodput_replay
 from cluster.config import parse_config
 from cluster.controller import start_router
-from cluster.router_api import FinalEvent, GenerateInput
-from engine.sequence import SamplingParams
 from placement.trace import Request, load_trace, rescale_rate
 
 
@@ -77,23 +76,10 @@ def config(switching: bool, ttft_ms: float, tpot_ms: float):
     }, f"bench.role_switch:{'on' if switching else 'off'}")
 
 
-async def replay(router, trace, prompts, ttft_slo, tpot_slo) -> tuple[list[Outcome], float]:
-    t0 = time.monotonic()
-
-    async def one(i, phase, req, ids) -> Outcome:
-        await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - t0)))
-        inp = GenerateInput(f"rs-{i}-{time.monotonic_ns()}", SamplingParams(max_tokens=req.output_len, ignore_eos=True),
-                            token_ids=tuple(ids), deadline_s=300)
-        final = None
-        async for ev in router.generate(inp):
-            if isinstance(ev, FinalEvent):
-                final = ev
-        t = final.timings
-        ok = final.error is None and t.ttft_s <= ttft_slo and t.tpot_s <= tpot_slo
-        return Outcome(phase, req.arrival_s, t.ttft_s, t.tpot_s, ok, final.error)
-
-    outs = await asyncio.gather(*(one(i, ph, r, p) for i, ((ph, r), p) in enumerate(zip(trace, prompts))))
-    return list(outs), t0
+async def replay(router, trace, prompts, ttft_slo, tpot_slo) -> list[Outcome]:
+    """bench/goodput.py's replay, each outcome tagged with its phase and arrival time."""
+    outs = await goodput_replay(router, [r for _, r in trace], prompts, ttft_slo, tpot_slo)
+    return [Outcome(ph, r.arrival_s, o.ttft, o.tpot, o.ok, o.error) for (ph, r), o in zip(trace, outs)]
 
 
 def _pct(outs: list[Outcome]) -> str:
@@ -112,7 +98,7 @@ async def run_mode(mode: str, trace, args) -> tuple[list[Outcome], list]:
         if router.policy is not None:
             router.policy.last_switch = time.monotonic()
         t_start = time.time()
-        outs, _ = await replay(router, trace, prompts, args.ttft_slo, args.tpot_slo)
+        outs = await replay(router, trace, prompts, args.ttft_slo, args.tpot_slo)
         switches = [(s.at_unix_s - t_start, s) for s in router.switches]
         assert await router.wait_idle(60), "KV blocks still held after the replay"
         return outs, switches

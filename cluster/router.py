@@ -402,6 +402,12 @@ class ClusterRouter(Router):
                         deadline, "KV reservation")
                 except BaseException as exc:
                     worker.inflight -= 1
+                    if isinstance(exc, (asyncio.CancelledError, RouterError)) and worker.alive:
+                        # Cancelled or out of time while the call was in flight: the worker may
+                        # hold (or be about to hold) the blocks. Its calls run in arrival order,
+                        # so a cancel sent now lands after the reserve and frees them at once
+                        # instead of at the lease's end.
+                        worker.actor.cancel.remote(flight.request_id)
                     if isinstance(exc, Exception) and _is_actor_death(exc):
                         self._worker_died(worker, exc)
                         continue

@@ -1,0 +1,102 @@
+"""A request cancelled (or out of time) while its decode KV reservation is in flight frees that
+reservation at once, not when its lease lapses. Fake decode actor whose calls run one at a time
+in arrival order, as DecodeWorker's single executor thread runs them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.router import ClusterRouter, WorkerHandle
+from cluster.router_api import GenerateInput, ModelInfo, Role
+from engine.sequence import SamplingParams
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        # Like a Ray actor call: queued at once, runs whether or not anyone awaits the result.
+        return asyncio.ensure_future(self.fn(*args, **kwargs))
+
+
+class FakeDecode:
+    def __init__(self, reserve_s: float) -> None:
+        self.reserve_s = reserve_s
+        self.reserved: set[str] = set()
+        self.cancels: list[str] = []
+        self._lock = asyncio.Lock()        # one call at a time, in arrival order
+        self.reserve, self.cancel, self.poll = _Method(self._reserve), _Method(self._cancel), _Method(self._poll)
+
+    async def _reserve(self, request_id, num_tokens, lease_s, epoch=None):
+        async with self._lock:
+            await asyncio.sleep(self.reserve_s)
+            self.reserved.add(request_id)
+            return ("descriptor", request_id)
+
+    async def _cancel(self, request_id):
+        async with self._lock:
+            self.cancels.append(request_id)
+            found = request_id in self.reserved
+            self.reserved.discard(request_id)
+            return found
+
+    async def _poll(self, timeout_s, epoch=None):
+        await asyncio.sleep(timeout_s)
+        return []
+
+
+class _Vocab:
+    """Token-id prompts only need the vocabulary size."""
+
+    def __len__(self) -> int:
+        return 100
+
+
+def _router(decode: FakeDecode, timeout_s: float = 30.0) -> ClusterRouter:
+    info = ModelInfo("fake", 64, 10, (), "float32", False)
+    return ClusterRouter(mode="disaggregated", tokenizer=_Vocab(), model_info=info, kv_capacity_tokens=64,
+                         prefill=[WorkerHandle("prefill-0", Role.PREFILL, object())],
+                         decode=[WorkerHandle("decode-0", Role.DECODE, decode)],
+                         max_inflight=4, default_timeout_s=timeout_s)
+
+
+async def _consume(router, request):
+    return [event async for event in router.generate(request)]
+
+
+def test_cancel_during_reserve_frees_the_reservation():
+    async def main():
+        decode = FakeDecode(reserve_s=0.3)
+        router = _router(decode)
+        request = GenerateInput("r1", SamplingParams(max_tokens=4), token_ids=(1, 2, 3))
+        task = asyncio.ensure_future(_consume(router, request))
+        await asyncio.sleep(0.1)                  # the reserve call is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)                  # the reserve lands, then the cancel
+        return decode, router
+
+    decode, router = asyncio.run(main())
+    assert decode.cancels == ["r1"]
+    assert decode.reserved == set()
+    assert router.decode[0].inflight == 0
+
+
+def test_deadline_during_reserve_frees_the_reservation():
+    async def main():
+        decode = FakeDecode(reserve_s=0.4)
+        router = _router(decode)
+        request = GenerateInput("r2", SamplingParams(max_tokens=4), token_ids=(1, 2, 3), deadline_s=0.15)
+        events = await _consume(router, request)
+        await asyncio.sleep(0.5)
+        return decode, router, events
+
+    decode, router, events = asyncio.run(main())
+    final = events[-1]
+    assert final.error and "deadline" in final.error
+    assert decode.reserved == set() and decode.cancels
+    assert router.decode[0].inflight == 0

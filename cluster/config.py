@@ -179,6 +179,10 @@ class RoleSwitchingConfig:
     queue_high: float = 2.0  # prefill queue per worker that counts as a prefill shortage
     kv_high: float = 0.8  # decode KV usage that counts as a decode shortage
     drain_timeout_s: float = 60.0  # a worker's requests must end within this before it switches
+    # Vision-language models: encode and prefill workers load the vision tower AND the language
+    # model, so either can switch to the other role (manually, or by the policy when enabled).
+    encode_prefill: bool = False
+    encode_queue_high: float = 2.0  # image shards in flight per encode worker that count as an encode shortage
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,8 @@ def _role_switching(s: _Section) -> RoleSwitchingConfig:
         queue_high=s.float("queue_high", d.queue_high, lo=0.0, lo_open=True),
         kv_high=s.float("kv_high", d.kv_high, lo=0.0, hi=1.0, lo_open=True),
         drain_timeout_s=s.float("drain_timeout_s", d.drain_timeout_s, lo=0.0, lo_open=True),
+        encode_prefill=s.bool("encode_prefill", d.encode_prefill),
+        encode_queue_high=s.float("encode_queue_high", d.encode_queue_high, lo=0.0, lo_open=True),
     )
     s.done()
     return out
@@ -377,6 +383,9 @@ def _check_cross_fields(cfg: DeployConfig, root: _Section) -> None:
     if cfg.role_switching.enabled and cfg.mode is not Mode.DISAGGREGATED:
         root.fail("role_switching.enabled", "role switching moves workers between prefill and decode; "
                   "it needs mode: disaggregated")
+    if cfg.role_switching.encode_prefill and (cfg.mode is not Mode.DISAGGREGATED or cfg.pools.encode.workers < 1):
+        root.fail("role_switching.encode_prefill", "switching between encode and prefill needs mode: disaggregated "
+                  "and an encode pool (pools.encode.workers >= 1)")
     if cfg.mode is Mode.DISAGGREGATED and cfg.transport.backend in (TransportBackend.CUDA_IPC, TransportBackend.NCCL):
         for role in needed:
             if cfg.pools.get(role).num_gpus <= 0:

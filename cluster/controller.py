@@ -6,7 +6,9 @@
                             (a LLaVA checkpoint in disaggregated mode adds the encode pool: vision
                             tower on encode workers, language side on prefill / decode workers;
                             with 0 encode workers, or colocated, the prefill / colocated workers
-                            load the vision tower too and encode images themselves)
+                            load the vision tower too and encode images themselves; with
+                            role_switching.encode_prefill, encode and prefill workers load both
+                            halves so they can switch between the two roles)
                          ─▶ KV layouts of prefill and decode checked compatible (handshake)
                          ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
                          ─▶ Supervisor: restarts dead workers with the same `spawn(role, id, epoch)`
@@ -22,7 +24,7 @@ import sys
 import time
 from typing import Callable
 
-from cluster.config import DeployConfig, Mode, PoolConfig
+from cluster.config import ConfigError, DeployConfig, Mode, PoolConfig
 from cluster.router import ClusterRouter, WorkerHandle
 from cluster.router_api import ModelInfo, Role
 from cluster.supervisor import Supervisor
@@ -85,6 +87,10 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     directory = await loop.run_in_executor(None, model_loader.local_dir, source)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     llava = multimodal.load_llava_config(directory) if multimodal.is_llava_dir(directory) else None
+    if config.role_switching.encode_prefill and llava is None:
+        raise ConfigError(config.source, "role_switching.encode_prefill",
+                          f"model {source.name} has no vision tower: only a vision-language (LLaVA) model has "
+                          f"an encode role to switch to")
 
     started_ray = False
     address = ray_address or config.ray.address
@@ -187,11 +193,13 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
             ttft_slo_s=config.slo.ttft_ms / 1000, tpot_slo_s=config.slo.tpot_ms / 1000, target=config.slo.attainment,
             interval_s=rs.interval_s, sustain=rs.sustain, cooldown_s=rs.cooldown_s, window_s=rs.window_s,
             min_samples=rs.min_samples, queue_high=rs.queue_high, kv_high=rs.kv_high,
-            drain_timeout_s=rs.drain_timeout_s))
+            drain_timeout_s=rs.drain_timeout_s, encode_prefill=rs.encode_prefill,
+            encode_queue_high=rs.encode_queue_high))
         policy.start()
         supervisor.append(policy)        # stopped by teardown like the supervisor
         router.policy = policy
-        progress("role switching on: workers move between prefill and decode as the load shifts")
+        progress("role switching on: workers move between prefill and decode"
+                 + (" and between encode and prefill" if rs.encode_prefill else "") + " as the load shifts")
     return router
 
 
@@ -210,7 +218,7 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     starts replacements with it (epoch > 0; each gets a fresh actor name)."""
     import ray
 
-    from cluster.role_worker import RoleWorker
+    from cluster.role_worker import EncodeOptions, RoleWorker
     from encode_workers.worker import EncodeWorker
 
     backend = config.transport.backend.value
@@ -221,6 +229,11 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
         opts = {Role.PREFILL: PrefillOptions(engine_config(config, p.prefill), backend=backend,
                                              streaming=config.transport.streaming),
                 Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend)}
+    # With encode_prefill, encode- and prefill-pool workers hold the vision tower and the language
+    # model, so each can take the other's role; decode-pool workers keep only the language model.
+    both = config.role_switching.encode_prefill and config.mode is Mode.DISAGGREGATED
+    vl_opts = ({**opts, Role.ENCODE: EncodeOptions(model_path, dtype=config.model.dtype.value, backend=backend)}
+               if both else opts)
     if config.mode is Mode.COLOCATED or p.encode.workers == 0:
         from engine import multimodal
 
@@ -237,12 +250,13 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
         pool = pools[home.setdefault(worker_id, role)]
         name = f"{worker_id}-{tag}" + (f"-r{epoch}" if epoch else "")
         threads = max(1, int(pool.num_cpus))
-        if role is Role.ENCODE:
+        if role is Role.ENCODE and not both:
             return ray.remote(EncodeWorker).options(**_actor_options(pool, name)).remote(
                 model_dir=model_path, dtype=config.model.dtype.value, backend=backend, torch_threads=threads,
                 worker_id=worker_id)
         # Prefill and decode workers can take either role (role switching); colocated ones only theirs.
+        worker_opts = vl_opts if home[worker_id] in (Role.ENCODE, Role.PREFILL) else opts
         return ray.remote(RoleWorker).options(**_actor_options(pool, name)).remote(
-            worker_id, model_path, opts, threads, role, epoch)
+            worker_id, model_path, worker_opts, threads, role, epoch)
 
     return spawn

@@ -344,7 +344,7 @@ class AdminService(pb_grpc.TriptychAdminServicer):
     async def SetWorkerRole(self, request: pb.SetWorkerRoleRequest, context) -> pb.SetWorkerRoleResponse:
         role = _ROLE_FROM_PB.get(request.role)
         if role is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_PREFILL or ROLE_DECODE")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_ENCODE, ROLE_PREFILL or ROLE_DECODE")
         if not request.worker_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is empty")
         if request.drain_timeout_s < 0:

@@ -1,4 +1,5 @@
-"""The role policy: moves workers between the prefill and decode pools as the load shifts.
+"""The role policy: moves workers between the prefill and decode pools (and the encode and
+prefill pools) as the load shifts.
 
 Every `interval_s` it reads one snapshot of the cluster and the requests that ended since the
 last switch:
@@ -10,6 +11,16 @@ last switch:
     proposal: prefill short and decode not short, and the decode pool would keep its KV usage
               under kv_high with one worker less  ──▶ move the least-loaded decode worker to prefill
               (and the mirror image for decode short)
+
+With `encode_prefill` (a vision-language deployment whose encode and prefill workers hold both
+halves of the model), the encode pool joins in, through the prefill pool only:
+
+    signal:   encode queue = image shards in flight per live encode worker
+              encode short = encode queue >= encode_queue_high
+    proposal: encode short and prefill not short        ──▶ move a prefill worker to encode
+              prefill short, decode cannot give a worker (it is short too, or at its minimum),
+              and the encode queue is under 1 per worker ──▶ move an encode worker to prefill
+    Only workers that loaded both halves are moved (the router says which can).
 
 Hysteresis, so it does not flap:
   - a proposal must repeat on `sustain` consecutive checks before it is carried out;
@@ -49,6 +60,8 @@ class RolePolicyOptions:
     kv_high: float = 0.8            # decode KV usage that counts as a shortage
     min_workers: int = 1            # per pool
     drain_timeout_s: float = 60.0
+    encode_prefill: bool = False    # also move workers between the encode and prefill pools
+    encode_queue_high: float = 2.0  # image shards in flight per encode worker that count as a shortage
 
 
 @dataclass(frozen=True)
@@ -60,12 +73,15 @@ class Signals:
     prefill_queue: float            # queued prompts per live prefill worker
     decode_kv_usage: float          # used / total KV blocks over live decode workers
     samples: int
+    n_encode: int = 0
+    encode_queue: float = 0.0       # image shards in flight per live encode worker
 
     def describe(self) -> str:
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.0f}%"
+        encode = f"; encode queue/worker {self.encode_queue:.1f}" if self.n_encode else ""
         return (f"TTFT ok {pct(self.ttft_attainment)}, TPOT ok {pct(self.tpot_attainment)} of {self.samples}; "
-                f"prefill queue/worker {self.prefill_queue:.1f}; decode KV {100 * self.decode_kv_usage:.0f}%")
+                f"prefill queue/worker {self.prefill_queue:.1f}; decode KV {100 * self.decode_kv_usage:.0f}%{encode}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ def signals(status: ClusterStatus, recent, since: float, now: float, o: RolePoli
     """recent: (end monotonic s, ttft s, tpot s, completion tokens, completed) of requests."""
     prefill = [w for w in status.workers if w.role is Role.PREFILL and w.alive]
     decode = [w for w in status.workers if w.role is Role.DECODE and w.alive]
+    encode = [w for w in status.workers if w.role is Role.ENCODE and w.alive]
     window = [r for r in recent if r[0] >= max(since, now - o.window_s)]
     ttft_ok = tpot_ok = None
     if len(window) >= o.min_samples:
@@ -90,7 +107,8 @@ def signals(status: ClusterStatus, recent, since: float, now: float, o: RolePoli
     used = sum(w.kv_blocks_used for w in decode)
     return Signals(len(prefill), len(decode), ttft_ok, tpot_ok,
                    sum(w.queue_length for w in prefill) / max(1, len(prefill)),
-                   used / total if total else 0.0, len(window))
+                   used / total if total else 0.0, len(window), len(encode),
+                   sum(w.queue_length for w in encode) / max(1, len(encode)))
 
 
 def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
@@ -102,6 +120,13 @@ def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
             return Proposal(Role.DECODE, Role.PREFILL, f"prefill short: {s.describe()}")
     if decode_short and not prefill_short and s.n_prefill > o.min_workers:
         return Proposal(Role.PREFILL, Role.DECODE, f"decode short: {s.describe()}")
+    if not o.encode_prefill or not s.n_encode:
+        return None
+    encode_short = s.encode_queue >= o.encode_queue_high
+    if encode_short and not prefill_short and s.n_prefill > o.min_workers:
+        return Proposal(Role.PREFILL, Role.ENCODE, f"encode short: {s.describe()}")
+    if prefill_short and not encode_short and s.encode_queue < 1.0 and s.n_encode > o.min_workers:
+        return Proposal(Role.ENCODE, Role.PREFILL, f"prefill short, encode idle: {s.describe()}")
     return None
 
 
@@ -148,10 +173,15 @@ class RolePolicy:
         self._pending = key
         if p is None or self._streak < o.sustain:
             return None
-        pool = self.router.decode if p.from_role is Role.DECODE else self.router.prefill
+        pool = getattr(self.router, p.from_role.value)     # router.encode / .prefill / .decode
         candidates = sorted((w for w in pool if w.serving), key=lambda w: w.inflight)
         if len(candidates) <= o.min_workers:
             return None
+        if Role.ENCODE in (p.from_role, p.to_role):      # only workers that hold both halves
+            able = [w for w in candidates if p.to_role in await self.router.worker_roles(w)]
+            if not able:
+                return None
+            candidates = able
         worker = candidates[0]
         log.warning("role policy: moving %s to %s (%s)", worker.worker_id, p.to_role.value, p.reason)
         try:

@@ -1,7 +1,9 @@
-"""RoleWorker: the Ray actor every prefill, decode and colocated worker runs as.
+"""RoleWorker: the Ray actor every prefill, decode and colocated worker runs as (and every
+encode worker of a vision-language deployment with `role_switching.encode_prefill`).
 
-It loads the weights once and serves through one role at a time, a PrefillWorker or a
-DecodeWorker built on those weights. A role switch replaces that inner worker, not the process:
+It loads the weights once and serves through one role at a time, a PrefillWorker, a
+DecodeWorker or (when it holds the vision tower too) an EncodeWorker built on those weights. A
+role switch replaces that inner worker, not the process:
 
     set_role(role, epoch) ── refused unless epoch > current epoch (a stale or repeated order)
                           ── refused unless the inner worker is idle (the router drains it first:
@@ -10,8 +12,14 @@ DecodeWorker built on those weights. A role switch replaces that inner worker, n
                           ── inner worker closed: its transfer endpoints and KV cache released
                           ── new inner worker for `role` on the same weights; epoch = epoch
 
+Which roles a worker can take is fixed when it starts (`options`): prefill and decode always
+(same language-model weights); encode only if it also loaded the vision tower + projector, which
+a worker does when its options include ENCODE (the encode and prefill pools of a LLaVA deployment
+with `role_switching.encode_prefill: true`: both hold both halves of the model, so neither has to
+load anything to take the other's role).
+
 Epoch fencing: every call that starts work (reserve, activate, prefill, submit,
-prepare_images) carries the epoch the router's handle was made for. A call with another epoch,
+prepare_images, encode) carries the epoch the router's handle was made for. A call with another epoch,
 or meant for another role, raises StaleEpochError and touches nothing: a reservation or prefill
 ordered before a switch can never land in the new role's KV cache. The epoch also counts
 restarts (a replacement actor starts at the dead one's epoch + 1), so it never repeats for a
@@ -22,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from cluster.router_api import Role
 from cluster.worker_common import setup_threads
 from decode_workers.actor import DecodeWorker
 from decode_workers.decode_core import DecodeOptions
+from encode_workers.encoder import ImageEncoder
+from encode_workers.worker import EncodeWorker
 from engine.llm_engine import LoadedModel
 from prefill_workers.actor import PrefillWorker
 from prefill_workers.prefill_core import PrefillOptions
@@ -40,29 +51,58 @@ class RoleSwitchError(RuntimeError):
     """A role switch this worker refused (busy, stale epoch, role it cannot take)."""
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """The encode role of a RoleWorker: the LLaVA checkpoint its vision tower comes from and the
+    encode service's settings (as a plain encode worker's)."""
+
+    model_dir: str
+    dtype: str = "float32"
+    backend: str = "shm"
+    cache_bytes: int = 512 << 20
+    max_images_per_batch: int = 8
+
+
 class RoleWorker:
-    def __init__(self, worker_id: str, model: str | None, options: dict[Role, PrefillOptions | DecodeOptions],
-                 num_threads: int, role: Role, epoch: int = 0, loaded: LoadedModel | None = None) -> None:
-        """options: per role this worker may take, its options (a colocated worker has only COLOCATED).
-        loaded: weights already in memory (tests); else `model` is loaded."""
+    def __init__(self, worker_id: str, model: str | None,
+                 options: dict[Role, PrefillOptions | DecodeOptions | EncodeOptions],
+                 num_threads: int, role: Role, epoch: int = 0, loaded: LoadedModel | None = None,
+                 vision: ImageEncoder | None = None) -> None:
+        """options: per role this worker may take, its options (a colocated worker has only COLOCATED;
+        ENCODE needs PREFILL too: the language model is what the encode role switches to).
+        loaded / vision: weights already in memory (tests); else `model` (and, with ENCODE among
+        the options, its vision tower) is loaded."""
         if role not in options:
             raise ValueError(f"worker {worker_id}: no options for role {role.value}")
+        if Role.ENCODE in options and Role.PREFILL not in options:
+            raise ValueError(f"worker {worker_id}: the encode role needs the prefill role's options too")
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.options = options
         self.num_threads = num_threads
-        dtype = options[role].engine.dtype
+        dtype = next(o.engine.dtype for o in options.values() if not isinstance(o, EncodeOptions))
         self.loaded = loaded or LoadedModel.load(model, dtype)
+        self.vision = vision
+        if Role.ENCODE in options and vision is None:
+            self.vision = _load_vision(options[Role.ENCODE])
         self.role = role
         self.epoch = epoch
         self.impl = self._build(role)
         self._switching = False
 
-    def _build(self, role: Role) -> PrefillWorker | DecodeWorker:
+    def _build(self, role: Role) -> PrefillWorker | DecodeWorker | EncodeWorker:
         opts = self.options[role]
+        if role is Role.ENCODE:
+            return EncodeWorker(encoder_factory=lambda: self.vision, backend=opts.backend, cache_bytes=opts.cache_bytes,
+                                max_images_per_batch=opts.max_images_per_batch, worker_id=self.worker_id)
         if role is Role.PREFILL:
             return PrefillWorker(self.worker_id, None, opts, self.num_threads, loaded=self.loaded)
         return DecodeWorker(self.worker_id, None, opts, self.num_threads, role, loaded=self.loaded)
+
+    def _layout(self):
+        """The KV layout of the current role (None for encode: it holds no KV cache)."""
+        core = getattr(self.impl, "core", None)
+        return getattr(core, "layout", None)
 
     def _fence(self, epoch: int | None, *roles: Role) -> None:
         if self._switching:
@@ -96,15 +136,26 @@ class RoleWorker:
             self.epoch = epoch
         finally:
             self._switching = False
-        return self.impl.info, self.impl.core.layout, time.monotonic() - t0
+        return self.impl.info, self._layout(), time.monotonic() - t0
+
+    async def roles(self) -> tuple[Role, ...]:
+        """The roles this worker can take (the router checks before it drains a worker)."""
+        return tuple(self.options)
 
     async def weights_id(self) -> int:
         """Address of the first weight tensor: unchanged by a role switch (no reload)."""
         return next(self.loaded.model.parameters()).data_ptr()
 
+    async def vision_weights_id(self) -> int | None:
+        """Address of the vision tower's first weight tensor (None: no vision tower here)."""
+        return None if self.vision is None else next(self.vision.vision.parameters()).data_ptr()
+
     # ------------------------------------------------------------ every role
     async def ready(self):
-        return self.impl.info, self.impl.core.layout
+        """(info, KV layout); in the encode role info alone, as a plain encode worker answers."""
+        if self.role is Role.ENCODE:
+            return self.impl.info
+        return self.impl.info, self._layout()
 
     async def status(self):
         return await self.impl.status()
@@ -117,6 +168,19 @@ class RoleWorker:
 
     async def shutdown(self) -> None:
         await self.impl.shutdown()
+
+    async def close(self) -> None:
+        """What the controller calls on an encode worker at teardown."""
+        await self.impl.shutdown()
+
+    # ------------------------------------------------------------ encode role
+    async def encode(self, transfer_id: str, images, descriptor, epoch: int | None = None):
+        self._fence(epoch, Role.ENCODE)
+        return await self.impl.encode(transfer_id, images, descriptor)
+
+    async def stats(self) -> dict[str, object]:
+        self._fence(None, Role.ENCODE)
+        return await self.impl.stats()
 
     # ------------------------------------------------------------ prefill role
     async def prefill(self, task, epoch: int | None = None):
@@ -153,7 +217,20 @@ class RoleWorker:
         return await self.impl.poll(timeout_s)
 
 
-def _stop(worker: PrefillWorker | DecodeWorker) -> None:
+def _load_vision(opts: EncodeOptions) -> ImageEncoder:
+    """The vision tower + projector of a LLaVA checkpoint, as an encode worker loads it."""
+    from pathlib import Path
+
+    import torch
+
+    from engine import multimodal
+
+    vision = multimodal.load_vision_encoder(opts.model_dir, getattr(torch, opts.dtype))
+    processor = multimodal.ImageProcessor.from_config(vision.config, opts.model_dir)
+    return ImageEncoder(vision, processor, model_id=str(Path(opts.model_dir).resolve()))
+
+
+def _stop(worker: PrefillWorker | DecodeWorker | EncodeWorker) -> None:
     """Stop a retired inner worker's background loop and executor thread."""
     task = getattr(worker, "_loop_task", None)
     if task is not None and not task.done():

@@ -492,18 +492,21 @@ class ClusterRouter(Router):
 
         Only a dead *prefill* worker propagates as an actor death (the caller retries prefill
         elsewhere); encode failures become RouterErrors and the prepared receives are closed."""
-        workers = [w for w in self.encode if w.alive]
+        workers = [w for w in self.encode if w.serving]
         if not workers:
-            raise RouterError(ErrorKind.UNAVAILABLE, "every encode worker is dead")
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live encode worker")
         images = list(flight.images)
         plan = plan_shards(flight.request_id, images, len(workers))
         shards = [s for _, s in plan]
         descs = await self._bounded(prefill.actor.prepare_images.remote(shards, epoch=prefill.epoch), deadline,
                                     "image receive setup")
         t = time.monotonic()
+        busy = [workers[w] for w, _ in plan]
+        for w in busy:                       # the policy's encode queue; a draining worker waits for 0
+            w.inflight += 1
         try:
-            await self._bounded(encode_parallel([w.actor for w in workers], plan, images, descs), deadline,
-                                "image encoding")
+            await self._bounded(encode_parallel([w.actor for w in workers], plan, images, descs,
+                                                epochs=[w.epoch for w in workers]), deadline, "image encoding")
         except BaseException as exc:
             try:
                 await asyncio.wait_for(prefill.actor.release_images.remote(shards), 10.0)
@@ -514,7 +517,12 @@ class ClusterRouter(Router):
             if _is_actor_death(exc):
                 await self._reap_encode([workers[w] for w, _ in plan])
                 raise RouterError(ErrorKind.UNAVAILABLE, f"an encode worker died: {exc}") from None
+            if _is_stale(exc):               # switched role between the pick and the call
+                raise RouterError(ErrorKind.UNAVAILABLE, f"an encode worker changed role: {exc}") from None
             raise RouterError(ErrorKind.INTERNAL, f"image encoding failed: {exc}") from None
+        finally:
+            for w in busy:
+                w.inflight -= 1
         timings["encode_s"] = time.monotonic() - t
         return tuple(shards)
 
@@ -540,39 +548,65 @@ class ClusterRouter(Router):
 
     # ------------------------------------------------------------------ role switching
     def find_worker(self, worker_id: str) -> WorkerHandle | None:
-        for w in self.prefill + self.decode:
+        for w in self.encode + self.prefill + self.decode:
             if w.worker_id == worker_id and not w.retired:
                 return w
         return None
 
+    def _pool(self, role: Role) -> list[WorkerHandle]:
+        return {Role.ENCODE: self.encode, Role.PREFILL: self.prefill, Role.DECODE: self.decode}[role]
+
+    async def worker_roles(self, worker: WorkerHandle) -> frozenset[Role]:
+        """The roles a worker can take (what it loaded at start); its own role if it cannot say."""
+        try:
+            return frozenset(await asyncio.wait_for(worker.actor.roles.remote(), 10.0))
+        except Exception as exc:
+            if _is_actor_death(exc):
+                self._worker_died(worker, exc)
+            return frozenset({worker.role})
+
     async def set_worker_role(self, worker_id: str, role: Role, reason: str = "manual",
                               drain_timeout_s: float = 60.0) -> RoleSwitch:
-        """Move a worker between the prefill and decode pools without reloading its weights.
+        """Move a worker between the prefill and decode pools, or between the encode and prefill
+        pools (a vision-language deployment whose workers hold both halves of the model,
+        `role_switching.encode_prefill`), without reloading its weights.
 
-            checks (disaggregated, alive, another worker stays in its pool) ─▶ drain: no new work,
-            wait until its requests end and it holds nothing (bounded; on timeout it serves again)
-            ─▶ set_role(role, epoch + 1) on the worker ─▶ a new handle (that epoch) in the other
-            pool; the old handle is retired, so its poller stops and its epoch is refused.
+            checks (disaggregated, alive, a move it can make, another worker stays in its pool)
+            ─▶ drain: no new work, wait until its requests end and it holds nothing (bounded; on
+            timeout it serves again) ─▶ set_role(role, epoch + 1) on the worker ─▶ a new handle
+            (that epoch) in the other pool; the old handle is retired, so its poller stops and
+            its epoch is refused.
 
         Raises RouterError: INVALID_ARGUMENT (unknown worker / role), FAILED_PRECONDITION (the
-        switch would empty a pool, the worker is dead or still busy, another switch runs)."""
+        switch would empty a pool, the worker cannot take that role, is dead or still busy,
+        another switch runs)."""
         if self.mode != "disaggregated":
             raise RouterError(ErrorKind.FAILED_PRECONDITION, "role switching needs a disaggregated deployment")
-        if role not in (Role.PREFILL, Role.DECODE):
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"a worker can switch to prefill or decode, not {role.value}")
+        if role not in (Role.ENCODE, Role.PREFILL, Role.DECODE):
+            raise RouterError(ErrorKind.INVALID_ARGUMENT,
+                              f"a worker can switch to encode, prefill or decode, not {role.value}")
         if self._switch_lock.locked():
             raise RouterError(ErrorKind.FAILED_PRECONDITION, "another role switch is in progress")
         async with self._switch_lock:
             worker = self.find_worker(worker_id)
             if worker is None:
-                known = ", ".join(w.worker_id for w in self.prefill + self.decode if not w.retired)
+                known = ", ".join(w.worker_id for w in self.encode + self.prefill + self.decode if not w.retired)
                 raise RouterError(ErrorKind.INVALID_ARGUMENT, f"no worker {worker_id!r} (workers: {known})")
             if worker.role is role:
                 raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} already is a {role.value} worker")
             if not worker.alive:
                 raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} is dead")
-            src = self.prefill if worker.role is Role.PREFILL else self.decode
-            dst = self.decode if worker.role is Role.PREFILL else self.prefill
+            if Role.DECODE in (worker.role, role) and Role.ENCODE in (worker.role, role):
+                raise RouterError(ErrorKind.FAILED_PRECONDITION,
+                                  f"worker {worker_id}: switches go between prefill and decode or between encode and "
+                                  f"prefill; move it to prefill first")
+            if role not in await self.worker_roles(worker):
+                hint = (" (it holds only the vision tower; with role_switching.encode_prefill: true encode and "
+                        "prefill workers load both halves of the model)" if worker.role is Role.ENCODE or
+                        role is Role.ENCODE else "")
+                raise RouterError(ErrorKind.FAILED_PRECONDITION,
+                                  f"worker {worker_id} cannot become a {role.value} worker{hint}")
+            src, dst = self._pool(worker.role), self._pool(role)
             if not any(w.serving for w in src if w is not worker):
                 raise RouterError(ErrorKind.FAILED_PRECONDITION,
                                   f"worker {worker_id} is the last live {worker.role.value} worker")
@@ -644,7 +678,8 @@ class ClusterRouter(Router):
                     await asyncio.wait_for(w.actor.ready.remote(), 5.0)
                 except Exception:
                     alive = False
-            return WorkerStatus(w.worker_id, Role.ENCODE, w.node_id, alive, 0, 0, 0, 0, epoch=w.epoch)
+            return WorkerStatus(w.worker_id, Role.ENCODE, w.node_id, alive, w.inflight, w.inflight, 0, 0,
+                                epoch=w.epoch)
         workers = await asyncio.gather(*(one_encode(w) for w in self.encode),
                                        *(one(w) for w in self.prefill + self.decode))
         restarts = tuple(sorted(self.supervisor.restarts().items())) if self.supervisor is not None else ()

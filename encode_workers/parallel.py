@@ -33,11 +33,15 @@ def plan_shards(request_id: str, images: list[bytes], num_workers: int) -> list[
 
 
 async def encode_parallel(workers: list, plan: list[tuple[int, EncodeShard]], images: list[bytes],
-                          descriptors: list[TransferDescriptor], *, timeout: float | None = None) -> list[EncodeStats]:
+                          descriptors: list[TransferDescriptor], *, timeout: float | None = None,
+                          epochs: list[int] | None = None) -> list[EncodeStats]:
     """Call every shard's worker at once (Ray actor handles); the stats in shard order.
 
-    A failing shard raises here; the receiver sees that shard CANCELLED (the worker aborts it).
+    epochs: per worker, the epoch the call is meant for (a worker that switched role since
+    refuses it; cluster/role_worker.py). A failing shard raises here; the receiver sees that
+    shard CANCELLED (the worker aborts it).
     """
-    refs = [workers[w].encode.remote(shard.transfer_id, [images[i] for i in shard.image_indices], desc)
+    refs = [workers[w].encode.remote(shard.transfer_id, [images[i] for i in shard.image_indices], desc,
+                                     **({"epoch": epochs[w]} if epochs is not None else {}))
             for (w, shard), desc in zip(plan, descriptors)]
     return list(await asyncio.wait_for(asyncio.gather(*refs), timeout))

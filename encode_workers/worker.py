@@ -4,7 +4,9 @@
     stats = await actor.encode.remote(transfer_id, images, descriptor)
 
 Async, so several requests' encode() calls are in flight at once and their images share
-vision forwards (see encoder.py); the forward itself runs on a worker thread.
+vision forwards (see encoder.py); the forward itself runs on a worker thread. A RoleWorker
+(cluster/role_worker.py) that can switch between encode and prefill serves its encode role
+through this class too, built on the vision tower it already holds (`encoder_factory`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 import ray
 import torch
 
+from cluster.router_api import Role, WorkerStatus
 from encode_workers.encoder import ImageEncoder
 from encode_workers.service import EncodeService
 from encode_workers.transfer import EncodeStats
@@ -25,6 +28,8 @@ class EncodeWorker:
                  dtype: str = "float32", backend: str = "shm", cache_bytes: int = 512 << 20,
                  max_images_per_batch: int = 8, torch_threads: int | None = None, worker_id: str | None = None) -> None:
         """model_dir: a local LLaVA checkpoint; encoder_factory instead builds the encoder in the actor."""
+        from cluster.worker_common import worker_info
+
         if (model_dir is None) == (encoder_factory is None):
             raise ValueError("give exactly one of model_dir and encoder_factory")
         if torch_threads:
@@ -35,19 +40,42 @@ class EncodeWorker:
             self.service = EncodeService.from_model_dir(model_dir, getattr(torch, dtype), **kwargs)
         else:
             self.service = EncodeService(encoder_factory(), **kwargs)
+        self.info = worker_info(self.service.worker_id, Role.ENCODE.value)
+        self.inflight = 0              # encode() calls running: a role switch waits for 0
 
-    async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor) -> EncodeStats:
-        return await self.service.encode(transfer_id, images, descriptor)
+    async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor,
+                     epoch: int | None = None) -> EncodeStats:
+        """epoch: checked by a RoleWorker; a plain encode worker never changes role."""
+        self.inflight += 1
+        try:
+            return await self.service.encode(transfer_id, images, descriptor)
+        finally:
+            self.inflight -= 1
 
     async def ready(self):
-        from cluster.worker_common import worker_info
+        return self.info
 
-        return worker_info(self.service.worker_id, "encode")
+    async def roles(self) -> tuple[Role, ...]:
+        """The roles this worker can take: a plain encode worker holds only the vision tower."""
+        return (Role.ENCODE,)
+
+    async def status(self) -> WorkerStatus:
+        return WorkerStatus(self.service.worker_id, Role.ENCODE, self.info.node_id, True,
+                            queue_length=self.inflight, running=self.inflight, kv_blocks_used=0, kv_blocks_total=0)
+
+    async def idle(self) -> bool:
+        return self.inflight == 0
+
+    async def cancel(self, request_id: str) -> bool:
+        return False                   # an encode call ends with its request's prefill
 
     async def stats(self) -> dict[str, object]:
         return self.service.stats()
 
     async def close(self) -> None:
+        self.service.close()
+
+    async def shutdown(self) -> None:
         self.service.close()
 
 

@@ -33,6 +33,7 @@ class PrefillWorker:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._busy = 0
+        self.tasks_done = 0          # prefill tasks answered (tests check which worker served)
 
     async def ready(self):
         return self.info, self.core.layout
@@ -82,6 +83,7 @@ class PrefillWorker:
                 results = [PrefillResult(t.request_id, None, f"prefill failed: {exc!r}") for t in batch]
             finally:
                 self._busy = 0
+            self.tasks_done += len(results)
             for r in results:
                 fut = self._futures.get(r.request_id)
                 if fut is not None and not fut.done():

@@ -238,7 +238,7 @@ def role_switch_from_pb(s: pb.RoleSwitch) -> RoleSwitch:
 
 def set_role_request(worker_id: str, role: Role | str, drain_timeout_s: float, reason: str) -> pb.SetWorkerRoleRequest:
     role = Role(role)
-    if role not in (Role.PREFILL, Role.DECODE):
-        raise ValueError(f"a worker can switch to prefill or decode, not {role.value}")
-    code = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE}[role]
+    if role not in (Role.ENCODE, Role.PREFILL, Role.DECODE):
+        raise ValueError(f"a worker can switch to encode, prefill or decode, not {role.value}")
+    code = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE}[role]
     return pb.SetWorkerRoleRequest(worker_id=worker_id, role=code, drain_timeout_s=drain_timeout_s, reason=reason)

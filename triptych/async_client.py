@@ -197,7 +197,8 @@ class AsyncClient:
 
     async def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
                               reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
-        """Admin: move a worker to the prefill or decode pool (drains it first); the switch record."""
+        """Admin: move a worker to the prefill or decode pool, or between encode and prefill (drains it
+        first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
         stub = pb_grpc.TriptychAdminStub(self._ensure_channel())
         return _wire.role_switch_from_pb((await self._unary(stub.SetWorkerRole, req, timeout)).switch)

@@ -210,7 +210,8 @@ class Client:
 
     def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
                         reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
-        """Admin: move a worker to the prefill or decode pool (drains it first); the switch record."""
+        """Admin: move a worker to the prefill or decode pool, or between encode and prefill (drains it
+        first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
         return _wire.role_switch_from_pb(self._unary(self._admin.SetWorkerRole, req, timeout).switch)
 

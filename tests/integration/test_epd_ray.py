@@ -215,3 +215,76 @@ def test_images_without_an_encode_pool(model_dir, llava, mode):
         loop.run(router.shutdown())
         loop.close()
     assert_no_segments()
+
+
+def test_encode_prefill_role_switching(model_dir, llava):
+    """`role_switching.encode_prefill`: encode and prefill workers hold both halves of the model.
+    An encode worker moves to prefill and back (and the prefill worker to encode) on a live
+    cluster without reloading a weight; answers stay equal to transformers' before, between and
+    after; impossible moves are refused up front with the reason."""
+    import ray
+
+    loop, router = deploy(model_dir, **{"role_switching.encode_prefill": True})
+
+    def weights(handle):
+        return ray.get([handle.actor.weights_id.remote(), handle.actor.vision_weights_id.remote()], timeout=60)
+
+    def serve(tag: str):
+        img = [png_bytes(90 + i) for i in range(3)]
+        cases = [([5, IMAGE_TOKEN_ID, 99, 1024, 7], img[:1]), ([IMAGE_TOKEN_ID, 12, IMAGE_TOKEN_ID, 41], img[1:]),
+                 ([8, 9, 10, 11, 12000], []), ([IMAGE_TOKEN_ID, 300, 301], img[2:])]
+        results = loop.run(run_all(router, [request(f"{tag}-{i}", ids, images)
+                                            for i, (ids, images) in enumerate(cases)]))
+        for (ids, images), r in zip(cases, results):
+            assert r.final.error is None and r.token_ids == reference(llava, ids, images), (tag, r.final.error)
+        assert_no_leaks(loop, router)
+
+    try:
+        before = {h.worker_id: weights(h) for h in router.encode + router.prefill}
+        assert all(v is not None for w in before.values() for v in w)      # both halves everywhere
+        serve("start")
+        s = loop.run(router.set_worker_role("encode-1", Role.PREFILL, "test"))
+        assert (s.from_role, s.to_role, s.epoch) == (Role.ENCODE, Role.PREFILL, 1)
+        assert [w.worker_id for w in router.encode] == ["encode-0"]
+        assert sorted(w.worker_id for w in router.prefill) == ["encode-1", "prefill-0"]
+        serve("two-prefill")                   # 1 encode, 2 prefill workers (one of them was encode-1)
+        switched = router.find_worker("encode-1")
+        assert ray.get(switched.actor.__ray_call__.remote(lambda w: w.impl.tasks_done), timeout=60) >= 1
+
+        def refused(worker_id, role, match):
+            with pytest.raises(RouterError, match=match) as err:
+                loop.run(router.set_worker_role(worker_id, role))
+            assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+
+        refused("encode-0", Role.PREFILL, "last live encode worker")
+        refused("decode-0", Role.ENCODE, "move it to prefill first")
+        s = loop.run(router.set_worker_role("prefill-0", Role.ENCODE, "test"))
+        assert (s.from_role, s.to_role) == (Role.PREFILL, Role.ENCODE)
+        serve("prefill-as-encode")             # encode-0 and prefill-0 encode, encode-1 prefills
+        loop.run(router.set_worker_role("prefill-0", Role.PREFILL, "test"))
+        loop.run(router.set_worker_role("encode-1", Role.ENCODE, "test"))
+        serve("back")
+        after = {h.worker_id: weights(h) for h in router.encode + router.prefill}
+        assert after == before                 # the same tensors: nothing was loaded again
+        status = loop.run(router.cluster_status())
+        assert status.switch_count == 4
+        assert sorted((w.worker_id, w.role.value, w.epoch) for w in status.workers) == [
+            ("decode-0", "decode", 0), ("encode-0", "encode", 0), ("encode-1", "encode", 2),
+            ("prefill-0", "prefill", 2)]
+    finally:
+        loop.run(router.shutdown())
+        loop.close()
+    assert_no_segments()
+
+
+def test_encode_prefill_needs_a_vision_language_model():
+    from cluster.config import ConfigError
+
+    config = parse_config({"version": 1, "pools": {"encode": {"workers": 1}},
+                           "role_switching": {"encode_prefill": True}}, "text-only")
+    loop = LoopThread()
+    try:
+        with pytest.raises(ConfigError, match="has no vision tower"):
+            loop.run(start_router(config))
+    finally:
+        loop.close()

@@ -226,3 +226,17 @@ def test_role_switching_and_reprefill_settings():
     assert _error({"version": 1, "role_switching": {"kv_high": 1.5}}).path == "role_switching.kv_high"
     assert _error({"version": 1, "role_switching": {"sustain": 0}}).path == "role_switching.sustain"
     assert _error({"version": 1, "role_switching": {"enabled": True, "cooldwn_s": 3}}).path == "role_switching.cooldwn_s"
+
+
+def test_encode_prefill_switching_needs_an_encode_pool():
+    cfg = parse_config({"version": 1, "pools": {"encode": {"workers": 2}},
+                        "role_switching": {"encode_prefill": True, "encode_queue_high": 3}}, "t")
+    assert cfg.role_switching.encode_prefill and cfg.role_switching.encode_queue_high == 3
+    assert parse_config(cfg.to_dict(), "t") == cfg
+    assert not DeployConfig().role_switching.encode_prefill
+    err = _error({"version": 1, "role_switching": {"encode_prefill": True}})      # encode pool of 0
+    assert err.path == "role_switching.encode_prefill" and "pools.encode.workers >= 1" in err.reason
+    err = _error({"version": 1, "mode": "colocated", "pools": {"encode": {"workers": 1}},
+                  "role_switching": {"encode_prefill": True}})
+    assert err.path == "role_switching.encode_prefill" and "disaggregated" in err.reason
+    assert _error({"version": 1, "role_switching": {"encode_queue_high": 0}}).path == "role_switching.encode_queue_high"

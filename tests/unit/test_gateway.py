@@ -301,8 +301,10 @@ def test_admin_set_worker_role(client, router):
         client.set_worker_role("prefill-0", "decode")
     with pytest.raises(triptych.InvalidArgument, match="no worker 'nope-3'"):
         client.set_worker_role("nope-3", "decode")
-    with pytest.raises(ValueError, match="prefill or decode, not encode"):
-        client.set_worker_role("decode-1", "encode")
+    with pytest.raises(ValueError, match="encode, prefill or decode, not colocated"):
+        client.set_worker_role("decode-1", "colocated")
+    client.set_worker_role("encode-0", "prefill")            # encode <-> prefill goes over the same RPC
+    assert router.inputs[-1][1:3] == ("encode-0", gw.Role.PREFILL)
     with grpc.insecure_channel(client.target) as channel:    # a raw call with no role set
         from protos.triptych.v1 import triptych_pb2 as pb
         from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc

@@ -109,3 +109,67 @@ def test_policy_resets_when_the_signal_flips_or_the_switch_is_refused():
         assert await policy.check_once() is None                              # a new streak is needed
 
     asyncio.run(scenario())
+
+
+OE = RolePolicyOptions(**{**O.__dict__, "encode_prefill": True, "encode_queue_high": 2.0})
+
+
+def sig_e(n_e=2, encode_queue=0.0, **kw) -> Signals:
+    s = sig(**kw)
+    return Signals(s.n_prefill, s.n_decode, s.ttft_attainment, s.tpot_attainment, s.prefill_queue,
+                   s.decode_kv_usage, s.samples, n_e, encode_queue)
+
+
+def test_decide_moves_between_encode_and_prefill_only_when_enabled():
+    # Image shards pile up on the encode workers, prefill keeps up: a prefill worker encodes.
+    p = decide(sig_e(n_p=2, encode_queue=3.0), OE)
+    assert (p.from_role, p.to_role) == (Role.PREFILL, Role.ENCODE) and "encode queue/worker 3.0" in p.reason
+    assert decide(sig_e(n_p=2, encode_queue=3.0), O) is None              # encode_prefill off
+    assert decide(sig_e(n_p=1, encode_queue=3.0), OE) is None             # the last prefill worker stays
+    assert decide(sig_e(n_p=2, encode_queue=3.0, queue=3.0), OE).from_role is Role.DECODE   # prefill short too
+    # Prefill short, decode cannot give (short itself), encode idle: an encode worker prefills.
+    p = decide(sig_e(ttft=0.5, tpot=0.5, encode_queue=0.5), OE)
+    assert (p.from_role, p.to_role) == (Role.ENCODE, Role.PREFILL)
+    assert decide(sig_e(n_d=1, ttft=0.5, encode_queue=0.0), OE).from_role is Role.ENCODE   # decode at its minimum
+    assert decide(sig_e(ttft=0.5), OE).from_role is Role.DECODE           # decode can give: it goes first
+    assert decide(sig_e(n_e=1, ttft=0.5, tpot=0.5), OE) is None          # the last encode worker stays
+    assert decide(sig_e(ttft=0.5, tpot=0.5, encode_queue=1.5), OE) is None   # encode busy: keep it
+
+
+def test_signals_read_the_encode_queue():
+    status = ClusterStatus("disaggregated", (_ws("e0", Role.ENCODE, queue=3), _ws("e1", Role.ENCODE, queue=1),
+                                             _ws("p0", Role.PREFILL), _ws("d0", Role.DECODE)))
+    s = signals(status, [], 0.0, 1000.0, OE)
+    assert (s.n_encode, s.encode_queue, s.n_prefill, s.n_decode) == (2, 2.0, 1, 1)
+    assert "encode queue/worker 2.0" in s.describe()
+
+
+def test_policy_moves_only_a_worker_that_holds_both_halves():
+    class _EncodeRouter(_Router):
+        def __init__(self) -> None:
+            super().__init__(ttft=0.1)
+            self.prefill = [_Handle("p0"), _Handle("p1", 2)]
+            self.encode = [_Handle("e0")]
+            self.able = {"p0": {Role.PREFILL, Role.DECODE}, "p1": {Role.PREFILL, Role.DECODE, Role.ENCODE}}
+
+        async def cluster_status(self):
+            return ClusterStatus("disaggregated", (_ws("e0", Role.ENCODE, queue=4), _ws("p0", Role.PREFILL),
+                                                   _ws("p1", Role.PREFILL), _ws("d0", Role.DECODE),
+                                                   _ws("d1", Role.DECODE)))
+
+        async def worker_roles(self, handle):
+            return frozenset(self.able[handle.worker_id])
+
+    async def scenario():
+        router = _EncodeRouter()
+        policy = RolePolicy(router, RolePolicyOptions(**{**OE.__dict__, "cooldown_s": 0.0}))
+        policy.last_switch = 0.0
+        results = [await policy.check_once() for _ in range(3)]
+        assert results[2].to_role is Role.ENCODE
+        assert router.calls == [("p1", Role.ENCODE)]    # p0 is less loaded but holds no vision tower
+        router.able["p1"] = {Role.PREFILL, Role.DECODE}
+        policy.last_switch = 0.0
+        assert [await policy.check_once() for _ in range(3)] == [None, None, None]   # nobody can
+        assert len(router.calls) == 1
+
+    asyncio.run(scenario())

@@ -1,4 +1,6 @@
-"""`triptych admin set-role WORKER ROLE`: move a worker between the prefill and decode pools.
+"""`triptych admin set-role WORKER ROLE`: move a worker between the prefill and decode pools,
+or between the encode and prefill pools (a vision-language deployment with
+`role_switching.encode_prefill: true`).
 
 The server stops giving the worker new requests, waits for its requests to end (up to
 --drain-timeout), switches it without reloading its weights and puts it in the other pool.
@@ -15,7 +17,7 @@ from triptych.errors import TriptychError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("worker", help="worker id, as `triptych admin status` lists it (e.g. decode-1)")
-    parser.add_argument("role", choices=("prefill", "decode"), help="the pool to move it to")
+    parser.add_argument("role", choices=("encode", "prefill", "decode"), help="the pool to move it to")
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"gRPC address of the server (default {DEFAULT_TARGET})")
     parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                         help="how long the worker may take to finish its requests (default 60)")

@@ -2,7 +2,7 @@
 the real SmolLM2-135M through LLMEngine (the prefill worker's path: the whole prompt in one
 forward), plus the status of the GPU half (bench/sparse_kernel_gpu.py).
 
-    OMP_NUM_THREADS=1 python bench/sparse_speed.py [--lengths 4096,8176] [--reps 3]
+    OMP_NUM_THREADS=1 python bench/sparse_speed.py [--lengths 4096,8176] [--reps 3] [--gamma G]
 
 Per length: one RULER needle prompt (natural text, bench/ruler.py). Each method gets its own
 engine and a 1024-token warm-up request first; then the methods run interleaved, `reps` rounds,
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,8176")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default="dense,flexprefill,static")
+    ap.add_argument("--gamma", type=float, default=None,
+                    help="FlexPrefill gamma (default: SparsePrefillConfig's)")
     args = ap.parse_args()
 
     from engine.config import EngineConfig
@@ -82,7 +84,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     loaded = LoadedModel.load(None)
     heads = loaded.model.config.num_attention_heads
-    flex = SparsePrefillConfig(method="flexprefill", dense_below=1024)
+    flex = SparsePrefillConfig(method="flexprefill", dense_below=1024,
+                               **({"gamma": args.gamma} if args.gamma is not None else {}))
     print(f"SmolLM2-135M-Instruct fp32 on CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at start; "
           f"flexprefill gamma={flex.gamma} tau={flex.tau} min_budget={flex.min_budget} "

@@ -112,6 +112,7 @@ class ClusterRouter(Router):
         self._flights: dict[str, _Flight] = {}
         self._ids = itertools.count()
         self._pollers: list[asyncio.Task] = []
+        self._reapers: list[asyncio.Task] = []   # segment clean-ups after a worker death (shutdown waits)
         self._on_shutdown = on_shutdown
         self.supervisor = None           # the controller's Supervisor (cluster/supervisor.py), if any
         self.policy = None               # the role policy (cluster/role_policy.py) when role switching is on
@@ -175,7 +176,8 @@ class ClusterRouter(Router):
             return
         worker.alive = False
         log.error("worker %s died: %s", worker.worker_id, exc)
-        asyncio.get_running_loop().create_task(_reap_segments())
+        self._reapers = [t for t in self._reapers if not t.done()]
+        self._reapers.append(asyncio.get_running_loop().create_task(_reap_segments()))
         for flight in list(self._flights.values()):
             if flight.decode is worker:
                 flight.events.put_nowait(_DecodeDied(
@@ -601,11 +603,11 @@ class ClusterRouter(Router):
                                   f"worker {worker_id}: switches go between prefill and decode or between encode and "
                                   f"prefill; move it to prefill first")
             if role not in await self.worker_roles(worker):
-                hint = (" (it holds only the vision tower; with role_switching.encode_prefill: true encode and "
-                        "prefill workers load both halves of the model)" if worker.role is Role.ENCODE or
-                        role is Role.ENCODE else "")
+                held = "only the vision tower" if worker.role is Role.ENCODE else "no vision tower"
                 raise RouterError(ErrorKind.FAILED_PRECONDITION,
-                                  f"worker {worker_id} cannot become a {role.value} worker{hint}")
+                                  f"worker {worker_id} cannot take the {role.value} role: it holds {held} (with "
+                                  f"role_switching.encode_prefill: true, encode and prefill workers load both "
+                                  f"halves of a vision-language model)")
             src, dst = self._pool(worker.role), self._pool(role)
             if not any(w.serving for w in src if w is not worker):
                 raise RouterError(ErrorKind.FAILED_PRECONDITION,
@@ -701,6 +703,9 @@ class ClusterRouter(Router):
         for task in self._pollers:
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
+        pending = [t for t in self._reapers if not t.done()]
+        if pending:                      # each gives up after ~5 s
+            await asyncio.wait(pending, timeout=10)
         if self._on_shutdown is not None:
             await self._on_shutdown()
 

@@ -164,6 +164,14 @@ def test_epd_one_node(model_dir, llava):
     try:
         check_epd(loop, router, llava)
         assert vision_calls(router.prefill[0]) is None       # an encode pool: no vision tower in prefill
+        # Without role_switching.encode_prefill neither side holds the other's weights: refused
+        # before any draining, saying why.
+        for worker_id, role, held in (("encode-0", Role.PREFILL, "only the vision tower"),
+                                      ("prefill-0", Role.ENCODE, "no vision tower")):
+            with pytest.raises(RouterError, match=f"cannot take the {role.value} role: it holds {held}") as err:
+                loop.run(router.set_worker_role(worker_id, role))
+            assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+        assert router.switch_count == 0 and all(w.serving for w in router.encode + router.prefill)
         check_encode_restart(loop, router, llava)
     finally:
         loop.run(router.shutdown())

@@ -16,7 +16,9 @@ Which roles a worker can take is fixed when it starts (`options`): prefill and d
 (same language-model weights); encode only if it also loaded the vision tower + projector, which
 a worker does when its options include ENCODE (the encode and prefill pools of a LLaVA deployment
 with `role_switching.encode_prefill: true`: both hold both halves of the model, so neither has to
-load anything to take the other's role).
+load anything to take the other's role). Without an encode pool, a prefill role encodes its
+requests' images itself; a worker that switches into it loads the vision side once and keeps it
+for its later roles, so switching away and back loads nothing.
 
 Epoch fencing: every call that starts work (reserve, activate, prefill, submit,
 prepare_images, encode) carries the epoch the router's handle was made for. A call with another epoch,
@@ -37,6 +39,7 @@ from cluster.worker_common import setup_threads
 from decode_workers.actor import DecodeWorker
 from decode_workers.decode_core import DecodeOptions
 from encode_workers.encoder import ImageEncoder
+from encode_workers.inproc import InProcessEncoder
 from encode_workers.worker import EncodeWorker
 from engine.llm_engine import LoadedModel
 from prefill_workers.actor import PrefillWorker
@@ -83,6 +86,7 @@ class RoleWorker:
         dtype = next(o.engine.dtype for o in options.values() if not isinstance(o, EncodeOptions))
         self.loaded = loaded or LoadedModel.load(model, dtype)
         self.vision = vision
+        self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:
             self.vision = _load_vision(options[Role.ENCODE])
         self.role = role
@@ -95,9 +99,25 @@ class RoleWorker:
         if role is Role.ENCODE:
             return EncodeWorker(encoder_factory=lambda: self.vision, backend=opts.backend, cache_bytes=opts.cache_bytes,
                                 max_images_per_batch=opts.max_images_per_batch, worker_id=self.worker_id)
+        encoder = self._in_process_encoder(opts)
         if role is Role.PREFILL:
-            return PrefillWorker(self.worker_id, None, opts, self.num_threads, loaded=self.loaded)
-        return DecodeWorker(self.worker_id, None, opts, self.num_threads, role, loaded=self.loaded)
+            return PrefillWorker(self.worker_id, None, opts, self.num_threads, loaded=self.loaded, image_encoder=encoder)
+        return DecodeWorker(self.worker_id, None, opts, self.num_threads, role, loaded=self.loaded,
+                            image_encoder=encoder)
+
+    def _in_process_encoder(self, opts) -> InProcessEncoder | None:
+        """The vision side a role that encodes its own images uses (no encode pool): loaded the
+        first time a role needs it, then kept, so switching away and back loads nothing."""
+        model_dir = getattr(opts, "image_encoder_dir", None)
+        if model_dir is None or self.loaded.image_spec is None:
+            return None
+        if self._inproc is None:
+            if self.vision is not None:
+                self._inproc = InProcessEncoder(self.vision)
+            else:
+                self._inproc = InProcessEncoder.from_model_dir(model_dir, self.loaded.model.dtype)
+                self.vision = self._inproc.encoder
+        return self._inproc
 
     def _layout(self):
         """The KV layout of the current role (None for encode: it holds no KV cache)."""

@@ -20,13 +20,14 @@ from engine.sequence import SamplingParams, StepOutput
 
 class DecodeWorker:
     def __init__(self, worker_id: str, model: str | None, options: DecodeOptions, num_threads: int = 1,
-                 role: Role = Role.DECODE, loaded: LoadedModel | None = None) -> None:
-        """loaded: weights already in this process (a role switch reuses them); else `model` is loaded."""
+                 role: Role = Role.DECODE, loaded: LoadedModel | None = None, image_encoder=None) -> None:
+        """loaded / image_encoder: weights already in this process (a role switch reuses them); else
+        `model` (and the vision side, when options ask for in-process encoding) is loaded."""
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.role = role
         self.info = worker_info(worker_id, role.value)
-        self.core = DecodeCore(options, loaded or LoadedModel.load(model, options.engine.dtype))
+        self.core = DecodeCore(options, loaded or LoadedModel.load(model, options.engine.dtype), image_encoder)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-core")
         self._outbox: list[list[StepOutput]] = []
         self._has_output = asyncio.Event()

@@ -55,7 +55,9 @@ def kv_layout(loaded: LoadedModel, engine: EngineConfig) -> KVLayout:
 
 
 class DecodeCore:
-    def __init__(self, options: DecodeOptions, loaded: LoadedModel) -> None:
+    def __init__(self, options: DecodeOptions, loaded: LoadedModel,
+                 image_encoder: InProcessEncoder | None = None) -> None:
+        """image_encoder: as PrefillCore's (colocated role of a vision-language model)."""
         self.options = options
         self.layout = kv_layout(loaded, options.engine)
         self.receiver = get_backend(options.backend).Receiver(self.layout)
@@ -65,7 +67,8 @@ class DecodeCore:
         self._quarantine: list[tuple[float, list[int]]] = []
         self.image_encoder = None  # colocated role of a vision-language model (encode_workers/inproc.py)
         if options.image_encoder_dir is not None and loaded.image_spec is not None:
-            self.image_encoder = InProcessEncoder.from_model_dir(options.image_encoder_dir, loaded.model.dtype)
+            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(options.image_encoder_dir,
+                                                                                  loaded.model.dtype)
 
     def submit_with_images(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                            images: list[bytes]) -> None:

@@ -22,12 +22,13 @@ from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillRes
 
 class PrefillWorker:
     def __init__(self, worker_id: str, model: str | None, options: PrefillOptions, num_threads: int = 1,
-                 loaded: LoadedModel | None = None) -> None:
-        """loaded: weights already in this process (a role switch reuses them); else `model` is loaded."""
+                 loaded: LoadedModel | None = None, image_encoder=None) -> None:
+        """loaded / image_encoder: weights already in this process (a role switch reuses them); else
+        `model` (and the vision side, when options ask for in-process encoding) is loaded."""
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.info = worker_info(worker_id, Role.PREFILL.value)
-        self.core = PrefillCore(options, loaded or LoadedModel.load(model, options.engine.dtype))
+        self.core = PrefillCore(options, loaded or LoadedModel.load(model, options.engine.dtype), image_encoder)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
         self._futures: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()

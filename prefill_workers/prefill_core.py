@@ -76,7 +76,10 @@ class PrefillResult:
 
 
 class PrefillCore:
-    def __init__(self, options: PrefillOptions, loaded: LoadedModel) -> None:
+    def __init__(self, options: PrefillOptions, loaded: LoadedModel,
+                 image_encoder: InProcessEncoder | None = None) -> None:
+        """image_encoder: a vision side already in memory (a RoleWorker's, kept across role
+        switches); else it is loaded from options.image_encoder_dir when that is set."""
         self.options = options
         cfg = options.engine
         self.layout = kv_layout(loaded, cfg)
@@ -92,7 +95,8 @@ class PrefillCore:
         self.open_image_shards: dict[str, EncodeShard] = {}  # transfer id → prepared, not yet received
         self.image_encoder = None  # vision tower + projector, only when there is no encode pool
         if options.image_encoder_dir is not None and loaded.image_spec is not None:
-            self.image_encoder = InProcessEncoder.from_model_dir(options.image_encoder_dir, loaded.model.dtype)
+            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(options.image_encoder_dir,
+                                                                                  loaded.model.dtype)
 
     def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
         """Open the transfers the encode workers send a request's image features into."""

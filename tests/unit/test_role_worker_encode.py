@@ -106,3 +106,39 @@ def test_a_worker_without_the_vision_tower_refuses_the_encode_role(model_dir):
     asyncio.run(scenario())
     with pytest.raises(ValueError, match="needs the prefill role"):
         RoleWorker("e", model_dir, {Role.ENCODE: EncodeOptions(model_dir)}, 1, Role.ENCODE)
+
+
+def test_in_process_vision_side_is_loaded_once_and_kept(model_dir, llava, monkeypatch):
+    """No encode pool: the prefill role encodes its own images. A decode worker that switches to
+    prefill loads the vision side then (not at start), and keeps it: decode -> prefill -> decode
+    -> prefill loads it once, and the prefill role encodes with the same tensors and cache."""
+    from encode_workers.inproc import InProcessEncoder
+
+    loads = []
+    real = InProcessEncoder.from_model_dir.__func__
+
+    def counting(cls, *a, **kw):
+        loads.append(a[0])
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(InProcessEncoder, "from_model_dir", classmethod(counting))
+    opts = options(model_dir, encode=False)
+    opts[Role.PREFILL] = PrefillOptions(opts[Role.PREFILL].engine, backend="fake", image_encoder_dir=model_dir)
+
+    async def scenario():
+        w = RoleWorker("d0", model_dir, opts, 1, Role.DECODE)
+        assert loads == [] and await w.vision_weights_id() is None       # a decode role needs no vision
+        await w.set_role(Role.PREFILL, 1)
+        first = (await w.vision_weights_id(), w.impl.core.image_encoder)
+        first[1].encode([png_bytes(3)])
+        await w.set_role(Role.DECODE, 2)
+        await w.set_role(Role.PREFILL, 3)
+        second = (await w.vision_weights_id(), w.impl.core.image_encoder)
+        hits = second[1].encode([png_bytes(3)])[1].cache_hits
+        await w.shutdown()
+        return first, second, hits
+
+    first, second, hits = asyncio.run(scenario())
+    assert loads == [model_dir]                      # loaded once, on the first switch into prefill
+    assert first[0] == second[0] and first[1] is second[1]
+    assert hits == 1                                 # its embedding cache survived the switches too

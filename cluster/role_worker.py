@@ -34,6 +34,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import torch
+
 from cluster.router_api import Role
 from cluster.worker_common import setup_threads
 from decode_workers.actor import DecodeWorker
@@ -88,7 +90,8 @@ class RoleWorker:
         self.vision = vision
         self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:
-            self.vision = _load_vision(options[Role.ENCODE])
+            enc = options[Role.ENCODE]
+            self.vision = ImageEncoder.from_model_dir(enc.model_dir, getattr(torch, enc.dtype))
         self.role = role
         self.epoch = epoch
         self.impl = self._build(role)
@@ -235,19 +238,6 @@ class RoleWorker:
         poller of a handle that a switch retired) raises StaleEpochError."""
         self._fence(epoch, Role.DECODE, Role.COLOCATED)
         return await self.impl.poll(timeout_s)
-
-
-def _load_vision(opts: EncodeOptions) -> ImageEncoder:
-    """The vision tower + projector of a LLaVA checkpoint, as an encode worker loads it."""
-    from pathlib import Path
-
-    import torch
-
-    from engine import multimodal
-
-    vision = multimodal.load_vision_encoder(opts.model_dir, getattr(torch, opts.dtype))
-    processor = multimodal.ImageProcessor.from_config(vision.config, opts.model_dir)
-    return ImageEncoder(vision, processor, model_id=str(Path(opts.model_dir).resolve()))
 
 
 def _stop(worker: PrefillWorker | DecodeWorker | EncodeWorker) -> None:

@@ -18,11 +18,12 @@ import concurrent.futures as cf
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from encode_workers.cache import EmbeddingCache, image_key
-from engine.multimodal import ImageProcessor, VisionEncoder
+from engine.multimodal import ImageProcessor, VisionEncoder, load_vision_encoder
 
 
 class ImageEncoder:
@@ -34,6 +35,13 @@ class ImageEncoder:
         self.model_id = model_id
         self.calls = 0
         self.images_encoded = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "ImageEncoder":
+        """Load only the vision tower + projector of a local LLaVA checkpoint."""
+        vision = load_vision_encoder(model_dir, dtype)
+        processor = ImageProcessor.from_config(vision.config, model_dir)
+        return cls(vision, processor, model_id=str(Path(model_dir).resolve()))
 
     @property
     def num_image_tokens(self) -> int:

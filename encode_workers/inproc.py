@@ -23,7 +23,6 @@ import torch
 
 from encode_workers.cache import CacheStats, EmbeddingCache, image_key
 from encode_workers.encoder import ImageEncoder
-from engine import multimodal
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,7 @@ class InProcessEncoder:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> "InProcessEncoder":
         """Load only the vision tower + projector of a local LLaVA checkpoint."""
-        vision = multimodal.load_vision_encoder(model_dir, dtype)
-        processor = multimodal.ImageProcessor.from_config(vision.config, model_dir)
-        return cls(ImageEncoder(vision, processor, model_id=str(Path(model_dir).resolve())), **kwargs)
+        return cls(ImageEncoder.from_model_dir(model_dir, dtype), **kwargs)
 
     @property
     def calls(self) -> int:

@@ -20,7 +20,6 @@ import torch
 from encode_workers.cache import CacheStats, EmbeddingCache
 from encode_workers.encoder import EncodeBatcher, ImageEncoder
 from encode_workers.transfer import EncodeStats
-from engine import multimodal
 from kv_transfer.base import KVSender
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
@@ -40,9 +39,7 @@ class EncodeService:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> "EncodeService":
         """Load only the vision tower + projector of a local LLaVA checkpoint."""
-        vision = multimodal.load_vision_encoder(model_dir, dtype)
-        processor = multimodal.ImageProcessor.from_config(vision.config, model_dir)
-        return cls(ImageEncoder(vision, processor, model_id=str(Path(model_dir).resolve())), **kwargs)
+        return cls(ImageEncoder.from_model_dir(model_dir, dtype), **kwargs)
 
     def _sender(self, desc: TransferDescriptor) -> KVSender:
         if desc.backend != self.backend.name:

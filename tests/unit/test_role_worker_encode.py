@@ -20,26 +20,10 @@ from engine.sequence import SamplingParams
 from kv_transfer.layout import KVLayout
 from kv_transfer.registry import get_backend
 from prefill_workers.prefill_core import PrefillOptions, PrefillTask
-from tests.unit.test_multimodal_split import build_tiny_llava, hf_features, png_bytes
+from tests.unit.test_encode_inproc import llava, model_dir  # noqa: F401  (fixtures: a tiny LLaVA checkpoint)
+from tests.unit.test_multimodal_split import hf_features, png_bytes
 
 LAYOUT = KVLayout("tiny-llava", "float32", num_layers=2, num_kv_heads=2, head_dim=16, block_size=8)
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return build_tiny_llava(seed=7)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, llava):
-    from transformers import AutoTokenizer
-
-    from engine import model_loader
-
-    path = tmp_path_factory.mktemp("tiny-llava-role")
-    llava.save_pretrained(path)
-    AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None))).save_pretrained(path)
-    return str(path)
 
 
 def options(model_dir, encode: bool = True) -> dict:

@@ -96,7 +96,7 @@ async def run_mode(mode: str, trace, args) -> tuple[list[Outcome], list]:
         await replay(router, warm, prompt_ids(corpus, [32, 256], seed=1), 1e9, 1e9)
         router.recent.clear()
         if router.policy is not None:
-            router.policy.last_switch = time.monotonic()
+            router.policy.since = time.monotonic()
         t_start = time.time()
         outs = await replay(router, trace, prompts, args.ttft_slo, args.tpot_slo)
         switches = [(s.at_unix_s - t_start, s) for s in router.switches]

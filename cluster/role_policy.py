@@ -17,7 +17,9 @@ halves of the model), the encode pool joins in, through the prefill pool only:
 
     signal:   encode queue = image shards in flight per live encode worker
               encode short = encode queue >= encode_queue_high
-    proposal: encode short and prefill not short        ──▶ move a prefill worker to encode
+    proposal: encode short and the prefill queue under queue_high ──▶ move a prefill worker to
+              encode (checked first: TTFT includes the encode wait, so while images pile up
+              at the encode pool TTFT misses do not count against prefill)
               prefill short, decode cannot give a worker (it is short too, or at its minimum),
               and the encode queue is under 1 per worker ──▶ move an encode worker to prefill
     Only workers that loaded both halves are moved (the router says which can).
@@ -114,6 +116,11 @@ def signals(status: ClusterStatus, recent, since: float, now: float, o: RolePoli
 def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
     prefill_short = (s.ttft_attainment is not None and s.ttft_attainment < o.target) or s.prefill_queue >= o.queue_high
     decode_short = (s.tpot_attainment is not None and s.tpot_attainment < o.target) or s.decode_kv_usage >= o.kv_high
+    encode_short = o.encode_prefill and s.n_encode > 0 and s.encode_queue >= o.encode_queue_high
+    # TTFT includes the wait for image encoding: while images pile up at the encode pool, TTFT
+    # misses say "encode", so only the prefill queue speaks for prefill then.
+    if encode_short and s.prefill_queue < o.queue_high and s.n_prefill > o.min_workers:
+        return Proposal(Role.PREFILL, Role.ENCODE, f"encode short: {s.describe()}")
     if prefill_short and not decode_short and s.n_decode > o.min_workers:
         # The decode workers left must hold what all of them hold now.
         if s.decode_kv_usage * s.n_decode / (s.n_decode - 1) < o.kv_high:
@@ -122,9 +129,6 @@ def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
         return Proposal(Role.PREFILL, Role.DECODE, f"decode short: {s.describe()}")
     if not o.encode_prefill or not s.n_encode:
         return None
-    encode_short = s.encode_queue >= o.encode_queue_high
-    if encode_short and not prefill_short and s.n_prefill > o.min_workers:
-        return Proposal(Role.PREFILL, Role.ENCODE, f"encode short: {s.describe()}")
     if prefill_short and not encode_short and s.encode_queue < 1.0 and s.n_encode > o.min_workers:
         return Proposal(Role.ENCODE, Role.PREFILL, f"prefill short, encode idle: {s.describe()}")
     return None
@@ -134,7 +138,8 @@ class RolePolicy:
     def __init__(self, router, options: RolePolicyOptions = RolePolicyOptions()) -> None:
         self.router = router
         self.options = options
-        self.last_switch = time.monotonic()     # count only requests that arrive after start
+        self.since = time.monotonic()           # attainment counts requests that end after this
+        self.last_switch: float | None = None   # the cooldown runs from the last switch (none at start)
         self._pending: tuple[Role, Role] | None = None
         self._streak = 0
         self._task: asyncio.Task | None = None
@@ -162,10 +167,10 @@ class RolePolicy:
         """One evaluation; returns the proposal it carried out, if any."""
         o = self.options
         now = time.monotonic()
-        if now - self.last_switch < o.cooldown_s:
+        if self.last_switch is not None and now - self.last_switch < o.cooldown_s:
             return None
         status = await self.router.cluster_status()
-        s = signals(status, list(self.router.recent), self.last_switch, now, o)
+        s = signals(status, list(self.router.recent), self.since, now, o)
         self.last_signals = s
         p = decide(s, o)
         key = (p.from_role, p.to_role) if p else None
@@ -191,5 +196,5 @@ class RolePolicy:
             return None
         finally:
             self._streak, self._pending = 0, None
-            self.last_switch = time.monotonic()
+            self.last_switch = self.since = time.monotonic()
         return p

@@ -78,7 +78,7 @@ def test_policy_waits_for_a_sustained_signal_then_cools_down():
     async def scenario():
         router = _Router(ttft=5.0)                       # every request misses TTFT
         policy = RolePolicy(router, RolePolicyOptions(**{**O.__dict__, "cooldown_s": 0.0}))
-        policy.last_switch = 0.0
+        policy.since = 0.0
         results = [await policy.check_once() for _ in range(3)]
         assert results[:2] == [None, None] and results[2].to_role is Role.PREFILL
         assert router.calls == [("d1", Role.PREFILL)]   # the least-loaded decode worker
@@ -95,7 +95,7 @@ def test_policy_resets_when_the_signal_flips_or_the_switch_is_refused():
     async def scenario():
         router = _Router(ttft=5.0)
         policy = RolePolicy(router, RolePolicyOptions(**{**O.__dict__, "cooldown_s": 0.0}))
-        policy.last_switch = 0.0
+        policy.since = 0.0
         await policy.check_once()
         await policy.check_once()
         router.recent = [(time.monotonic() + 1.0, 0.1, 0.01, 10, True)] * 10   # healthy again
@@ -104,7 +104,7 @@ def test_policy_resets_when_the_signal_flips_or_the_switch_is_refused():
         assert [await policy.check_once() for _ in range(2)] == [None, None]   # streak restarted
         router.refuse = True
         assert await policy.check_once() is None and len(router.calls) == 1   # tried, refused
-        policy.last_switch = 0.0
+        policy.since = 0.0
         router.recent = [(time.monotonic() + 1.0, 5.0, 0.01, 10, True)] * 10
         assert await policy.check_once() is None                              # a new streak is needed
 
@@ -126,7 +126,9 @@ def test_decide_moves_between_encode_and_prefill_only_when_enabled():
     assert (p.from_role, p.to_role) == (Role.PREFILL, Role.ENCODE) and "encode queue/worker 3.0" in p.reason
     assert decide(sig_e(n_p=2, encode_queue=3.0), O) is None              # encode_prefill off
     assert decide(sig_e(n_p=1, encode_queue=3.0), OE) is None             # the last prefill worker stays
-    assert decide(sig_e(n_p=2, encode_queue=3.0, queue=3.0), OE).from_role is Role.DECODE   # prefill short too
+    assert decide(sig_e(n_p=2, encode_queue=3.0, queue=3.0), OE).from_role is Role.DECODE   # prefill queue too
+    # TTFT misses while images pile up at the encode pool are the encode wait: encode gets the worker.
+    assert decide(sig_e(n_p=2, encode_queue=3.0, ttft=0.5), OE).to_role is Role.ENCODE
     # Prefill short, decode cannot give (short itself), encode idle: an encode worker prefills.
     p = decide(sig_e(ttft=0.5, tpot=0.5, encode_queue=0.5), OE)
     assert (p.from_role, p.to_role) == (Role.ENCODE, Role.PREFILL)
@@ -163,13 +165,25 @@ def test_policy_moves_only_a_worker_that_holds_both_halves():
     async def scenario():
         router = _EncodeRouter()
         policy = RolePolicy(router, RolePolicyOptions(**{**OE.__dict__, "cooldown_s": 0.0}))
-        policy.last_switch = 0.0
+        policy.since = 0.0
         results = [await policy.check_once() for _ in range(3)]
         assert results[2].to_role is Role.ENCODE
         assert router.calls == [("p1", Role.ENCODE)]    # p0 is less loaded but holds no vision tower
         router.able["p1"] = {Role.PREFILL, Role.DECODE}
-        policy.last_switch = 0.0
+        policy.since = 0.0
         assert [await policy.check_once() for _ in range(3)] == [None, None, None]   # nobody can
         assert len(router.calls) == 1
+
+    asyncio.run(scenario())
+
+
+def test_no_cooldown_at_start():
+    """The cooldown runs from the last switch: a fresh policy acts after `sustain` checks."""
+    async def scenario():
+        router = _Router(ttft=5.0)
+        policy = RolePolicy(router, RolePolicyOptions(**{**O.__dict__, "cooldown_s": 600.0}))
+        results = [await policy.check_once() for _ in range(3)]
+        assert results[2] is not None and router.calls == [("d1", Role.PREFILL)]
+        assert [await policy.check_once() for _ in range(3)] == [None] * 3     # now it cools down
 
     asyncio.run(scenario())

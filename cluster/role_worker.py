@@ -224,14 +224,15 @@ class RoleWorker:
         self._fence(epoch, Role.DECODE)
         return await self.impl.reserve(request_id, num_prompt_tokens, lease_s)
 
-    async def activate(self, request_id: str, prompt_token_ids, first_token: int, sampling, epoch: int | None = None):
+    async def activate(self, request_id: str, prompt_token_ids, first_token: int, sampling, epoch: int | None = None,
+                       resume: tuple[int, int] | None = None):
         self._fence(epoch, Role.DECODE)
-        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling)
+        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume)
 
     async def submit(self, request_id: str, prompt_token_ids, sampling, epoch: int | None = None,
-                     images: tuple[bytes, ...] = ()) -> None:
+                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None) -> None:
         self._fence(epoch, Role.COLOCATED, Role.DECODE)
-        await self.impl.submit(request_id, prompt_token_ids, sampling, images)
+        await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume)
 
     async def poll(self, timeout_s: float = 1.0, epoch: int | None = None):
         """Step messages of a decode / colocated worker; a poll for an older epoch (a router's

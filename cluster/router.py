@@ -71,6 +71,7 @@ class _Flight:
     decode: WorkerHandle | None = None
     prefill: WorkerHandle | None = None
     images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
+    resume: tuple[int, int] | None = None   # re-prefilled: (output tokens in the prompt, chars sent)
 
 
 def _is_stale(exc: BaseException) -> bool:
@@ -263,7 +264,7 @@ class ClusterRouter(Router):
                 if not self._may_resume(request, tokens, resumes):
                     raise
                 resumes += 1
-                out = await self._resume(request, flight, ids, tokens, deadline, timings)
+                out = await self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings)
             while True:
                 if out is not None:
                     now = time.monotonic()
@@ -287,7 +288,7 @@ class ClusterRouter(Router):
                 while isinstance(out, _DecodeDied) and self._may_resume(request, tokens, resumes):
                     resumes += 1
                     try:
-                        out = await self._resume(request, flight, ids, tokens, deadline, timings)
+                        out = await self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings)
                     except _DecodeDied as again:
                         out = again
                 if isinstance(out, BaseException):
@@ -335,10 +336,12 @@ class ClusterRouter(Router):
         return (self.reprefill_on_decode_failure and resumes < max(1, len(self.decode))
                 and len(tokens) < request.sampling.max_tokens)
 
-    async def _resume(self, request, flight, ids, tokens, deadline, timings) -> StepOutput | None:
+    async def _resume(self, request, flight, ids, tokens, sent_chars, deadline, timings) -> StepOutput | None:
         """Re-prefill a request whose decode worker died: prompt + the tokens it already streamed,
         on live workers, for the tokens it has left. Greedy output is the same as without the
-        failure; sampled output goes on from where it was, with the seed's stream restarted."""
+        failure; sampled output goes on from where it was, with the seed's stream restarted. The
+        new worker decodes text over the whole output (`resume`): text it had held back is
+        delivered and a stop string spanning the resume point still ends the request."""
         if flight.decode is not None:
             flight.decode.inflight -= 1
             flight.decode = None
@@ -349,6 +352,7 @@ class ClusterRouter(Router):
         log.warning("request %s: decode worker died after %d tokens; prefilling it again",
                     flight.request_id, len(tokens))
         sampling = dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens - len(tokens))
+        flight.resume = (len(tokens), sent_chars)
         return await self._start(dataclasses.replace(request, sampling=sampling), flight, list(ids) + list(tokens),
                                  deadline, timings)
 
@@ -379,7 +383,8 @@ class ClusterRouter(Router):
         worker.inflight += 1
         try:
             await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling, epoch=worker.epoch,
-                                                           **({"images": flight.images} if flight.images else {})),
+                                                           **({"images": flight.images} if flight.images else {}),
+                                                           **({"resume": flight.resume} if flight.resume else {})),
                                 deadline, "submit")
         except RouterError:
             raise
@@ -476,7 +481,8 @@ class ClusterRouter(Router):
             try:
                 return await self._bounded(
                     decode.actor.activate.remote(flight.request_id, ids, result.first_token, request.sampling,
-                                                 epoch=decode.epoch),
+                                                 epoch=decode.epoch,
+                                                 **({"resume": flight.resume} if flight.resume else {})),
                     deadline, "decode activation")
             except RouterError:
                 raise

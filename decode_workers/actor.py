@@ -9,6 +9,7 @@ router) returns the messages produced since the last poll.
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster.router_api import Role, WorkerStatus
@@ -63,19 +64,22 @@ class DecodeWorker:
         return await self._call(self.core.reserve, request_id, num_prompt_tokens, lease_s)
 
     async def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                       sampling: SamplingParams) -> StepOutput:
-        out = await self._call(self.core.activate, request_id, prompt_token_ids, first_token, sampling)
+                       sampling: SamplingParams, resume: tuple[int, int] | None = None) -> StepOutput:
+        out = await self._call(self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume)
         self._ensure_loop()
         self._has_work.set()
         return out
 
     async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                     images: tuple[bytes, ...] = ()) -> None:
-        """Colocated role: the whole request (prefill and decode) runs here; images are encoded here too."""
+                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None) -> None:
+        """Colocated role: the whole request (prefill and decode) runs here; images are encoded here too.
+        resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
         if images:
-            await self._call(self.core.submit_with_images, request_id, list(prompt_token_ids), sampling, list(images))
+            await self._call(self.core.submit_with_images, request_id, list(prompt_token_ids), sampling, list(images),
+                             resume)
         else:
-            await self._call(self.core.engine.add_request, list(prompt_token_ids), sampling, request_id)
+            await self._call(functools.partial(self.core.engine.add_request, list(prompt_token_ids), sampling,
+                                               request_id, resume=resume))
         self._ensure_loop()
         self._has_work.set()
 

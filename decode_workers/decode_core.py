@@ -71,13 +71,13 @@ class DecodeCore:
                                                                                   loaded.model.dtype)
 
     def submit_with_images(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                           images: list[bytes]) -> None:
+                           images: list[bytes], resume: tuple[int, int] | None = None) -> None:
         """Colocated role: encode the request's images here (no encode pool), then queue it.
         InvalidRequestError names an image that is not one."""
         if self.image_encoder is None:
             raise ValueError(f"model {self.engine.loaded.name} takes no images on this worker")
         features, _ = self.image_encoder.encode(list(images))
-        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features)
+        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume)
 
     # ------------------------------------------------------------ admission
     def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
@@ -103,8 +103,9 @@ class DecodeCore:
         return desc
 
     def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                 sampling: SamplingParams) -> StepOutput:
-        """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do."""
+                 sampling: SamplingParams, resume: tuple[int, int] | None = None) -> StepOutput:
+        """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do.
+        resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
         res = self._reserved.pop(request_id, None)
         if res is None:
             raise KeyError(f"request {request_id!r} has no reservation on this decode worker (lease lapsed?)")
@@ -114,7 +115,8 @@ class DecodeCore:
             self._drop(request_id, res.block_table)
             raise
         self.receiver.release(request_id)
-        return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table)
+        return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table,
+                                         resume=resume)
 
     def cancel(self, request_id: str) -> bool:
         res = self._reserved.pop(request_id, None)

@@ -127,8 +127,11 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int] | list[dict], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, image_features: list[torch.Tensor] | None = None) -> str:
-        """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order."""
+                    request_id: str | None = None, image_features: list[torch.Tensor] | None = None,
+                    resume: tuple[int, int] | None = None) -> str:
+        """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order.
+        resume: (n, chars) for a request re-prefilled after a failure: the prompt's last n tokens
+        are its earlier output, of whose text `chars` characters were already delivered."""
         sampling = sampling or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -142,15 +145,17 @@ class LLMEngine:
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq
-        self._detok[request_id] = Detokenizer(self.tokenizer, sampling.stop)
+        self._detok[request_id] = self._detokenizer(sampling, ids, resume)
         self.scheduler.add(seq)
         return request_id
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                      sampling: SamplingParams, block_table: list[int]) -> StepOutput:
+                      sampling: SamplingParams, block_table: list[int],
+                      resume: tuple[int, int] | None = None) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
-        sequence may already be finished by it (EOS, max_tokens=1, a stop string)."""
+        sequence may already be finished by it (EOS, max_tokens=1, a stop string). resume: as
+        add_request's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         seq = Sequence(request_id, list(prompt_token_ids), sampling, arrival=time.monotonic(),
@@ -158,9 +163,18 @@ class LLMEngine:
                        num_computed_tokens=len(prompt_token_ids), block_table=block_table,
                        status=SequenceStatus.RUNNING)
         self._seqs[request_id] = seq
-        self._detok[request_id] = Detokenizer(self.tokenizer, sampling.stop)
+        self._detok[request_id] = self._detokenizer(sampling, prompt_token_ids, resume)
         self.scheduler.running.append(seq)
         return self._postprocess(seq)
+
+    def _detokenizer(self, sampling: SamplingParams, prompt_ids: list[int],
+                     resume: tuple[int, int] | None) -> Detokenizer:
+        if resume is None:
+            return Detokenizer(self.tokenizer, sampling.stop)
+        n, chars = resume
+        if not 0 <= n <= len(prompt_ids) or chars < 0:
+            raise InvalidRequestError(f"resume {resume!r} does not fit a prompt of {len(prompt_ids)} tokens")
+        return Detokenizer(self.tokenizer, sampling.stop, list(prompt_ids[len(prompt_ids) - n:]), chars)
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)

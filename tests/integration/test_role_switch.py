@@ -153,23 +153,25 @@ def test_reprefill_after_decode_death_gives_the_reference(served, smol, smol_pro
     req = GenerateInput("reprefill-0", SamplingParams(max_tokens=48), token_ids=tuple(ids))
 
     async def scenario():
-        tokens, final, killed = [], None, None
+        tokens, text, final, killed = [], [], None, None
         async for ev in router.generate(req):
             if isinstance(ev, TokenEvent):
                 tokens.extend(ev.token_ids)
+                text.append(ev.text)
                 if killed is None and len(tokens) >= 8:
                     killed = router._flights[req.request_id].decode
                     ray.kill(killed.actor, no_restart=True)
             else:
                 final = ev
-        return tokens, final, killed
+        return tokens, "".join(text), final, killed
 
     try:
-        tokens, final, killed = loop.run(scenario(), timeout=300)
+        tokens, text, final, killed = loop.run(scenario(), timeout=300)
     finally:
         router.reprefill_on_decode_failure = False
     assert killed is not None and final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), final.error
     assert tokens == want
+    assert text == smol.tokenizer.decode(want, skip_special_tokens=True)     # continuous across the resume
     assert loop.run(router.supervisor.wait_all_alive(120)), "the killed worker was not restarted"
     assert router.supervisor.restarts().get(killed.worker_id) == 1
     assert_no_leaks(loop, router)

@@ -62,3 +62,43 @@ def test_detokenizer_flush_releases_the_held_tail():
     new, _ = d.update([ord("h"), ord("i")])
     assert new == ""
     assert d.flush() == "hi"
+
+
+def test_resumed_detokenizer_sees_held_text_and_a_spanning_stop_string():
+    """A re-prefilled request: its earlier output ("abcEN", of which "abc" was delivered) is the
+    prefix. The held "EN" plus the new "D" is the stop string; without the prefix it is missed."""
+    d = Detokenizer(_CharTokenizer(), ("END",), prefix_ids=[ord(c) for c in "abcEN"], released=3)
+    new, stop = d.update([ord("D"), ord("x")])
+    assert stop and new == "" and d.text == "abc"
+    fresh = Detokenizer(_CharTokenizer(), ("END",))            # what a resume used to do
+    assert fresh.update([ord("D"), ord("x")]) == ("", False)
+    # No stop string hit: the held "EN" is delivered after the resume, nothing twice.
+    d = Detokenizer(_CharTokenizer(), ("END",), prefix_ids=[ord(c) for c in "abcEN"], released=3)
+    out = d.update([ord("d"), ord("y"), ord("z")])[0] + d.flush()
+    assert out == "ENdyz"
+
+
+def test_engine_resume_gives_the_uninterrupted_text(tiny, make_engine):
+    """Greedy request cut after k tokens and re-run as prompt + those tokens with `resume`: the
+    delivered text joins to the uninterrupted text, with a stop string spanning the cut."""
+    from engine.sequence import SamplingParams as SP
+
+    engine = make_engine(tiny, block_size=16, num_kv_blocks=64, max_num_batched_tokens=256, max_num_seqs=4)
+    prompt = tiny.tokenizer("The three pools of a serving cluster are")["input_ids"]
+    full = engine.generate([prompt], SP(max_tokens=24, ignore_eos=True))[0]
+    k = 10
+    before = tiny.tokenizer.decode(full.token_ids[:k], skip_special_tokens=True)
+    assert full.text.startswith(before) and len(full.text) > len(before) + 3
+    stop = full.text[len(before) - 2:len(before) + 3]           # spans the cut
+    assert len(stop) == 5 and full.text.find(stop) == len(before) - 2
+    want = engine.generate([prompt], SP(max_tokens=24, ignore_eos=True, stop=(stop,)))[0].text
+    # The first k tokens as a worker delivered them (the tail that may start the stop string held).
+    sent = before[:len(before) - (len(stop) - 1)]
+    rest = SP(max_tokens=24 - k, ignore_eos=True, stop=(stop,))
+    rid = engine.add_request(prompt + full.token_ids[:k], rest, "resumed", resume=(k, len(sent)))
+    text = sent
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == rid:
+                text += out.new_text
+    assert text == want and len(want) == len(before) - 2

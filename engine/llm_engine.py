@@ -141,11 +141,12 @@ class LLMEngine:
         if image_features:
             ids, embeds = multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id, ids, image_features)
         self.validator.check(ids, sampling)
+        detok = self._detokenizer(sampling, ids, resume)
         seq = Sequence(request_id, ids, sampling, arrival=time.monotonic())
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq
-        self._detok[request_id] = self._detokenizer(sampling, ids, resume)
+        self._detok[request_id] = detok
         self.scheduler.add(seq)
         return request_id
 
@@ -158,12 +159,13 @@ class LLMEngine:
         add_request's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        detok = self._detokenizer(sampling, prompt_token_ids, resume)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, arrival=time.monotonic(),
                        token_ids=list(prompt_token_ids) + [first_token],
                        num_computed_tokens=len(prompt_token_ids), block_table=block_table,
                        status=SequenceStatus.RUNNING)
         self._seqs[request_id] = seq
-        self._detok[request_id] = self._detokenizer(sampling, prompt_token_ids, resume)
+        self._detok[request_id] = detok
         self.scheduler.running.append(seq)
         return self._postprocess(seq)
 

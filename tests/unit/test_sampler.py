@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from engine.detokenizer import Detokenizer
@@ -102,3 +103,8 @@ def test_engine_resume_gives_the_uninterrupted_text(tiny, make_engine):
             if out.request_id == rid:
                 text += out.new_text
     assert text == want and len(want) == len(before) - 2
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="does not fit a prompt"):
+        engine.add_request(prompt, rest, "bad-resume", resume=(len(prompt) + 1, 0))
+    assert not engine.has_unfinished()                 # nothing registered (make_engine checks blocks)

@@ -339,9 +339,10 @@ class ClusterRouter(Router):
     async def _resume(self, request, flight, ids, tokens, sent_chars, deadline, timings) -> StepOutput | None:
         """Re-prefill a request whose decode worker died: prompt + the tokens it already streamed,
         on live workers, for the tokens it has left. Greedy output is the same as without the
-        failure; sampled output goes on from where it was, with the seed's stream restarted. The
-        new worker decodes text over the whole output (`resume`): text it had held back is
-        delivered and a stop string spanning the resume point still ends the request."""
+        failure, and so is seeded sampled output (the new workers skip the seed's draws of the
+        tokens already streamed). The new worker decodes text over the whole output (`resume`):
+        text it had held back is delivered and a stop string spanning the resume point still
+        ends the request."""
         if flight.decode is not None:
             flight.decode.inflight -= 1
             flight.decode = None
@@ -446,7 +447,8 @@ class ClusterRouter(Router):
                 # worker gets the image bytes and encodes them itself.
                 shards = await self._encode(flight, prefill, deadline, timings) if flight.images and self.encode else ()
                 task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
-                                   images=() if self.encode else flight.images)
+                                   images=() if self.encode else flight.images,
+                                   sampled_before=flight.resume[0] if flight.resume else 0)
                 result = await self._bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
             except RouterError:
                 raise

@@ -142,6 +142,8 @@ class LLMEngine:
             ids, embeds = multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id, ids, image_features)
         self.validator.check(ids, sampling)
         detok = self._detokenizer(sampling, ids, resume)
+        if resume:                          # the earlier output was sampled elsewhere
+            self.sampler.advance(request_id, sampling, self._vocab_size(), resume[0])
         seq = Sequence(request_id, ids, sampling, arrival=time.monotonic())
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
@@ -160,6 +162,8 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
+        # The first token (and, resumed, the earlier output) was sampled elsewhere: skip its draws.
+        self.sampler.advance(request_id, sampling, self._vocab_size(), 1 + (resume[0] if resume else 0))
         seq = Sequence(request_id, list(prompt_token_ids), sampling, arrival=time.monotonic(),
                        token_ids=list(prompt_token_ids) + [first_token],
                        num_computed_tokens=len(prompt_token_ids), block_table=block_table,
@@ -168,6 +172,10 @@ class LLMEngine:
         self._detok[request_id] = detok
         self.scheduler.running.append(seq)
         return self._postprocess(seq)
+
+    def _vocab_size(self) -> int:
+        """Width of the logits rows the sampler draws over."""
+        return self.loaded.model.get_output_embeddings().weight.shape[0]
 
     def _detokenizer(self, sampling: SamplingParams, prompt_ids: list[int],
                      resume: tuple[int, int] | None) -> Detokenizer:

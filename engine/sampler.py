@@ -1,4 +1,13 @@
-"""Token sampling: greedy rows in one argmax, the others one by one with their own generator."""
+"""Token sampling: greedy rows in one argmax, the others one by one with their own generator.
+
+A seeded request's tokens are drawn from one stream (its seed's generator) wherever they are
+sampled: a worker that continues a request whose earlier tokens were sampled elsewhere (the
+decode worker after the prefill worker's first token; any worker after a re-prefill) first
+`advance`s the generator past those draws. One multinomial draw over V probabilities consumes
+the same random numbers whatever the probabilities are, so a draw over uniform weights of the
+same size skips exactly one token's randomness (tests/unit/test_role_worker.py checks the streams
+match).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +31,16 @@ class Sampler:
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+
+    def advance(self, request_id: str, params: SamplingParams, vocab_size: int, draws: int) -> None:
+        """Skip the random numbers of `draws` tokens this request sampled elsewhere (seeded,
+        non-greedy requests only: the others draw nothing or from the global generator)."""
+        if params.greedy or params.seed is None or draws <= 0:
+            return
+        gen = self._generator(request_id, params.seed)
+        uniform = torch.ones(vocab_size)
+        for _ in range(draws):
+            torch.multinomial(uniform, 1, generator=gen)
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
         """logits [N, V] float → N token ids."""

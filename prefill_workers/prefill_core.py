@@ -61,6 +61,7 @@ class PrefillTask:
     image_shards: tuple[EncodeShard, ...] = ()
     images: tuple[bytes, ...] = ()   # no encode pool: raw images, encoded by this worker
     enqueued_at: float = field(default_factory=time.monotonic)
+    sampled_before: int = 0          # re-prefilled: output tokens already sampled (a seeded stream skips them)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ class PrefillCore:
                 for layer in range(self.layout.num_layers):
                     send(layer)
             forward_end = time.monotonic()
+            for t in tasks:
+                self.sampler.advance(t.request_id, t.sampling, result.logits.shape[-1], t.sampled_before)
             tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
             for seq in list(live):
                 try:

@@ -31,6 +31,8 @@ class Outcome:
     tpot: float
     ok: bool
     error: str | None
+    queue_s: float = 0.0          # the server's timings (bench/plan_validation.py reports them)
+    prefill_s: float = 0.0
 
 
 def deploy_config(mode: str, ttft_ms: float, tpot_ms: float):

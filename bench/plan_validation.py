@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import AZURE_CONV, prompt_ids, text_token_ids
-from bench.goodput import percentile
+from bench.goodput import Outcome, percentile
 from placement import trace as tr
 from placement.cli import perf_model
 from placement.hardware import load_cluster
@@ -54,16 +54,6 @@ from placement.simulator import Mode, Slo, simulate
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.9
 PROFILE_BACKGROUND: list[tuple[int, float]] = []   # (threads, cores other processes used while profiling)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    ttft: float
-    tpot: float
-    ok: bool
-    error: str | None
-    queue_s: float = 0.0
-    prefill_s: float = 0.0
 
 
 @dataclass

@@ -164,7 +164,7 @@ class ClusterRouter(Router):
         A new handle, not the old one revived: requests still holding the old handle keep
         failing against the dead actor instead of reaching a replacement that never saw them."""
         assert not old.alive, f"{old.worker_id} is alive; only a dead worker is replaced"
-        pool = {Role.PREFILL: self.prefill, Role.ENCODE: self.encode}.get(old.role, self.decode)
+        pool = self._pool(old.role)
         new = WorkerHandle(old.worker_id, old.role, actor, node_id, epoch=old.epoch + 1)
         pool[pool.index(old)] = new
         if new.role not in (Role.PREFILL, Role.ENCODE):
@@ -564,7 +564,8 @@ class ClusterRouter(Router):
         return None
 
     def _pool(self, role: Role) -> list[WorkerHandle]:
-        return {Role.ENCODE: self.encode, Role.PREFILL: self.prefill, Role.DECODE: self.decode}[role]
+        """The list a worker of `role` lives in (colocated workers sit in `decode`)."""
+        return {Role.ENCODE: self.encode, Role.PREFILL: self.prefill}.get(role, self.decode)
 
     async def worker_roles(self, worker: WorkerHandle) -> frozenset[Role]:
         """The roles a worker can take (what it loaded at start); its own role if it cannot say."""

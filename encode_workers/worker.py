@@ -16,7 +16,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from cluster.router_api import Role, WorkerStatus
+from cluster.router_api import Role
 from encode_workers.encoder import ImageEncoder
 from encode_workers.service import EncodeService
 from encode_workers.transfer import EncodeStats
@@ -58,10 +58,6 @@ class EncodeWorker:
     async def roles(self) -> tuple[Role, ...]:
         """The roles this worker can take: a plain encode worker holds only the vision tower."""
         return (Role.ENCODE,)
-
-    async def status(self) -> WorkerStatus:
-        return WorkerStatus(self.service.worker_id, Role.ENCODE, self.info.node_id, True,
-                            queue_length=self.inflight, running=self.inflight, kv_blocks_used=0, kv_blocks_total=0)
 
     async def idle(self) -> bool:
         return self.inflight == 0

@@ -157,13 +157,85 @@ class SloConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Caps the gateway checks at the door, before any expensive work (docs/SECURITY.md). Each
+    refusal names the setting."""
+
+    max_request_bytes: int = 32 << 20  # an HTTP body / a gRPC message
+    max_prompt_chars: int = 262_144  # characters of text one request sends (prompt, or all its messages)
+    max_messages: int = 1024  # chat messages in one request
+    max_images: int = 16  # images in one request
+    max_image_bytes: int = 16 << 20  # one encoded image
+    max_image_pixels: int = 4096 * 4096  # width x height of one image, checked before it is decoded
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256  # characters of one stop string
+    max_id_chars: int = 128  # a request id or session id
+    max_tokens: int | None = None  # ceiling on a request's max_tokens; None: model.max_model_len
+    max_requests_per_client: int = 64  # in flight (queued or running) per client; server-wide: max_queued_requests
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Where the API keys are; keys themselves never appear in the YAML (or in logs). A file has
+    one key per line, `name:key` (the name identifies the client) or a bare `key`; an
+    environment variable holds the same entries separated by commas. No serving keys: the
+    serving ports take every client as one anonymous client."""
+
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    admin_keys_file: str | None = None
+    admin_keys_env: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on every port of the gateway (gRPC, HTTP, admin) from PEM files; client_ca_file also
+    makes clients present a certificate signed by that CA (mutual TLS)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    max_sessions: int = 4096  # in total
+    max_sessions_per_client: int = 256  # a client past this forgets its own least recently used session
+    ttl_s: float = 3600.0  # idle sessions are forgotten
+    max_chars: int = 1 << 20  # history kept per session (text characters + image bytes); oldest turns go first
+
+
+@dataclass(frozen=True)
+class ConnectionsConfig:
+    """Timeouts that keep idle and slow clients from holding connections."""
+
+    http_read_timeout_s: float = 30.0  # reading one request's headers and body
+    http_keepalive_s: float = 75.0  # an idle keep-alive HTTP connection is closed after this
+    grpc_max_concurrent_streams: int = 256  # per connection
+    grpc_max_connection_idle_s: float = 300.0
+    grpc_max_connection_age_s: float = 3600.0  # then GOAWAY; running calls get request_timeout_s to end
+    grpc_min_ping_interval_s: float = 10.0  # clients pinging more often are disconnected
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051  # 0: pick a free port
     http_port: int | None = 8000  # None: no OpenAI-compatible HTTP server; 0: free port
+    admin_host: str = "127.0.0.1"  # the admin service (role switching, cluster status) listens here only
+    admin_port: int | None = 50052  # None: no admin service; 0: free port
     max_queued_requests: int = 256
     request_timeout_s: float = 300.0
     reprefill_on_decode_failure: bool = False  # a dead decode worker's requests go on elsewhere
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
 
 
 @dataclass(frozen=True)
@@ -348,10 +420,63 @@ def _server(s: _Section) -> ServerConfig:
         host=s.str("host", d.host),
         grpc_port=s.int("grpc_port", d.grpc_port, lo=0, hi=65535),
         http_port=s.int("http_port", d.http_port, lo=0, hi=65535, nullable=True),
+        admin_host=s.str("admin_host", d.admin_host),
+        admin_port=s.int("admin_port", d.admin_port, lo=0, hi=65535, nullable=True),
         max_queued_requests=s.int("max_queued_requests", d.max_queued_requests, lo=1),
         request_timeout_s=s.float("request_timeout_s", d.request_timeout_s, lo=0.0, lo_open=True),
         reprefill_on_decode_failure=s.bool("reprefill_on_decode_failure", d.reprefill_on_decode_failure),
+        limits=_limits(s.section("limits")),
+        auth=_auth(s.section("auth")),
+        tls=_tls(s.section("tls")),
+        sessions=_sessions(s.section("sessions")),
+        connections=_connections(s.section("connections")),
     )
+    s.done()
+    return out
+
+
+def _limits(s: _Section) -> LimitsConfig:
+    d = LimitsConfig()
+    out = LimitsConfig(**{f.name: s.int(f.name, getattr(d, f.name), lo=1, nullable=f.name == "max_tokens")
+                          for f in fields(LimitsConfig)})
+    s.done()
+    return out
+
+
+def _auth(s: _Section) -> AuthConfig:
+    out = AuthConfig(**{f.name: s.str(f.name, None, nullable=True) for f in fields(AuthConfig)})
+    s.done()
+    return out
+
+
+def _tls(s: _Section) -> TlsConfig:
+    out = TlsConfig(**{f.name: s.str(f.name, None, nullable=True) for f in fields(TlsConfig)})
+    if (out.cert_file is None) != (out.key_file is None):
+        s.fail("cert_file" if out.cert_file is None else "key_file", "TLS needs both cert_file and key_file")
+    if out.client_ca_file is not None and out.cert_file is None:
+        s.fail("client_ca_file", "client certificates (mutual TLS) need TLS: set cert_file and key_file")
+    s.done()
+    return out
+
+
+def _sessions(s: _Section) -> SessionsConfig:
+    d = SessionsConfig()
+    out = SessionsConfig(
+        max_sessions=s.int("max_sessions", d.max_sessions, lo=1),
+        max_sessions_per_client=s.int("max_sessions_per_client", d.max_sessions_per_client, lo=1),
+        ttl_s=s.float("ttl_s", d.ttl_s, lo=0.0, lo_open=True),
+        max_chars=s.int("max_chars", d.max_chars, lo=1),
+    )
+    s.done()
+    return out
+
+
+def _connections(s: _Section) -> ConnectionsConfig:
+    d = ConnectionsConfig()
+    out = ConnectionsConfig(**{
+        f.name: (s.int(f.name, getattr(d, f.name), lo=1) if f.type == "int"
+                 else s.float(f.name, getattr(d, f.name), lo=0.0, lo_open=True))
+        for f in fields(ConnectionsConfig)})  # fmt: skip
     s.done()
     return out
 
@@ -386,10 +511,30 @@ def _check_cross_fields(cfg: DeployConfig, root: _Section) -> None:
     if cfg.role_switching.encode_prefill and (cfg.mode is not Mode.DISAGGREGATED or cfg.pools.encode.workers < 1):
         root.fail("role_switching.encode_prefill", "switching between encode and prefill needs mode: disaggregated "
                   "and an encode pool (pools.encode.workers >= 1)")
+    srv = cfg.server
+    if srv.admin_port is not None and not is_loopback(srv.admin_host) and not (
+            srv.auth.admin_keys_file or srv.auth.admin_keys_env):  # fmt: skip
+        root.fail("server.admin_host", f"the admin service moves workers between pools; binding it to "
+                  f"{srv.admin_host!r} (not loopback) needs an admin key (server.auth.admin_keys_file or "
+                  f"admin_keys_env)")
+    if srv.admin_port is not None and srv.admin_port != 0 and srv.admin_port in (srv.grpc_port, srv.http_port):
+        root.fail("server.admin_port", f"{srv.admin_port} is also a serving port; the admin service needs its own")
     if cfg.mode is Mode.DISAGGREGATED and cfg.transport.backend in (TransportBackend.CUDA_IPC, TransportBackend.NCCL):
         for role in needed:
             if cfg.pools.get(role).num_gpus <= 0:
                 root.fail("transport.backend", f"{cfg.transport.backend.value!r} moves KV between GPUs, but pools.{role.value}.num_gpus is 0")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a port on this machine ("localhost", 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +711,8 @@ def _plain(obj: Any) -> Any:
 
 
 __all__ = [
-    "ConfigError", "DType", "DeployConfig", "EngineSettings", "Mode", "ModelConfig", "PoolConfig",
-    "PoolsConfig", "RayConfig", "Role", "SCHEMA_VERSION", "ServerConfig", "SloConfig", "SparseConfig",
+    "AuthConfig", "ConfigError", "ConnectionsConfig", "DType", "DeployConfig", "EngineSettings", "LimitsConfig",
+    "Mode", "ModelConfig", "PoolConfig", "PoolsConfig", "RayConfig", "Role", "SCHEMA_VERSION", "ServerConfig",
+    "SessionsConfig", "SloConfig", "SparseConfig", "TlsConfig",
     "SparseMethod", "TransportBackend", "TransportConfig", "load_config", "parse_config",
 ]  # fmt: skip

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_config(config_path: str | None) -> DeployConfig:
-    """The config with both gateway ports set to 0, so the demo never collides with a server."""
-    overrides = {"server.grpc_port": 0, "server.http_port": 0}
+    """The config with the gateway's ports set to 0, so the demo never collides with a server."""
+    overrides = {"server.grpc_port": 0, "server.http_port": 0, "server.admin_port": 0}
     if config_path is None:
         return parse_config({"version": 1}, "<embedded default>", overrides)
     return load_config(config_path, overrides)

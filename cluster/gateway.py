@@ -1,58 +1,77 @@
-"""The gateway: one router behind two doors, gRPC (`triptych.v1.Triptych`) and OpenAI HTTP.
+"""The gateway: one router behind two serving doors, gRPC (`triptych.v1.Triptych`) and OpenAI
+HTTP, plus the admin service on its own port (cluster/admin.py).
 
-    client ──gRPC──▶ Gateway (servicer) ─┐
-                                         ├─▶ Gateway.events() ──▶ Router.generate() ──▶ events
-    client ──HTTP──▶ http_api handlers ──┘      sessions, metrics, in-flight ids
+    client ──gRPC──▶ Gateway (servicer) ─┐  authenticate ─▶ parse + cheap caps (cluster/limits.py)
+                                         ├─▶ Gateway.events() ─▶ admission thread: history trim,
+    client ──HTTP──▶ http_api handlers ──┘   tokenize, decode images (router.prepare)
+                                             ─▶ Router.generate() ─▶ events
 
 `Gateway.events` is the request path both doors share. Its promise to a door: it raises
-RouterError before the first event (bad input, overload: the door turns that into a status)
-and otherwise yields TokenEvents then exactly one FinalEvent, even when the router misbehaves
-(an exception after the first event, or a stream without a final event, become
-FinalEvent(ERROR)). Leaving it early (client cancelled, disconnected, deadline passed) closes
-the router's iterator, which aborts the request.
+RouterError before the first event (bad input, overload, a failure before any token: the door
+turns that into a status) and otherwise yields TokenEvents then exactly one FinalEvent, even when
+the router misbehaves (an exception after the first event, or a stream without a final event,
+become FinalEvent(ERROR)). Leaving it early (client cancelled, disconnected, deadline passed)
+closes the router's iterator, which aborts the request.
 
-`start(router, server_config)` binds both doors (port 0: a free port) and returns a
+Ownership: every request belongs to the principal (API key) that sent it (cluster/auth.py). The
+client's request id is its own name for it, unique among that principal's requests in flight;
+the router sees a fresh internal id, so ids never collide across clients, `Abort` finds only the
+caller's own requests (another's and an unknown id answer the same), and sessions are the
+principal's (cluster/sessions.py). Each principal has at most `max_requests_per_client` requests
+in flight and at most ADMISSIONS_PER_CLIENT being prepared at once, so one client cannot fill the
+queue or the admission threads for the others.
+
+The event loop only moves bytes: tokenizing, chat templates, history trimming and image
+decoding run on ADMISSION_THREADS threads, after the caps of cluster/limits.py.
+
+`start(router, server_config)` binds the doors (port 0: a free port) and returns a
 RunningGateway with the bound ports; `RunningGateway.stop()` stops serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2
 from grpc_health.v1 import health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
-from cluster.config import ServerConfig
+from cluster import limits as caps
+from cluster.auth import ANONYMOUS, KeyRing, Principal
+from cluster.config import LimitsConfig, ServerConfig, SessionsConfig
 from cluster.metrics import Metrics
 from cluster.router_api import (
     ChatMessage,
     ErrorKind,
     FinalEvent,
     GenerateInput,
+    Prepared,
     Role,
     Router,
     RouterError,
     TokenEvent,
 )
 from cluster.sessions import SessionStore, trim_to_fit
-from engine.errors import InvalidRequestError
-from engine.sequence import FinishReason, SamplingParams
+from engine.sequence import FinishReason
 from protos.triptych.v1 import triptych_pb2 as pb
 from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Triptych"].full_name
-ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TriptychAdmin"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # requests carry images
 CHAT_ROLES = ("system", "user", "assistant")
+ADMISSION_THREADS = 4
+ADMISSIONS_PER_CLIENT = 2
 
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,6 +81,7 @@ GRPC_CODES = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
 }
 _FINISH_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -69,52 +89,45 @@ _FINISH_PB = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
-_ROLE_PB = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE,
-            Role.COLOCATED: pb.ROLE_COLOCATED}  # fmt: skip
+ROLE_PB = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE,
+           Role.COLOCATED: pb.ROLE_COLOCATED}  # fmt: skip
 _MODE_PB = {"colocated": pb.MODE_COLOCATED, "disaggregated": pb.MODE_DISAGGREGATED}
+UNAUTHENTICATED_MESSAGE = "missing or unknown API key (send 'authorization: Bearer <key>')"
 
 
-def invalid(message: str) -> RouterError:
-    return RouterError(ErrorKind.INVALID_ARGUMENT, message)
+def invalid(message: str, reason: str = "bad_request") -> RouterError:
+    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason)
 
 
-def make_sampling(*, max_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int = 0,
-                  seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False,
-                  max_model_len: int) -> SamplingParams:  # fmt: skip
-    """SamplingParams from API values; None / 0 max_tokens means up to max_model_len, unset
-    temperature and top_p mean 1.0 (docs/API.md). Bad values raise RouterError(INVALID_ARGUMENT)."""
-    if top_k == -1:
-        top_k = 0
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens or max_model_len,
-            temperature=1.0 if temperature is None else float(temperature),
-            top_p=1.0 if top_p is None else float(top_p),
-            top_k=top_k, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
-        )  # fmt: skip
-    except InvalidRequestError as err:
-        raise invalid(str(err)) from None
+def bearer(context: grpc.aio.ServicerContext) -> str | None:
+    """The `authorization` metadata of a gRPC call."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Proto <-> router types
 
 
-def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int,
-                  deadline_s: float | None) -> GenerateInput:  # fmt: skip
+def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int, deadline_s: float | None,
+                  limits: LimitsConfig = LimitsConfig()) -> GenerateInput:  # fmt: skip
     kind = req.WhichOneof("input")
     if kind is None:
         raise invalid("no input: set one of prompt, chat, token_ids")
     if req.session_id and kind != "chat":
         raise invalid(f"session_id needs chat input, got {kind}")
     s = req.sampling
-    sampling = make_sampling(
+    caps.check_count("stop strings", len(s.stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings")
+    sampling = caps.sampling(
         max_tokens=s.max_tokens,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
         top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), ignore_eos=s.ignore_eos, max_model_len=max_model_len,
+        stop=tuple(s.stop), ignore_eos=s.ignore_eos, max_model_len=max_model_len, limits=limits,
     )  # fmt: skip
+    caps.check_count("images", len(req.images), limits.max_images, "max_images", "too_many_images")
     for i, image in enumerate(req.images):
         if not image.data:
             raise invalid(f"images[{i}].data is empty")
@@ -125,17 +138,20 @@ def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int,
     if kind == "token_ids":
         if not req.token_ids.ids:
             raise invalid("token_ids is empty")
+        caps.check_count("prompt tokens", len(req.token_ids.ids), max_model_len - 1, "the model's context",
+                         "prompt_too_long")
         return GenerateInput(token_ids=tuple(req.token_ids.ids), images=images, **common)
     if images:
         raise invalid("chat input carries its images inside its messages; GenerateRequest.images must be empty")
     if not req.chat.messages:
         raise invalid("chat input has no messages")
+    caps.check_count("messages", len(req.chat.messages), limits.max_messages, "max_messages", "too_many_messages")
     return GenerateInput(messages=tuple(_message_from_pb(i, m) for i, m in enumerate(req.chat.messages)), **common)
 
 
 def _message_from_pb(i: int, msg: pb.ChatMessage) -> ChatMessage:
     if msg.role not in CHAT_ROLES:
-        raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {msg.role!r}")
+        raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {caps.clip(msg.role)}")
     texts: list[str] = []
     images: list[bytes] = []
     for j, part in enumerate(msg.content):
@@ -170,16 +186,38 @@ def final_to_pb(request_id: str, final: FinalEvent) -> pb.GenerateResponse:
 # The gateway
 
 
+@dataclass
+class _Owned:
+    """One request in flight, as its owner knows it."""
+
+    principal: Principal
+    client_id: str
+    internal_id: str
+
+
+@dataclass
+class _Slot:
+    """A principal's share of the admission threads, while it has requests being prepared."""
+
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
 class Gateway(pb_grpc.TriptychServicer):
     """Serves the Triptych gRPC service and the shared request path (`events`) on one router."""
 
-    def __init__(self, router: Router, *, sessions: SessionStore | None = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(self, router: Router, *, sessions: SessionStore | None = None, metrics: Metrics | None = None,
+                 keys: KeyRing | None = None, limits: LimitsConfig = LimitsConfig()) -> None:  # fmt: skip
         self.router = router
         self.sessions = sessions if sessions is not None else SessionStore()
         self.metrics = metrics if metrics is not None else Metrics()
+        self.keys = keys if keys is not None else KeyRing()
+        self.limits = limits
         self.serving = False  # set by start(); cleared when stopping
-        self._in_flight: set[str] = set()
+        self._owned: dict[tuple[Principal, str], _Owned] = {}
+        self._per_client: collections.Counter[Principal] = collections.Counter()
+        self._admission = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admission")
+        self._admitting: dict[Principal, _Slot] = {}
 
     @staticmethod
     def new_request_id() -> str:
@@ -187,101 +225,185 @@ class Gateway(pb_grpc.TriptychServicer):
 
     @property
     def in_flight(self) -> frozenset[str]:
-        return frozenset(self._in_flight)
+        """Client request ids in flight (of every principal)."""
+        return frozenset(client_id for _, client_id in self._owned)
+
+    def refuse(self, err: RouterError, door: str) -> RouterError:
+        """Count a refusal (triptych_request_errors_total{kind, door, reason}) once; hand it back."""
+        if not err.counted:
+            self.metrics.record_rejected(err.kind.value, door, err.reason)
+            err.counted = True
+        return err
+
+    async def off_loop(self, fn, *args):
+        """Run a parsing function on an admission thread (the event loop only moves bytes)."""
+        return await asyncio.get_running_loop().run_in_executor(self._admission, fn, *args)
+
+    def close(self) -> None:
+        self._admission.shutdown(wait=False, cancel_futures=True)
 
     # -- the shared request path ----------------------------------------------------------
 
-    async def events(self, inp: GenerateInput, *, session_id: str | None = None,
+    async def events(self, inp: GenerateInput, *, principal: Principal = ANONYMOUS, session_id: str | None = None,
                      door: str = "grpc") -> AsyncIterator[TokenEvent | FinalEvent]:  # fmt: skip
-        """Stream one request; see the module docstring for what this promises."""
-        new_messages = inp.messages
+        """Stream one request; see the module docstring for what this promises. `inp.request_id`
+        is the client's id for it (unique among `principal`'s requests in flight)."""
+        key = (principal, inp.request_id)
         try:
             if not self.serving:
-                raise RouterError(ErrorKind.UNAVAILABLE, "the server is not serving (starting or shutting down)")
-            if inp.request_id in self._in_flight:
-                raise invalid(f"request_id {inp.request_id!r} is already in flight")
+                raise RouterError(ErrorKind.UNAVAILABLE, "the server is not serving (starting or shutting down)",
+                                  "not_serving")
+            caps.check_input(inp, self.limits, self.router.model_info().max_model_len)
             if session_id:
+                caps.check_id("session_id", session_id, self.limits)
                 if inp.messages is None:
                     raise invalid("session_id needs chat input (messages)")
-                inp = replace(inp, messages=self._with_history(session_id, inp))
-            stream = self.router.generate(inp)
+            if key in self._owned:
+                raise invalid(f"request_id {caps.clip(inp.request_id)} is already in flight", "duplicate_request_id")
+            if self._per_client[principal] >= self.limits.max_requests_per_client:
+                raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
+                                  f"this client has {self._per_client[principal]} requests in flight (limit "
+                                  f"server.limits.max_requests_per_client = {self.limits.max_requests_per_client}); "
+                                  f"retry later", "client_busy")
         except RouterError as err:
-            self.metrics.record_rejected(err.kind.value, door)
-            raise
-        rid = inp.request_id
-        self._in_flight.add(rid)
-        recorder = self.metrics.start(door)
+            raise self.refuse(err, door) from None
+        owned = _Owned(principal, inp.request_id, self.new_request_id())
+        self._owned[key] = owned
+        self._per_client[principal] += 1
+        recorder = None
+        stream = None
+        final: FinalEvent | None = None
         texts: list[str] = []
         ntokens = 0
-        final: FinalEvent | None = None
         try:
+            try:
+                routed, prepared = await self._prepare(principal, replace(inp, request_id=owned.internal_id),
+                                                       session_id)
+                stream = self.router.generate(routed, prepared)
+            except RouterError as err:
+                raise self.refuse(err, door) from None
+            except Exception:
+                log.exception("admission of request %s (client %s, id %s) failed", owned.internal_id, principal,
+                              caps.clip(inp.request_id))
+                raise self.refuse(RouterError(ErrorKind.INTERNAL, "internal error", "internal"), door) from None
+            recorder = self.metrics.start(door)
             while final is None:
                 try:
                     event = await anext(stream)
                 except StopAsyncIteration:
                     final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts),
-                                       error="the router ended the stream without a final event")  # fmt: skip
-                    break
+                                       error="the router ended the stream without a final event",
+                                       error_kind=ErrorKind.INTERNAL)  # fmt: skip
                 except RouterError as err:
-                    if ntokens == 0 and not texts:
-                        self.metrics.record_rejected(err.kind.value, door)
-                        raise
-                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error=err.message)
-                    break
-                except Exception as err:  # a router bug: never leave the client hanging
-                    log.exception("router failed on request %s", rid)
-                    if ntokens == 0 and not texts:
-                        self.metrics.record_rejected(ErrorKind.INTERNAL.value, door)
-                        raise RouterError(ErrorKind.INTERNAL, f"router failed: {err!r}") from err
-                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error=f"router failed: {err!r}")
-                    break
-                if isinstance(event, FinalEvent):
-                    final = event
-                    break
-                ntokens += len(event.token_ids)
-                texts.append(event.text)
-                recorder.on_tokens(len(event.token_ids))
-                yield event
+                    if ntokens == 0 and not texts:   # refused before any token: a status, with its reason
+                        recorder = None
+                        raise self.refuse(err, door) from None
+                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error=err.message,
+                                       error_kind=err.kind)
+                except Exception:  # a router bug: never leave the client hanging
+                    log.exception("router failed on request %s", owned.internal_id)
+                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error="internal error",
+                                       error_kind=ErrorKind.INTERNAL)
+                else:
+                    if isinstance(event, FinalEvent):
+                        final = event
+                    else:
+                        ntokens += len(event.token_ids)
+                        texts.append(event.text)
+                        recorder.on_tokens(len(event.token_ids))
+                        yield event
+            if final.finish_reason is FinishReason.ERROR and ntokens == 0 and not texts:
+                # Nothing reached the client yet: the door answers with a status, not a chunk.
+                err = RouterError(final.error_kind or ErrorKind.INTERNAL, final.error or "the request failed",
+                                  "failed")
+                recorder = None
+                raise self.refuse(err, door)
             if not final.text and texts:  # FinalEvent.text is the whole completion
                 final = replace(final, text="".join(texts))
             recorder.finish(final)
+            recorder = None
             if session_id and final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-                self.sessions.append_turn(session_id, new_messages, final.text)
+                self.sessions.append_turn(principal, session_id, inp.messages, final.text)
             yield final
         finally:
-            self._in_flight.discard(rid)
-            if final is None:  # left early: the client went away
+            del self._owned[key]
+            self._per_client[principal] -= 1
+            if self._per_client[principal] <= 0:
+                del self._per_client[principal]
+            if recorder is not None:  # left early: the client went away
                 recorder.finish(FinalEvent(FinishReason.ABORT, 0, ntokens, "".join(texts)))
-            await _close(stream)
+            if stream is not None:
+                await _close(stream)
 
-    def _with_history(self, session_id: str, inp: GenerateInput) -> tuple[ChatMessage, ...]:
-        history = self.sessions.history(session_id)
-        if not history:
-            return inp.messages
-        max_len = self.router.model_info().max_model_len
-        # Old turns are dropped (oldest first) so that the prompt leaves room for the reply.
-        budget = max_len - min(inp.sampling.max_tokens, max_len // 2)
+    async def _prepare(self, principal: Principal, inp: GenerateInput,
+                       session_id: str | None) -> tuple[GenerateInput, Prepared | None]:  # fmt: skip
+        """The request with its session's history, and the router's prepare() of it, computed on
+        an admission thread (at most ADMISSIONS_PER_CLIENT of one principal's at once)."""
+        history = self.sessions.history(principal, session_id) if session_id else ()
+        slot = self._admitting.get(principal)
+        if slot is None:
+            slot = self._admitting[principal] = _Slot(asyncio.Semaphore(ADMISSIONS_PER_CLIENT))
+        slot.users += 1
         try:
-            kept = trim_to_fit(history, inp.messages, lambda ms: len(self.router.apply_chat_template(ms)), budget)
-        except RouterError:
-            kept = history  # the router names the problem when it sees the request
-        if len(kept) != len(history):
-            self.sessions.replace(session_id, kept)
-        return (*kept, *inp.messages)
+            async with slot.semaphore:
+                loop = asyncio.get_running_loop()
+                routed, kept, prepared = await loop.run_in_executor(self._admission, self._prepare_sync, inp, history)
+        finally:
+            slot.users -= 1
+            if slot.users == 0:              # nobody holds or waits for it: forget it
+                del self._admitting[principal]
+        if session_id and len(kept) != len(history):
+            self.sessions.replace(principal, session_id, kept)
+        return routed, prepared
 
-    async def abort(self, request_id: str) -> bool:
-        return await self.router.abort(request_id)
+    def _prepare_sync(self, inp: GenerateInput, history: tuple[ChatMessage, ...]):
+        """(input with history, the history kept, router.prepare(input)); runs on a thread."""
+        kept = history
+        if history:
+            max_len = self.router.model_info().max_model_len
+            # Old turns are dropped (oldest first) so that the prompt leaves room for the reply.
+            budget = max_len - min(inp.sampling.max_tokens, max_len // 2)
+            try:
+                kept = trim_to_fit(history, inp.messages, lambda ms: len(self.router.apply_chat_template(ms)), budget)
+            except Exception:
+                kept = history  # the router names the problem when it sees the request
+            inp = replace(inp, messages=(*kept, *inp.messages))
+        return inp, kept, self.router.prepare(inp)
+
+    async def abort(self, request_id: str, principal: Principal = ANONYMOUS) -> bool:
+        """Abort one of `principal`'s requests; False for an unknown id and for another's alike."""
+        owned = self._owned.get((principal, request_id))
+        return owned is not None and await self.router.abort(owned.internal_id)
 
     # -- gRPC ---------------------------------------------------------------------------------
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        who = self.keys.serving(bearer(context))
+        if who is None:
+            self.refuse(RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"), "grpc")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        return who
+
+    async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext):
+        """`raw`: the serialized GenerateRequest (see add_to_server): it is parsed on an admission
+        thread after the caller is authenticated, since parsing a message near the size limit
+        (a million chat messages) takes a noticeable time."""
+        principal = await self._principal(context)
+        try:
+            request = await self.off_loop(pb.GenerateRequest.FromString, raw)
+        except DecodeError:
+            self.refuse(invalid("the request is not a valid GenerateRequest message"), "grpc")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid GenerateRequest message")
         rid = request.request_id or self.new_request_id()
         try:
-            inp = input_from_pb(request, rid, self.router.model_info().max_model_len, context.time_remaining())
+            if request.request_id:
+                caps.check_id("request_id", request.request_id, self.limits)
+            inp = input_from_pb(request, rid, self.router.model_info().max_model_len, context.time_remaining(),
+                                self.limits)
         except RouterError as err:
-            self.metrics.record_rejected(err.kind.value, "grpc")
+            self.refuse(err, "grpc")
             await context.abort(GRPC_CODES[err.kind], err.message)
-        events = self.events(inp, session_id=request.session_id or None, door="grpc")
+        events = self.events(inp, principal=principal, session_id=request.session_id or None, door="grpc")
         try:
             try:
                 first = await anext(events)
@@ -298,63 +420,63 @@ class Gateway(pb_grpc.TriptychServicer):
             await events.aclose()  # on cancellation this closes the router's stream: abort
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return pb.AbortResponse(aborted=await self.abort(request.request_id))
+        principal = await self._principal(context)
+        return pb.AbortResponse(aborted=await self.abort(request.request_id, principal))
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        await self._principal(context)
         info = self.router.model_info()
         return pb.GetModelInfoResponse(model=info.name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                                        eos_token_ids=list(info.eos_token_ids), dtype=info.dtype,
                                        supports_images=info.supports_images)  # fmt: skip
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
+        await self._principal(context)
         try:
-            status = await self.router.cluster_status()
+            return status_to_pb(await self.router.cluster_status())
         except RouterError as err:
             await context.abort(GRPC_CODES[err.kind], err.message)
-        pools = []
-        for role in Role:
-            workers = [w for w in status.workers if w.role is role]
-            if workers:
-                pools.append(pb.PoolStatus(role=_ROLE_PB[role], workers=[
-                    pb.WorkerStatus(worker_id=w.worker_id, role=_ROLE_PB[w.role], node_id=w.node_id, alive=w.alive,
-                                    queue_length=w.queue_length, running=w.running, kv_blocks_used=w.kv_blocks_used,
-                                    kv_blocks_total=w.kv_blocks_total, epoch=w.epoch)
-                    for w in workers]))  # fmt: skip
-        return pb.GetClusterStatusResponse(mode=_MODE_PB.get(status.mode, pb.MODE_UNSPECIFIED), pools=pools,
-                                           role_switches=[switch_to_pb(s) for s in status.role_switches],
-                                           role_switch_count=max(status.switch_count, len(status.role_switches)),
-                                           restarts=[pb.WorkerRestarts(worker_id=w, restarts=n) for w, n in status.restarts])
+
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register `triptych.v1.Triptych` on `server`, as the generated
+        add_TriptychServicer_to_server does, except that Generate receives its request unparsed."""
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString),
+            "Abort": grpc.unary_unary_rpc_method_handler(
+                self.Abort, request_deserializer=pb.AbortRequest.FromString,
+                response_serializer=pb.AbortResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+                response_serializer=pb.GetModelInfoResponse.SerializeToString),
+            "GetClusterStatus": grpc.unary_unary_rpc_method_handler(
+                self.GetClusterStatus, request_deserializer=pb.GetClusterStatusRequest.FromString,
+                response_serializer=pb.GetClusterStatusResponse.SerializeToString),
+        }  # fmt: skip
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def status_to_pb(status) -> pb.GetClusterStatusResponse:
+    pools = []
+    for role in Role:
+        workers = [w for w in status.workers if w.role is role]
+        if workers:
+            pools.append(pb.PoolStatus(role=ROLE_PB[role], workers=[
+                pb.WorkerStatus(worker_id=w.worker_id, role=ROLE_PB[w.role], node_id=w.node_id, alive=w.alive,
+                                queue_length=w.queue_length, running=w.running, kv_blocks_used=w.kv_blocks_used,
+                                kv_blocks_total=w.kv_blocks_total, epoch=w.epoch)
+                for w in workers]))  # fmt: skip
+    return pb.GetClusterStatusResponse(mode=_MODE_PB.get(status.mode, pb.MODE_UNSPECIFIED), pools=pools,
+                                       role_switches=[switch_to_pb(s) for s in status.role_switches],
+                                       role_switch_count=max(status.switch_count, len(status.role_switches)),
+                                       restarts=[pb.WorkerRestarts(worker_id=w, restarts=n) for w, n in status.restarts])
 
 
 def switch_to_pb(s) -> pb.RoleSwitch:
-    return pb.RoleSwitch(worker_id=s.worker_id, from_role=_ROLE_PB[s.from_role], to_role=_ROLE_PB[s.to_role],
+    return pb.RoleSwitch(worker_id=s.worker_id, from_role=ROLE_PB[s.from_role], to_role=ROLE_PB[s.to_role],
                          at_unix_s=s.at_unix_s, reason=s.reason, epoch=s.epoch, drain_s=s.drain_s, switch_s=s.switch_s)
-
-
-_ROLE_FROM_PB = {pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE, pb.ROLE_ENCODE: Role.ENCODE,
-                 pb.ROLE_COLOCATED: Role.COLOCATED}  # fmt: skip
-
-
-class AdminService(pb_grpc.TriptychAdminServicer):
-    """`triptych.v1.TriptychAdmin`: operator calls (role switching)."""
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-
-    async def SetWorkerRole(self, request: pb.SetWorkerRoleRequest, context) -> pb.SetWorkerRoleResponse:
-        role = _ROLE_FROM_PB.get(request.role)
-        if role is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_ENCODE, ROLE_PREFILL or ROLE_DECODE")
-        if not request.worker_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is empty")
-        if request.drain_timeout_s < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be >= 0")
-        try:
-            record = await self.router.set_worker_role(request.worker_id, role, request.reason or "manual",
-                                                       request.drain_timeout_s or 60.0)
-        except RouterError as err:
-            await context.abort(GRPC_CODES[err.kind], err.message)
-        return pb.SetWorkerRoleResponse(switch=switch_to_pb(record))
 
 
 def _event_to_pb(rid: str, event: TokenEvent | FinalEvent, index: int) -> pb.GenerateResponse:
@@ -391,20 +513,33 @@ class RunningGateway:
     _grpc_server: grpc.aio.Server
     _health: health.aio.HealthServicer
     _http_runner: object | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    _admin_server: grpc.aio.Server | None = None
+    tls: bool = False
     _stopped: bool = False
+
+    @staticmethod
+    def _reach(host: str) -> str:
+        """Where a client on this machine connects (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
     @property
     def connect_host(self) -> str:
-        """Where a client on this machine connects (a wildcard bind is reached on loopback)."""
-        return "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return self._reach(self.host)
 
     @property
     def grpc_target(self) -> str:
         return f"{self.connect_host}:{self.grpc_port}"
 
     @property
+    def admin_target(self) -> str | None:
+        return None if self.admin_port is None else f"{self._reach(self.admin_host)}:{self.admin_port}"
+
+    @property
     def http_url(self) -> str | None:
-        return None if self.http_port is None else f"http://{self.connect_host}:{self.http_port}"
+        scheme = "https" if self.tls else "http"
+        return None if self.http_port is None else f"{scheme}://{self.connect_host}:{self.http_port}"
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new requests, give in-flight ones `grace_s` to finish, then cancel (abort) them.
@@ -415,43 +550,102 @@ class RunningGateway:
         self.gateway.serving = False
         await self._health.enter_graceful_shutdown()
         runner, self._http_runner = self._http_runner, None
-        # Both doors drain at once, so stopping takes at most about grace_s.
-        await asyncio.gather(self._grpc_server.stop(grace_s), runner.cleanup() if runner else asyncio.sleep(0))
+        # The doors drain at once, so stopping takes at most about grace_s.
+        await asyncio.gather(self._grpc_server.stop(grace_s), runner.cleanup() if runner else asyncio.sleep(0),
+                             self._admin_server.stop(grace_s) if self._admin_server else asyncio.sleep(0))
+        self.gateway.close()
+
+
+def grpc_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC servers: message size, streams per connection, idle and age
+    limits, and keepalive enforcement (a client pinging too often is disconnected)."""
+    c = server.connections
+    ms = lambda s: int(s * 1000)  # noqa: E731
+    return [
+        ("grpc.max_receive_message_length", server.limits.max_request_bytes),
+        ("grpc.max_send_message_length", server.limits.max_request_bytes),
+        ("grpc.max_concurrent_streams", c.grpc_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(c.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(c.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(server.request_timeout_s)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(c.grpc_min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_time_ms", 60_000),      # the server pings idle connections to find dead peers
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise BindError(f"cannot read {what} {path}: {err.strerror or err}") from None
+
+
+def grpc_credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS with client_ca_file) for the gRPC servers; None: plaintext."""
+    tls = server.tls
+    if not tls.enabled:
+        return None
+    ca = _read(tls.client_ca_file, "server.tls.client_ca_file") if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file, "server.tls.key_file"), _read(tls.cert_file, "server.tls.cert_file"))],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
+def bind_grpc(grpc_server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
+    try:
+        port = grpc_server.add_secure_port(address, creds) if creds else grpc_server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise BindError(f"cannot bind gRPC to {address}: {err}") from None
+    if port == 0:
+        raise BindError(f"cannot bind gRPC to {address} (address in use?)")
+    return port
 
 
 async def start(router: Router, server: ServerConfig, *, sessions: SessionStore | None = None,
-                metrics: Metrics | None = None, http_grace_s: float = 5.0) -> RunningGateway:  # fmt: skip
-    """Bind gRPC on server.grpc_port and, unless server.http_port is None, HTTP on http_port
-    (0: a free port); return once both accept connections. `http_grace_s`: how long stop()
-    lets in-flight HTTP requests finish (gRPC's is stop()'s grace_s)."""
-    gateway = Gateway(router, sessions=sessions, metrics=metrics)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    grpc_server = grpc.aio.server(options=options)
-    pb_grpc.add_TriptychServicer_to_server(gateway, grpc_server)
-    pb_grpc.add_TriptychAdminServicer_to_server(AdminService(router), grpc_server)
+                metrics: Metrics | None = None, keys: KeyRing | None = None,
+                http_grace_s: float = 5.0) -> RunningGateway:  # fmt: skip
+    """Bind gRPC on server.grpc_port, HTTP on http_port (unless None) and the admin service on
+    admin_host:admin_port (unless None); 0: a free port. Returns once all accept connections.
+    `keys`: the API keys (default: loaded from server.auth). `http_grace_s`: how long stop() lets
+    in-flight HTTP requests finish (gRPC's is stop()'s grace_s)."""
+    from cluster import admin
+
+    keys = keys if keys is not None else KeyRing.load(server.auth)
+    gateway = Gateway(router, sessions=sessions if sessions is not None else SessionStore(server.sessions),
+                      metrics=metrics, keys=keys, limits=server.limits)
+    creds = grpc_credentials(server)
+    grpc_server = grpc.aio.server(options=grpc_options(server))
+    gateway.add_to_server(grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
-                                        grpc_server)
-    address = f"{server.host}:{server.grpc_port}"
-    try:
-        grpc_port = grpc_server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise BindError(f"cannot bind gRPC to {address}: {err}") from None
-    if grpc_port == 0:
-        raise BindError(f"cannot bind gRPC to {address} (address in use?)")
+    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), grpc_server)
+    grpc_port = bind_grpc(grpc_server, f"{server.host}:{server.grpc_port}", creds)
     await grpc_server.start()
-    running = RunningGateway(gateway, server.host, grpc_port, None, grpc_server, health_servicer)
-    if server.http_port is not None:
-        from cluster import http_api  # aiohttp only when the HTTP door is on
+    running = RunningGateway(gateway, server.host, grpc_port, None, grpc_server, health_servicer,
+                             admin_host=server.admin_host, tls=server.tls.enabled)
+    try:
+        if server.admin_port is not None:
+            running._admin_server, running.admin_port = await admin.serve(
+                router, gateway, keys, server, creds, health_servicer)
+        if server.http_port is not None:
+            from cluster import http_api  # aiohttp only when the HTTP door is on
 
-        try:
-            running._http_runner, running.http_port = await http_api.serve(gateway, server.host, server.http_port,
-                                                                           shutdown_timeout_s=http_grace_s)
-        except OSError as err:
-            await grpc_server.stop(None)
-            raise BindError(f"cannot bind HTTP to {server.host}:{server.http_port}: {err.strerror or err}") from None
+            try:
+                running._http_runner, running.http_port = await http_api.serve(
+                    gateway, server, shutdown_timeout_s=http_grace_s)
+            except OSError as err:
+                raise BindError(f"cannot bind HTTP to {server.host}:{server.http_port}: "
+                                f"{err.strerror or err}") from None
+    except BaseException:
+        await grpc_server.stop(None)
+        if running._admin_server is not None:
+            await running._admin_server.stop(None)
+        gateway.close()
+        raise
     gateway.serving = True
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -3,10 +3,14 @@
     POST /v1/chat/completions   POST /v1/completions   (stream: SSE chunks ending in data: [DONE])
     GET  /v1/models  /v1/models/{id}   GET /health   GET /metrics (Prometheus text)
 
-Requests go through `Gateway.events`, so sessions, metrics and the in-flight bookkeeping are the
-gRPC door's. Every error is OpenAI-shaped JSON, {"error": {"message", "type", "code"}}, with the
-status of its RouterError kind (400 / 404 / 429 / 503 / 504 / 500); a malformed request names the
-field at fault and the server keeps serving. Only `data:` image URLs are accepted (the server
+Requests go through `Gateway.events`, so sessions, metrics, limits and the in-flight bookkeeping
+are the gRPC door's. With serving keys configured, /v1/* and /metrics need `Authorization: Bearer
+<key>` (401 otherwise); /health never does. Every error is OpenAI-shaped JSON, {"error":
+{"message", "type", "code"}}, with the status of its RouterError kind (400 / 401 / 404 / 408 /
+413 / 429 / 503 / 504 / 500); a malformed request names the field at fault, internal errors say
+only that (the cause goes to the log) and the server keeps serving. A body must arrive within
+server.connections.http_read_timeout_s (408 otherwise); a connection that sends no whole request
+within http_keepalive_s is closed. Only `data:` image URLs are accepted (the server
 fetches nothing). Extensions beyond OpenAI: `top_k`, `ignore_eos` in requests, an
 `X-Request-Id` header (the id `Abort` takes; echoed back), and `timings` (server-measured phase
 times, seconds) in non-streaming responses and in the last streamed chunk.
@@ -24,21 +28,26 @@ import binascii
 import json
 import logging
 import re
+import ssl
 import time
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
-from cluster.gateway import CHAT_ROLES, Gateway, invalid, make_sampling
+from cluster import limits as caps
+from cluster.auth import Principal
+from cluster.config import LimitsConfig, ServerConfig
+from cluster.gateway import CHAT_ROLES, UNAUTHENTICATED_MESSAGE, Gateway, invalid
 from cluster.metrics import CONTENT_TYPE
 from cluster.router_api import ChatMessage, ErrorKind, FinalEvent, GenerateInput, RouterError
 from engine.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 STATUS_REFRESH_TIMEOUT_S = 2.0
+OPEN_PATHS = frozenset({"/health"})      # reachable without a key
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 _STATUS = {
     ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -48,6 +57,7 @@ _STATUS = {
     ErrorKind.DEADLINE_EXCEEDED: (504, "timeout_error"),
     ErrorKind.INTERNAL: (500, "server_error"),
     ErrorKind.FAILED_PRECONDITION: (409, "conflict_error"),
+    ErrorKind.UNAUTHENTICATED: (401, "authentication_error"),
 }
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*;base64,(?P<data>.*)", re.DOTALL)
 
@@ -58,23 +68,42 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
 
 def router_error_response(err: RouterError) -> web.Response:
     status, type_ = _STATUS[err.kind]
-    return error_response(status, err.message, type_, err.kind.value)
+    resp = error_response(status, err.message, type_, err.kind.value)
+    if err.kind is ErrorKind.UNAUTHENTICATED:
+        resp.headers["WWW-Authenticate"] = "Bearer"
+    return resp
 
 
-@web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:
-    try:
+def _middlewares(gateway: Gateway) -> list:
+    @web.middleware
+    async def errors(request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RouterError as err:
+            return router_error_response(gateway.refuse(err, "http"))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            reason = {413: "body_too_large", 408: "slow_client"}.get(exc.status, "bad_request")
+            gateway.refuse(RouterError(ErrorKind.INVALID_ARGUMENT, exc.reason, reason), "http")
+            return error_response(exc.status, f"{request.method} {caps.clip(request.path)}: {exc.reason}",
+                                  "invalid_request_error", exc.reason.lower().replace(" ", "_"))  # fmt: skip
+        except Exception:  # a bug: answer 500 and keep serving; the cause goes to the log
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return error_response(500, "internal error", "server_error", ErrorKind.INTERNAL.value)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        who = gateway.keys.serving(request.headers.get("Authorization"))
+        if who is None:
+            raise gateway.refuse(RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"),
+                                 "http")
+        request[PRINCIPAL] = who
         return await handler(request)
-    except RouterError as err:
-        return router_error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}", "invalid_request_error",
-                              exc.reason.lower().replace(" ", "_"))  # fmt: skip
-    except Exception as err:  # a bug: answer 500 and keep serving
-        log.exception("HTTP %s %s failed", request.method, request.path)
-        return error_response(500, f"internal error: {err!r}", "server_error", ErrorKind.INTERNAL.value)
+
+    return [errors, authenticate]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,13 +127,13 @@ def _json_kind(value: Any) -> str:
             float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
 
 
-def _sampling(body: dict, max_model_len: int) -> Any:
+def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
     n = _field(body, "n", int, "an integer", 1)
     if n != 1:
-        raise invalid(f"'n' must be 1 (one choice per request), got {n}")
+        raise invalid(f"'n' must be 1 (one choice per request), got {caps.clip(n)}")
     best_of = _field(body, "best_of", int, "an integer", 1)
     if best_of != 1:
-        raise invalid(f"'best_of' must be 1, got {best_of}")
+        raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}")
     for name in ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "suffix"):
         if body.get(name):
             raise invalid(f"'{name}' is not supported by this server")
@@ -113,40 +142,42 @@ def _sampling(body: dict, max_model_len: int) -> Any:
             raise invalid(f"'{name}' is not supported by this server (must be 0)")
     fmt = _field(body, "response_format", dict, "an object")
     if fmt is not None and fmt.get("type", "text") != "text":
-        raise invalid(f"'response_format' type {fmt.get('type')!r} is not supported (only 'text')")
+        raise invalid(f"'response_format' type {caps.clip(fmt.get('type'))} is not supported (only 'text')")
     _field(body, "user", str, "a string")
     max_tokens = _field(body, "max_completion_tokens", int, "an integer")
     if max_tokens is None:
         max_tokens = _field(body, "max_tokens", int, "an integer")
     if max_tokens is not None and max_tokens < 1:
-        raise invalid(f"'max_tokens' must be >= 1, got {max_tokens}")
+        raise invalid(f"'max_tokens' must be >= 1, got {caps.clip(max_tokens)}")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
     elif isinstance(stop, str):
         stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+    elif isinstance(stop, list):
+        caps.check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings",
+                         "too_many_stop_strings")
+        if not all(isinstance(s, str) for s in stop):
+            raise invalid("'stop' must be a string or an array of strings")
         stops = tuple(stop)
     else:
         raise invalid(f"'stop' must be a string or an array of strings, got {_json_kind(stop)}")
-    seed = _field(body, "seed", int, "an integer")
-    if seed is not None and seed < 0:
-        raise invalid(f"'seed' must be >= 0, got {seed}")
     top_k = _field(body, "top_k", int, "an integer", 0)
     if top_k < -1:
-        raise invalid(f"'top_k' must be >= -1, got {top_k}")
-    return make_sampling(
+        raise invalid(f"'top_k' must be >= -1, got {caps.clip(top_k)}")
+    return caps.sampling(
         max_tokens=max_tokens,
         temperature=_field(body, "temperature", (int, float), "a number"),
         top_p=_field(body, "top_p", (int, float), "a number"),
-        top_k=top_k, seed=seed, stop=stops,
-        ignore_eos=_field(body, "ignore_eos", bool, "a boolean", False), max_model_len=max_model_len,
+        top_k=top_k, seed=_field(body, "seed", int, "an integer"), stop=stops,
+        ignore_eos=_field(body, "ignore_eos", bool, "a boolean", False), max_model_len=max_model_len, limits=limits,
     )  # fmt: skip
 
 
-def parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
+def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tuple[ChatMessage, ...]:
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty array of {role, content} objects")
+    caps.check_count("messages", len(messages), limits.max_messages, "max_messages", "too_many_messages")
     out = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
@@ -155,7 +186,7 @@ def parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
         role = msg.get("role")
         role = "system" if role == "developer" else role
         if role not in CHAT_ROLES:
-            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {caps.clip(role)}")
         content = msg.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -172,7 +203,9 @@ def parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image_url":
-                images.append(_image(part.get("image_url"), pwhere))
+                caps.check_count("images in a message", len(images) + 1, limits.max_images, "max_images",
+                                 "too_many_images")
+                images.append(_image(part.get("image_url"), pwhere, limits))
             else:
                 raise invalid(f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
                               f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}")  # fmt: skip
@@ -180,20 +213,23 @@ def parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _image(image_url: Any, where: str) -> bytes:
+def _image(image_url: Any, where: str, limits: LimitsConfig) -> bytes:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
         raise invalid(f"{where}.image_url must be {{'url': 'data:image/...;base64,...'}}")
     if not url.startswith("data:"):
         raise invalid(f"{where}.image_url: only data: URLs (data:image/png;base64,...) are accepted; "
-                      f"this server does not fetch {url[:40]!r}")  # fmt: skip
+                      f"this server does not fetch {caps.clip(url)}")  # fmt: skip
+    # base64 holds 3 bytes per 4 characters: refuse an oversized image before decoding it.
+    caps.check_count(f"{where} image bytes", len(url) * 3 // 4 - 64, limits.max_image_bytes, "max_image_bytes",
+                     "image_too_large")
     m = _DATA_URI.fullmatch(url)
     if m is None:
         raise invalid(f"{where}.image_url: not a base64 data URL (expected data:image/png;base64,...)")
     try:
         data = base64.b64decode(m.group("data"), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise invalid(f"{where}.image_url: invalid base64 image data ({err})") from None
+    except (binascii.Error, ValueError):
+        raise invalid(f"{where}.image_url: invalid base64 image data") from None
     if not data:
         raise invalid(f"{where}.image_url: the image is empty")
     return data
@@ -212,48 +248,73 @@ def _prompt(body: dict) -> dict[str, Any]:
     raise invalid("'prompt' must be a string or a non-empty array of token ids")
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object; INVALID_ARGUMENT for anything else (NaN and Infinity,
+    which Python's json accepts, included)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise invalid(f"request body is not valid JSON: {err.msg if hasattr(err, 'msg') else 'bad UTF-8'}") from None
+    except (ValueError, RecursionError) as err:   # NaN / Infinity, a 5000-digit number, 100k nested arrays
+        what = str(err) if "JSON number" in str(err) else "too deeply nested or a number too long"
+        raise invalid(f"request body is not valid JSON: {what}") from None
+    if not isinstance(body, dict):
+        raise invalid(f"request body must be a JSON object, got {_json_kind(body)}")
+    return body
+
+
+def parse_request(raw: bytes, chat: bool, model: str, max_model_len: int,
+                  limits: LimitsConfig) -> tuple[dict, dict, Any]:  # fmt: skip
+    """(body, input fields, sampling) of a completion request; runs off the event loop."""
+    body = parse_body(raw)
+    name = _field(body, "model", str, "a string", model)
+    if name != model:
+        raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(name)} does not exist; this server serves {model!r}",
+                          "unknown_model")
+    inp = {"messages": parse_messages(body.get("messages"), limits)} if chat else _prompt(body)
+    return body, inp, _sampling(body, max_model_len, limits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Handlers
 
 
 class _Api:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, read_timeout_s: float) -> None:
         self.gateway = gateway
+        self.read_timeout_s = read_timeout_s
 
-    async def _body(self, request: web.Request) -> dict:
-        raw = await request.read()
+    async def _read(self, request: web.Request) -> bytes:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise invalid(f"request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise invalid(f"request body must be a JSON object, got {_json_kind(body)}")
-        return body
-
-    def _check_model(self, body: dict) -> str:
-        name = self.gateway.router.model_info().name
-        model = _field(body, "model", str, "a string", name)
-        if model != name:
-            raise RouterError(ErrorKind.NOT_FOUND, f"model {model!r} does not exist; this server serves {name!r}")
-        return name
+            return await asyncio.wait_for(request.read(), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(reason=f"the body did not arrive within {self.read_timeout_s:g}s "
+                                                f"(server.connections.http_read_timeout_s)") from None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        model = self._check_model(body)
-        inp = dict(messages=parse_messages(body.get("messages")))
-        return await self._complete(request, body, model, inp, chat=True)
+        return await self._complete(request, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        model = self._check_model(body)
-        return await self._complete(request, body, model, _prompt(body), chat=False)
+        return await self._complete(request, chat=False)
 
-    async def _complete(self, request: web.Request, body: dict, model: str, inp: dict, *, chat: bool):
-        sampling = _sampling(body, self.gateway.router.model_info().max_model_len)
+    async def _complete(self, request: web.Request, *, chat: bool):
+        raw = await self._read(request)
+        info = self.gateway.router.model_info()
+        body, inp, sampling = await self.gateway.off_loop(parse_request, raw, chat, info.name, info.max_model_len,
+                                                          self.gateway.limits)
+        model = info.name
         stream = _field(body, "stream", bool, "a boolean", False)
         options = _field(body, "stream_options", dict, "an object", {})
-        rid = request.headers.get("X-Request-Id") or self.gateway.new_request_id()
-        events = self.gateway.events(GenerateInput(request_id=rid, sampling=sampling, **inp), door="http")
+        rid = request.headers.get("X-Request-Id")
+        if rid:
+            caps.check_id("X-Request-Id", rid, self.gateway.limits)
+        rid = rid or self.gateway.new_request_id()
+        events = self.gateway.events(GenerateInput(request_id=rid, sampling=sampling, **inp),
+                                     principal=request[PRINCIPAL], door="http")
         try:
             first = await anext(events)  # RouterError here becomes the HTTP status
             fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat)
@@ -304,8 +365,8 @@ class _Api:
     async def model(self, request: web.Request) -> web.Response:
         card = self._model_card()
         if request.match_info["model"] != card["id"]:
-            raise RouterError(ErrorKind.NOT_FOUND, f"model {request.match_info['model']!r} does not exist; "
-                                                   f"this server serves {card['id']!r}")  # fmt: skip
+            raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(request.match_info['model'])} does not exist; "
+                                                   f"this server serves {card['id']!r}", "unknown_model")  # fmt: skip
         return web.json_response(card)
 
     def _model_card(self) -> dict:
@@ -366,9 +427,9 @@ def _usage(final: FinalEvent) -> dict:
             "total_tokens": final.prompt_tokens + final.completion_tokens}  # fmt: skip
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    api = _Api(gateway)
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+def build_app(gateway: Gateway, server: ServerConfig = ServerConfig()) -> web.Application:
+    api = _Api(gateway, server.connections.http_read_timeout_s)
+    app = web.Application(middlewares=_middlewares(gateway), client_max_size=server.limits.max_request_bytes)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_get("/v1/models", api.models)
@@ -378,12 +439,26 @@ def build_app(gateway: Gateway) -> web.Application:
     return app
 
 
-async def serve(gateway: Gateway, host: str, port: int, shutdown_timeout_s: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Start the HTTP server; returns its runner (`await runner.cleanup()` stops it) and bound port."""
-    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_timeout_s)  # fmt: skip
+def ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP door from server.tls (client certificates required with client_ca_file)."""
+    tls = server.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        ctx.load_verify_locations(tls.client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def serve(gateway: Gateway, server: ServerConfig, shutdown_timeout_s: float = 5.0) -> tuple[web.AppRunner, int]:
+    """Start the HTTP server on server.host:http_port; returns its runner (`await
+    runner.cleanup()` stops it) and bound port."""
+    runner = web.AppRunner(build_app(gateway, server), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=shutdown_timeout_s, keepalive_timeout=server.connections.http_keepalive_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, server.host, server.http_port, ssl_context=ssl_context(server))
     try:
         await site.start()
     except OSError:

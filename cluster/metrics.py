@@ -4,7 +4,9 @@ so several gateways — e.g. in tests — can live in one process).
 Per-request latencies come from the router's FinalEvent timings (server-measured phases); the
 inter-token latency is measured at the gateway as the gap between successive token events,
 shared evenly among the tokens of one event. Latency histograms only count requests that
-completed (STOP / LENGTH); every request, however it ended, counts in `requests_total`.
+completed (STOP / LENGTH). A request answered with a final chunk, however it ended, counts in
+`requests_total`; one answered with an error status instead (refused at the door, or failed before
+its first token) counts in `request_errors_total` with its kind and a fixed reason label.
 The per-pool / per-worker gauges are refreshed from `router.cluster_status()` on each scrape.
 """
 
@@ -41,8 +43,10 @@ class Metrics:
         self.encode = hist("encode_time", "Image encoding time.", _SLOW)
         self.requests = Counter("triptych_requests", "Requests by how they ended and which door they came in.",
                                 ["finish_reason", "door"], registry=r)  # fmt: skip
-        self.rejected = Counter("triptych_request_errors", "Requests refused before streaming, by error kind.",
-                                ["kind", "door"], registry=r)  # fmt: skip
+        self.rejected = Counter("triptych_request_errors",
+                                "Requests refused or failed before their first token, by error kind and reason "
+                                "(a fixed label: the limit hit, 'unauthenticated', 'failed', ...).",
+                                ["kind", "door", "reason"], registry=r)  # fmt: skip
         self.tokens = Counter("triptych_tokens_generated", "Completion tokens generated.", registry=r)
         self.queue_length = Gauge("triptych_pool_queue_length", "Requests waiting in a pool.", ["role"], registry=r)
         self.kv_usage = Gauge("triptych_kv_cache_usage_ratio", "Fraction of a worker's KV blocks in use.",
@@ -61,8 +65,8 @@ class Metrics:
     def start(self, door: str) -> RequestRecorder:
         return RequestRecorder(self, door)
 
-    def record_rejected(self, kind: str, door: str) -> None:
-        self.rejected.labels(kind=kind, door=door).inc()
+    def record_rejected(self, kind: str, door: str, reason: str | None = None) -> None:
+        self.rejected.labels(kind=kind, door=door, reason=reason or kind).inc()
 
     def update_cluster(self, status: ClusterStatus) -> None:
         """Refresh the gauges from a cluster snapshot (workers that disappeared are dropped)."""

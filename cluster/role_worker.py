@@ -176,9 +176,7 @@ class RoleWorker:
     # ------------------------------------------------------------ every role
     async def ready(self):
         """(info, KV layout); in the encode role info alone, as a plain encode worker answers."""
-        if self.role is Role.ENCODE:
-            return self.impl.info
-        return self.impl.info, self._layout()
+        return await self.impl.ready()     # raises WorkerLoopDied once the inner worker's loop died
 
     async def status(self):
         return await self.impl.status()

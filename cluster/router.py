@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Role, RoleSwitch,
-                                Router, RouterError, Timings, TokenEvent, WorkerStatus)
+from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, Role,
+                                RoleSwitch, Router, RouterError, Timings, TokenEvent, WorkerStatus)
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard
 from engine import multimodal
-from engine.errors import EngineError
+from engine.errors import EngineError, OutOfKVCacheError, WorkerLoopDied
 from engine.llm_engine import RequestValidator
 from engine.sequence import FinishReason, StepOutput
 from prefill_workers.prefill_core import PrefillTask
@@ -83,10 +83,14 @@ def _is_stale(exc: BaseException) -> bool:
 
 
 def _is_actor_death(exc: BaseException) -> bool:
+    """Ray says the worker's process is gone, or the worker says its step loop died (it is then
+    as good as dead: the supervisor kills and replaces it)."""
     import ray.exceptions as rex
 
     # OutOfMemoryError: Ray's memory monitor killed the worker's process mid-call.
-    return isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError, rex.OutOfMemoryError))
+    if isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError, rex.OutOfMemoryError)):
+        return True
+    return isinstance(exc, WorkerLoopDied) or isinstance(getattr(exc, "cause", None), WorkerLoopDied)
 
 
 class ClusterRouter(Router):
@@ -94,7 +98,7 @@ class ClusterRouter(Router):
                  prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
                  default_timeout_s: float, on_shutdown=None, encode: list[WorkerHandle] = (),
                  image_token_id: int | None = None, tokens_per_image: int = 0,
-                 reprefill_on_decode_failure: bool = False) -> None:
+                 reprefill_on_decode_failure: bool = False, max_image_pixels: int | None = None) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
         image placeholder token and how many placeholders one image's features fill.
         reprefill_on_decode_failure: a request whose decode worker dies is prefilled again
@@ -108,6 +112,7 @@ class ClusterRouter(Router):
         self.encode = encode if isinstance(encode, list) else list(encode)  # the supervisor swaps into it
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
+        self.max_image_pixels = max_image_pixels   # images larger than this are refused before decoding
         self.max_inflight = max_inflight
         self.default_timeout_s = default_timeout_s
         self._flights: dict[str, _Flight] = {}
@@ -189,14 +194,15 @@ class ClusterRouter(Router):
         """The request's images in prompt order, each decoded once so bad bytes fail here."""
         images = tuple(request.images) + tuple(b for m in request.messages or () for b in m.images)
         if images and not self._info.supports_images:
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self._info.name} does not accept images")
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self._info.name} does not accept images",
+                              "images_not_supported")
         if request.images and request.messages is not None:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, "with messages, images go in the messages, not the request")
         for i, data in enumerate(images):
             try:
-                multimodal.decode_image(data, i)
+                multimodal.decode_image(data, i, self.max_image_pixels)
             except EngineError as exc:
-                raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+                raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc), "bad_image") from None
         return images
 
     def _chat(self, messages) -> list[dict]:
@@ -221,32 +227,44 @@ class ClusterRouter(Router):
             if images:
                 ids = multimodal.expand_image_tokens(ids, self.image_token_id, len(images), self.tokens_per_image)
             self.validator.check(ids, request.sampling)
+        except OutOfKVCacheError as exc:
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc), "prompt_too_long") from None
         except EngineError as exc:
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc), "bad_prompt") from None
+        except Exception:          # the tokenizer or chat template choked on this input
+            log.exception("tokenizing request %s failed", request.request_id)
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, "the prompt could not be tokenized", "bad_prompt") from None
         return ids
 
-    def _admit(self, request: GenerateInput) -> tuple[_Flight, list[int]]:
+    def prepare(self, request: GenerateInput) -> Prepared:
+        """Decode the images (checking them) and tokenize: no side effect, safe on any thread."""
+        images = self._images(request)
+        return Prepared(tuple(self._prompt_ids(request, images)), images)
+
+    def _admit(self, request: GenerateInput, prepared: Prepared) -> _Flight:
         if len(self._flights) >= self.max_inflight:
             raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
-                              f"server has {len(self._flights)} requests in flight (limit {self.max_inflight}); retry later")
+                              f"the server has {len(self._flights)} requests in flight (limit "
+                              f"server.max_queued_requests = {self.max_inflight}); retry later", "server_busy")
         if request.request_id in self._flights:
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight")
-        images = self._images(request)
-        ids = self._prompt_ids(request, images)
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight",
+                              "duplicate_request_id")
         pool = self.decode
         if not any(w.serving for w in pool) or (self.mode == "disaggregated" and not any(w.serving for w in self.prefill)):
-            raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request")
-        flight = _Flight(request.request_id or f"req-{next(self._ids)}", images=images)
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request", "no_worker")
+        flight = _Flight(request.request_id or f"req-{next(self._ids)}", images=prepared.images)
         self._flights[flight.request_id] = flight
-        return flight, ids
+        return flight
 
     def apply_chat_template(self, messages) -> list[int]:
         return self.validator.tokenize(self._chat(messages))
 
     # ------------------------------------------------------------------ the stream
-    def generate(self, request: GenerateInput) -> AsyncIterator[TokenEvent | FinalEvent]:
-        flight, ids = self._admit(request)
-        return self._stream(request, flight, ids)
+    def generate(self, request: GenerateInput, prepared: Prepared | None = None
+                 ) -> AsyncIterator[TokenEvent | FinalEvent]:
+        prepared = prepared if prepared is not None else self.prepare(request)
+        flight = self._admit(request, prepared)
+        return self._stream(request, flight, list(prepared.token_ids))
 
     async def _stream(self, request: GenerateInput, flight: _Flight, ids: list[int]):
         t0 = time.monotonic()
@@ -255,7 +273,7 @@ class ClusterRouter(Router):
         tokens: list[int] = []
         text: list[str] = []
         first_at = last_at = None
-        reason, error = None, None
+        reason, error, kind = None, None, None
         resumes = 0
         try:
             try:
@@ -267,6 +285,8 @@ class ClusterRouter(Router):
                 out = await self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings)
             while True:
                 if out is not None:
+                    if out.finish_reason is FinishReason.ERROR:   # the worker failed this request alone
+                        raise RouterError(ErrorKind.INTERNAL, out.error or "the worker failed this request")
                     now = time.monotonic()
                     first_at = first_at or now
                     last_at = now
@@ -296,13 +316,13 @@ class ClusterRouter(Router):
         except _Aborted:
             reason = FinishReason.ABORT
         except RouterError as exc:
-            reason, error = FinishReason.ERROR, exc.message
+            reason, error, kind = FinishReason.ERROR, exc.message, exc.kind
         except asyncio.CancelledError:
             reason = FinishReason.ABORT
             raise
-        except Exception as exc:
+        except Exception:
             log.exception("request %s failed", flight.request_id)
-            reason, error = FinishReason.ERROR, f"internal error: {exc!r}"
+            reason, error, kind = FinishReason.ERROR, "internal error", ErrorKind.INTERNAL
         finally:
             self._flights.pop(flight.request_id, None)
             if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
@@ -325,7 +345,7 @@ class ClusterRouter(Router):
                     ttft_s=(first_at - t0) if first_at else 0.0,
                     tpot_s=((last_at - first_at) / (n - 1)) if first_at and n > 1 else 0.0,
                     e2e_s=end - t0),
-            error)
+            error, kind)
 
     async def _start(self, request, flight, ids, deadline, timings) -> StepOutput | None:
         if self.mode == "disaggregated":
@@ -474,7 +494,7 @@ class ClusterRouter(Router):
             if result.first_token is None:
                 if not decode.alive:  # the transfer failed because its target died
                     raise _DecodeDied(f"decode worker {decode.worker_id} died")
-                raise RouterError(ErrorKind.INTERNAL, f"prefill of {flight.request_id} failed: {result.error}")
+                raise RouterError(ErrorKind.INTERNAL, result.error or "the prefill failed", "prefill_failed")
             timings["queue_s"] += result.queue_s
             timings["prefill_s"] = result.prefill_s
             timings["transfer_s"] = result.transfer_s
@@ -494,7 +514,9 @@ class ClusterRouter(Router):
                     raise _DecodeDied(f"decode worker {decode.worker_id} died") from None
                 if _is_stale(exc):
                     raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} changed role") from None
-                raise RouterError(ErrorKind.INTERNAL, f"decode activation failed: {exc}") from None
+                log.error("decode activation of %s on %s failed: %r", flight.request_id, decode.worker_id, exc)
+                raise RouterError(ErrorKind.INTERNAL, "the decode worker could not start this request",
+                                  "activation_failed") from None
 
     async def _encode(self, flight: _Flight, prefill: WorkerHandle, deadline: float, timings
                       ) -> tuple[EncodeShard, ...]:
@@ -526,10 +548,13 @@ class ClusterRouter(Router):
                 raise
             if _is_actor_death(exc):
                 await self._reap_encode([workers[w] for w, _ in plan])
-                raise RouterError(ErrorKind.UNAVAILABLE, f"an encode worker died: {exc}") from None
+                log.error("an encode worker died encoding %s: %r", flight.request_id, exc)
+                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker died while encoding this request's images",
+                                  "worker_died") from None
             if _is_stale(exc):               # switched role between the pick and the call
-                raise RouterError(ErrorKind.UNAVAILABLE, f"an encode worker changed role: {exc}") from None
-            raise RouterError(ErrorKind.INTERNAL, f"image encoding failed: {exc}") from None
+                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker changed role; retry", "worker_switched") from None
+            log.error("image encoding of %s failed: %r", flight.request_id, exc)
+            raise RouterError(ErrorKind.INTERNAL, "image encoding failed", "encode_failed") from None
         finally:
             for w in busy:
                 w.inflight -= 1

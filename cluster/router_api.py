@@ -29,13 +29,20 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not_found"                    # gRPC NOT_FOUND, HTTP 404
     FAILED_PRECONDITION = "failed_precondition"  # gRPC FAILED_PRECONDITION, HTTP 409 (admin calls)
     INTERNAL = "internal"                      # gRPC INTERNAL, HTTP 500
+    UNAUTHENTICATED = "unauthenticated"        # gRPC UNAUTHENTICATED, HTTP 401 (missing or unknown API key)
 
 
 class RouterError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    """A request refused or failed. `message` is for the client (no internal exception text);
+    `reason` is a short fixed label for the `triptych_request_errors_total` metric (never user
+    text), defaulting to the kind."""
+
+    def __init__(self, kind: ErrorKind, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.reason = reason or kind.value
+        self.counted = False            # the gateway counted it in its metrics
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,15 @@ class GenerateInput:
     token_ids: tuple[int, ...] | None = None
     images: tuple[bytes, ...] = ()
     deadline_s: float | None = None        # seconds from submission; None: the server's default
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a router's `prepare` made of a request: prompt token ids as the workers see them
+    (chat template applied, image tokens expanded) and its images in prompt order."""
+
+    token_ids: tuple[int, ...]
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,8 @@ class FinalEvent:
     completion_tokens: int
     text: str                                # the whole completion
     timings: Timings = field(default_factory=Timings)
-    error: str | None = None
+    error: str | None = None                 # set iff finish_reason is ERROR: a short message for the client
+    error_kind: ErrorKind | None = None      # ... and its kind (a failure before the first token is a status)
 
 
 @dataclass(frozen=True)
@@ -142,9 +159,17 @@ class ClusterStatus:
 class Router(abc.ABC):
     """What the gateway needs. Implementations: ColocatedRouter, DisaggRouter (cluster/router.py)."""
 
+    def prepare(self, request: GenerateInput) -> Prepared | None:
+        """The expensive part of admission (tokenizing, the chat template, decoding images to
+        check them), with no side effect, so the gateway runs it on a worker thread rather than
+        its event loop. Raises RouterError for bad input. None: nothing to prepare."""
+        return None
+
     @abc.abstractmethod
-    def generate(self, request: GenerateInput) -> AsyncIterator[TokenEvent | FinalEvent]:
+    def generate(self, request: GenerateInput, prepared: Prepared | None = None
+                 ) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Validate, then stream. Raises RouterError before the first event on bad input/overload.
+        `prepared`: this request's prepare() result (else generate prepares it itself).
 
         Closing the iterator early (client went away) aborts the request."""
 

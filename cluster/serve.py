@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from cluster import gateway
-from cluster.config import ConfigError, DeployConfig, load_config
+from cluster.auth import AuthError
+from cluster.config import ConfigError, DeployConfig, is_loopback, load_config
 from cluster.router_api import Router
 
 Progress = Callable[..., Any]
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=None, metavar="N",
                         help="gRPC port (overrides server.grpc_port; 0: a free port)")
     parser.add_argument("--http-port", type=int, default=None, metavar="N",
-                        help="OpenAI-compatible HTTP port (overrides server.http_port; 0: a free port)")  # fmt: skip
+                        help="OpenAI-compatible HTTP port (overrides server.http_port; 0: a free port)")
+    parser.add_argument("--admin-port", type=int, default=None, metavar="N",
+                        help="admin port (overrides server.admin_port; 0: a free port)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> DeployConfig:
@@ -40,18 +45,23 @@ def config_from_args(args: argparse.Namespace) -> DeployConfig:
     overrides = {key: value for key, value in (
         ("ray.address", args.address), ("server.host", args.host),
         ("server.grpc_port", args.grpc_port), ("server.http_port", args.http_port),
+        ("server.admin_port", getattr(args, "admin_port", None)),
     ) if value is not None}  # fmt: skip
     return load_config(args.config, overrides)
 
 
 async def start_serving(config: DeployConfig, address: str | None = None,
                         progress: Progress = print) -> tuple[Router, gateway.RunningGateway]:  # fmt: skip
-    """Start the cluster and the gateway on it. On failure nothing is left running."""
+    """Start the cluster and the gateway on it. API keys and TLS files are read first, so a bad
+    one fails before anything starts. On failure nothing is left running."""
+    from cluster.auth import KeyRing
     from cluster.controller import start_router  # Ray and torch load only here
 
+    keys = KeyRing.load(config.server.auth)
+    gateway.grpc_credentials(config.server)
     router = await start_router(config, ray_address=address, progress=progress)
     try:
-        running = await gateway.start(router, config.server)
+        running = await gateway.start(router, config.server, keys=keys)
     except BaseException:
         await router.shutdown()
         raise
@@ -70,11 +80,34 @@ async def stop_serving(router: Router, running: gateway.RunningGateway, progress
 def describe(config: DeployConfig, router: Router, running: gateway.RunningGateway) -> str:
     info = router.model_info()
     pools = ", ".join(f"{p.role.value} x{p.workers}" for p in config.active_pools())
-    lines = [f"Triptych serving {info.name} ({config.mode.value}: {pools})",
+    auth = config.server.auth
+    keys = "API keys required" if (auth.api_keys_file or auth.api_keys_env) else "no API keys"
+    tls = "TLS" + (" + client certificates" if config.server.tls.client_ca_file else "") if running.tls else "no TLS"
+    lines = [f"Triptych serving {info.name} ({config.mode.value}: {pools}; {keys}, {tls})",
              f"  gRPC    {running.host}:{running.grpc_port}   (triptych.v1.Triptych, grpc.health.v1, reflection)"]
     if running.http_url:
-        lines.append(f"  HTTP    http://{running.host}:{running.http_port}/v1   (OpenAI-compatible; /health, /metrics)")
+        scheme = "https" if running.tls else "http"
+        lines.append(f"  HTTP    {scheme}://{running.host}:{running.http_port}/v1   (OpenAI-compatible; /health, /metrics)")
+    if running.admin_port is not None:
+        lines.append(f"  admin   {running.admin_host}:{running.admin_port}   (triptych.v1.TriptychAdmin: "
+                     f"`triptych admin ... --target {running.admin_target}`)")
     return "\n".join(lines)
+
+
+def exposure_warnings(config: DeployConfig) -> list[str]:
+    """What an operator must hear before serving on a network: doors open to anyone on it."""
+    srv = config.server
+    out = []
+    if is_loopback(srv.host):
+        return out
+    if not (srv.auth.api_keys_file or srv.auth.api_keys_env):
+        out.append(f"server.host is {srv.host!r} (not loopback) and no API keys are set: ANYONE who can reach "
+                   f"ports {srv.grpc_port}/{srv.http_port} can use this cluster. Set server.auth.api_keys_file "
+                   f"(docs/SECURITY.md).")
+    if not srv.tls.enabled:
+        out.append(f"server.host is {srv.host!r} (not loopback) without TLS: prompts, replies and API keys cross "
+                   f"the network in clear text. Set server.tls.cert_file and key_file (docs/SECURITY.md).")
+    return out
 
 
 async def _serve(config: DeployConfig, address: str | None) -> int:
@@ -94,13 +127,16 @@ async def _serve(config: DeployConfig, address: str | None) -> int:
     stopping.cancel()
     try:
         router, running = starting.result()
-    except gateway.BindError as err:
+    except (gateway.BindError, AuthError) as err:
         print(f"triptych serve: {err}", file=sys.stderr)
         return 1
     except Exception as err:
         print(f"triptych serve: could not start the cluster: {err}", file=sys.stderr)
         return 1
     print(describe(config, router, running), flush=True)
+    for warning in exposure_warnings(config):
+        log.warning(warning)
+        print(f"\n*** WARNING: {warning}\n", file=sys.stderr, flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     await stop.wait()
     await stop_serving(router, running)

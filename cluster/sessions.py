@@ -1,4 +1,4 @@
-"""Multi-turn sessions: the conversation the gateway keeps per `session_id`.
+"""Multi-turn sessions: the conversation the gateway keeps per (client, `session_id`).
 
 A session's history is every message its finished turns sent plus the assistant replies:
 
@@ -7,9 +7,19 @@ A session's history is every message its finished turns sent plus the assistant 
              on STOP / LENGTH: history += M_k + [assistant: R_k]
              on ABORT / ERROR: history unchanged (the turn never happened)
 
-The store is bounded: at most `max_sessions` sessions (least recently used evicted first) and
-a session idle for `ttl_s` is forgotten. A forgotten or unknown session id simply starts a new
-conversation. Everything runs on the gateway's event loop, so no locking is needed.
+Sessions belong to the principal that made them: the store is keyed by (principal, session id),
+so another client using the same id gets a separate, new conversation, never this one's history.
+
+Bounds (SessionsConfig), so that no client can push out another's sessions:
+- a session keeps at most `max_chars` (text characters + image bytes); its oldest turns go first;
+- a principal keeps at most `max_sessions_per_client`; past that it forgets its own least
+  recently used session;
+- the store keeps at most `max_sessions`; past that the victim is the least recently used
+  session of the principal holding the most sessions (ties: the one adding), so a client at or
+  below its fair share is never evicted by another;
+- a session idle for `ttl_s` is forgotten.
+A forgotten or unknown session id simply starts a new conversation. Everything runs on the
+gateway's event loop, so no locking is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluster.auth import Principal
+from cluster.config import SessionsConfig
 from cluster.router_api import ChatMessage
 
 
@@ -28,79 +40,138 @@ class _Session:
     last_used: float
 
 
-class SessionStore:
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        if max_sessions < 1 or ttl_s <= 0:
-            raise ValueError(f"need max_sessions >= 1 and ttl_s > 0, got {max_sessions}, {ttl_s}")
-        self.max_sessions = max_sessions
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+def _size(messages: tuple[ChatMessage, ...]) -> int:
+    return sum(len(m.content) + sum(len(i) for i in m.images) for m in messages)
 
-    def history(self, session_id: str) -> tuple[ChatMessage, ...]:
+
+class SessionStore:
+    def __init__(self, config: SessionsConfig = SessionsConfig(),
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.config = config
+        self._clock = clock
+        # Per principal, that principal's sessions in last-used order (oldest first).
+        self._sessions: dict[Principal, OrderedDict[str, _Session]] = {}
+        self._count = 0
+
+    def history(self, who: Principal, session_id: str) -> tuple[ChatMessage, ...]:
         """The session's messages so far (empty for a new, expired or evicted session)."""
         self._expire()
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(who, {}).get(session_id)
         if session is None:
             return ()
-        session.last_used = self._clock()
-        self._sessions.move_to_end(session_id)
+        self._touch(who, session_id, session)
         return session.messages
 
-    def append_turn(self, session_id: str, messages: tuple[ChatMessage, ...], reply: str) -> None:
+    def append_turn(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...], reply: str) -> None:
         """Record a finished turn: the messages the client sent, then the assistant's reply."""
         self._expire()
-        turn = (*messages, ChatMessage(role="assistant", content=reply))
-        session = self._sessions.get(session_id)
+        mine = self._sessions.setdefault(who, OrderedDict())
+        session = mine.get(session_id)
         if session is None:
-            session = self._sessions[session_id] = _Session((), 0.0)
-        session.messages = session.messages + turn
-        session.last_used = self._clock()
-        self._sessions.move_to_end(session_id)
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+            session = mine[session_id] = _Session((), 0.0)
+            self._count += 1
+        session.messages = _cap(session.messages + (*messages, ChatMessage(role="assistant", content=reply)),
+                                self.config.max_chars)
+        self._touch(who, session_id, session)
+        while len(mine) > self.config.max_sessions_per_client:
+            self._drop(who, next(iter(mine)))
+        while self._count > self.config.max_sessions:
+            victim = max(self._sessions, key=lambda p: (len(self._sessions[p]), p == who))
+            self._drop(victim, next(iter(self._sessions[victim])))
 
-    def replace(self, session_id: str, messages: tuple[ChatMessage, ...]) -> None:
+    def replace(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...]) -> None:
         """Overwrite a session's history (the gateway trims history that no longer fits)."""
-        if session_id in self._sessions:
-            self._sessions[session_id].messages = messages
+        session = self._sessions.get(who, {}).get(session_id)
+        if session is not None:
+            session.messages = messages
 
-    def forget(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def forget(self, who: Principal, session_id: str) -> bool:
+        if session_id not in self._sessions.get(who, {}):
+            return False
+        self._drop(who, session_id)
+        return True
+
+    def count(self, who: Principal | None = None) -> int:
+        self._expire()
+        return self._count if who is None else len(self._sessions.get(who, ()))
 
     def __len__(self) -> int:
-        self._expire()
-        return len(self._sessions)
+        return self.count()
 
-    def __contains__(self, session_id: str) -> bool:
-        self._expire()
-        return session_id in self._sessions
+    def _touch(self, who: Principal, session_id: str, session: _Session) -> None:
+        session.last_used = self._clock()
+        self._sessions[who].move_to_end(session_id)
+
+    def _drop(self, who: Principal, session_id: str) -> None:
+        mine = self._sessions[who]
+        del mine[session_id]
+        self._count -= 1
+        if not mine:
+            del self._sessions[who]
 
     def _expire(self) -> None:
-        # Sessions are kept in last-used order, so expired ones are at the front.
-        cutoff = self._clock() - self.ttl_s
-        while self._sessions:
-            sid, session = next(iter(self._sessions.items()))
-            if session.last_used > cutoff:
-                break
-            del self._sessions[sid]
+        # Each principal's sessions are in last-used order, so its expired ones are at the front.
+        cutoff = self._clock() - self.config.ttl_s
+        for who in list(self._sessions):
+            mine = self._sessions[who]
+            while mine:
+                sid, session = next(iter(mine.items()))
+                if session.last_used > cutoff:
+                    break
+                self._drop(who, sid)
+                if who not in self._sessions:
+                    break
+
+
+def _drop_points(history: tuple[ChatMessage, ...]) -> list[int]:
+    """How old turns are dropped: step k removes every non-system message before position
+    points[k]. A step drops the oldest non-system message left and the assistant replies right
+    after it (a history never starts with a dangling reply); system messages always stay."""
+    points, p, n = [0], 0, len(history)
+    while True:
+        while p < n and history[p].role == "system":
+            p += 1
+        if p == n:
+            return points
+        p += 1
+        while p < n and history[p].role == "assistant":
+            p += 1
+        points.append(p)
+
+
+def _dropped(history: tuple[ChatMessage, ...], point: int) -> tuple[ChatMessage, ...]:
+    return tuple(m for m in history[:point] if m.role == "system") + history[point:]
+
+
+def _cap(messages: tuple[ChatMessage, ...], max_chars: int) -> tuple[ChatMessage, ...]:
+    """The history with its oldest turns dropped until it holds at most max_chars."""
+    size = _size(messages)
+    if size <= max_chars:
+        return messages
+    points = _drop_points(messages)
+    dropped, at = 0, 0
+    for point in points[1:]:
+        dropped += _size(tuple(m for m in messages[at:point] if m.role != "system"))
+        at = point
+        if size - dropped <= max_chars:
+            break
+    return _dropped(messages, at)
 
 
 def trim_to_fit(history: tuple[ChatMessage, ...], new: tuple[ChatMessage, ...],
                 count_tokens: Callable[[tuple[ChatMessage, ...]], int], budget: int) -> tuple[ChatMessage, ...]:  # fmt: skip
-    """Drop the oldest non-system history messages until history + new fits in `budget` tokens.
+    """The history with its oldest turns dropped (see _drop_points) until history + new fits in
+    `budget` tokens; all of them dropped if it never fits.
 
     System messages are kept; the new messages are never dropped (if they alone do not fit,
-    the router rejects the request with a clear error). Returns the trimmed history.
-    """
-    kept = list(history)
-    while kept and count_tokens((*kept, *new)) > budget:
-        idx = next((i for i, m in enumerate(kept) if m.role != "system"), None)
-        if idx is None:
-            break
-        del kept[idx]
-        # Do not start the remaining history with a dangling assistant reply.
-        while idx < len(kept) and kept[idx].role == "assistant":
-            del kept[idx]
-    return tuple(kept)
+    the router rejects the request with a clear error). The count only shrinks as more is
+    dropped, so this binary-searches how much to drop: O(log n) templatings, not O(n)."""
+    points = _drop_points(history)
+    lo, hi = 0, len(points) - 1            # the first step that fits, else the last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_tokens((*_dropped(history, points[mid]), *new)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _dropped(history, points[lo])

@@ -144,6 +144,7 @@ class Supervisor:
     async def _restart(self, dead: WorkerHandle) -> None:
         o = self.options
         failures = 0
+        self._kill(dead.actor)   # a worker whose loop died still runs and holds its resources
         try:
             while self.tries.get(dead.worker_id, 0) < o.max_restarts:
                 if failures:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster.router_api import Role, WorkerStatus
 from cluster.worker_common import setup_threads, worker_info
 from decode_workers.decode_core import DecodeCore, DecodeOptions
+from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel
-from engine.sequence import SamplingParams, StepOutput
+from engine.sequence import FinishReason, SamplingParams, StepOutput
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
@@ -34,6 +38,11 @@ class DecodeWorker:
         self._has_output = asyncio.Event()
         self._has_work = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self.failed: str | None = None   # why the step loop died; then every call raises WorkerLoopDied
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise WorkerLoopDied(self.failed)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -43,14 +52,27 @@ class DecodeWorker:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            if not self.core.has_work():
-                self._has_work.clear()
-                await self._has_work.wait()
-                continue
-            outs = await self._call(self.core.step)
-            if outs:
-                self._publish(outs)
+        """Step while there is work. The engine fails a bad request by itself (its sequence
+        ends with an error); an exception that still escapes a step is a fault of the worker,
+        not of one request: every request it holds ends with an error, and the worker then
+        reports itself failed (ready/status/poll raise WorkerLoopDied) so that it is replaced."""
+        try:
+            while True:
+                if not self.core.has_work():
+                    self._has_work.clear()
+                    await self._has_work.wait()
+                    continue
+                outs = await self._call(self.core.step)
+                if outs:
+                    self._publish(outs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the step loop of %s died", self.worker_id)
+            self.failed = f"the step loop of {self.role.value} worker {self.worker_id} died"
+            self._publish([StepOutput(rid, [], "", True, FinishReason.ERROR, error=f"{self.role.value} worker "
+                                      f"{self.worker_id} failed while serving this request")
+                           for rid in self.core.request_ids()])
 
     def _publish(self, outs: list[StepOutput]) -> None:
         self._outbox.append(outs)
@@ -58,13 +80,16 @@ class DecodeWorker:
 
     # ------------------------------------------------------------ router-facing API
     async def ready(self):
+        self._check()
         return self.info, self.core.layout
 
     async def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None):
+        self._check()
         return await self._call(self.core.reserve, request_id, num_prompt_tokens, lease_s)
 
     async def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
                        sampling: SamplingParams, resume: tuple[int, int] | None = None) -> StepOutput:
+        self._check()
         out = await self._call(self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume)
         self._ensure_loop()
         self._has_work.set()
@@ -74,6 +99,7 @@ class DecodeWorker:
                      images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None) -> None:
         """Colocated role: the whole request (prefill and decode) runs here; images are encoded here too.
         resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
+        self._check()
         if images:
             await self._call(self.core.submit_with_images, request_id, list(prompt_token_ids), sampling, list(images),
                              resume)
@@ -87,8 +113,10 @@ class DecodeWorker:
         return await self._call(self.core.cancel, request_id)
 
     async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
-        """Step messages produced since the last poll; waits up to timeout_s for one."""
+        """Step messages produced since the last poll; waits up to timeout_s for one. A worker
+        whose loop died first hands out the messages that failed its requests, then raises."""
         if not self._outbox:
+            self._check()
             try:
                 await asyncio.wait_for(self._has_output.wait(), timeout_s)
             except asyncio.TimeoutError:
@@ -98,6 +126,8 @@ class DecodeWorker:
         return out
 
     async def status(self) -> WorkerStatus:
+        self._check()
+
         def read():
             e = self.core.engine
             return WorkerStatus(self.worker_id, self.role, self.info.node_id, True,

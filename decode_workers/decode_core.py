@@ -115,8 +115,12 @@ class DecodeCore:
             self._drop(request_id, res.block_table)
             raise
         self.receiver.release(request_id)
-        return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table,
-                                         resume=resume)
+        try:
+            return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table,
+                                             resume=resume)
+        except BaseException:      # refused before the engine took the blocks: they are still ours
+            self.engine.blocks.free(res.block_table)
+            raise
 
     def cancel(self, request_id: str) -> bool:
         res = self._reserved.pop(request_id, None)
@@ -152,6 +156,10 @@ class DecodeCore:
         return lapsed
 
     # ------------------------------------------------------------ running
+    def request_ids(self) -> list[str]:
+        """Requests this worker holds: reserved or in the engine."""
+        return [*self._reserved, *self.engine.request_ids()]
+
     def has_work(self) -> bool:
         return self.engine.has_unfinished()
 

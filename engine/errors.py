@@ -15,3 +15,8 @@ class ModelNotFoundError(EngineError, FileNotFoundError):
 
 class OutOfKVCacheError(EngineError):
     """A single request needs more KV blocks than the whole cache has."""
+
+
+class WorkerLoopDied(EngineError):
+    """A worker's step loop died of an error no single request caused; the worker answers every
+    later call with this until it is replaced (the supervisor kills and restarts it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.errors import InvalidRequestError, OutOfKVCacheError
 from engine.kv_cache import BlockManager, KVSpec
-from engine.model_runner import ModelRunner
-from engine.sampler import Sampler
+from engine.model_runner import ModelRunner, ScheduledSeq
+from engine.sampler import RowFailure, Sampler
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus, StepOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,8 +160,9 @@ class LLMEngine:
                       resume: tuple[int, int] | None = None) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
-        sequence may already be finished by it (EOS, max_tokens=1, a stop string). resume: as
-        add_request's."""
+        sequence may already be finished by it (EOS, max_tokens=1, a stop string), or failed
+        (FinishReason.ERROR). resume: as add_request's. If this raises, it raised before taking
+        `block_table`: the blocks are still the caller's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
@@ -187,31 +191,63 @@ class LLMEngine:
         return Detokenizer(self.tokenizer, sampling.stop, list(prompt_ids[len(prompt_ids) - n:]), chars)
 
     def abort(self, request_id: str) -> bool:
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is None:
             return False
-        self.scheduler.finish(seq, FinishReason.ABORT)
-        self._detok.pop(request_id, None)
-        self.sampler.forget(request_id)
-        self._prompt_embeds.pop(request_id, None)
+        self._forget(seq, FinishReason.ABORT)
         return True
+
+    def request_ids(self) -> list[str]:
+        """The requests this engine holds (waiting or running)."""
+        return list(self._seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
+        """One forward over the scheduled batch, then sample and postprocess.
+
+        One sequence's failure is its own: if the batched forward raises, every sequence of the
+        batch runs again on its own and only those that fail alone are failed; a row that
+        cannot be sampled or detokenized fails alone. Each failed sequence ends with
+        FinishReason.ERROR and an error for its client (the cause is logged), and the batch,
+        the loop and every other request go on."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            sampled = self._compute(batch)
+        except Exception:
+            log.exception("forward of a batch of %d failed; running its sequences one by one", len(batch))
+            sampled = {}
+            for entry in batch:
+                try:
+                    sampled.update(self._compute([entry]))
+                except Exception:
+                    log.exception("forward of request %s failed", entry.seq.request_id)
+                    sampled[id(entry.seq)] = RowFailure("the forward pass failed for this request")
+        failed = {key: out for key, out in sampled.items() if isinstance(out, RowFailure)}
+        self.scheduler.update([e for e in batch if id(e.seq) not in failed],
+                              {key: t for key, t in sampled.items() if key not in failed})
+        outs = []
+        for entry in batch:
+            seq = entry.seq
+            if id(seq) in failed:
+                outs.append(self._fail(seq, failed[id(seq)].message))
+            elif id(seq) in sampled:
+                outs.append(self._postprocess(seq))
+        return outs
+
+    def _compute(self, batch: list[ScheduledSeq]) -> dict[int, int | RowFailure]:
+        """Forward + sample: {id(seq): token or RowFailure} for the entries that sample."""
         embeds = None
         if self._prompt_embeds:
             embeds = multimodal.packed_inputs_embeds(batch, self._prompt_embeds, self.loaded.model.get_input_embeddings())
         result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds)
         seqs = [e.seq for e in result.sampled]
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
-        self.scheduler.update(batch, {id(s): t for s, t in zip(seqs, tokens)})
-        return [self._postprocess(seq) for seq in seqs]
+        return {id(s): t for s, t in zip(seqs, tokens)}
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         last = seq.token_ids[-1]
@@ -222,17 +258,32 @@ class LLMEngine:
         return None
 
     def _postprocess(self, seq: Sequence) -> StepOutput:
-        detok = self._detok[seq.request_id]
-        new_text, hit_stop = detok.update(seq.output_token_ids)
-        reason = FinishReason.STOP if hit_stop else self._finish_reason(seq)
+        try:
+            detok = self._detok[seq.request_id]
+            new_text, hit_stop = detok.update(seq.output_token_ids)
+            reason = FinishReason.STOP if hit_stop else self._finish_reason(seq)
+            if reason is not None:
+                new_text += detok.flush()
+                seq.output_text = detok.text
+        except Exception:
+            log.exception("detokenizing request %s failed", seq.request_id)
+            return self._fail(seq, "decoding the generated tokens to text failed for this request")
         if reason is not None:
-            new_text += detok.flush()
-            seq.output_text = detok.text
-            self.scheduler.finish(seq, reason)
-            del self._seqs[seq.request_id], self._detok[seq.request_id]
-            self.sampler.forget(seq.request_id)
-            self._prompt_embeds.pop(seq.request_id, None)
+            self._forget(seq, reason)
         return StepOutput(seq.request_id, [seq.token_ids[-1]], new_text, reason is not None, reason)
+
+    def _fail(self, seq: Sequence, message: str) -> StepOutput:
+        """End one sequence with an error; its blocks go back to the pool."""
+        seq.error = message
+        self._forget(seq, FinishReason.ERROR)
+        return StepOutput(seq.request_id, [], "", True, FinishReason.ERROR, error=message)
+
+    def _forget(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self._seqs.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+        self.sampler.forget(seq.request_id)
+        self._prompt_embeds.pop(seq.request_id, None)
 
     # ---------------------------------------------------------------- offline API
     def generate(self, prompts: list, sampling: SamplingParams | list[SamplingParams] | None = None
@@ -253,5 +304,5 @@ class LLMEngine:
         seqs = {rid: self._seqs[rid] for rid in order}
         while any(not s.is_finished for s in seqs.values()):
             self.step()
-        return [RequestOutput(rid, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason)
+        return [RequestOutput(rid, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason, s.error)
                 for rid, s in seqs.items()]

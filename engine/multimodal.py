@@ -143,18 +143,27 @@ class ImageProcessor:
         return torch.stack([self.pixel_values(self.decode(b, i)) for i, b in enumerate(images)])
 
 
-def decode_image(data: bytes, index: int = 0):
-    """Image bytes → RGB PIL image; InvalidRequestError names the image by its index."""
+def decode_image(data: bytes, index: int = 0, max_pixels: int | None = None):
+    """Image bytes → RGB PIL image; InvalidRequestError names the image by its index. With
+    max_pixels, an image larger than that (width x height, read from its header) is refused
+    before its pixels are decoded (a small file can claim a huge image)."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray, memoryview)) or not data:
         raise InvalidRequestError(f"image {index}: expected non-empty image bytes, got {type(data).__name__}")
     try:
         img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InvalidRequestError(f"image {index} is {width}x{height} pixels; the limit is {max_pixels} "
+                                      f"pixels (server.limits.max_image_pixels)")
         img.load()
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequestError(f"image {index} ({len(data)} bytes) could not be decoded: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        if isinstance(e, InvalidRequestError):
+            raise
+        kind = "not an image this server can read" if isinstance(e, UnidentifiedImageError) else "a damaged image"
+        raise InvalidRequestError(f"image {index} ({len(data)} bytes) could not be decoded: {kind}") from None
 
 
 # ------------------------------------------------------------------------------------ prompt side

@@ -16,6 +16,7 @@ So decode is simply a step with n == 1, and a preempted sequence re-prefills pro
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
@@ -34,9 +35,21 @@ class FinishReason(enum.Enum):
     ERROR = "error"        # failed; the error text travels with it
 
 
+# Temperatures below this are greedy: dividing logits by a tinier number overflows float32 and
+# leaves no distribution to sample from (vLLM uses the same cut).
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0     # far past where sampling is uniform noise; a bound, not a knob
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**64 - 1        # what a seeded generator accepts (uint64 on the wire)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy (top_p/top_k/seed then do nothing)."""
+    """How to pick tokens. A temperature below GREEDY_TEMPERATURE (0 included) is greedy, and
+    top_p / top_k / seed then do nothing.
+
+    Every value is checked here, so a SamplingParams that exists is one the sampler can use:
+    each refusal is an InvalidRequestError naming the field and the value."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -49,20 +62,36 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequestError(f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) for s in self.stop):
+            raise InvalidRequestError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(name: str, value: object, lo: float, hi: float, lo_open: bool = False) -> None:
+    """A finite real number in [lo, hi] ((lo, hi] with lo_open); NaN and infinities fail."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise InvalidRequestError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
 
 
 @dataclass
@@ -80,6 +109,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     output_text: str = ""
     num_preemptions: int = 0
+    error: str | None = None         # why it failed (FinishReason.ERROR), for its client
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -119,6 +149,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    error: str | None = None         # set iff finish_reason is ERROR
 
 
 @dataclass(frozen=True)
@@ -130,3 +161,4 @@ class StepOutput:
     new_text: str
     finished: bool
     finish_reason: FinishReason | None
+    error: str | None = None       # set iff finish_reason is ERROR: what failed, for the client

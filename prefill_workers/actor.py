@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster.router_api import Role, WorkerStatus
 from cluster.worker_common import setup_threads, worker_info
 from encode_workers.transfer import EncodeShard
+from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel
 from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
+
+log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
@@ -35,11 +39,18 @@ class PrefillWorker:
         self._loop_task: asyncio.Task | None = None
         self._busy = 0
         self.tasks_done = 0          # prefill tasks answered (tests check which worker served)
+        self.failed: str | None = None   # why the batch loop died; then every call raises WorkerLoopDied
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise WorkerLoopDied(self.failed)
 
     async def ready(self):
+        self._check()
         return self.info, self.core.layout
 
     async def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
+        self._check()
         # On the core's thread: the receiver is not shared with a running batch's receives.
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.core.prepare_images, shards)
 
@@ -48,6 +59,7 @@ class PrefillWorker:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.core.release_images, shards)
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
+        self._check()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._futures[task.request_id] = fut
@@ -70,27 +82,45 @@ class PrefillWorker:
         return task is not None
 
     async def _run(self) -> None:
+        """Drain the queue in batches. run_batch fails a bad task by itself; if it still raises,
+        the batch's tasks fail and the loop goes on. An exception outside run_batch is a fault of
+        the worker: every waiting task fails and the worker reports itself failed (its calls
+        raise WorkerLoopDied) so that it is replaced."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = self.core.take_batch()
-            if not batch:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._busy = len(batch)
-            try:
-                results = await loop.run_in_executor(self._executor, self.core.run_batch, batch)
-            except Exception as exc:  # the forward itself failed: every task of the batch fails
-                results = [PrefillResult(t.request_id, None, f"prefill failed: {exc!r}") for t in batch]
-            finally:
-                self._busy = 0
-            self.tasks_done += len(results)
-            for r in results:
-                fut = self._futures.get(r.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(r)
+        try:
+            while True:
+                batch = self.core.take_batch()
+                if not batch:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._busy = len(batch)
+                try:
+                    results = await loop.run_in_executor(self._executor, self.core.run_batch, batch)
+                except Exception:
+                    log.exception("prefill batch of %d failed on %s", len(batch), self.worker_id)
+                    results = [PrefillResult(t.request_id, None, "the prefill failed") for t in batch]
+                finally:
+                    self._busy = 0
+                self.tasks_done += len(results)
+                self._answer(results)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the batch loop of %s died", self.worker_id)
+            self.failed = f"the batch loop of prefill worker {self.worker_id} died"
+            for fut in self._futures.values():     # the router retries them on another worker
+                if not fut.done():
+                    fut.set_exception(WorkerLoopDied(self.failed))
+
+    def _answer(self, results: list[PrefillResult]) -> None:
+        for r in results:
+            fut = self._futures.get(r.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(r)
 
     async def status(self) -> WorkerStatus:
+        self._check()
         b = self.core.blocks
         return WorkerStatus(self.worker_id, Role.PREFILL, self.info.node_id, True,
                             queue_length=len(self.core.queue), running=self._busy,

@@ -21,6 +21,7 @@ bytes instead (`images`); the core then holds the vision tower + projector itsel
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVSpec
 from engine.llm_engine import LoadedModel
 from engine.model_runner import ModelRunner, ScheduledSeq
-from engine.sampler import Sampler
+from engine.sampler import RowFailure, Sampler
 from engine.sequence import SamplingParams, Sequence
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
 from decode_workers.decode_core import kv_layout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,10 @@ class PrefillCore:
         return None
 
     def run_batch(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
+        """Prefill a batch; one result per task. A task's failure is its own: its image, its KV
+        transfer, its sampled row, and — if the batched forward raises — its forward run alone
+        (every task of the batch is then run again on its own; only those that fail alone fail).
+        Client-facing errors are short; causes are logged with the request id."""
         start = time.monotonic()
         seqs, live, errors, embeds = [], [], {}, {}
         features, encode_s = self._encode_batch(tasks, errors)
@@ -183,13 +190,15 @@ class PrefillCore:
                 try:
                     ids, embeds[task.request_id] = multimodal.prompt_with_images(
                         self.loaded.model, self.loaded.image_token_id, ids, features[task.request_id])
-                except Exception as exc:
-                    errors[task.request_id] = f"image features do not fit the prompt: {exc}"
+                except Exception:
+                    log.exception("image features of %s do not fit its prompt", task.request_id)
+                    errors[task.request_id] = "the image features do not fit the prompt"
             elif task.image_shards:
                 try:
                     ids, embeds[task.request_id] = self._prompt_embeds(task)
-                except Exception as exc:  # its forward rows are then token embeddings, discarded
-                    errors[task.request_id] = f"image features not received: {exc}"
+                except Exception:  # its forward rows are then token embeddings, discarded
+                    log.exception("image features of %s not received", task.request_id)
+                    errors[task.request_id] = "the image features did not arrive from the encode pool"
             seq = Sequence(task.request_id, ids, task.sampling)
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seqs.append(seq)
@@ -198,39 +207,56 @@ class PrefillCore:
             try:
                 self.sender.connect(task.descriptor)
                 live.append(seq)
-            except Exception as exc:  # a receiver that went away fails its task only
-                errors[task.request_id] = f"KV transfer connect failed: {exc}"
-        kv = self.runner.kv
+            except Exception:  # a receiver that went away fails its task only
+                log.exception("KV transfer connect of %s failed", task.request_id)
+                errors[task.request_id] = "the KV transfer to the decode worker could not start"
+        sent: dict[str, set[int]] = {s.request_id: set() for s in seqs}
 
-        def send(layer: int) -> None:
-            for seq in list(live):
-                try:
-                    self.sender.send_layer(seq.request_id, layer, kv[layer], src_block_ids=seq.block_table)
-                except Exception as exc:
-                    errors[seq.request_id] = f"KV transfer of layer {layer} failed: {exc}"
-                    self.sender.abort(seq.request_id)
-                    live.remove(seq)
+        def drop(seq: Sequence, message: str) -> None:
+            errors.setdefault(seq.request_id, message)
+            if seq in live:
+                self.sender.abort(seq.request_id)
+                live.remove(seq)
 
+        def sender_for(group: list[Sequence]):
+            kv = self.runner.kv
+
+            def send(layer: int) -> None:
+                # A layer already sent (by a batched forward that failed later) is not sent twice.
+                for seq in [s for s in group if s in live and layer not in sent[s.request_id]]:
+                    try:
+                        self.sender.send_layer(seq.request_id, layer, kv[layer], src_block_ids=seq.block_table)
+                        sent[seq.request_id].add(layer)
+                    except Exception:
+                        log.exception("KV transfer of layer %d of %s failed", layer, seq.request_id)
+                        drop(seq, "the KV transfer to the decode worker failed")
+            return send
+
+        vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
         try:
-            batch = [ScheduledSeq(s, s.num_tokens) for s in seqs]
-            inputs_embeds = None
-            if embeds:
-                inputs_embeds = multimodal.packed_inputs_embeds(batch, embeds, self.loaded.model.get_input_embeddings())
-            result = self.runner.forward(batch, on_layer_done=send if self.options.streaming else None,
-                                         sparse=self.options.engine.sparse, inputs_embeds=inputs_embeds)
-            if not self.options.streaming:
-                for layer in range(self.layout.num_layers):
-                    send(layer)
-            forward_end = time.monotonic()
             for t in tasks:
-                self.sampler.advance(t.request_id, t.sampling, result.logits.shape[-1], t.sampled_before)
-            tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
+                self.sampler.advance(t.request_id, t.sampling, vocab, t.sampled_before)
+            try:
+                tokens = self._forward(seqs, embeds, sender_for(seqs))
+            except Exception:
+                log.exception("prefill forward of a batch of %d failed; running its prompts one by one", len(seqs))
+                tokens = {}
+                for seq in [s for s in seqs if s.request_id not in errors]:
+                    try:
+                        tokens.update(self._forward([seq], embeds, sender_for([seq])))
+                    except Exception:
+                        log.exception("prefill forward of %s failed", seq.request_id)
+                        drop(seq, "the prefill forward pass failed for this request")
+            forward_end = time.monotonic()
+            for seq in seqs:
+                if isinstance(tokens.get(seq.request_id), RowFailure):
+                    drop(seq, tokens[seq.request_id].message)
             for seq in list(live):
                 try:
                     self.sender.finish(seq.request_id, timeout=self.options.finish_timeout_s)
-                except Exception as exc:
-                    errors[seq.request_id] = f"KV transfer did not complete: {exc}"
-                    self.sender.abort(seq.request_id)
+                except Exception:
+                    log.exception("KV transfer of %s did not complete", seq.request_id)
+                    drop(seq, "the KV transfer to the decode worker did not complete")
             done = time.monotonic()
         except BaseException:
             for seq in live:
@@ -241,12 +267,27 @@ class PrefillCore:
                 self.blocks.free(seq.block_table)
                 self.sampler.forget(seq.request_id)
         return [
-            PrefillResult(t.request_id, None if t.request_id in errors else tok, errors.get(t.request_id),
-                          queue_s=start - t.enqueued_at, prefill_s=forward_end - start - encode_s,
-                          transfer_s=done - forward_end, batch_size=len(tasks),
-                          encode_s=encode_s if t.images else 0.0)
-            for t, tok in zip(tasks, tokens)
+            PrefillResult(t.request_id, None if t.request_id in errors else tokens[t.request_id],
+                          errors.get(t.request_id), queue_s=start - t.enqueued_at,
+                          prefill_s=forward_end - start - encode_s, transfer_s=done - forward_end,
+                          batch_size=len(tasks), encode_s=encode_s if t.images else 0.0)
+            for t in tasks
         ]
+
+    def _forward(self, seqs: list[Sequence], embeds: dict, send) -> dict[str, int | RowFailure]:
+        """One packed forward over `seqs` (K/V sent layer by layer through `send`, or after the
+        last layer without streaming) and the first token of each: {request id: token}."""
+        batch = [ScheduledSeq(s, s.num_tokens) for s in seqs]
+        inputs_embeds = None
+        if any(s.request_id in embeds for s in seqs):
+            inputs_embeds = multimodal.packed_inputs_embeds(batch, embeds, self.loaded.model.get_input_embeddings())
+        result = self.runner.forward(batch, on_layer_done=send if self.options.streaming else None,
+                                     sparse=self.options.engine.sparse, inputs_embeds=inputs_embeds)
+        if not self.options.streaming:
+            for layer in range(self.layout.num_layers):
+                send(layer)
+        tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
+        return {s.request_id: t for s, t in zip(seqs, tokens)}
 
     def close(self) -> None:
         self.sender.close()

@@ -18,6 +18,7 @@ from .errors import (
     NotFound,
     ResourceExhausted,
     TriptychError,
+    Unauthenticated,
     Unavailable,
 )
 from .types import (
@@ -60,6 +61,7 @@ __all__ = [
     "Timings",
     "TokenChunk",
     "TriptychError",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
     "WorkerStatus",

@@ -25,7 +25,7 @@ import grpc.aio
 from protos.triptych.v1 import triptych_pb2 as pb
 from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
-from . import _wire
+from . import _channel, _wire
 from .client import DEFAULT_TARGET
 from .errors import Unavailable, from_rpc_error
 from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, Role, RoleSwitch, TokenChunk
@@ -96,7 +96,8 @@ class AsyncStream:
 
 
 class AsyncClient:
-    """asyncio Triptych client; same methods and arguments as `Client`."""
+    """asyncio Triptych client; same methods and arguments as `Client` (api_key, tls and the
+    certificates included)."""
 
     def __init__(
         self,
@@ -104,16 +105,24 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: _channel.Pem | None = None,
+        certificate_chain: _channel.Pem | None = None,
+        private_key: _channel.Pem | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._options = list(options)
+        self._metadata = _channel.call_metadata(_channel.api_key(api_key))
+        self._creds = _channel.credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel: grpc.aio.Channel | None = None
         self._stub_obj: pb_grpc.TriptychStub | None = None
 
     def _ensure_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = (grpc.aio.secure_channel(self.target, self._creds, options=self._options) if self._creds
+                             else grpc.aio.insecure_channel(self.target, options=self._options))
             self._stub_obj = pb_grpc.TriptychStub(self._channel)
         return self._channel
 
@@ -146,7 +155,8 @@ class AsyncClient:
             request_id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
         )  # fmt: skip
-        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout)), req.request_id)
+        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout),
+                                                                metadata=self._metadata), req.request_id)
 
     def chat(
         self,
@@ -168,7 +178,8 @@ class AsyncClient:
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop=stop, ignore_eos=ignore_eos,
         )  # fmt: skip
-        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout)), req.request_id)
+        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout),
+                                                                metadata=self._metadata), req.request_id)
 
     async def complete(
         self,
@@ -195,17 +206,23 @@ class AsyncClient:
         resp = await self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
         return _wire.cluster_status_from_pb(resp)
 
+    async def admin_status(self, *, timeout: float | None = _UNSET) -> ClusterStatus:
+        """Admin port: the cluster status."""
+        stub = pb_grpc.TriptychAdminStub(self._ensure_channel())
+        return _wire.cluster_status_from_pb(await self._unary(stub.GetClusterStatus, pb.GetClusterStatusRequest(),
+                                                              timeout))
+
     async def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
                               reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
-        """Admin: move a worker to the prefill or decode pool, or between encode and prefill (drains it
-        first); the switch record."""
+        """Admin port: move a worker to the prefill or decode pool, or between encode and prefill
+        (drains it first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
         stub = pb_grpc.TriptychAdminStub(self._ensure_channel())
         return _wire.role_switch_from_pb((await self._unary(stub.SetWorkerRole, req, timeout)).switch)
 
     async def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:
-            return await method(req, timeout=self._deadline(timeout))
+            return await method(req, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 

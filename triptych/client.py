@@ -29,11 +29,12 @@ import grpc
 from protos.triptych.v1 import triptych_pb2 as pb
 from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
-from . import _wire
+from . import _channel, _wire
 from .errors import Unavailable, from_rpc_error
 from .types import ClusterStatus, Completion, FinalChunk, ModelInfo, Role, RoleSwitch, TokenChunk
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 _UNSET: Any = object()  # "use the client's default timeout"
 
 
@@ -106,7 +107,12 @@ class Stream:
 
 class Client:
     """Blocking Triptych client. `timeout` is the default deadline (seconds) for every call;
-    each method's `timeout=` overrides it (None: no deadline)."""
+    each method's `timeout=` overrides it (None: no deadline).
+
+    api_key: sent as `authorization: Bearer <key>` with every call (default: $TRIPTYCH_API_KEY;
+    on the admin port, an admin key). tls / root_certificates / certificate_chain / private_key:
+    a TLS channel (PEM bytes or file paths; any of them implies TLS; no root_certificates: the
+    system's roots; a certificate chain + key for servers that require client certificates)."""
 
     def __init__(
         self,
@@ -115,11 +121,21 @@ class Client:
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: _channel.Pem | None = None,
+        certificate_chain: _channel.Pem | None = None,
+        private_key: _channel.Pem | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = _channel.call_metadata(_channel.api_key(api_key))
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(target, options=list(options))
+        if channel is None:
+            creds = _channel.credentials(tls, root_certificates, certificate_chain, private_key)
+            channel = (grpc.secure_channel(target, creds, options=list(options)) if creds
+                       else grpc.insecure_channel(target, options=list(options)))
+        self._channel = channel
         self._stub = pb_grpc.TriptychStub(self._channel)
         self._admin = pb_grpc.TriptychAdminStub(self._channel)
 
@@ -190,7 +206,7 @@ class Client:
             return _wire.completion_from_chunks(stream)
 
     def _stream(self, req: pb.GenerateRequest, timeout: float | None) -> Stream:
-        call = self._stub.Generate(req, timeout=self._deadline(timeout))
+        call = self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata)
         stream = Stream(call)
         stream.request_id = req.request_id
         return stream
@@ -208,16 +224,21 @@ class Client:
         resp = self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
         return _wire.cluster_status_from_pb(resp)
 
+    def admin_status(self, *, timeout: float | None = _UNSET) -> ClusterStatus:
+        """Admin port: the cluster status (the same as cluster_status on the serving port)."""
+        resp = self._unary(self._admin.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+        return _wire.cluster_status_from_pb(resp)
+
     def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
                         reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
-        """Admin: move a worker to the prefill or decode pool, or between encode and prefill (drains it
-        first); the switch record."""
+        """Admin port: move a worker to the prefill or decode pool, or between encode and prefill
+        (drains it first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)
         return _wire.role_switch_from_pb(self._unary(self._admin.SetWorkerRole, req, timeout).switch)
 
     def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:
-            return method(req, timeout=self._deadline(timeout))
+            return method(req, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 

@@ -47,6 +47,10 @@ class FailedPrecondition(TriptychError):
     """The cluster is not in a state that allows the call (e.g. a role switch that would empty a pool)."""
 
 
+class Unauthenticated(TriptychError):
+    """No API key, or one the server does not know (`Client(api_key=...)` / $TRIPTYCH_API_KEY)."""
+
+
 class Internal(TriptychError):
     """Server bug or worker failure."""
 
@@ -60,6 +64,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TriptychError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

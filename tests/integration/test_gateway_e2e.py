@@ -28,7 +28,7 @@ MAX_TOKENS = 24
 def served():
     loop = LoopThread()
     config = parse_config({"version": 1, "ray": {"num_cpus": 2},
-                           "server": {"grpc_port": 0, "http_port": 0, "max_queued_requests": QUEUE_LIMIT}},
+                           "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0, "max_queued_requests": QUEUE_LIMIT}},
                           "test_gateway_e2e")
     router, running = loop.run(start_serving(config, progress=lambda *_: None))
     grpc_addr = f"{running.connect_host}:{running.grpc_port}"

@@ -40,9 +40,9 @@ def served():
     config = parse_config({"version": 1, "ray": {"num_cpus": 3},
                            "engine": {"num_kv_blocks": 512, "max_num_seqs": 16},
                            "pools": {"prefill": {"workers": 1}, "decode": {"workers": 2}},
-                           "server": {"grpc_port": 0, "http_port": 0}}, "test_role_switch")
+                           "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}}, "test_role_switch")
     router, running = loop.run(start_serving(config, progress=lambda *_: None))
-    target = f"{running.connect_host}:{running.grpc_port}"
+    target = running.admin_target         # role switching and status are admin calls, on the admin port
     client = Client(target)
     yield loop, router, running, client, target
     client.close()
@@ -105,7 +105,7 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
     reqs2 = _requests(prompts, 6, "after")
     _check(loop.run(_all(router, reqs2)), reqs2, prompts, reference)
 
-    status = client.cluster_status()
+    status = client.admin_status()
     workers = {w.worker_id: w for p in status.pools for w in p.workers}
     assert workers["decode-1"].role.value == "prefill" and workers["decode-1"].epoch == 1
     assert len(status.pool("prefill").workers) == 2 and len(status.pool("decode").workers) == 1

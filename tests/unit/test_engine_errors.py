@@ -5,7 +5,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelNotFoundError, OutOfKVCacheError
 from engine.llm_engine import LLMEngine
-from engine.sequence import SamplingParams
+from engine.sequence import GREEDY_TEMPERATURE, SamplingParams
 
 
 def test_empty_prompt(tiny, make_engine):
@@ -31,14 +31,36 @@ def test_prompt_larger_than_kv_cache(tiny, make_engine):
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
-    ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
+    ({"temperature": -0.5}, r"temperature must be in \[0, 100\], got -0.5"),
+    ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+    ({"temperature": 1e9}, r"temperature must be in \[0, 100\], got 1000000000.0"),
+    ({"temperature": True}, "temperature must be a finite number, got True"),
+    ({"temperature": "0.7"}, "temperature must be a finite number, got '0.7'"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-    ({"top_k": -1}, "top_k must be an integer >= 0, got -1"),
+    ({"top_p": float("nan")}, "top_p must be a finite number, got nan"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"top_k": -1}, r"top_k must be an integer in \[0, 2147483647\], got -1"),
+    ({"top_k": 2**40}, r"top_k must be an integer in \[0, 2147483647\], got 1099511627776"),
+    ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1180591620717411303424"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got -1"),
+    ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1.5"),
     ({"stop": [""]}, "stop strings must be non-empty"),
+    ({"stop": [3]}, "stop must be a string or a list of strings"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be true or false, got 'yes'"),
 ])
 def test_bad_sampling(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_tiny_temperature_is_greedy():
+    # Dividing logits by 1e-37 overflows float32 and leaves nothing to sample: below the
+    # documented epsilon a temperature is greedy.
+    assert SamplingParams(temperature=1e-37).greedy and SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=GREEDY_TEMPERATURE / 2).greedy
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
 
 
 def test_bad_token_ids(tiny, make_engine):

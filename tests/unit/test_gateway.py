@@ -11,10 +11,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import triptych
 from cluster import gateway as gw
-from cluster.config import ServerConfig
+from cluster.auth import Principal
+from cluster.config import ServerConfig, SessionsConfig
 from cluster.router_api import ChatMessage, ErrorKind
 from cluster.sessions import SessionStore, trim_to_fit
-from tests.unit.test_gateway_fakes import ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, wait_for
+from tests.unit.test_gateway_fakes import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
+                                          wait_for)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 
@@ -46,8 +48,8 @@ def test_generate_streams_tokens_then_final(client, router):
     assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3)
     assert final.timings.ttft_s == pytest.approx(0.04) and final.timings.transfer_s == pytest.approx(0.003)
     inp = router.inputs[-1]
-    assert inp.request_id == "g1" and inp.prompt == "hello" and inp.messages is None
-    assert inp.sampling.max_tokens == 8
+    assert inp.prompt == "hello" and inp.messages is None and inp.sampling.max_tokens == 8
+    assert inp.request_id not in ("", "g1")     # the router gets the gateway's own id, never the client's
 
 
 def test_sampling_defaults_follow_the_api_doc(client, router):
@@ -89,8 +91,9 @@ def test_router_errors_map_to_status_codes(client, word):
 
 
 def test_router_bug_is_internal_and_server_keeps_serving(client):
-    with pytest.raises(triptych.Internal, match="fake router bug"):
+    with pytest.raises(triptych.Internal) as info:
         client.complete("a bug")
+    assert info.value.message == "internal error"          # the cause goes to the log, not the client
     assert client.complete("hello").text == "Hello!"
 
 
@@ -127,20 +130,20 @@ def test_error_after_start_is_a_final_chunk(client):
 
 
 def test_client_cancel_aborts_the_request(client, router, server):
-    stream = client.generate("go slow", request_id="cancel-me")
+    stream = client.generate("cancel-me go slow", request_id="cancel-me")
     for _ in range(3):
         next(stream)
     stream.cancel()
-    assert wait_for(lambda: "cancel-me" in router.aborts)
+    assert wait_for(lambda: routed_id(router, "cancel-me") in router.aborts)
     assert wait_for(lambda: "cancel-me" not in server.gateway.in_flight)
 
 
 def test_deadline_reaches_router_and_aborts(client, router):
     with pytest.raises(triptych.DeadlineExceeded):
-        list(client.generate("go slow", request_id="deadline", timeout=0.5))
-    inp = next(i for i in router.inputs if i.request_id == "deadline")
+        list(client.generate("deadline go slow", request_id="deadline", timeout=0.5))
+    inp = next(i for i in router.inputs if i.request_id == routed_id(router, "deadline"))
     assert 0 < inp.deadline_s <= 0.6
-    assert wait_for(lambda: "deadline" in router.aborts)
+    assert wait_for(lambda: inp.request_id in router.aborts)
 
 
 def test_abort_rpc(client, router):
@@ -206,7 +209,7 @@ def test_start_reports_ports_and_names_a_busy_port():
             s.bind(("127.0.0.1", 0))
             s.listen()
             busy = s.getsockname()[1]
-            config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=busy)
+            config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=busy, admin_port=0)
             with pytest.raises(gw.BindError, match=f"HTTP to 127.0.0.1:{busy}"):
                 srv.call(gw.start(FakeRouter(), config))
     finally:
@@ -226,18 +229,57 @@ def test_stopped_gateway_refuses_requests():
 # -- sessions (pure) ----------------------------------------------------------------------
 
 
-def test_session_store_lru_and_ttl():
+A, B = Principal("alice"), Principal("bob")
+
+
+def test_sessions_lru_and_ttl():
     now = [0.0]
-    store = SessionStore(max_sessions=2, ttl_s=10, clock=lambda: now[0])
+    store = SessionStore(SessionsConfig(max_sessions=2, ttl_s=10), clock=lambda: now[0])
     u = (ChatMessage("user", "hi"),)
-    store.append_turn("a", u, "A")
-    store.append_turn("b", u, "B")
-    store.history("a")  # a is now the most recent
-    store.append_turn("c", u, "C")  # evicts b
-    assert "b" not in store and "a" in store and len(store) == 2
-    assert store.history("a") == (ChatMessage("user", "hi"), ChatMessage("assistant", "A"))
+    store.append_turn(A, "a", u, "A")
+    store.append_turn(A, "b", u, "B")
+    store.history(A, "a")  # a is now the most recent
+    store.append_turn(A, "c", u, "C")  # evicts b
+    assert store.history(A, "b") == () and len(store) == 2
+    assert store.history(A, "a") == (ChatMessage("user", "hi"), ChatMessage("assistant", "A"))
     now[0] = 11.0
-    assert store.history("a") == () and len(store) == 0
+    assert store.history(A, "a") == () and len(store) == 0
+
+
+def test_sessions_belong_to_their_principal():
+    store = SessionStore()
+    store.append_turn(A, "s1", (ChatMessage("user", "my secret is 42"),), "ok")
+    assert store.history(B, "s1") == ()                      # same id, another client: a new conversation
+    store.append_turn(B, "s1", (ChatMessage("user", "hello"),), "hi")
+    assert store.history(A, "s1")[0].content == "my secret is 42"
+    assert store.history(B, "s1")[0].content == "hello"
+
+
+def test_a_flood_of_sessions_evicts_only_the_flooder():
+    store = SessionStore(SessionsConfig(max_sessions=20, max_sessions_per_client=8))
+    u = (ChatMessage("user", "x"),)
+    for i in range(3):
+        store.append_turn(A, f"a{i}", u, "r")
+    for i in range(1030):                                    # throwaway sessions of another client
+        store.append_turn(B, f"b{i}", u, "r")
+    assert [store.history(A, f"a{i}") != () for i in range(3)] == [True] * 3
+    assert store.count(B) == 8 and store.count(A) == 3
+    # Past the global cap, the client holding the most sessions loses its oldest one.
+    many = [Principal(f"p{i}") for i in range(4)]
+    for p in many:
+        for i in range(3):
+            store.append_turn(p, f"s{i}", u, "r")
+    assert store.count() == 20 and store.count(A) == 3 and store.count(B) < 8
+
+
+def test_session_history_is_capped_in_size():
+    store = SessionStore(SessionsConfig(max_chars=100))
+    for i in range(10):
+        store.append_turn(A, "s", (ChatMessage("system", "sys"),) if i == 0 else (ChatMessage("user", "u" * 30),),
+                          "a" * 10)
+    history = store.history(A, "s")
+    assert history[0] == ChatMessage("system", "sys")          # system messages stay
+    assert sum(len(m.content) for m in history) <= 100 and history[1].role == "user"
 
 
 def test_trim_keeps_system_and_new_messages():
@@ -265,11 +307,11 @@ def test_stop_aborts_in_flight_requests_after_grace():
     srv = GatewayThread(http_grace_s=0.3)
     router = srv.router
     client = triptych.Client(srv.target, timeout=10)
-    stream = client.generate("go slow", request_id="grpc-inflight")
+    stream = client.generate("grpc-inflight go slow", request_id="grpc-inflight")
     next(stream)
 
     def http_slow():
-        body = {"messages": [{"role": "user", "content": "go slow"}], "stream": True}
+        body = {"messages": [{"role": "user", "content": "http-inflight go slow"}], "stream": True}
         try:
             with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=10,
                               headers={"X-Request-Id": "http-inflight"}) as resp:  # fmt: skip
@@ -284,7 +326,8 @@ def test_stop_aborts_in_flight_requests_after_grace():
     started = time.monotonic()
     srv.call(srv.running.stop(grace_s=0.3))
     assert time.monotonic() - started < 3
-    assert wait_for(lambda: {"grpc-inflight", "http-inflight"} <= set(router.aborts))
+    assert wait_for(lambda: {routed_id(router, "grpc-inflight"), routed_id(router, "http-inflight")}
+                    <= set(router.aborts))
     with pytest.raises(triptych.TriptychError):
         list(stream)
     client.close()
@@ -292,7 +335,8 @@ def test_stop_aborts_in_flight_requests_after_grace():
     srv.stop()  # idempotent: stops the loop thread
 
 
-def test_admin_set_worker_role(client, router):
+def test_admin_set_worker_role(server, router):
+    client = triptych.Client(server.admin_target, timeout=10)
     s = client.set_worker_role("decode-1", "prefill", drain_timeout_s=5, reason="ops")
     assert (s.worker_id, s.from_role, s.to_role, s.epoch, s.drain_s, s.switch_s, s.reason) == (
         "decode-1", "decode", "prefill", 2, 0.5, 0.25, "ops")
@@ -305,11 +349,16 @@ def test_admin_set_worker_role(client, router):
         client.set_worker_role("decode-1", "colocated")
     client.set_worker_role("encode-0", "prefill")            # encode <-> prefill goes over the same RPC
     assert router.inputs[-1][1:3] == ("encode-0", gw.Role.PREFILL)
-    with grpc.insecure_channel(client.target) as channel:    # a raw call with no role set
-        from protos.triptych.v1 import triptych_pb2 as pb
-        from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
+    from protos.triptych.v1 import triptych_pb2 as pb
+    from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
+    with grpc.insecure_channel(client.target) as channel:    # a raw call with no role set
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.TriptychAdminStub(channel).SetWorkerRole(pb.SetWorkerRoleRequest(worker_id="decode-1"), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ROLE_PREFILL" in err.value.details()
-    assert client.cluster_status().role_switch_count == 1
+    assert client.admin_status().role_switch_count == 1
+    client.close()
+    # The serving port does not serve the admin service at all.
+    with triptych.Client(server.target, timeout=10) as serving, pytest.raises(triptych.TriptychError) as err:
+        serving.set_worker_role("decode-1", "prefill")
+    assert err.value.code == grpc.StatusCode.UNIMPLEMENTED

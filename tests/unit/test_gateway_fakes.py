@@ -2,7 +2,7 @@
 HTTP and metrics tests (this module holds no tests itself).
 
 FakeRouter picks its behaviour from the last words of the input (prompt or last message):
-"slow" streams until aborted, "midfail" fails after one token, ERRORS' keywords raise that
+"slow" streams until aborted, "midfail" fails after one token, "prefail" before any, ERRORS' keywords raise that
 RouterError before the first event ("eager-..." raises from generate() itself), "bug" raises a
 plain exception; anything else streams "Hel" "lo" "!" then FinalEvent(STOP).
 """
@@ -70,7 +70,7 @@ class FakeRouter(Router):
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"no worker {worker_id!r}")
         return RoleSwitch(worker_id, Role.DECODE, role, 1234.5, reason, epoch=2, drain_s=0.5, switch_s=0.25)
 
-    def generate(self, request: GenerateInput):
+    def generate(self, request: GenerateInput, prepared=None):
         self.inputs.append(request)
         word = input_text(request).split()[-1] if input_text(request).split() else ""
         if word.startswith("eager-"):
@@ -94,6 +94,11 @@ class FakeRouter(Router):
                     await asyncio.sleep(0.01)
                 finished = True
                 yield FinalEvent(FinishReason.ABORT, 3, n, "x" * n, TIMINGS)
+                return
+            if word == "prefail":   # fails before its first token: the door answers with a status
+                finished = True
+                yield FinalEvent(FinishReason.ERROR, 3, 0, "", TIMINGS, error="the prefill failed",
+                                 error_kind=ErrorKind.INTERNAL)
                 return
             if word == "midfail":
                 yield TokenEvent((1,), "a")
@@ -142,14 +147,15 @@ class GatewayThread:
     """The real gateway (gRPC + HTTP on free loopback ports) on an event loop in its own thread,
     so blocking clients (SDK, httpx, openai) can be used from the test thread."""
 
-    def __init__(self, router: Router | None = None, **start_kwargs) -> None:
+    def __init__(self, router: Router | None = None, config: ServerConfig | None = None, **start_kwargs) -> None:
         self.router = router or FakeRouter()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0)
+        config = config or ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, admin_port=0)
         self.running = self.call(gw.start(self.router, config, **start_kwargs))
         self.target = self.running.grpc_target
+        self.admin_target = self.running.admin_target
         self.url = self.running.http_url
 
     @property
@@ -164,6 +170,13 @@ class GatewayThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
+
+
+def routed_id(router: FakeRouter, text: str) -> str:
+    """The id the router saw for the request whose input starts with `text` (the gateway gives
+    the router its own id for each request, not the client's)."""
+    return next(i.request_id for i in reversed(router.inputs)
+                if isinstance(i, GenerateInput) and input_text(i).startswith(text))
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.unit.test_gateway_fakes import ERRORS, MODEL, GatewayThread, wait_for
+from tests.unit.test_gateway_fakes import ERRORS, MODEL, GatewayThread, routed_id, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -173,12 +173,12 @@ def test_error_after_start(http):
 
 def test_client_disconnect_aborts(server, router):
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        with c.stream("POST", "/v1/chat/completions", json=chat_body("go slow", stream=True),
+        with c.stream("POST", "/v1/chat/completions", json=chat_body("http-gone go slow", stream=True),
                       headers={"X-Request-Id": "http-gone"}) as resp:  # fmt: skip
             lines = resp.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any("x" in line for line in got)
-    assert wait_for(lambda: "http-gone" in router.aborts)
+    assert wait_for(lambda: routed_id(router, "http-gone") in router.aborts)
     assert wait_for(lambda: "http-gone" not in server.gateway.in_flight)
 
 

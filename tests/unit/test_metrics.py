@@ -47,7 +47,8 @@ def test_metrics_after_requests(server):
     assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "stop")))] >= 1
     assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "error")))] >= 1
     assert s[("triptych_requests_total", (("door", "http"), ("finish_reason", "stop")))] >= 1
-    assert s[("triptych_request_errors_total", (("door", "http"), ("kind", "resource_exhausted")))] >= 1
+    assert s[("triptych_request_errors_total", (("door", "http"), ("kind", "resource_exhausted"),
+                                                ("reason", "resource_exhausted")))] >= 1
     assert s[("triptych_tokens_generated_total", ())] >= 7
     assert s[("triptych_pool_queue_length", (("role", "prefill"),))] == 3
     assert s[("triptych_pool_queue_length", (("role", "decode"),))] == 1

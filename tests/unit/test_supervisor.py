@@ -84,9 +84,41 @@ def test_dead_worker_is_restarted_and_swapped_in():
     old, new, spawned, killed, sup = run(scenario())
     assert not old.alive and new is not old
     assert (new.worker_id, new.epoch, new.node_id, new.alive) == ("decode-0", 1, "node-b", True)
-    assert spawned == [(Role.DECODE, "decode-0", 1)] and killed == []
+    assert spawned == [(Role.DECODE, "decode-0", 1)] and killed == [old.actor]   # killed before its replacement
     assert new.actor.polls > 0
     assert sup.restarts() == {"decode-0": 1} and sup.history[0].error is None
+
+
+def test_worker_whose_loop_died_is_killed_and_replaced():
+    """A worker that answers WorkerLoopDied (its step loop died; the process lives on) counts as
+    dead with the default death test: marked dead, killed, replaced."""
+    from engine.errors import WorkerLoopDied
+
+    async def scenario():
+        router = make_router()
+        spawned, killed = [], []
+
+        def spawn(role, worker_id, epoch):
+            spawned.append((role, worker_id, epoch))
+            return FakeActor(f"{worker_id}-r{epoch}")
+
+        sup = Supervisor(router, spawn, killed.append, options=FAST)
+        old = router.decode[0]
+
+        async def loop_died(*args, **kwargs):
+            raise WorkerLoopDied("the step loop of decode worker decode-0 died")
+        old.actor.ready.fn = old.actor.poll.fn = loop_died
+        sup.start()
+        for _ in range(200):
+            if router.decode[0] is not old and router.decode[0].alive:
+                break
+            await asyncio.sleep(0.01)
+        await sup.stop()
+        await router.shutdown()
+        return old, spawned, killed
+
+    old, spawned, killed = run(scenario())
+    assert not old.alive and spawned == [(Role.DECODE, "decode-0", 1)] and killed == [old.actor]
 
 
 def test_failed_starts_back_off_then_give_up():
@@ -95,15 +127,17 @@ def test_failed_starts_back_off_then_give_up():
         killed = []
         sup = Supervisor(router, lambda r, w, e: FakeActor(f"{w}-r{e}", fail_ready=True), killed.append,
                          options=FAST, is_death=lambda e: isinstance(e, Dead))
-        router.prefill[0].actor.dead = True
+        dead = router.prefill[0].actor
+        dead.dead = True
         sup.start()
         await asyncio.sleep(0.5)
         await sup.stop()
-        return router, sup, killed
+        return router, sup, killed, dead
 
-    router, sup, killed = run(scenario())
+    router, sup, killed, dead = run(scenario())
     assert not router.prefill[0].alive
-    assert sup.tries["prefill-0"] == 3 and len(killed) == 3        # every half-started actor is killed
+    # The dead actor once, then every half-started one.
+    assert sup.tries["prefill-0"] == 3 and killed[0] is dead and len(killed) == 4
     assert all(r.error for r in sup.history) and sup.restarts() == {}
     assert sup.given_up() == ["prefill-0"]
 
@@ -125,7 +159,7 @@ def test_layout_mismatch_is_a_failed_start():
         return router, sup, killed
 
     router, sup, killed = run(scenario())
-    assert not router.prefill[0].alive and len(killed) == 3
+    assert not router.prefill[0].alive and len(killed) == 1 + 3     # the dead actor, then each new one
     assert "incompatible" in sup.history[0].error
 
 
@@ -152,7 +186,7 @@ def test_slow_ready_is_killed_and_retried():
 
     ok, router, killed, sup = run(scenario())
     assert ok and router.prefill[0].node_id == "node-c"
-    assert len(killed) == 1 and "not ready within" in sup.history[0].error
+    assert len(killed) == 2 and "not ready within" in sup.history[0].error    # the dead actor, the slow one
 
 
 def test_ping_marks_dead_and_fails_its_requests():
@@ -182,13 +216,15 @@ def test_stop_kills_a_replacement_still_starting():
         opts = SupervisorOptions(check_s=0.01, ready_timeout_s=5.0)
         sup = Supervisor(router, lambda r, w, e: Slow(w), killed.append, options=opts,
                          is_death=lambda e: isinstance(e, Dead))
-        router.decode[0].actor.dead = True
+        dead = router.decode[0].actor
+        dead.dead = True
         sup.start()
         await asyncio.sleep(0.2)
         await sup.stop()
-        return killed
+        return dead, killed
 
-    assert len(run(scenario())) == 1
+    dead, killed = run(scenario())
+    assert len(killed) == 2 and killed[0] is dead and killed[1] is not dead   # the dead one, the starting one
 
 
 class FakeEncodeActor(FakeActor):

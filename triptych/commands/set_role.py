@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from triptych.client import DEFAULT_TARGET, Client
+from triptych.commands import add_connection_arguments, admin_client
 from triptych.errors import TriptychError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("worker", help="worker id, as `triptych admin status` lists it (e.g. decode-1)")
     parser.add_argument("role", choices=("encode", "prefill", "decode"), help="the pool to move it to")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"gRPC address of the server (default {DEFAULT_TARGET})")
+    add_connection_arguments(parser)
     parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                         help="how long the worker may take to finish its requests (default 60)")
     parser.add_argument("--reason", default="manual", help="recorded in the switch history")
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         print("triptych admin set-role: --drain-timeout must be > 0", file=sys.stderr)
         return 2
     try:
-        with Client(args.target) as client:
+        with admin_client(args) as client:
             s = client.set_worker_role(args.worker, args.role, drain_timeout_s=args.drain_timeout,
                                        reason=args.reason, timeout=args.drain_timeout + 150)
     except TriptychError as exc:

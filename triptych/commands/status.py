@@ -6,18 +6,18 @@ import argparse
 import sys
 import time
 
-from triptych.client import DEFAULT_TARGET, Client
+from triptych.commands import add_connection_arguments, admin_client
 from triptych.errors import TriptychError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"gRPC address of the server (default {DEFAULT_TARGET})")
+    add_connection_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.target) as client:
-            status = client.cluster_status(timeout=30)
+        with admin_client(args) as client:
+            status = client.admin_status(timeout=30)
     except TriptychError as exc:
         print(f"triptych admin status: {exc}", file=sys.stderr)
         return 1

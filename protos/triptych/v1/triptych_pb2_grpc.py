@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class TriptychStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call needs `authorization: Bearer <API key>` metadata when the server has serving keys
+    (server.auth; UNAUTHENTICATED otherwise). grpc.health.v1.Health never needs a key.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +59,9 @@ class TriptychStub:
 
 
 class TriptychServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call needs `authorization: Bearer <API key>` metadata when the server has serving keys
+    (server.auth; UNAUTHENTICATED otherwise). grpc.health.v1.Health never needs a key.
+    """
 
     def Generate(self, request, context):
         """Streams the completion: zero or more TokenChunk messages, then exactly one FinalChunk,
@@ -121,7 +125,9 @@ def add_TriptychServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Triptych:
-    """Missing associated documentation comment in .proto file."""
+    """Every call needs `authorization: Bearer <API key>` metadata when the server has serving keys
+    (server.auth; UNAUTHENTICATED otherwise). grpc.health.v1.Health never needs a key.
+    """
 
     @staticmethod
     def Generate(request,
@@ -233,8 +239,8 @@ class Triptych:
 
 
 class TriptychAdminStub:
-    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
-    should put them behind its own auth proxy.
+    """Operator calls, served on the admin port only (server.admin_port, loopback by default), never on
+    the serving port; with admin keys configured every call needs `authorization: Bearer <admin key>`.
     """
 
     def __init__(self, channel):
@@ -248,11 +254,16 @@ class TriptychAdminStub:
                 request_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.SerializeToString,
                 response_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.FromString,
                 _registered_method=True)
+        self.GetClusterStatus = channel.unary_unary(
+                '/triptych.v1.TriptychAdmin/GetClusterStatus',
+                request_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusResponse.FromString,
+                _registered_method=True)
 
 
 class TriptychAdminServicer:
-    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
-    should put them behind its own auth proxy.
+    """Operator calls, served on the admin port only (server.admin_port, loopback by default), never on
+    the serving port; with admin keys configured every call needs `authorization: Bearer <admin key>`.
     """
 
     def SetWorkerRole(self, request, context):
@@ -266,6 +277,13 @@ class TriptychAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterStatus(self, request, context):
+        """The same answer as Triptych.GetClusterStatus, for operators on the admin port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TriptychAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +291,11 @@ def add_TriptychAdminServicer_to_server(servicer, server):
                     servicer.SetWorkerRole,
                     request_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.FromString,
                     response_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.SerializeToString,
+            ),
+            'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterStatus,
+                    request_deserializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusRequest.FromString,
+                    response_serializer=protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,8 +306,8 @@ def add_TriptychAdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TriptychAdmin:
-    """Operator calls, on the same port; a deployment that exposes the port to untrusted clients
-    should put them behind its own auth proxy.
+    """Operator calls, served on the admin port only (server.admin_port, loopback by default), never on
+    the serving port; with admin keys configured every call needs `authorization: Bearer <admin key>`.
     """
 
     @staticmethod
@@ -304,6 +327,33 @@ class TriptychAdmin:
             '/triptych.v1.TriptychAdmin/SetWorkerRole',
             protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleRequest.SerializeToString,
             protos_dot_triptych_dot_v1_dot_triptych__pb2.SetWorkerRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triptych.v1.TriptychAdmin/GetClusterStatus',
+            protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusRequest.SerializeToString,
+            protos_dot_triptych_dot_v1_dot_triptych__pb2.GetClusterStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

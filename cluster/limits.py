@@ -1,0 +1,83 @@
+"""The door's caps: cheap checks on a request's size before any expensive work.
+
+Both doors (gRPC, HTTP) parse a request into a GenerateInput; before that input is tokenized,
+templated or has its images decoded (on the gateway's admission threads), `check_input` refuses
+what exceeds `server.limits` in time linear in the request's structure, never its text. Each
+refusal is a RouterError(INVALID_ARGUMENT) whose message names the setting, and whose `reason`
+labels it in `triptych_request_errors_total`. `sampling` builds SamplingParams under the same
+limits. docs/SECURITY.md lists every limit with its default.
+"""
+
+from __future__ import annotations
+
+from cluster.config import LimitsConfig
+from cluster.router_api import ErrorKind, GenerateInput, RouterError
+from engine.errors import InvalidRequestError
+from engine.sequence import SamplingParams
+
+
+def clip(value: object, n: int = 40) -> str:
+    """repr(value), cut to about n characters: user values echoed in errors stay short."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def refused(message: str, reason: str) -> RouterError:
+    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason)
+
+
+def check_count(what: str, n: int, limit: int, setting: str, reason: str) -> None:
+    """`setting`: the limit's name under server.limits, or a phrase in parentheses."""
+    if n > limit:
+        where = f"server.limits.{setting}" if setting.isidentifier() else setting
+        raise refused(f"{what}: {n}; the limit is {limit} ({where})", reason)
+
+
+def check_id(what: str, value: str, limits: LimitsConfig) -> None:
+    """A request or session id: short and printable (it is logged and echoed in headers)."""
+    check_count(f"{what} length", len(value), limits.max_id_chars, "max_id_chars", "id_too_long")
+    if not value.isprintable():
+        raise refused(f"{what} holds control characters", "bad_id")
+
+
+def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) -> None:
+    """Refuse a request larger than the limits (its messages are counted before this, at
+    parsing, so a million of them never become objects). A client's request id is checked by
+    its door (check_id); one the server assigns needs no check."""
+    if inp.messages is not None:
+        check_count("messages", len(inp.messages), limits.max_messages, "max_messages", "too_many_messages")
+        chars = sum(len(m.content) for m in inp.messages)
+    else:
+        chars = len(inp.prompt or "")
+    check_count("prompt characters", chars, limits.max_prompt_chars, "max_prompt_chars", "prompt_too_large")
+    if inp.token_ids is not None and len(inp.token_ids) >= max_model_len:
+        raise refused(f"prompt has {len(inp.token_ids)} tokens; the model's context is {max_model_len} tokens "
+                      f"(at least one must be left to generate)", "prompt_too_long")
+    images = tuple(inp.images) + tuple(b for m in inp.messages or () for b in m.images)
+    check_count("images", len(images), limits.max_images, "max_images", "too_many_images")
+    for i, image in enumerate(images):
+        check_count(f"image {i} bytes", len(image), limits.max_image_bytes, "max_image_bytes", "image_too_large")
+
+
+def sampling(*, max_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int = 0,
+             seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False,
+             max_model_len: int, limits: LimitsConfig) -> SamplingParams:  # fmt: skip
+    """SamplingParams from API values. Unset / 0 max_tokens means the server's ceiling
+    (server.limits.max_tokens, else max_model_len); unset temperature and top_p mean 1.0 (docs/API.md);
+    top_k -1 means none. Bad values raise RouterError(INVALID_ARGUMENT) naming the field."""
+    ceiling = min(limits.max_tokens or max_model_len, max_model_len)
+    if max_tokens and max_tokens > ceiling:
+        raise refused(f"max_tokens {max_tokens} is above the server's limit of {ceiling} "
+                      f"(server.limits.max_tokens, or the model's context)", "max_tokens_above_limit")
+    check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings")
+    for i, s in enumerate(stop):
+        check_count(f"stop[{i}] characters", len(s), limits.max_stop_chars, "max_stop_chars", "stop_string_too_long")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens or ceiling,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=0 if top_k == -1 else top_k, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
+        )  # fmt: skip
+    except InvalidRequestError as err:
+        raise refused(str(err), "bad_sampling") from None

@@ -203,10 +203,16 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class SessionsConfig:
+    """Bounds of the multi-turn session store (cluster/sessions.py). Sizes count text characters
+    plus image bytes. A client past its own bounds forgets its least recently used sessions; past
+    the total bounds, the client holding the most loses its least recently used one."""
+
     max_sessions: int = 4096  # in total
-    max_sessions_per_client: int = 256  # a client past this forgets its own least recently used session
+    max_sessions_per_client: int = 256
+    max_session_bytes: int = 1 << 20  # history kept per session; its oldest turns go first
+    max_bytes_per_client: int = 64 << 20
+    max_bytes: int = 512 << 20  # in total
     ttl_s: float = 3600.0  # idle sessions are forgotten
-    max_chars: int = 1 << 20  # history kept per session (text characters + image bytes); oldest turns go first
 
 
 @dataclass(frozen=True)
@@ -461,12 +467,8 @@ def _tls(s: _Section) -> TlsConfig:
 
 def _sessions(s: _Section) -> SessionsConfig:
     d = SessionsConfig()
-    out = SessionsConfig(
-        max_sessions=s.int("max_sessions", d.max_sessions, lo=1),
-        max_sessions_per_client=s.int("max_sessions_per_client", d.max_sessions_per_client, lo=1),
-        ttl_s=s.float("ttl_s", d.ttl_s, lo=0.0, lo_open=True),
-        max_chars=s.int("max_chars", d.max_chars, lo=1),
-    )
+    out = SessionsConfig(**{f.name: (s.float(f.name, d.ttl_s, lo=0.0, lo_open=True) if f.name == "ttl_s"
+                                     else s.int(f.name, getattr(d, f.name), lo=1)) for f in fields(SessionsConfig)})
     s.done()
     return out
 

@@ -40,7 +40,7 @@ from cluster.auth import Principal
 from cluster.config import LimitsConfig, ServerConfig
 from cluster.gateway import CHAT_ROLES, UNAUTHENTICATED_MESSAGE, Gateway, invalid
 from cluster.metrics import CONTENT_TYPE
-from cluster.router_api import ChatMessage, ErrorKind, FinalEvent, GenerateInput, RouterError
+from cluster.router_api import ChatMessage, ErrorKind, FinalEvent, GenerateInput, ModelInfo, RouterError
 from engine.sequence import FinishReason
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,21 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_body(raw: bytes) -> dict:
+def json_items_limit(limits: LimitsConfig) -> int:
+    """How many JSON values (counted by their separators) a request may hold: every character of
+    the prompt a separate token id, and room for the messages' structure."""
+    return limits.max_prompt_chars + 16 * limits.max_messages + 1024
+
+
+def parse_body(raw: bytes, limits: LimitsConfig = LimitsConfig(), supports_images: bool = True) -> dict:
     """The request body as a JSON object; INVALID_ARGUMENT for anything else (NaN and Infinity,
-    which Python's json accepts, included)."""
+    which Python's json accepts, included). Parsing holds the interpreter lock, so a body larger
+    than any acceptable request to this model, or with more values than any (300k messages), is
+    refused first by its size and by counting separators, which costs a fraction of parsing it."""
+    caps.check_size(len(raw), limits, supports_images)
+    items = raw.count(b",") + raw.count(b"{")
+    caps.check_count("JSON values in the body", items, json_items_limit(limits), "max_messages and max_prompt_chars",
+                     "too_many_items")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -267,10 +279,10 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def parse_request(raw: bytes, chat: bool, model: str, max_model_len: int,
-                  limits: LimitsConfig) -> tuple[dict, dict, Any]:  # fmt: skip
+def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig) -> tuple[dict, dict, Any]:
     """(body, input fields, sampling) of a completion request; runs off the event loop."""
-    body = parse_body(raw)
+    model, max_model_len = info.name, info.max_model_len
+    body = parse_body(raw, limits, info.supports_images)
     name = _field(body, "model", str, "a string", model)
     if name != model:
         raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(name)} does not exist; this server serves {model!r}",
@@ -304,7 +316,7 @@ class _Api:
     async def _complete(self, request: web.Request, *, chat: bool):
         raw = await self._read(request)
         info = self.gateway.router.model_info()
-        body, inp, sampling = await self.gateway.off_loop(parse_request, raw, chat, info.name, info.max_model_len,
+        body, inp, sampling = await self.gateway.off_loop(request[PRINCIPAL], parse_request, raw, chat, info,
                                                           self.gateway.limits)
         model = info.name
         stream = _field(body, "stream", bool, "a boolean", False)

@@ -40,6 +40,20 @@ def check_id(what: str, value: str, limits: LimitsConfig) -> None:
         raise refused(f"{what} holds control characters", "bad_id")
 
 
+def text_request_bytes(limits: LimitsConfig) -> int:
+    """The largest encoded request without images that can pass the caps: every prompt character
+    a 6-byte JSON escape, plus room for the messages' structure. Larger requests to a model that
+    takes no images are refused by size alone, before they are parsed."""
+    return 6 * limits.max_prompt_chars + 64 * limits.max_messages + (64 << 10)
+
+
+def check_size(n: int, limits: LimitsConfig, supports_images: bool) -> None:
+    if not supports_images:
+        check_count("request bytes", n, text_request_bytes(limits),
+                    "a model without images: 6 x server.limits.max_prompt_chars + room for max_messages",
+                    "request_too_large")
+
+
 def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) -> None:
     """Refuse a request larger than the limits (its messages are counted before this, at
     parsing, so a million of them never become objects). A client's request id is checked by

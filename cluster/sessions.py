@@ -10,13 +10,14 @@ A session's history is every message its finished turns sent plus the assistant 
 Sessions belong to the principal that made them: the store is keyed by (principal, session id),
 so another client using the same id gets a separate, new conversation, never this one's history.
 
-Bounds (SessionsConfig), so that no client can push out another's sessions:
-- a session keeps at most `max_chars` (text characters + image bytes); its oldest turns go first;
-- a principal keeps at most `max_sessions_per_client`; past that it forgets its own least
-  recently used session;
-- the store keeps at most `max_sessions`; past that the victim is the least recently used
-  session of the principal holding the most sessions (ties: the one adding), so a client at or
-  below its fair share is never evicted by another;
+Bounds (SessionsConfig; sizes are text characters + image bytes), so that no client can push
+out another's sessions or grow the store without limit:
+- a session keeps at most `max_session_bytes`; its oldest turns go first;
+- a principal keeps at most `max_sessions_per_client` sessions and `max_bytes_per_client`; past
+  either it forgets its own least recently used sessions;
+- the store keeps at most `max_sessions` and `max_bytes`; past either the victim is the least
+  recently used session of the principal holding the most bytes (ties: the one adding), so a
+  client at or below its fair share is never evicted by another;
 - a session idle for `ttl_s` is forgotten.
 A forgotten or unknown session id simply starts a new conversation. Everything runs on the
 gateway's event loop, so no locking is needed.
@@ -38,6 +39,7 @@ from cluster.router_api import ChatMessage
 class _Session:
     messages: tuple[ChatMessage, ...]
     last_used: float
+    size: int = 0
 
 
 def _size(messages: tuple[ChatMessage, ...]) -> int:
@@ -51,7 +53,9 @@ class SessionStore:
         self._clock = clock
         # Per principal, that principal's sessions in last-used order (oldest first).
         self._sessions: dict[Principal, OrderedDict[str, _Session]] = {}
+        self._bytes: dict[Principal, int] = {}
         self._count = 0
+        self.total_bytes = 0
 
     def history(self, who: Principal, session_id: str) -> tuple[ChatMessage, ...]:
         """The session's messages so far (empty for a new, expired or evicted session)."""
@@ -70,20 +74,21 @@ class SessionStore:
         if session is None:
             session = mine[session_id] = _Session((), 0.0)
             self._count += 1
-        session.messages = _cap(session.messages + (*messages, ChatMessage(role="assistant", content=reply)),
-                                self.config.max_chars)
+        self._set(who, session, _cap(session.messages + (*messages, ChatMessage(role="assistant", content=reply)),
+                                     self.config.max_session_bytes))
         self._touch(who, session_id, session)
-        while len(mine) > self.config.max_sessions_per_client:
+        c = self.config
+        while mine and (len(mine) > c.max_sessions_per_client or self._bytes[who] > c.max_bytes_per_client):
             self._drop(who, next(iter(mine)))
-        while self._count > self.config.max_sessions:
-            victim = max(self._sessions, key=lambda p: (len(self._sessions[p]), p == who))
+        while self._count > c.max_sessions or self.total_bytes > c.max_bytes:
+            victim = max(self._sessions, key=lambda p: (self._bytes[p], len(self._sessions[p]), p == who))
             self._drop(victim, next(iter(self._sessions[victim])))
 
     def replace(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...]) -> None:
         """Overwrite a session's history (the gateway trims history that no longer fits)."""
         session = self._sessions.get(who, {}).get(session_id)
         if session is not None:
-            session.messages = messages
+            self._set(who, session, messages)
 
     def forget(self, who: Principal, session_id: str) -> bool:
         if session_id not in self._sessions.get(who, {}):
@@ -98,16 +103,24 @@ class SessionStore:
     def __len__(self) -> int:
         return self.count()
 
+    def _set(self, who: Principal, session: _Session, messages: tuple[ChatMessage, ...]) -> None:
+        size = _size(messages)
+        self._bytes[who] = self._bytes.get(who, 0) + size - session.size
+        self.total_bytes += size - session.size
+        session.messages, session.size = messages, size
+
     def _touch(self, who: Principal, session_id: str, session: _Session) -> None:
         session.last_used = self._clock()
         self._sessions[who].move_to_end(session_id)
 
     def _drop(self, who: Principal, session_id: str) -> None:
         mine = self._sessions[who]
-        del mine[session_id]
+        session = mine.pop(session_id)
         self._count -= 1
+        self._bytes[who] -= session.size
+        self.total_bytes -= session.size
         if not mine:
-            del self._sessions[who]
+            del self._sessions[who], self._bytes[who]
 
     def _expire(self) -> None:
         # Each principal's sessions are in last-used order, so its expired ones are at the front.
@@ -143,17 +156,17 @@ def _dropped(history: tuple[ChatMessage, ...], point: int) -> tuple[ChatMessage,
     return tuple(m for m in history[:point] if m.role == "system") + history[point:]
 
 
-def _cap(messages: tuple[ChatMessage, ...], max_chars: int) -> tuple[ChatMessage, ...]:
-    """The history with its oldest turns dropped until it holds at most max_chars."""
+def _cap(messages: tuple[ChatMessage, ...], max_bytes: int) -> tuple[ChatMessage, ...]:
+    """The history with its oldest turns dropped until it holds at most max_bytes."""
     size = _size(messages)
-    if size <= max_chars:
+    if size <= max_bytes:
         return messages
     points = _drop_points(messages)
     dropped, at = 0, 0
     for point in points[1:]:
         dropped += _size(tuple(m for m in messages[at:point] if m.role != "system"))
         at = point
-        if size - dropped <= max_chars:
+        if size - dropped <= max_bytes:
             break
     return _dropped(messages, at)
 
@@ -164,14 +177,33 @@ def trim_to_fit(history: tuple[ChatMessage, ...], new: tuple[ChatMessage, ...],
     `budget` tokens; all of them dropped if it never fits.
 
     System messages are kept; the new messages are never dropped (if they alone do not fit,
-    the router rejects the request with a clear error). The count only shrinks as more is
-    dropped, so this binary-searches how much to drop: O(log n) templatings, not O(n)."""
+    the router rejects the request with a clear error). Templating a long conversation costs
+    about as much as its text, so the whole of it is templated a few times, not once per message
+    dropped: once to see whether it fits; if not, each message once on its own, to estimate from
+    the sums where to cut, then the cut conversation, stepping from there to the first cut that
+    fits (the estimate is within a message or two)."""
+    whole = count_tokens((*history, *new))
+    if whole <= budget:
+        return history
     points = _drop_points(history)
-    lo, hi = 0, len(points) - 1            # the first step that fits, else the last
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count_tokens((*_dropped(history, points[mid]), *new)) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return _dropped(history, points[lo])
+    # A message's own tokens: templated alone, less what an empty message of its role costs (the
+    # template's fixed parts), so the estimate never counts more than dropping it saves.
+    empty = {role: count_tokens((ChatMessage(role, ""),)) for role in {m.role for m in history}}
+    own = [count_tokens((m,)) - empty[m.role] if m.role != "system" else 0 for m in history]
+    excess, dropped, step = whole - budget, 0, 0
+    while step + 1 < len(points) and dropped < excess:
+        step += 1
+        dropped += sum(own[points[step - 1]:points[step]])
+
+    def fits(k: int) -> bool:
+        return count_tokens((*_dropped(history, points[k]), *new)) <= budget
+
+    # The count only shrinks as more is dropped: walk from the estimate to the first step that fits.
+    if fits(step):
+        while step > 1 and fits(step - 1):
+            step -= 1
+    else:
+        while step + 1 < len(points) and not fits(step + 1):
+            step += 1
+        step = min(step + 1, len(points) - 1)
+    return _dropped(history, points[step])

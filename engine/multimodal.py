@@ -152,7 +152,11 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int | None = None):
     if not isinstance(data, (bytes, bytearray, memoryview)) or not data:
         raise InvalidRequestError(f"image {index}: expected non-empty image bytes, got {type(data).__name__}")
     try:
-        img = Image.open(io.BytesIO(data))
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:   # the header claims far more pixels than PIL allows
+            raise InvalidRequestError(f"image {index} claims more pixels than the limit of {max_pixels or 'PIL'} "
+                                      f"(server.limits.max_image_pixels)") from None
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise InvalidRequestError(f"image {index} is {width}x{height} pixels; the limit is {max_pixels} "

@@ -14,7 +14,7 @@ from cluster import gateway as gw
 from cluster.auth import Principal
 from cluster.config import ServerConfig, SessionsConfig
 from cluster.router_api import ChatMessage, ErrorKind
-from cluster.sessions import SessionStore, trim_to_fit
+from cluster.sessions import SessionStore, _drop_points, _dropped, trim_to_fit
 from tests.unit.test_gateway_fakes import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
                                           wait_for)
 
@@ -272,8 +272,20 @@ def test_a_flood_of_sessions_evicts_only_the_flooder():
     assert store.count() == 20 and store.count(A) == 3 and store.count(B) < 8
 
 
+def test_session_bytes_are_bounded_per_client_and_in_total():
+    store = SessionStore(SessionsConfig(max_session_bytes=1000, max_bytes_per_client=3000, max_bytes=5000))
+    store.append_turn(A, "a", (ChatMessage("user", "x" * 500),), "r")
+    for i in range(50):
+        store.append_turn(B, f"b{i}", (ChatMessage("user", "y" * 900),), "r")
+    many = [Principal(f"p{i}") for i in range(3)]
+    for p in many:
+        store.append_turn(p, "s", (ChatMessage("user", "z" * 900),), "r")
+    assert store.history(A, "a") != ()                       # the small client keeps its session
+    assert store.count(B) <= 3 and store.total_bytes <= 5000
+
+
 def test_session_history_is_capped_in_size():
-    store = SessionStore(SessionsConfig(max_chars=100))
+    store = SessionStore(SessionsConfig(max_session_bytes=100))
     for i in range(10):
         store.append_turn(A, "s", (ChatMessage("system", "sys"),) if i == 0 else (ChatMessage("user", "u" * 30),),
                           "a" * 10)
@@ -292,6 +304,32 @@ def test_trim_keeps_system_and_new_messages():
     assert trim_to_fit(history, new, count, 100) == history
     assert trim_to_fit(history, new, count, 4) == (m("system", "s"), m("user", "u2"), m("assistant", "a2"))
     assert trim_to_fit(history, new, count, 1) == (m("system", "s"),)
+
+
+def test_trim_is_exact_with_template_overhead():
+    import random
+
+    def m(role, n):
+        return ChatMessage(role, "w " * n)
+
+    calls = []
+
+    def count(ms):   # a template: 7 fixed tokens, 3 per message, a word per token
+        calls.append(len(ms))
+        return 7 + sum(3 + len(x.content.split()) for x in ms)
+
+    rng = random.Random(0)
+    for _ in range(50):
+        history = tuple(m("system", 3) if i == 0 and rng.random() < 0.5 else m(("user", "assistant")[i % 2],
+                        rng.randint(0, 40)) for i in range(rng.randint(0, 30)))  # fmt: skip
+        new = (m("user", rng.randint(1, 20)),)
+        budget = rng.randint(20, 400)
+        points = _drop_points(history)
+        exact = next((_dropped(history, p) for p in points if count((*_dropped(history, p), *new)) <= budget),
+                     _dropped(history, points[-1]))
+        calls.clear()
+        assert trim_to_fit(history, new, count, budget) == exact
+        assert sum(n for n in calls if n > 1) <= 6 * (len(history) + len(new))    # a few whole templatings
 
 
 def test_error_kinds_all_mapped():

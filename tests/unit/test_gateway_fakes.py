@@ -2,7 +2,8 @@
 HTTP and metrics tests (this module holds no tests itself).
 
 FakeRouter picks its behaviour from the last words of the input (prompt or last message):
-"slow" streams until aborted, "midfail" fails after one token, "prefail" before any, ERRORS' keywords raise that
+"slow" streams until aborted, "steady" streams 200 tokens 25 ms apart, "midfail" fails after one
+token, "prefail" before any, ERRORS' keywords raise that
 RouterError before the first event ("eager-..." raises from generate() itself), "bug" raises a
 plain exception; anything else streams "Hel" "lo" "!" then FinalEvent(STOP).
 """
@@ -94,6 +95,13 @@ class FakeRouter(Router):
                     await asyncio.sleep(0.01)
                 finished = True
                 yield FinalEvent(FinishReason.ABORT, 3, n, "x" * n, TIMINGS)
+                return
+            if word == "steady":    # 200 tokens, one every 25 ms (the free-loop test's victim)
+                for _ in range(200):
+                    yield TokenEvent((7,), "x")
+                    await asyncio.sleep(0.025)
+                finished = True
+                yield FinalEvent(FinishReason.LENGTH, 3, 200, "x" * 200, TIMINGS)
                 return
             if word == "prefail":   # fails before its first token: the door answers with a status
                 finished = True

@@ -174,8 +174,10 @@ def test_grpc_caps_name_their_setting(server, kwargs, needle):
     ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, 400, "NaN is not a JSON number"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, "seed must be an integer in [0, 2**64 - 1]"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**30}, 400, "above the server's limit"),
-    ({"messages": [{"role": "user", "content": "x"}] * 100000}, 400, "messages: 100000; the limit is 8"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 100000}, 400, "stop strings: 100000"),
+    ({"messages": [{"role": "user", "content": "x"}] * 9}, 400, "messages: 9; the limit is 8"),
+    ({"messages": [{"role": "user", "content": "x"}] * 100000}, 400, "JSON values in the body: 300000; the limit is 2152"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 3}, 400, "stop strings: 3"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 100000}, 400, "JSON values in the body"),
     ({"messages": [{"role": "robot" * 10000, "content": "x"}]}, 400, "got 'robotrobotrobot"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "data:image/png;base64," + base64.b64encode(PNG * 20).decode()}}]}]}, 400, "max_image_bytes"),
@@ -266,3 +268,34 @@ def test_tls_and_client_certificates(tmp_path):
         assert httpx.get(srv.url + "/health", verify=with_cert).status_code == 200
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------ slow clients
+def test_slow_and_idle_http_connections_are_closed():
+    from cluster.config import ConnectionsConfig
+    from tests import attacks
+
+    config = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, admin_port=0,
+                          connections=ConnectionsConfig(http_read_timeout_s=0.5, http_keepalive_s=1.0))
+    srv = GatewayThread(config=config)
+    try:
+        target = attacks.Target(srv.target, srv.url)
+        assert attacks.slow_body(target).startswith("HTTP 408 after 0.")
+        assert attacks.slowloris(target).startswith("closed after 1.")
+        assert attacks.idle_connections(target).startswith("100 closed after 1.")
+        with triptych.Client(srv.target, timeout=10) as c:
+            assert c.complete("hello").text == "Hello!"
+    finally:
+        srv.stop()
+
+
+def test_grpc_garbage_and_options(server):
+    from cluster import gateway as gw
+    from tests import attacks
+
+    assert attacks.raw_grpc(attacks.Target(server.target, server.url, key=ALICE), b"\xff" * 64).startswith(
+        "INVALID_ARGUMENT: the request is not a valid GenerateRequest")
+    options = dict(gw.grpc_options(ServerConfig()))
+    assert options["grpc.max_receive_message_length"] == 32 << 20
+    assert options["grpc.max_concurrent_streams"] == 256 and options["grpc.max_connection_idle_ms"] == 300_000
+    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000

@@ -54,6 +54,19 @@ def node_groups(cfg: DeployConfig, workers_per_node: int = 1) -> list[NodeGroup]
     return groups
 
 
+def secret_refs(cfg: DeployConfig) -> tuple[list[str], list[str]]:
+    """(files, environment variables) the deploy file names for its API keys and TLS: what the
+    head node needs before `triptych serve`. Rendered configs refer to them; never inline them."""
+    auth, tls = cfg.server.auth, cfg.server.tls
+    files = [f for f in (auth.api_keys_file, auth.admin_keys_file, tls.cert_file, tls.key_file, tls.client_ca_file) if f]
+    envs = [e for e in (auth.api_keys_env, auth.admin_keys_env) if e]
+    return files, envs
+
+
+def _secret_name(cfg: DeployConfig, args: argparse.Namespace) -> str:
+    return f"{args.cluster_name or _default_name(cfg)}-secrets"
+
+
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
@@ -81,7 +94,13 @@ def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
         lines.append(f"# {g.name} pool: {g.count} node(s); run on each:")
         start = f"ray start --address={head} --num-cpus={g.num_cpus} --num-gpus={g.num_gpus}"
         lines.extend([f"{start} --resources={shlex.quote(_resources_json(g.resources))}"] * g.count)
-    lines += ["# Then, on the head node:", f"triptych serve --config {shlex.quote(cfg.source)} --address auto"]
+    files, envs = secret_refs(cfg)
+    lines.append("# Then, on the head node:")
+    if files:
+        lines.append(f"#   with these files in place (API keys / TLS, named by the deploy file): {', '.join(files)}")
+    for env in envs:
+        lines.append(f"#   export {env}=...   (API keys, named by the deploy file; never on the command line)")
+    lines.append(f"triptych serve --config {shlex.quote(cfg.source)} --address auto")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +122,8 @@ def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]
         "provider": {"type": args.provider, "region": args.region},
         "available_node_types": node_types,
         "head_node_type": "head",
-        "file_mounts": {"~/triptych.yaml": str(Path(cfg.source).resolve())},
+        # The keys and TLS files the deploy file names go to the same paths on the head node.
+        "file_mounts": {"~/triptych.yaml": str(Path(cfg.source).resolve()), **{f: f for f in secret_refs(cfg)[0]}},
         "setup_commands": [],
         "head_start_ray_commands": [
             "ray stop",
@@ -134,6 +154,19 @@ def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, A
     ]
     if cfg.server.http_port:
         head_ports.append({"containerPort": cfg.server.http_port, "name": "triptych-http"})
+    head = container("ray-head", args.head_cpus, 0, head_ports)
+    # API keys and TLS files by reference: a Secret (created beforehand) mounted at the paths the
+    # deploy file names, and environment variables read from it. Never inline.
+    files, envs = secret_refs(cfg)
+    secret = _secret_name(cfg, args)
+    volumes = []
+    if files:
+        head["volumeMounts"] = [{"name": "triptych-secrets", "mountPath": f, "subPath": Path(f).name, "readOnly": True}
+                                for f in files]
+        volumes = [{"name": "triptych-secrets", "secret": {"secretName": secret}}]
+    if envs:
+        head["env"] = [{"name": e, "valueFrom": {"secretKeyRef": {"name": secret, "key": e.lower().replace("_", "-")}}}
+                       for e in envs]
     workers = []
     for g in groups:
         params = {"num-cpus": str(g.num_cpus), "num-gpus": str(g.num_gpus)}
@@ -158,7 +191,7 @@ def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, A
             "rayVersion": _ray_version(),
             "headGroupSpec": {
                 "rayStartParams": {"num-cpus": str(args.head_cpus), "dashboard-host": "0.0.0.0"},
-                "template": {"spec": {"containers": [container("ray-head", args.head_cpus, 0, head_ports)]}},
+                "template": {"spec": {"containers": [head], **({"volumes": volumes} if volumes else {})}},
             },
             "workerGroupSpecs": workers,
         },
@@ -185,6 +218,12 @@ def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
         f"# KubeRay RayCluster for {cfg.source}; `kubectl apply -f` this file.\n"
         "# The image must contain triptych (and the model if model.path is set).\n"
     )
+    files, envs = secret_refs(cfg)
+    if files or envs:
+        parts = [f"--from-file={Path(f).name}={f}" for f in files]
+        parts += [f"--from-literal={e.lower().replace('_', '-')}=..." for e in envs]
+        header += (f"# API keys / TLS by reference: create the Secret first, e.g.\n"
+                   f"#   kubectl create secret generic {_secret_name(cfg, args)} {' '.join(parts)}\n")
     return header + yaml.safe_dump(kuberay_manifest(cfg, args), sort_keys=False)
 
 

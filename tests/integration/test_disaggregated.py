@@ -11,7 +11,7 @@ import pytest
 
 from cluster.config import parse_config
 from cluster.controller import start_router
-from engine.sequence import FinishReason
+from engine.sequence import FinishReason, SamplingParams
 from tests.conftest import SMOL_NEW_TOKENS
 from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, chat_request, collect, run_all
 
@@ -39,6 +39,23 @@ def test_concurrent_greedy_identical(cluster, smol_chats, smol_reference, smol_c
     assert got == smol_colocated
     assert got == smol_reference
     assert all(r.final.timings.ttft_s > 0 and r.final.timings.prefill_s > 0 for r in results)
+    assert_no_leaks(loop, router)
+
+
+def test_poisoned_request_fails_alone(cluster, smol_chats, smol_reference):
+    """A request whose sampling values slipped past the door (NaN temperature) fails in the prefill
+    batch it shares with others; they get exactly their reference tokens and nothing is held."""
+    from dataclasses import replace
+
+    loop, router = cluster
+    poison = SamplingParams(max_tokens=SMOL_NEW_TOKENS)
+    object.__setattr__(poison, "temperature", float("nan"))
+    reqs = [chat_request(f"ok-{i}", c, SMOL_NEW_TOKENS) for i, c in enumerate(smol_chats[:6])]
+    bad = replace(chat_request("poisoned", smol_chats[2], SMOL_NEW_TOKENS), sampling=poison)
+    results = loop.run(run_all(router, reqs[:3] + [bad] + reqs[3:]))
+    bad_result = results.pop(3)
+    assert bad_result.final.finish_reason is FinishReason.ERROR and "left no token to draw" in bad_result.final.error
+    assert [r.token_ids for r in results] == smol_reference[:6]
     assert_no_leaks(loop, router)
 
 

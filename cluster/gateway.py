@@ -179,8 +179,7 @@ def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int, 
     if kind == "token_ids":
         if not req.token_ids.ids:
             raise invalid("token_ids is empty")
-        caps.check_count("prompt tokens", len(req.token_ids.ids), max_model_len - 1, "the model's context",
-                         "prompt_too_long")
+        caps.check_prompt_tokens(len(req.token_ids.ids), max_model_len)   # before a million become a tuple
         return GenerateInput(token_ids=tuple(req.token_ids.ids), images=images, **common)
     if images:
         raise invalid("chat input carries its images inside its messages; GenerateRequest.images must be empty")

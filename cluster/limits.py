@@ -54,6 +54,12 @@ def check_size(n: int, limits: LimitsConfig, supports_images: bool) -> None:
                     "request_too_large")
 
 
+def check_prompt_tokens(n: int, max_model_len: int) -> None:
+    if n >= max_model_len:
+        raise refused(f"prompt has {n} tokens; the model's context is {max_model_len} tokens "
+                      f"(at least one must be left to generate)", "prompt_too_long")
+
+
 def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) -> None:
     """Refuse a request larger than the limits (its messages are counted before this, at
     parsing, so a million of them never become objects). A client's request id is checked by
@@ -64,9 +70,8 @@ def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) ->
     else:
         chars = len(inp.prompt or "")
     check_count("prompt characters", chars, limits.max_prompt_chars, "max_prompt_chars", "prompt_too_large")
-    if inp.token_ids is not None and len(inp.token_ids) >= max_model_len:
-        raise refused(f"prompt has {len(inp.token_ids)} tokens; the model's context is {max_model_len} tokens "
-                      f"(at least one must be left to generate)", "prompt_too_long")
+    if inp.token_ids is not None:
+        check_prompt_tokens(len(inp.token_ids), max_model_len)
     images = tuple(inp.images) + tuple(b for m in inp.messages or () for b in m.images)
     check_count("images", len(images), limits.max_images, "max_images", "too_many_images")
     for i, image in enumerate(images):

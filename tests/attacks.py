@@ -3,6 +3,7 @@ said (a gRPC status name, an HTTP status, or what it served). Used by the gatewa
 (the oversized kinds, sent from another process) and by `bench/hostile.py` (all of them).
 
     python -m tests.attacks --grpc HOST:PORT --http URL [--admin HOST:PORT] [--key K] [--names a,b]
+        [--oversized] [--victim-session S] [--victim-request R] [--admin-keys] [--timing]
         prints one JSON object: {attack name: what the server answered}
 
 Every attack is one function of a Target; none may raise (an unexpected exception is reported as
@@ -38,7 +39,7 @@ class Target:
     http: str
     admin: str | None = None
     key: str | None = None            # the attacker's own API key (None: no keys on the server)
-    admin_key: str | None = None      # the operator's, only to check it is refused elsewhere
+    admin_key: str | None = None      # set when the server has admin keys (the attacker has none)
     victim_session: str = ""          # a session id a victim uses (hijack attempts)
     victim_request: str = ""          # a request id a victim has in flight (abort attempts)
 
@@ -320,14 +321,24 @@ def main(argv=None) -> None:
     p.add_argument("--grpc", required=True)
     p.add_argument("--http", required=True)
     p.add_argument("--admin", default=None)
-    p.add_argument("--key", default=None)
+    p.add_argument("--key", default=None, help="the attacker's API key")
+    p.add_argument("--admin-keys", action="store_true", help="the server has admin keys")
+    p.add_argument("--victim-session", default="", help="a session id another client uses")
+    p.add_argument("--victim-request", default="", help="a request id another client has in flight")
     p.add_argument("--names", default=None, help="comma-separated attack names (default: all)")
     p.add_argument("--oversized", action="store_true", help="only the oversized kinds")
+    p.add_argument("--timing", action="store_true", help="answer {name: [answer, start, end]} (unix seconds)")
     args = p.parse_args(argv)
-    target = Target(args.grpc, args.http, args.admin, args.key)
+    target = Target(args.grpc, args.http, args.admin, args.key, "set" if args.admin_keys else None,
+                    args.victim_session, args.victim_request)
     chosen = [BY_NAME[n] for n in args.names.split(",")] if args.names else [
         a for a in ATTACKS if a.oversized or not args.oversized]
-    print(json.dumps({a.name: run(a, target) for a in chosen}), flush=True)
+    out = {}
+    for a in chosen:
+        t0 = time.time()
+        answer = run(a, target)
+        out[a.name] = [answer, t0, time.time()] if args.timing else answer
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

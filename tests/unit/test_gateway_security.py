@@ -160,7 +160,7 @@ def test_one_client_flooding_does_not_lock_out_another(server):
     (dict(prompt="x", temperature=float("nan")), "temperature must be a finite number, got nan"),
     (dict(prompt="x", temperature=float("inf")), "temperature must be a finite number"),
     (dict(prompt="x", top_p=float("nan")), "top_p must be a finite number"),
-    (dict(token_ids=[1] * 600), "prompt tokens: 600; the limit is 511 (the model's context)"),
+    (dict(token_ids=[1] * 600), "prompt has 600 tokens; the model's context is 512 tokens"),
 ])  # fmt: skip
 def test_grpc_caps_name_their_setting(server, kwargs, needle):
     with client(server, ALICE) as c:

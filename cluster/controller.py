@@ -176,7 +176,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
         tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=config.server.max_queued_requests,
         default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown,
         reprefill_on_decode_failure=config.server.reprefill_on_decode_failure,
-        max_image_pixels=config.server.limits.max_image_pixels)
+        max_image_pixels=config.server.limits.max_image_pixels, seqs_per_worker=config.engine.max_num_seqs)
     router.start()
     check = None
     if prefill and decode:

@@ -31,6 +31,7 @@ from typing import AsyncIterator
 
 from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, Role,
                                 RoleSwitch, Router, RouterError, Timings, TokenEvent, WorkerStatus)
+from cluster.fair_share import FairShare
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard
 from engine import multimodal
@@ -98,11 +99,14 @@ class ClusterRouter(Router):
                  prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
                  default_timeout_s: float, on_shutdown=None, encode: list[WorkerHandle] = (),
                  image_token_id: int | None = None, tokens_per_image: int = 0,
-                 reprefill_on_decode_failure: bool = False, max_image_pixels: int | None = None) -> None:
+                 reprefill_on_decode_failure: bool = False, max_image_pixels: int | None = None,
+                 seqs_per_worker: int = 0) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
         image placeholder token and how many placeholders one image's features fill.
         reprefill_on_decode_failure: a request whose decode worker dies is prefilled again
-        (prompt + tokens so far) on live workers and goes on, instead of ending with an error."""
+        (prompt + tokens so far) on live workers and goes on, instead of ending with an error.
+        seqs_per_worker: sequences one decode / colocated worker runs at once (engine.max_num_seqs):
+        the decode slots shared fairly among tenants (cluster/fair_share.py); 0: not shared out."""
         self.mode = mode
         self.tokenizer = tokenizer
         self._info = model_info
@@ -114,6 +118,8 @@ class ClusterRouter(Router):
         self.tokens_per_image = tokens_per_image
         self.max_image_pixels = max_image_pixels   # images larger than this are refused before decoding
         self.max_inflight = max_inflight
+        self.seqs_per_worker = seqs_per_worker
+        self.slots = FairShare(self._decode_slots)
         self.default_timeout_s = default_timeout_s
         self._flights: dict[str, _Flight] = {}
         self._ids = itertools.count()
@@ -128,6 +134,10 @@ class ClusterRouter(Router):
         self._switch_lock = asyncio.Lock()
         # (end time, ttft_s, tpot_s, completion tokens, completed) of recent requests (role policy).
         self.recent: collections.deque[tuple[float, float, float, int, bool]] = collections.deque(maxlen=4096)
+
+    def _decode_slots(self) -> int:
+        """Sequences the live decode (or colocated) workers can run at once; 0: unbounded."""
+        return self.seqs_per_worker * sum(w.serving for w in self.decode)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -275,7 +285,14 @@ class ClusterRouter(Router):
         first_at = last_at = None
         reason, error, kind = None, None, None
         resumes = 0
+        slot = False
         try:
+            if self.seqs_per_worker:
+                slot = await self.slots.acquire(request.tenant, deadline - t0)
+                if not slot:
+                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
+                                      "request deadline exceeded waiting for a decode slot (the cluster is full)")
+                timings["queue_s"] = time.monotonic() - t0
             try:
                 out = await self._start(request, flight, ids, deadline, timings)
             except _DecodeDied:
@@ -325,6 +342,8 @@ class ClusterRouter(Router):
             reason, error, kind = FinishReason.ERROR, "internal error", ErrorKind.INTERNAL
         finally:
             self._flights.pop(flight.request_id, None)
+            if slot:
+                self.slots.release(request.tenant)
             if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
                 await self._release(flight)
             for w in (flight.decode, flight.prefill):
@@ -444,7 +463,7 @@ class ClusterRouter(Router):
                     raise
                 if desc is not None:
                     flight.decode = worker
-                    timings["queue_s"] = time.monotonic() - t
+                    timings["queue_s"] = timings.get("queue_s", 0.0) + time.monotonic() - t
                     return worker, desc
                 worker.inflight -= 1
             if not any(w.serving for w in self.decode):

@@ -63,6 +63,7 @@ class GenerateInput:
     token_ids: tuple[int, ...] | None = None
     images: tuple[bytes, ...] = ()
     deadline_s: float | None = None        # seconds from submission; None: the server's default
+    tenant: str = ""                       # who sent it (the gateway's principal): decode slots are shared fairly by tenant
 
 
 @dataclass(frozen=True)

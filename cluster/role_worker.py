@@ -228,9 +228,9 @@ class RoleWorker:
         return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume)
 
     async def submit(self, request_id: str, prompt_token_ids, sampling, epoch: int | None = None,
-                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None) -> None:
+                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
         self._fence(epoch, Role.COLOCATED, Role.DECODE)
-        await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume)
+        await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant)
 
     async def poll(self, timeout_s: float = 1.0, epoch: int | None = None):
         """Step messages of a decode / colocated worker; a poll for an older epoch (a router's

@@ -424,7 +424,8 @@ class ClusterRouter(Router):
         try:
             await self._bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling, epoch=worker.epoch,
                                                            **({"images": flight.images} if flight.images else {}),
-                                                           **({"resume": flight.resume} if flight.resume else {})),
+                                                           **({"resume": flight.resume} if flight.resume else {}),
+                                                           **({"tenant": request.tenant} if request.tenant else {})),
                                 deadline, "submit")
         except RouterError:
             raise
@@ -487,7 +488,7 @@ class ClusterRouter(Router):
                 shards = await self._encode(flight, prefill, deadline, timings) if flight.images and self.encode else ()
                 task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
                                    images=() if self.encode else flight.images,
-                                   sampled_before=flight.resume[0] if flight.resume else 0)
+                                   sampled_before=flight.resume[0] if flight.resume else 0, tenant=request.tenant)
                 result = await self._bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
             except RouterError:
                 raise

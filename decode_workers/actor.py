@@ -96,16 +96,16 @@ class DecodeWorker:
         return out
 
     async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None) -> None:
+                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
         """Colocated role: the whole request (prefill and decode) runs here; images are encoded here too.
-        resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
+        resume: a re-prefilled request's earlier output (LLMEngine.add_request); tenant: who sent it."""
         self._check()
         if images:
             await self._call(self.core.submit_with_images, request_id, list(prompt_token_ids), sampling, list(images),
-                             resume)
+                             resume, tenant)
         else:
             await self._call(functools.partial(self.core.engine.add_request, list(prompt_token_ids), sampling,
-                                               request_id, resume=resume))
+                                               request_id, resume=resume, tenant=tenant))
         self._ensure_loop()
         self._has_work.set()
 

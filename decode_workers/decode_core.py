@@ -71,13 +71,14 @@ class DecodeCore:
                                                                                   loaded.model.dtype)
 
     def submit_with_images(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                           images: list[bytes], resume: tuple[int, int] | None = None) -> None:
+                           images: list[bytes], resume: tuple[int, int] | None = None, tenant: str = "") -> None:
         """Colocated role: encode the request's images here (no encode pool), then queue it.
         InvalidRequestError names an image that is not one."""
         if self.image_encoder is None:
             raise ValueError(f"model {self.engine.loaded.name} takes no images on this worker")
         features, _ = self.image_encoder.encode(list(images))
-        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume)
+        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume,
+                                tenant=tenant)
 
     # ------------------------------------------------------------ admission
     def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None

@@ -131,10 +131,11 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int] | list[dict], sampling: SamplingParams | None = None,
                     request_id: str | None = None, image_features: list[torch.Tensor] | None = None,
-                    resume: tuple[int, int] | None = None) -> str:
+                    resume: tuple[int, int] | None = None, tenant: str = "") -> str:
         """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order.
         resume: (n, chars) for a request re-prefilled after a failure: the prompt's last n tokens
-        are its earlier output, of whose text `chars` characters were already delivered."""
+        are its earlier output, of whose text `chars` characters were already delivered.
+        tenant: who sent it (new prompts are admitted round robin over tenants)."""
         sampling = sampling or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -147,7 +148,7 @@ class LLMEngine:
         detok = self._detokenizer(sampling, ids, resume)
         if resume:                          # the earlier output was sampled elsewhere
             self.sampler.advance(request_id, sampling, self._vocab_size(), resume[0])
-        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic())
+        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant)
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq

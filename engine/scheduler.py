@@ -2,7 +2,7 @@
 
 Each step spends a token budget: first one token for every decoding sequence (so decodes never
 stall behind a long prompt), then prompt chunks of sequences already admitted, then new
-sequences from the waiting queue in arrival order. When the KV cache cannot grow a decoding
+sequences from the waiting queue in arrival order (round robin over tenants when several wait). When the KV cache cannot grow a decoding
 sequence, the most recently arrived running sequence is preempted: its blocks are freed and it
 goes back to the front of the waiting queue to be recomputed (prompt + output so far).
 
@@ -79,13 +79,14 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
 
-        # 3. admit waiting sequences
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # 3. admit waiting sequences, fairly among tenants
+        for seq in self._admission_order():
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq.block_table, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.allocate(seq.block_table, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -98,6 +99,21 @@ class Scheduler:
             self._preempt(self.running[-1])
             return self.schedule()
         return batch
+
+    def _admission_order(self) -> list[Sequence]:
+        """Waiting sequences in the order they are admitted: round robin over tenants, each
+        tenant's in arrival order (a preempted sequence, at the front, keeps its place), tenants
+        in the order of their first waiting sequence. One tenant's backlog never stands between
+        another tenant's request and the next step."""
+        queues: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(seq.tenant, []).append(seq)
+        if len(queues) <= 1:
+            return list(self.waiting)
+        order: list[Sequence] = []
+        for i in range(max(len(q) for q in queues.values())):
+            order.extend(q[i] for q in queues.values() if i < len(q))
+        return order
 
     def update(self, batch: list[ScheduledSeq], sampled: dict[int, int]) -> None:
         """Advance computed counts and append sampled tokens (keyed by id(seq))."""

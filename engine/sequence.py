@@ -110,6 +110,7 @@ class Sequence:
     output_text: str = ""
     num_preemptions: int = 0
     error: str | None = None         # why it failed (FinishReason.ERROR), for its client
+    tenant: str = ""                 # who sent it: new prompts are admitted fairly among tenants
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -65,6 +65,7 @@ class PrefillTask:
     images: tuple[bytes, ...] = ()   # no encode pool: raw images, encoded by this worker
     enqueued_at: float = field(default_factory=time.monotonic)
     sampled_before: int = 0          # re-prefilled: output tokens already sampled (a seeded stream skips them)
+    tenant: str = ""                 # who sent it: batches share their token budget fairly among tenants
 
 
 @dataclass(frozen=True)
@@ -151,21 +152,40 @@ class PrefillCore:
         return feats, time.monotonic() - start
 
     def take_batch(self) -> list[PrefillTask]:
-        """Queued prompts for one forward: at least one, more while the token budget and KV allow."""
+        """Queued prompts for one forward: at least one, more while the token budget and KV allow.
+
+        Fair among tenants: in order of each tenant's oldest prompt, one prompt per tenant per
+        round, and while several tenants wait each takes at most an equal share of the token
+        budget (its first prompt always). A prefill's time grows with its tokens, so a tenant with
+        a backlog cannot make everyone's next batch long: another tenant's prompt goes into the
+        next batch, and the batch is not filled up with the backlog's prompts."""
+        budget = self.options.engine.max_num_batched_tokens
+        queues: dict[str, deque[PrefillTask]] = {}
+        for task in self.queue:
+            queues.setdefault(task.tenant, deque()).append(task)
+        share = budget if len(queues) == 1 else max(1, budget // len(queues))
+        taken_by: dict[str, int] = {t: 0 for t in queues}
         batch: list[PrefillTask] = []
         tokens = 0
         blocks_free = self.blocks.num_free_blocks
-        while self.queue:
-            task = self.queue[0]
-            n = len(task.prompt_token_ids)
-            need = self.blocks.blocks_for(n)
-            if batch and (tokens + n > self.options.engine.max_num_batched_tokens or need > blocks_free):
-                break
-            if not batch and need > blocks_free:
-                break
-            batch.append(self.queue.popleft())
-            tokens += n
-            blocks_free -= need
+        while queues:
+            for tenant in list(queues):
+                task = queues[tenant][0]
+                n = len(task.prompt_token_ids)
+                need = self.blocks.blocks_for(n)
+                over = batch and (tokens + n > budget or (taken_by[tenant] > 0 and taken_by[tenant] + n > share))
+                if over or need > blocks_free:
+                    del queues[tenant]           # this tenant is done for this batch
+                    continue
+                queues[tenant].popleft()
+                if not queues[tenant]:
+                    del queues[tenant]
+                batch.append(task)
+                taken_by[tenant] += n
+                tokens += n
+                blocks_free -= need
+        for task in batch:
+            self.queue.remove(task)
         return batch
 
     def cancel_queued(self, request_id: str) -> PrefillTask | None:

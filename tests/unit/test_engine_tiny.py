@@ -78,3 +78,16 @@ def test_abort_frees_blocks(tiny, prompts, make_engine):
     while engine.has_unfinished():
         engine.step()
     assert other not in engine._seqs
+
+
+def test_waiting_prompts_are_admitted_round_robin_over_tenants(tiny, make_engine):
+    """A tenant's backlog does not stand between another tenant's prompt and the next step."""
+    engine = make_engine(tiny, block_size=8, num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=16)
+    ids = tiny.tokenizer("The pools share the cluster fairly")["input_ids"] * 2
+    for i in range(6):
+        engine.add_request(ids, SamplingParams(max_tokens=2), f"flood-{i}", tenant="mallory")
+    engine.add_request(ids, SamplingParams(max_tokens=2), "alice-0", tenant="alice")
+    first = [e.seq.request_id for e in engine.scheduler.schedule()]
+    assert first[:2] == ["flood-0", "alice-0"], first
+    while engine.has_unfinished():
+        engine.step()

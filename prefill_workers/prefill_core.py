@@ -159,6 +159,8 @@ class PrefillCore:
         budget (its first prompt always). A prefill's time grows with its tokens, so a tenant with
         a backlog cannot make everyone's next batch long: another tenant's prompt goes into the
         next batch, and the batch is not filled up with the backlog's prompts."""
+        if not self.queue:
+            return []
         budget = self.options.engine.max_num_batched_tokens
         queues: dict[str, deque[PrefillTask]] = {}
         for task in self.queue:

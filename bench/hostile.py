@@ -80,6 +80,7 @@ class Tally:
     failed: Counter = field(default_factory=Counter)
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
+    started: list[tuple[float, float]] = field(default_factory=list)   # (unix start, TTFT) per request
 
 
 async def ordinary_client(target: str, name: str, chats: list, args, tally: Tally, stop: asyncio.Event, i: int):
@@ -90,7 +91,7 @@ async def ordinary_client(target: str, name: str, chats: list, args, tally: Tall
         while not stop.is_set():
             chat = chats[n % len(chats)]
             n += 1
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             first = last = None
             tokens = 0
             try:
@@ -109,6 +110,7 @@ async def ordinary_client(target: str, name: str, chats: list, args, tally: Tall
                 continue
             tally.ok += 1
             tally.ttft.append(first - t0)
+            tally.started.append((started, first - t0))
             if tokens > 1:
                 tally.tpot.append((last - first) / (tokens - 1))
 
@@ -240,9 +242,11 @@ def report(args, calm: Tally, hot: Tally, attacks_out: dict, rss_before, rss_aft
     for name, (answer, t0, t1) in attacks_out.items():
         good = answer.startswith(BY_NAME[name].expect)
         wrong += not good
-        rows.append([name, answer[:90], f"{t1 - t0:.1f}", "yes" if good else "NO"])
+        during = [ttft for at, ttft in hot.started if t0 <= at <= t1]
+        rows.append([name, answer[:90], f"{t1 - t0:.1f}", "yes" if good else "NO",
+                     f"{max(during) * 1e3:.0f} ({len(during)})" if during else "-"])
     print(f"\n{len(attacks_out)} attacks in {seconds:.0f}s:")
-    print_table(["attack", "server answered", "s", "as expected"], rows)
+    print_table(["attack", "server answered", "s", "as expected", "ordinary TTFT max ms (n)"], rows)
     hijack = attacks_out.get("another client's session id", ["", 0, 0])[0]
     print(f"\nalice's session: turn 1 prompt {first.usage.prompt_tokens} tokens; her turn 2 after the attack "
           f"{second.usage.prompt_tokens} tokens (history kept: {second.usage.prompt_tokens > first.usage.prompt_tokens}); "

@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-client-limit", type=int, default=64, help="server.limits.max_requests_per_client")
     p.add_argument("--ray-cpus", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole catalogue)")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 32 or not 0 < args.seconds <= 900:
         p.error("--clients must be in [1, 32] and --seconds in (0, 900]")
@@ -81,6 +82,7 @@ class Tally:
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
     started: list[tuple[float, float]] = field(default_factory=list)   # (unix start, TTFT) per request
+    phases: list[tuple[float, float, float]] = field(default_factory=list)  # server (queue_s, prefill_s, transfer_s)
 
 
 async def ordinary_client(target: str, name: str, chats: list, args, tally: Tally, stop: asyncio.Event, i: int):
@@ -101,6 +103,7 @@ async def ordinary_client(target: str, name: str, chats: list, args, tally: Tall
                     if chunk.is_final:
                         if chunk.finish_reason.value not in ("stop", "length"):
                             raise RuntimeError(f"finished {chunk.finish_reason.value}: {chunk.error}")
+                        tally.phases.append((chunk.timings.queue_s, chunk.timings.prefill_s, chunk.timings.transfer_s))
                         break
                     first = first or now
                     last = now
@@ -188,7 +191,7 @@ async def main_async(args) -> dict:
 
         cmd = [sys.executable, "-m", "tests.attacks", "--grpc", grpc_t, "--http", http_u, "--admin", admin_t,
                "--key", KEYS["mallory"], "--admin-keys", "--victim-session", "alice-notes",
-               "--victim-request", "alice-long", "--timing"]  # fmt: skip
+               "--victim-request", "alice-long", "--timing"] + (["--names", args.attacks] if args.attacks else [])
         attack_out: dict = {}
 
         async def attack():
@@ -260,6 +263,10 @@ def report(args, calm: Tally, hot: Tally, attacks_out: dict, rss_before, rss_aft
         [name, str(total(t)), f"{t.ok / max(1, total(t)):.1%}", ms(statistics.median(t.ttft)), ms(p90(t.ttft)),
          ms(statistics.median(t.tpot)), ms(p90(t.tpot))] for name, t in (("calm", calm), ("under attack", hot))])
     for phase, t in (("calm", calm), ("under attack", hot)):
+        if t.phases:
+            q, p, x = (statistics.mean(v) for v in zip(*t.phases))
+            print(f"  {phase}: server-side means: queue {q * 1e3:.0f} ms, prefill {p * 1e3:.0f} ms, "
+                  f"exposed transfer {x * 1e3:.0f} ms")
         for err, n in t.failed.items():
             print(f"  {phase} failure x{n}: {err}")
     print(f"\nserver RSS: {rss_before:.0f} MiB before the attack, {rss_after:.0f} MiB after "

@@ -94,6 +94,8 @@ class PrefillCore:
         self.sampler = Sampler()
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()
+        self._batches = 0                                # batches taken so far
+        self._served: dict[str, int] = {}                # tenant -> the last batch it had a prompt in
         self.loaded = loaded
         # Image payloads only (no KV blocks); only a vision-language model gets one.
         self.receiver = get_backend(options.backend).Receiver(self.layout) if loaded.image_spec else None
@@ -154,18 +156,24 @@ class PrefillCore:
     def take_batch(self) -> list[PrefillTask]:
         """Queued prompts for one forward: at least one, more while the token budget and KV allow.
 
-        Fair among tenants: in order of each tenant's oldest prompt, one prompt per tenant per
-        round, and while several tenants wait each takes at most an equal share of the token
-        budget (its first prompt always). A prefill's time grows with its tokens, so a tenant with
-        a backlog cannot make everyone's next batch long: another tenant's prompt goes into the
-        next batch, and the batch is not filled up with the backlog's prompts."""
+        Fair among tenants: the tenant served longest ago first (then by its oldest prompt), one
+        prompt per tenant per round; while several tenants wait, each takes its first prompt and then more only while
+        its tokens stay within a level: the largest of the tenants' first prompts, at most an
+        equal share of the budget. A prefill's time grows with its tokens, so a tenant with a
+        backlog of prompts cannot make the others' next batch long: it gets as many tokens in the
+        batch as the biggest other tenant, not the rest of the budget (latency for the others over
+        batch size for the backlog; alone, a tenant fills the budget)."""
         if not self.queue:
             return []
         budget = self.options.engine.max_num_batched_tokens
         queues: dict[str, deque[PrefillTask]] = {}
         for task in self.queue:
             queues.setdefault(task.tenant, deque()).append(task)
-        share = budget if len(queues) == 1 else max(1, budget // len(queues))
+        self._batches += 1
+        self._served = {t: at for t, at in self._served.items() if t in queues}
+        queues = dict(sorted(queues.items(), key=lambda kv: self._served.get(kv[0], 0)))   # stable: oldest next
+        level = budget if len(queues) == 1 else min(budget // len(queues),
+                                                    max(len(q[0].prompt_token_ids) for q in queues.values()))
         taken_by: dict[str, int] = {t: 0 for t in queues}
         batch: list[PrefillTask] = []
         tokens = 0
@@ -175,7 +183,7 @@ class PrefillCore:
                 task = queues[tenant][0]
                 n = len(task.prompt_token_ids)
                 need = self.blocks.blocks_for(n)
-                over = batch and (tokens + n > budget or (taken_by[tenant] > 0 and taken_by[tenant] + n > share))
+                over = batch and (tokens + n > budget or (taken_by[tenant] > 0 and taken_by[tenant] + n > level))
                 if over or need > blocks_free:
                     del queues[tenant]           # this tenant is done for this batch
                     continue
@@ -188,6 +196,7 @@ class PrefillCore:
                 blocks_free -= need
         for task in batch:
             self.queue.remove(task)
+            self._served[task.tenant] = self._batches
         return batch
 
     def cancel_queued(self, request_id: str) -> PrefillTask | None:

@@ -254,14 +254,15 @@ def test_prefill_batches_share_their_token_budget_among_tenants(tiny):
 
     cfg = EngineConfig(block_size=8, num_kv_blocks=512, max_num_batched_tokens=256, max_num_seqs=8)
     core = PrefillCore(PrefillOptions(cfg, backend="fake"), tiny)
-    task = lambda rid, tenant: PrefillTask(rid, tuple(range(3, 33)), greedy(), None, tenant=tenant)  # noqa: E731
+    task = lambda rid, tenant, n=30: PrefillTask(rid, tuple(range(3, 3 + n)), greedy(), None, tenant=tenant)  # noqa: E731
     core.queue.extend(task(f"flood-{i}", "mallory") for i in range(20))
-    core.queue.append(task("alice-0", "alice"))
-    batch = [t.request_id for t in core.take_batch()]
-    # alice queued last but is in the first batch; mallory takes at most half of the budget.
-    assert batch == ["flood-0", "alice-0", "flood-1", "flood-2", "flood-3", "flood-4"][:len(batch)]
-    assert "alice-0" in batch and sum(t.startswith("flood") for t in batch) == 4
-    assert [t.request_id for t in core.queue][:2] == ["flood-4", "flood-5"]
+    core.queue.append(task("alice-0", "alice", 70))
+    # alice queued last but is in the first batch; mallory gets as many tokens as alice (70: 2 prompts).
+    assert [t.request_id for t in core.take_batch()] == ["flood-0", "alice-0", "flood-1"]
+    core.queue.append(task("alice-1", "alice", 300))
+    # A long prompt: the level is capped at an equal share of the budget (128 tokens: 4 prompts).
+    assert [t.request_id for t in core.take_batch()] == ["flood-2", "flood-3", "flood-4", "flood-5"]
+    assert [t.request_id for t in core.take_batch()] == ["alice-1"]     # alone, it fills the batch
     # One tenant alone fills the budget (8 prompts of 30 tokens), in arrival order.
-    assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(4, 12)]
+    assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(6, 14)]
     core.close()

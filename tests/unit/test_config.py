@@ -240,3 +240,21 @@ def test_encode_prefill_switching_needs_an_encode_pool():
                   "role_switching": {"encode_prefill": True}})
     assert err.path == "role_switching.encode_prefill" and "disaggregated" in err.reason
     assert _error({"version": 1, "role_switching": {"encode_queue_high": 0}}).path == "role_switching.encode_queue_high"
+
+
+def test_server_security_settings():
+    cfg = parse_config({"version": 1, "server": {"auth": {"api_keys_file": "/k"}, "tls": {
+        "cert_file": "/c.pem", "key_file": "/c.key", "client_ca_file": "/ca.pem"}, "limits": {"max_messages": 8},
+        "sessions": {"max_session_bytes": 1000, "ttl_s": 5}}}, "sec")  # fmt: skip
+    assert cfg.server.tls.enabled and cfg.server.limits.max_messages == 8 and cfg.server.sessions.ttl_s == 5.0
+    with pytest.raises(ConfigError, match="server.admin_host: .*needs an admin key"):
+        parse_config({"version": 1, "server": {"admin_host": "0.0.0.0"}}, "sec")
+    parse_config({"version": 1, "server": {"admin_host": "0.0.0.0", "auth": {"admin_keys_env": "K"}}}, "sec")
+    with pytest.raises(ConfigError, match="server.tls.key_file: TLS needs both cert_file and key_file"):
+        parse_config({"version": 1, "server": {"tls": {"cert_file": "/c.pem"}}}, "sec")
+    with pytest.raises(ConfigError, match="server.tls.client_ca_file: client certificates"):
+        parse_config({"version": 1, "server": {"tls": {"client_ca_file": "/ca.pem"}}}, "sec")
+    with pytest.raises(ConfigError, match="server.admin_port: 50051 is also a serving port"):
+        parse_config({"version": 1, "server": {"admin_port": 50051}}, "sec")
+    with pytest.raises(ConfigError, match="server.limits.max_tokn: unknown key .did you mean 'max_tokens'"):
+        parse_config({"version": 1, "server": {"limits": {"max_tokn": 5}}}, "sec")

@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test protos bench-throughput
+.PHONY: setup demo test lint protos bench-throughput
 
 $(BIN)/triptych: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
 
 protos: setup
 	$(BIN)/python -m protos.generate

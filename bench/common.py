@@ -86,6 +86,17 @@ def timed():
         t.cpu_seconds = time.process_time() - c0
 
 
+def rss_kib(pid: int | str = "self") -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process (default: this one) in KiB, from /proc (Linux)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> str:
     """Print (and return) a Markdown table, columns padded to width."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

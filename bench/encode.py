@@ -31,7 +31,6 @@ import asyncio
 import io
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from bench.common import print_table
+from bench.common import print_table, rss_kib
 
 MAX_CLIENTS = 256
 MAX_SECONDS = 600
@@ -64,17 +64,6 @@ class Tally:
         if ttft is not None:
             self.ttft.append(ttft)
         self.e2e.append(e2e)
-
-
-def rss_kib() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in KiB, from /proc (Linux)."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])
-    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
 
 
 async def grpc_client(target: str, chats, args, tally: Tally, stop: float, seed: int) -> None:

@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.auth import KeyRing
 from cluster.config import ServerConfig
-from cluster.gateway import GRPC_CODES, UNAUTHENTICATED_MESSAGE, Gateway, bearer, bind_grpc, grpc_options, \
-    status_to_pb, switch_to_pb
+from cluster.gateway import (GRPC_CODES, UNAUTHENTICATED_MESSAGE, Gateway, answer_status, bearer, bind_grpc,
+                             grpc_options, switch_to_pb)
 from cluster.router_api import ErrorKind, Role, Router, RouterError
 from protos.triptych.v1 import triptych_pb2 as pb
 from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
@@ -63,10 +63,7 @@ class AdminService(pb_grpc.TriptychAdminServicer):
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
         await self._authorize(context)
-        try:
-            return status_to_pb(await self.router.cluster_status())
-        except RouterError as err:
-            await context.abort(GRPC_CODES[err.kind], err.message)
+        return await answer_status(self.router, context)
 
 
 async def serve(router: Router, gateway: Gateway, keys: KeyRing, server: ServerConfig,

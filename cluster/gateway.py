@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -48,7 +47,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster import limits as caps
 from cluster.auth import ANONYMOUS, KeyRing, Principal
-from cluster.config import LimitsConfig, ServerConfig, SessionsConfig
+from cluster.config import LimitsConfig, ServerConfig
 from cluster.metrics import Metrics
 from cluster.router_api import (
     ChatMessage,
@@ -473,10 +472,7 @@ class Gateway(pb_grpc.TriptychServicer):
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
         await self._principal(context)
-        try:
-            return status_to_pb(await self.router.cluster_status())
-        except RouterError as err:
-            await context.abort(GRPC_CODES[err.kind], err.message)
+        return await answer_status(self.router, context)
 
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -497,6 +493,14 @@ class Gateway(pb_grpc.TriptychServicer):
         }  # fmt: skip
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def answer_status(router: Router, context: grpc.aio.ServicerContext) -> pb.GetClusterStatusResponse:
+    """GetClusterStatus of the serving and the admin service alike (once the caller is let in)."""
+    try:
+        return status_to_pb(await router.cluster_status())
+    except RouterError as err:
+        await context.abort(GRPC_CODES[err.kind], err.message)
 
 
 def status_to_pb(status) -> pb.GetClusterStatusResponse:

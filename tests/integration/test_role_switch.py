@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest

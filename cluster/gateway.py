@@ -232,6 +232,7 @@ class _Owned:
     principal: Principal
     client_id: str
     internal_id: str
+    aborted: bool = False           # Abort came while it was being prepared (before the router knew it)
 
 
 @dataclass
@@ -330,6 +331,8 @@ class Gateway(pb_grpc.TriptychServicer):
                 routed, prepared = await self._prepare(
                     principal, replace(inp, request_id=owned.internal_id, tenant=principal.name), session_id)
                 stream = self.router.generate(routed, prepared)
+                if owned.aborted:
+                    await self.router.abort(owned.internal_id)
             except RouterError as err:
                 raise self.refuse(err, door) from None
             except Exception:
@@ -412,7 +415,11 @@ class Gateway(pb_grpc.TriptychServicer):
     async def abort(self, request_id: str, principal: Principal = ANONYMOUS) -> bool:
         """Abort one of `principal`'s requests; False for an unknown id and for another's alike."""
         owned = self._owned.get((principal, request_id))
-        return owned is not None and await self.router.abort(owned.internal_id)
+        if owned is None:
+            return False
+        owned.aborted = True            # still being prepared: aborted as soon as the router has it
+        await self.router.abort(owned.internal_id)
+        return True
 
     # -- gRPC ---------------------------------------------------------------------------------
 

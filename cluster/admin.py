@@ -63,14 +63,14 @@ class AdminService(pb_grpc.TriptychAdminServicer):
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
         await self._authorize(context)
-        return await answer_status(self.router, context)
+        return await answer_status(self.gateway, context)
 
 
 async def serve(router: Router, gateway: Gateway, keys: KeyRing, server: ServerConfig,
                 creds: grpc.ServerCredentials | None,
                 health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """Start the admin gRPC server; (server, bound port)."""
-    admin = grpc.aio.server(options=grpc_options(server))
+    admin = grpc.aio.server(options=grpc_options(server, supports_images=False))   # admin calls are small
     pb_grpc.add_TriptychAdminServicer_to_server(AdminService(router, gateway, keys), admin)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -91,8 +91,18 @@ class KeyRing:
 
     @classmethod
     def load(cls, auth: AuthConfig) -> KeyRing:
-        return cls(load_keys(auth.api_keys_file, auth.api_keys_env, "serving"),
-                   load_keys(auth.admin_keys_file, auth.admin_keys_env, "admin"))
+        """Both key sets; AuthError if a name or a key appears twice (two keys of one name would be
+        one client: its sessions and request ids shared)."""
+        serving = load_keys(auth.api_keys_file, auth.api_keys_env, "serving")
+        admin = load_keys(auth.admin_keys_file, auth.admin_keys_env, "admin")
+        for what, keys in (("serving", serving), ("admin", admin)):
+            names = [n for n, _ in keys]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise AuthError(f"{what} keys: the name {twice[0]!r} is given to more than one key")
+        if len({k for _, k in serving + admin}) != len(serving) + len(admin):
+            raise AuthError("a key appears twice (serving keys and admin keys must all differ)")
+        return cls(serving, admin)
 
     @property
     def serving_enabled(self) -> bool:

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +53,7 @@ from cluster.config import LimitsConfig, ServerConfig
 from cluster.metrics import Metrics
 from cluster.router_api import (
     ChatMessage,
+    ClusterStatus,
     ErrorKind,
     FinalEvent,
     GenerateInput,
@@ -71,6 +74,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Triptych"].full_name
 CHAT_ROLES = ("system", "user", "assistant")
 ADMISSION_THREADS = 4
 ADMISSIONS_PER_CLIENT = 2
+STATUS_TTL_S = 1.0
 
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -105,16 +109,18 @@ def _shape_classes():
     proto = descriptor_pb2.FileDescriptorProto(name="triptych_gateway_shape.proto", package="triptych_gateway")
     chat = proto.message_type.add(name="ChatShape")
     chat.field.add(name="messages", number=1, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
+    message = proto.message_type.add(name="MessageShape")
+    message.field.add(name="content", number=2, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
     request = proto.message_type.add(name="RequestShape")
     request.field.add(name="chat", number=3, type=f.TYPE_BYTES, label=f.LABEL_OPTIONAL)
     request.field.add(name="images", number=5, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     get = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"triptych_gateway.{name}"))  # noqa: E731
-    return get("RequestShape"), get("ChatShape")
+    return get("RequestShape"), get("ChatShape"), get("MessageShape")
 
 
-_RequestShape, _ChatShape = _shape_classes()
+_RequestShape, _ChatShape, _MessageShape = _shape_classes()
 
 
 def parse_request(raw: bytes, limits: LimitsConfig, supports_images: bool = True) -> pb.GenerateRequest:
@@ -124,10 +130,13 @@ def parse_request(raw: bytes, limits: LimitsConfig, supports_images: bool = True
     caps.check_size(len(raw), limits, supports_images)
     try:
         shape = _RequestShape.FromString(raw)
-        messages = len(_ChatShape.FromString(shape.chat).messages) if shape.chat else 0
+        messages = _ChatShape.FromString(shape.chat).messages if shape.chat else ()
+        caps.check_count("messages", len(messages), limits.max_messages, "max_messages", "too_many_messages")
+        parts = sum(len(_MessageShape.FromString(m).content) for m in messages)
     except DecodeError:
         raise invalid("the request is not a valid GenerateRequest message") from None
-    caps.check_count("messages", messages, limits.max_messages, "max_messages", "too_many_messages")
+    caps.check_count("content parts", parts, caps.max_content_parts(limits), "4 x max_messages + max_images",
+                     "too_many_parts")
     caps.check_count("images", len(shape.images), limits.max_images, "max_images", "too_many_images")
     try:
         return pb.GenerateRequest.FromString(raw)
@@ -235,6 +244,21 @@ class _Owned:
     aborted: bool = False           # Abort came while it was being prepared (before the router knew it)
 
 
+class _Entered:
+    """A request counted against its client (Gateway.enter); leaving the block uncounts it."""
+
+    def __init__(self, counts: collections.Counter, principal: Principal) -> None:
+        self._counts, self._principal = counts, principal
+
+    def __enter__(self) -> _Entered:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._counts[self._principal] -= 1
+        if self._counts[self._principal] <= 0:
+            del self._counts[self._principal]
+
+
 @dataclass
 class _Slot:
     """A principal's share of the admission threads, while it has requests being prepared."""
@@ -247,17 +271,21 @@ class Gateway(pb_grpc.TriptychServicer):
     """Serves the Triptych gRPC service and the shared request path (`events`) on one router."""
 
     def __init__(self, router: Router, *, sessions: SessionStore | None = None, metrics: Metrics | None = None,
-                 keys: KeyRing | None = None, limits: LimitsConfig = LimitsConfig()) -> None:  # fmt: skip
+                 keys: KeyRing | None = None, limits: LimitsConfig = LimitsConfig(),
+                 max_queued_requests: int = 256) -> None:  # fmt: skip
         self.router = router
         self.sessions = sessions if sessions is not None else SessionStore()
         self.metrics = metrics if metrics is not None else Metrics()
         self.keys = keys if keys is not None else KeyRing()
         self.limits = limits
+        self.max_queued = max_queued_requests   # in flight in the whole server (see enter())
         self.serving = False  # set by start(); cleared when stopping
         self._owned: dict[tuple[Principal, str], _Owned] = {}
         self._per_client: collections.Counter[Principal] = collections.Counter()
         self._admission = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admission")
         self._admitting: dict[Principal, _Slot] = {}
+        self._status: tuple[float, ClusterStatus] | None = None
+        self._status_task: asyncio.Future | None = None
 
     @staticmethod
     def new_request_id() -> str:
@@ -282,16 +310,63 @@ class Gateway(pb_grpc.TriptychServicer):
         if slot is None:
             slot = self._admitting[principal] = _Slot(asyncio.Semaphore(ADMISSIONS_PER_CLIENT))
         slot.users += 1
-        try:
-            async with slot.semaphore:
-                return await asyncio.get_running_loop().run_in_executor(self._admission, fn, *args)
-        finally:
+
+        def leave(_=None) -> None:
             slot.users -= 1
             if slot.users == 0:              # nobody holds or waits for it: forget it
                 del self._admitting[principal]
 
+        try:
+            await slot.semaphore.acquire()
+        except BaseException:
+            leave()
+            raise
+
+        def done(_) -> None:
+            slot.semaphore.release()
+            leave()
+
+        # A job on a thread cannot be stopped: if the caller goes away (a client that sends heavy
+        # requests and disconnects), the place is given back only when the job ends, so one client
+        # never has more than its share of the threads busy.
+        job = asyncio.get_running_loop().run_in_executor(self._admission, fn, *args)
+        job.add_done_callback(done)
+        return await asyncio.shield(job)
+
     def close(self) -> None:
         self._admission.shutdown(wait=False, cancel_futures=True)
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The router's cluster status, at most STATUS_TTL_S old, one refresh at a time: asking
+        every worker for its status costs each of them a turn of its step thread, so a client
+        calling GetClusterStatus or /metrics in a loop must not multiply that."""
+        now = time.monotonic()
+        if self._status is not None and now - self._status[0] < STATUS_TTL_S:
+            return self._status[1]
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.ensure_future(self.router.cluster_status())
+        status = await asyncio.shield(self._status_task)
+        self._status = (time.monotonic(), status)
+        return status
+
+    def enter(self, principal: Principal, door: str) -> contextlib.AbstractContextManager:
+        """Count a request against its client from the moment its door takes it (before its body
+        is read or parsed) until it ends. Refused (RESOURCE_EXHAUSTED, counted) when the client has
+        `max_requests_per_client`, or when the server has `max_queued_requests` and this client
+        already holds its share of them (max_queued_requests / clients with requests): a client
+        below its share is still admitted, so a few heavy clients cannot lock the others out."""
+        held, limit = self._per_client[principal], self.limits.max_requests_per_client
+        if held >= limit:
+            raise self.refuse(RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED, f"this client has {held} requests in flight (limit "
+                f"server.limits.max_requests_per_client = {limit}); retry later", "client_busy"), door)
+        total, clients = sum(self._per_client.values()), len(self._per_client) + (held == 0)
+        if total >= self.max_queued and held >= max(1, self.max_queued // clients):
+            raise self.refuse(RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED, f"the server has {total} requests in flight (server.max_queued_requests"
+                f" = {self.max_queued}) and this client holds its share; retry later", "server_busy"), door)
+        self._per_client[principal] += 1     # checked and counted now; the caller enters at once
+        return _Entered(self._per_client, principal)
 
     # -- the shared request path ----------------------------------------------------------
 
@@ -311,16 +386,10 @@ class Gateway(pb_grpc.TriptychServicer):
                     raise invalid("session_id needs chat input (messages)")
             if key in self._owned:
                 raise invalid(f"request_id {caps.clip(inp.request_id)} is already in flight", "duplicate_request_id")
-            if self._per_client[principal] >= self.limits.max_requests_per_client:
-                raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
-                                  f"this client has {self._per_client[principal]} requests in flight (limit "
-                                  f"server.limits.max_requests_per_client = {self.limits.max_requests_per_client}); "
-                                  f"retry later", "client_busy")
         except RouterError as err:
             raise self.refuse(err, door) from None
         owned = _Owned(principal, inp.request_id, self.new_request_id())
         self._owned[key] = owned
-        self._per_client[principal] += 1
         recorder = None
         stream = None
         final: FinalEvent | None = None
@@ -380,9 +449,6 @@ class Gateway(pb_grpc.TriptychServicer):
             yield final
         finally:
             del self._owned[key]
-            self._per_client[principal] -= 1
-            if self._per_client[principal] <= 0:
-                del self._per_client[principal]
             if recorder is not None:  # left early: the client went away
                 recorder.finish(FinalEvent(FinishReason.ABORT, 0, ntokens, "".join(texts)))
             if stream is not None:
@@ -395,7 +461,7 @@ class Gateway(pb_grpc.TriptychServicer):
         history = self.sessions.history(principal, session_id) if session_id else ()
         routed, kept, prepared = await self.off_loop(principal, self._prepare_sync, inp, history)
         if session_id and len(kept) != len(history):
-            self.sessions.replace(principal, session_id, kept)
+            self.sessions.replace(principal, session_id, kept, was=history)
         return routed, prepared
 
     def _prepare_sync(self, inp: GenerateInput, history: tuple[ChatMessage, ...]):
@@ -406,9 +472,11 @@ class Gateway(pb_grpc.TriptychServicer):
             # Old turns are dropped (oldest first) so that the prompt leaves room for the reply.
             budget = max_len - min(inp.sampling.max_tokens, max_len // 2)
             try:
-                kept = trim_to_fit(history, inp.messages, lambda ms: len(self.router.apply_chat_template(ms)), budget)
-            except Exception:
-                kept = history  # the router names the problem when it sees the request
+                kept = trim_to_fit(history, inp.messages, self.router.count_tokens, budget, self.router.estimate_tokens)
+            except Exception:    # the history cannot be templated with the new turn: start afresh
+                log.warning("request %s: its session history could not be trimmed; sending it without history",
+                            inp.request_id, exc_info=True)
+                kept = ()
             inp = replace(inp, messages=(*kept, *inp.messages))
         return inp, kept, self.router.prepare(inp)
 
@@ -436,21 +504,31 @@ class Gateway(pb_grpc.TriptychServicer):
         (a million chat messages) takes a noticeable time."""
         principal = await self._principal(context)
         try:
-            request = await self.off_loop(principal, parse_request, raw, self.limits,
-                                          self.router.model_info().supports_images)
+            entered = self.enter(principal, "grpc")
         except RouterError as err:
-            self.refuse(err, "grpc")
             await context.abort(GRPC_CODES[err.kind], err.message)
+        with entered:
+            try:
+                rid, inp, session_id = await self.off_loop(principal, self._parse_generate, raw,
+                                                           context.time_remaining())
+            except RouterError as err:
+                self.refuse(err, "grpc")
+                await context.abort(GRPC_CODES[err.kind], err.message)
+            async for response in self._generate(rid, inp, principal, session_id, context):
+                yield response
+
+    def _parse_generate(self, raw: bytes, deadline_s: float | None) -> tuple[str, GenerateInput, str | None]:
+        """(response request id, router input, session id) of a serialized request; on a thread."""
+        info = self.router.model_info()
+        request = parse_request(raw, self.limits, info.supports_images)
+        if request.request_id:
+            caps.check_id("request_id", request.request_id, self.limits)
         rid = request.request_id or self.new_request_id()
-        try:
-            if request.request_id:
-                caps.check_id("request_id", request.request_id, self.limits)
-            inp = input_from_pb(request, rid, self.router.model_info().max_model_len, context.time_remaining(),
-                                self.limits)
-        except RouterError as err:
-            self.refuse(err, "grpc")
-            await context.abort(GRPC_CODES[err.kind], err.message)
-        events = self.events(inp, principal=principal, session_id=request.session_id or None, door="grpc")
+        return rid, input_from_pb(request, rid, info.max_model_len, deadline_s, self.limits), request.session_id or None
+
+    async def _generate(self, rid: str, inp: GenerateInput, principal: Principal, session_id: str | None,
+                        context: grpc.aio.ServicerContext):  # fmt: skip
+        events = self.events(inp, principal=principal, session_id=session_id, door="grpc")
         try:
             try:
                 first = await anext(events)
@@ -479,7 +557,7 @@ class Gateway(pb_grpc.TriptychServicer):
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
         await self._principal(context)
-        return await answer_status(self.router, context)
+        return await answer_status(self, context)
 
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -502,10 +580,10 @@ class Gateway(pb_grpc.TriptychServicer):
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-async def answer_status(router: Router, context: grpc.aio.ServicerContext) -> pb.GetClusterStatusResponse:
+async def answer_status(gateway: Gateway, context: grpc.aio.ServicerContext) -> pb.GetClusterStatusResponse:
     """GetClusterStatus of the serving and the admin service alike (once the caller is let in)."""
     try:
-        return status_to_pb(await router.cluster_status())
+        return status_to_pb(await gateway.cluster_status())
     except RouterError as err:
         await context.abort(GRPC_CODES[err.kind], err.message)
 
@@ -608,13 +686,14 @@ class RunningGateway:
         self.gateway.close()
 
 
-def grpc_options(server: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments of the gRPC servers: message size, streams per connection, idle and age
-    limits, and keepalive enforcement (a client pinging too often is disconnected)."""
+def grpc_options(server: ServerConfig, supports_images: bool = True) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC servers: message size (for a model without images no larger
+    than an acceptable request can be, so that no more is ever buffered), streams per connection,
+    idle and age limits, and keepalive enforcement (a client pinging too often is disconnected)."""
     c = server.connections
     ms = lambda s: int(s * 1000)  # noqa: E731
     return [
-        ("grpc.max_receive_message_length", server.limits.max_request_bytes),
+        ("grpc.max_receive_message_length", caps.request_bytes(server.limits, supports_images)),
         ("grpc.max_send_message_length", server.limits.max_request_bytes),
         ("grpc.max_concurrent_streams", c.grpc_max_concurrent_streams),
         ("grpc.max_connection_idle_ms", ms(c.grpc_max_connection_idle_s)),
@@ -687,9 +766,13 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
     keys = keys if keys is not None else KeyRing.load(server.auth)
     keep_large_allocations_returnable()
     gateway = Gateway(router, sessions=sessions if sessions is not None else SessionStore(server.sessions),
-                      metrics=metrics, keys=keys, limits=server.limits)
+                      metrics=metrics, keys=keys, limits=server.limits, max_queued_requests=server.max_queued_requests)
     creds = grpc_credentials(server)
-    grpc_server = grpc.aio.server(options=grpc_options(server))
+    supports_images = router.model_info().supports_images
+    # Calls beyond this are refused by gRPC before their messages are buffered: with the message
+    # cap, this bounds the memory that callers (authenticated or not yet) can make the server hold.
+    grpc_server = grpc.aio.server(options=grpc_options(server, supports_images),
+                                  maximum_concurrent_rpcs=2 * server.max_queued_requests + 64)
     gateway.add_to_server(grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

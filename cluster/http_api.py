@@ -314,6 +314,10 @@ class _Api:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, *, chat: bool):
+        with self.gateway.enter(request[PRINCIPAL], "http"):   # counted before the body is read
+            return await self._complete_entered(request, chat=chat)
+
+    async def _complete_entered(self, request: web.Request, *, chat: bool):
         raw = await self._read(request)
         info = self.gateway.router.model_info()
         body, inp, sampling = await self.gateway.off_loop(request[PRINCIPAL], parse_request, raw, chat, info,
@@ -338,7 +342,8 @@ class _Api:
         finally:
             await events.aclose()
         if final.finish_reason is FinishReason.ERROR:
-            return error_response(500, final.error or "generation failed", "server_error", "generation_failed")
+            status, type_ = _STATUS[final.error_kind or ErrorKind.INTERNAL]
+            return error_response(status, final.error or "generation failed", type_, "generation_failed")
         return web.json_response(fmt.whole(final), headers={"X-Request-Id": rid})
 
     async def _stream(self, request, rid, fmt, event, events, include_usage: bool) -> web.StreamResponse:
@@ -393,7 +398,7 @@ class _Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         try:
-            status = await asyncio.wait_for(self.gateway.router.cluster_status(), STATUS_REFRESH_TIMEOUT_S)
+            status = await asyncio.wait_for(self.gateway.cluster_status(), STATUS_REFRESH_TIMEOUT_S)
             self.gateway.metrics.update_cluster(status)
         except Exception as err:  # serve the last known gauges rather than fail the scrape
             log.warning("metrics: cluster status unavailable: %s", err)
@@ -441,7 +446,8 @@ def _usage(final: FinalEvent) -> dict:
 
 def build_app(gateway: Gateway, server: ServerConfig = ServerConfig()) -> web.Application:
     api = _Api(gateway, server.connections.http_read_timeout_s)
-    app = web.Application(middlewares=_middlewares(gateway), client_max_size=server.limits.max_request_bytes)
+    app = web.Application(middlewares=_middlewares(gateway),
+                          client_max_size=caps.request_bytes(server.limits, gateway.router.model_info().supports_images))
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_get("/v1/models", api.models)

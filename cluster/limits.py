@@ -47,6 +47,17 @@ def text_request_bytes(limits: LimitsConfig) -> int:
     return 6 * limits.max_prompt_chars + 64 * limits.max_messages + (64 << 10)
 
 
+def request_bytes(limits: LimitsConfig, supports_images: bool) -> int:
+    """The largest request body / message the doors read for this model."""
+    return limits.max_request_bytes if supports_images else min(limits.max_request_bytes, text_request_bytes(limits))
+
+
+def max_content_parts(limits: LimitsConfig) -> int:
+    """Content parts (text or image) of all messages of one request: a text part and the images
+    in each message, and then some."""
+    return 4 * limits.max_messages + limits.max_images
+
+
 def check_size(n: int, limits: LimitsConfig, supports_images: bool) -> None:
     if not supports_images:
         check_count("request bytes", n, text_request_bytes(limits),

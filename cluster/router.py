@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cluster.router_api import (ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, Role,
+from cluster.router_api import (ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, Role,
                                 RoleSwitch, Router, RouterError, Timings, TokenEvent, WorkerStatus)
 from cluster.fair_share import FairShare
 from encode_workers.parallel import encode_parallel, plan_shards
@@ -73,6 +73,7 @@ class _Flight:
     prefill: WorkerHandle | None = None
     images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
     resume: tuple[int, int] | None = None   # re-prefilled: (output tokens in the prompt, chars sent)
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)   # abort() before its first token too
 
 
 def _is_stale(exc: BaseException) -> bool:
@@ -267,7 +268,15 @@ class ClusterRouter(Router):
         return flight
 
     def apply_chat_template(self, messages) -> list[int]:
+        """Token ids of a chat, one image token per image (before expansion)."""
         return self.validator.tokenize(self._chat(messages))
+
+    def count_tokens(self, messages) -> int:
+        return len(self.apply_chat_template(messages)) + sum(len(m.images) for m in messages) * (self.tokens_per_image - 1)
+
+    def estimate_tokens(self, message: ChatMessage) -> int:
+        text = len(self.tokenizer(message.content).input_ids) if message.content else 0
+        return text + len(message.images) * self.tokens_per_image
 
     # ------------------------------------------------------------------ the stream
     def generate(self, request: GenerateInput, prepared: Prepared | None = None
@@ -278,7 +287,8 @@ class ClusterRouter(Router):
 
     async def _stream(self, request: GenerateInput, flight: _Flight, ids: list[int]):
         t0 = time.monotonic()
-        deadline = t0 + (request.deadline_s or self.default_timeout_s)
+        # A client's deadline, never past the server's: nothing waits longer than request_timeout_s.
+        deadline = t0 + min(request.deadline_s or self.default_timeout_s, self.default_timeout_s)
         timings: dict[str, float] = {}
         tokens: list[int] = []
         text: list[str] = []
@@ -288,18 +298,19 @@ class ClusterRouter(Router):
         slot = False
         try:
             if self.seqs_per_worker:
-                slot = await self.slots.acquire(request.tenant, deadline - t0)
+                slot = await self._unless_aborted(flight, self.slots.acquire(request.tenant, deadline - t0))
                 if not slot:
                     raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
                                       "request deadline exceeded waiting for a decode slot (the cluster is full)")
                 timings["queue_s"] = time.monotonic() - t0
             try:
-                out = await self._start(request, flight, ids, deadline, timings)
+                out = await self._unless_aborted(flight, self._start(request, flight, ids, deadline, timings))
             except _DecodeDied:
                 if not self._may_resume(request, tokens, resumes):
                     raise
                 resumes += 1
-                out = await self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings)
+                out = await self._unless_aborted(
+                    flight, self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings))
             while True:
                 if out is not None:
                     if out.finish_reason is FinishReason.ERROR:   # the worker failed this request alone
@@ -325,7 +336,8 @@ class ClusterRouter(Router):
                 while isinstance(out, _DecodeDied) and self._may_resume(request, tokens, resumes):
                     resumes += 1
                     try:
-                        out = await self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings)
+                        out = await self._unless_aborted(
+                            flight, self._resume(request, flight, ids, tokens, len("".join(text)), deadline, timings))
                     except _DecodeDied as again:
                         out = again
                 if isinstance(out, BaseException):
@@ -365,6 +377,27 @@ class ClusterRouter(Router):
                     tpot_s=((last_at - first_at) / (n - 1)) if first_at and n > 1 else 0.0,
                     e2e_s=end - t0),
             error, kind)
+
+    @staticmethod
+    async def _unless_aborted(flight: _Flight, coro):
+        """Await `coro`, unless the request is aborted first: then cancel it (which gives back
+        what it holds: a decode slot, a reservation, a queued prefill) and raise _Aborted. Lets an
+        abort end a request waiting for a slot, for KV space or in the prefill queue."""
+        task = asyncio.ensure_future(coro)
+        aborted = asyncio.ensure_future(flight.aborted.wait())
+        try:
+            await asyncio.wait({task, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            aborted.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise _Aborted()
+        return task.result()
 
     async def _start(self, request, flight, ids, deadline, timings) -> StepOutput | None:
         if self.mode == "disaggregated":
@@ -490,7 +523,10 @@ class ClusterRouter(Router):
                                    images=() if self.encode else flight.images,
                                    sampled_before=flight.resume[0] if flight.resume else 0, tenant=request.tenant)
                 result = await self._bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
-            except RouterError:
+            except (RouterError, asyncio.CancelledError):
+                # Out of time, aborted or failed: take it out of the worker's queue if still there
+                # (its calls run in order, so this lands after the prefill call).
+                prefill.actor.cancel.remote(flight.request_id)
                 raise
             except Exception as exc:
                 if not (_is_actor_death(exc) or _is_stale(exc)):
@@ -595,7 +631,8 @@ class ClusterRouter(Router):
         flight = self._flights.get(request_id)
         if flight is None:
             return False
-        flight.events.put_nowait(_Aborted())
+        flight.aborted.set()                 # ends a wait for a slot, KV space or prefill
+        flight.events.put_nowait(_Aborted())  # ends the decode phase
         return True
 
     def model_info(self) -> ModelInfo:

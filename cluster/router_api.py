@@ -190,8 +190,14 @@ class Router(abc.ABC):
         raise RouterError(ErrorKind.FAILED_PRECONDITION, "this deployment does not switch worker roles")
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        """Token ids of a chat (used by the gateway for session bookkeeping and usage counts)."""
+    def count_tokens(self, messages: tuple[ChatMessage, ...]) -> int:
+        """Prompt tokens of a chat as the workers see it (template applied, image tokens
+        expanded); the gateway trims session history with it. Thread-safe, no side effect."""
+
+    @abc.abstractmethod
+    def estimate_tokens(self, message: ChatMessage) -> int:
+        """About what one message adds to a chat's tokens (its text and images, without the
+        template's markup, so never more than it adds); for trimming history cheaply."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...

@@ -12,12 +12,14 @@ so another client using the same id gets a separate, new conversation, never thi
 
 Bounds (SessionsConfig; sizes are text characters + image bytes), so that no client can push
 out another's sessions or grow the store without limit:
-- a session keeps at most `max_session_bytes`; its oldest turns go first;
+- a session keeps at most `max_session_bytes` (each message counts MESSAGE_OVERHEAD more); its
+  oldest turns go first (and if its system messages alone are larger, it keeps nothing);
 - a principal keeps at most `max_sessions_per_client` sessions and `max_bytes_per_client`; past
   either it forgets its own least recently used sessions;
-- the store keeps at most `max_sessions` and `max_bytes`; past either the victim is the least
-  recently used session of the principal holding the most bytes (ties: the one adding), so a
-  client at or below its fair share is never evicted by another;
+- the store keeps at most `max_sessions` and `max_bytes`; past the count the victim is the least
+  recently used session of the principal holding the most sessions, past the bytes that of the
+  principal holding the most bytes (ties: the one adding), so a client at or below its fair share
+  is never evicted by another;
 - a session idle for `ttl_s` is forgotten.
 A forgotten or unknown session id simply starts a new conversation. Everything runs on the
 gateway's event loop, so no locking is needed.
@@ -42,8 +44,11 @@ class _Session:
     size: int = 0
 
 
+MESSAGE_OVERHEAD = 64   # bytes a message costs besides its text and images (so empty ones count too)
+
+
 def _size(messages: tuple[ChatMessage, ...]) -> int:
-    return sum(len(m.content) + sum(len(i) for i in m.images) for m in messages)
+    return sum(MESSAGE_OVERHEAD + len(m.content) + sum(len(i) for i in m.images) for m in messages)
 
 
 class SessionStore:
@@ -80,14 +85,19 @@ class SessionStore:
         c = self.config
         while mine and (len(mine) > c.max_sessions_per_client or self._bytes[who] > c.max_bytes_per_client):
             self._drop(who, next(iter(mine)))
-        while self._count > c.max_sessions or self.total_bytes > c.max_bytes:
+        while self._count > c.max_sessions:      # too many: the client holding the most sessions gives one up
+            victim = max(self._sessions, key=lambda p: (len(self._sessions[p]), self._bytes[p], p == who))
+            self._drop(victim, next(iter(self._sessions[victim])))
+        while self.total_bytes > c.max_bytes:     # too large: the client holding the most bytes gives one up
             victim = max(self._sessions, key=lambda p: (self._bytes[p], len(self._sessions[p]), p == who))
             self._drop(victim, next(iter(self._sessions[victim])))
 
-    def replace(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...]) -> None:
-        """Overwrite a session's history (the gateway trims history that no longer fits)."""
+    def replace(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...],
+                was: tuple[ChatMessage, ...] | None = None) -> None:  # fmt: skip
+        """Overwrite a session's history (the gateway trims history that no longer fits); with
+        `was`, only if the history is still that one (a turn recorded meanwhile is kept)."""
         session = self._sessions.get(who, {}).get(session_id)
-        if session is not None:
+        if session is not None and (was is None or session.messages is was):
             self._set(who, session, messages)
 
     def forget(self, who: Principal, session_id: str) -> bool:
@@ -168,28 +178,31 @@ def _cap(messages: tuple[ChatMessage, ...], max_bytes: int) -> tuple[ChatMessage
         at = point
         if size - dropped <= max_bytes:
             break
-    return _dropped(messages, at)
+    kept = _dropped(messages, at)
+    return kept if _size(kept) <= max_bytes else ()   # system messages alone too large: keep nothing
 
 
 def trim_to_fit(history: tuple[ChatMessage, ...], new: tuple[ChatMessage, ...],
-                count_tokens: Callable[[tuple[ChatMessage, ...]], int], budget: int) -> tuple[ChatMessage, ...]:  # fmt: skip
+                count_tokens: Callable[[tuple[ChatMessage, ...]], int], budget: int,
+                estimate: Callable[[ChatMessage], int] | None = None) -> tuple[ChatMessage, ...]:  # fmt: skip
     """The history with its oldest turns dropped (see _drop_points) until history + new fits in
     `budget` tokens; all of them dropped if it never fits.
 
     System messages are kept; the new messages are never dropped (if they alone do not fit,
     the router rejects the request with a clear error). Templating a long conversation costs
     about as much as its text, so the whole of it is templated a few times, not once per message
-    dropped: once to see whether it fits; if not, each message once on its own, to estimate from
-    the sums where to cut, then the cut conversation, stepping from there to the first cut that
-    fits (the estimate is within a message or two)."""
+    dropped: once to see whether it fits; if not, `estimate` (what one message adds, at most)
+    says from the sums where to cut, then the cut conversation is templated, stepping from there
+    to the first cut that fits (the estimate is within a message or two). Without `estimate`,
+    each message is templated on its own (less an empty one of its role)."""
     whole = count_tokens((*history, *new))
     if whole <= budget:
         return history
     points = _drop_points(history)
-    # A message's own tokens: templated alone, less what an empty message of its role costs (the
-    # template's fixed parts), so the estimate never counts more than dropping it saves.
-    empty = {role: count_tokens((ChatMessage(role, ""),)) for role in {m.role for m in history}}
-    own = [count_tokens((m,)) - empty[m.role] if m.role != "system" else 0 for m in history]
+    if estimate is None:
+        empty = {role: count_tokens((ChatMessage(role, ""),)) for role in {m.role for m in history}}
+        estimate = lambda m: count_tokens((m,)) - empty[m.role]  # noqa: E731
+    own = [estimate(m) if m.role != "system" else 0 for m in history]
     excess, dropped, step = whole - budget, 0, 0
     while step + 1 < len(points) and dropped < excess:
         step += 1

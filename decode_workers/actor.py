@@ -18,7 +18,7 @@ from cluster.worker_common import setup_threads, worker_info
 from decode_workers.decode_core import DecodeCore, DecodeOptions
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel
-from engine.sequence import FinishReason, SamplingParams, StepOutput
+from engine.sequence import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ class DecodeWorker:
     async def _run(self) -> None:
         """Step while there is work. The engine fails a bad request by itself (its sequence
         ends with an error); an exception that still escapes a step is a fault of the worker,
-        not of one request: every request it holds ends with an error, and the worker then
-        reports itself failed (ready/status/poll raise WorkerLoopDied) so that it is replaced."""
+        not of one request: the worker reports itself failed (ready/status/poll raise
+        WorkerLoopDied), so the router treats its requests as a dead worker's and the supervisor
+        replaces it."""
         try:
             while True:
                 if not self.core.has_work():
@@ -70,9 +71,7 @@ class DecodeWorker:
         except BaseException:
             log.exception("the step loop of %s died", self.worker_id)
             self.failed = f"the step loop of {self.role.value} worker {self.worker_id} died"
-            self._publish([StepOutput(rid, [], "", True, FinishReason.ERROR, error=f"{self.role.value} worker "
-                                      f"{self.worker_id} failed while serving this request")
-                           for rid in self.core.request_ids()])
+            self._has_output.set()   # the router's poll takes what was produced, then hears of the death
 
     def _publish(self, outs: list[StepOutput]) -> None:
         self._outbox.append(outs)
@@ -114,7 +113,8 @@ class DecodeWorker:
 
     async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
         """Step messages produced since the last poll; waits up to timeout_s for one. A worker
-        whose loop died first hands out the messages that failed its requests, then raises."""
+        whose loop died hands out what it produced before, then raises WorkerLoopDied: the router
+        treats its requests as a dead worker's (they fail, or are prefilled again elsewhere)."""
         if not self._outbox:
             self._check()
             try:

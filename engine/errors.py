@@ -20,3 +20,19 @@ class OutOfKVCacheError(EngineError):
 class WorkerLoopDied(EngineError):
     """A worker's step loop died of an error no single request caused; the worker answers every
     later call with this until it is replaced (the supervisor kills and restarts it)."""
+
+
+class WorkerBroken(EngineError):
+    """The worker itself is broken, not one request: its accelerator failed, or every sequence of
+    several batches in a row failed on its own. Raised out of the step so that the worker's loop
+    dies and the worker is replaced (no request's own fault is ever turned into this)."""
+
+
+BROKEN_AFTER = 3   # batches in a row of >= 2 sequences in which every one failed on its own
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """An accelerator error (CUDA and kin): the device's state is lost for every request."""
+    import torch
+
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)

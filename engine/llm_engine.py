@@ -13,7 +13,7 @@ import torch
 from engine import model_loader, multimodal
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.errors import InvalidRequestError, OutOfKVCacheError
+from engine.errors import BROKEN_AFTER, InvalidRequestError, OutOfKVCacheError, WorkerBroken, is_device_failure
 from engine.kv_cache import BlockManager, KVSpec
 from engine.model_runner import ModelRunner, ScheduledSeq
 from engine.sampler import RowFailure, Sampler
@@ -123,6 +123,7 @@ class LLMEngine:
         self._detok: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self._prompt_embeds: dict[str, torch.Tensor] = {}  # image requests: [prompt len, H]
+        self._failed_streak = 0            # batches in a row in which every sequence failed (WorkerBroken)
 
     @property
     def tokenizer(self):
@@ -213,22 +214,30 @@ class LLMEngine:
         batch runs again on its own and only those that fail alone are failed; a row that
         cannot be sampled or detokenized fails alone. Each failed sequence ends with
         FinishReason.ERROR and an error for its client (the cause is logged), and the batch,
-        the loop and every other request go on."""
+        the loop and every other request go on. Only a broken worker raises (WorkerBroken: an
+        accelerator error, or every sequence failing on its own batch after batch)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         try:
             sampled = self._compute(batch)
-        except Exception:
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise WorkerBroken(f"the accelerator failed: {exc}") from exc
             log.exception("forward of a batch of %d failed; running its sequences one by one", len(batch))
             sampled = {}
             for entry in batch:
                 try:
                     sampled.update(self._compute([entry]))
-                except Exception:
+                except Exception as exc:
+                    if is_device_failure(exc):
+                        raise WorkerBroken(f"the accelerator failed: {exc}") from exc
                     log.exception("forward of request %s failed", entry.seq.request_id)
                     sampled[id(entry.seq)] = RowFailure("the forward pass failed for this request")
         failed = {key: out for key, out in sampled.items() if isinstance(out, RowFailure)}
+        self._failed_streak = self._failed_streak + 1 if len(batch) >= 2 and len(failed) == len(batch) else 0
+        if self._failed_streak >= BROKEN_AFTER:
+            raise WorkerBroken(f"every sequence failed on its own in {BROKEN_AFTER} batches in a row")
         self.scheduler.update([e for e in batch if id(e.seq) not in failed],
                               {key: t for key, t in sampled.items() if key not in failed})
         outs = []

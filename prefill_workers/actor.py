@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cluster.router_api import Role, WorkerStatus
 from cluster.worker_common import setup_threads, worker_info
 from encode_workers.transfer import EncodeShard
-from engine.errors import WorkerLoopDied
+from engine.errors import WorkerBroken, WorkerLoopDied
 from engine.llm_engine import LoadedModel
 from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
@@ -83,9 +83,10 @@ class PrefillWorker:
 
     async def _run(self) -> None:
         """Drain the queue in batches. run_batch fails a bad task by itself; if it still raises,
-        the batch's tasks fail and the loop goes on. An exception outside run_batch is a fault of
-        the worker: every waiting task fails and the worker reports itself failed (its calls
-        raise WorkerLoopDied) so that it is replaced."""
+        the batch's tasks fail and the loop goes on. WorkerBroken from run_batch, or an exception
+        outside it, is a fault of the worker: every waiting task is handed back (the router retries
+        it elsewhere) and the worker reports itself failed (its calls raise WorkerLoopDied) so
+        that it is replaced."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -97,6 +98,8 @@ class PrefillWorker:
                 self._busy = len(batch)
                 try:
                     results = await loop.run_in_executor(self._executor, self.core.run_batch, batch)
+                except WorkerBroken:
+                    raise                    # not the batch's fault: the loop dies, the worker is replaced
                 except Exception:
                     log.exception("prefill batch of %d failed on %s", len(batch), self.worker_id)
                     results = [PrefillResult(t.request_id, None, "the prefill failed") for t in batch]

@@ -30,6 +30,7 @@ from encode_workers.inproc import InProcessEncoder
 from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_image_features, release_image_transfers
 from engine import multimodal
 from engine.config import EngineConfig
+from engine.errors import BROKEN_AFTER, InvalidRequestError, WorkerBroken, is_device_failure
 from engine.kv_cache import BlockManager, KVSpec
 from engine.llm_engine import LoadedModel
 from engine.model_runner import ModelRunner, ScheduledSeq
@@ -94,6 +95,7 @@ class PrefillCore:
         self.sampler = Sampler()
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()
+        self._failed_streak = 0                          # batches in a row in which every prompt failed
         self._batches = 0                                # batches taken so far
         self._served: dict[str, int] = {}                # tenant -> the last batch it had a prompt in
         self.loaded = loaded
@@ -149,8 +151,11 @@ class PrefillCore:
             for t in with_images:
                 try:
                     feats[t.request_id] = self.image_encoder.encode(list(t.images))[0]
-                except Exception as exc:
-                    errors[t.request_id] = f"image encoding failed: {exc}"
+                except InvalidRequestError as exc:     # names the image at fault
+                    errors[t.request_id] = str(exc)
+                except Exception:
+                    log.exception("encoding the images of %s failed", t.request_id)
+                    errors[t.request_id] = "image encoding failed"
         return feats, time.monotonic() - start
 
     def take_batch(self) -> list[PrefillTask]:
@@ -264,24 +269,36 @@ class PrefillCore:
             return send
 
         vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
+        candidates = [s.request_id for s in seqs if s.request_id not in errors]   # computed for their own sake
+        compute_failed: set[str] = set()
         try:
             for t in tasks:
                 self.sampler.advance(t.request_id, t.sampling, vocab, t.sampled_before)
             try:
                 tokens = self._forward(seqs, embeds, sender_for(seqs))
-            except Exception:
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise WorkerBroken(f"the accelerator failed: {exc}") from exc
                 log.exception("prefill forward of a batch of %d failed; running its prompts one by one", len(seqs))
                 tokens = {}
                 for seq in [s for s in seqs if s.request_id not in errors]:
                     try:
                         tokens.update(self._forward([seq], embeds, sender_for([seq])))
-                    except Exception:
+                    except Exception as exc:
+                        if is_device_failure(exc):
+                            raise WorkerBroken(f"the accelerator failed: {exc}") from exc
                         log.exception("prefill forward of %s failed", seq.request_id)
                         drop(seq, "the prefill forward pass failed for this request")
+                        compute_failed.add(seq.request_id)
             forward_end = time.monotonic()
             for seq in seqs:
                 if isinstance(tokens.get(seq.request_id), RowFailure):
                     drop(seq, tokens[seq.request_id].message)
+                    compute_failed.add(seq.request_id)
+            everyone = len(candidates) >= 2 and compute_failed.issuperset(candidates)
+            self._failed_streak = self._failed_streak + 1 if everyone else 0
+            if self._failed_streak >= BROKEN_AFTER:
+                raise WorkerBroken(f"every prompt failed on its own in {BROKEN_AFTER} batches in a row")
             for seq in list(live):
                 try:
                     self.sender.finish(seq.request_id, timeout=self.options.finish_timeout_s)

@@ -276,22 +276,28 @@ def test_session_bytes_are_bounded_per_client_and_in_total():
     store = SessionStore(SessionsConfig(max_session_bytes=1000, max_bytes_per_client=3000, max_bytes=5000))
     store.append_turn(A, "a", (ChatMessage("user", "x" * 500),), "r")
     for i in range(50):
-        store.append_turn(B, f"b{i}", (ChatMessage("user", "y" * 900),), "r")
+        store.append_turn(B, f"b{i}", (ChatMessage("user", "y" * 800),), "r")
     many = [Principal(f"p{i}") for i in range(3)]
     for p in many:
-        store.append_turn(p, "s", (ChatMessage("user", "z" * 900),), "r")
+        store.append_turn(p, "s", (ChatMessage("user", "z" * 800),), "r")
     assert store.history(A, "a") != ()                       # the small client keeps its session
     assert store.count(B) <= 3 and store.total_bytes <= 5000
 
 
 def test_session_history_is_capped_in_size():
-    store = SessionStore(SessionsConfig(max_session_bytes=100))
+    from cluster.sessions import _size
+
+    store = SessionStore(SessionsConfig(max_session_bytes=400))
     for i in range(10):
         store.append_turn(A, "s", (ChatMessage("system", "sys"),) if i == 0 else (ChatMessage("user", "u" * 30),),
                           "a" * 10)
     history = store.history(A, "s")
     assert history[0] == ChatMessage("system", "sys")          # system messages stay
-    assert sum(len(m.content) for m in history) <= 100 and history[1].role == "user"
+    assert _size(history) <= 400 and history[1].role == "user" and len(history) == 3
+    store.append_turn(A, "e", (ChatMessage("user", ""),) * 50, "")   # empty messages count too
+    assert 0 < len(store.history(A, "e")) < 10
+    store.append_turn(A, "big", (ChatMessage("system", "s" * 500),), "ok")
+    assert store.history(A, "big") == ()                       # a system prompt over the cap: nothing kept
 
 
 def test_trim_keeps_system_and_new_messages():
@@ -330,6 +336,11 @@ def test_trim_is_exact_with_template_overhead():
         calls.clear()
         assert trim_to_fit(history, new, count, budget) == exact
         assert sum(n for n in calls if n > 1) <= 6 * (len(history) + len(new))    # a few whole templatings
+
+        def strict(ms):   # a template that refuses a lone message (alternating roles): never asked for one
+            assert len(ms) > 1 or ms == new
+            return count(ms)
+        assert trim_to_fit(history, new, strict, budget, lambda x: len(x.content.split())) == exact
 
 
 def test_error_kinds_all_mapped():

@@ -144,8 +144,11 @@ class FakeRouter(Router):
             role_switches=(RoleSwitch("decode-1", Role.PREFILL, Role.DECODE, 12.5, "decode queue"),),
         )
 
-    def apply_chat_template(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        return [0] * sum(len(m.content.split()) + 2 for m in messages)  # one token per word
+    def count_tokens(self, messages: tuple[ChatMessage, ...]) -> int:
+        return sum(len(m.content.split()) + 2 for m in messages)  # one token per word, 2 of markup
+
+    def estimate_tokens(self, message: ChatMessage) -> int:
+        return len(message.content.split())
 
     async def shutdown(self) -> None:
         self.shut_down = True

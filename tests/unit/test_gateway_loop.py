@@ -42,8 +42,11 @@ class PreparingRouter(FakeRouter):
     def prepare(self, request):
         return self.real.prepare(request)
 
-    def apply_chat_template(self, messages):
-        return self.real.apply_chat_template(messages)
+    def count_tokens(self, messages):
+        return self.real.count_tokens(messages)
+
+    def estimate_tokens(self, message):
+        return self.real.estimate_tokens(message)
 
 
 def _victim(target: str, stop: threading.Event, gaps: list[float], streams: int | None = None) -> None:

@@ -299,3 +299,72 @@ def test_grpc_garbage_and_options(server):
     assert options["grpc.max_receive_message_length"] == 32 << 20
     assert options["grpc.max_concurrent_streams"] == 256 and options["grpc.max_connection_idle_ms"] == 300_000
     assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000
+
+
+def test_a_client_that_goes_away_keeps_its_admission_share_until_its_work_ends():
+    import asyncio
+    import threading
+
+    from cluster import gateway as gw
+    from cluster.auth import Principal
+    from tests.unit.test_gateway_fakes import FakeRouter
+
+    async def scenario():
+        gate = gw.Gateway(FakeRouter())
+        release, running = threading.Event(), []
+
+        def heavy():
+            running.append(1)
+            release.wait(5)
+
+        mallory = Principal("mallory")
+        tasks = []
+        for _ in range(8):                    # send a heavy request, disconnect, again
+            tasks.append(asyncio.ensure_future(gate.off_loop(mallory, heavy)))
+            await asyncio.sleep(0.05)
+            tasks[-1].cancel()
+        await asyncio.sleep(0.2)
+        busy = len(running)                   # jobs started: only its share of the threads
+        ok = await asyncio.wait_for(gate.off_loop(Principal("alice"), lambda: "served"), 2)
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        gate.close()
+        return busy, ok, gate._admitting
+
+    busy, ok, left = asyncio.run(scenario())
+    assert busy == gw.ADMISSIONS_PER_CLIENT and ok == "served" and left == {}
+
+
+def test_duplicate_key_names_are_refused(tmp_path):
+    from cluster.config import AuthConfig
+
+    f = tmp_path / "keys"
+    f.write_text(f"alice:{ALICE}\nalice:{BOB}\n")
+    with pytest.raises(AuthError, match="the name 'alice' is given to more than one key"):
+        KeyRing.load(AuthConfig(api_keys_file=str(f)))
+    f.write_text(f"alice:{ALICE}\n")
+    (tmp_path / "admin").write_text(f"ops:{ALICE}\n")
+    with pytest.raises(AuthError, match="a key appears twice"):
+        KeyRing.load(AuthConfig(api_keys_file=str(f), admin_keys_file=str(tmp_path / "admin")))
+
+
+def test_cluster_status_is_cached_so_callers_cannot_load_the_workers(server):
+    router = server.router
+    calls = []
+    status = router.cluster_status
+
+    async def counted():
+        calls.append(1)
+        return await status()
+    router.cluster_status = counted
+    try:
+        with client(server, ALICE) as c:
+            for _ in range(20):
+                c.cluster_status()
+        with httpx.Client(base_url=server.url, timeout=10, headers={"Authorization": f"Bearer {ALICE}"}) as http:
+            for _ in range(10):
+                assert http.get("/metrics").status_code == 200
+    finally:
+        del router.cluster_status
+    assert 1 <= len(calls) <= 3          # at most one refresh a second

@@ -195,7 +195,8 @@ def test_disaggregated_failing_row(tiny, fault):
     assert got == clean
 
 
-def test_dead_decode_loop_fails_its_requests_and_reports_the_worker_failed(tiny):
+def test_dead_decode_loop_reports_the_worker_failed(tiny):
+    """Its requests are then a dead worker's (the router fails them or prefills them again)."""
     prompts = [tiny.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
 
     async def scenario():
@@ -210,22 +211,17 @@ def test_dead_decode_loop_fails_its_requests_and_reports_the_worker_failed(tiny)
                 raise RuntimeError("injected scheduler bug")
             return step()
         core.step = broken_step
-        got = await _serve(prefill, decode, [(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
-                                             for i, p in enumerate(prompts)])
         with pytest.raises(WorkerLoopDied, match="step loop of decode worker d died"):
-            await decode.poll(0.1, epoch=0)
+            await _serve(prefill, decode, [(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+                                           for i, p in enumerate(prompts)])
         with pytest.raises(WorkerLoopDied):
             await decode.ready()
         with pytest.raises(WorkerLoopDied):
             await decode.reserve("late", 4, 10.0, epoch=0)
         await prefill.shutdown()
         await decode.shutdown()
-        return got
 
-    got = asyncio.run(scenario())
-    for tokens, reason, error in got.values():
-        assert reason is FinishReason.ERROR and error == "decode worker d failed while serving this request"
-        assert len(tokens) < 50
+    asyncio.run(scenario())
 
 
 def test_dead_prefill_loop_hands_its_tasks_back(tiny):
@@ -266,3 +262,39 @@ def test_prefill_batches_share_their_token_budget_among_tenants(tiny):
     # One tenant alone fills the budget (8 prompts of 30 tokens), in arrival order.
     assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(6, 14)]
     core.close()
+
+
+def test_a_worker_where_every_sequence_keeps_failing_is_broken(tiny, make_engine):
+    """Not one request's fault: after BROKEN_AFTER batches in a row in which every sequence failed on
+    its own (NaN weights, a dead device), the step raises WorkerBroken so the worker is replaced;
+    one failing batch, or one healthy sequence among them, does not."""
+    from engine.errors import BROKEN_AFTER, WorkerBroken
+
+    engine = make_engine(tiny, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256, max_num_seqs=8)
+    ids = tiny.tokenizer(TEXTS[0])["input_ids"]
+    forward = engine.runner.forward
+
+    def broken(batch, *args, **kwargs):
+        if any(e.seq.request_id.startswith("x") for e in batch):
+            raise RuntimeError("injected device fault")
+        return forward(batch, *args, **kwargs)
+    engine.runner.forward = broken
+    for round_ in range(BROKEN_AFTER - 1):      # each batch: every sequence fails alone, but a streak of 2
+        for i in range(2):
+            engine.add_request(ids, greedy(), f"x{round_}-{i}")
+        outs = engine.step()
+        assert all(o.finish_reason is FinishReason.ERROR for o in outs)
+    engine.add_request(ids, greedy(), "healthy")           # one sequence that works breaks the streak
+    engine.add_request(ids, greedy(), "x-last")
+    engine.step()
+    assert engine.request_ids() == ["healthy"]
+    engine.abort("healthy")
+    with pytest.raises(WorkerBroken, match=f"every sequence failed on its own in {BROKEN_AFTER} batches"):
+        for round_ in range(BROKEN_AFTER):
+            for i in range(2):
+                engine.add_request(ids, greedy(), f"x-again-{round_}-{i}")
+            engine.step()
+    assert round_ == BROKEN_AFTER - 1
+    engine.runner.forward = forward
+    for rid in engine.request_ids():
+        engine.abort(rid)

@@ -100,3 +100,32 @@ def test_deadline_during_reserve_frees_the_reservation():
     assert final.error and "deadline" in final.error
     assert decode.reserved == set() and decode.cancels
     assert router.decode[0].inflight == 0
+
+
+def test_abort_ends_a_request_waiting_for_a_decode_slot_or_its_reservation():
+    """Abort reaches a request before its first token: one waiting for a decode slot (the cluster
+    is full) ends at once, one whose reservation is in flight ends and frees it."""
+    from engine.sequence import FinishReason
+
+    async def main():
+        decode = FakeDecode(reserve_s=0.3)
+        router = _router(decode)
+        router.seqs_per_worker = 1            # one decode slot in the whole cluster
+        first = asyncio.ensure_future(_consume(router, GenerateInput("r1", SamplingParams(max_tokens=4),
+                                                                     token_ids=(1, 2, 3), tenant="a")))
+        await asyncio.sleep(0.05)             # r1 holds the slot, its reserve call is in flight
+        second = asyncio.ensure_future(_consume(router, GenerateInput("r2", SamplingParams(max_tokens=4),
+                                                                      token_ids=(1, 2, 3), tenant="b")))
+        await asyncio.sleep(0.05)             # r2 waits for the slot
+        assert router.slots.waiting == 1
+        assert await router.abort("r2")
+        waited = await asyncio.wait_for(second, 1.0)
+        assert await router.abort("r1")
+        reserved = await asyncio.wait_for(first, 1.0)
+        await asyncio.sleep(0.5)              # the reserve lands, then the cancel
+        return decode, router, waited, reserved
+
+    decode, router, waited, reserved = asyncio.run(main())
+    assert waited[-1].finish_reason is FinishReason.ABORT and reserved[-1].finish_reason is FinishReason.ABORT
+    assert decode.reserved == set() and "r1" in decode.cancels
+    assert router.slots.in_use == 0 and router.slots.waiting == 0 and router.decode[0].inflight == 0

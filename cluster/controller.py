@@ -173,7 +173,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
         kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
         prefill=prefill, decode=decode, encode=encode,
         image_token_id=llava.image_token_id if llava is not None else None,
-        tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=config.server.max_queued_requests,
+        tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=2 * config.server.max_queued_requests,
         default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown,
         reprefill_on_decode_failure=config.server.reprefill_on_decode_failure,
         max_image_pixels=config.server.limits.max_image_pixels, seqs_per_worker=config.engine.max_num_seqs)

@@ -363,8 +363,9 @@ class Gateway(pb_grpc.TriptychServicer):
         total, clients = sum(self._per_client.values()), len(self._per_client) + (held == 0)
         if total >= self.max_queued and held >= max(1, self.max_queued // clients):
             raise self.refuse(RouterError(
-                ErrorKind.RESOURCE_EXHAUSTED, f"the server has {total} requests in flight (server.max_queued_requests"
-                f" = {self.max_queued}) and this client holds its share; retry later", "server_busy"), door)
+                ErrorKind.RESOURCE_EXHAUSTED, f"the server has {total} requests in flight (limit "
+                f"server.max_queued_requests = {self.max_queued}) and this client holds its share of them; retry later",
+                "server_busy"), door)
         self._per_client[principal] += 1     # checked and counted now; the caller enters at once
         return _Entered(self._per_client, principal)
 

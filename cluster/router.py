@@ -255,8 +255,8 @@ class ClusterRouter(Router):
     def _admit(self, request: GenerateInput, prepared: Prepared) -> _Flight:
         if len(self._flights) >= self.max_inflight:
             raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
-                              f"the server has {len(self._flights)} requests in flight (limit "
-                              f"server.max_queued_requests = {self.max_inflight}); retry later", "server_busy")
+                              f"the server has {len(self._flights)} requests in flight (limit {self.max_inflight}); "
+                              f"retry later", "server_busy")
         if request.request_id in self._flights:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight",
                               "duplicate_request_id")

@@ -743,8 +743,9 @@ def keep_large_allocations_returnable() -> bool:
     """Have glibc serve every allocation of 1 MiB or more with its own mmap, returned to the OS on
     free. By default glibc raises that threshold after freeing a large block (up to 32 MiB), so
     the buffers of a few oversized requests (refused, then freed) stay in the heap for good: the
-    gateway grew 38% after the oversized attacks of tests/attacks.py, 6% with this. A no-op
-    (False) where the C library has no mallopt."""
+    gateway grew 38% after the oversized attacks of tests/attacks.py, 6% with this. A setting of
+    the whole process, so `triptych serve` (whose process hosts the gateway and the router, not
+    the workers) makes it. A no-op (False) where the C library has no mallopt."""
     import ctypes
     import ctypes.util
 
@@ -765,7 +766,6 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
     from cluster import admin
 
     keys = keys if keys is not None else KeyRing.load(server.auth)
-    keep_large_allocations_returnable()
     gateway = Gateway(router, sessions=sessions if sessions is not None else SessionStore(server.sessions),
                       metrics=metrics, keys=keys, limits=server.limits, max_queued_requests=server.max_queued_requests)
     creds = grpc_credentials(server)

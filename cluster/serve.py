@@ -111,6 +111,7 @@ def exposure_warnings(config: DeployConfig) -> list[str]:
 
 
 async def _serve(config: DeployConfig, address: str | None) -> int:
+    gateway.keep_large_allocations_returnable()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,7 +19,8 @@ from cluster.auth import KeyRing
 from cluster.config import ServerConfig
 from cluster.gateway import (GRPC_CODES, UNAUTHENTICATED_MESSAGE, Gateway, answer_status, bearer, bind_grpc,
                              grpc_options, switch_to_pb)
-from cluster.router_api import ErrorKind, Role, Router, RouterError
+from cluster.router_api import ErrorKind, Router, RouterError
+from engine.worker_api import Role
 from protos.triptych.v1 import triptych_pb2 as pb
 from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 

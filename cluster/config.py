@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from engine.worker_api import Mode, Role
+
 SCHEMA_VERSION = 1
 
 
@@ -39,18 +41,6 @@ class ConfigError(ValueError):
     def __init__(self, source: str, path: str, reason: str) -> None:
         super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
         self.source, self.path, self.reason = source, path, reason
-
-
-class Mode(str, enum.Enum):
-    COLOCATED = "colocated"
-    DISAGGREGATED = "disaggregated"
-
-
-class Role(str, enum.Enum):
-    ENCODE = "encode"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
 
 
 class SparseMethod(str, enum.Enum):

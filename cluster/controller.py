@@ -24,9 +24,11 @@ import sys
 import time
 from typing import Callable
 
-from cluster.config import ConfigError, DeployConfig, Mode, PoolConfig
+from cluster.config import ConfigError, DeployConfig, PoolConfig
+from engine.worker_api import Mode
 from cluster.router import ClusterRouter, WorkerHandle
-from cluster.router_api import ModelInfo, Role
+from cluster.router_api import ModelInfo
+from engine.worker_api import Role
 from cluster.supervisor import Supervisor
 from decode_workers.decode_core import DecodeOptions
 from engine.config import EngineConfig

@@ -51,18 +51,8 @@ from cluster import limits as caps
 from cluster.auth import ANONYMOUS, KeyRing, Principal
 from cluster.config import LimitsConfig, ServerConfig
 from cluster.metrics import Metrics
-from cluster.router_api import (
-    ChatMessage,
-    ClusterStatus,
-    ErrorKind,
-    FinalEvent,
-    GenerateInput,
-    Prepared,
-    Role,
-    Router,
-    RouterError,
-    TokenEvent,
-)
+from cluster.router_api import ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, Prepared, Router, RouterError, TokenEvent
+from engine.worker_api import Role
 from cluster.sessions import SessionStore, trim_to_fit
 from engine.sequence import FinishReason
 from protos.triptych.v1 import triptych_pb2 as pb

@@ -43,7 +43,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cluster.router_api import ClusterStatus, Role, RouterError
+from cluster.router_api import ClusterStatus, RouterError
+from engine.worker_api import Role
 
 log = logging.getLogger(__name__)
 

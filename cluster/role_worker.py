@@ -36,14 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.router_api import Role
-from cluster.worker_common import setup_threads
 from decode_workers.actor import DecodeWorker
 from decode_workers.decode_core import DecodeOptions
 from encode_workers.encoder import ImageEncoder
 from encode_workers.inproc import InProcessEncoder
 from encode_workers.worker import EncodeWorker
 from engine.llm_engine import LoadedModel
+from engine.worker_api import Role, setup_threads
 from prefill_workers.actor import PrefillWorker
 from prefill_workers.prefill_core import PrefillOptions
 

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cluster.router_api import (ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, Role,
-                                RoleSwitch, Router, RouterError, Timings, TokenEvent, WorkerStatus)
+from cluster.router_api import ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, Prepared, RoleSwitch, Router, RouterError, Timings, TokenEvent
+from engine.worker_api import Role, WorkerStatus
 from cluster.fair_share import FairShare
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from engine.sequence import FinishReason, SamplingParams
+from engine.worker_api import Mode, Role, WorkerStatus
 
 
 class ErrorKind(enum.Enum):
@@ -116,26 +117,6 @@ class ModelInfo:
     supports_images: bool
 
 
-class Role(enum.Enum):
-    ENCODE = "encode"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    worker_id: str
-    role: Role
-    node_id: str
-    alive: bool
-    queue_length: int
-    running: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    epoch: int = 0
-
-
 @dataclass(frozen=True)
 class RoleSwitch:
     worker_id: str
@@ -150,7 +131,7 @@ class RoleSwitch:
 
 @dataclass(frozen=True)
 class ClusterStatus:
-    mode: str                                   # "colocated" | "disaggregated"
+    mode: Mode
     workers: tuple[WorkerStatus, ...]
     role_switches: tuple[RoleSwitch, ...] = ()  # the most recent ones, oldest first
     switch_count: int = 0                       # role switches since the cluster started

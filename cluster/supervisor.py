@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.router import ClusterRouter, WorkerHandle, _is_actor_death
-from cluster.router_api import Role
+from engine.worker_api import Role
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,11 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster.router_api import Role, WorkerStatus
-from cluster.worker_common import setup_threads, worker_info
 from decode_workers.decode_core import DecodeCore, DecodeOptions
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel
 from engine.sequence import SamplingParams, StepOutput
+from engine.worker_api import Role, WorkerStatus, setup_threads, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class DecodeWorker:
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.role = role
-        self.info = worker_info(worker_id, role.value)
+        self.info = worker_info(worker_id, role)
         self.core = DecodeCore(options, loaded or LoadedModel.load(model, options.engine.dtype), image_encoder)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-core")
         self._outbox: list[list[StepOutput]] = []

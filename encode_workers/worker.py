@@ -16,10 +16,10 @@ from collections.abc import Callable
 import ray
 import torch
 
-from cluster.router_api import Role
 from encode_workers.encoder import ImageEncoder
 from encode_workers.service import EncodeService
 from encode_workers.transfer import EncodeStats
+from engine.worker_api import Role, worker_info
 from kv_transfer.layout import TransferDescriptor
 
 
@@ -28,8 +28,6 @@ class EncodeWorker:
                  dtype: str = "float32", backend: str = "shm", cache_bytes: int = 512 << 20,
                  max_images_per_batch: int = 8, torch_threads: int | None = None, worker_id: str | None = None) -> None:
         """model_dir: a local LLaVA checkpoint; encoder_factory instead builds the encoder in the actor."""
-        from cluster.worker_common import worker_info
-
         if (model_dir is None) == (encoder_factory is None):
             raise ValueError("give exactly one of model_dir and encoder_factory")
         if torch_threads:
@@ -40,7 +38,7 @@ class EncodeWorker:
             self.service = EncodeService.from_model_dir(model_dir, getattr(torch, dtype), **kwargs)
         else:
             self.service = EncodeService(encoder_factory(), **kwargs)
-        self.info = worker_info(self.service.worker_id, Role.ENCODE.value)
+        self.info = worker_info(self.service.worker_id, Role.ENCODE)
         self.inflight = 0              # encode() calls running: a role switch waits for 0
 
     async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor,

@@ -184,7 +184,7 @@ def measure(config, *, threads: int | None = None, quick: bool = False, reps: in
 
     import torch
 
-    from cluster.config import Mode
+    from engine.worker_api import Mode
     from cluster.controller import engine_config
     from engine.llm_engine import LoadedModel
     from placement.errors import PlanningError

@@ -13,11 +13,10 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster.router_api import Role, WorkerStatus
-from cluster.worker_common import setup_threads, worker_info
 from encode_workers.transfer import EncodeShard
 from engine.errors import WorkerBroken, WorkerLoopDied
 from engine.llm_engine import LoadedModel
+from engine.worker_api import Role, WorkerStatus, setup_threads, worker_info
 from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
 
@@ -31,7 +30,7 @@ class PrefillWorker:
         `model` (and the vision side, when options ask for in-process encoding) is loaded."""
         setup_threads(num_threads)
         self.worker_id = worker_id
-        self.info = worker_info(worker_id, Role.PREFILL.value)
+        self.info = worker_info(worker_id, Role.PREFILL)
         self.core = PrefillCore(options, loaded or LoadedModel.load(model, options.engine.dtype), image_encoder)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
         self._futures: dict[str, asyncio.Future] = {}

@@ -19,7 +19,8 @@ import torch
 
 from cluster.config import parse_config
 from cluster.controller import start_router
-from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, Role, RouterError
+from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, RouterError
+from engine.worker_api import Role
 from engine import multimodal
 from engine.sequence import FinishReason, SamplingParams
 from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, collect, run_all

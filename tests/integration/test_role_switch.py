@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from cluster.config import parse_config
-from cluster.router_api import Role, TokenEvent
+from cluster.router_api import TokenEvent
+from engine.worker_api import Role
 from cluster.serve import start_serving, stop_serving
 from engine.sequence import FinishReason, SamplingParams
 from cluster.router_api import GenerateInput

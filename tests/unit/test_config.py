@@ -7,16 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import (
-    ConfigError,
-    DeployConfig,
-    Mode,
-    Role,
-    SparseMethod,
-    TransportBackend,
-    load_config,
-    parse_config,
-)
+from cluster.config import ConfigError, DeployConfig, SparseMethod, TransportBackend, load_config, parse_config
+from engine.worker_api import Mode, Role
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "deploy").glob("*.yaml"))

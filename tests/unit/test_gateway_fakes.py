@@ -16,21 +16,8 @@ import time
 
 from cluster import gateway as gw
 from cluster.config import ServerConfig
-from cluster.router_api import (
-    ChatMessage,
-    ClusterStatus,
-    ErrorKind,
-    FinalEvent,
-    GenerateInput,
-    ModelInfo,
-    Role,
-    RoleSwitch,
-    Router,
-    RouterError,
-    Timings,
-    TokenEvent,
-    WorkerStatus,
-)
+from cluster.router_api import ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, RoleSwitch, Router, RouterError, Timings, TokenEvent
+from engine.worker_api import Role, WorkerStatus
 from engine.sequence import FinishReason
 
 MODEL = "fake-model"

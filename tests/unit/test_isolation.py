@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cluster.role_worker import RoleWorker
-from cluster.router_api import Role
+from engine.worker_api import Role
 from decode_workers.decode_core import DecodeOptions
 from engine.config import EngineConfig
 from engine.errors import WorkerLoopDied

@@ -75,7 +75,8 @@ def test_aborted_requests_skip_latency_histograms():
 
 
 def test_switch_restart_and_epoch_gauges():
-    from cluster.router_api import ClusterStatus, Role, RoleSwitch, WorkerStatus
+    from cluster.router_api import ClusterStatus, RoleSwitch
+    from engine.worker_api import Role, WorkerStatus
 
     m = Metrics()
     status = ClusterStatus("disaggregated", (WorkerStatus("decode-1", Role.PREFILL, "n", True, 0, 0, 0, 0, epoch=3),),

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 
 from cluster.role_policy import RolePolicy, RolePolicyOptions, Signals, decide, signals
-from cluster.router_api import ClusterStatus, Role, RoleSwitch, RouterError, WorkerStatus, ErrorKind
+from cluster.router_api import ClusterStatus, RoleSwitch, RouterError, ErrorKind
+from engine.worker_api import Role, WorkerStatus
 
 O = RolePolicyOptions(ttft_slo_s=1.0, tpot_slo_s=0.1, target=0.9, sustain=3, cooldown_s=30.0, min_samples=4,
                       queue_high=2.0, kv_high=0.8)

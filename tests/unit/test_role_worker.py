@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from cluster.role_worker import RoleSwitchError, RoleWorker, StaleEpochError
-from cluster.router_api import Role
+from engine.worker_api import Role
 from decode_workers.decode_core import QUARANTINE_S, DecodeOptions
 from engine.config import EngineConfig
 from engine.sequence import SamplingParams

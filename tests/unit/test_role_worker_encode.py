@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster.role_worker import EncodeOptions, RoleSwitchError, RoleWorker, StaleEpochError
-from cluster.router_api import Role
+from engine.worker_api import Role
 from decode_workers.decode_core import DecodeOptions
 from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_image_features
 from engine import multimodal

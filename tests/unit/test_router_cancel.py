@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from cluster.router import ClusterRouter, WorkerHandle
-from cluster.router_api import GenerateInput, ModelInfo, Role
+from cluster.router_api import GenerateInput, ModelInfo
+from engine.worker_api import Role
 from engine.sequence import SamplingParams
 
 

@@ -7,7 +7,8 @@ import asyncio
 
 
 from cluster.router import ClusterRouter, WorkerHandle
-from cluster.router_api import ModelInfo, Role
+from cluster.router_api import ModelInfo
+from engine.worker_api import Role
 from cluster.supervisor import Supervisor, SupervisorOptions
 
 

@@ -44,12 +44,13 @@ from pathlib import Path
 
 from bench.common import AZURE_CONV, prompt_ids, text_token_ids
 from bench.goodput import Outcome, percentile
+from engine.worker_api import Mode, Role
 from placement import trace as tr
 from placement.cli import perf_model
 from placement.hardware import load_cluster
 from placement.plan_yaml import plan_document, write_plan
-from placement.search import Plan, PoolPlan, Role, SearchSettings, Searcher
-from placement.simulator import Mode, Slo, simulate
+from placement.search import Plan, PoolPlan, SearchSettings, Searcher
+from placement.simulator import Slo, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.9

@@ -31,7 +31,7 @@ import numpy as np
 
 from placement.errors import PlanningError
 from placement.hardware import ClusterSpec
-from placement.profile import DecodeSample, EncodeSample, ModelInfo, PrefillSample, Profile, TransferSample
+from placement.profile import DecodeSample, EncodeSample, ModelShape, PrefillSample, Profile, TransferSample
 
 # Fixed kernel-launch / framework overhead per layer per forward on a GPU, seconds.
 LAYER_OVERHEAD_S = 10e-6
@@ -142,7 +142,7 @@ def fit_transfer(samples: tuple[TransferSample, ...]) -> TransferModel:
 
 # ---------------------------------------------------------------- roofline prior
 
-def roofline(model: ModelInfo, cluster: ClusterSpec, tp: int, pp: int, stages_intra_node: bool = True) -> InstanceLatency:
+def roofline(model: ModelShape, cluster: ClusterSpec, tp: int, pp: int, stages_intra_node: bool = True) -> InstanceLatency:
     """Roofline latency of one (tp, pp) instance; TP groups sit inside a node, PP hops may cross nodes."""
     flops = cluster.gpu.effective_flops * tp
     mem_bw = cluster.gpu.effective_bandwidth * tp
@@ -209,7 +209,7 @@ class PerfModel:
     other is scaled from the reference by the roofline ratio.
     """
 
-    model: ModelInfo
+    model: ModelShape
     cluster: ClusterSpec
     fitted: FittedProfile | None = None
     extra: tuple[FittedProfile, ...] = ()

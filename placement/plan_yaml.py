@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from engine.worker_api import Mode, Role
 from placement.hardware import ClusterSpec, DeviceKind
 from placement.latency_model import PerfModel
-from placement.search import Plan, Role, SearchSettings
-from placement.simulator import Mode
+from placement.search import Plan, SearchSettings
 
 DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server", "role_switching")
 

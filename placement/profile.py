@@ -33,8 +33,9 @@ PROFILE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """Transformer shape. num_params counts all weights; bytes_per_param is the weight dtype size."""
+class ModelShape:
+    """The profiled model's geometry (what the latency model needs of it, not what the gateway reports).
+    num_params counts all weights; bytes_per_param is the weight dtype size."""
 
     name: str
     num_layers: int
@@ -104,7 +105,7 @@ class TransferSample:
 
 @dataclass(frozen=True)
 class Profile:
-    model: ModelInfo
+    model: ModelShape
     hardware: HardwareInfo
     prefill: tuple[PrefillSample, ...] = ()
     decode: tuple[DecodeSample, ...] = ()
@@ -159,6 +160,6 @@ def load_profile(path: str | Path) -> Profile:
         if not isinstance(items, list):
             raise PlanningError(f"{path}: '{key}' must be a list")
         samples[key] = tuple(_build(cls, s, path, f"{key}[{i}]") for i, s in enumerate(items))
-    return Profile(model=_build(ModelInfo, raw["model"], path, "model"),
+    return Profile(model=_build(ModelShape, raw["model"], path, "model"),
                    hardware=_build(HardwareInfo, raw["hardware"], path, "hardware"),
                    version=version, **samples)

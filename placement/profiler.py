@@ -234,7 +234,7 @@ def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: in
     import torch
 
     from decode_workers.decode_core import kv_layout
-    from placement.profile import HardwareInfo, ModelInfo, Profile
+    from placement.profile import HardwareInfo, ModelShape, Profile
 
     layout = kv_layout(loaded, ecfg)
     sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
@@ -245,10 +245,10 @@ def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: in
     cfg = loaded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype_bytes = torch.finfo(loaded.model.dtype).bits // 8
-    model = ModelInfo(loaded.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                      cfg.num_key_value_heads, head_dim, cfg.intermediate_size, cfg.vocab_size,
-                      sum(p.numel() for p in loaded.model.parameters()), dtype_bytes,
-                      ModelInfo.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype_bytes))
+    model = ModelShape(loaded.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                       cfg.num_key_value_heads, head_dim, cfg.intermediate_size, cfg.vocab_size,
+                       sum(p.numel() for p in loaded.model.parameters()), dtype_bytes,
+                       ModelShape.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype_bytes))
     # On a CPU cluster an instance of TP t is one worker process with t torch threads (the controller
     # gives a worker num_cpus = TP·PP threads), so the thread count is the profiled TP degree.
     threads_used = torch.get_num_threads()

@@ -21,23 +21,16 @@ Progress goes to the `progress` callback, one line per step.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from engine.worker_api import Mode, Role
 from placement.errors import PlanningError
 from placement.hardware import DeviceKind
 from placement.latency_model import PerfModel, TransferModel
-from placement.simulator import Mode, PoolConfig, SimConfig, SimResult, Slo, simulate
+from placement.simulator import SimConfig, SimResult, SimulatedPool, Slo, simulate
 from placement.trace import Request, rescale_rate, stats
-
-
-class Role(enum.Enum):
-    ENCODE = "encode"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
 
 
 @dataclass(frozen=True)
@@ -181,9 +174,9 @@ class Searcher:
         return out
 
     # ------------------------------------------------------------ simulation configs
-    def pool_config(self, role: Role, tp: int, pp: int, instances: int, intra: bool = True) -> PoolConfig:
-        return PoolConfig(instances, self.perf.instance(tp, pp, intra), self.perf.kv_capacity_tokens(tp, pp),
-                          self.s.token_budget, self.s.max_batch)
+    def simulated_pool(self, role: Role, tp: int, pp: int, instances: int, intra: bool = True) -> SimulatedPool:
+        return SimulatedPool(instances, self.perf.instance(tp, pp, intra), self.perf.kv_capacity_tokens(tp, pp),
+                             self.s.token_budget, self.s.max_batch)
 
     def transfer(self, low_affinity: bool) -> TransferModel:
         return self.perf.transfer(intra_node=low_affinity)
@@ -194,7 +187,7 @@ class Searcher:
 
         def cfg(role):
             p = by.get(role)
-            return None if p is None else self.pool_config(role, p.tp, p.pp, p.instances, intra or low_affinity)
+            return None if p is None else self.simulated_pool(role, p.tp, p.pp, p.instances, intra or low_affinity)
         return SimConfig(mode=mode, slo=slo, prefill=cfg(Role.PREFILL), decode=cfg(Role.DECODE),
                          encode=cfg(Role.ENCODE), colocated=cfg(Role.COLOCATED),
                          transfer=self.transfer(low_affinity), kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
@@ -262,7 +255,7 @@ class Searcher:
             # Decode keeps the TTFT check: its admission wait is part of TTFT and is where overload shows.
             phase_slo = {Role.PREFILL: Slo(slo.ttft_s, math.inf)}.get(role, slo)
             mode = Mode.COLOCATED if role is Role.COLOCATED else Mode.DISAGGREGATED
-            pool = self.pool_config(role, tp, pp, 1, intra)
+            pool = self.simulated_pool(role, tp, pp, 1, intra)
             cfg = SimConfig(mode=mode, slo=phase_slo, transfer=self.transfer(intra),
                             kv_bytes_per_token=self.perf.model.kv_bytes_per_token, block_size=self.s.block_size,
                             **{role.value: pool})

@@ -37,13 +37,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from engine.worker_api import Mode
 from placement.latency_model import InstanceLatency, TransferModel
 from placement.trace import Request
-
-
-class Mode(enum.Enum):
-    DISAGGREGATED = "disaggregated"
-    COLOCATED = "colocated"
 
 
 class _Ev(enum.IntEnum):
@@ -64,8 +60,9 @@ class Slo:
 
 
 @dataclass(frozen=True)
-class PoolConfig:
-    """instances identical instances; kv_capacity_tokens per instance (all its devices together)."""
+class SimulatedPool:
+    """One simulated pool: `instances` identical instances; kv_capacity_tokens per instance (all its
+    devices together). Not a deploy pool (`cluster.config.PoolConfig`): only what the simulator needs."""
 
     instances: int
     latency: InstanceLatency
@@ -78,10 +75,10 @@ class PoolConfig:
 class SimConfig:
     mode: Mode
     slo: Slo
-    prefill: PoolConfig | None = None
-    decode: PoolConfig | None = None
-    encode: PoolConfig | None = None
-    colocated: PoolConfig | None = None
+    prefill: SimulatedPool | None = None
+    decode: SimulatedPool | None = None
+    encode: SimulatedPool | None = None
+    colocated: SimulatedPool | None = None
     transfer: TransferModel = TransferModel(0.0, math.inf)
     kv_bytes_per_token: int = 0
     block_size: int = 16

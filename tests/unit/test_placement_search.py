@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.worker_api import Role
 from placement import cli
 from placement import trace as tr
 from placement.catalog import model_by_name
@@ -14,7 +15,7 @@ from placement.errors import PlanningError
 from placement.hardware import load_cluster
 from placement.latency_model import PerfModel
 from placement.plan_yaml import DEPLOY_KEYS, write_plan
-from placement.search import Role, SearchSettings, plan_placement
+from placement.search import SearchSettings, plan_placement
 from placement.simulator import Slo
 
 ROOT = Path(__file__).resolve().parents[2]

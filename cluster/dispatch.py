@@ -1,0 +1,433 @@
+"""Dispatch: one admitted request's way through the workers, from its Flight to its FinalEvent.
+
+A Flight's state (FlightState) moves forward only:
+
+    ADMITTED ─▶ WAITING_SLOT ─▶ RESERVING ─▶ [ENCODING] ─▶ PREFILLING ─▶ ACTIVATING ─▶ DECODING ─▶ ENDED
+                (fair decode    (KV blocks on     (encode     (token 1, K/V     (decode worker
+                 slot)          a decode worker)   pool)      streamed)         takes it over)
+    colocated:  ADMITTED ─▶ WAITING_SLOT ─▶ SUBMITTING ─▶ DECODING ─▶ ENDED
+    a decode worker dies with re-prefill on: DECODING ─▶ RESUMING ─▶ RESERVING ... (cluster/resume.py)
+
+Every wait is bounded by the request's deadline (never past the server's request_timeout_s) and
+ends early on abort. A prefill worker that dies or switches role mid-call: the reservation is
+dropped and prefill runs again on another worker (prefill is idempotent). Whatever way the
+request ends, `Flight.end()` gives back its leases (cluster/pools.py) and the router cancels it
+on any live worker that may still hold something of it. Exactly one FinalEvent ends a stream
+that the consumer read to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cluster.fair_share import FairShare
+from cluster.pools import Lease, Pools, WorkerHandle, is_actor_death, is_stale
+from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError, Timings, TokenEvent
+from encode_workers.parallel import encode_parallel, plan_shards
+from encode_workers.transfer import EncodeShard
+from engine.sequence import FinishReason, StepOutput
+from engine.worker_api import Mode
+from prefill_workers.prefill_core import PrefillTask
+
+log = logging.getLogger(__name__)
+RESERVE_RETRY_S = 0.02
+CANCEL_TIMEOUT_S = 10.0
+
+
+class FlightState(enum.Enum):
+    ADMITTED = "admitted"
+    WAITING_SLOT = "waiting_slot"
+    RESERVING = "reserving"
+    ENCODING = "encoding"
+    PREFILLING = "prefilling"
+    ACTIVATING = "activating"
+    SUBMITTING = "submitting"
+    DECODING = "decoding"
+    RESUMING = "resuming"
+    ENDED = "ended"
+
+
+@dataclass(eq=False)
+class Flight:
+    """One request in flight. `events` carries StepOutputs, or an Exception that ends it."""
+
+    request_id: str
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
+    resume: tuple[int, int] | None = None   # re-prefilled: (output tokens in the prompt, chars sent)
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)   # abort() before its first token too
+    state: FlightState = FlightState.ADMITTED
+    resumes: int = 0                 # times it was prefilled again after its decode worker died
+    decode_lease: Lease | None = None   # the decode (or colocated) worker holding its KV, from reservation to end
+    prefill_lease: Lease | None = None  # the prefill worker, for the prefill call only
+
+    @property
+    def decode(self) -> WorkerHandle | None:
+        return self.decode_lease.worker if self.decode_lease else None
+
+    @property
+    def prefill(self) -> WorkerHandle | None:
+        return self.prefill_lease.worker if self.prefill_lease else None
+
+    def drop_decode(self) -> None:
+        if self.decode_lease is not None:
+            self.decode_lease.release()
+            self.decode_lease = None
+
+    def drop_prefill(self) -> None:
+        if self.prefill_lease is not None:
+            self.prefill_lease.release()
+            self.prefill_lease = None
+
+    def end(self) -> None:
+        self.drop_prefill()
+        self.drop_decode()
+        self.state = FlightState.ENDED
+
+
+class DecodeDied(RouterError):
+    """The worker decoding the request died (before or after its first token)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.UNAVAILABLE, message)
+
+
+class Aborted(RouterError):
+    def __init__(self) -> None:
+        super().__init__(ErrorKind.NOT_FOUND, "aborted")
+
+
+def timings(t0: float, end: float, first_at: float | None, last_at: float | None, n: int,
+            phases: dict[str, float]) -> Timings:
+    """The one place TTFT, TPOT and the phase times of a request are computed (0 where a phase
+    did not happen; no first token: TTFT, TPOT and decode time are 0)."""
+    decode_s = (last_at - first_at) if first_at else 0.0
+    return Timings(queue_s=phases.get("queue_s", 0.0), encode_s=phases.get("encode_s", 0.0),
+                   prefill_s=phases.get("prefill_s", 0.0), transfer_s=phases.get("transfer_s", 0.0),
+                   decode_s=decode_s, ttft_s=(first_at - t0) if first_at else 0.0,
+                   tpot_s=decode_s / (n - 1) if first_at and n > 1 else 0.0, e2e_s=end - t0)
+
+
+class Dispatcher:
+    def __init__(self, *, mode: Mode, pools: Pools, flights: dict[str, Flight], slots: FairShare,
+                 slots_on: Callable[[], bool],
+                 default_timeout_s: float, worker_died: Callable[[WorkerHandle, BaseException], None],
+                 on_end: Callable[[Timings, int, bool], None]) -> None:
+        """slots: the fair decode slots, taken while slots_on() (the deployment shares them out). worker_died: the router's handler
+        of a worker death seen by a call. on_end(timings, completion tokens, completed): every
+        request that ended by itself (the role policy's SLO window)."""
+        self.mode = mode
+        self.pools = pools
+        self.flights = flights
+        self.slots = slots
+        self.slots_on = slots_on
+        self.default_timeout_s = default_timeout_s
+        self.worker_died = worker_died
+        self.on_end = on_end
+        self.resume = None           # cluster/resume.py's Resume, set by the router
+
+    # ------------------------------------------------------------------ the stream
+    async def stream(self, request: GenerateInput, flight: Flight, ids: list[int]):
+        t0 = time.monotonic()
+        # A client's deadline, never past the server's: nothing waits longer than request_timeout_s.
+        deadline = t0 + min(request.deadline_s or self.default_timeout_s, self.default_timeout_s)
+        phases: dict[str, float] = {}
+        tokens: list[int] = []
+        text: list[str] = []
+        first_at = last_at = None
+        reason, error, kind = None, None, None
+        resume = self.resume
+        slot = False
+        try:
+            if self.slots_on():
+                flight.state = FlightState.WAITING_SLOT
+                slot = await self.unless_aborted(flight, self.slots.acquire(request.tenant, deadline - t0))
+                if not slot:
+                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
+                                      "request deadline exceeded waiting for a decode slot (the cluster is full)")
+                phases["queue_s"] = time.monotonic() - t0
+            try:
+                out = await self.unless_aborted(flight, self.start(request, flight, ids, deadline, phases))
+            except DecodeDied as died:
+                out = died
+            flight.state = FlightState.DECODING
+            while True:
+                if isinstance(out, DecodeDied):
+                    out = await resume.after_death(request, flight, ids, tokens, len("".join(text)), deadline,
+                                                   phases, out)
+                    flight.state = FlightState.DECODING
+                if isinstance(out, BaseException):
+                    raise out
+                if out is not None:
+                    if out.finish_reason is FinishReason.ERROR:   # the worker failed this request alone
+                        raise RouterError(ErrorKind.INTERNAL, out.error or "the worker failed this request")
+                    now = time.monotonic()
+                    first_at = first_at or now
+                    last_at = now
+                    tokens.extend(out.new_token_ids)
+                    text.append(out.new_text)
+                    yield TokenEvent(tuple(out.new_token_ids), out.new_text)
+                    if out.finished:
+                        reason = out.finish_reason
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
+                                      f"request deadline of {deadline - t0:.1f}s exceeded after {len(tokens)} tokens")
+                try:
+                    out = await asyncio.wait_for(flight.events.get(), remaining)
+                except asyncio.TimeoutError:
+                    out = None
+        except Aborted:
+            reason = FinishReason.ABORT
+        except RouterError as exc:
+            reason, error, kind = FinishReason.ERROR, exc.message, exc.kind
+        except asyncio.CancelledError:
+            reason = FinishReason.ABORT
+            raise
+        except Exception:
+            log.exception("request %s failed", flight.request_id)
+            reason, error, kind = FinishReason.ERROR, "internal error", ErrorKind.INTERNAL
+        finally:
+            self.flights.pop(flight.request_id, None)
+            if slot:
+                self.slots.release(request.tenant)
+            if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
+                await self.cancel_everywhere(flight)
+            flight.end()
+        if reason is None:  # the consumer closed the stream early: aborted, nothing more to send
+            return
+        t = timings(t0, time.monotonic(), first_at, last_at, len(tokens), phases)
+        self.on_end(t, len(tokens), reason in (FinishReason.STOP, FinishReason.LENGTH))
+        yield FinalEvent(reason, len(ids), len(tokens), "".join(text), t, error, kind)
+
+    @staticmethod
+    async def unless_aborted(flight: Flight, coro):
+        """Await `coro`, unless the request is aborted first: then cancel it (which gives back
+        what it holds: a decode slot, a reservation, a queued prefill) and raise Aborted. Lets an
+        abort end a request waiting for a slot, for KV space or in the prefill queue."""
+        task = asyncio.ensure_future(coro)
+        aborted = asyncio.ensure_future(flight.aborted.wait())
+        try:
+            await asyncio.wait({task, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            aborted.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise Aborted()
+        return task.result()
+
+    async def start(self, request, flight, ids, deadline, phases) -> StepOutput | None:
+        """Get the request onto a decode (or colocated) worker; token 1 when disaggregated."""
+        if self.mode is Mode.DISAGGREGATED:
+            return await self._prefill_and_activate(request, flight, ids, deadline, phases)
+        return await self._submit(request, flight, ids, deadline)
+
+    async def cancel_everywhere(self, flight: Flight) -> None:
+        """Abort wherever the request may still hold something; a dead worker holds nothing."""
+        for worker in (flight.prefill, flight.decode):
+            if worker is None or not worker.alive:
+                continue
+            try:
+                await asyncio.wait_for(worker.actor.cancel.remote(flight.request_id), CANCEL_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("cancel of %s on %s failed: %s", flight.request_id, worker.worker_id, exc)
+
+    @staticmethod
+    async def bounded(ref, deadline: float, what: str):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded before {what}")
+        try:
+            return await asyncio.wait_for(ref, remaining)
+        except asyncio.TimeoutError:
+            raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded during {what}") from None
+
+    # ------------------------------------------------------------------ colocated
+    async def _submit(self, request, flight, ids, deadline) -> None:
+        worker = Pools.least_loaded(self.pools.decode)
+        if worker is None:
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
+        flight.state = FlightState.SUBMITTING
+        flight.decode_lease = Lease(worker)
+        try:
+            await self.bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling, epoch=worker.epoch,
+                                                          **({"images": flight.images} if flight.images else {}),
+                                                          **({"resume": flight.resume} if flight.resume else {}),
+                                                          **({"tenant": request.tenant} if request.tenant else {})),
+                               deadline, "submit")
+        except RouterError:
+            raise
+        except Exception as exc:
+            if is_actor_death(exc):
+                self.worker_died(worker, exc)
+                raise RouterError(ErrorKind.UNAVAILABLE, f"colocated worker {worker.worker_id} died") from None
+            raise
+        return None
+
+    # ------------------------------------------------------------------ disaggregated
+    async def _reserve(self, flight, ids, deadline, phases):
+        flight.state = FlightState.RESERVING
+        t = time.monotonic()
+        while True:
+            for worker in Pools.by_load(self.pools.decode):
+                # Lease before awaiting: concurrent admissions must see it, or they all pick the same worker.
+                lease = Lease(worker)
+                try:
+                    lease_s = max(1.0, deadline - time.monotonic())
+                    desc = await self.bounded(
+                        worker.actor.reserve.remote(flight.request_id, len(ids), lease_s, epoch=worker.epoch),
+                        deadline, "KV reservation")
+                except BaseException as exc:
+                    lease.release()
+                    if isinstance(exc, (asyncio.CancelledError, RouterError)) and worker.alive:
+                        # Cancelled or out of time while the call was in flight: the worker may
+                        # hold (or be about to hold) the blocks. Its calls run in arrival order,
+                        # so a cancel sent now lands after the reserve and frees them at once
+                        # instead of at the lease's end.
+                        worker.actor.cancel.remote(flight.request_id)
+                    if isinstance(exc, Exception) and is_actor_death(exc):
+                        self.worker_died(worker, exc)
+                        continue
+                    if isinstance(exc, Exception) and is_stale(exc):  # its role changed meanwhile
+                        continue
+                    raise
+                if desc is not None:
+                    flight.decode_lease = lease
+                    phases["queue_s"] = phases.get("queue_s", 0.0) + time.monotonic() - t
+                    return worker, desc
+                lease.release()
+            if not any(w.serving for w in self.pools.decode):
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live decode worker")
+            if time.monotonic() + RESERVE_RETRY_S >= deadline:
+                raise RouterError(ErrorKind.DEADLINE_EXCEEDED, "request deadline exceeded waiting for decode KV space")
+            await asyncio.sleep(RESERVE_RETRY_S)
+
+    async def _prefill_and_activate(self, request, flight, ids, deadline, phases) -> StepOutput:
+        attempts = 0
+        while True:
+            decode, desc = await self._reserve(flight, ids, deadline, phases)
+            prefill = Pools.least_loaded(self.pools.prefill)
+            if prefill is None:
+                raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker")
+            flight.prefill_lease = Lease(prefill)
+            try:
+                # With an encode pool its workers send the features (EPD); without one the prefill
+                # worker gets the image bytes and encodes them itself.
+                with_pool = bool(flight.images and self.pools.encode)
+                shards = await self._encode(flight, prefill, deadline, phases) if with_pool else ()
+                flight.state = FlightState.PREFILLING
+                task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
+                                   images=() if self.pools.encode else flight.images,
+                                   sampled_before=flight.resume[0] if flight.resume else 0, tenant=request.tenant)
+                result = await self.bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
+            except (RouterError, asyncio.CancelledError):
+                # Out of time, aborted or failed: take it out of the worker's queue if still there
+                # (its calls run in order, so this lands after the prefill call).
+                prefill.actor.cancel.remote(flight.request_id)
+                raise
+            except Exception as exc:
+                if not (is_actor_death(exc) or is_stale(exc)):
+                    raise
+                # Prefill is idempotent: drop the reservation and run it again elsewhere.
+                if is_actor_death(exc):
+                    self.worker_died(prefill, exc)
+                attempts += 1
+                flight.drop_prefill()
+                await self.cancel_everywhere(flight)
+                flight.drop_decode()
+                if attempts > len(self.pools.prefill):
+                    raise RouterError(ErrorKind.UNAVAILABLE, f"prefill failed on {attempts} workers") from None
+                continue
+            finally:
+                flight.drop_prefill()
+            if result.first_token is None:
+                if not decode.alive:  # the transfer failed because its target died
+                    raise DecodeDied(f"decode worker {decode.worker_id} died")
+                raise RouterError(ErrorKind.INTERNAL, result.error or "the prefill failed", "prefill_failed")
+            phases["queue_s"] += result.queue_s
+            phases["prefill_s"] = result.prefill_s
+            phases["transfer_s"] = result.transfer_s
+            if result.encode_s:
+                phases["encode_s"] = result.encode_s
+            flight.state = FlightState.ACTIVATING
+            return await self._activate(request, flight, decode, ids, result.first_token, deadline)
+
+    async def _activate(self, request, flight, decode: WorkerHandle, ids, first_token: int, deadline) -> StepOutput:
+        try:
+            return await self.bounded(
+                decode.actor.activate.remote(flight.request_id, ids, first_token, request.sampling, epoch=decode.epoch,
+                                             **({"resume": flight.resume} if flight.resume else {})),
+                deadline, "decode activation")
+        except RouterError:
+            raise
+        except Exception as exc:
+            if is_actor_death(exc):
+                self.worker_died(decode, exc)
+                raise DecodeDied(f"decode worker {decode.worker_id} died") from None
+            if is_stale(exc):
+                raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} changed role") from None
+            log.error("decode activation of %s on %s failed: %r", flight.request_id, decode.worker_id, exc)
+            raise RouterError(ErrorKind.INTERNAL, "the decode worker could not start this request",
+                              "activation_failed") from None
+
+    async def _encode(self, flight: Flight, prefill: WorkerHandle, deadline: float, phases
+                      ) -> tuple[EncodeShard, ...]:
+        """Have the encode workers send the request's image features to `prefill`; its shards.
+
+        Only a dead *prefill* worker propagates as an actor death (the caller retries prefill
+        elsewhere); encode failures become RouterErrors and the prepared receives are closed."""
+        workers = [w for w in self.pools.encode if w.serving]
+        if not workers:
+            raise RouterError(ErrorKind.UNAVAILABLE, "no live encode worker")
+        flight.state = FlightState.ENCODING
+        images = list(flight.images)
+        plan = plan_shards(flight.request_id, images, len(workers))
+        shards = [s for _, s in plan]
+        descs = await self.bounded(prefill.actor.prepare_images.remote(shards, epoch=prefill.epoch), deadline,
+                                   "image receive setup")
+        t = time.monotonic()
+        leases = [Lease(workers[w]) for w, _ in plan]   # the policy's encode queue; a draining worker waits for 0
+        try:
+            await self.bounded(encode_parallel([w.actor for w in workers], plan, images, descs,
+                                               epochs=[w.epoch for w in workers]), deadline, "image encoding")
+        except BaseException as exc:
+            try:
+                await asyncio.wait_for(prefill.actor.release_images.remote(shards), CANCEL_TIMEOUT_S)
+            except Exception as rel:
+                log.warning("releasing image receives of %s failed: %s", flight.request_id, rel)
+            if not isinstance(exc, Exception) or isinstance(exc, RouterError):
+                raise
+            if is_actor_death(exc):
+                await self._reap_encode([workers[w] for w, _ in plan])
+                log.error("an encode worker died encoding %s: %r", flight.request_id, exc)
+                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker died while encoding this request's images",
+                                  "worker_died") from None
+            if is_stale(exc):               # switched role between the pick and the call
+                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker changed role; retry", "worker_switched") from None
+            log.error("image encoding of %s failed: %r", flight.request_id, exc)
+            raise RouterError(ErrorKind.INTERNAL, "image encoding failed", "encode_failed") from None
+        finally:
+            for lease in leases:
+                lease.release()
+        phases["encode_s"] = time.monotonic() - t
+        return tuple(shards)
+
+    async def _reap_encode(self, workers: list[WorkerHandle]) -> None:
+        """Mark dead the encode workers that Ray says are dead (an encode call failed with a death)."""
+        pings = await asyncio.gather(*(asyncio.wait_for(w.actor.ready.remote(), 5.0) for w in workers),
+                                     return_exceptions=True)
+        for w, ping in zip(workers, pings):
+            if isinstance(ping, BaseException) and is_actor_death(ping):
+                w.alive = False
+                log.error("encode worker %s died: %s", w.worker_id, ping)

@@ -26,7 +26,8 @@ from typing import Callable
 
 from cluster.config import ConfigError, DeployConfig, PoolConfig
 from engine.worker_api import Mode
-from cluster.router import ClusterRouter, WorkerHandle
+from cluster.pools import WorkerHandle
+from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
 from engine.worker_api import Role
 from cluster.supervisor import Supervisor

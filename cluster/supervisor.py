@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.router import ClusterRouter, WorkerHandle, _is_actor_death
+from cluster.pools import WorkerHandle, is_actor_death
+from cluster.router import ClusterRouter
 from engine.worker_api import Role
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ CheckLayout = Callable[[object], None]      # raises when a replacement's KV lay
 class Supervisor:
     def __init__(self, router: ClusterRouter, spawn: Spawn, kill: Callable[[object], None], *,
                  check_layout: CheckLayout | None = None, options: SupervisorOptions = SupervisorOptions(),
-                 is_death: Callable[[BaseException], bool] = _is_actor_death) -> None:
+                 is_death: Callable[[BaseException], bool] = is_actor_death) -> None:
         self.router = router
         self.options = options
         self._spawn = spawn

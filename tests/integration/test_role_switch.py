@@ -158,7 +158,7 @@ def test_reprefill_after_decode_death_gives_the_reference(served, smol, smol_pro
                 tokens.extend(ev.token_ids)
                 text.append(ev.text)
                 if killed is None and len(tokens) >= 8:
-                    killed = router._flights[req.request_id].decode
+                    killed = next(w for w in router.decode if w.inflight)
                     ray.kill(killed.actor, no_restart=True)
             else:
                 final = ev

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from cluster.router import ClusterRouter, WorkerHandle
+from cluster.pools import WorkerHandle
+from cluster.router import ClusterRouter
 from cluster.router_api import GenerateInput, ModelInfo
 from engine.worker_api import Role
 from engine.sequence import SamplingParams

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 
-from cluster.router import ClusterRouter, WorkerHandle
+from cluster.pools import WorkerHandle
+from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
 from engine.worker_api import Role
 from cluster.supervisor import Supervisor, SupervisorOptions

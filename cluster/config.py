@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.worker_api import Mode, Role
 
 SCHEMA_VERSION = 1
@@ -41,12 +42,6 @@ class ConfigError(ValueError):
     def __init__(self, source: str, path: str, reason: str) -> None:
         super().__init__(f"{source}: {path}: {reason}" if path else f"{source}: {reason}")
         self.source, self.path, self.reason = source, path, reason
-
-
-class SparseMethod(str, enum.Enum):
-    DENSE = "dense"
-    FLEXPREFILL = "flexprefill"
-    STATIC = "static"  # sink + local window + power-of-two distance blocks
 
 
 class TransportBackend(str, enum.Enum):
@@ -85,18 +80,6 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
-class SparseConfig:
-    method: SparseMethod = SparseMethod.DENSE
-    gamma: float = 0.9  # flexprefill: cumulative attention mass each query block keeps
-    tau: float = 0.1  # flexprefill: divergence threshold between query-aware and vertical-slash
-    min_budget: int = 1024  # flexprefill: keys always kept per query block, tokens
-    block_size: int = 128  # sparse block granularity, tokens
-    dense_below: int = 4096  # prompts shorter than this use dense attention, tokens
-    sink: int = 1  # static: leading key blocks always attended (units of block_size)
-    local: int = 8  # static: window of recent key blocks, diagonal included (units of block_size)
-
-
-@dataclass(frozen=True)
 class PoolConfig:
     """One pool. num_cpus / num_gpus / resources are what one worker reserves in Ray, for
     all its tensor_parallel x pipeline_parallel ranks together."""
@@ -108,7 +91,7 @@ class PoolConfig:
     resources: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    sparse: SparseConfig = SparseConfig()
+    sparse: SparsePrefillConfig = SparsePrefillConfig()  # the engine's own settings object and defaults
 
     def ray_resources(self) -> dict[str, float]:
         """The resources of one worker as a Ray resource dict (CPU, GPU, custom)."""
@@ -351,20 +334,25 @@ def _engine(s: _Section) -> EngineSettings:
     return out
 
 
-def _sparse(s: _Section) -> SparseConfig:
-    d = SparseConfig()
-    out = SparseConfig(
+def _sparse(s: _Section) -> SparsePrefillConfig:
+    """The engine's SparsePrefillConfig itself; its defaults are the deploy defaults, and a value
+    it refuses (e.g. a block_size that is not a power of two) is a ConfigError naming the field."""
+    d = SparsePrefillConfig()
+    values = dict(
         method=s.enum("method", SparseMethod, d.method),
         gamma=s.float("gamma", d.gamma, lo=0.0, hi=1.0, lo_open=True),
         tau=s.float("tau", d.tau, lo=0.0, hi=1.0),
         min_budget=s.int("min_budget", d.min_budget, lo=0),
-        block_size=s.int("block_size", d.block_size, lo=1),
+        block_size=s.int("block_size", d.block_size, lo=16),
         dense_below=s.int("dense_below", d.dense_below, lo=0),
         sink=s.int("sink", d.sink, lo=0),
         local=s.int("local", d.local, lo=1),
     )
     s.done()
-    return out
+    try:
+        return SparsePrefillConfig(**values)
+    except SparseConfigError as err:
+        s.fail(err.field, err.reason)
 
 
 def _pool(s: _Section, default: PoolConfig) -> PoolConfig:
@@ -549,7 +537,7 @@ class _Section:
     def _where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def fail(self, key: str, reason: str) -> None:
+    def fail(self, key: str, reason: str) -> NoReturn:
         raise ConfigError(self.source, self._where(key), reason)
 
     def _get(self, key: str, required: bool = False) -> tuple[bool, Any]:
@@ -705,6 +693,6 @@ def _plain(obj: Any) -> Any:
 __all__ = [
     "AuthConfig", "ConfigError", "ConnectionsConfig", "DType", "DeployConfig", "EngineSettings", "LimitsConfig",
     "Mode", "ModelConfig", "PoolConfig", "PoolsConfig", "RayConfig", "Role", "SCHEMA_VERSION", "ServerConfig",
-    "SessionsConfig", "SloConfig", "SparseConfig", "TlsConfig",
+    "SessionsConfig", "SloConfig", "SparsePrefillConfig", "TlsConfig",
     "SparseMethod", "TransportBackend", "TransportConfig", "load_config", "parse_config",
 ]  # fmt: skip

@@ -43,14 +43,11 @@ def _progress(msg: str) -> None:
 
 
 def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
-    sparse = None
-    if pool.sparse.method.value != "dense":
-        from engine.sparse import SparsePrefillConfig
+    """The engine settings of one of the pool's workers. The pool's `sparse` is already the
+    engine's SparsePrefillConfig; the dense method runs the engine's plain prefill (no config)."""
+    from engine.sparse.config import SparseMethod
 
-        s = pool.sparse
-        sparse = SparsePrefillConfig(method=s.method.value, block_size=s.block_size, gamma=s.gamma, tau=s.tau,
-                                     min_budget=s.min_budget, dense_below=s.dense_below,
-                                     sink=s.sink, local=s.local)
+    sparse = None if pool.sparse.method is SparseMethod.DENSE else pool.sparse
     e = config.engine
     return EngineConfig(model=config.model.path, dtype=config.model.dtype.value, block_size=e.block_size,
                         num_kv_blocks=e.num_kv_blocks, max_num_batched_tokens=e.max_num_batched_tokens,

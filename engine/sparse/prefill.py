@@ -6,62 +6,22 @@
     method "static"                             -> sink + local + power-of-two blocks
     method "flexprefill"                        -> per-head FlexPrefill selection
     then block_sparse_attention(): Triton kernel on CUDA, batched torch on CPU.
+
+The method enum and the settings (SparseMethod, SparsePrefillConfig) live in engine/sparse/config.py.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
 from .block_index import BlockIndex
+from .config import SparseMethod, SparsePrefillConfig
 from .dense import dense_causal_attention
 from .flexprefill import flexprefill_index
 from .static_pattern import static_index
 from .torch_impl import block_sparse_attention_torch
-
-
-class SparseMethod(str, enum.Enum):
-    DENSE = "dense"
-    FLEXPREFILL = "flexprefill"
-    STATIC = "static"
-
-
-@dataclass(frozen=True)
-class SparsePrefillConfig:
-    """method: "dense" | "flexprefill" | "static"; block_size: index block (tokens);
-    gamma: cumulative attention to keep (FlexPrefill); tau: JS-distance threshold below which a
-    head uses the query-aware pattern; min_budget: key tokens per query block at least;
-    dense_below: prompts (Lk) shorter than this run dense; sink/local: static pattern blocks."""
-
-    method: SparseMethod = SparseMethod.FLEXPREFILL
-    block_size: int = 128
-    gamma: float = 0.9
-    tau: float = 0.1
-    min_budget: int = 512
-    dense_below: int = 4096
-    sink: int = 1
-    local: int = 4
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "method", SparseMethod(self.method))
-        except ValueError:
-            raise ValueError(f"SparsePrefillConfig.method: {self.method!r} is not one of "
-                             f"{[m.value for m in SparseMethod]}") from None
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"SparsePrefillConfig.block_size: {self.block_size} must be a "
-                             f"power of two >= 16")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"SparsePrefillConfig.gamma: {self.gamma} must be in (0, 1]")
-        if self.tau < 0.0:
-            raise ValueError(f"SparsePrefillConfig.tau: {self.tau} must be >= 0")
-        for name in ("min_budget", "dense_below", "sink"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SparsePrefillConfig.{name}: must be >= 0")
-        if self.local < 1:
-            raise ValueError(f"SparsePrefillConfig.local: {self.local} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,19 @@ def test_full_pool_and_sparse_settings():
     assert p.sparse.method is SparseMethod.FLEXPREFILL and p.sparse.gamma == 0.95 and p.sparse.dense_below == 0
 
 
+def test_sparse_section_is_the_engines_config():
+    from engine.sparse import SparseMethod as EngineSparseMethod
+    from engine.sparse import SparsePrefillConfig
+
+    assert SparseMethod is EngineSparseMethod  # one method enum
+    for pool in (DeployConfig().pools.prefill, DeployConfig().pools.colocated):
+        assert pool.sparse == SparsePrefillConfig()  # one set of defaults: the engine's
+    cfg = parse_config(_with(pools={"prefill": {"sparse": {"method": "static", "local": 4}}}))
+    assert cfg.pools.prefill.sparse == SparsePrefillConfig(method=SparseMethod.STATIC, local=4)
+    err = _error(_with(pools={"prefill": {"sparse": {"block_size": 48}}}))  # the engine's own rule
+    assert err.path == "pools.prefill.sparse.block_size" and "power of two" in err.reason
+
+
 def test_colocated_mode_uses_colocated_pool():
     cfg = parse_config(_with(mode="colocated", pools={"prefill": {"workers": 0}, "colocated": {"workers": 2}}))
     assert [p.role for p in cfg.active_pools()] == [Role.COLOCATED]

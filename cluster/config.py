@@ -32,6 +32,7 @@ import yaml
 
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.worker_api import Mode, Role
+from kv_transfer.registry import known_backends, transport_info
 
 SCHEMA_VERSION = 1
 
@@ -44,12 +45,9 @@ class ConfigError(ValueError):
         self.source, self.path, self.reason = source, path, reason
 
 
-class TransportBackend(str, enum.Enum):
-    SHM = "shm"
-    GLOO = "gloo"
-    FAKE = "fake"
-    CUDA_IPC = "cuda_ipc"
-    NCCL = "nccl"
+# The names are the registry's (kv_transfer/registry.py), with what each transport needs; this enum
+# only types the field (TransportBackend.SHM.value == "shm").
+TransportBackend = enum.Enum("TransportBackend", [(n.upper(), n) for n in known_backends()], type=str)
 
 
 class DType(str, enum.Enum):
@@ -254,6 +252,18 @@ class DeployConfig:
         """The pools this mode runs, with at least one worker, in request-path order."""
         roles = (Role.ENCODE, Role.PREFILL, Role.DECODE) if self.mode is Mode.DISAGGREGATED else (Role.ENCODE, Role.COLOCATED)
         return tuple(p for p in (self.pools.get(r) for r in roles) if p.workers > 0)
+
+    def transport_pools(self) -> tuple[PoolConfig, ...]:
+        """The active pools whose workers send or receive through `transport`: every one in
+        disaggregated mode (image features encode -> prefill, KV prefill -> decode); none in
+        colocated mode (a colocated worker keeps its own KV and encodes its own images)."""
+        return self.active_pools() if self.mode is Mode.DISAGGREGATED else ()
+
+    def may_span_nodes(self) -> bool:
+        """Whether the workers may run on different machines: the deployment joins a Ray cluster
+        (`ray.address`, which `triptych serve --address` sets too), where Ray places each worker
+        on any node offering its pool's resources. A local Ray (address null) is this machine."""
+        return self.ray.address is not None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict; `parse_config(cfg.to_dict())` gives back an equal config."""
@@ -499,10 +509,20 @@ def _check_cross_fields(cfg: DeployConfig, root: _Section) -> None:
                   f"admin_keys_env)")
     if srv.admin_port is not None and srv.admin_port != 0 and srv.admin_port in (srv.grpc_port, srv.http_port):
         root.fail("server.admin_port", f"{srv.admin_port} is also a serving port; the admin service needs its own")
-    if cfg.mode is Mode.DISAGGREGATED and cfg.transport.backend in (TransportBackend.CUDA_IPC, TransportBackend.NCCL):
-        for role in needed:
-            if cfg.pools.get(role).num_gpus <= 0:
-                root.fail("transport.backend", f"{cfg.transport.backend.value!r} moves KV between GPUs, but pools.{role.value}.num_gpus is 0")
+    _check_transport(cfg, root)
+
+
+def _check_transport(cfg: DeployConfig, root: _Section) -> None:
+    """The registry's flags of the chosen transport hold for the pools that use it."""
+    info = transport_info(cfg.transport.backend.value)
+    pools = cfg.transport_pools()
+    if pools and info.same_node_only and cfg.may_span_nodes():
+        root.fail("transport.backend", f"{info.name!r} works only within one node, but "
+                  f"ray.address {cfg.ray.address!r} joins a Ray cluster whose nodes may each host a pool; "
+                  f"use gloo (CPU) or nccl (GPUs) across nodes, or a local Ray (ray.address: null)")
+    for pool in pools if info.needs_cuda else ():
+        if pool.num_gpus <= 0:
+            root.fail("transport.backend", f"{info.name!r} moves KV between GPUs, but pools.{pool.role.value}.num_gpus is 0")
 
 
 def is_loopback(host: str) -> bool:

@@ -1,34 +1,62 @@
-"""Lazy registry of KV transports: a backend's module is imported on first use only, so an
-optional dependency (cupy for NCCL) loads only when that backend is chosen."""
+"""Lazy registry of KV transports: the one list of transport names and what each needs.
+
+A backend's module is imported on first `get_backend` only, so an optional dependency (cupy for
+NCCL) loads only when that backend is chosen; `known_backends` and `transport_info` import
+nothing (no torch either), so the deploy schema takes its `transport.backend` names and checks
+from here at load.
+
+Each entry says where its transport works: `same_node_only` (sender and receiver must share a
+machine: shared memory, CUDA IPC handles, or one process for the fake) and `needs_cuda` (it moves
+CUDA tensors, so every worker using it needs a GPU). The deploy loader refuses a deployment that
+breaks either (cluster/config.py).
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kv_transfer.base import TransferBackend
+if TYPE_CHECKING:
+    from kv_transfer.base import TransferBackend
 
-_BACKENDS: dict[str, str] = {
-    "fake": "kv_transfer.fake:FakeBackend",
-    "shm": "kv_transfer.shm:ShmBackend",
-    "gloo": "kv_transfer.gloo:GlooBackend",
-    "cuda_ipc": "kv_transfer.cuda_ipc:CudaIpcBackend",
-    "nccl": "kv_transfer.nccl_cupy:NcclBackend",
-}
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """A transport as the registry knows it, before its module is imported."""
+
+    name: str
+    target: str  # "module:Class" of its TransferBackend
+    same_node_only: bool = False
+    needs_cuda: bool = False
+
+
+_BACKENDS: dict[str, TransportInfo] = {t.name: t for t in (
+    TransportInfo("fake", "kv_transfer.fake:FakeBackend", same_node_only=True),  # in-process, for tests
+    TransportInfo("shm", "kv_transfer.shm:ShmBackend", same_node_only=True),  # POSIX shared memory
+    TransportInfo("gloo", "kv_transfer.gloo:GlooBackend"),  # TCP between CPUs, across nodes
+    TransportInfo("cuda_ipc", "kv_transfer.cuda_ipc:CudaIpcBackend", same_node_only=True, needs_cuda=True),  # one GPU
+    TransportInfo("nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True),  # across GPUs and nodes
+)}  # fmt: skip
 
 
 def known_backends() -> tuple[str, ...]:
     return tuple(sorted(_BACKENDS))
 
 
-def get_backend(name: str) -> type[TransferBackend]:
-    """The backend class for `name`; ValueError for unknown names, ImportError if a dep is missing."""
+def transport_info(name: str) -> TransportInfo:
+    """The registry entry for `name`; ValueError for unknown names. Imports nothing."""
     try:
-        target = _BACKENDS[name]
+        return _BACKENDS[name]
     except KeyError:
         raise ValueError(
             f"unknown KV transfer backend {name!r}; known: {', '.join(known_backends())}"
         ) from None
-    module_name, _, class_name = target.partition(":")
+
+
+def get_backend(name: str) -> type[TransferBackend]:
+    """The backend class for `name`; ValueError for unknown names, ImportError if a dep is missing."""
+    module_name, _, class_name = transport_info(name).target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -88,7 +88,8 @@ def test_overrides():
 
 
 def test_nullable_fields():
-    cfg = parse_config(_with(ray={"address": "auto", "num_cpus": None}, server={"http_port": None}))
+    cfg = parse_config(_with(ray={"address": "auto", "num_cpus": None}, server={"http_port": None},
+                             transport={"backend": "gloo"}))
     assert cfg.ray.address == "auto" and cfg.ray.num_cpus is None and cfg.server.http_port is None
 
 
@@ -187,12 +188,39 @@ def test_encode_pool_may_be_empty_but_takes_no_sparse():
     assert _error(_with(pools={"decode": {"sparse": {"method": "static"}}})).path == "pools.decode.sparse"
 
 
+def test_transport_names_are_the_registrys():
+    from kv_transfer.registry import known_backends
+
+    assert sorted(b.value for b in TransportBackend) == sorted(known_backends())
+    assert parse_config(_with(transport={"backend": "gloo"})).transport.backend is TransportBackend.GLOO
+
+
 def test_gpu_transport_needs_gpus():
     err = _error(_with(transport={"backend": "nccl"}))
     assert err.path == "transport.backend" and "num_gpus is 0" in str(err)
     gpus = {"num_gpus": 1}
     cfg = parse_config(_with(transport={"backend": "nccl"}, pools={"prefill": gpus, "decode": gpus}))
     assert cfg.transport.backend is TransportBackend.NCCL
+    # An encode pool sends image features through the transport too.
+    err = _error(_with(transport={"backend": "cuda_ipc"}, pools={"prefill": gpus, "decode": gpus, "encode": {"workers": 1}}))
+    assert err.path == "transport.backend" and "pools.encode.num_gpus is 0" in err.reason
+    # Colocated mode moves nothing between workers: no GPU needed for the transport named.
+    assert parse_config(_with(mode="colocated", transport={"backend": "nccl"})).mode is Mode.COLOCATED
+
+
+@pytest.mark.parametrize("backend", ["shm", "cuda_ipc", "fake"])
+def test_same_node_transport_refused_when_joining_a_cluster(backend):
+    gpus = {"num_gpus": 1}
+    data = _with(ray={"address": "auto"}, transport={"backend": backend}, pools={"prefill": gpus, "decode": gpus})
+    err = _error(data)
+    assert err.path == "transport.backend" and f"{backend!r}" in err.reason and "within one node" in err.reason
+    assert _error(_with(transport={"backend": backend}), overrides={"ray.address": "10.0.0.1:6379",
+                  "pools.prefill.num_gpus": 1, "pools.decode.num_gpus": 1}).path == "transport.backend"  # fmt: skip
+    # A local Ray is one machine; colocated mode uses no transport; gloo and nccl cross nodes.
+    parse_config(_with(transport={"backend": backend}, pools={"prefill": gpus, "decode": gpus}))
+    parse_config(_with(mode="colocated", ray={"address": "auto"}, transport={"backend": backend}))
+    for across in ("gloo", "nccl"):
+        parse_config(_with(ray={"address": "auto"}, transport={"backend": across}, pools={"prefill": gpus, "decode": gpus}))
 
 
 def test_invalid_yaml_names_line(tmp_path):

@@ -86,9 +86,22 @@ def test_serve_config_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "server.grpc_port" in capsys.readouterr().err
 
 
-def test_serve_overrides():
-    cfg = serve.config_from_args(_serve_args(config="deploy/local.yaml", grpc_port=0, http_port=0, address="auto"))
+def _gloo_config(tmp_path) -> str:
+    """deploy/local.yaml with the gloo transport, which may join a (multi-node) Ray cluster."""
+    path = tmp_path / "gloo.yaml"
+    path.write_text(open("deploy/local.yaml").read().replace("backend: shm", "backend: gloo"))
+    return str(path)
+
+
+def test_serve_overrides(tmp_path):
+    cfg = serve.config_from_args(_serve_args(config=_gloo_config(tmp_path), grpc_port=0, http_port=0, address="auto"))
     assert (cfg.server.grpc_port, cfg.server.http_port, cfg.ray.address) == (0, 0, "auto")
+
+
+def test_serve_refuses_shm_when_joining_a_cluster(capsys):
+    assert serve.run(_serve_args(config="deploy/local.yaml", address="auto")) == 2
+    err = capsys.readouterr().err
+    assert "transport.backend" in err and "'shm'" in err and "within one node" in err
 
 
 def test_start_serving_shuts_router_down_when_bind_fails(controller):
@@ -113,7 +126,7 @@ def test_serve_until_sigterm(controller, tmp_path, capsys):
         loop_holder["loop"].call_later(0.3, os.kill, os.getpid(), signal.SIGTERM)
 
     controller.on_start = on_start
-    args = _serve_args(config="deploy/local.yaml", grpc_port=0, http_port=0, address="10.0.0.1:6379")
+    args = _serve_args(config=_gloo_config(tmp_path), grpc_port=0, http_port=0, address="10.0.0.1:6379")
     assert serve.run(args) == 0
     out = capsys.readouterr().out
     assert "gRPC    127.0.0.1:" in out and "HTTP    http://127.0.0.1:" in out and "stopped." in out

@@ -29,7 +29,6 @@ def test_backends_import_lazily():
 
 
 def test_missing_optional_dependency_is_an_import_error():
-    pytest.importorskip("kv_transfer.registry")
     try:
         import cupy  # noqa: F401
     except ImportError:
@@ -37,3 +36,36 @@ def test_missing_optional_dependency_is_an_import_error():
             get_backend("nccl")
     else:
         pytest.skip("cupy is installed")
+
+
+def test_transport_flags():
+    from kv_transfer.registry import transport_info
+
+    flags = {name: (transport_info(name).same_node_only, transport_info(name).needs_cuda) for name in known_backends()}
+    assert flags == {"fake": (True, False), "shm": (True, False), "gloo": (False, False),
+                     "cuda_ipc": (True, True), "nccl": (False, True)}
+    with pytest.raises(ValueError, match="known: cuda_ipc, fake, gloo, nccl, shm"):
+        transport_info("rdma")
+
+
+@pytest.mark.parametrize("name", ["shm", "gloo", "cuda_ipc", "nccl"])
+def test_backend_class_flags_agree_with_the_registry(name):
+    from kv_transfer.registry import transport_info
+
+    try:
+        backend = get_backend(name)
+    except ImportError:
+        pytest.skip(f"{name} cannot load here")
+    info = transport_info(name)
+    assert backend.name == name and (backend.same_node_only, backend.needs_cuda) == (info.same_node_only, info.needs_cuda)
+
+
+def test_names_and_flags_import_nothing():
+    code = textwrap.dedent("""
+        import sys
+        from kv_transfer.registry import known_backends, transport_info
+        assert transport_info("shm").same_node_only and len(known_backends()) == 5
+        assert "torch" not in sys.modules and not any(m.startswith("kv_transfer.") and m != "kv_transfer.registry"
+                                                      for m in sys.modules), sorted(sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

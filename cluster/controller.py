@@ -128,11 +128,10 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     async def teardown() -> None:
         for s in supervisor:
             await s.stop()
-        handles = prefill + decode       # the router swaps restarted workers into these lists
-        await asyncio.gather(*(asyncio.wait_for(h.actor.shutdown.remote(), 10) for h in handles if h.alive),
-                             *(asyncio.wait_for(h.actor.close.remote(), 10) for h in encode if h.alive),
+        workers = encode + prefill + decode   # the router swaps restarted workers into these lists
+        await asyncio.gather(*(asyncio.wait_for(h.actor.stop.remote(), 10) for h in workers if h.alive),
                              return_exceptions=True)
-        for h in handles + encode:
+        for h in workers:
             try:
                 ray.kill(h.actor)
             except Exception:
@@ -149,13 +148,10 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
     except BaseException:
         await teardown()
         raise
-    for h, info in zip(encode, ready[len(handles):]):
-        h.node_id = info.node_id
-    ready = ready[:len(handles)]
     layouts = {}
-    for h, (info, layout) in zip(handles, ready):
-        h.node_id = info.node_id
-        layouts[h.worker_id] = layout
+    for h, r in zip(handles + encode, ready):
+        h.node_id = r.info.node_id
+        layouts[h.worker_id] = r.layout
     if prefill and decode:
         from kv_transfer.layout import check_compatible
 
@@ -219,13 +215,15 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     starts replacements with it (epoch > 0; each gets a fresh actor name)."""
     import ray
 
-    from cluster.role_worker import EncodeOptions, RoleWorker
-    from encode_workers.worker import EncodeWorker
+    from cluster.worker_actor import WorkerActor
+    from decode_workers.colocated_core import ColocatedOptions
+    from encode_workers.worker import EncodeOptions
 
     backend = config.transport.backend.value
     p = config.pools
+    encode_opts = EncodeOptions(model_path, dtype=config.model.dtype.value, backend=backend)
     if config.mode is Mode.COLOCATED:
-        opts = {Role.COLOCATED: DecodeOptions(engine_config(config, p.colocated), backend="fake")}
+        opts = {Role.COLOCATED: ColocatedOptions(engine_config(config, p.colocated))}
     else:
         opts = {Role.PREFILL: PrefillOptions(engine_config(config, p.prefill), backend=backend,
                                              streaming=config.transport.streaming),
@@ -233,8 +231,7 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     # With encode_prefill, encode- and prefill-pool workers hold the vision tower and the language
     # model, so each can take the other's role; decode-pool workers keep only the language model.
     both = config.role_switching.encode_prefill and config.mode is Mode.DISAGGREGATED
-    vl_opts = ({**opts, Role.ENCODE: EncodeOptions(model_path, dtype=config.model.dtype.value, backend=backend)}
-               if both else opts)
+    vl_opts = {**opts, Role.ENCODE: encode_opts} if both else opts
     if config.mode is Mode.COLOCATED or p.encode.workers == 0:
         from engine import multimodal
 
@@ -251,13 +248,13 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
         pool = pools[home.setdefault(worker_id, role)]
         name = f"{worker_id}-{tag}" + (f"-r{epoch}" if epoch else "")
         threads = max(1, int(pool.num_cpus))
-        if role is Role.ENCODE and not both:
-            return ray.remote(EncodeWorker).options(**_actor_options(pool, name)).remote(
-                model_dir=model_path, dtype=config.model.dtype.value, backend=backend, torch_threads=threads,
-                worker_id=worker_id)
-        # Prefill and decode workers can take either role (role switching); colocated ones only theirs.
-        worker_opts = vl_opts if home[worker_id] in (Role.ENCODE, Role.PREFILL) else opts
-        return ray.remote(RoleWorker).options(**_actor_options(pool, name)).remote(
+        # Prefill and decode workers can take either role (role switching); colocated ones only
+        # theirs; encode ones only theirs (vision tower alone) unless encode_prefill.
+        if home[worker_id] is Role.ENCODE and not both:
+            worker_opts = {Role.ENCODE: encode_opts}
+        else:
+            worker_opts = vl_opts if home[worker_id] in (Role.ENCODE, Role.PREFILL) else opts
+        return ray.remote(WorkerActor).options(**_actor_options(pool, name)).remote(
             worker_id, model_path, worker_opts, threads, role, epoch)
 
     return spawn

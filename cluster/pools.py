@@ -100,8 +100,8 @@ class Pools:
 
 
 def is_stale(exc: BaseException) -> bool:
-    """The worker refused a call meant for an older epoch / another role (cluster/role_worker.py)."""
-    from cluster.role_worker import StaleEpochError
+    """The worker refused a call meant for an older epoch / another role (cluster/worker_actor.py)."""
+    from cluster.worker_actor import StaleEpochError
 
     cause = getattr(exc, "cause", None)
     return isinstance(exc, StaleEpochError) or isinstance(cause, StaleEpochError)

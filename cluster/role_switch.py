@@ -4,7 +4,7 @@
     ─▶ drain: the handle stops taking new work (`draining`); wait until no request of this
        router is on it (no lease, no flight) and the worker says it holds nothing (bounded;
        on timeout it serves again)
-    ─▶ set_role(role, epoch + 1) on the worker (cluster/role_worker.py)
+    ─▶ set_role(role, epoch + 1) on the worker (cluster/worker_actor.py)
     ─▶ a new handle (that epoch) in the other pool; the old handle is retired, so its poller
        stops and calls made for its epoch are refused (StaleEpochError)
 
@@ -81,8 +81,8 @@ class RoleSwitcher:
                                       f"draining; switch cancelled, it serves as {worker.role.value} again")
                 epoch = worker.epoch + 1
                 try:
-                    info, _, switch_s = await asyncio.wait_for(worker.actor.set_role.remote(role, epoch),
-                                                               SWITCH_TIMEOUT_S)
+                    ready, switch_s = await asyncio.wait_for(worker.actor.set_role.remote(role, epoch),
+                                                             SWITCH_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     raise RouterError(ErrorKind.INTERNAL,
                                       f"worker {worker_id} did not switch within {SWITCH_TIMEOUT_S:.0f}s") from None
@@ -93,7 +93,7 @@ class RoleSwitcher:
                     raise RouterError(ErrorKind.FAILED_PRECONDITION, f"worker {worker_id} refused: {exc}") from None
             finally:
                 worker.draining = False
-            new = WorkerHandle(worker.worker_id, role, worker.actor, info.node_id, epoch=epoch)
+            new = WorkerHandle(worker.worker_id, role, worker.actor, ready.info.node_id, epoch=epoch)
             worker.retired = True
             src.remove(worker)
             dst.append(new)

@@ -6,7 +6,7 @@ Every pool is supervised: encode, prefill and decode (or colocated) workers. One
     dead worker, no restart under way, restarts < max_restarts ──▶ a restart task:
 
         wait backoff (0 on the first try; then backoff_s·2^(k-1), capped) ──▶ spawn(worker_id, epoch)
-          ──▶ ready() within ready_timeout_s ──▶ layout compatible ──▶ router.replace_worker
+          ──▶ ready() within ready_timeout_s ──▶ its KV layout (if any) compatible ──▶ router.replace_worker
           └── any failure (no node offers the pool's resources, load error, layout mismatch):
               kill the half-started actor, k += 1, try again while restarts < max_restarts
 
@@ -165,10 +165,8 @@ class Supervisor:
         try:
             actor = self._spawn(dead.role, dead.worker_id, epoch)
             ready = await asyncio.wait_for(actor.ready.remote(), self.options.ready_timeout_s)
-            # An encode worker's ready() is its WorkerInfo alone: it holds no KV cache, has no layout.
-            info, layout = (ready, None) if dead.role is Role.ENCODE else ready
-            if self._check_layout is not None and layout is not None:
-                self._check_layout(layout)
+            if self._check_layout is not None and ready.layout is not None:   # None: no KV cache (encode)
+                self._check_layout(ready.layout)
         except asyncio.CancelledError:
             if actor is not None:
                 self._kill(actor)
@@ -182,9 +180,10 @@ class Supervisor:
             log.warning("restart of %s (epoch %d) failed: %s", dead.worker_id, epoch, exc)
             self.history.append(RestartRecord(dead.worker_id, epoch, "", at, time.monotonic() - t0, repr(exc)))
             return False
-        self.router.replace_worker(dead, actor, info.node_id)
-        record = RestartRecord(dead.worker_id, epoch, info.node_id, at, time.monotonic() - t0)
+        node_id = ready.info.node_id
+        self.router.replace_worker(dead, actor, node_id)
+        record = RestartRecord(dead.worker_id, epoch, node_id, at, time.monotonic() - t0)
         self.history.append(record)
         log.warning("worker %s restarted (epoch %d) on node %s in %.1fs",
-                    dead.worker_id, epoch, info.node_id[:12], record.seconds)
+                    dead.worker_id, epoch, node_id[:12], record.seconds)
         return True

@@ -38,7 +38,7 @@ async def encode_parallel(workers: list, plan: list[tuple[int, EncodeShard]], im
     """Call every shard's worker at once (Ray actor handles); the stats in shard order.
 
     epochs: per worker, the epoch the call is meant for (a worker that switched role since
-    refuses it; cluster/role_worker.py). A failing shard raises here; the receiver sees that
+    refuses it; cluster/worker_actor.py). A failing shard raises here; the receiver sees that
     shard CANCELLED (the worker aborts it).
     """
     refs = [workers[w].encode.remote(shard.transfer_id, [images[i] for i in shard.image_indices], desc,

@@ -1,6 +1,6 @@
 """What every worker and the cluster above it share: the roles a worker serves in, the
-deployment modes, a worker's identity and status records, its thread setup, and the one
-protocol every inner worker (encode, prefill, decode / colocated) implements.
+deployment modes, a worker's identity, ready and status records, its thread setup, and the one
+protocol every inner worker (encode, prefill, decode, colocated) implements.
 
 This module sits below the workers: `engine`, `kv_transfer`, `*_workers` and `cluster` all
 import it, and it imports nothing of the project. `triptych/types.py` mirrors `Role`, `Mode` and
@@ -13,6 +13,10 @@ import enum
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing of the project at run time
+    from engine.kv_layout import KVLayout
 
 
 class Role(str, enum.Enum):
@@ -43,6 +47,15 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class WorkerReady:
+    """What `ready()` answers, the same for every role: who the worker is, and the layout of the
+    KV cache it holds (None for an encode worker, which holds none)."""
+
+    info: WorkerInfo
+    layout: KVLayout | None = None
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     """One worker as the router and `GetClusterStatus` see it."""
 
@@ -55,6 +68,31 @@ class WorkerStatus:
     kv_blocks_used: int
     kv_blocks_total: int
     epoch: int = 0
+
+
+class Worker(Protocol):
+    """What every inner worker (EncodeWorker, PrefillWorker, DecodeWorker, ColocatedWorker)
+    answers; the worker actor (cluster/worker_actor.py) hosts one at a time and adds the role's
+    own verbs (encode / stats, prefill / prepare_images / release_images, reserve / activate /
+    poll, submit / poll).
+
+    Every method may raise WorkerLoopDied once the worker's loop has died (then it is replaced).
+    `stop()` releases everything the worker holds: its loop, its executor thread, its transfer
+    endpoints and its KV cache; nothing is called on a worker after it."""
+
+    async def ready(self) -> WorkerReady: ...
+
+    async def status(self) -> WorkerStatus: ...
+
+    async def idle(self) -> bool:
+        """True when it holds nothing: no queued or running request, no KV block, no transfer."""
+        ...
+
+    async def cancel(self, request_id: str) -> bool:
+        """Drop what it holds for the request; False when it held nothing."""
+        ...
+
+    async def stop(self) -> None: ...
 
 
 def setup_threads(num_threads: int) -> None:

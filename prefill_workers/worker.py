@@ -1,8 +1,10 @@
-"""PrefillWorker: a Ray async actor around PrefillCore. It only delegates.
+"""PrefillWorker: the prefill role's worker (engine/worker_api.py `Worker`), hosted by the
+worker actor (cluster/worker_actor.py). An asyncio front of PrefillCore; it only delegates.
 
 `prefill(task)` queues the task and resolves when its first token is sampled and its K/V have
 landed on the decode worker. A background loop drains the queue in batches (token budget),
-running each batch's forward on the executor thread.
+running each batch's forward on the executor thread. `stop()` ends the loop, closes the core's
+transfer endpoints on that thread (after any batch still running) and ends the thread.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from encode_workers.inproc import InProcessEncoder
 from encode_workers.transfer import EncodeShard
 from engine.errors import WorkerBroken, WorkerLoopDied
 from engine.llm_engine import LoadedModel
-from engine.worker_api import Role, WorkerStatus, setup_threads, worker_info
+from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
 from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
 
@@ -24,29 +27,27 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, model: str | None, options: PrefillOptions, num_threads: int = 1,
-                 loaded: LoadedModel | None = None, image_encoder=None) -> None:
-        """loaded / image_encoder: weights already in this process (a role switch reuses them); else
-        `model` (and the vision side, when options ask for in-process encoding) is loaded."""
-        setup_threads(num_threads)
+    def __init__(self, worker_id: str, options: PrefillOptions, loaded: LoadedModel,
+                 image_encoder: InProcessEncoder | None = None) -> None:
+        """loaded / image_encoder: weights already in this process (a role switch reuses them); without
+        image_encoder the vision side is loaded when options ask for in-process encoding."""
         self.worker_id = worker_id
         self.info = worker_info(worker_id, Role.PREFILL)
-        self.core = PrefillCore(options, loaded or LoadedModel.load(model, options.engine.dtype), image_encoder)
+        self.core = PrefillCore(options, loaded, image_encoder)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
         self._futures: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._busy = 0
-        self.tasks_done = 0          # prefill tasks answered (tests check which worker served)
         self.failed: str | None = None   # why the batch loop died; then every call raises WorkerLoopDied
 
     def _check(self) -> None:
         if self.failed is not None:
             raise WorkerLoopDied(self.failed)
 
-    async def ready(self):
+    async def ready(self) -> WorkerReady:
         self._check()
-        return self.info, self.core.layout
+        return WorkerReady(self.info, self.core.layout)
 
     async def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
         self._check()
@@ -104,7 +105,6 @@ class PrefillWorker:
                     results = [PrefillResult(t.request_id, None, "the prefill failed") for t in batch]
                 finally:
                     self._busy = 0
-                self.tasks_done += len(results)
                 self._answer(results)
         except asyncio.CancelledError:
             raise
@@ -132,5 +132,10 @@ class PrefillWorker:
         return (not self.core.queue and self._busy == 0 and self.core.blocks.all_free()
                 and not self.core.open_image_shards)
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.core.close)
+        self._executor.shutdown(wait=False)

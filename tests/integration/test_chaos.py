@@ -122,7 +122,7 @@ def _check_outcomes(outcomes: list[Outcome]) -> tuple[list[Outcome], list[Outcom
 
 async def _pids(router) -> set[int]:
     infos = await asyncio.gather(*(w.actor.ready.remote() for w in router.prefill + router.decode if w.alive))
-    return {info.pid for info, _ in infos}
+    return {ready.info.pid for ready in infos}
 
 
 def _assert_no_leaks(loop, router, pids: set[int]) -> None:

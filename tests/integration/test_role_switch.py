@@ -71,15 +71,20 @@ def _check(results, reqs, prompt_ids, reference):
         assert res.token_ids == reference[i][:req.sampling.max_tokens], req.request_id
 
 
+def _weights(actor) -> int:
+    """Run inside a worker actor: the address of its first weight tensor (a reload would move it)."""
+    return next(actor.loaded.model.parameters()).data_ptr()
+
+
 def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, reference):
     import ray
 
-    from cluster.role_worker import StaleEpochError
+    from cluster.worker_actor import StaleEpochError
 
     loop, router, running, client, _ = served
     prompts = smol_prompt_ids[:8]
     old = router.find_worker("decode-1")
-    weights = ray.get(old.actor.weights_id.remote())
+    weights = ray.get(old.actor.__ray_call__.remote(_weights))
     reqs = _requests(prompts, 8, "load")
 
     async def scenario():
@@ -96,7 +101,7 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
 
     new = router.find_worker("decode-1")
     assert new.role is Role.PREFILL and new.epoch == 1 and new in router.prefill and old not in router.decode
-    assert ray.get(new.actor.weights_id.remote()) == weights          # the same weights, not reloaded
+    assert ray.get(new.actor.__ray_call__.remote(_weights)) == weights   # the same weights, not reloaded
     with pytest.raises(StaleEpochError):                               # an order for its old role/epoch
         ray.get(old.actor.reserve.remote("stale", 8, 5.0, epoch=0))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_workers.colocated_core import ColocatedCore, ColocatedOptions
 from decode_workers.decode_core import DecodeCore, DecodeOptions
 from encode_workers.inproc import InProcessEncoder
 from engine import multimodal
@@ -69,7 +70,7 @@ def test_prefill_core_encodes_only_when_told(model_dir):
     loaded = LoadedModel.load(model_dir)
     cfg = engine_config(model_dir)
     assert PrefillCore(PrefillOptions(cfg, backend="fake"), loaded).image_encoder is None
-    assert DecodeCore(DecodeOptions(cfg, backend="fake"), loaded).image_encoder is None
+    assert ColocatedCore(ColocatedOptions(cfg), loaded).image_encoder is None
     core = PrefillCore(PrefillOptions(cfg, backend="fake", image_encoder_dir=model_dir), loaded)
     assert core.image_encoder is not None
 
@@ -112,11 +113,11 @@ def test_colocated_core_encodes_images(model_dir):
 
     loaded = LoadedModel.load(model_dir)
     cfg = engine_config(model_dir)
-    core = DecodeCore(DecodeOptions(cfg, backend="fake", image_encoder_dir=model_dir), loaded)
+    core = ColocatedCore(ColocatedOptions(cfg, image_encoder_dir=model_dir), loaded)
     ids = [5, IMAGE_TOKEN_ID, 7, 8]
     with pytest.raises(InvalidRequestError, match="image 0"):
-        core.submit_with_images("bad", ids, SamplingParams(max_tokens=2), [b"not an image"])
-    core.submit_with_images("ok", ids, SamplingParams(max_tokens=2), [png_bytes(2)])
+        core.submit("bad", ids, SamplingParams(max_tokens=2), [b"not an image"])
+    core.submit("ok", ids, SamplingParams(max_tokens=2), [png_bytes(2)])
     outs = []
     while core.engine.has_unfinished():
         outs += core.engine.step()

@@ -1,7 +1,7 @@
 """One request's failure is its own: a row that cannot be sampled, or whose forward fails, ends
 that request with an error while the batch, the worker's loop and every other request go on
 with exactly the tokens they get without it. Colocated (LLMEngine) and disaggregated (prefill
-and decode RoleWorkers, fake transport, no Ray); failures are injected into prefill batches and
+and decode WorkerActors, fake transport, no Ray); failures are injected into prefill batches and
 into decode batches. A step loop that dies of a fault no request caused fails the worker's
 requests at once and reports the worker failed (WorkerLoopDied) so that it is replaced.
 """
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cluster.role_worker import RoleWorker
+from cluster.worker_actor import WorkerActor
 from engine.worker_api import Role
 from decode_workers.decode_core import DecodeOptions
 from engine.config import EngineConfig
@@ -124,14 +124,14 @@ def test_colocated_failing_row(tiny, make_engine, fault):
 
 
 # ------------------------------------------------------------------------------------ disaggregated
-def _workers(tiny) -> tuple[RoleWorker, RoleWorker]:
+def _workers(tiny) -> tuple[WorkerActor, WorkerActor]:
     cfg = EngineConfig(block_size=8, num_kv_blocks=128, max_num_batched_tokens=512, max_num_seqs=8)
     opts = {Role.PREFILL: PrefillOptions(cfg, backend="fake"), Role.DECODE: DecodeOptions(cfg, backend="fake")}
-    return (RoleWorker("p", None, opts, 1, Role.PREFILL, loaded=tiny),
-            RoleWorker("d", None, opts, 1, Role.DECODE, loaded=tiny))
+    return (WorkerActor("p", None, opts, 1, Role.PREFILL, loaded=tiny),
+            WorkerActor("d", None, opts, 1, Role.DECODE, loaded=tiny))
 
 
-async def _serve(prefill: RoleWorker, decode: RoleWorker, requests, on_token=None) -> dict:
+async def _serve(prefill: WorkerActor, decode: WorkerActor, requests, on_token=None) -> dict:
     """Every request through reserve → one prefill batch → activate → decode polls."""
     ends: dict[str, tuple] = {}
     tokens = {rid: [] for rid, _, _ in requests}
@@ -184,8 +184,8 @@ def test_disaggregated_failing_row(tiny, fault):
                            + [(f"r{i}", p, greedy()) for i, p in enumerate(prompts) if i >= 2], on_token)
         assert await prefill.idle() and await decode.idle()          # nothing held
         assert decode.impl.failed is None and prefill.impl.failed is None
-        await prefill.shutdown()
-        await decode.shutdown()
+        await prefill.stop()
+        await decode.stop()
         return clean, got
 
     clean, got = asyncio.run(scenario())
@@ -218,8 +218,8 @@ def test_dead_decode_loop_reports_the_worker_failed(tiny):
             await decode.ready()
         with pytest.raises(WorkerLoopDied):
             await decode.reserve("late", 4, 10.0, epoch=0)
-        await prefill.shutdown()
-        await decode.shutdown()
+        await prefill.stop()
+        await decode.stop()
 
     asyncio.run(scenario())
 
@@ -238,8 +238,8 @@ def test_dead_prefill_loop_hands_its_tasks_back(tiny):
         with pytest.raises(WorkerLoopDied):
             await prefill.ready()
         assert await decode.cancel("r")
-        await prefill.shutdown()
-        await decode.shutdown()
+        await prefill.stop()
+        await decode.stop()
 
     asyncio.run(scenario())
 

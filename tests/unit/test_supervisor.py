@@ -9,7 +9,7 @@ import asyncio
 from cluster.pools import WorkerHandle
 from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
-from engine.worker_api import Role
+from engine.worker_api import Role, WorkerInfo, WorkerReady
 from cluster.supervisor import Supervisor, SupervisorOptions
 
 
@@ -33,10 +33,15 @@ class FakeActor:
         self.ready = _Method(self._ready)
         self.poll = _Method(self._poll)
 
+    role = Role.DECODE
+
     async def _ready(self):
         if self.dead or self.fail_ready:
             raise Dead(self.name)
-        return type("Info", (), {"node_id": self.node})(), "layout"
+        return WorkerReady(WorkerInfo(self.name, self.role, self.node, "host", 0), self.layout())
+
+    def layout(self):
+        return "layout"
 
     async def _poll(self, timeout_s, epoch=None):
         if self.dead:
@@ -230,12 +235,12 @@ def test_stop_kills_a_replacement_still_starting():
 
 
 class FakeEncodeActor(FakeActor):
-    """An encode worker: ready() is its WorkerInfo alone (no KV layout); it is never polled."""
+    """An encode worker: ready() has no KV layout (it holds no KV cache); it is never polled."""
 
-    async def _ready(self):
-        if self.dead or self.fail_ready:
-            raise Dead(self.name)
-        return type("Info", (), {"node_id": self.node})()
+    role = Role.ENCODE
+
+    def layout(self):
+        return None
 
 
 def test_dead_encode_worker_is_restarted_and_swapped_in():

@@ -1,24 +1,34 @@
-"""RoleWorker: the Ray actor every prefill, decode and colocated worker runs as (and every
-encode worker of a vision-language deployment with `role_switching.encode_prefill`).
+"""WorkerActor: the one Ray actor every worker runs as, in every pool (encode, prefill, decode,
+colocated). It only fences and delegates.
 
-It loads the weights once and serves through one role at a time, a PrefillWorker, a
-DecodeWorker or (when it holds the vision tower too) an EncodeWorker built on those weights. A
-role switch replaces that inner worker, not the process:
+It loads what its roles need once, and serves through one inner worker at a time (each
+implements engine/worker_api.py's `Worker`: ready / status / idle / cancel / stop, plus its
+role's verbs):
+
+    role        inner worker                                holds
+    encode      EncodeWorker   (encode_workers/worker.py)     the vision tower + projector
+    prefill     PrefillWorker  (prefill_workers/worker.py)    the language model, a KV sender
+    decode      DecodeWorker   (decode_workers/worker.py)     the language model, a KV receiver
+    colocated   ColocatedWorker (decode_workers/colocated_worker.py)  the language model, a plain KV cache
+
+A role switch replaces that inner worker, not the process:
 
     set_role(role, epoch) ── refused unless epoch > current epoch (a stale or repeated order)
                           ── refused unless the inner worker is idle (the router drains it first:
                              no queued prompt, no reservation, no running sequence, no KV block
                              held, no transfer in flight)
-                          ── inner worker closed: its transfer endpoints and KV cache released
+                          ── inner worker stopped: its loop, thread, transfer endpoints and KV
+                             cache released
                           ── new inner worker for `role` on the same weights; epoch = epoch
 
-Which roles a worker can take is fixed when it starts (`options`): prefill and decode always
-(same language-model weights); encode only if it also loaded the vision tower + projector, which
-a worker does when its options include ENCODE (the encode and prefill pools of a LLaVA deployment
-with `role_switching.encode_prefill: true`: both hold both halves of the model, so neither has to
-load anything to take the other's role). Without an encode pool, a prefill role encodes its
-requests' images itself; a worker that switches into it loads the vision side once and keeps it
-for its later roles, so switching away and back loads nothing.
+Which roles a worker can take is fixed when it starts (`options`): a plain encode worker only
+encode (it loads only the vision tower); a colocated worker only colocated; prefill and decode
+workers both (same language-model weights); encode and prefill both when a worker holds both
+halves of the model (the encode and prefill pools of a LLaVA deployment with
+`role_switching.encode_prefill: true`, so neither has to load anything to take the other's
+role). Without an encode pool, a prefill (or colocated) role encodes its requests' images
+itself; a worker that switches into it loads the vision side once and keeps it for its later
+roles, so switching away and back loads nothing.
 
 Epoch fencing: every call that starts work (reserve, activate, prefill, submit,
 prepare_images, encode) carries the epoch the router's handle was made for. A call with another epoch,
@@ -30,21 +40,24 @@ worker id.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass
 
 import torch
 
-from decode_workers.actor import DecodeWorker
+from decode_workers.colocated_core import ColocatedOptions
+from decode_workers.colocated_worker import ColocatedWorker
 from decode_workers.decode_core import DecodeOptions
+from decode_workers.worker import DecodeWorker
 from encode_workers.encoder import ImageEncoder
 from encode_workers.inproc import InProcessEncoder
-from encode_workers.worker import EncodeWorker
+from encode_workers.worker import EncodeOptions, EncodeWorker
 from engine.llm_engine import LoadedModel
-from engine.worker_api import Role, setup_threads
-from prefill_workers.actor import PrefillWorker
+from engine.worker_api import Role, WorkerReady, WorkerStatus, setup_threads
 from prefill_workers.prefill_core import PrefillOptions
+from prefill_workers.worker import PrefillWorker
+
+RoleOptions = EncodeOptions | PrefillOptions | DecodeOptions | ColocatedOptions
+InnerWorker = EncodeWorker | PrefillWorker | DecodeWorker | ColocatedWorker
 
 
 class StaleEpochError(RuntimeError):
@@ -55,37 +68,27 @@ class RoleSwitchError(RuntimeError):
     """A role switch this worker refused (busy, stale epoch, role it cannot take)."""
 
 
-@dataclass(frozen=True)
-class EncodeOptions:
-    """The encode role of a RoleWorker: the LLaVA checkpoint its vision tower comes from and the
-    encode service's settings (as a plain encode worker's)."""
-
-    model_dir: str
-    dtype: str = "float32"
-    backend: str = "shm"
-    cache_bytes: int = 512 << 20
-    max_images_per_batch: int = 8
-
-
-class RoleWorker:
-    def __init__(self, worker_id: str, model: str | None,
-                 options: dict[Role, PrefillOptions | DecodeOptions | EncodeOptions],
+class WorkerActor:
+    def __init__(self, worker_id: str, model: str | None, options: dict[Role, RoleOptions],
                  num_threads: int, role: Role, epoch: int = 0, loaded: LoadedModel | None = None,
                  vision: ImageEncoder | None = None) -> None:
-        """options: per role this worker may take, its options (a colocated worker has only COLOCATED;
-        ENCODE needs PREFILL too: the language model is what the encode role switches to).
-        loaded / vision: weights already in memory (tests); else `model` (and, with ENCODE among
-        the options, its vision tower) is loaded."""
+        """options: per role this worker may take, its options. Only ENCODE: a plain encode
+        worker (no language model). ENCODE with other roles needs PREFILL: the language model is
+        what the encode role switches to.
+        loaded / vision: weights already in memory (tests); else `model` (when a role needs the
+        language model) and the vision tower (with ENCODE among the options) are loaded."""
         if role not in options:
             raise ValueError(f"worker {worker_id}: no options for role {role.value}")
-        if Role.ENCODE in options and Role.PREFILL not in options:
-            raise ValueError(f"worker {worker_id}: the encode role needs the prefill role's options too")
+        if Role.ENCODE in options and len(options) > 1 and Role.PREFILL not in options:
+            raise ValueError(f"worker {worker_id}: the encode role switches only to prefill; it needs the prefill "
+                             f"role's options too")
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.options = options
-        self.num_threads = num_threads
-        dtype = next(o.engine.dtype for o in options.values() if not isinstance(o, EncodeOptions))
-        self.loaded = loaded or LoadedModel.load(model, dtype)
+        self.loaded = loaded
+        language = [o for r, o in options.items() if r is not Role.ENCODE]
+        if self.loaded is None and language:
+            self.loaded = LoadedModel.load(model, language[0].engine.dtype)
         self.vision = vision
         self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:
@@ -93,24 +96,22 @@ class RoleWorker:
             self.vision = ImageEncoder.from_model_dir(enc.model_dir, getattr(torch, enc.dtype))
         self.role = role
         self.epoch = epoch
-        self.impl = self._build(role)
+        self.impl: InnerWorker = self._build(role)
         self._switching = False
 
-    def _build(self, role: Role) -> PrefillWorker | DecodeWorker | EncodeWorker:
+    def _build(self, role: Role) -> InnerWorker:
         opts = self.options[role]
         if role is Role.ENCODE:
-            return EncodeWorker(encoder_factory=lambda: self.vision, backend=opts.backend, cache_bytes=opts.cache_bytes,
-                                max_images_per_batch=opts.max_images_per_batch, worker_id=self.worker_id)
-        encoder = self._in_process_encoder(opts)
+            return EncodeWorker(self.worker_id, opts, self.vision)
         if role is Role.PREFILL:
-            return PrefillWorker(self.worker_id, None, opts, self.num_threads, loaded=self.loaded, image_encoder=encoder)
-        return DecodeWorker(self.worker_id, None, opts, self.num_threads, role, loaded=self.loaded,
-                            image_encoder=encoder)
+            return PrefillWorker(self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir))
+        if role is Role.DECODE:
+            return DecodeWorker(self.worker_id, opts, self.loaded)
+        return ColocatedWorker(self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir))
 
-    def _in_process_encoder(self, opts) -> InProcessEncoder | None:
+    def _in_process_encoder(self, model_dir: str | None) -> InProcessEncoder | None:
         """The vision side a role that encodes its own images uses (no encode pool): loaded the
         first time a role needs it, then kept, so switching away and back loads nothing."""
-        model_dir = getattr(opts, "image_encoder_dir", None)
         if model_dir is None or self.loaded.image_spec is None:
             return None
         if self._inproc is None:
@@ -120,11 +121,6 @@ class RoleWorker:
                 self._inproc = InProcessEncoder.from_model_dir(model_dir, self.loaded.model.dtype)
                 self.vision = self._inproc.encoder
         return self._inproc
-
-    def _layout(self):
-        """The KV layout of the current role (None for encode: it holds no KV cache)."""
-        core = getattr(self.impl, "core", None)
-        return getattr(core, "layout", None)
 
     def _fence(self, epoch: int | None, *roles: Role) -> None:
         if self._switching:
@@ -136,8 +132,9 @@ class RoleWorker:
                                   f"{'/'.join(r.value for r in roles)}")
 
     # ------------------------------------------------------------ role
-    async def set_role(self, role: Role, epoch: int) -> tuple[object, object, float]:
-        """Switch to `role` as `epoch`; returns (info, KV layout, seconds the switch took)."""
+    async def set_role(self, role: Role, epoch: int) -> tuple[WorkerReady, float]:
+        """Switch to `role` as `epoch`; returns the new role's ready() answer and the seconds the
+        switch took."""
         if role not in self.options:
             raise RoleSwitchError(f"worker {self.worker_id} cannot take role {role.value} "
                                   f"(it can be {', '.join(r.value for r in self.options)})")
@@ -150,34 +147,23 @@ class RoleWorker:
         t0 = time.monotonic()
         self._switching = True
         try:
-            old = self.impl
-            await old.shutdown()
-            _stop(old)
-            self.role = role
+            await self.impl.stop()
             self.impl = self._build(role)
+            self.role = role
             self.epoch = epoch
         finally:
             self._switching = False
-        return self.impl.info, self._layout(), time.monotonic() - t0
+        return await self.impl.ready(), time.monotonic() - t0
 
     async def roles(self) -> tuple[Role, ...]:
         """The roles this worker can take (the router checks before it drains a worker)."""
         return tuple(self.options)
 
-    async def weights_id(self) -> int:
-        """Address of the first weight tensor: unchanged by a role switch (no reload)."""
-        return next(self.loaded.model.parameters()).data_ptr()
-
-    async def vision_weights_id(self) -> int | None:
-        """Address of the vision tower's first weight tensor (None: no vision tower here)."""
-        return None if self.vision is None else next(self.vision.vision.parameters()).data_ptr()
-
-    # ------------------------------------------------------------ every role
-    async def ready(self):
-        """(info, KV layout); in the encode role info alone, as a plain encode worker answers."""
+    # ------------------------------------------------------------ every role (engine/worker_api.py Worker)
+    async def ready(self) -> WorkerReady:
         return await self.impl.ready()     # raises WorkerLoopDied once the inner worker's loop died
 
-    async def status(self):
+    async def status(self) -> WorkerStatus:
         return await self.impl.status()
 
     async def idle(self) -> bool:
@@ -186,12 +172,9 @@ class RoleWorker:
     async def cancel(self, request_id: str) -> bool:
         return await self.impl.cancel(request_id)
 
-    async def shutdown(self) -> None:
-        await self.impl.shutdown()
-
-    async def close(self) -> None:
-        """What the controller calls on an encode worker at teardown."""
-        await self.impl.shutdown()
+    async def stop(self) -> None:
+        """Release everything before the actor is killed (the controller's teardown)."""
+        await self.impl.stop()
 
     # ------------------------------------------------------------ encode role
     async def encode(self, transfer_id: str, images, descriptor, epoch: int | None = None):
@@ -215,7 +198,7 @@ class RoleWorker:
         if self.role is Role.PREFILL:
             await self.impl.release_images(shards)
 
-    # ------------------------------------------------------------ decode / colocated roles
+    # ------------------------------------------------------------ decode role
     async def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None,
                       epoch: int | None = None):
         self._fence(epoch, Role.DECODE)
@@ -226,28 +209,15 @@ class RoleWorker:
         self._fence(epoch, Role.DECODE)
         return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume)
 
+    # ------------------------------------------------------------ colocated role
     async def submit(self, request_id: str, prompt_token_ids, sampling, epoch: int | None = None,
                      images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
-        self._fence(epoch, Role.COLOCATED, Role.DECODE)
+        self._fence(epoch, Role.COLOCATED)
         await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant)
 
+    # ------------------------------------------------------------ decode and colocated roles
     async def poll(self, timeout_s: float = 1.0, epoch: int | None = None):
         """Step messages of a decode / colocated worker; a poll for an older epoch (a router's
         poller of a handle that a switch retired) raises StaleEpochError."""
         self._fence(epoch, Role.DECODE, Role.COLOCATED)
         return await self.impl.poll(timeout_s)
-
-
-def _stop(worker: PrefillWorker | DecodeWorker | EncodeWorker) -> None:
-    """Stop a retired inner worker's background loop and executor thread."""
-    task = getattr(worker, "_loop_task", None)
-    if task is not None and not task.done():
-        task.cancel()
-    executor = getattr(worker, "_executor", None)
-    if executor is not None:
-        executor.shutdown(wait=False)
-    # Wake anything still waiting on the old worker's events so it sees the cancellation.
-    for name in ("_has_output", "_has_work", "_wake"):
-        event = getattr(worker, name, None)
-        if isinstance(event, asyncio.Event):
-            event.set()

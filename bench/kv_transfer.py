@@ -19,7 +19,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from kv_transfer.layout import KVLayout
+from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
 
 LAYOUT = KVLayout("bench", torch.float16, num_layers=8, num_kv_heads=8, head_dim=128, block_size=16)

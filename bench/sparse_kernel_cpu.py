@@ -1,25 +1,30 @@
 """CPU micro-benchmark: torch block-sparse prefill vs dense causal SDPA, SmolLM2 head shapes.
 
-    python -m engine.sparse.cpu_bench [--lengths 4096,8192] [--densities 0.1,0.2,0.3,1.0]
-                                      [--block 128] [--reps 3]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.sparse_kernel_cpu [--lengths 4096,8192]
+                                      [--densities 0.1,0.2,0.3,1.0] [--block 128] [--reps 3]
 
 Dense and sparse runs are interleaved and the minimum wall time of each is kept, so load from
 other processes on a shared machine biases both alike; process CPU time is printed too. Indexes
 are random at the given density (sink and diagonal included); FlexPrefill index building is
-timed on its own (on random q/k its density is not meaningful, its cost is).
+timed on its own (on random q/k its density is not meaningful, its cost is). The CUDA
+counterpart is bench/sparse_kernel_gpu.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .dense import dense_causal_attention
-from .flexprefill import flexprefill_index
-from .synthetic import random_index
-from .torch_impl import block_sparse_attention_torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.sparse.dense import dense_causal_attention  # noqa: E402
+from engine.sparse.flexprefill import flexprefill_index  # noqa: E402
+from engine.sparse.synthetic import random_index  # noqa: E402
+from engine.sparse.torch_impl import block_sparse_attention_torch  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64    # SmolLM2-135M
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from encode_workers.cache import CacheStats, EmbeddingCache
+from encode_workers.cache import EmbeddingCache
 from encode_workers.encoder import EncodeBatcher, ImageEncoder
 from encode_workers.transfer import EncodeStats
 from kv_transfer.base import KVSender
-from kv_transfer.layout import TransferDescriptor
+from kv_transfer.layout import TransferDescriptor, compat_hash
 from kv_transfer.registry import get_backend
 
 
@@ -44,7 +44,7 @@ class EncodeService:
     def _sender(self, desc: TransferDescriptor) -> KVSender:
         if desc.backend != self.backend.name:
             raise ValueError(f"descriptor is for transport {desc.backend!r}; this encode worker uses {self.backend.name!r}")
-        key = desc.layout.compat_hash()
+        key = compat_hash(desc.layout)
         if key not in self._senders:
             self._senders[key] = self.backend.Sender(desc.layout)
         return self._senders[key]
@@ -73,9 +73,6 @@ class EncodeService:
     def stats(self) -> dict[str, object]:
         return {"encoder_calls": self.encoder.calls, "images_encoded": self.encoder.images_encoded,
                 "batch_sizes": list(self.batcher.batch_sizes), "cache": self.cache.stats()}
-
-    def cache_stats(self) -> CacheStats:
-        return self.cache.stats()
 
     def close(self) -> None:
         for sender in self._senders.values():

@@ -1,56 +1,29 @@
-"""Paged KV cache: one tensor of blocks, a pool of free block ids, and a manager per sequence.
+"""Paged KV cache bookkeeping: a pool of free block ids and the block tables of sequences.
 
-Layout (shared with kv_transfer): kv[layer, 0 = key | 1 = value, block, offset, kv_head, head_dim].
-A token's slot is block_id * block_size + offset, so kv[layer, i].view(-1, Hkv, D)[slot] is it.
+The cache tensor itself and the block/slot geometry are `engine.kv_layout.KVLayout`'s; this
+module only hands out block ids.
 
 The manager separates checking from changing: `can_allocate` never changes state, `allocate`
-assumes the check passed (it raises if not, never half-allocates).
+assumes the check passed (it raises if not, never half-allocates), and `free` gives a whole
+table back or, if any id in it is not owned, refuses without changing anything.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-
-import torch
 
 from engine.errors import EngineError
 
 
-@dataclass(frozen=True)
-class KVSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    num_blocks: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    @classmethod
-    def from_model_config(cls, config, block_size: int, num_blocks: int, dtype: torch.dtype) -> "KVSpec":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, num_blocks, dtype)
-
-
-def allocate_kv_tensor(spec: KVSpec) -> torch.Tensor:
-    return torch.zeros(spec.shape, dtype=spec.dtype)
-
-
 class BlockPool:
-    """Free list of block ids. Invariant: every id is either free here or owned by one sequence."""
+    """Free list of block ids. Invariant: every id in [0, num_blocks) is either free here or
+    owned by one sequence; `give_back` keeps it by refusing an id that is already free (a double
+    free) or not of this pool."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = [True] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -59,9 +32,25 @@ class BlockPool:
     def take(self, n: int) -> list[int]:
         if n > len(self._free):
             raise EngineError(f"asked for {n} KV blocks, only {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        ids = [self._free.popleft() for _ in range(n)]
+        for i in ids:
+            self._is_free[i] = False
+        return ids
 
     def give_back(self, ids: list[int]) -> None:
+        """Return owned ids to the pool; all or nothing: EngineError, with no id returned, if
+        one is not a block of this pool, is already free, or appears twice."""
+        seen: set[int] = set()
+        for i in ids:
+            if not isinstance(i, int) or not 0 <= i < self.num_blocks:
+                raise EngineError(f"KV block id {i!r} is not a block of this pool (0..{self.num_blocks - 1})")
+            if self._is_free[i]:
+                raise EngineError(f"KV block {i} is already free (freed twice)")
+            if i in seen:
+                raise EngineError(f"KV block {i} appears twice in the ids given back")
+            seen.add(i)
+        for i in ids:
+            self._is_free[i] = True
         self._free.extend(ids)
 
 
@@ -104,10 +93,7 @@ class BlockManager:
         return new
 
     def free(self, block_table: list[int]) -> None:
+        """Give every block of the table back and empty it; EngineError (table and pool
+        unchanged) if one of them is not owned (BlockPool.give_back)."""
         self.pool.give_back(block_table)
         block_table.clear()
-
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Cache slots of token positions [start, end) of a sequence."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]

@@ -14,10 +14,11 @@ from engine import model_loader, multimodal
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.errors import BROKEN_AFTER, InvalidRequestError, OutOfKVCacheError, WorkerBroken, is_device_failure
-from engine.kv_cache import BlockManager, KVSpec
-from engine.model_runner import ModelRunner, ScheduledSeq
+from engine.kv_cache import BlockManager
+from engine.kv_layout import KVLayout
+from engine.model_runner import ModelRunner
 from engine.sampler import RowFailure, Sampler
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus, StepOutput
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class LoadedModel:
             return multimodal.load_llava_language(Path(model).expanduser(), getattr(torch, dtype))
         hf_model, tokenizer, source = model_loader.load(model, dtype)
         return cls(hf_model, tokenizer, source.name)
+
+    def kv_layout(self, block_size: int) -> KVLayout:
+        """The layout of this model's paged KV cache (KVLayout.from_model_config)."""
+        return KVLayout.from_model_config(self.model.config, model_id=self.name, dtype=self.model.dtype,
+                                          block_size=block_size)
 
     @property
     def max_model_len(self) -> int:
@@ -108,12 +114,11 @@ class LLMEngine:
                  kv: torch.Tensor | None = None) -> None:
         self.config = config
         self.loaded = loaded or LoadedModel.load(config.model, config.dtype)
-        model_config = self.loaded.model.config
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
-        self.kv_spec = KVSpec.from_model_config(model_config, config.block_size, config.num_kv_blocks,
-                                                self.loaded.model.dtype)
+        self.layout = self.loaded.kv_layout(config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        self.runner = ModelRunner(self.loaded.model, self.kv_spec, kv)
+        kv = kv if kv is not None else self.layout.new_cache(config.num_kv_blocks)
+        self.runner = ModelRunner(self.loaded.model, self.layout, kv)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
         self.validator = RequestValidator(self.loaded.tokenizer, self.max_model_len,
@@ -233,31 +238,31 @@ class LLMEngine:
                     if is_device_failure(exc):
                         raise WorkerBroken(f"the accelerator failed: {exc}") from exc
                     log.exception("forward of request %s failed", entry.seq.request_id)
-                    sampled[id(entry.seq)] = RowFailure("the forward pass failed for this request")
+                    sampled[entry.seq.request_id] = RowFailure("the forward pass failed for this request")
         failed = {key: out for key, out in sampled.items() if isinstance(out, RowFailure)}
         self._failed_streak = self._failed_streak + 1 if len(batch) >= 2 and len(failed) == len(batch) else 0
         if self._failed_streak >= BROKEN_AFTER:
             raise WorkerBroken(f"every sequence failed on its own in {BROKEN_AFTER} batches in a row")
-        self.scheduler.update([e for e in batch if id(e.seq) not in failed],
+        self.scheduler.update([e for e in batch if e.seq.request_id not in failed],
                               {key: t for key, t in sampled.items() if key not in failed})
         outs = []
         for entry in batch:
             seq = entry.seq
-            if id(seq) in failed:
-                outs.append(self._fail(seq, failed[id(seq)].message))
-            elif id(seq) in sampled:
+            if seq.request_id in failed:
+                outs.append(self._fail(seq, failed[seq.request_id].message))
+            elif seq.request_id in sampled:
                 outs.append(self._postprocess(seq))
         return outs
 
-    def _compute(self, batch: list[ScheduledSeq]) -> dict[int, int | RowFailure]:
-        """Forward + sample: {id(seq): token or RowFailure} for the entries that sample."""
+    def _compute(self, batch: list[ScheduledSeq]) -> dict[str, int | RowFailure]:
+        """Forward + sample: {request id: token or RowFailure} for the entries that sample."""
         embeds = None
         if self._prompt_embeds:
             embeds = multimodal.packed_inputs_embeds(batch, self._prompt_embeds, self.loaded.model.get_input_embeddings())
         result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds)
         seqs = [e.seq for e in result.sampled]
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
-        return {id(s): t for s, t in zip(seqs, tokens)}
+        return {s.request_id: t for s, t in zip(seqs, tokens)}
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         last = seq.token_ids[-1]

@@ -12,22 +12,11 @@ from typing import Callable
 import torch
 
 from engine import attention
-from engine.kv_cache import KVSpec, allocate_kv_tensor
-from engine.sequence import Sequence
+from engine.kv_layout import KVLayout
+from engine.scheduler import ScheduledSeq
 
 # A decode bucket takes a row whose context is at least this share of the bucket's longest.
 DECODE_BUCKET_FILL = 0.75
-
-
-@dataclass(frozen=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this forward completes the sequence's known tokens (so its last row is sampled)."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -37,26 +26,20 @@ class ForwardResult:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_spec: KVSpec, kv: torch.Tensor | None = None) -> None:
-        self.model = model
-        self.kv_spec = kv_spec
-        self.kv = kv if kv is not None else allocate_kv_tensor(kv_spec)
-        model.config._attn_implementation = attention.register()
-        self._offsets = torch.arange(kv_spec.block_size)
+    """kv: the cache tensor of `layout` (layout.check_cache holds); the runner writes and reads
+    it at the slots `layout.slots` gives for each sequence's block table."""
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions [start, end) of a sequence, as a LongTensor."""
-        bs = self.kv_spec.block_size
-        blocks = torch.tensor(block_table[start // bs: -(-end // bs)], dtype=torch.long)
-        slots = (blocks[:, None] * bs + self._offsets[None, :]).flatten()
-        first = start - (start // bs) * bs
-        return slots[first: first + end - start]
+    def __init__(self, model, layout: KVLayout, kv: torch.Tensor) -> None:
+        layout.check_cache(kv)
+        self.model = model
+        self.layout = layout
+        self.kv = kv
+        model.config._attn_implementation = attention.register()
 
     def build(self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None,
               sparse: object | None = None):
         # Token ids, positions and slots are gathered as Python ints and become one tensor each:
         # per-sequence tensor ops would cost more than the ints for a batch of decode rows.
-        bs = self.kv_spec.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -69,11 +52,11 @@ class ModelRunner:
             table = seq.block_table
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(self.layout.slots(table, start, end))
             if n == 1 and start > 0:
                 decodes.append((row, end, table))
             else:
-                ctx = None if start == 0 else self._slots(table, 0, end)
+                ctx = None if start == 0 else torch.tensor(self.layout.slots(table, 0, end), dtype=torch.long)
                 prefills.append(attention.PrefillSegment(row, n, end, ctx))
             row += n
         meta = attention.AttentionMetadata(
@@ -93,7 +76,7 @@ class ModelRunner:
         DECODE_BUCKET_FILL of the bucket's longest (so at most ~1/4 of a bucket's gathered K/V is
         padding), and a new bucket starts otherwise. Each bucket costs one SDPA call per layer.
         """
-        bs = self.kv_spec.block_size
+        bs = self.layout.block_size
         buckets, group = [], []
         for entry in sorted(decodes, key=lambda e: -e[1]):
             if group and entry[1] < DECODE_BUCKET_FILL * group[0][1]:

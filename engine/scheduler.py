@@ -7,15 +7,29 @@ sequence, the most recently arrived running sequence is preempted: its blocks ar
 goes back to the front of the waiting queue to be recomputed (prompt + output so far).
 
 The scheduler never touches tensors; it hands (sequence, n new tokens) pairs to the runner.
+Sequences are told apart by request id (unique among the sequences a scheduler holds).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from engine.kv_cache import BlockManager
-from engine.model_runner import ScheduledSeq
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a forward: tokens token_ids[num_computed : num_computed + n]."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this forward completes the sequence's known tokens (so its last row is sampled)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -43,18 +57,31 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
+        """The next forward's batch; empty only when nothing is running or waiting can start.
+
+        If no running sequence can move (each one stuck on memory), the latest one is preempted
+        and the step is planned again, until a batch forms or nothing runs (each round preempts
+        one sequence, so this ends)."""
+        while True:
+            batch = self._plan()
+            if batch or not self.running:
+                return batch
+            self._preempt(self.running[-1])
+
+    def _plan(self) -> list[ScheduledSeq]:
+        """One planning pass over the token budget (module docstring); may preempt to decode."""
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
-        scheduled: set[int] = set()
+        scheduled: set[str] = set()   # request ids
 
         # 1. decode tokens first
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or id(seq) in scheduled:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or seq.request_id in scheduled:
                 continue
             while not self.blocks.can_allocate(seq.block_table, seq.num_tokens):
-                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
+                victim = next(s for s in reversed(self.running) if s.request_id not in scheduled)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -62,21 +89,21 @@ class Scheduler:
                 continue
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             batch.append(ScheduledSeq(seq, 1))
-            scheduled.add(id(seq))
+            scheduled.add(seq.request_id)
             budget -= 1
 
         # 2. continue prompts already admitted (chunked prefill)
         for seq in self.running:
             if budget == 0:
                 break
-            if id(seq) in scheduled or seq.num_uncomputed <= 1 and seq.num_computed_tokens > 0:
+            if seq.request_id in scheduled or seq.num_uncomputed <= 1 and seq.num_computed_tokens > 0:
                 continue
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq.block_table, seq.num_computed_tokens + n):
                 continue
             self.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
             batch.append(ScheduledSeq(seq, n))
-            scheduled.add(id(seq))
+            scheduled.add(seq.request_id)
             budget -= n
 
         # 3. admit waiting sequences, fairly among tenants
@@ -91,13 +118,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
-            scheduled.add(id(seq))
+            scheduled.add(seq.request_id)
             budget -= n
-
-        if not batch and self.running:
-            # Every running sequence is stuck on memory: free the latest one so the rest can move.
-            self._preempt(self.running[-1])
-            return self.schedule()
         return batch
 
     def _admission_order(self) -> list[Sequence]:
@@ -115,11 +137,11 @@ class Scheduler:
             order.extend(q[i] for q in queues.values() if i < len(q))
         return order
 
-    def update(self, batch: list[ScheduledSeq], sampled: dict[int, int]) -> None:
-        """Advance computed counts and append sampled tokens (keyed by id(seq))."""
+    def update(self, batch: list[ScheduledSeq], sampled: dict[str, int]) -> None:
+        """Advance computed counts and append sampled tokens (keyed by request id)."""
         for entry in batch:
             entry.seq.num_computed_tokens += entry.num_new_tokens
-            token = sampled.get(id(entry.seq))
+            token = sampled.get(entry.seq.request_id)
             if token is not None:
                 entry.seq.token_ids.append(token)
 

@@ -36,12 +36,13 @@ from typing import ClassVar
 
 import torch
 
+from engine.kv_layout import KVLayout
 from kv_transfer.layout import (
-    KVLayout,
     PayloadSpec,
     TransferDescriptor,
     TransferMetadata,
     check_compatible,
+    compat_hash,
 )
 
 
@@ -104,7 +105,7 @@ class KVReceiver(ABC):
 
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
         """Allocate the worker's KV cache where this transport can write it, and register it."""
-        kv = torch.zeros(self.layout.cache_shape(num_blocks), dtype=self.layout.torch_dtype)
+        kv = self.layout.new_cache(num_blocks)
         self.register_cache(kv)
         return kv
 
@@ -142,7 +143,7 @@ class KVReceiver(ABC):
             raise ValueError(f"duplicate payload names {names}")
         return TransferMetadata(
             request_id=request_id,
-            layout_hash=self.layout.compat_hash(),
+            layout_hash=compat_hash(self.layout),
             dst_block_ids=dst,
             num_tokens=num_tokens,
             layer_start=layers.start if len(layers) else 0,

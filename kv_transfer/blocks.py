@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_transfer.layout import KVLayout, TransferMetadata
+from engine.kv_layout import KVLayout
+from kv_transfer.layout import TransferMetadata
 
 # Beyond this many runs, per-run slice copies cost more in call overhead than index ops.
 _MAX_RUNS = 16

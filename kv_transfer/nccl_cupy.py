@@ -87,7 +87,7 @@ class NcclReceiver(ChannelReceiver):
         return self.device
 
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
-        kv = torch.zeros(self.layout.cache_shape(num_blocks), dtype=self.layout.torch_dtype, device=self.device)
+        kv = self.layout.new_cache(num_blocks, self.device)
         self.register_cache(kv)
         return kv
 

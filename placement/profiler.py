@@ -41,14 +41,13 @@ class EngineProbe:
     """Times raw forwards of the engine's runner on sequences with made-up (but valid) tokens."""
 
     def __init__(self, loaded, engine_config) -> None:
-        from engine.kv_cache import BlockManager, KVSpec
+        from engine.kv_cache import BlockManager
         from engine.model_runner import ModelRunner
 
         self.engine_config = engine_config
-        spec = KVSpec.from_model_config(loaded.model.config, engine_config.block_size, engine_config.num_kv_blocks,
-                                        loaded.model.dtype)
+        layout = loaded.kv_layout(engine_config.block_size)
         self.blocks = BlockManager(engine_config.num_kv_blocks, engine_config.block_size)
-        self.runner = ModelRunner(loaded.model, spec)
+        self.runner = ModelRunner(loaded.model, layout, layout.new_cache(engine_config.num_kv_blocks))
         self.vocab = loaded.model.config.vocab_size
 
     def _seq(self, i: int, n: int, computed: int):
@@ -60,7 +59,7 @@ class EngineProbe:
         return seq
 
     def time_forward(self, prompt_lens: list[int], computed: list[int], reps: int) -> float:
-        from engine.model_runner import ScheduledSeq
+        from engine.scheduler import ScheduledSeq
 
         seqs = [self._seq(i, n, c) for i, (n, c) in enumerate(zip(prompt_lens, computed))]
         try:
@@ -233,22 +232,18 @@ def _forward_samples(probe: EngineProbe, ecfg, quick: bool, reps: int):
 def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: int, co_run: int):
     import torch
 
-    from decode_workers.decode_core import kv_layout
     from placement.profile import HardwareInfo, ModelShape, Profile
 
-    layout = kv_layout(loaded, ecfg)
+    layout = loaded.kv_layout(ecfg.block_size)
     sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
     backend = config.transport.backend.value
     _progress(f"transfer over {backend}: {sizes} blocks")
     transfer = _transfer_samples(layout, backend, sizes, reps)
 
     cfg = loaded.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype_bytes = torch.finfo(loaded.model.dtype).bits // 8
-    model = ModelShape(loaded.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                       cfg.num_key_value_heads, head_dim, cfg.intermediate_size, cfg.vocab_size,
-                       sum(p.numel() for p in loaded.model.parameters()), dtype_bytes,
-                       ModelShape.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype_bytes))
+    model = ModelShape(loaded.name, layout.num_layers, cfg.hidden_size, cfg.num_attention_heads,
+                       layout.num_kv_heads, layout.head_dim, cfg.intermediate_size, cfg.vocab_size,
+                       sum(p.numel() for p in loaded.model.parameters()), layout.itemsize, layout.bytes_per_token)
     # On a CPU cluster an instance of TP t is one worker process with t torch threads (the controller
     # gives a worker num_cpus = TP·PP threads), so the thread count is the profiled TP degree.
     threads_used = torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""Prefill side of disaggregated serving, without Ray (PrefillWorker only delegates to this).
+"""Prefill side of disaggregated serving, without Ray (the actor only delegates to this).
 
     queue ──take_batch (token budget)──▶ one packed forward over several prompts
           └─ after each layer's K/V are written locally, they are sent to every prompt's decode
@@ -31,14 +31,14 @@ from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_
 from engine import multimodal
 from engine.config import EngineConfig
 from engine.errors import BROKEN_AFTER, InvalidRequestError, WorkerBroken, is_device_failure
-from engine.kv_cache import BlockManager, KVSpec
+from engine.kv_cache import BlockManager
 from engine.llm_engine import LoadedModel
-from engine.model_runner import ModelRunner, ScheduledSeq
+from engine.model_runner import ModelRunner
+from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
 from engine.sequence import SamplingParams, Sequence
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
-from decode_workers.decode_core import kv_layout
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,13 @@ class PrefillResult:
 class PrefillCore:
     def __init__(self, options: PrefillOptions, loaded: LoadedModel,
                  image_encoder: InProcessEncoder | None = None) -> None:
-        """image_encoder: a vision side already in memory (the worker actor's, kept across role
+        """image_encoder: a vision side already in memory (a RoleWorker's, kept across role
         switches); else it is loaded from options.image_encoder_dir when that is set."""
         self.options = options
         cfg = options.engine
-        self.layout = kv_layout(loaded, cfg)
-        spec = KVSpec.from_model_config(loaded.model.config, cfg.block_size, cfg.num_kv_blocks, loaded.model.dtype)
+        self.layout = loaded.kv_layout(cfg.block_size)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
-        self.runner = ModelRunner(loaded.model, spec)
+        self.runner = ModelRunner(loaded.model, self.layout, self.layout.new_cache(cfg.num_kv_blocks))
         self.sampler = Sampler()
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()

@@ -7,7 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 from kv_transfer.base import TransferStatus
-from kv_transfer.layout import KVLayout, PayloadSpec
+from engine.kv_layout import KVLayout
+from kv_transfer.layout import PayloadSpec
 from kv_transfer.registry import get_backend
 
 pytestmark = [

@@ -15,7 +15,7 @@ from engine import multimodal
 from engine.errors import InvalidRequestError
 from kv_transfer import segment
 from kv_transfer.base import TransferStatus
-from kv_transfer.layout import KVLayout
+from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
 from tests.unit.test_multimodal_split import build_tiny_llava, png_bytes
 

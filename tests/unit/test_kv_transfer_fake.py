@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from kv_transfer.base import TransferCancelled, TransferError, TransferFailed, TransferStatus, TransferTimeout
-from kv_transfer.layout import KVLayout, PayloadSpec
+from engine.kv_layout import KVLayout
+from kv_transfer.layout import PayloadSpec
 from kv_transfer.registry import get_backend
 
 LAYOUT = KVLayout("tiny-llama", torch.float32, num_layers=3, num_kv_heads=2, head_dim=4, block_size=2)

@@ -6,7 +6,8 @@ import torch
 
 from kv_transfer.base import TransferStatus
 from kv_transfer.blocks import block_runs, copy_blocks
-from kv_transfer.layout import PROTOCOL_VERSION, HandshakeError, KVLayout, TransferMetadata, check_compatible
+from engine.kv_layout import KVLayout
+from kv_transfer.layout import PROTOCOL_VERSION, HandshakeError, TransferMetadata, check_compatible, compat_hash
 from kv_transfer.registry import get_backend
 
 LAYOUT = KVLayout("tiny-llama", torch.float16, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
@@ -14,14 +15,21 @@ LAYOUT = KVLayout("tiny-llama", torch.float16, num_layers=2, num_kv_heads=2, hea
 
 def test_hash_is_stable_and_dtype_normalised():
     same = KVLayout("tiny-llama", "float16", 2, 2, 8, 4)
-    assert same == LAYOUT and same.compat_hash() == LAYOUT.compat_hash()
-    assert pickle.loads(pickle.dumps(LAYOUT)).compat_hash() == LAYOUT.compat_hash()
-    assert len(LAYOUT.compat_hash()) == 64
-    hashes = {LAYOUT.compat_hash()}
+    assert same == LAYOUT and compat_hash(same) == compat_hash(LAYOUT)
+    assert compat_hash(pickle.loads(pickle.dumps(LAYOUT))) == compat_hash(LAYOUT)
+    assert len(compat_hash(LAYOUT)) == 64
+    hashes = {compat_hash(LAYOUT)}
     for f, v in [("model_id", "other"), ("dtype", "bfloat16"), ("num_layers", 3),
                  ("num_kv_heads", 1), ("head_dim", 16), ("block_size", 8)]:
-        hashes.add(dataclasses.replace(LAYOUT, **{f: v}).compat_hash())
+        hashes.add(compat_hash(dataclasses.replace(LAYOUT, **{f: v})))
     assert len(hashes) == 7
+
+
+def test_hash_is_the_wire_value():
+    """The handshake hash is part of the wire format: workers of one release must agree with
+    each other and with this value until PROTOCOL_VERSION changes."""
+    assert PROTOCOL_VERSION == 1
+    assert compat_hash(LAYOUT) == "d9327b91daf8d3a0f54b9a72cbbfb02312571037070e02c4f1a9ca8311fe2707"
 
 
 def test_sizes():

@@ -1,4 +1,4 @@
-"""Decode side of disaggregated serving, without Ray (the actor only delegates to this).
+"""Decode side of disaggregated serving, without Ray (DecodeWorker only delegates to this).
 
 A request's life on a decode worker:
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from encode_workers.inproc import InProcessEncoder
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, LoadedModel
 from engine.sequence import SamplingParams, StepOutput
@@ -36,7 +35,6 @@ class DecodeOptions:
     backend: str = "shm"
     lease_s: float = 300.0           # longest lease a reservation may ask for
     activate_timeout_s: float = 30.0  # how long activate() waits for the last KV layer to land
-    image_encoder_dir: str | None = None  # colocated, vision-language: load the vision side, encode in-process
 
 
 @dataclass
@@ -46,9 +44,7 @@ class _Reservation:
 
 
 class DecodeCore:
-    def __init__(self, options: DecodeOptions, loaded: LoadedModel,
-                 image_encoder: InProcessEncoder | None = None) -> None:
-        """image_encoder: as PrefillCore's (colocated role of a vision-language model)."""
+    def __init__(self, options: DecodeOptions, loaded: LoadedModel) -> None:
         self.options = options
         self.layout = loaded.kv_layout(options.engine.block_size)
         self.receiver = get_backend(options.backend).Receiver(self.layout)
@@ -56,20 +52,6 @@ class DecodeCore:
         self.engine = LLMEngine(options.engine, loaded, kv=kv)
         self._reserved: dict[str, _Reservation] = {}
         self._quarantine: list[tuple[float, list[int]]] = []
-        self.image_encoder = None  # colocated role of a vision-language model (encode_workers/inproc.py)
-        if options.image_encoder_dir is not None and loaded.image_spec is not None:
-            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(options.image_encoder_dir,
-                                                                                  loaded.model.dtype)
-
-    def submit_with_images(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                           images: list[bytes], resume: tuple[int, int] | None = None, tenant: str = "") -> None:
-        """Colocated role: encode the request's images here (no encode pool), then queue it.
-        InvalidRequestError names an image that is not one."""
-        if self.image_encoder is None:
-            raise ValueError(f"model {self.engine.loaded.name} takes no images on this worker")
-        features, _ = self.image_encoder.encode(list(images))
-        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume,
-                                tenant=tenant)
 
     # ------------------------------------------------------------ admission
     def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None

@@ -1,4 +1,4 @@
-"""Prefill side of disaggregated serving, without Ray (the actor only delegates to this).
+"""Prefill side of disaggregated serving, without Ray (PrefillWorker only delegates to this).
 
     queue ──take_batch (token budget)──▶ one packed forward over several prompts
           └─ after each layer's K/V are written locally, they are sent to every prompt's decode
@@ -84,7 +84,7 @@ class PrefillResult:
 class PrefillCore:
     def __init__(self, options: PrefillOptions, loaded: LoadedModel,
                  image_encoder: InProcessEncoder | None = None) -> None:
-        """image_encoder: a vision side already in memory (a RoleWorker's, kept across role
+        """image_encoder: a vision side already in memory (the worker actor's, kept across role
         switches); else it is loaded from options.image_encoder_dir when that is set."""
         self.options = options
         cfg = options.engine

@@ -11,6 +11,7 @@ from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.service import EncodeService
 from encode_workers.transfer import prepare_image_receive, receive_image_features
 from engine import multimodal
+from engine.worker_api import Role
 from kv_transfer import segment
 from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
@@ -41,6 +42,17 @@ def encode_request(workers, rx, spec, rid, images):
     return receive_image_features(rx, [s for _, s in plan], timeout=60), plan, stats
 
 
+def encode_worker(model_dir, worker_id: str, num_cpus: float):
+    """A plain encode worker as the controller starts one: the worker actor with the encode role alone."""
+    import ray
+
+    from cluster.worker_actor import WorkerActor
+    from encode_workers.worker import EncodeOptions
+
+    return ray.remote(WorkerActor).options(num_cpus=num_cpus, resources={"encode": 1}).remote(
+        worker_id, None, {Role.ENCODE: EncodeOptions(model_dir, backend="shm")}, 1, Role.ENCODE)
+
+
 def check_two_workers(workers, model_dir):
     import ray
 
@@ -68,12 +80,9 @@ def check_two_workers(workers, model_dir):
 def test_two_encode_workers_one_node(model_dir):
     import ray
 
-    from encode_workers.worker import EncodeWorkerActor
-
     ray.init(address="local", num_cpus=2, resources={"encode": 2}, include_dashboard=False, log_to_driver=False)
     try:
-        workers = [EncodeWorkerActor.options(num_cpus=1, resources={"encode": 1}).remote(
-            model_dir=model_dir, backend="shm", torch_threads=1, worker_id=f"enc{k}") for k in range(2)]
+        workers = [encode_worker(model_dir, f"enc{k}", num_cpus=1) for k in range(2)]
         check_two_workers(workers, model_dir)
     finally:
         ray.shutdown()
@@ -83,14 +92,11 @@ def test_encode_worker_on_another_simulated_node(model_dir):
     import ray
     from ray.cluster_utils import Cluster
 
-    from encode_workers.worker import EncodeWorkerActor
-
     sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     sim.add_node(num_cpus=1, resources={"encode": 2})
     try:
         ray.init(address=sim.address, log_to_driver=False)
-        workers = [EncodeWorkerActor.options(num_cpus=0.5, resources={"encode": 1}).remote(
-            model_dir=model_dir, backend="shm", torch_threads=1) for _ in range(2)]
+        workers = [encode_worker(model_dir, f"enc{k}", num_cpus=0.5) for k in range(2)]
         nodes = {ray.get(w.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())) for w in workers}
         assert ray.get_runtime_context().get_node_id() not in nodes
         check_two_workers(workers, model_dir)  # simulated nodes share /dev/shm, so shm still works

@@ -17,8 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.auth import KeyRing
 from cluster.config import ServerConfig
-from cluster.gateway import (GRPC_CODES, UNAUTHENTICATED_MESSAGE, Gateway, answer_status, bearer, bind_grpc,
-                             grpc_options, switch_to_pb)
+from cluster.gateway import bind_grpc, grpc_options
+from cluster.gateway_proto import GRPC_CODES, switch_to_pb
+from cluster.gateway_service import UNAUTHENTICATED_MESSAGE, Gateway, answer_status, bearer
 from cluster.router_api import ErrorKind, Router, RouterError
 from engine.worker_api import Role
 from protos.triptych.v1 import triptych_pb2 as pb

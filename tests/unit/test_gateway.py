@@ -13,8 +13,10 @@ import triptych
 from cluster import gateway as gw
 from cluster.auth import Principal
 from cluster.config import ServerConfig, SessionsConfig
+from cluster.gateway_proto import GRPC_CODES, SERVICE_NAME
 from cluster.router_api import ChatMessage, ErrorKind
 from cluster.sessions import SessionStore, _drop_points, _dropped, trim_to_fit
+from engine.worker_api import Role
 from tests.unit.test_gateway_fakes import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
                                           wait_for)
 
@@ -86,7 +88,7 @@ def test_router_errors_map_to_status_codes(client, word):
     kind, message = ERRORS[word.removeprefix("eager-")]
     with pytest.raises(triptych.TriptychError) as info:
         client.complete(f"please {word}")
-    assert info.value.code == gw.GRPC_CODES[kind]
+    assert info.value.code == GRPC_CODES[kind]
     assert info.value.message == message
 
 
@@ -192,7 +194,7 @@ def test_model_info_and_cluster_status(client):
 def test_health_and_reflection(server):
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", gw.SERVICE_NAME):
+        for name in ("", SERVICE_NAME):
             resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -344,7 +346,7 @@ def test_trim_is_exact_with_template_overhead():
 
 
 def test_error_kinds_all_mapped():
-    assert set(gw.GRPC_CODES) == set(ErrorKind)
+    assert set(GRPC_CODES) == set(ErrorKind)
 
 
 def test_stop_aborts_in_flight_requests_after_grace():
@@ -389,7 +391,7 @@ def test_admin_set_worker_role(server, router):
     s = client.set_worker_role("decode-1", "prefill", drain_timeout_s=5, reason="ops")
     assert (s.worker_id, s.from_role, s.to_role, s.epoch, s.drain_s, s.switch_s, s.reason) == (
         "decode-1", "decode", "prefill", 2, 0.5, 0.25, "ops")
-    assert router.inputs[-1][1:] == ("decode-1", gw.Role.PREFILL, "ops", 5.0)
+    assert router.inputs[-1][1:] == ("decode-1", Role.PREFILL, "ops", 5.0)
     with pytest.raises(triptych.FailedPrecondition, match="last live prefill worker"):
         client.set_worker_role("prefill-0", "decode")
     with pytest.raises(triptych.InvalidArgument, match="no worker 'nope-3'"):
@@ -397,7 +399,7 @@ def test_admin_set_worker_role(server, router):
     with pytest.raises(ValueError, match="encode, prefill or decode, not colocated"):
         client.set_worker_role("decode-1", "colocated")
     client.set_worker_role("encode-0", "prefill")            # encode <-> prefill goes over the same RPC
-    assert router.inputs[-1][1:3] == ("encode-0", gw.Role.PREFILL)
+    assert router.inputs[-1][1:3] == ("encode-0", Role.PREFILL)
     from protos.triptych.v1 import triptych_pb2 as pb
     from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 

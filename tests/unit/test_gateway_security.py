@@ -305,12 +305,12 @@ def test_a_client_that_goes_away_keeps_its_admission_share_until_its_work_ends()
     import asyncio
     import threading
 
-    from cluster import gateway as gw
+    from cluster import gateway_service
     from cluster.auth import Principal
     from tests.unit.test_gateway_fakes import FakeRouter
 
     async def scenario():
-        gate = gw.Gateway(FakeRouter())
+        gate = gateway_service.Gateway(FakeRouter())
         release, running = threading.Event(), []
 
         def heavy():
@@ -333,7 +333,7 @@ def test_a_client_that_goes_away_keeps_its_admission_share_until_its_work_ends()
         return busy, ok, gate._admitting
 
     busy, ok, left = asyncio.run(scenario())
-    assert busy == gw.ADMISSIONS_PER_CLIENT and ok == "served" and left == {}
+    assert busy == gateway_service.ADMISSIONS_PER_CLIENT and ok == "served" and left == {}
 
 
 def test_duplicate_key_names_are_refused(tmp_path):

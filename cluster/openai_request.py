@@ -1,0 +1,208 @@
+"""OpenAI request parsing for the HTTP door: a request body (bytes) -> the router's input fields
+and sampling parameters, for /v1/chat/completions and /v1/completions.
+
+Invariants: every refusal is a RouterError (INVALID_ARGUMENT naming the field at fault, e.g.
+`messages[2].content[0].image_url`, RESOURCE_EXHAUSTED naming the limit, NOT_FOUND for an
+unknown model); a body is measured (size, JSON values counted by their separators) before it is
+parsed, and an image is measured before it is decoded, so no client-sized work precedes the
+caps of cluster/limits.py. Parsing is pure (no I/O), so it runs on the gateway's admission
+threads. Only `data:` image URLs are accepted: the server fetches nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from cluster import limits as caps
+from cluster.config import LimitsConfig
+from cluster.gateway_proto import CHAT_ROLES, invalid
+from cluster.router_api import ChatMessage, ErrorKind, ModelInfo, RouterError
+
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*;base64,(?P<data>.*)", re.DOTALL)
+
+
+def json_field(body: dict, name: str, types: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+    """body[name] when it is one of `types` in JSON's sense (a boolean is not a number); `default`
+    when absent or null; otherwise INVALID_ARGUMENT naming the field and saying `what` it must be."""
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python, but not a number in JSON terms.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise invalid(f"'{name}' must be {what}, got a boolean")
+    if not isinstance(value, types):
+        raise invalid(f"'{name}' must be {what}, got {json_kind(value)}")
+    return value
+
+
+def json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
+    n = json_field(body, "n", int, "an integer", 1)
+    if n != 1:
+        raise invalid(f"'n' must be 1 (one choice per request), got {caps.clip(n)}")
+    best_of = json_field(body, "best_of", int, "an integer", 1)
+    if best_of != 1:
+        raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}")
+    for name in ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "suffix"):
+        if body.get(name):
+            raise invalid(f"'{name}' is not supported by this server")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if json_field(body, name, (int, float), "a number", 0):
+            raise invalid(f"'{name}' is not supported by this server (must be 0)")
+    fmt = json_field(body, "response_format", dict, "an object")
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise invalid(f"'response_format' type {caps.clip(fmt.get('type'))} is not supported (only 'text')")
+    json_field(body, "user", str, "a string")
+    max_tokens = json_field(body, "max_completion_tokens", int, "an integer")
+    if max_tokens is None:
+        max_tokens = json_field(body, "max_tokens", int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid(f"'max_tokens' must be >= 1, got {caps.clip(max_tokens)}")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list):
+        caps.check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings",
+                         "too_many_stop_strings")
+        if not all(isinstance(s, str) for s in stop):
+            raise invalid("'stop' must be a string or an array of strings")
+        stops = tuple(stop)
+    else:
+        raise invalid(f"'stop' must be a string or an array of strings, got {json_kind(stop)}")
+    top_k = json_field(body, "top_k", int, "an integer", 0)
+    if top_k < -1:
+        raise invalid(f"'top_k' must be >= -1, got {caps.clip(top_k)}")
+    return caps.sampling(
+        max_tokens=max_tokens,
+        temperature=json_field(body, "temperature", (int, float), "a number"),
+        top_p=json_field(body, "top_p", (int, float), "a number"),
+        top_k=top_k, seed=json_field(body, "seed", int, "an integer"), stop=stops,
+        ignore_eos=json_field(body, "ignore_eos", bool, "a boolean", False), max_model_len=max_model_len, limits=limits,
+    )  # fmt: skip
+
+
+def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tuple[ChatMessage, ...]:
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array of {role, content} objects")
+    caps.check_count("messages", len(messages), limits.max_messages, "max_messages", "too_many_messages")
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise invalid(f"{where} must be an object, got {json_kind(msg)}")
+        role = msg.get("role")
+        role = "system" if role == "developer" else role
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {caps.clip(role)}")
+        content = msg.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            out.append(ChatMessage(role=role, content=content))
+            continue
+        if not isinstance(content, list):
+            raise invalid(f"{where}.content must be a string or an array of parts, got {json_kind(content)}")
+        texts: list[str] = []
+        images: list[bytes] = []
+        for j, part in enumerate(content):
+            pwhere = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                caps.check_count("images in a message", len(images) + 1, limits.max_images, "max_images",
+                                 "too_many_images")
+                images.append(_image(part.get("image_url"), pwhere, limits))
+            else:
+                raise invalid(f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
+                              f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}")  # fmt: skip
+        out.append(ChatMessage(role=role, content="".join(texts), images=tuple(images)))
+    return tuple(out)
+
+
+def _image(image_url: Any, where: str, limits: LimitsConfig) -> bytes:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise invalid(f"{where}.image_url must be {{'url': 'data:image/...;base64,...'}}")
+    if not url.startswith("data:"):
+        raise invalid(f"{where}.image_url: only data: URLs (data:image/png;base64,...) are accepted; "
+                      f"this server does not fetch {caps.clip(url)}")  # fmt: skip
+    # base64 holds 3 bytes per 4 characters: refuse an oversized image before decoding it.
+    caps.check_count(f"{where} image bytes", len(url) * 3 // 4 - 64, limits.max_image_bytes, "max_image_bytes",
+                     "image_too_large")
+    m = _DATA_URI.fullmatch(url)
+    if m is None:
+        raise invalid(f"{where}.image_url: not a base64 data URL (expected data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(m.group("data"), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{where}.image_url: invalid base64 image data") from None
+    if not data:
+        raise invalid(f"{where}.image_url: the image is empty")
+    return data
+
+
+def _prompt(body: dict) -> dict[str, Any]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return {"token_ids": tuple(prompt)}
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise invalid(f"'prompt' holds {len(prompt)} prompts; send one prompt per request")
+    raise invalid("'prompt' must be a string or a non-empty array of token ids")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_items_limit(limits: LimitsConfig) -> int:
+    """How many JSON values (counted by their separators) a request may hold: every character of
+    the prompt a separate token id, and room for the messages' structure."""
+    return limits.max_prompt_chars + 16 * limits.max_messages + 1024
+
+
+def parse_body(raw: bytes, limits: LimitsConfig = LimitsConfig(), supports_images: bool = True) -> dict:
+    """The request body as a JSON object; INVALID_ARGUMENT for anything else (NaN and Infinity,
+    which Python's json accepts, included). Parsing holds the interpreter lock, so a body larger
+    than any acceptable request to this model, or with more values than any (300k messages), is
+    refused first by its size and by counting separators, which costs a fraction of parsing it."""
+    caps.check_size(len(raw), limits, supports_images)
+    items = raw.count(b",") + raw.count(b"{")
+    caps.check_count("JSON values in the body", items, json_items_limit(limits), "max_messages and max_prompt_chars",
+                     "too_many_items")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise invalid(f"request body is not valid JSON: {err.msg if hasattr(err, 'msg') else 'bad UTF-8'}") from None
+    except (ValueError, RecursionError) as err:   # NaN / Infinity, a 5000-digit number, 100k nested arrays
+        what = str(err) if "JSON number" in str(err) else "too deeply nested or a number too long"
+        raise invalid(f"request body is not valid JSON: {what}") from None
+    if not isinstance(body, dict):
+        raise invalid(f"request body must be a JSON object, got {json_kind(body)}")
+    return body
+
+
+def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig) -> tuple[dict, dict, Any]:
+    """(body, input fields, sampling) of a completion request; runs off the event loop."""
+    model, max_model_len = info.name, info.max_model_len
+    body = parse_body(raw, limits, info.supports_images)
+    name = json_field(body, "model", str, "a string", model)
+    if name != model:
+        raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(name)} does not exist; this server serves {model!r}",
+                          "unknown_model")
+    inp = {"messages": parse_messages(body.get("messages"), limits)} if chat else _prompt(body)
+    return body, inp, _sampling(body, max_model_len, limits)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real model loaded once per session, a tiny seeded Llama, and a leak check.
+"""Shared fixtures: the real model loaded once per session, a tiny seeded Llama, a tiny LLaVA
+checkpoint, and a leak check. Plain builders (no fixtures) live in `tests/helpers/`.
 
 Every engine a test builds through `make_engine` is checked after the test: all KV blocks free.
 """
@@ -11,10 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
-import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, LoadedModel
+from tests.helpers.llava import build_tiny_llava, save_tiny_llava
+from tests.helpers.models import SMOL_LENGTHS, SMOL_NEW_TOKENS, build_tiny_llama, hf_greedy
 
 
 @pytest.fixture(scope="session")
@@ -26,21 +28,6 @@ def smol() -> LoadedModel:
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol):
     return smol.tokenizer
-
-
-def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 2
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -64,26 +51,6 @@ def make_engine():
         assert not engine.has_unfinished(), "requests left in the engine after the test"
         assert engine.blocks.all_free(), (
             f"KV leak: {engine.blocks.num_used_blocks} of {engine.blocks.num_total_blocks} blocks still held")
-
-
-def hf_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The oracle: transformers generate() with plain SDPA attention, one request at a time."""
-    model = loaded.model
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = "sdpa"
-    try:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=sorted(loaded.eos_token_ids), pad_token_id=sorted(loaded.eos_token_ids)[0])
-    finally:
-        model.config._attn_implementation = saved
-    return out[0, len(prompt_ids):].tolist()
-
-
-# The real-model oracle, computed once per session and shared by the engine and cluster tests.
-SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1400, 1600, 1800, 1900, 2000]
-SMOL_NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +82,16 @@ def smol_colocated(smol, smol_chats):
     outs = engine.generate(smol_chats, SamplingParams(max_tokens=SMOL_NEW_TOKENS))
     assert engine.blocks.all_free()
     return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """A tiny seeded LLaVA (tests/helpers/llava.py), one per test module. A module that needs
+    another seed or feature layer defines its own `llava`, which takes precedence."""
+    return build_tiny_llava(seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llava):
+    """`llava` saved with the SmolLM2 tokenizer: a checkpoint directory a worker loads."""
+    return save_tiny_llava(llava, tmp_path_factory.mktemp("tiny-llava"))

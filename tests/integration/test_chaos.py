@@ -28,7 +28,7 @@ from cluster.controller import start_router
 from cluster.router_api import RouterError
 from engine.sequence import FinishReason
 from kv_transfer.segment import list_all_segments
-from tests.integration.harness import LoopThread, chat_request, collect, run_all
+from tests.helpers.router import LoopThread, chat_request, collect, run_all
 
 pytestmark = pytest.mark.slow
 

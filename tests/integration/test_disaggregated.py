@@ -12,8 +12,8 @@ import pytest
 from cluster.config import parse_config
 from cluster.controller import start_router
 from engine.sequence import FinishReason, SamplingParams
-from tests.conftest import SMOL_NEW_TOKENS
-from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, chat_request, collect, run_all
+from tests.helpers.models import SMOL_NEW_TOKENS
+from tests.helpers.router import LoopThread, assert_no_leaks, assert_no_segments, chat_request, collect, run_all
 
 pytestmark = pytest.mark.slow
 

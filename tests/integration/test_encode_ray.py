@@ -15,7 +15,7 @@ from engine.worker_api import Role
 from kv_transfer import segment
 from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
-from tests.unit.test_multimodal_split import build_tiny_llava, png_bytes
+from tests.helpers.llava import build_tiny_llava, png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, RouterErro
 from engine.worker_api import Role
 from engine import multimodal
 from engine.sequence import FinishReason, SamplingParams
-from tests.integration.harness import LoopThread, assert_no_leaks, assert_no_segments, collect, run_all
-from tests.unit.test_multimodal_split import IMAGE_TOKEN_ID, build_tiny_llava, png_bytes
+from tests.helpers.router import LoopThread, assert_no_leaks, assert_no_segments, collect, run_all
+from tests.helpers.llava import IMAGE_TOKEN_ID, build_tiny_llava, png_bytes
 
 pytestmark = pytest.mark.slow
 

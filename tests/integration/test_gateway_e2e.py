@@ -15,7 +15,7 @@ import pytest
 from cluster.config import parse_config
 from cluster.serve import start_serving, stop_serving
 from engine.sequence import SamplingParams
-from tests.integration.harness import LoopThread
+from tests.helpers.router import LoopThread
 from triptych import Client
 from triptych.errors import InvalidArgument, ResourceExhausted
 

@@ -24,8 +24,8 @@ from engine.worker_api import Role
 from cluster.serve import start_serving, stop_serving
 from engine.sequence import FinishReason, SamplingParams
 from cluster.router_api import GenerateInput
-from tests.conftest import hf_greedy
-from tests.integration.harness import LoopThread, assert_no_leaks, collect
+from tests.helpers.models import hf_greedy
+from tests.helpers.router import LoopThread, assert_no_leaks, collect
 from triptych import Client
 from triptych.errors import FailedPrecondition, InvalidArgument
 

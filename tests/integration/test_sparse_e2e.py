@@ -12,7 +12,7 @@ from cluster.config import parse_config
 from cluster.controller import start_router
 from cluster.router_api import GenerateInput
 from engine.sequence import SamplingParams
-from tests.integration.harness import LoopThread, assert_no_leaks, run_all
+from tests.helpers.router import LoopThread, assert_no_leaks, run_all
 
 pytestmark = pytest.mark.slow
 

@@ -15,26 +15,9 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.sequence import SamplingParams
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillTask
-from tests.unit.test_multimodal_split import IMAGE_TOKEN_ID, build_tiny_llava, hf_features, png_bytes
+from tests.helpers.llava import IMAGE_TOKEN_ID, hf_features, png_bytes
 
 TOKENS_PER_IMAGE = 16
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return build_tiny_llava(seed=3)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, llava):
-    from transformers import AutoTokenizer
-
-    from engine import model_loader
-
-    path = tmp_path_factory.mktemp("tiny-llava-inproc")
-    llava.save_pretrained(path)
-    AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None))).save_pretrained(path)
-    return str(path)
 
 
 def test_features_match_llava_and_cache_skips_forwards(model_dir, llava):

@@ -17,7 +17,7 @@ from kv_transfer import segment
 from kv_transfer.base import TransferStatus
 from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
-from tests.unit.test_multimodal_split import build_tiny_llava, png_bytes
+from tests.helpers.llava import build_tiny_llava, png_bytes
 
 LAYOUT = KVLayout("tiny-llava", "float32", num_layers=2, num_kv_heads=2, head_dim=16, block_size=8)
 

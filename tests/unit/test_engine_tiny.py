@@ -5,7 +5,7 @@ import random
 import pytest
 
 from engine.sequence import SamplingParams
-from tests.conftest import hf_greedy
+from tests.helpers.models import hf_greedy
 
 LENGTHS = [1, 3, 7, 16, 17, 31, 50, 64, 100, 129, 200, 333]
 NEW_TOKENS = 24

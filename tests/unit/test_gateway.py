@@ -17,7 +17,7 @@ from cluster.gateway_proto import GRPC_CODES, SERVICE_NAME
 from cluster.router_api import ChatMessage, ErrorKind
 from cluster.sessions import SessionStore, _drop_points, _dropped, trim_to_fit
 from engine.worker_api import Role
-from tests.unit.test_gateway_fakes import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
+from tests.helpers.gateway import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
                                           wait_for)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8

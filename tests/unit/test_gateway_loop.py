@@ -20,7 +20,7 @@ from cluster.config import ServerConfig
 from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
 from tests import attacks
-from tests.unit.test_gateway_fakes import FakeRouter, GatewayThread
+from tests.helpers.gateway import FakeRouter, GatewayThread
 
 pytestmark = pytest.mark.slow
 INFO = ModelInfo("fake-model", 8192, 49152, (2,), "float32", True)

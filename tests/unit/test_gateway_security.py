@@ -19,8 +19,7 @@ import triptych
 from cluster.auth import AuthError, KeyRing, load_keys
 from cluster.config import LimitsConfig, ServerConfig, TlsConfig
 from cluster.router_api import ChatMessage
-from tests.unit.test_gateway_fakes import MODEL, GatewayThread, routed_id, wait_for
-from tests.unit.test_metrics import samples
+from tests.helpers.gateway import MODEL, GatewayThread, routed_id, samples, wait_for
 
 ALICE, BOB, ADMIN = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00", "admin-key-0123456789abcdef"
 LIMITS = LimitsConfig(max_prompt_chars=1000, max_messages=8, max_images=2, max_image_bytes=64, max_stop_strings=2,
@@ -307,7 +306,7 @@ def test_a_client_that_goes_away_keeps_its_admission_share_until_its_work_ends()
 
     from cluster import gateway_service
     from cluster.auth import Principal
-    from tests.unit.test_gateway_fakes import FakeRouter
+    from tests.helpers.gateway import FakeRouter
 
     async def scenario():
         gate = gateway_service.Gateway(FakeRouter())

@@ -17,7 +17,7 @@ import types
 import pytest
 
 from cluster import demo, serve
-from tests.unit.test_gateway_fakes import FakeRouter
+from tests.helpers.gateway import FakeRouter
 
 
 @pytest.fixture()

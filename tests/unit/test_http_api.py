@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.unit.test_gateway_fakes import ERRORS, MODEL, GatewayThread, routed_id, wait_for
+from tests.helpers.gateway import ERRORS, MODEL, GatewayThread, routed_id, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from kv_transfer.base import TransferCancelled, TransferStatus
 from kv_transfer.layout import PayloadSpec
 from kv_transfer.registry import get_backend
-from tests.unit.test_kv_transfer_shm import DST_IDS, LAYOUT, SRC_IDS, TIMEOUT, source_cache, start_sender
+from tests.helpers.kv_transfer import DST_IDS, LAYOUT, SRC_IDS, TIMEOUT, source_cache, start_sender
 
 
 def test_gloo_streams_layers_payload_and_abort():

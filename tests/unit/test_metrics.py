@@ -5,13 +5,12 @@ from __future__ import annotations
 import httpx
 import prometheus_client
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import triptych
 from cluster.metrics import Metrics
 from cluster.router_api import FinalEvent, Timings
 from engine.sequence import FinishReason
-from tests.unit.test_gateway_fakes import MODEL, GatewayThread
+from tests.helpers.gateway import MODEL, GatewayThread, samples
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +18,6 @@ def server():
     srv = GatewayThread()
     yield srv
     srv.stop()
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def test_metrics_after_requests(server):

@@ -11,7 +11,7 @@ from engine import multimodal
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LoadedModel
 from engine.sequence import SamplingParams
-from tests.unit.test_multimodal_split import IMAGE_TOKEN_ID, build_tiny_llava, png_bytes
+from tests.helpers.llava import IMAGE_TOKEN_ID, build_tiny_llava, png_bytes
 
 NEW_TOKENS = 16
 # (text tokens before, [number of images, text tokens after each]) — image tokens unexpanded

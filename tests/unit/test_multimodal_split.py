@@ -9,50 +9,13 @@ import torch
 
 from engine import multimodal
 from engine.errors import InvalidRequestError
-
-IMAGE_TOKEN_ID = 49151          # a plain vocabulary token of the SmolLM2 tokenizer, never in test prompts
-VOCAB = 49152                   # len(SmolLM2 tokenizer)
-
-
-def build_tiny_llava(seed: int = 0, feature_layer=-2, strategy: str = "default"):
-    """Tiny seeded LLaVA: CLIP vision (28 px, patch 7 → 16 patches, 3 layers) + 2-layer Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7, projection_dim=32, initializer_factor=1.0)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                       tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                         projector_hidden_act="gelu", initializer_range=0.3)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 2
-    return model
-
-
-def png_bytes(seed: int, size=(40, 32), fmt: str = "PNG") -> bytes:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
+from tests.helpers.llava import IMAGE_TOKEN_ID, build_tiny_llava, hf_features, png_bytes
 
 
 @pytest.fixture(scope="module")
 def llava():
+    """Seed 0 (the shared `llava` fixture uses seed 3)."""
     return build_tiny_llava()
-
-
-def hf_features(llava, pixel_values) -> torch.Tensor:
-    with torch.inference_mode():
-        out = llava.get_image_features(pixel_values=pixel_values)
-    return torch.stack(list(out.pooler_output))
 
 
 @pytest.mark.parametrize("layer,strategy", [(-2, "default"), (-1, "full"), ([-3, -1], "default")])

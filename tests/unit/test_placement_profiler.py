@@ -5,7 +5,7 @@ import multiprocessing
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
+from tests.helpers.models import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

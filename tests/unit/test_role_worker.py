@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LoadedModel
 from engine.sequence import SamplingParams
 from prefill_workers.prefill_core import PrefillOptions, PrefillTask
-from tests.conftest import hf_greedy
+from tests.helpers.models import hf_greedy
 
 
 def _options() -> dict:

@@ -23,8 +23,7 @@ from engine.sequence import SamplingParams
 from engine.kv_layout import KVLayout
 from kv_transfer.registry import get_backend
 from prefill_workers.prefill_core import PrefillOptions, PrefillTask
-from tests.unit.test_encode_inproc import llava, model_dir  # noqa: F401  (fixtures: a tiny LLaVA checkpoint)
-from tests.unit.test_multimodal_split import hf_features, png_bytes
+from tests.helpers.llava import hf_features, png_bytes
 
 LAYOUT = KVLayout("tiny-llava", "float32", num_layers=2, num_kv_heads=2, head_dim=16, block_size=8)
 

@@ -1,4 +1,5 @@
-"""Drive an asyncio router from synchronous tests: one event loop on a background thread."""
+"""Drive an asyncio router from synchronous tests (one event loop on a background thread), and the
+leak checks every cluster test ends with."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import torch
 
 from kv_transfer import segment
 from kv_transfer.registry import get_backend
-from tests.unit.test_kv_transfer_shm import DST_IDS, LAYOUT, SRC_IDS, source_cache
+from tests.helpers.kv_transfer import DST_IDS, LAYOUT, SRC_IDS, source_cache
 
 
 @ray.remote(num_cpus=1, max_concurrency=2)

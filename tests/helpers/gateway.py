@@ -1,5 +1,5 @@
-"""A fake Router and a gateway running on its own event-loop thread, shared by the gateway,
-HTTP and metrics tests (this module holds no tests itself).
+"""A fake Router and the real gateway running on its own event-loop thread, shared by the gateway,
+HTTP and metrics tests; `samples` reads a Prometheus page.
 
 FakeRouter picks its behaviour from the last words of the input (prompt or last message):
 "slow" streams until aborted, "steady" streams 200 tokens 25 ms apart, "midfail" fails after one
@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import NamedTuple
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import gateway as gw
 from cluster.config import ServerConfig
-from cluster.router_api import ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, RoleSwitch, Router, RouterError, Timings, TokenEvent
-from engine.worker_api import Role, WorkerStatus
+from cluster.router_api import (ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, RoleSwitch,
+                                 Router, RouterError, Timings, TokenEvent)
 from engine.sequence import FinishReason
+from engine.worker_api import Role, WorkerStatus
 
 MODEL = "fake-model"
 MAX_MODEL_LEN = 512
@@ -34,6 +38,18 @@ ERRORS = {
 }
 
 
+class SetRoleCall(NamedTuple):
+    """A set_worker_role call, recorded in FakeRouter.inputs between the requests. It has no
+    request id (None), so a search of the inputs by request id passes over it."""
+
+    op: str
+    worker_id: str
+    role: Role
+    reason: str
+    drain_timeout_s: float
+    request_id = None
+
+
 def input_text(inp: GenerateInput) -> str:
     if inp.prompt is not None:
         return inp.prompt
@@ -43,6 +59,8 @@ def input_text(inp: GenerateInput) -> str:
 
 
 class FakeRouter(Router):
+    """Records every GenerateInput (and SetRoleCall) in `inputs`, in arrival order."""
+
     def __init__(self) -> None:
         self.inputs: list[GenerateInput] = []
         self.aborts: list[str] = []       # requests whose stream was closed or aborted early
@@ -51,7 +69,7 @@ class FakeRouter(Router):
         self._abort_events: dict[str, asyncio.Event] = {}
 
     async def set_worker_role(self, worker_id, role, reason="manual", drain_timeout_s=60.0):
-        self.inputs.append(("set_role", worker_id, role, reason, drain_timeout_s))
+        self.inputs.append(SetRoleCall("set_role", worker_id, role, reason, drain_timeout_s))
         if worker_id == "prefill-0":
             raise RouterError(ErrorKind.FAILED_PRECONDITION, "worker prefill-0 is the last live prefill worker")
         if worker_id.startswith("nope"):
@@ -184,3 +202,12 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus text page as {(sample name, sorted label pairs): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

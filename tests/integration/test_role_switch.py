@@ -84,6 +84,7 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
     loop, router, running, client, _ = served
     prompts = smol_prompt_ids[:8]
     old = router.find_worker("decode-1")
+    epoch, switches = old.epoch, client.admin_status().role_switch_count   # relative: the tests run in any order
     weights = ray.get(old.actor.__ray_call__.remote(_weights))
     reqs = _requests(prompts, 8, "load")
 
@@ -96,14 +97,14 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
 
     switch, results = loop.run(scenario())
     _check(results, reqs, prompts, reference)
-    assert (switch.worker_id, switch.from_role.value, switch.to_role.value, switch.epoch) == ("decode-1", "decode", "prefill", 1)
-    assert switch.reason == "manual" and switch.switch_s > 0 and switch.drain_s >= 0
+    assert (switch.worker_id, switch.from_role.value, switch.to_role.value) == ("decode-1", "decode", "prefill")
+    assert switch.epoch == epoch + 1 and switch.reason == "manual" and switch.switch_s > 0 and switch.drain_s >= 0
 
     new = router.find_worker("decode-1")
-    assert new.role is Role.PREFILL and new.epoch == 1 and new in router.prefill and old not in router.decode
+    assert new.role is Role.PREFILL and new.epoch == epoch + 1 and new in router.prefill and old not in router.decode
     assert ray.get(new.actor.__ray_call__.remote(_weights)) == weights   # the same weights, not reloaded
     with pytest.raises(StaleEpochError):                               # an order for its old role/epoch
-        ray.get(old.actor.reserve.remote("stale", 8, 5.0, epoch=0))
+        ray.get(old.actor.reserve.remote("stale", 8, 5.0, epoch=epoch))
 
     # Both prefill workers now take prompts; answers stay the reference's.
     reqs2 = _requests(prompts, 6, "after")
@@ -111,19 +112,20 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
 
     status = client.admin_status()
     workers = {w.worker_id: w for p in status.pools for w in p.workers}
-    assert workers["decode-1"].role.value == "prefill" and workers["decode-1"].epoch == 1
+    assert workers["decode-1"].role.value == "prefill" and workers["decode-1"].epoch == epoch + 1
     assert len(status.pool("prefill").workers) == 2 and len(status.pool("decode").workers) == 1
-    assert status.role_switch_count == 1 and status.role_switches[-1].worker_id == "decode-1"
+    assert status.role_switch_count == switches + 1 and status.role_switches[-1].worker_id == "decode-1"
     metrics = httpx.get(f"http://{running.connect_host}:{running.http_port}/metrics", timeout=30).text
-    assert "triptych_role_switches_total 1.0" in metrics
-    assert 'triptych_worker_epoch{role="prefill",worker="decode-1"} 1.0' in metrics
+    assert f"triptych_role_switches_total {switches + 1}.0" in metrics
+    assert f'triptych_worker_epoch{{role="prefill",worker="decode-1"}} {epoch + 1}.0' in metrics
     assert_no_leaks(loop, router)
 
 
 def test_cli_switches_back_and_refusals_are_clear(served, smol_prompt_ids, reference):
     loop, router, running, client, target = served
-    if router.find_worker("decode-1").role is not Role.PREFILL:
-        pytest.skip("needs the switch of the previous test")
+    if router.find_worker("decode-1").role is not Role.PREFILL:     # run alone: the previous test's switch
+        client.set_worker_role("decode-1", "prefill", drain_timeout_s=120, timeout=300)
+    epoch, switches = router.find_worker("decode-1").epoch, client.admin_status().role_switch_count
     cli = [sys.executable, "-m", "triptych.cli", "admin"]
     with pytest.raises(InvalidArgument, match="no worker 'decode-9'"):
         client.set_worker_role("decode-9", "prefill")
@@ -133,12 +135,13 @@ def test_cli_switches_back_and_refusals_are_clear(served, smol_prompt_ids, refer
     out = subprocess.run(cli + ["set-role", "decode-1", "decode", "--target", target], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "decode-1: prefill -> decode (epoch 2" in out.stdout
+    assert f"decode-1: prefill -> decode (epoch {epoch + 1}" in out.stdout
     refused = subprocess.run(cli + ["set-role", "prefill-0", "decode", "--target", target], capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1 and "last live prefill worker" in refused.stderr
     status = subprocess.run(cli + ["status", "--target", target], capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0 and "role switches: 2" in status.stdout and "prefill -> decode" in status.stdout
+    assert status.returncode == 0 and "prefill -> decode" in status.stdout
+    assert f"role switches: {switches + 1}" in status.stdout
 
     assert [w.worker_id for w in router.decode] == ["decode-0", "decode-1"]
     reqs = _requests(smol_prompt_ids[:4], 4, "back")
@@ -153,6 +156,7 @@ def test_reprefill_after_decode_death_gives_the_reference(served, smol, smol_pro
     ids = smol_prompt_ids[8]
     want = hf_greedy(smol, ids, 48)
     assert len(want) >= 24, "the reference must be long enough to kill its decode worker mid-way"
+    restarts = dict(router.supervisor.restarts())
     router.reprefill_on_decode_failure = True
     req = GenerateInput("reprefill-0", SamplingParams(max_tokens=48), token_ids=tuple(ids))
 
@@ -177,5 +181,5 @@ def test_reprefill_after_decode_death_gives_the_reference(served, smol, smol_pro
     assert tokens == want
     assert text == smol.tokenizer.decode(want, skip_special_tokens=True)     # continuous across the resume
     assert loop.run(router.supervisor.wait_all_alive(120)), "the killed worker was not restarted"
-    assert router.supervisor.restarts().get(killed.worker_id) == 1
+    assert router.supervisor.restarts().get(killed.worker_id) == restarts.get(killed.worker_id, 0) + 1
     assert_no_leaks(loop, router)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.config import load_config
 from engine.worker_api import Role
 from placement import cli
 from placement import trace as tr
@@ -90,8 +91,7 @@ def test_plan_yaml_loads_through_cluster_config(azure, tmp_path):
     doc = yaml.safe_load(out.read_text())
     local = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     assert tuple(doc) == DEPLOY_KEYS and set(doc) == set(local)
-    config = pytest.importorskip("cluster.config")
-    cfg = config.load_config(out)
+    cfg = load_config(out)
     assert cfg.mode.value == result.chosen.mode.value
     for p in result.chosen.pools:
         pool = cfg.pools.get(p.role.value)

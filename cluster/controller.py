@@ -1,18 +1,22 @@
 """The controller: turns a DeployConfig into running pools of Ray actors and a router.
 
-    start_router(config) ─▶ model converted/cached once (progress shown)
-                         ─▶ Ray started locally (custom resources per pool) or joined
-                         ─▶ worker actors created with their pool's resources, awaited ready
-                            (a LLaVA checkpoint in disaggregated mode adds the encode pool: vision
-                            tower on encode workers, language side on prefill / decode workers;
-                            with 0 encode workers, or colocated, the prefill / colocated workers
-                            load the vision tower too and encode images themselves; with
-                            role_switching.encode_prefill, encode and prefill workers load both
-                            halves so they can switch between the two roles)
-                         ─▶ KV layouts of prefill and decode checked compatible (handshake)
-                         ─▶ ClusterRouter; its shutdown() kills the actors (and the local Ray)
-                         ─▶ Supervisor: restarts dead workers with the same `spawn(role, id, epoch)`
-                            the controller used, and swaps them into the router
+    start_router(config)
+      ─▶ _load_model      model converted/cached once (progress shown), tokenizer, LLaVA config
+      ─▶ _start_ray       Ray started locally (custom resources per pool) or joined
+      ─▶ _spawn_pools     worker actors created with their pool's resources by `spawn(role, id,
+                          epoch)` (_spawner). A LLaVA checkpoint in disaggregated mode adds the
+                          encode pool: vision tower on encode workers, language side on prefill /
+                          decode workers; with 0 encode workers, or colocated, the prefill /
+                          colocated workers load the vision tower too and encode images
+                          themselves; with role_switching.encode_prefill, encode and prefill
+                          workers load both halves so they can switch between the two roles
+      ─▶ _await_ready     every worker ready (bounded); KV layouts of prefill and decode checked
+                          compatible (handshake)
+      ─▶ _build_router    the ClusterRouter; its shutdown() stops what was started (`Started`)
+      ─▶ Supervisor       restarts dead workers with the same `spawn` and swaps them into the router
+      ─▶ _role_policy     the automatic role policy, when role switching is on
+
+A failure at any step after Ray started stops every actor started so far, and a local Ray.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Callable
 
 from cluster.config import ConfigError, DeployConfig, PoolConfig
 from engine.worker_api import Mode
-from cluster.pools import WorkerHandle
+from cluster.pools import Pools, WorkerHandle
 from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
 from engine.worker_api import Role
@@ -77,127 +81,173 @@ def _actor_options(pool: PoolConfig, name: str) -> dict:
 
 async def start_router(config: DeployConfig, *, ray_address: str | None = None,
                        progress: Callable[[str], None] = _progress, namespace: str | None = None) -> ClusterRouter:
-    import ray
+    """Start everything `config` asks for and return the serving router (steps in the module doc).
+    A failure part-way stops what was started."""
+    model = await _load_model(config)
+    started = Started(ray_started=_start_ray(config, ray_address, namespace, progress))
+    try:
+        spawn = _spawner(config, str(model.directory), f"{int(time.time() * 1000) % 10**8:08d}")
+        started.pools = _spawn_pools(config, spawn, model.llava)
+        layouts = await _await_ready(started.pools, progress)
+        router = _build_router(config, model, started)
+        router.start()
+        check = None
+        if started.pools.prefill and started.pools.decode:
+            from kv_transfer.layout import check_compatible
+
+            check = functools.partial(check_compatible, layouts[started.pools.decode[0].worker_id])
+        router.supervisor = Supervisor(router, spawn, _kill, check_layout=check)   # status and tests read it
+        router.supervisor.start()
+        started.stoppable.append(router.supervisor)
+        router.policy = _role_policy(config, router, progress)
+        if router.policy is not None:
+            started.stoppable.append(router.policy)
+    except BaseException:
+        await started.stop()
+        raise
+    return router
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """The model as the router needs it: where it is, its tokenizer, its LLaVA config (None: text-only)."""
+
+    source: object
+    directory: object
+    tokenizer: object
+    llava: object | None
+
+
+async def _load_model(config: DeployConfig) -> LoadedCheckpoint:
     from transformers import AutoTokenizer
 
     from engine import model_loader, multimodal
 
-    loop = asyncio.get_running_loop()
     source = model_loader.resolve(config.model.path)
-    directory = await loop.run_in_executor(None, model_loader.local_dir, source)
+    directory = await asyncio.get_running_loop().run_in_executor(None, model_loader.local_dir, source)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     llava = multimodal.load_llava_config(directory) if multimodal.is_llava_dir(directory) else None
     if config.role_switching.encode_prefill and llava is None:
         raise ConfigError(config.source, "role_switching.encode_prefill",
                           f"model {source.name} has no vision tower: only a vision-language (LLaVA) model has "
                           f"an encode role to switch to")
+    return LoadedCheckpoint(source, directory, tokenizer, llava)
 
-    started_ray = False
+
+def _start_ray(config: DeployConfig, ray_address: str | None, namespace: str | None,
+               progress: Callable[[str], None]) -> bool:
+    """Join the configured Ray cluster, or start a local one; True when this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
     address = ray_address or config.ray.address
-    if not ray.is_initialized():
-        if address:
-            progress(f"joining Ray cluster at {address} ...")
-            ray.init(address=address, namespace=namespace, log_to_driver=False)
-        else:
-            progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
-            ray.init(address="local", num_cpus=config.ray.num_cpus, resources=_ray_resources(config),
-                     include_dashboard=False,
-                     namespace=namespace, log_to_driver=False)
-            started_ray = True
+    if address:
+        progress(f"joining Ray cluster at {address} ...")
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        return False
+    progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
+    ray.init(address="local", num_cpus=config.ray.num_cpus, resources=_ray_resources(config),
+             include_dashboard=False, namespace=namespace, log_to_driver=False)
+    return True
 
-    tag = f"{int(time.time() * 1000) % 10**8:08d}"
-    spawn = _spawner(config, str(directory), tag)
-    prefill: list[WorkerHandle] = []
-    decode: list[WorkerHandle] = []
-    encode: list[WorkerHandle] = []      # supervised like the others; the router skips dead ones
+
+def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava) -> Pools:
+    """One handle per worker of the active pools, each actor created (not yet ready). The encode
+    pool runs only for a vision-language model."""
+    def pool(role: Role, workers: int) -> list[WorkerHandle]:
+        return [WorkerHandle(f"{role.value}-{i}", role, spawn(role, f"{role.value}-{i}", 0)) for i in range(workers)]
+
+    p = config.pools
     if config.mode is Mode.COLOCATED:
-        decode += [WorkerHandle(f"colocated-{i}", Role.COLOCATED, spawn(Role.COLOCATED, f"colocated-{i}", 0))
-                   for i in range(config.pools.colocated.workers)]
-    else:
-        prefill += [WorkerHandle(f"prefill-{i}", Role.PREFILL, spawn(Role.PREFILL, f"prefill-{i}", 0))
-                    for i in range(config.pools.prefill.workers)]
-        decode += [WorkerHandle(f"decode-{i}", Role.DECODE, spawn(Role.DECODE, f"decode-{i}", 0))
-                   for i in range(config.pools.decode.workers)]
-        if llava is not None:
-            encode += [WorkerHandle(f"encode-{i}", Role.ENCODE, spawn(Role.ENCODE, f"encode-{i}", 0))
-                       for i in range(config.pools.encode.workers)]
+        return Pools([], [], pool(Role.COLOCATED, p.colocated.workers))
+    return Pools(pool(Role.ENCODE, p.encode.workers) if llava is not None else [],
+                 pool(Role.PREFILL, p.prefill.workers), pool(Role.DECODE, p.decode.workers))
 
-    handles = prefill + decode
-    supervisor: list[Supervisor] = []    # set once the router exists
 
-    async def teardown() -> None:
-        for s in supervisor:
+@dataclasses.dataclass
+class Started:
+    """What start_router has started, so that `stop()` (the router's shutdown, or a failed start)
+    stops exactly that: the supervisor and role policy, every worker (the router swaps restarted
+    and switched workers into the same lists), and a local Ray this process started."""
+
+    ray_started: bool
+    pools: Pools = dataclasses.field(default_factory=lambda: Pools([], [], []))
+    stoppable: list = dataclasses.field(default_factory=list)   # objects with `async stop()`
+
+    async def stop(self) -> None:
+        import ray
+
+        for s in self.stoppable:
             await s.stop()
-        workers = encode + prefill + decode   # the router swaps restarted workers into these lists
+        workers = self.pools.all()
         await asyncio.gather(*(asyncio.wait_for(h.actor.stop.remote(), 10) for h in workers if h.alive),
                              return_exceptions=True)
         for h in workers:
-            try:
-                ray.kill(h.actor)
-            except Exception:
-                pass
-        if started_ray:
+            _kill(h.actor)
+        if self.ray_started:
             ray.shutdown()
 
-    progress(f"starting {len(encode)} encode, {len(prefill)} prefill and {len(decode)} "
-             f"{'colocated' if prefill == [] else 'decode'} worker(s) ...")
+
+async def _await_ready(pools: Pools, progress: Callable[[str], None]) -> dict[str, object]:
+    """Wait for every worker to be ready (bounded); the KV layout of each prefill / decode worker,
+    checked compatible with the first decode worker's."""
+    handles = pools.prefill + pools.decode + pools.encode
+    progress(f"starting {len(pools.encode)} encode, {len(pools.prefill)} prefill and {len(pools.decode)} "
+             f"{'colocated' if not pools.prefill else 'decode'} worker(s) ...")
     t0 = time.monotonic()
-    try:
-        ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles + encode)),
-                                       READY_TIMEOUT_S)
-    except BaseException:
-        await teardown()
-        raise
+    ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), READY_TIMEOUT_S)
     layouts = {}
-    for h, r in zip(handles + encode, ready):
+    for h, r in zip(handles, ready):
         h.node_id = r.info.node_id
         layouts[h.worker_id] = r.layout
-    if prefill and decode:
+    if pools.prefill and pools.decode:
         from kv_transfer.layout import check_compatible
 
-        ref = layouts[decode[0].worker_id]
-        for h in handles:
+        ref = layouts[pools.decode[0].worker_id]
+        for h in pools.prefill + pools.decode:
             check_compatible(ref, layouts[h.worker_id])
     progress(f"workers ready in {time.monotonic() - t0:.1f}s")
+    return layouts
 
-    mc = config.model
+
+def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Started) -> ClusterRouter:
+    from engine import multimodal
+
+    mc, tokenizer, llava = config.model, model.tokenizer, model.llava
     eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
-    info = ModelInfo(name=source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
+    info = ModelInfo(name=model.source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
                      eos_token_ids=eos, dtype=mc.dtype.value, supports_images=llava is not None)
-    router = ClusterRouter(
-        mode=config.mode.value, tokenizer=tokenizer, model_info=info,
+    pools = started.pools
+    return ClusterRouter(
+        mode=config.mode, tokenizer=tokenizer, model_info=info,
         kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
-        prefill=prefill, decode=decode, encode=encode,
+        prefill=pools.prefill, decode=pools.decode, encode=pools.encode,
         image_token_id=llava.image_token_id if llava is not None else None,
-        tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0, max_inflight=2 * config.server.max_queued_requests,
-        default_timeout_s=config.server.request_timeout_s, on_shutdown=teardown,
+        tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0,
+        max_inflight=2 * config.server.max_queued_requests,
+        default_timeout_s=config.server.request_timeout_s, on_shutdown=started.stop,
         reprefill_on_decode_failure=config.server.reprefill_on_decode_failure,
         max_image_pixels=config.server.limits.max_image_pixels, seqs_per_worker=config.engine.max_num_seqs)
-    router.start()
-    check = None
-    if prefill and decode:
-        from kv_transfer.layout import check_compatible
 
-        check = functools.partial(check_compatible, layouts[decode[0].worker_id])
-    supervisor.append(Supervisor(router, spawn, _kill, check_layout=check))
-    supervisor[0].start()
-    router.supervisor = supervisor[0]    # status and tests read its restart history there
+
+def _role_policy(config: DeployConfig, router: ClusterRouter, progress: Callable[[str], None]):
+    """The automatic role policy, started, when role switching is on (disaggregated only)."""
     rs = config.role_switching
-    if rs.enabled and config.mode is Mode.DISAGGREGATED:
-        from cluster.role_policy import RolePolicy, RolePolicyOptions
+    if not (rs.enabled and config.mode is Mode.DISAGGREGATED):
+        return None
+    from cluster.role_policy import RolePolicy, RolePolicyOptions
 
-        policy = RolePolicy(router, RolePolicyOptions(
-            ttft_slo_s=config.slo.ttft_ms / 1000, tpot_slo_s=config.slo.tpot_ms / 1000, target=config.slo.attainment,
-            interval_s=rs.interval_s, sustain=rs.sustain, cooldown_s=rs.cooldown_s, window_s=rs.window_s,
-            min_samples=rs.min_samples, queue_high=rs.queue_high, kv_high=rs.kv_high,
-            drain_timeout_s=rs.drain_timeout_s, encode_prefill=rs.encode_prefill,
-            encode_queue_high=rs.encode_queue_high))
-        policy.start()
-        supervisor.append(policy)        # stopped by teardown like the supervisor
-        router.policy = policy
-        progress("role switching on: workers move between prefill and decode"
-                 + (" and between encode and prefill" if rs.encode_prefill else "") + " as the load shifts")
-    return router
+    policy = RolePolicy(router, RolePolicyOptions(
+        ttft_slo_s=config.slo.ttft_ms / 1000, tpot_slo_s=config.slo.tpot_ms / 1000, target=config.slo.attainment,
+        interval_s=rs.interval_s, sustain=rs.sustain, cooldown_s=rs.cooldown_s, window_s=rs.window_s,
+        min_samples=rs.min_samples, queue_high=rs.queue_high, kv_high=rs.kv_high,
+        drain_timeout_s=rs.drain_timeout_s, encode_prefill=rs.encode_prefill,
+        encode_queue_high=rs.encode_queue_high))
+    policy.start()
+    progress("role switching on: workers move between prefill and decode"
+             + (" and between encode and prefill" if rs.encode_prefill else "") + " as the load shifts")
+    return policy
 
 
 def _kill(actor) -> None:

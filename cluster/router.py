@@ -244,17 +244,7 @@ class ClusterRouter(Router):
                     pass
             return WorkerStatus(w.worker_id, w.role, w.node_id, False, 0, 0, 0, 0, epoch=w.epoch)
 
-        async def one_encode(w: WorkerHandle) -> WorkerStatus:
-            alive = w.alive
-            if alive:
-                try:
-                    await asyncio.wait_for(w.actor.ready.remote(), STATUS_TIMEOUT_S)
-                except Exception:
-                    alive = False
-            return WorkerStatus(w.worker_id, Role.ENCODE, w.node_id, alive, w.inflight, w.inflight, 0, 0,
-                                epoch=w.epoch)
-        workers = await asyncio.gather(*(one_encode(w) for w in self.pools.encode),
-                                       *(one(w) for w in self.pools.prefill + self.pools.decode))
+        workers = await asyncio.gather(*(one(w) for w in self.pools.all()))
         restarts = tuple(sorted(self.supervisor.restarts().items())) if self.supervisor is not None else ()
         return ClusterStatus(self.mode, tuple(workers), tuple(self.switches), switch_count=self.switch_count,
                              restarts=restarts)

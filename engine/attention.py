@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from engine.sparse.dense import dense_causal_attention
+
 ATTN_IMPLEMENTATION = "triptych_paged"
 
 
@@ -65,12 +67,6 @@ class AttentionMetadata:
     sparse: object | None = None          # engine.sparse.SparsePrefillConfig
 
 
-def causal_offset_mask(q_len: int, k_len: int) -> torch.Tensor:
-    """[q_len, k_len] bool: query i (absolute position k_len - q_len + i) sees keys <= itself."""
-    offset = k_len - q_len
-    return torch.arange(k_len)[None, :] <= (torch.arange(q_len)[:, None] + offset)
-
-
 def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
     """q [Lq, Hq, D], k/v [Lk, Hkv, D] → [Lq, Hq, D], causal with offset Lk - Lq."""
     lq, lk = q.shape[0], k.shape[0]
@@ -79,14 +75,7 @@ def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
 
         out, _ = sparse_prefill_attention(q, k, v, q_offset=lk - lq, scale=scale, config=sparse)
         return out
-    # 4-D [1, H, L, D]: SDPA on CPU sends 3-D inputs to its slow unfused math path (~6x at 8K).
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if lq == lk:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        mask = causal_offset_mask(lq, lk)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+    return dense_causal_attention(q, k, v, q_offset=lk - lq, scale=scale)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

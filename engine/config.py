@@ -11,7 +11,7 @@ class EngineConfig:
 
     model: None for the embedded SmolLM2-135M-Instruct, else a local HF directory or a .gguf file.
     block_size: tokens per KV block.
-    num_kv_blocks: KV blocks in the pool (memory = blocks * block_size * kv_bytes_per_token).
+    num_kv_blocks: KV blocks in the pool (memory = blocks * block_size * KVLayout.bytes_per_token).
     max_num_batched_tokens: token budget of one forward (decode tokens + prefill chunks).
     max_num_seqs: most sequences in the running batch.
     max_model_len: context limit; None takes the model's own.

@@ -299,10 +299,9 @@ class KVSender(ABC):
 
 
 class TransferBackend:
-    """A named pair of Sender/Receiver classes; what the registry returns."""
+    """A named pair of Sender/Receiver classes; what the registry returns. Where a transport
+    works (same node only, CUDA only) is said once, in kv_transfer/registry.py."""
 
     name: ClassVar[str]
     Sender: ClassVar[type[KVSender]]
     Receiver: ClassVar[type[KVReceiver]]
-    needs_cuda: ClassVar[bool] = False
-    same_node_only: ClassVar[bool] = False

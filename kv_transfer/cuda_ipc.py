@@ -96,5 +96,3 @@ class CudaIpcBackend(TransferBackend):
     name = "cuda_ipc"
     Sender = CudaIpcSender
     Receiver = CudaIpcReceiver
-    needs_cuda = True
-    same_node_only = True

@@ -114,4 +114,3 @@ class NcclBackend(TransferBackend):
     name = "nccl"
     Sender = NcclSender
     Receiver = NcclReceiver
-    needs_cuda = True

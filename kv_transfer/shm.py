@@ -299,4 +299,3 @@ class ShmBackend(TransferBackend):
     name = "shm"
     Sender = ShmSender
     Receiver = ShmReceiver
-    same_node_only = True

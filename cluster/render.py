@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from kv_transfer.registry import transport_info
+
 from .config import ConfigError, DeployConfig, load_config
 
 FORMATS = ("commands", "ray-up", "kuberay")
@@ -249,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = transport_info(cfg.transport.backend.value)
+    if info.same_node_only and cfg.transport_pools():
+        # A rendered cluster puts its pools on separate nodes (one node group per pool).
+        print(f"error: {cfg.source}: transport.backend: {info.name!r} works only within one node, and a rendered "
+              f"cluster puts each pool on its own nodes; use gloo (CPU) or nccl (GPUs)", file=sys.stderr)
         return 2
     sys.stdout.write(render(cfg, args))
     return 0

@@ -93,9 +93,16 @@ def test_bad_config_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt", render.FORMATS)
-def test_local_yaml_renders(capsys, fmt):
-    assert render.main([str(REPO / "deploy" / "local.yaml"), "--format", fmt]) == 0
+def test_multinode_yaml_renders(capsys, fmt):
+    assert render.main([MULTINODE, "--format", fmt]) == 0
     assert capsys.readouterr().out
+
+
+def test_a_same_node_transport_is_refused_for_a_rendered_cluster(capsys):
+    """local.yaml moves KV over shared memory: a cluster of several nodes cannot."""
+    assert render.main([str(REPO / "deploy" / "local.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "transport.backend: 'shm' works only within one node" in err and "gloo" in err
 
 
 def test_keys_and_tls_are_passed_by_reference(tmp_path):

@@ -139,7 +139,7 @@ class ClusterStatus:
 
 
 class Router(abc.ABC):
-    """What the gateway needs. Implementations: ColocatedRouter, DisaggRouter (cluster/router.py)."""
+    """What the gateway needs. Implementation: ClusterRouter (cluster/router.py), colocated or disaggregated."""
 
     def prepare(self, request: GenerateInput) -> Prepared | None:
         """The expensive part of admission (tokenizing, the chat template, decoding images to

@@ -5,7 +5,7 @@ sampled: a worker that continues a request whose earlier tokens were sampled els
 decode worker after the prefill worker's first token; any worker after a re-prefill) first
 `advance`s the generator past those draws. One multinomial draw over V probabilities consumes
 the same random numbers whatever the probabilities are, so a draw over uniform weights of the
-same size skips exactly one token's randomness (tests/unit/test_role_worker.py checks the streams
+same size skips exactly one token's randomness (tests/unit/test_worker_actor.py checks the streams
 match).
 """
 

@@ -59,8 +59,10 @@ def prompt_ids(corpus_ids: list[int], lengths: list[int], seed: int) -> list[lis
 
 def length_summary(values: list[int]) -> str:
     v = sorted(values)
-    return (f"mean {statistics.mean(v):.0f}, p50 {v[len(v) // 2]}, p90 {v[int(len(v) * 0.9)]}, "
-            f"min {v[0]}, max {v[-1]}, sum {sum(v)}")
+    return (
+        f"mean {statistics.mean(v):.0f}, p50 {v[len(v) // 2]}, p90 {v[int(len(v) * 0.9)]}, "
+        f"min {v[0]}, max {v[-1]}, sum {sum(v)}"
+    )
 
 
 @dataclass
@@ -100,8 +102,10 @@ def rss_kib(pid: int | str = "self") -> tuple[int, int]:
 def print_table(headers: list[str], rows: list[list[str]]) -> str:
     """Print (and return) a Markdown table, columns padded to width."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     text = "\n".join(lines)
     print(text, flush=True)

@@ -48,8 +48,7 @@ MODES = {  # mode → (encode workers, encode num_cpus, prefill num_cpus)
 
 def checkpoint(vision_layers: int) -> Path:
     """The bench's LLaVA checkpoint (built and saved once, then reused)."""
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from engine import envs, model_loader
 
@@ -59,14 +58,36 @@ def checkpoint(vision_layers: int) -> Path:
     print(f"building the bench checkpoint in {path} ...", flush=True)
     tok = AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None)))
     tok.add_special_tokens({"additional_special_tokens": [tok.convert_ids_to_tokens(IMAGE_TOKEN_ID)]})
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                              hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     tmp = path.with_name(path.name + ".tmp")
@@ -96,17 +117,26 @@ def deploy_config(model_dir: Path, mode: str, max_images: int):
     enc_workers, enc_cpus, prefill_cpus = MODES[mode]
     max_len = TEXT_TOKENS + max_images * 576 + 64
     block = 16
-    return parse_config({
-        "version": 1,
-        "model": {"path": str(model_dir), "max_model_len": max_len},
-        "ray": {"num_cpus": 4},
-        "engine": {"block_size": block, "num_kv_blocks": -(-max_len // block) + 8,
-                   "max_num_batched_tokens": max_len, "max_num_seqs": 2},
-        "pools": {"encode": {"workers": enc_workers, "num_cpus": enc_cpus},
-                  "prefill": {"workers": 1, "num_cpus": prefill_cpus},
-                  "decode": {"workers": 1, "num_cpus": 1}},
-        "server": {"request_timeout_s": 3600},
-    }, f"bench-encode-{mode}")
+    return parse_config(
+        {
+            "version": 1,
+            "model": {"path": str(model_dir), "max_model_len": max_len},
+            "ray": {"num_cpus": 4},
+            "engine": {
+                "block_size": block,
+                "num_kv_blocks": -(-max_len // block) + 8,
+                "max_num_batched_tokens": max_len,
+                "max_num_seqs": 2,
+            },
+            "pools": {
+                "encode": {"workers": enc_workers, "num_cpus": enc_cpus},
+                "prefill": {"workers": 1, "num_cpus": prefill_cpus},
+                "decode": {"workers": 1, "num_cpus": 1},
+            },
+            "server": {"request_timeout_s": 3600},
+        },
+        f"bench-encode-{mode}",
+    )
 
 
 async def run_mode(model_dir: Path, mode: str, counts: list[int], repeats: int, seed0: int) -> list[dict]:
@@ -123,8 +153,9 @@ async def run_mode(model_dir: Path, mode: str, counts: list[int], repeats: int, 
             nonlocal seed
             seed += 1
             prompt = tuple(range(100, 100 + TEXT_TOKENS)) + (IMAGE_TOKEN_ID,) * n
-            req = GenerateInput(f"{mode}-{n}-{seed}", SamplingParams(max_tokens=1), token_ids=prompt,
-                                images=tuple(images_for(n, seed)))
+            req = GenerateInput(
+                f"{mode}-{n}-{seed}", SamplingParams(max_tokens=1), token_ids=prompt, images=tuple(images_for(n, seed))
+            )
             final = None
             async for ev in router.generate(req):
                 if isinstance(ev, FinalEvent):
@@ -137,15 +168,23 @@ async def run_mode(model_dir: Path, mode: str, counts: list[int], repeats: int, 
         for n in counts:
             finals = [await one(n) for _ in range(repeats)]
             t = [f.timings for f in finals]
-            row = {"mode": mode, "images": n, "prompt_tokens": finals[0].prompt_tokens,
-                   "encode_s": statistics.median(x.encode_s for x in t),
-                   "prefill_s": statistics.median(x.prefill_s for x in t),
-                   "ttft_s": statistics.median(x.ttft_s for x in t),
-                   "ttft_all": [x.ttft_s for x in t], "load": os.getloadavg()[0]}
+            row = {
+                "mode": mode,
+                "images": n,
+                "prompt_tokens": finals[0].prompt_tokens,
+                "encode_s": statistics.median(x.encode_s for x in t),
+                "prefill_s": statistics.median(x.prefill_s for x in t),
+                "ttft_s": statistics.median(x.ttft_s for x in t),
+                "ttft_all": [x.ttft_s for x in t],
+                "load": os.getloadavg()[0],
+            }
             rows.append(row)
-            print(f"  {mode:8s} {n} images: TTFT {row['ttft_s']:.2f}s (encode {row['encode_s']:.2f}s, "
-                  f"prefill {row['prefill_s']:.2f}s; every TTFT {[round(x, 2) for x in row['ttft_all']]}) "
-                  f"load {row['load']:.1f}", flush=True)
+            print(
+                f"  {mode:8s} {n} images: TTFT {row['ttft_s']:.2f}s (encode {row['encode_s']:.2f}s, "
+                f"prefill {row['prefill_s']:.2f}s; every TTFT {[round(x, 2) for x in row['ttft_all']]}) "
+                f"load {row['load']:.1f}",
+                flush=True,
+            )
     finally:
         await router.shutdown()
     return rows
@@ -167,14 +206,30 @@ def main() -> None:
         print(f"{mode}: starting the deployment ...", flush=True)
         rows += asyncio.run(run_mode(model_dir, mode, args.images, args.repeats, seed0=1000 * (k + 1)))
 
-    print(f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers, fp32, seeded random; text: 2-layer "
-          f"Llama (hidden 64); CPU, {os.cpu_count()} cores; load average {load0:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end; median of {args.repeats} request(s) per row")
-    labels = {"inproc": "in prefill worker (2 threads)", "disagg-1": "EPD, 1 encode worker (2 threads)",
-              "disagg-2": "EPD, 2 encode workers (1 thread each)"}
-    print_table(["encoding", "images", "prompt tokens", "encode s", "prefill s", "TTFT s"],
-                [[labels[r["mode"]], str(r["images"]), str(r["prompt_tokens"]), f"{r['encode_s']:.2f}",
-                  f"{r['prefill_s']:.2f}", f"{r['ttft_s']:.2f}"] for r in rows])
+    print(
+        f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers, fp32, seeded random; text: 2-layer "
+        f"Llama (hidden 64); CPU, {os.cpu_count()} cores; load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; median of {args.repeats} request(s) per row"
+    )
+    labels = {
+        "inproc": "in prefill worker (2 threads)",
+        "disagg-1": "EPD, 1 encode worker (2 threads)",
+        "disagg-2": "EPD, 2 encode workers (1 thread each)",
+    }
+    print_table(
+        ["encoding", "images", "prompt tokens", "encode s", "prefill s", "TTFT s"],
+        [
+            [
+                labels[r["mode"]],
+                str(r["images"]),
+                str(r["prompt_tokens"]),
+                f"{r['encode_s']:.2f}",
+                f"{r['prefill_s']:.2f}",
+                f"{r['ttft_s']:.2f}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,26 @@ class Outcome:
     tpot: float
     ok: bool
     error: str | None
-    queue_s: float = 0.0          # the server's timings (bench/plan_validation.py reports them)
+    queue_s: float = 0.0  # the server's timings (bench/plan_validation.py reports them)
     prefill_s: float = 0.0
 
 
 def deploy_config(mode: str, ttft_ms: float, tpot_ms: float):
-    pools = ({"colocated": {"workers": 2, "num_cpus": 1}} if mode == "colocated"
-             else {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 1, "num_cpus": 1}})
-    return parse_config({"version": 1, "mode": mode, "ray": {"num_cpus": 3}, "pools": pools,
-                         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}}, f"bench.goodput:{mode}")
+    pools = (
+        {"colocated": {"workers": 2, "num_cpus": 1}}
+        if mode == "colocated"
+        else {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 1, "num_cpus": 1}}
+    )
+    return parse_config(
+        {
+            "version": 1,
+            "mode": mode,
+            "ray": {"num_cpus": 3},
+            "pools": pools,
+            "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+        },
+        f"bench.goodput:{mode}",
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,9 +65,12 @@ async def replay(router, requests, prompts, ttft_slo: float, tpot_slo: float) ->
 
     async def one(i, req, ids) -> Outcome:
         await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - t0)))
-        inp = GenerateInput(f"gp-{time.monotonic_ns()}-{i}",
-                            SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True),
-                            token_ids=tuple(ids), deadline_s=300)
+        inp = GenerateInput(
+            f"gp-{time.monotonic_ns()}-{i}",
+            SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True),
+            token_ids=tuple(ids),
+            deadline_s=300,
+        )
         final = None
         async for ev in router.generate(inp):
             if isinstance(ev, FinalEvent):
@@ -73,19 +87,25 @@ def summarize(mode: str, rate: float, outcomes: list[Outcome]) -> str:
     tpot = [o.tpot for o in outcomes if o.error is None and o.tpot > 0]
     att = sum(o.ok for o in outcomes) / len(outcomes)
     errs = sum(o.error is not None for o in outcomes)
-    return (f"{mode:>13} {rate:6.2f} {len(outcomes):5d} {errs:4d} "
-            f"{percentile(ttft, 50):7.2f} {percentile(ttft, 90):7.2f} {percentile(ttft, 99):7.2f} "
-            f"{percentile(tpot, 50) * 1e3:7.0f} {percentile(tpot, 90) * 1e3:7.0f} {percentile(tpot, 99) * 1e3:7.0f} "
-            f"{att * 100:6.1f}%")
+    return (
+        f"{mode:>13} {rate:6.2f} {len(outcomes):5d} {errs:4d} "
+        f"{percentile(ttft, 50):7.2f} {percentile(ttft, 90):7.2f} {percentile(ttft, 99):7.2f} "
+        f"{percentile(tpot, 50) * 1e3:7.0f} {percentile(tpot, 90) * 1e3:7.0f} {percentile(tpot, 99) * 1e3:7.0f} "
+        f"{att * 100:6.1f}%"
+    )
 
 
 async def main_async(args) -> int:
     trace = slice_trace(load_trace(args.trace), args.slice_start, args.requests)
     trace = scale_lengths(trace, args.length_scale, args.max_len)
-    header = (f"{'mode':>13} {'rate':>6} {'reqs':>5} {'err':>4} {'TTFTp50':>7} {'TTFTp90':>7} {'TTFTp99':>7} "
-              f"{'TPOTp50':>7} {'TPOTp90':>7} {'TPOTp99':>7} {'attain':>7}")
-    print(f"trace {args.trace.name}: requests {args.slice_start}..{args.slice_start + len(trace)}, lengths x{args.length_scale} "
-          f"(clipped to {args.max_len}); SLO TTFT {args.ttft_slo}s, TPOT {args.tpot_slo * 1e3:.0f}ms; seconds unless ms")
+    header = (
+        f"{'mode':>13} {'rate':>6} {'reqs':>5} {'err':>4} {'TTFTp50':>7} {'TTFTp90':>7} {'TTFTp99':>7} "
+        f"{'TPOTp50':>7} {'TPOTp90':>7} {'TPOTp99':>7} {'attain':>7}"
+    )
+    print(
+        f"trace {args.trace.name}: requests {args.slice_start}..{args.slice_start + len(trace)}, lengths x{args.length_scale} "
+        f"(clipped to {args.max_len}); SLO TTFT {args.ttft_slo}s, TPOT {args.tpot_slo * 1e3:.0f}ms; seconds unless ms"
+    )
     rows = []
     for mode in args.modes:
         router = await start_router(deploy_config(mode, args.ttft_slo * 1e3, args.tpot_slo * 1e3))
@@ -119,8 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--ttft-slo", type=float, default=2.0)
     p.add_argument("--tpot-slo", type=float, default=0.25)
-    p.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"],
-                   choices=["colocated", "disaggregated"])
+    p.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"], choices=["colocated", "disaggregated"])
     return asyncio.run(main_async(p.parse_args(argv)))
 
 

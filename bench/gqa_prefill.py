@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.sparse.dense import causal_mask  # noqa: E402
 
-HQ, HKV, D = 9, 3, 64    # SmolLM2-135M
+HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
 CHUNK = 512
 
 
@@ -51,26 +51,32 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def run(lengths: list[int], reps: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), Hq={HQ} Hkv={HKV} D={D} fp32; "
-          f"min over {reps} interleaved runs (wall s; process CPU s in brackets)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), Hq={HQ} Hkv={HKV} D={D} fp32; "
+        f"min over {reps} interleaved runs (wall s; process CPU s in brackets)"
+    )
     print(f"{'L':>6} {'case':>10} {'enable_gqa':>18} {'expand':>18} {'expand/gqa':>10} {'max|diff|':>9}")
-    scale = D ** -0.5
+    scale = D**-0.5
     for length in lengths:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(length, h, D, generator=g) for h in (HQ, HKV, HKV))
-        kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]          # [1, Hkv, L, D] views
+        kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, L, D] views
         cases = [("prompt", q.transpose(0, 1)[None], None)]
         if length > CHUNK:
-            cases.append((f"chunk {CHUNK}", q[-CHUNK:].transpose(0, 1)[None], causal_mask(length - CHUNK, CHUNK, length)))
+            cases.append(
+                (f"chunk {CHUNK}", q[-CHUNK:].transpose(0, 1)[None], causal_mask(length - CHUNK, CHUNK, length))
+            )
         for name, qh, mask in cases:
-            a, b = gqa(qh, kh, vh, mask, scale), expanded(qh, kh, vh, mask, scale)   # warm-up and check
+            a, b = gqa(qh, kh, vh, mask, scale), expanded(qh, kh, vh, mask, scale)  # warm-up and check
             diff = (a - b).abs().max().item()
             best_g = best_e = (float("inf"), float("inf"))
             for _ in range(reps):
                 best_g = min(best_g, _timed(lambda: gqa(qh, kh, vh, mask, scale)))
                 best_e = min(best_e, _timed(lambda: expanded(qh, kh, vh, mask, scale)))
-            print(f"{length:>6} {name:>10} {best_g[0]:>8.4f} [{best_g[1]:>7.4f}] {best_e[0]:>8.4f} [{best_e[1]:>7.4f}] "
-                  f"{best_e[0] / best_g[0]:>10.2f} {diff:>9.1e}")
+            print(
+                f"{length:>6} {name:>10} {best_g[0]:>8.4f} [{best_g[1]:>7.4f}] {best_e[0]:>8.4f} [{best_e[1]:>7.4f}] "
+                f"{best_e[0] / best_g[0]:>10.2f} {diff:>9.1e}"
+            )
 
 
 def main() -> None:

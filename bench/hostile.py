@@ -41,8 +41,11 @@ from pathlib import Path
 
 from bench.common import print_table, rss_kib
 
-KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef00",
-        "mallory": "mallory-key-0123456789abcd"}  # fmt: skip
+KEYS = {
+    "alice": "alice-key-0123456789abcdef",
+    "bob": "bob-key-0123456789abcdef00",
+    "mallory": "mallory-key-0123456789abcd",
+}
 ADMIN_KEY = "ops-admin-key-0123456789ab"
 SECRET = "The launch code is 7-4-1-9. Keep it secret."
 
@@ -78,7 +81,7 @@ class Tally:
     failed: Counter = field(default_factory=Counter)
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
-    started: list[tuple[float, float]] = field(default_factory=list)   # (unix start, TTFT) per request
+    started: list[tuple[float, float]] = field(default_factory=list)  # (unix start, TTFT) per request
     phases: list[tuple[float, float, float]] = field(default_factory=list)  # server (queue_s, prefill_s, transfer_s)
 
 
@@ -94,8 +97,9 @@ async def ordinary_client(target: str, name: str, chats: list, args, tally: Tall
             first = last = None
             tokens = 0
             try:
-                async for chunk in client.chat(chat, max_tokens=args.max_tokens, temperature=0.0,
-                                               request_id=f"{name}-{i}-{n}"):
+                async for chunk in client.chat(
+                    chat, max_tokens=args.max_tokens, temperature=0.0, request_id=f"{name}-{i}-{n}"
+                ):
                     now = time.perf_counter()
                     if chunk.is_final:
                         if chunk.finish_reason.value not in ("stop", "length"):
@@ -119,8 +123,9 @@ async def load(target: str, chats: list, args, until) -> Tally:
     """Ordinary clients until `until()` (an awaitable) completes."""
     tally, stop = Tally(), asyncio.Event()
     names = [("alice", "bob")[i % 2] for i in range(args.clients)]
-    clients = [asyncio.ensure_future(ordinary_client(target, n, chats, args, tally, stop, i))
-               for i, n in enumerate(names)]
+    clients = [
+        asyncio.ensure_future(ordinary_client(target, n, chats, args, tally, stop, i)) for i, n in enumerate(names)
+    ]
     try:
         await until()
     finally:
@@ -138,15 +143,24 @@ def start_server(tmp: Path, args) -> tuple[subprocess.Popen, dict]:
     (tmp / "admin-keys").write_text(f"ops:{ADMIN_KEY}\n")
     ports = {"grpc": free_port(), "http": free_port(), "admin": free_port()}
     config = {
-        "version": 1, "ray": {"num_cpus": args.ray_cpus},
-        "server": {"grpc_port": ports["grpc"], "http_port": ports["http"], "admin_port": ports["admin"],
-                   "auth": {"api_keys_file": str(tmp / "api-keys"), "admin_keys_file": str(tmp / "admin-keys")},
-                   "limits": {"max_requests_per_client": args.per_client_limit}},
-    }  # fmt: skip
-    (tmp / "deploy.yaml").write_text(json.dumps(config))   # JSON is YAML
+        "version": 1,
+        "ray": {"num_cpus": args.ray_cpus},
+        "server": {
+            "grpc_port": ports["grpc"],
+            "http_port": ports["http"],
+            "admin_port": ports["admin"],
+            "auth": {"api_keys_file": str(tmp / "api-keys"), "admin_keys_file": str(tmp / "admin-keys")},
+            "limits": {"max_requests_per_client": args.per_client_limit},
+        },
+    }
+    (tmp / "deploy.yaml").write_text(json.dumps(config))  # JSON is YAML
     log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "triptych.cli", "serve", "--config", str(tmp / "deploy.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "triptych.cli", "serve", "--config", str(tmp / "deploy.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 600
     while "Press Ctrl-C" not in (tmp / "serve.log").read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -162,7 +176,11 @@ async def main_async(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="triptych-hostile-"))
     proc, ports = start_server(tmp, args)
-    grpc_t, http_u, admin_t = f"127.0.0.1:{ports['grpc']}", f"http://127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['admin']}"
+    grpc_t, http_u, admin_t = (
+        f"127.0.0.1:{ports['grpc']}",
+        f"http://127.0.0.1:{ports['http']}",
+        f"127.0.0.1:{ports['admin']}",
+    )
     results: dict = {}
     try:
         from transformers import AutoTokenizer
@@ -171,8 +189,10 @@ async def main_async(args) -> dict:
 
         tokenizer = AutoTokenizer.from_pretrained(model_loader.local_dir(model_loader.resolve(None)))
         chats = chat_prompts(tokenizer, [20, 40, 60, 80, 120, 160])
-        print(f"server pid {proc.pid}: gRPC {grpc_t}, HTTP {http_u}, admin {admin_t}; RSS {rss_mib(proc.pid):.0f} MiB",
-              flush=True)
+        print(
+            f"server pid {proc.pid}: gRPC {grpc_t}, HTTP {http_u}, admin {admin_t}; RSS {rss_mib(proc.pid):.0f} MiB",
+            flush=True,
+        )
         # Warm up (first requests load lazily), then the calm phase.
         await load(grpc_t, chats, args, lambda: asyncio.sleep(5))
         print(f"calm phase: {args.clients} ordinary clients for {args.seconds:.0f}s ...", flush=True)
@@ -180,21 +200,44 @@ async def main_async(args) -> dict:
         rss_before = rss_mib(proc.pid)
 
         alice = triptych.AsyncClient(grpc_t, timeout=600, api_key=KEYS["alice"])
-        first = await alice.complete(messages=[{"role": "user", "content": SECRET}], session_id="alice-notes",
-                                     max_tokens=8, temperature=0.0)
-        long_stream = alice.generate("Count slowly from one to one thousand:", max_tokens=200, ignore_eos=True,
-                                     temperature=0.0, request_id="alice-long")
+        first = await alice.complete(
+            messages=[{"role": "user", "content": SECRET}], session_id="alice-notes", max_tokens=8, temperature=0.0
+        )
+        long_stream = alice.generate(
+            "Count slowly from one to one thousand:",
+            max_tokens=200,
+            ignore_eos=True,
+            temperature=0.0,
+            request_id="alice-long",
+        )
         long_task = asyncio.ensure_future(_drain(long_stream))
 
-        cmd = [sys.executable, "-m", "tests.attacks", "--grpc", grpc_t, "--http", http_u, "--admin", admin_t,
-               "--key", KEYS["mallory"], "--admin-keys", "--victim-session", "alice-notes",
-               "--victim-request", "alice-long", "--timing"] + (["--names", args.attacks] if args.attacks else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.attacks",
+            "--grpc",
+            grpc_t,
+            "--http",
+            http_u,
+            "--admin",
+            admin_t,
+            "--key",
+            KEYS["mallory"],
+            "--admin-keys",
+            "--victim-session",
+            "alice-notes",
+            "--victim-request",
+            "alice-long",
+            "--timing",
+        ] + (["--names", args.attacks] if args.attacks else [])
         attack_out: dict = {}
 
         async def attack():
             t0 = time.monotonic()
-            p = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                     stderr=asyncio.subprocess.PIPE)
+            p = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
             out, err = await p.communicate()
             if p.returncode != 0:
                 raise RuntimeError(f"attacker failed: {err.decode()[-2000:]}")
@@ -204,24 +247,43 @@ async def main_async(args) -> dict:
         print("attack phase: the same load while the attacker runs the catalogue ...", flush=True)
         hot = await load(grpc_t, chats, args, attack)
         long_final = await long_task
-        second = await alice.complete(messages=[{"role": "user", "content": "What did I tell you?"}],
-                                      session_id="alice-notes", max_tokens=8, temperature=0.0)
+        second = await alice.complete(
+            messages=[{"role": "user", "content": "What did I tell you?"}],
+            session_id="alice-notes",
+            max_tokens=8,
+            temperature=0.0,
+        )
         await alice.close()
         await asyncio.sleep(5)
         rss_after = rss_mib(proc.pid)
         with triptych.Client(admin_t, timeout=30, api_key=ADMIN_KEY) as admin:
             status = admin.admin_status()
         kv_used = sum(w.kv_blocks_used for p in status.pools for w in p.workers)
-        results = report(args, calm, hot, attack_out, rss_before, rss_after, kv_used, stale_segments(),
-                         len(list_all_segments()), first, second, long_final)
+        results = report(
+            args,
+            calm,
+            hot,
+            attack_out,
+            rss_before,
+            rss_after,
+            kv_used,
+            stale_segments(),
+            len(list_all_segments()),
+            first,
+            second,
+            long_final,
+        )
     finally:
         proc.terminate()
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"server stopped; /dev/shm segments of dead processes after shutdown: {len(stale_segments())}, "
-          f"all triptych segments: {len(list_all_segments())}", flush=True)
+    print(
+        f"server stopped; /dev/shm segments of dead processes after shutdown: {len(stale_segments())}, "
+        f"all triptych segments: {len(list_all_segments())}",
+        flush=True,
+    )
     return results
 
 
@@ -233,8 +295,20 @@ async def _drain(stream):
     return final
 
 
-def report(args, calm: Tally, hot: Tally, attacks_out: dict, rss_before, rss_after, kv_used, stale, segments,
-           first, second, long_final) -> dict:
+def report(
+    args,
+    calm: Tally,
+    hot: Tally,
+    attacks_out: dict,
+    rss_before,
+    rss_after,
+    kv_used,
+    stale,
+    segments,
+    first,
+    second,
+    long_final,
+) -> dict:
     from tests.attacks import BY_NAME
 
     rows, wrong = [], 0
@@ -243,32 +317,59 @@ def report(args, calm: Tally, hot: Tally, attacks_out: dict, rss_before, rss_aft
         good = answer.startswith(BY_NAME[name].expect)
         wrong += not good
         during = [ttft for at, ttft in hot.started if t0 <= at <= t1]
-        rows.append([name, answer[:90], f"{t1 - t0:.1f}", "yes" if good else "NO",
-                     f"{max(during) * 1e3:.0f} ({len(during)})" if during else "-"])
+        rows.append(
+            [
+                name,
+                answer[:90],
+                f"{t1 - t0:.1f}",
+                "yes" if good else "NO",
+                f"{max(during) * 1e3:.0f} ({len(during)})" if during else "-",
+            ]
+        )
     print(f"\n{len(attacks_out)} attacks in {seconds:.0f}s:")
     print_table(["attack", "server answered", "s", "as expected", "ordinary TTFT max ms (n)"], rows)
     hijack = attacks_out.get("another client's session id", ["", 0, 0])[0]
-    print(f"\nalice's session: turn 1 prompt {first.usage.prompt_tokens} tokens; her turn 2 after the attack "
-          f"{second.usage.prompt_tokens} tokens (history kept: {second.usage.prompt_tokens > first.usage.prompt_tokens}); "
-          f"mallory's turn on the same id: {hijack}")
-    print(f"alice-long (mallory tried to abort it): {long_final.finish_reason.value}, "
-          f"{long_final.usage.completion_tokens} tokens")
+    print(
+        f"\nalice's session: turn 1 prompt {first.usage.prompt_tokens} tokens; her turn 2 after the attack "
+        f"{second.usage.prompt_tokens} tokens (history kept: {second.usage.prompt_tokens > first.usage.prompt_tokens}); "
+        f"mallory's turn on the same id: {hijack}"
+    )
+    print(
+        f"alice-long (mallory tried to abort it): {long_final.finish_reason.value}, "
+        f"{long_final.usage.completion_tokens} tokens"
+    )
     total = lambda t: t.ok + sum(t.failed.values())  # noqa: E731
     ms = lambda x: f"{x * 1e3:.0f}"  # noqa: E731
     print("\nordinary clients:")
-    print_table(["phase", "requests", "succeeded", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms"], [
-        [name, str(total(t)), f"{t.ok / max(1, total(t)):.1%}", ms(statistics.median(t.ttft)), ms(p90(t.ttft)),
-         ms(statistics.median(t.tpot)), ms(p90(t.tpot))] for name, t in (("calm", calm), ("under attack", hot))])
+    print_table(
+        ["phase", "requests", "succeeded", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms"],
+        [
+            [
+                name,
+                str(total(t)),
+                f"{t.ok / max(1, total(t)):.1%}",
+                ms(statistics.median(t.ttft)),
+                ms(p90(t.ttft)),
+                ms(statistics.median(t.tpot)),
+                ms(p90(t.tpot)),
+            ]
+            for name, t in (("calm", calm), ("under attack", hot))
+        ],
+    )
     for phase, t in (("calm", calm), ("under attack", hot)):
         if t.phases:
             q, p, x = (statistics.mean(v) for v in zip(*t.phases))
-            print(f"  {phase}: server-side means: queue {q * 1e3:.0f} ms, prefill {p * 1e3:.0f} ms, "
-                  f"exposed transfer {x * 1e3:.0f} ms")
+            print(
+                f"  {phase}: server-side means: queue {q * 1e3:.0f} ms, prefill {p * 1e3:.0f} ms, "
+                f"exposed transfer {x * 1e3:.0f} ms"
+            )
         for err, n in t.failed.items():
             print(f"  {phase} failure x{n}: {err}")
-    print(f"\nserver RSS: {rss_before:.0f} MiB before the attack, {rss_after:.0f} MiB after "
-          f"({(rss_after / rss_before - 1):+.1%}); KV blocks in use at the end: {kv_used}; /dev/shm segments of dead "
-          f"processes: {len(stale)} (live workers' own: {segments})")
+    print(
+        f"\nserver RSS: {rss_before:.0f} MiB before the attack, {rss_after:.0f} MiB after "
+        f"({(rss_after / rss_before - 1):+.1%}); KV blocks in use at the end: {kv_used}; /dev/shm segments of dead "
+        f"processes: {len(stale)} (live workers' own: {segments})"
+    )
     goals = {
         "attacks answered as expected": wrong == 0,
         "ordinary requests all succeed": not hot.failed and not calm.failed,
@@ -280,8 +381,15 @@ def report(args, calm: Tally, hot: Tally, attacks_out: dict, rss_before, rss_aft
         "victim request not aborted": long_final.finish_reason.value == "length",
     }
     print("\ngoals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in goals.items()), flush=True)
-    return {"attacks": {k: v[0] for k, v in attacks_out.items()}, "calm": _t(calm), "attack": _t(hot),
-            "rss_mib": [rss_before, rss_after], "kv_used": kv_used, "stale_segments": stale, "goals": goals}
+    return {
+        "attacks": {k: v[0] for k, v in attacks_out.items()},
+        "calm": _t(calm),
+        "attack": _t(hot),
+        "rss_mib": [rss_before, rss_after],
+        "kv_used": kv_used,
+        "stale_segments": stale,
+        "goals": goals,
+    }
 
 
 def _t(t: Tally) -> dict:

@@ -101,8 +101,12 @@ def bench_backend(backend: str, sizes: list[int], reps: int) -> dict[int, float]
     return out
 
 
-def ttft_streaming_table(run_prefill: Callable[[bool], float], prompt_lens: list[int],
-                         run_for_len: Callable[[int, bool], float] | None = None, reps: int = 3) -> str:
+def ttft_streaming_table(
+    run_prefill: Callable[[bool], float],
+    prompt_lens: list[int],
+    run_for_len: Callable[[int, bool], float] | None = None,
+    reps: int = 3,
+) -> str:
     """Hook for the engine: TTFT with layer-wise streaming on vs off.
 
     run_for_len(prompt_len, streaming) -> TTFT seconds for one disaggregated request (main()
@@ -131,8 +135,15 @@ def cluster_ttft(prompt_lens: list[int], reps: int) -> str:
     from engine.sequence import SamplingParams
 
     async def measure(streaming: bool) -> dict[int, list[float]]:
-        config = parse_config({"version": 1, "ray": {"num_cpus": 2}, "transport": {"streaming": streaming},
-                               "engine": {"max_num_batched_tokens": 8192}}, f"bench.kv_transfer:streaming={streaming}")
+        config = parse_config(
+            {
+                "version": 1,
+                "ray": {"num_cpus": 2},
+                "transport": {"streaming": streaming},
+                "engine": {"max_num_batched_tokens": 8192},
+            },
+            f"bench.kv_transfer:streaming={streaming}",
+        )
         router = await start_router(config)
         try:
             corpus = text_token_ids(router.tokenizer)
@@ -140,8 +151,11 @@ def cluster_ttft(prompt_lens: list[int], reps: int) -> str:
             for n in prompt_lens:
                 ids = prompt_ids(corpus, [n], seed=n)[0]
                 for rep in range(reps + 1):  # the first run warms up and is not counted
-                    inp = GenerateInput(f"ttft-{streaming}-{n}-{rep}", SamplingParams(max_tokens=2, ignore_eos=True),
-                                        token_ids=tuple(ids))
+                    inp = GenerateInput(
+                        f"ttft-{streaming}-{n}-{rep}",
+                        SamplingParams(max_tokens=2, ignore_eos=True),
+                        token_ids=tuple(ids),
+                    )
                     async for ev in router.generate(inp):
                         if isinstance(ev, FinalEvent) and rep:
                             out.setdefault(n, []).append(ev.timings.ttft_s)
@@ -155,8 +169,14 @@ def cluster_ttft(prompt_lens: list[int], reps: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ttft", type=int, nargs="*", default=None, metavar="PROMPT_LEN",
-                   help="instead of bandwidth: TTFT of prompts of these lengths (default 4096), streaming on vs off")
+    p.add_argument(
+        "--ttft",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="PROMPT_LEN",
+        help="instead of bandwidth: TTFT of prompts of these lengths (default 4096), streaming on vs off",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--backends", nargs="+", default=["shm", "gloo", "cuda_ipc", "nccl"])
     p.add_argument("--reps", type=int, default=3)

@@ -159,8 +159,14 @@ async def run_level(running, chats, args, clients: int) -> dict:
     await asyncio.gather(*tasks)
     wall = time.monotonic() - t0
     sampler.cancel()
-    return {"clients": clients, "tally": tally, "wall": wall, "peak_rss": peak["rss"], "hwm": rss_kib()[1],
-            "peak_inflight": peak["inflight"]}
+    return {
+        "clients": clients,
+        "tally": tally,
+        "wall": wall,
+        "peak_rss": peak["rss"],
+        "hwm": rss_kib()[1],
+        "peak_inflight": peak["inflight"],
+    }
 
 
 def pct(values: list[float], q: float) -> str:
@@ -175,10 +181,20 @@ async def main_async(args) -> None:
     from cluster.serve import start_serving, stop_serving
     from tests.prompts import chat_prompts
 
-    config = parse_config({"version": 1, "ray": {"num_cpus": args.ray_cpus},
-                           "server": {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0,
-                                      "max_queued_requests": args.capacity, "request_timeout_s": args.deadline}},
-                          "bench.load")
+    config = parse_config(
+        {
+            "version": 1,
+            "ray": {"num_cpus": args.ray_cpus},
+            "server": {
+                "host": "127.0.0.1",
+                "grpc_port": 0,
+                "http_port": 0,
+                "max_queued_requests": args.capacity,
+                "request_timeout_s": args.deadline,
+            },
+        },
+        "bench.load",
+    )
     router, running = await start_serving(config, progress=lambda *a: print(*a, flush=True))
     try:
         chats = chat_prompts(router.tokenizer, [args.prompt_tokens] * 8)
@@ -191,18 +207,53 @@ async def main_async(args) -> None:
             errs = Counter()
             for kind, n in t.errors.items():
                 errs["other" if kind.startswith("other") else kind] += n
-            rows.append([f"{load:g}x", str(clients), str(t.served), f"{t.served / r['wall']:.2f}",
-                         str(errs["resource_exhausted"]), str(errs["deadline"]), str(errs["other"]),
-                         pct(t.ttft, 0.5), pct(t.ttft, 0.9), pct(t.ttft, 0.99),
-                         pct(t.e2e, 0.5), pct(t.e2e, 0.9), pct(t.e2e, 0.99),
-                         str(r["peak_inflight"]), f"{r['peak_rss'] / 1024:.0f}", f"{r['hwm'] / 1024:.0f}"])
+            rows.append(
+                [
+                    f"{load:g}x",
+                    str(clients),
+                    str(t.served),
+                    f"{t.served / r['wall']:.2f}",
+                    str(errs["resource_exhausted"]),
+                    str(errs["deadline"]),
+                    str(errs["other"]),
+                    pct(t.ttft, 0.5),
+                    pct(t.ttft, 0.9),
+                    pct(t.ttft, 0.99),
+                    pct(t.e2e, 0.5),
+                    pct(t.e2e, 0.9),
+                    pct(t.e2e, 0.99),
+                    str(r["peak_inflight"]),
+                    f"{r['peak_rss'] / 1024:.0f}",
+                    f"{r['hwm'] / 1024:.0f}",
+                ]
+            )
             if any(k.startswith("other") for k in t.errors):
                 print("  other errors:", {k: n for k, n in t.errors.items() if k.startswith("other")}, flush=True)
-        print(f"\nmax_queued_requests={args.capacity}, max_tokens={args.max_tokens}, "
-              f"~{args.prompt_tokens}-token prompts, {args.seconds:g}s per level, gRPC and HTTP clients half each")
-        print_table(["load", "clients", "served", "req/s", "429/RE", "deadline", "other",
-                     "TTFT p50", "p90", "p99", "e2e p50", "p90", "p99", "peak inflight", "peak RSS MiB",
-                     "VmHWM MiB"], rows)
+        print(
+            f"\nmax_queued_requests={args.capacity}, max_tokens={args.max_tokens}, "
+            f"~{args.prompt_tokens}-token prompts, {args.seconds:g}s per level, gRPC and HTTP clients half each"
+        )
+        print_table(
+            [
+                "load",
+                "clients",
+                "served",
+                "req/s",
+                "429/RE",
+                "deadline",
+                "other",
+                "TTFT p50",
+                "p90",
+                "p99",
+                "e2e p50",
+                "p90",
+                "p99",
+                "peak inflight",
+                "peak RSS MiB",
+                "VmHWM MiB",
+            ],
+            rows,
+        )
     finally:
         await stop_serving(router, running, progress=lambda *a: None)
 

@@ -54,23 +54,23 @@ from placement.simulator import Slo, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.9
-PROFILE_BACKGROUND: list[tuple[int, float]] = []   # (threads, cores other processes used while profiling)
+PROFILE_BACKGROUND: list[tuple[int, float]] = []  # (threads, cores other processes used while profiling)
 
 
 @dataclass
 class Probe:
     rate: float
-    attainment: float            # measured, over all requests of the probe (unsent ones count as missed)
+    attainment: float  # measured, over all requests of the probe (unsent ones count as missed)
     complete: bool
-    ttft: tuple[float, float]    # measured p50, p90 (s)
-    tpot: tuple[float, float]    # measured p50, p90 (s)
-    sim_attainment: float        # simulator on the same requests at the same rate
+    ttft: tuple[float, float]  # measured p50, p90 (s)
+    tpot: tuple[float, float]  # measured p50, p90 (s)
+    sim_attainment: float  # simulator on the same requests at the same rate
     sim_ttft: tuple[float, float]
     sim_tpot: tuple[float, float]
     prefill_ratio: float = math.nan  # median measured prefill_s / modelled prefill time (single-prompt batch)
-    background: float = math.nan     # cores other processes used during the probe
-    router: float = math.nan         # cores this process (router + replay) used during the probe
-    retries: int = 0                 # earlier runs at this rate discarded for background load
+    background: float = math.nan  # cores other processes used during the probe
+    router: float = math.nan  # cores this process (router + replay) used during the probe
+    retries: int = 0  # earlier runs at this rate discarded for background load
 
     @property
     def passed(self) -> bool:
@@ -83,7 +83,7 @@ class Deployment:
     plan: Plan
     pick: bool = False
     probes: list[Probe] = field(default_factory=list)
-    sim_goodput: float = math.nan     # simulator's goodput on the measured slice
+    sim_goodput: float = math.nan  # simulator's goodput on the measured slice
 
     def measured(self, max_background: float = math.inf) -> tuple[float | None, float | None]:
         """(lo, hi): highest passing rate below the lowest failing rate, and that failing rate,
@@ -106,7 +106,7 @@ class CpuMeter:
     def _busy() -> int:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:9]]
-        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]      # user nice system irq softirq steal
+        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
 
     @staticmethod
     def _mine() -> int:
@@ -139,7 +139,7 @@ class CpuMeter:
         busy, mine = self._busy() - self.b0, self._mine() - self.m0
         self.mine = mine / self.tick / wall
         self.background = max(0.0, (busy - mine) / self.tick / wall)
-        self.this_process = (time.process_time() - self.s0) / wall   # the router and the replay
+        self.this_process = (time.process_time() - self.s0) / wall  # the router and the replay
 
 
 async def wait_quiet(args, what: str) -> float:
@@ -160,6 +160,7 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- profiling and planning
 
+
 async def run_profiles(args) -> str:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,8 +170,20 @@ async def run_profiles(args) -> str:
         path = out_dir / f"profile_t{threads}.json"
         # Every core busy while timing, as in a deployment that fills the node with such workers.
         co_run = 1 if args.alone else max(1, cores // threads)
-        cmd = [sys.executable, "-m", "triptych.cli", "profile", "--config", str(args.config), "--threads", str(threads),
-               "--co-run", str(co_run), "-o", str(path)] + (["--quick"] if args.profile_mode == "quick" else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "triptych.cli",
+            "profile",
+            "--config",
+            str(args.config),
+            "--threads",
+            str(threads),
+            "--co-run",
+            str(co_run),
+            "-o",
+            str(path),
+        ] + (["--quick"] if args.profile_mode == "quick" else [])
         log(f"profiling with {threads} thread(s): {' '.join(cmd[1:])} (load average {os.getloadavg()[0]:.1f})")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
         for attempt in range(args.retries + 1):
@@ -187,11 +200,17 @@ async def run_profiles(args) -> str:
 
 def plan_all(args, profiles: str):
     perf = perf_model(profiles, args.cluster)
-    settings = SearchSettings(slo=Slo(args.ttft_slo, args.tpot_slo), max_model_len=args.max_len,
-                              fit_sample=args.sample, verify_sample=2 * args.sample,
-                              token_budget=args.token_budget, max_batch=args.max_batch)
-    reqs = tr.scale_lengths(tr.slice_trace(tr.load_trace(args.trace), args.fit_start, args.fit_count),
-                            args.length_scale, args.max_len)
+    settings = SearchSettings(
+        slo=Slo(args.ttft_slo, args.tpot_slo),
+        max_model_len=args.max_len,
+        fit_sample=args.sample,
+        verify_sample=2 * args.sample,
+        token_budget=args.token_budget,
+        max_batch=args.max_batch,
+    )
+    reqs = tr.scale_lengths(
+        tr.slice_trace(tr.load_trace(args.trace), args.fit_start, args.fit_count), args.length_scale, args.max_len
+    )
     fit, held = tr.split(reqs, 0.5)
     searcher = Searcher(perf, fit, held, settings, lambda m: log(f"plan: {m}"))
     result = searcher.run()
@@ -238,6 +257,7 @@ def deploy_config(plan: Plan, perf, settings, args):
 
 # ---------------------------------------------------------------- measuring
 
+
 async def replay(router, reqs, prompts, slo: Slo, early_stop: bool) -> tuple[list[Outcome | None], bool]:
     """Replay reqs (arrival_s relative to now); returns per-request outcomes (None: not sent after an early stop) and completeness."""
     from cluster.router_api import FinalEvent, GenerateInput, TokenEvent
@@ -255,13 +275,16 @@ async def replay(router, reqs, prompts, slo: Slo, early_stop: bool) -> tuple[lis
     async def one(i, req, ids) -> None:
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, req.arrival_s - (time.monotonic() - t0)))
-            return                       # stopped early: not sent
+            return  # stopped early: not sent
         except asyncio.TimeoutError:
             pass
         arrived[i] = time.monotonic()
-        inp = GenerateInput(f"pv-{time.monotonic_ns()}-{i}",
-                            SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True),
-                            token_ids=tuple(ids), deadline_s=300)
+        inp = GenerateInput(
+            f"pv-{time.monotonic_ns()}-{i}",
+            SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True),
+            token_ids=tuple(ids),
+            deadline_s=300,
+        )
         final = None
         async for ev in router.generate(inp):
             if isinstance(ev, TokenEvent) and first[i] is None:
@@ -280,8 +303,11 @@ async def replay(router, reqs, prompts, slo: Slo, early_stop: bool) -> tuple[lis
         await asyncio.sleep(0.2)
         now = time.monotonic()
         misses = sum(1 for o in outcomes if o is not None and not o.ok)
-        misses += sum(1 for i in range(n) if outcomes[i] is None and arrived[i] is not None and first[i] is None
-                      and now - arrived[i] > slo.ttft_s)
+        misses += sum(
+            1
+            for i in range(n)
+            if outcomes[i] is None and arrived[i] is not None and first[i] is None and now - arrived[i] > slo.ttft_s
+        )
         if misses > allowed:
             # Stop sending; requests already sent run to their end (no aborts, so no abort-path
             # effects on the workers), which bounds the drain to the work already queued.
@@ -307,6 +333,7 @@ async def measure(dep: Deployment, perf, settings, searcher: Searcher, measured_
         prompts = prompt_ids(corpus, [r.prompt_len for r in measured_reqs], seed=7)
         await replay(router, tr.rescale_rate(measured_reqs[:2], 10.0), prompts[:2], Slo(1e9, 1e9), False)  # warm-up
         assert await router.wait_idle(60), "KV blocks still held after the warm-up"
+
         async def probe(rate: float) -> bool:
             # As the planner does: rescaled to the rate, and repeated back to back until the replay
             # spans >= 10 TTFT SLOs, so an overload cannot drain away inside a short burst.
@@ -315,33 +342,52 @@ async def measure(dep: Deployment, perf, settings, searcher: Searcher, measured_
             for attempt in range(args.retries + 1):
                 await wait_quiet(args, f"the probe at {rate:.3f} req/s")
                 with CpuMeter() as meter:
-                    outcomes, complete = await replay(router, reqs, prompts * (len(reqs) // len(prompts)), slo,
-                                                      not args.no_early_stop)
+                    outcomes, complete = await replay(
+                        router, reqs, prompts * (len(reqs) // len(prompts)), slo, not args.no_early_stop
+                    )
                 if not await router.wait_idle(120):
-                    raise RuntimeError(f"{dep.name}: workers still hold requests or KV blocks after the probe at {rate}")
+                    raise RuntimeError(
+                        f"{dep.name}: workers still hold requests or KV blocks after the probe at {rate}"
+                    )
                 if meter.background <= args.max_background or attempt == args.retries:
                     break
-                log(f"  {dep.name} @ {rate:.3f} req/s: other processes used {meter.background:.2f} cores "
-                    f"(> {args.max_background}); discarded, run again")
+                log(
+                    f"  {dep.name} @ {rate:.3f} req/s: other processes used {meter.background:.2f} cores "
+                    f"(> {args.max_background}); discarded, run again"
+                )
             done = [o for o in outcomes if o is not None]
             att = sum(o.ok for o in done) / len(reqs)
             sim = simulate(cfg_sim, reqs)
-            ratios = sorted(o.prefill_s / lat.seconds(r.prompt_len, r.prompt_len ** 2)
-                            for o, r in zip(outcomes, reqs) if o is not None and o.error is None and o.prefill_s > 0)
-            p = Probe(rate, att, complete,
-                      (_p([o.ttft for o in done], 50), _p([o.ttft for o in done], 90)),
-                      (_p([o.tpot for o in done if o.tpot > 0], 50), _p([o.tpot for o in done if o.tpot > 0], 90)),
-                      sim.attainment,
-                      (_p([x.ttft_s for x in sim.results], 50), _p([x.ttft_s for x in sim.results], 90)),
-                      (_p([x.tpot_s for x in sim.results if x.tpot_s > 0], 50),
-                       _p([x.tpot_s for x in sim.results if x.tpot_s > 0], 90)),
-                      ratios[len(ratios) // 2] if ratios else math.nan, meter.background, meter.this_process, attempt)
+            ratios = sorted(
+                o.prefill_s / lat.seconds(r.prompt_len, r.prompt_len**2)
+                for o, r in zip(outcomes, reqs)
+                if o is not None and o.error is None and o.prefill_s > 0
+            )
+            p = Probe(
+                rate,
+                att,
+                complete,
+                (_p([o.ttft for o in done], 50), _p([o.ttft for o in done], 90)),
+                (_p([o.tpot for o in done if o.tpot > 0], 50), _p([o.tpot for o in done if o.tpot > 0], 90)),
+                sim.attainment,
+                (_p([x.ttft_s for x in sim.results], 50), _p([x.ttft_s for x in sim.results], 90)),
+                (
+                    _p([x.tpot_s for x in sim.results if x.tpot_s > 0], 50),
+                    _p([x.tpot_s for x in sim.results if x.tpot_s > 0], 90),
+                ),
+                ratios[len(ratios) // 2] if ratios else math.nan,
+                meter.background,
+                meter.this_process,
+                attempt,
+            )
             dep.probes.append(p)
-            log(f"  {dep.name} @ {rate:.3f} req/s: attainment {att:.1%}{'' if complete else ' (stopped early)'} "
+            log(
+                f"  {dep.name} @ {rate:.3f} req/s: attainment {att:.1%}{'' if complete else ' (stopped early)'} "
                 f"[sim {sim.attainment:.1%}]; TTFT p50/p90 {p.ttft[0]:.2f}/{p.ttft[1]:.2f} s "
                 f"[sim {p.sim_ttft[0]:.2f}/{p.sim_ttft[1]:.2f}]; TPOT p50/p90 {p.tpot[0] * 1e3:.0f}/{p.tpot[1] * 1e3:.0f} ms "
                 f"[sim {p.sim_tpot[0] * 1e3:.0f}/{p.sim_tpot[1] * 1e3:.0f}]; prefill ratio {p.prefill_ratio:.2f}; "
-                f"other processes {p.background:.2f} cores, router {p.router:.2f}, all of ours {meter.mine:.2f}")
+                f"other processes {p.background:.2f} cores, router {p.router:.2f}, all of ours {meter.mine:.2f}"
+            )
             return None if p.background > args.max_background else p.passed
 
         await rates_fn(probe)
@@ -361,7 +407,7 @@ def rate_search(start: float, args, max_probes: int):
         while runs < max_probes:
             runs += 1
             ok = await probe(r)
-            if ok is None:               # disturbed by other processes even after retries: no verdict
+            if ok is None:  # disturbed by other processes even after retries: no verdict
                 continue
             results[r] = ok
             fails = [x for x, ok in results.items() if not ok]
@@ -376,10 +422,12 @@ def rate_search(start: float, args, max_probes: int):
                 break
             else:
                 r = math.sqrt(lo * hi)
+
     return run
 
 
 # ---------------------------------------------------------------- report
+
 
 def report(deps: list[Deployment], args, n_measured: int) -> str:
     rows = []
@@ -390,21 +438,45 @@ def report(deps: list[Deployment], args, n_measured: int) -> str:
         lo, hi = d.measured(mb)
         pred = d.plan.goodput
         meas = "n/a" if lo is None else f"{lo:.3f}"
-        bracket = f"[{'<' + format(min(p.rate for p in d.probes), '.3f') if lo is None else format(lo, '.3f')}, " \
-                  f"{'>' if hi is None else ''}{format(hi, '.3f') if hi is not None else format(max(p.rate for p in d.probes), '.3f')})"
+        bracket = (
+            f"[{'<' + format(min(p.rate for p in d.probes), '.3f') if lo is None else format(lo, '.3f')}, "
+            f"{'>' if hi is None else ''}{format(hi, '.3f') if hi is not None else format(max(p.rate for p in d.probes), '.3f')})"
+        )
         if lo is None:
             err = "agree (none)" if pred == 0 else "n/a"
         else:
             err = f"{(pred - lo) / lo * 100:+.0f}%"
-        rows.append([("pick: " if d.pick else "") + d.name, f"{d.plan.num_gpus}", f"{pred:.3f}", meas, bracket, err,
-                     f"{d.sim_goodput:.3f}", str(len(d.probes))])
-    headers = ["deployment", "cores", "predicted req/s", "measured req/s", "bracket [pass, fail)", "error",
-               "sim on measured slice", "probes"]
+        rows.append(
+            [
+                ("pick: " if d.pick else "") + d.name,
+                f"{d.plan.num_gpus}",
+                f"{pred:.3f}",
+                meas,
+                bracket,
+                err,
+                f"{d.sim_goodput:.3f}",
+                str(len(d.probes)),
+            ]
+        )
+    headers = [
+        "deployment",
+        "cores",
+        "predicted req/s",
+        "measured req/s",
+        "bracket [pass, fail)",
+        "error",
+        "sim on measured slice",
+        "probes",
+    ]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))) + " |"
-              for r in rows]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))) + " |"
+        for r in rows
+    ]
     lines.append("")
     if pick is None:
         lines.append("the planner's pick was not measured (--deployments)")
@@ -423,23 +495,31 @@ def report(deps: list[Deployment], args, n_measured: int) -> str:
             verdict = "NOT the best measured by highest passing rate (brackets overlap, so not certain)"
         lines.append(f"planner's pick: {pick.name}; highest passing rate: {best_measured.name} -> pick is {verdict}")
     lines.append("")
-    lines.append("probes (measured vs. simulator on the same requests; TTFT s, TPOT ms, p50/p90; "
-                 "prefill ratio = median worker prefill time / modelled):")
+    lines.append(
+        "probes (measured vs. simulator on the same requests; TTFT s, TPOT ms, p50/p90; "
+        "prefill ratio = median worker prefill time / modelled):"
+    )
     for d in deps:
         for p in sorted(d.probes, key=lambda p: p.rate):
-            lines.append(f"  {d.name:44s} {p.rate:6.3f} req/s  attain {p.attainment:6.1%}{' ' if p.complete else '*'} "
-                         f"sim {p.sim_attainment:6.1%}  TTFT {p.ttft[0]:5.2f}/{p.ttft[1]:5.2f} sim "
-                         f"{p.sim_ttft[0]:5.2f}/{p.sim_ttft[1]:5.2f}  TPOT {p.tpot[0] * 1e3:4.0f}/{p.tpot[1] * 1e3:4.0f} "
-                         f"sim {p.sim_tpot[0] * 1e3:4.0f}/{p.sim_tpot[1] * 1e3:4.0f}  prefill ratio {p.prefill_ratio:.2f}  "
-                         f"router {p.router:.2f}  others {p.background:.2f} cores"
-                         f"{'!' if p.background > args.max_background else ''}"
-                         f"{f' (retried {p.retries}x)' if p.retries else ''}")
-    lines.append("  (* stopped early: more than 10% of its requests had missed; "
-                 f"! other processes used more than {args.max_background} cores even after {args.retries} retries: "
-                 "left out of the measured goodput)")
+            lines.append(
+                f"  {d.name:44s} {p.rate:6.3f} req/s  attain {p.attainment:6.1%}{' ' if p.complete else '*'} "
+                f"sim {p.sim_attainment:6.1%}  TTFT {p.ttft[0]:5.2f}/{p.ttft[1]:5.2f} sim "
+                f"{p.sim_ttft[0]:5.2f}/{p.sim_ttft[1]:5.2f}  TPOT {p.tpot[0] * 1e3:4.0f}/{p.tpot[1] * 1e3:4.0f} "
+                f"sim {p.sim_tpot[0] * 1e3:4.0f}/{p.sim_tpot[1] * 1e3:4.0f}  prefill ratio {p.prefill_ratio:.2f}  "
+                f"router {p.router:.2f}  others {p.background:.2f} cores"
+                f"{'!' if p.background > args.max_background else ''}"
+                f"{f' (retried {p.retries}x)' if p.retries else ''}"
+            )
+    lines.append(
+        "  (* stopped early: more than 10% of its requests had missed; "
+        f"! other processes used more than {args.max_background} cores even after {args.retries} retries: "
+        "left out of the measured goodput)"
+    )
     if PROFILE_BACKGROUND:
-        lines.append("profiling: " + ", ".join(f"{t} thread(s) with {b:.2f} cores used by other processes"
-                                              for t, b in PROFILE_BACKGROUND))
+        lines.append(
+            "profiling: "
+            + ", ".join(f"{t} thread(s) with {b:.2f} cores used by other processes" for t, b in PROFILE_BACKGROUND)
+        )
     return "\n".join(lines)
 
 
@@ -451,13 +531,17 @@ async def main_async(args) -> int:
     try:
         perf, settings, searcher, result = plan_all(args, profiles)
     except PlanningError as exc:
-        print(f"plan_validation: the planner found no deployment to validate: {exc} "
-              f"(load average {os.getloadavg()[0]:.1f}; profiles {profiles})", file=sys.stderr)
+        print(
+            f"plan_validation: the planner found no deployment to validate: {exc} "
+            f"(load average {os.getloadavg()[0]:.1f}; profiles {profiles})",
+            file=sys.stderr,
+        )
         return 2
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     write_plan(Path(args.out_dir) / "plan.yaml", result.chosen, perf, settings)
-    measured = tr.scale_lengths(tr.slice_trace(tr.load_trace(args.trace), args.measure_start, args.requests),
-                                args.length_scale, args.max_len)
+    measured = tr.scale_lengths(
+        tr.slice_trace(tr.load_trace(args.trace), args.measure_start, args.requests), args.length_scale, args.max_len
+    )
     fit_end = args.fit_start + args.fit_count
     if args.measure_start < fit_end and args.fit_start < args.measure_start + args.requests:
         log(f"WARNING: the measured slice overlaps the planner's slice [{args.fit_start}, {fit_end})")
@@ -480,11 +564,13 @@ async def main_async(args) -> int:
         log(f"measuring {d.name} (predicted {d.plan.goodput:.3f} req/s; first probe at {start:.3f})")
         await measure(d, perf, settings, searcher, measured, rate_search(start, args, probes), args)
     st = tr.stats(measured)
-    print(f"trace {args.trace.name}: planner slice requests [{args.fit_start}, {fit_end}) (fit half / held-out half), "
-          f"measured slice [{args.measure_start}, {args.measure_start + len(measured)}); lengths x{args.length_scale} "
-          f"clipped to {args.max_len} (measured: mean prompt {st.mean_prompt_len:.0f}, output {st.mean_output_len:.0f}); "
-          f"SLO TTFT {args.ttft_slo} s, TPOT {args.tpot_slo * 1e3:.0f} ms, >= {TARGET:.0%} attainment; "
-          f"cluster {perf.cluster.name}; profiles {profiles}")
+    print(
+        f"trace {args.trace.name}: planner slice requests [{args.fit_start}, {fit_end}) (fit half / held-out half), "
+        f"measured slice [{args.measure_start}, {args.measure_start + len(measured)}); lengths x{args.length_scale} "
+        f"clipped to {args.max_len} (measured: mean prompt {st.mean_prompt_len:.0f}, output {st.mean_output_len:.0f}); "
+        f"SLO TTFT {args.ttft_slo} s, TPOT {args.tpot_slo * 1e3:.0f} ms, >= {TARGET:.0%} attainment; "
+        f"cluster {perf.cluster.name}; profiles {profiles}"
+    )
     print(report(deps, args, len(measured)))
     print(f"total {time.monotonic() - t_start:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     return 0
@@ -502,9 +588,18 @@ def main(argv=None) -> int:
     a("--trace", type=Path, default=AZURE_CONV)
     a("--fit-start", type=int, default=0)
     a("--fit-count", type=int, default=1200, help="planner slice (first half fit, second half its held-out check)")
-    a("--measure-start", type=int, default=2000, help="first request of the measured slice (disjoint from the planner's)")
-    a("--requests", type=int, default=200, help="distinct requests of the measured slice (repeated while a "
-                                                 "probe spans < 10 TTFT SLOs)")
+    a(
+        "--measure-start",
+        type=int,
+        default=2000,
+        help="first request of the measured slice (disjoint from the planner's)",
+    )
+    a(
+        "--requests",
+        type=int,
+        default=200,
+        help="distinct requests of the measured slice (repeated while a probe spans < 10 TTFT SLOs)",
+    )
     a("--length-scale", type=float, default=0.125)
     a("--max-len", type=int, default=2048)
     # bench/goodput.py's 2 s / 250 ms are out of reach with both cores busy: ~10% of the planner's
@@ -515,20 +610,37 @@ def main(argv=None) -> int:
     a("--token-budget", type=int, default=1024, help="engine max_num_batched_tokens (planner and deployments)")
     a("--max-batch", type=int, default=64, help="engine max_num_seqs (planner and deployments)")
     a("--kv-blocks", type=int, default=2048, help="cap on KV blocks per worker in the measured deployments")
-    a("--ranked-only", action="store_true", help="measure only the planner's ranked plans, not the node's other layouts")
-    a("--deployments", type=int, nargs="+", default=None,
-      help="indices into the deployments (ranked plans, then other layouts; default all)")
+    a(
+        "--ranked-only",
+        action="store_true",
+        help="measure only the planner's ranked plans, not the node's other layouts",
+    )
+    a(
+        "--deployments",
+        type=int,
+        nargs="+",
+        default=None,
+        help="indices into the deployments (ranked plans, then other layouts; default all)",
+    )
     a("--rates", type=float, nargs="+", default=None, help="measure exactly these rates instead of searching")
     a("--max-probes", type=int, default=5, help="rates measured per deployment by the search")
     a("--step", type=float, default=1.25, help="factor between rates while bracketing")
     a("--precision", type=float, default=0.1, help="stop bisecting when fail/pass <= 1 + this")
     a("--no-early-stop", action="store_true", help="replay every request of a probe even after it has failed")
-    a("--max-background", type=float, default=0.25,
-      help="a probe during which other processes used more CPU cores than this is run again (shared machine)")
+    a(
+        "--max-background",
+        type=float,
+        default=0.25,
+        help="a probe during which other processes used more CPU cores than this is run again (shared machine)",
+    )
     a("--retries", type=int, default=2, help="reruns of a probe disturbed by other processes")
-    a("--max-wait", type=float, default=300.0,
-      help="before each profile and probe, wait up to this many seconds for other processes to use "
-           "<= --max-background cores")
+    a(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="before each profile and probe, wait up to this many seconds for other processes to use "
+        "<= --max-background cores",
+    )
     a("--out-dir", default="/tmp/plan_validation", help="profiles and the pick's plan.yaml go here")
     return asyncio.run(main_async(p.parse_args(argv)))
 

@@ -51,29 +51,46 @@ def shifting_trace(path, n: int, rate_a: float, rate_b: float) -> list[tuple[str
     def q(v, x):
         return v[int(len(v) * x)]
 
-    a = [r for r in trace if r.prompt_len <= q(p, .5) and r.output_len >= q(o, .5)][: n // 2]
-    b = [r for r in trace if r.prompt_len >= q(p, .75) and r.output_len <= q(o, .25)][: n - n // 2]
+    a = [r for r in trace if r.prompt_len <= q(p, 0.5) and r.output_len >= q(o, 0.5)][: n // 2]
+    b = [r for r in trace if r.prompt_len >= q(p, 0.75) and r.output_len <= q(o, 0.25)][: n - n // 2]
     a = [Request(r.arrival_s - a[0].arrival_s, r.prompt_len, r.output_len) for r in a]
     b = [Request(r.arrival_s - b[0].arrival_s, r.prompt_len, r.output_len) for r in b]
-    a = rescale_rate(tuple(Request(r.arrival_s, max(8, round(r.prompt_len * 0.25)),
-                                   min(160, max(8, round(r.output_len * 0.5)))) for r in a), rate_a)
-    b = rescale_rate(tuple(Request(r.arrival_s, min(768, round(r.prompt_len * 0.25)), max(2, round(r.output_len * 0.1)))
-                           for r in b), rate_b)
+    a = rescale_rate(
+        tuple(
+            Request(r.arrival_s, max(8, round(r.prompt_len * 0.25)), min(160, max(8, round(r.output_len * 0.5))))
+            for r in a
+        ),
+        rate_a,
+    )
+    b = rescale_rate(
+        tuple(Request(r.arrival_s, min(768, round(r.prompt_len * 0.25)), max(2, round(r.output_len * 0.1))) for r in b),
+        rate_b,
+    )
     gap = 1.0 / rate_b
     start_b = (a[-1].arrival_s if a else 0.0) + gap
-    return ([("A", r) for r in a]
-            + [("B", Request(start_b + r.arrival_s, r.prompt_len, r.output_len)) for r in b])
+    return [("A", r) for r in a] + [("B", Request(start_b + r.arrival_s, r.prompt_len, r.output_len)) for r in b]
 
 
 def config(switching: bool, ttft_ms: float, tpot_ms: float):
-    return parse_config({
-        "version": 1, "ray": {"num_cpus": 3},
-        "engine": {"num_kv_blocks": 1024, "max_num_seqs": 32},
-        "pools": {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 2, "num_cpus": 1}},
-        "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
-        "role_switching": {"enabled": switching, "interval_s": 2, "sustain": 2, "cooldown_s": 20,
-                           "window_s": 30, "min_samples": 4, "drain_timeout_s": 60},
-    }, f"bench.role_switch:{'on' if switching else 'off'}")
+    return parse_config(
+        {
+            "version": 1,
+            "ray": {"num_cpus": 3},
+            "engine": {"num_kv_blocks": 1024, "max_num_seqs": 32},
+            "pools": {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 2, "num_cpus": 1}},
+            "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+            "role_switching": {
+                "enabled": switching,
+                "interval_s": 2,
+                "sustain": 2,
+                "cooldown_s": 20,
+                "window_s": 30,
+                "min_samples": 4,
+                "drain_timeout_s": 60,
+            },
+        },
+        f"bench.role_switch:{'on' if switching else 'off'}",
+    )
 
 
 async def replay(router, trace, prompts, ttft_slo, tpot_slo) -> list[Outcome]:
@@ -111,22 +128,31 @@ async def main_async(args) -> int:
     a = [r for ph, r in trace if ph == "A"]
     b = [r for ph, r in trace if ph == "B"]
     t_b = b[0].arrival_s if b else float("inf")
-    print(f"trace: {len(a)} A requests (prompt {min(r.prompt_len for r in a)}-{max(r.prompt_len for r in a)}, "
-          f"output {min(r.output_len for r in a)}-{max(r.output_len for r in a)}, {args.rate_a} req/s), then "
-          f"{len(b)} B requests (prompt {min(r.prompt_len for r in b)}-{max(r.prompt_len for r in b)}, output "
-          f"{min(r.output_len for r in b)}-{max(r.output_len for r in b)}, {args.rate_b} req/s) from t={t_b:.0f}s; "
-          f"SLO TTFT {args.ttft_slo}s, TPOT {args.tpot_slo * 1e3:.0f}ms", flush=True)
+    print(
+        f"trace: {len(a)} A requests (prompt {min(r.prompt_len for r in a)}-{max(r.prompt_len for r in a)}, "
+        f"output {min(r.output_len for r in a)}-{max(r.output_len for r in a)}, {args.rate_a} req/s), then "
+        f"{len(b)} B requests (prompt {min(r.prompt_len for r in b)}-{max(r.prompt_len for r in b)}, output "
+        f"{min(r.output_len for r in b)}-{max(r.output_len for r in b)}, {args.rate_b} req/s) from t={t_b:.0f}s; "
+        f"SLO TTFT {args.ttft_slo}s, TPOT {args.tpot_slo * 1e3:.0f}ms",
+        flush=True,
+    )
     results = {}
     for mode in args.modes:
         print(f"--- switching {mode} ...", flush=True)
         outs, switches = await run_mode(mode, trace, args)
         results[mode] = outs
         for at, s in switches:
-            print(f"    t={at:5.1f}s {s.worker_id}: {s.from_role.value} -> {s.to_role.value} "
-                  f"(drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}", flush=True)
+            print(
+                f"    t={at:5.1f}s {s.worker_id}: {s.from_role.value} -> {s.to_role.value} "
+                f"(drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}",
+                flush=True,
+            )
         errors = [o.error for o in outs if o.error]
-        print(f"    attainment A {_pct([o for o in outs if o.phase == 'A'])}, B {_pct([o for o in outs if o.phase == 'B'])}, "
-              f"errors {len(errors)}{(': ' + errors[0]) if errors else ''}", flush=True)
+        print(
+            f"    attainment A {_pct([o for o in outs if o.phase == 'A'])}, B {_pct([o for o in outs if o.phase == 'B'])}, "
+            f"errors {len(errors)}{(': ' + errors[0]) if errors else ''}",
+            flush=True,
+        )
 
     end = max(r.arrival_s for _, r in trace)
     edges = [i * args.window for i in range(int(end // args.window) + 1)]

@@ -32,28 +32,45 @@ from bench.encode import IMAGE_TOKEN_ID, TEXT_TOKENS, checkpoint, images_for
 
 @dataclass
 class Sample:
-    sent_at: float          # seconds from the start of the load
+    sent_at: float  # seconds from the start of the load
     ttft_s: float
-    ok: bool                # finished without an error
+    ok: bool  # finished without an error
 
 
 def deploy_config(model_dir, switching: bool, ttft_slo_s: float):
     from cluster.config import parse_config
 
     max_len = TEXT_TOKENS + 576 + 64
-    return parse_config({
-        "version": 1,
-        "model": {"path": str(model_dir), "max_model_len": max_len},
-        "ray": {"num_cpus": 4},
-        "engine": {"block_size": 16, "num_kv_blocks": 4 * (-(-max_len // 16)) + 8,
-                   "max_num_batched_tokens": max_len, "max_num_seqs": 4},
-        "pools": {"encode": {"workers": 1, "num_cpus": 1}, "prefill": {"workers": 2, "num_cpus": 1},
-                  "decode": {"workers": 1, "num_cpus": 1}},
-        "slo": {"ttft_ms": ttft_slo_s * 1000, "tpot_ms": 1000},
-        "server": {"request_timeout_s": 900, "max_queued_requests": 1024},
-        "role_switching": {"enabled": switching, "encode_prefill": True, "interval_s": 1.0, "sustain": 3,
-                           "cooldown_s": 60, "min_samples": 4, "encode_queue_high": 2},
-    }, f"bench-role-switch-encode-{'on' if switching else 'off'}")
+    return parse_config(
+        {
+            "version": 1,
+            "model": {"path": str(model_dir), "max_model_len": max_len},
+            "ray": {"num_cpus": 4},
+            "engine": {
+                "block_size": 16,
+                "num_kv_blocks": 4 * (-(-max_len // 16)) + 8,
+                "max_num_batched_tokens": max_len,
+                "max_num_seqs": 4,
+            },
+            "pools": {
+                "encode": {"workers": 1, "num_cpus": 1},
+                "prefill": {"workers": 2, "num_cpus": 1},
+                "decode": {"workers": 1, "num_cpus": 1},
+            },
+            "slo": {"ttft_ms": ttft_slo_s * 1000, "tpot_ms": 1000},
+            "server": {"request_timeout_s": 900, "max_queued_requests": 1024},
+            "role_switching": {
+                "enabled": switching,
+                "encode_prefill": True,
+                "interval_s": 1.0,
+                "sustain": 3,
+                "cooldown_s": 60,
+                "min_samples": 4,
+                "encode_queue_high": 2,
+            },
+        },
+        f"bench-role-switch-encode-{'on' if switching else 'off'}",
+    )
 
 
 async def run_mode(model_dir, switching: bool, args) -> tuple[list[Sample], list, float]:
@@ -75,7 +92,7 @@ async def run_mode(model_dir, switching: bool, args) -> tuple[list[Sample], list
 
         warm = [await one(f"warm-{i}", img) for i, img in enumerate(images_for(2, seed=7))]
         encode_s = warm[-1].timings.encode_s
-        if args.rate is None:              # the first mode measures; the others reuse its rate
+        if args.rate is None:  # the first mode measures; the others reuse its rate
             args.rate = args.load / encode_s
         rate = args.rate
         router.recent.clear()
@@ -83,16 +100,22 @@ async def run_mode(model_dir, switching: bool, args) -> tuple[list[Sample], list
             router.policy.since = time.monotonic()
         n = max(1, int(args.seconds * rate))
         images = images_for(n, seed=8 + switching)
-        print(f"  policy {'on' if switching else 'off'}: one image encodes in {encode_s:.2f}s; "
-              f"{n} requests at {rate:.2f}/s", flush=True)
+        print(
+            f"  policy {'on' if switching else 'off'}: one image encodes in {encode_s:.2f}s; "
+            f"{n} requests at {rate:.2f}/s",
+            flush=True,
+        )
         t0 = time.monotonic()
 
         async def timed(i: int) -> Sample:
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             sent = time.monotonic() - t0
             final = await one(f"r{i}", images[i])
-            return Sample(sent, final.timings.ttft_s if final and not final.error else float("inf"),
-                          bool(final) and not final.error)
+            return Sample(
+                sent,
+                final.timings.ttft_s if final and not final.error else float("inf"),
+                bool(final) and not final.error,
+            )
 
         samples = await asyncio.gather(*(timed(i) for i in range(n)))
         switches = [(s.at_unix_s, s.worker_id, s.from_role.value, s.to_role.value) for s in router.switches]
@@ -106,9 +129,14 @@ def summary(label: str, samples: list[Sample], slo: float) -> list[str]:
     ok = [s for s in samples if s.ok]
     ttft = sorted(s.ttft_s for s in ok) or [float("nan")]
     met = sum(1 for s in ok if s.ttft_s <= slo)
-    return [label, str(len(samples)), f"{100 * met / max(1, len(samples)):.0f}%",
-            f"{statistics.median(ttft):.2f}", f"{ttft[int(0.9 * (len(ttft) - 1))]:.2f}",
-            str(len(samples) - len(ok))]
+    return [
+        label,
+        str(len(samples)),
+        f"{100 * met / max(1, len(samples)):.0f}%",
+        f"{statistics.median(ttft):.2f}",
+        f"{ttft[int(0.9 * (len(ttft) - 1))]:.2f}",
+        str(len(samples) - len(ok)),
+    ]
 
 
 def main(argv=None) -> int:
@@ -126,16 +154,21 @@ def main(argv=None) -> int:
     rows, notes = [], []
     for mode in args.modes.split(","):
         samples, switches, rate = asyncio.run(run_mode(model_dir, mode == "on", args))
-        thirds = [[s for s in samples if k * args.seconds / 3 <= s.sent_at < (k + 1) * args.seconds / 3]
-                  for k in range(3)]
+        thirds = [
+            [s for s in samples if k * args.seconds / 3 <= s.sent_at < (k + 1) * args.seconds / 3] for k in range(3)
+        ]
         for k, part in enumerate(thirds):
             rows.append(summary(f"policy {mode}, third {k + 1}", part, args.ttft_slo))
         rows.append(summary(f"policy {mode}, all", samples, args.ttft_slo))
-        notes.append(f"policy {mode}: {rate:.2f} req/s; switches: " + (", ".join(
-            f"{w} {a}->{b} at {t:.1f}s" for t, w, a, b in switches) or "none"))
-    print(f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers; 1 encode + 2 prefill + 1 decode "
-          f"worker, 1 thread each; {os.cpu_count()} cores; load average {load0:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end; TTFT SLO {args.ttft_slo}s; thirds by arrival time")
+        notes.append(
+            f"policy {mode}: {rate:.2f} req/s; switches: "
+            + (", ".join(f"{w} {a}->{b} at {t:.1f}s" for t, w, a, b in switches) or "none")
+        )
+    print(
+        f"\nvision: ViT-L/14-336 shapes, {args.vision_layers} layers; 1 encode + 2 prefill + 1 decode "
+        f"worker, 1 thread each; {os.cpu_count()} cores; load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; TTFT SLO {args.ttft_slo}s; thirds by arrival time"
+    )
     print_table(["run", "requests", "TTFT met", "TTFT p50 s", "TTFT p90 s", "errors"], rows)
     for note in notes:
         print(note)

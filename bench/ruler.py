@@ -31,10 +31,25 @@ from dataclasses import dataclass
 
 KINDS = ("passkey", "needle", "vartrack", "cwe")
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-_NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-          "There and back again. ")
-_KEY_WORDS = ("apple", "river", "violin", "castle", "orbit", "pepper", "falcon", "meadow",
-              "lantern", "glacier", "copper", "harbor", "velvet", "thunder", "saddle", "quartz")
+_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_KEY_WORDS = (
+    "apple",
+    "river",
+    "violin",
+    "castle",
+    "orbit",
+    "pepper",
+    "falcon",
+    "meadow",
+    "lantern",
+    "glacier",
+    "copper",
+    "harbor",
+    "velvet",
+    "thunder",
+    "saddle",
+    "quartz",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class RulerTask:
     kind: str
     depth: float
     prompt_ids: tuple[int, ...]
-    answers: tuple[str, ...]     # every one must occur in the output (case-insensitive)
+    answers: tuple[str, ...]  # every one must occur in the output (case-insensitive)
 
     @property
     def length(self) -> int:
@@ -60,9 +75,11 @@ class _Builder:
         from tests.prompts import corpus
 
         self.tok = tokenizer
-        empty = list(tokenizer.apply_chat_template([{"role": "user", "content": ""}],
-                                                   add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False))
+        empty = list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         # The user's content goes before the template's last end-of-turn token.
         end = len(empty) - 1 - empty[::-1].index(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.head, self.tail = empty[:end], empty[end:]
@@ -77,7 +94,7 @@ class _Builder:
     def filler(stream: list[int], n: int, start: int = 0) -> list[int]:
         """n tokens of `stream` from `start`, wrapping around."""
         reps = 1 + (start % len(stream) + n) // len(stream)
-        return (stream * reps)[start % len(stream):start % len(stream) + n]
+        return (stream * reps)[start % len(stream) : start % len(stream) + n]
 
     def prompt(self, parts: list[list[int]], prefix: str) -> list[int]:
         return self.head + [t for p in parts for t in p] + self.tail + self.ids(prefix)
@@ -88,31 +105,32 @@ class _Builder:
 
 def _passkey(b: _Builder, length: int, depth: float, rng: random.Random) -> RulerTask:
     key = str(rng.randint(10000, 99999))
-    intro = b.ids("There is an important info hidden inside a lot of irrelevant text. Find it "
-                  "and memorize it. I will quiz you about the important info there.\n\n")
+    intro = b.ids(
+        "There is an important info hidden inside a lot of irrelevant text. Find it "
+        "and memorize it. I will quiz you about the important info there.\n\n"
+    )
     needle = b.ids(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
     question = b.ids("\n\nWhat is the pass key mentioned in the provided text?")
     prefix = "The pass key mentioned in the provided text is"
     n = length - b.overhead([intro, needle, question], prefix)
     a, shift = int(n * depth), rng.randrange(len(b.docs))
-    body = [intro, b.filler(b.docs, a, shift), needle, b.filler(b.docs, n - a, shift + a),
-            question]
+    body = [intro, b.filler(b.docs, a, shift), needle, b.filler(b.docs, n - a, shift + a), question]
     return RulerTask("passkey", depth, tuple(b.prompt(body, prefix)), (key,))
 
 
 def _needle(b: _Builder, length: int, depth: float, rng: random.Random) -> RulerTask:
     word = rng.choice(_KEY_WORDS)
     value = str(rng.randint(1000000, 9999999))
-    intro = b.ids("Some special magic numbers are hidden within the following text. Make sure "
-                  "to memorize it. I will quiz you about the numbers afterwards.\n\n")
+    intro = b.ids(
+        "Some special magic numbers are hidden within the following text. Make sure "
+        "to memorize it. I will quiz you about the numbers afterwards.\n\n"
+    )
     needle = b.ids(f"\nOne of the special magic numbers for {word} is: {value}.\n")
-    question = b.ids(f"\n\nWhat is the special magic number for {word} mentioned in the "
-                     f"provided text?")
+    question = b.ids(f"\n\nWhat is the special magic number for {word} mentioned in the provided text?")
     prefix = f"The special magic number for {word} mentioned in the provided text is"
     n = length - b.overhead([intro, needle, question], prefix)
     a, shift = int(n * depth), rng.randrange(len(b.docs))
-    body = [intro, b.filler(b.docs, a, shift), needle, b.filler(b.docs, n - a, shift + a),
-            question]
+    body = [intro, b.filler(b.docs, a, shift), needle, b.filler(b.docs, n - a, shift + a), question]
     return RulerTask("needle", depth, tuple(b.prompt(body, prefix)), (value,))
 
 
@@ -125,23 +143,21 @@ def _var_names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _vartrack(b: _Builder, length: int, depth: float, rng: random.Random,
-              hops: int = 3) -> RulerTask:
+def _vartrack(b: _Builder, length: int, depth: float, rng: random.Random, hops: int = 3) -> RulerTask:
     names = _var_names(rng, 2 * (hops + 1))
     value, other = rng.sample(range(10000, 99999), 2)
-    chain, decoy = names[:hops + 1], names[hops + 1:]
+    chain, decoy = names[: hops + 1], names[hops + 1 :]
 
     def assignments(vars_, val):
-        return [f"VAR {vars_[0]} = {val}."] + [f"VAR {vars_[i]} = VAR {vars_[i - 1]}."
-                                               for i in range(1, len(vars_))]
-    stmts = [b.ids(f" {s} ") for pair in zip(assignments(chain, value), assignments(decoy, other))
-             for s in pair]
-    intro = b.ids("Memorize and track the chain(s) of variable assignment hidden in the "
-                  "following text.\n\n")
-    question = b.ids(f"\n\nQuestion: Find all variables that are assigned the value {value} in "
-                     f"the text above.")
-    prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
-              f"{hops + 1} variables are assigned the value {value}, they are:")
+        return [f"VAR {vars_[0]} = {val}."] + [f"VAR {vars_[i]} = VAR {vars_[i - 1]}." for i in range(1, len(vars_))]
+
+    stmts = [b.ids(f" {s} ") for pair in zip(assignments(chain, value), assignments(decoy, other)) for s in pair]
+    intro = b.ids("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
+    question = b.ids(f"\n\nQuestion: Find all variables that are assigned the value {value} in the text above.")
+    prefix = (
+        f"Answer: According to the chain(s) of variable assignment in the text above, "
+        f"{hops + 1} variables are assigned the value {value}, they are:"
+    )
     n = length - b.overhead([intro, *stmts, question], prefix)
     first = int(n * depth)
     gap = (n - first) // (len(stmts) + 1)
@@ -165,19 +181,19 @@ def _cwe_words(b: _Builder) -> list[str]:
     return sorted(seen)
 
 
-def _cwe(b: _Builder, words: list[str], length: int, depth: float,
-         rng: random.Random) -> RulerTask:
+def _cwe(b: _Builder, words: list[str], length: int, depth: float, rng: random.Random) -> RulerTask:
     top = rng.choice(words)
     others = [w for w in words if w != top]
     rng.shuffle(others)
-    intro = b.ids("Below is a numbered list of words. In these words, one word appears much "
-                  "more often than the others. Memorize it.\n\n")
-    question = b.ids("\n\nQuestion: What is the most common word in the above list? Answer "
-                     "with one word.")
+    intro = b.ids(
+        "Below is a numbered list of words. In these words, one word appears much "
+        "more often than the others. Memorize it.\n\n"
+    )
+    question = b.ids("\n\nQuestion: What is the most common word in the above list? Answer with one word.")
     prefix = "Answer: The most common word in the list is"
     budget = length - b.overhead([intro, question], prefix)
     entries, used = [], 0
-    while True:   # entries are appended in a seeded order until the next would not fit
+    while True:  # entries are appended in a seeded order until the next would not fit
         w = top if len(entries) % 8 == 3 else others[len(entries) % len(others)]
         e = b.ids(f"{len(entries) + 1}. {w}\n")
         if used + len(e) > budget:
@@ -185,12 +201,12 @@ def _cwe(b: _Builder, words: list[str], length: int, depth: float,
         entries.append(e)
         used += len(e)
     pad = b.newline * (budget - used)
-    return RulerTask("cwe", depth, tuple(b.prompt([intro, *entries, pad, question], prefix)),
-                     (top,))
+    return RulerTask("cwe", depth, tuple(b.prompt([intro, *entries, pad, question], prefix)), (top,))
 
 
-def make_tasks(tokenizer, length: int, kinds: tuple[str, ...] = KINDS, count: int = 5,
-               seed: int = 0) -> list[RulerTask]:
+def make_tasks(
+    tokenizer, length: int, kinds: tuple[str, ...] = KINDS, count: int = 5, seed: int = 0
+) -> list[RulerTask]:
     """`count` tasks of each kind at exactly `length` tokens; depths cycle through DEPTHS."""
     unknown = set(kinds) - set(KINDS)
     if unknown:

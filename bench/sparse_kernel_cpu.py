@@ -26,7 +26,7 @@ from engine.sparse.flexprefill import flexprefill_index  # noqa: E402
 from engine.sparse.synthetic import random_index  # noqa: E402
 from engine.sparse.torch_impl import block_sparse_attention_torch  # noqa: E402
 
-HQ, HKV, D = 9, 3, 64    # SmolLM2-135M
+HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -36,11 +36,12 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def run(lengths: list[int], densities: list[float], block: int, reps: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Hq={HQ} Hkv={HKV} "
-          f"D={D} fp32, block {block}; min over {reps} interleaved runs")
-    print(f"{'L':>6} {'density':>7} {'dense s':>8} {'sparse s':>8} {'speedup':>7} "
-          f"{'dense cpu':>9} {'sparse cpu':>10}")
-    scale = D ** -0.5
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, Hq={HQ} Hkv={HKV} "
+        f"D={D} fp32, block {block}; min over {reps} interleaved runs"
+    )
+    print(f"{'L':>6} {'density':>7} {'dense s':>8} {'sparse s':>8} {'speedup':>7} {'dense cpu':>9} {'sparse cpu':>10}")
+    scale = D**-0.5
     for length in lengths:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(length, h, D, generator=g) for h in (HQ, HKV, HKV))
@@ -53,10 +54,11 @@ def run(lengths: list[int], densities: list[float], block: int, reps: int) -> No
             for _ in range(reps):
                 best_d = min(best_d, _timed(dense))
                 best_s = min(best_s, _timed(sparse))
-            print(f"{length:>6} {index.density():>7.3f} {best_d[0]:>8.3f} {best_s[0]:>8.3f} "
-                  f"{best_d[0] / best_s[0]:>7.2f} {best_d[1]:>9.3f} {best_s[1]:>10.3f}")
-        build = min(_timed(lambda: flexprefill_index(q, k, 0, scale, block, 0.9, 0.1, 512))[0]
-                    for _ in range(reps))
+            print(
+                f"{length:>6} {index.density():>7.3f} {best_d[0]:>8.3f} {best_s[0]:>8.3f} "
+                f"{best_d[0] / best_s[0]:>7.2f} {best_d[1]:>9.3f} {best_s[1]:>10.3f}"
+            )
+        build = min(_timed(lambda: flexprefill_index(q, k, 0, scale, block, 0.9, 0.1, 512))[0] for _ in range(reps))
         print(f"{length:>6} flexprefill index build {build:.3f} s")
 
 
@@ -67,8 +69,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    run([int(x) for x in args.lengths.split(",")], [float(x) for x in args.densities.split(",")],
-        args.block, args.reps)
+    run([int(x) for x in args.lengths.split(",")], [float(x) for x in args.densities.split(",")], args.block, args.reps)
 
 
 if __name__ == "__main__":

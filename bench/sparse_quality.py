@@ -51,7 +51,7 @@ class MethodRow:
     texts: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     prefill_s: float = 0.0
-    kinds: list[str] = field(default_factory=list)    # task kind of each text
+    kinds: list[str] = field(default_factory=list)  # task kind of each text
 
 
 class Capture:
@@ -70,11 +70,10 @@ class Capture:
 
         def recording(module, query, key, value, attention_mask, scaling=None, **kw):
             if self.active and module.layer_idx in self.layers and kw.get("triptych_meta"):
-                self.got[module.layer_idx] = tuple(x[0].transpose(0, 1).clone()
-                                                   for x in (query, key, value))
+                self.got[module.layer_idx] = tuple(x[0].transpose(0, 1).clone() for x in (query, key, value))
                 self.scale = scaling
-            return attention.paged_attention_forward(module, query, key, value, attention_mask,
-                                                     scaling=scaling, **kw)
+            return attention.paged_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
         AttentionInterface.register(attention.ATTN_IMPLEMENTATION, recording)
         return self
 
@@ -84,9 +83,14 @@ class Capture:
         attention.register()
 
 
-def run_engine(loaded, tasks: list[RulerTask], sparse, max_tokens: int,
-               capture: Capture | None = None, capture_idx: set[int] = frozenset()
-               ) -> tuple[list[str], float, list[dict]]:
+def run_engine(
+    loaded,
+    tasks: list[RulerTask],
+    sparse,
+    max_tokens: int,
+    capture: Capture | None = None,
+    capture_idx: set[int] = frozenset(),
+) -> tuple[list[str], float, list[dict]]:
     """Greedy texts of all tasks (one request at a time, one forward per prompt), the summed
     prefill wall time, and the captured layers of tasks in capture_idx."""
     from engine.config import EngineConfig
@@ -94,18 +98,24 @@ def run_engine(loaded, tasks: list[RulerTask], sparse, max_tokens: int,
     from engine.sequence import SamplingParams
 
     longest = max(t.length for t in tasks)
-    engine = LLMEngine(EngineConfig(num_kv_blocks=(longest + max_tokens) // 16 + 8,
-                                    max_num_batched_tokens=longest, max_num_seqs=1,
-                                    sparse=sparse), loaded)
+    engine = LLMEngine(
+        EngineConfig(
+            num_kv_blocks=(longest + max_tokens) // 16 + 8,
+            max_num_batched_tokens=longest,
+            max_num_seqs=1,
+            sparse=sparse,
+        ),
+        loaded,
+    )
     texts, prefill, caps = [], 0.0, []
-    if capture is not None:   # after the engine: its model runner registers the plain version
+    if capture is not None:  # after the engine: its model runner registers the plain version
         capture.__enter__()
     for i, t in enumerate(tasks):
         rid = engine.add_request(list(t.prompt_ids), SamplingParams(max_tokens=max_tokens))
         if capture is not None:
             capture.active, capture.got = i in capture_idx, {}
         t0 = time.perf_counter()
-        outs = engine.step()                            # the whole prompt in one forward
+        outs = engine.step()  # the whole prompt in one forward
         prefill += time.perf_counter() - t0
         if capture is not None:
             capture.active = False
@@ -137,24 +147,29 @@ def static_local_for(density: float, length: int, heads: int, base) -> int:
     """The static window (blocks) whose density at `length` is the closest to `density`."""
     from engine.sparse import static_index
 
-    best = min(range(1, length // base.block_size + 1),
-               key=lambda w: abs(static_index(heads, 0, length, base.block_size, base.sink,
-                                              w).density() - density))
+    best = min(
+        range(1, length // base.block_size + 1),
+        key=lambda w: abs(static_index(heads, 0, length, base.block_size, base.sink, w).density() - density),
+    )
     return best
 
 
 def fmt_row(r: MethodRow, dense: MethodRow) -> str:
     if not r.texts:
-        return (f"{r.length:>5} {r.name:<18} {statistics.mean(r.density):>7.3f} "
-                f"{statistics.mean(r.mass_mean):>9.4f} {statistics.mean(r.mass_p10):>8.4f} "
-                f"{statistics.mean(r.rel_err):>8.4f} {'-':>8} {'-':>8} {'-':>4} {'-':>9}")
+        return (
+            f"{r.length:>5} {r.name:<18} {statistics.mean(r.density):>7.3f} "
+            f"{statistics.mean(r.mass_mean):>9.4f} {statistics.mean(r.mass_p10):>8.4f} "
+            f"{statistics.mean(r.rel_err):>8.4f} {'-':>8} {'-':>8} {'-':>4} {'-':>9}"
+        )
     same = sum(a == b for a, b in zip(r.texts, dense.texts))
     lost = sum(d and not c for d, c in zip(dense.correct, r.correct))
     n = len(r.correct)
-    return (f"{r.length:>5} {r.name:<18} {statistics.mean(r.density):>7.3f} "
-            f"{statistics.mean(r.mass_mean):>9.4f} {statistics.mean(r.mass_p10):>8.4f} "
-            f"{statistics.mean(r.rel_err):>8.4f} {sum(r.correct):>4}/{n:<3} {same:>4}/{n:<3} "
-            f"{lost:>4} {r.prefill_s / n:>9.1f}")
+    return (
+        f"{r.length:>5} {r.name:<18} {statistics.mean(r.density):>7.3f} "
+        f"{statistics.mean(r.mass_mean):>9.4f} {statistics.mean(r.mass_p10):>8.4f} "
+        f"{statistics.mean(r.rel_err):>8.4f} {sum(r.correct):>4}/{n:<3} {same:>4}/{n:<3} "
+        f"{lost:>4} {r.prefill_s / n:>9.1f}"
+    )
 
 
 def fmt_kinds(rows: list[MethodRow], length: int) -> list[str]:
@@ -169,8 +184,7 @@ def fmt_kinds(rows: list[MethodRow], length: int) -> list[str]:
             right = sum(r.correct[i] for i in idx)
             same = sum(r.texts[i] == dense.texts[i] for i in idx)
             lost = sum(dense.correct[i] and not r.correct[i] for i in idx)
-            cells.append(f"{r.name.split('(')[0]} {right}/{len(idx)} right, {same} same, "
-                         f"{lost} lost")
+            cells.append(f"{r.name.split('(')[0]} {right}/{len(idx)} right, {same} same, {lost} lost")
         out.append(f"{length:>5} {kind:<8} " + "; ".join(cells))
     return out
 
@@ -189,20 +203,28 @@ def dump_json(path: str | None, rows: list[MethodRow], header: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8176")
-    ap.add_argument("--count", default="4096:5,8176:2",
-                    help="tasks per kind, per length (LENGTH:N,...; 1 for lengths not named)")
+    ap.add_argument(
+        "--count", default="4096:5,8176:2", help="tasks per kind, per length (LENGTH:N,...; 1 for lengths not named)"
+    )
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--layers", default="3,15,27", help="layers whose q/k/v are measured")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default="dense,flexprefill,static")
-    ap.add_argument("--gamma", type=float, default=None, help="FlexPrefill gamma (default: "
-                    "SparsePrefillConfig's)")
-    ap.add_argument("--min-budget", type=int, default=None,
-                    help="FlexPrefill min_budget in tokens (default: SparsePrefillConfig's)")
-    ap.add_argument("--accuracy", default="flexprefill,static",
-                    help="sparse methods whose task answers are computed (dense always is)")
-    ap.add_argument("--measure", choices=("all", "first"), default="all",
-                    help="prompts whose layers are measured: all, or the first of each kind")
+    ap.add_argument("--gamma", type=float, default=None, help="FlexPrefill gamma (default: SparsePrefillConfig's)")
+    ap.add_argument(
+        "--min-budget", type=int, default=None, help="FlexPrefill min_budget in tokens (default: SparsePrefillConfig's)"
+    )
+    ap.add_argument(
+        "--accuracy",
+        default="flexprefill,static",
+        help="sparse methods whose task answers are computed (dense always is)",
+    )
+    ap.add_argument(
+        "--measure",
+        choices=("all", "first"),
+        default="all",
+        help="prompts whose layers are measured: all, or the first of each kind",
+    )
     ap.add_argument("--json", default=None, help="write the rows here as they finish")
     ap.add_argument("--verbose", action="store_true", help="print every answer")
     args = ap.parse_args()
@@ -217,35 +239,57 @@ def main() -> None:
     counts = dict(tuple(map(int, c.split(":"))) for c in args.count.split(","))
     layers = [int(x) for x in args.layers.split(",")]
     methods = args.methods.split(",")
-    overrides = {k: v for k, v in (("gamma", args.gamma), ("min_budget", args.min_budget))
-                 if v is not None}
+    overrides = {k: v for k, v in (("gamma", args.gamma), ("min_budget", args.min_budget)) if v is not None}
     flex = SparsePrefillConfig(method="flexprefill", dense_below=1024, **overrides)
     which = "every task" if args.measure == "all" else "the first task of each kind"
-    print(f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s); flexprefill {flex}; layers {layers} measured on {which}; "
-          f"{args.max_tokens} greedy tokens", flush=True)
-    header = {"argv": sys.argv[1:], "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "flexprefill": repr(flex)}
+    print(
+        f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s); flexprefill {flex}; layers {layers} measured on {which}; "
+        f"{args.max_tokens} greedy tokens",
+        flush=True,
+    )
+    header = {
+        "argv": sys.argv[1:],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "flexprefill": repr(flex),
+    }
     rows: list[MethodRow] = []
     for length in [int(x) for x in args.lengths.split(",")]:
         count = counts.get(length, 1)
         tasks = make_tasks(loaded.tokenizer, length, kinds, count)
         kinds_of = [t.kind for t in tasks]
-        print(f"  {length}: {len(tasks)} tasks: " + ", ".join(
-            f"{k} x{kinds_of.count(k)} depths {sorted({t.depth for t in tasks if t.kind == k})}"
-            for k in dict.fromkeys(kinds_of)), flush=True)
-        measured_idx = (set(range(len(tasks))) if args.measure == "all"
-                        else {i for i in range(0, len(tasks), count)})
+        print(
+            f"  {length}: {len(tasks)} tasks: "
+            + ", ".join(
+                f"{k} x{kinds_of.count(k)} depths {sorted({t.depth for t in tasks if t.kind == k})}"
+                for k in dict.fromkeys(kinds_of)
+            ),
+            flush=True,
+        )
+        measured_idx = set(range(len(tasks))) if args.measure == "all" else {i for i in range(0, len(tasks), count)}
         capture = Capture(layers)
-        texts, pre, caps = run_engine(loaded, tasks, None, args.max_tokens, capture,
-                                      measured_idx)
+        texts, pre, caps = run_engine(loaded, tasks, None, args.max_tokens, capture, measured_idx)
         scale = capture.scale
-        dense = MethodRow("dense", length, [1.0], [1.0], [1.0], [0.0], texts,
-                          [score(t, x) for t, x in zip(tasks, texts)], pre, kinds_of)
+        dense = MethodRow(
+            "dense",
+            length,
+            [1.0],
+            [1.0],
+            [1.0],
+            [0.0],
+            texts,
+            [score(t, x) for t, x in zip(tasks, texts)],
+            pre,
+            kinds_of,
+        )
         rows.append(dense)
         dump_json(args.json, rows, header)
-        print(f"  {length}: dense done ({pre:.0f} s prefill), right "
-              f"{[t.kind for t, c in zip(tasks, dense.correct) if c]}", flush=True)
+        print(
+            f"  {length}: dense done ({pre:.0f} s prefill), right "
+            f"{[t.kind for t, c in zip(tasks, dense.correct) if c]}",
+            flush=True,
+        )
         measured = {}
 
         def measure(name, cfg):
@@ -254,14 +298,20 @@ def main() -> None:
             for cap in caps:
                 for layer in layers:
                     d, m, p, e = layer_metrics(*cap[layer], scale, cfg)
-                    row.density.append(d); row.mass_mean.append(m)       # noqa: E702
-                    row.mass_p10.append(p); row.rel_err.append(e)        # noqa: E702
+                    row.density.append(d)
+                    row.mass_mean.append(m)  # noqa: E702
+                    row.mass_p10.append(p)
+                    row.rel_err.append(e)  # noqa: E702
             measured[name] = (row, cfg)
-            print(f"  {length}: {name} measured on {len(caps)} prompt(s) x {len(layers)} "
-                  f"layers in {time.perf_counter() - t0:.0f} s: density "
-                  f"{statistics.mean(row.density):.3f}, mass {statistics.mean(row.mass_mean):.4f}"
-                  f", err {statistics.mean(row.rel_err):.4f}", flush=True)
+            print(
+                f"  {length}: {name} measured on {len(caps)} prompt(s) x {len(layers)} "
+                f"layers in {time.perf_counter() - t0:.0f} s: density "
+                f"{statistics.mean(row.density):.3f}, mass {statistics.mean(row.mass_mean):.4f}"
+                f", err {statistics.mean(row.rel_err):.4f}",
+                flush=True,
+            )
             return row
+
         if "flexprefill" in methods:
             measure("flexprefill", flex)
         if "static" in methods:
@@ -271,7 +321,7 @@ def main() -> None:
             measure(f"static(local={local})", static)
         for name, (row, cfg) in measured.items():
             if name.split("(")[0] not in args.accuracy.split(","):
-                rows.append(row)          # mass / error / density only
+                rows.append(row)  # mass / error / density only
                 dump_json(args.json, rows, header)
                 continue
             row.texts, row.prefill_s, _ = run_engine(loaded, tasks, cfg, args.max_tokens)
@@ -282,25 +332,33 @@ def main() -> None:
             print(f"  {length}: {name} done ({row.prefill_s:.0f} s prefill)", flush=True)
         if args.verbose:
             for i, t in enumerate(tasks):
-                print(f"    {t.kind:<8} {t.depth:.1f} want {t.answers}: " + " | ".join(
-                    f"{r.name}={r.texts[i]!r}" for r in rows if r.length == length and r.texts))
+                print(
+                    f"    {t.kind:<8} {t.depth:.1f} want {t.answers}: "
+                    + " | ".join(f"{r.name}={r.texts[i]!r}" for r in rows if r.length == length and r.texts)
+                )
 
     print()
-    print("density = fraction of causal (head, q block, k block) computed; mass = true softmax "
-          "mass inside the index (mean / 10th pct over heads); err = ||o - o_dense|| / "
-          "||o_dense|| of the layer's attention output; right = task answers correct; same = "
-          "greedy text identical to dense; lost = dense right, method wrong; prefill = s per "
-          "prompt (engine forward incl. index building)")
-    print(f"{'L':>5} {'method':<18} {'density':>7} {'mass mean':>9} {'mass p10':>8} "
-          f"{'err':>8} {'right':>8} {'same':>8} {'lost':>4} {'prefill s':>9}")
+    print(
+        "density = fraction of causal (head, q block, k block) computed; mass = true softmax "
+        "mass inside the index (mean / 10th pct over heads); err = ||o - o_dense|| / "
+        "||o_dense|| of the layer's attention output; right = task answers correct; same = "
+        "greedy text identical to dense; lost = dense right, method wrong; prefill = s per "
+        "prompt (engine forward incl. index building)"
+    )
+    print(
+        f"{'L':>5} {'method':<18} {'density':>7} {'mass mean':>9} {'mass p10':>8} "
+        f"{'err':>8} {'right':>8} {'same':>8} {'lost':>4} {'prefill s':>9}"
+    )
     for length in sorted({r.length for r in rows}):
         dense = next(r for r in rows if r.length == length and r.name == "dense")
         for r in rows:
             if r.length == length:
                 print(fmt_row(r, dense))
     print()
-    print("per task kind (right = correct answers; same = greedy text identical to dense; "
-          "lost = dense right, method wrong):")
+    print(
+        "per task kind (right = correct answers; same = greedy text identical to dense; "
+        "lost = dense right, method wrong):"
+    )
     for length in sorted({r.length for r in rows}):
         for line in fmt_kinds(rows, length):
             print(line)
@@ -310,8 +368,10 @@ def main() -> None:
         for r in mine:
             dr = next(d for d in rows if d.name == "dense" and d.length == r.length)
             lost = sum(d and not c for d, c in zip(dr.correct, r.correct))
-            print(f"{name} at {r.length}: lost {lost} of {len(r.correct)} answers vs dense "
-                  f"(dense right {sum(dr.correct)}; goal: lost <= {len(r.correct) / 20:.2f})")
+            print(
+                f"{name} at {r.length}: lost {lost} of {len(r.correct)} answers vs dense "
+                f"(dense right {sum(dr.correct)}; goal: lost <= {len(r.correct) / 20:.2f})"
+            )
 
 
 if __name__ == "__main__":

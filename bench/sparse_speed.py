@@ -43,7 +43,8 @@ class DensityProbe:
             out, stats = self.orig(*a, **kw)
             self.seen.append(stats.density)
             return out, stats
-        self.sp.sparse_prefill_attention = probe   # _attend_segment imports it per call
+
+        self.sp.sparse_prefill_attention = probe  # _attend_segment imports it per call
         return self
 
     def __exit__(self, *exc) -> None:
@@ -62,10 +63,14 @@ def ttft(engine, ids: list[int]) -> float:
 
 def gpu_status() -> str:
     if torch.cuda.is_available():
-        return (f"GPU: {torch.cuda.get_device_name()} present; run python "
-                f"bench/sparse_kernel_gpu.py for the Triton kernel vs SDPA (flash) table")
-    return ("GPU: no CUDA on this machine; the Triton kernel vs SDPA comparison "
-            "(bench/sparse_kernel_gpu.py) was not run here and needs a CUDA machine")
+        return (
+            f"GPU: {torch.cuda.get_device_name()} present; run python "
+            f"bench/sparse_kernel_gpu.py for the Triton kernel vs SDPA (flash) table"
+        )
+    return (
+        "GPU: no CUDA on this machine; the Triton kernel vs SDPA comparison "
+        "(bench/sparse_kernel_gpu.py) was not run here and needs a CUDA machine"
+    )
 
 
 def main() -> None:
@@ -73,8 +78,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,8176")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default="dense,flexprefill,static")
-    ap.add_argument("--gamma", type=float, default=None,
-                    help="FlexPrefill gamma (default: SparsePrefillConfig's)")
+    ap.add_argument("--gamma", type=float, default=None, help="FlexPrefill gamma (default: SparsePrefillConfig's)")
     args = ap.parse_args()
 
     from engine.config import EngineConfig
@@ -84,21 +88,28 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     loaded = LoadedModel.load(None)
     heads = loaded.model.config.num_attention_heads
-    flex = SparsePrefillConfig(method="flexprefill", dense_below=1024,
-                               **({"gamma": args.gamma} if args.gamma is not None else {}))
-    print(f"SmolLM2-135M-Instruct fp32 on CPU, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at start; "
-          f"flexprefill gamma={flex.gamma} tau={flex.tau} min_budget={flex.min_budget} "
-          f"block={flex.block_size}; median of {args.reps} interleaved runs after a warm-up",
-          flush=True)
+    flex = SparsePrefillConfig(
+        method="flexprefill", dense_below=1024, **({"gamma": args.gamma} if args.gamma is not None else {})
+    )
+    print(
+        f"SmolLM2-135M-Instruct fp32 on CPU, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at start; "
+        f"flexprefill gamma={flex.gamma} tau={flex.tau} min_budget={flex.min_budget} "
+        f"block={flex.block_size}; median of {args.reps} interleaved runs after a warm-up",
+        flush=True,
+    )
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         ids = list(make_tasks(loaded.tokenizer, length, ("needle",), 1)[0].prompt_ids)
 
         def engine_for(sparse):
-            return LLMEngine(EngineConfig(num_kv_blocks=length // 16 + 8,
-                                          max_num_batched_tokens=length, max_num_seqs=1,
-                                          sparse=sparse), loaded)
+            return LLMEngine(
+                EngineConfig(
+                    num_kv_blocks=length // 16 + 8, max_num_batched_tokens=length, max_num_seqs=1, sparse=sparse
+                ),
+                loaded,
+            )
+
         warm = list(make_tasks(loaded.tokenizer, 1024, ("needle",), 1)[0].prompt_ids)
         methods = args.methods.split(",")
         configs = {"dense": None, "flexprefill": flex}
@@ -106,7 +117,7 @@ def main() -> None:
         if "static" in methods and "flexprefill" not in engines:
             raise SystemExit("static is matched to flexprefill's density: run both")
         for engine in engines.values():
-            ttft(engine, warm)            # 1024 tokens: the sparse path runs too (dense_below)
+            ttft(engine, warm)  # 1024 tokens: the sparse path runs too (dense_below)
         times = {name: [] for name in engines}
         density = {"dense": 1.0}
         for rep in range(args.reps):
@@ -133,8 +144,7 @@ def main() -> None:
             assert engine.blocks.all_free()
 
     print()
-    print(f"{'L':>5} {'method':<16} {'density':>7} {'TTFT med s':>10} {'min s':>7} "
-          f"{'vs dense':>8}")
+    print(f"{'L':>5} {'method':<16} {'density':>7} {'TTFT med s':>10} {'min s':>7} {'vs dense':>8}")
     for length, name, dens, med, best, speedup in rows:
         print(f"{length:>5} {name:<16} {dens:>7.3f} {med:>10.2f} {best:>7.2f} {speedup:>8}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")

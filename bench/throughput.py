@@ -34,8 +34,16 @@ import time
 
 import torch
 
-from bench.common import (AZURE_CONV, length_summary, print_table, prompt_ids, sample_requests, set_threads,
-                          text_token_ids, timed)
+from bench.common import (
+    AZURE_CONV,
+    length_summary,
+    print_table,
+    prompt_ids,
+    sample_requests,
+    set_threads,
+    text_token_ids,
+    timed,
+)
 
 MAX_MODEL_LEN = 8192
 
@@ -48,13 +56,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace", default=str(AZURE_CONV))
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system")
     p.add_argument("--batch-size", type=int, default=8, help="hf padded batch size")
-    p.add_argument("--batch-order", choices=["prompt", "arrival"], default="prompt",
-                   help="hf batches formed from requests sorted by prompt length, or in arrival order")
+    p.add_argument(
+        "--batch-order",
+        choices=["prompt", "arrival"],
+        default="prompt",
+        help="hf batches formed from requests sorted by prompt length, or in arrival order",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--systems", default="engine,hf1,hf8", help="comma list of engine, hf1, hf8")
-    p.add_argument("--profile", choices=["none", "cprofile", "torch"], default="none",
-                   help="after the timed runs, run the engine again under a profiler and print the top entries")
+    p.add_argument(
+        "--profile",
+        choices=["none", "cprofile", "torch"],
+        default="none",
+        help="after the timed runs, run the engine again under a profiler and print the top entries",
+    )
     p.add_argument("--profile-top", type=int, default=30)
     return p.parse_args(argv)
 
@@ -65,9 +81,13 @@ def make_engine(loaded, args, prompts, outputs):
     from engine.llm_engine import LLMEngine
 
     need = sum(math.ceil((len(p) + o) / args.block_size) for p, o in zip(prompts, outputs))
-    config = EngineConfig(block_size=args.block_size, num_kv_blocks=need + 16,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_num_seqs=max(1, len(prompts)), max_model_len=MAX_MODEL_LEN)
+    config = EngineConfig(
+        block_size=args.block_size,
+        num_kv_blocks=need + 16,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=max(1, len(prompts)),
+        max_model_len=MAX_MODEL_LEN,
+    )
     return LLMEngine(config, loaded)
 
 
@@ -88,8 +108,11 @@ def split_forward_time(engine) -> dict[str, list[float]]:
         try:
             return forward(batch, *a, **kw)
         finally:
-            kind = "with prefill" if any(e.num_new_tokens > 1 or e.seq.num_computed_tokens == 0 for e in batch) \
+            kind = (
+                "with prefill"
+                if any(e.num_new_tokens > 1 or e.seq.num_computed_tokens == 0 for e in batch)
                 else "decode only"
+            )
             split[kind].append(time.process_time() - c0)
 
     engine.runner.forward = timed_forward
@@ -106,8 +129,13 @@ class HFRunner:
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
         from transformers import GenerationConfig
 
-        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               eos_token_id=[], pad_token_id=self.pad)
+        gen = GenerationConfig(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=[],
+            pad_token_id=self.pad,
+        )
         saved = self.model.config._attn_implementation
         self.model.config._attn_implementation = "sdpa"
         try:
@@ -118,7 +146,7 @@ class HFRunner:
 
     def one(self, prompt: list[int], new_tokens: int) -> list[int]:
         out = self._generate(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), new_tokens)
-        return out[0, len(prompt):].tolist()
+        return out[0, len(prompt) :].tolist()
 
     def batch(self, prompts: list[list[int]], outputs: list[int]) -> list[list[int]]:
         """Left-padded batch run to the longest output; row i keeps its first outputs[i] tokens."""
@@ -126,10 +154,10 @@ class HFRunner:
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         out = self._generate(ids, mask, max(outputs))
-        return [out[i, width:width + o].tolist() for i, o in enumerate(outputs)]
+        return [out[i, width : width + o].tolist() for i, o in enumerate(outputs)]
 
 
 def hf_batches(prompts, outputs, size: int, order: str) -> list[list[int]]:
@@ -137,7 +165,7 @@ def hf_batches(prompts, outputs, size: int, order: str) -> list[list[int]]:
     idx = list(range(len(prompts)))
     if order == "prompt":
         idx.sort(key=lambda i: len(prompts[i]))
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
 
 
 # --------------------------------------------------------------------------- profile
@@ -172,14 +200,19 @@ def main(argv=None) -> None:
     prompts = prompt_ids(text_token_ids(loaded.tokenizer), [r.prompt_len for r in reqs], args.seed)
     outputs = [r.output_len for r in reqs]
     total_out = sum(outputs)
-    print(f"trace {args.trace}: {len(reqs)} requests sampled with seed {args.seed}, arrival order; "
-          f"lengths x{args.scale} (rounded, >= 1), clipped to prompt + output <= {MAX_MODEL_LEN}")
+    print(
+        f"trace {args.trace}: {len(reqs)} requests sampled with seed {args.seed}, arrival order; "
+        f"lengths x{args.scale} (rounded, >= 1), clipped to prompt + output <= {MAX_MODEL_LEN}"
+    )
     print(f"  prompt tokens: {length_summary([len(p) for p in prompts])}")
     print(f"  output tokens: {length_summary(outputs)}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {loaded.model.dtype}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {loaded.model.dtype}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
-    results: dict[str, tuple[object, int]] = {}   # system -> (Timer, generated tokens incl. waste)
+    results: dict[str, tuple[object, int]] = {}  # system -> (Timer, generated tokens incl. waste)
     engine_out = hf1_out = None
     hf = HFRunner(loaded)
     warm = [prompts[0][:16]], [4]
@@ -192,8 +225,11 @@ def main(argv=None) -> None:
             engine_out = run_engine(engine, prompts, outputs)
         engine.runner.forward = engine.runner.__class__.forward.__get__(engine.runner)
         results["engine"] = (t, total_out)
-        print(f"engine: {t.seconds:.1f}s wall, {t.cpu_seconds:.1f}s CPU; forward CPU s: "
-              + ", ".join(f"{k} {sum(v):.1f} ({len(v)} steps)" for k, v in split.items()), flush=True)
+        print(
+            f"engine: {t.seconds:.1f}s wall, {t.cpu_seconds:.1f}s CPU; forward CPU s: "
+            + ", ".join(f"{k} {sum(v):.1f} ({len(v)} steps)" for k, v in split.items()),
+            flush=True,
+        )
     if "hf1" in systems:
         hf.one(*[w[0] for w in warm])
         with timed() as t:
@@ -209,21 +245,51 @@ def main(argv=None) -> None:
                 hf.batch([prompts[i] for i in g], [outputs[i] for i in g])
                 generated += len(g) * max(outputs[i] for i in g)
         results[f"hf x{args.batch_size}"] = (t, generated)
-        print(f"hf x{args.batch_size} ({args.batch_order} order): {t.seconds:.1f}s wall, {t.cpu_seconds:.1f}s CPU, "
-              f"{generated} tokens generated for {total_out} requested", flush=True)
+        print(
+            f"hf x{args.batch_size} ({args.batch_order} order): {t.seconds:.1f}s wall, {t.cpu_seconds:.1f}s CPU, "
+            f"{generated} tokens generated for {total_out} requested",
+            flush=True,
+        )
 
-    print(f"\n## output throughput ({len(prompts)} requests, {torch.get_num_threads()} torch thread(s), "
-          f"load average at end {os.getloadavg()[0]:.1f})\n")
+    print(
+        f"\n## output throughput ({len(prompts)} requests, {torch.get_num_threads()} torch thread(s), "
+        f"load average at end {os.getloadavg()[0]:.1f})\n"
+    )
     eng = results.get("engine", (None,))[0]
     rows = []
     for name, (t, generated) in results.items():
         wall, cpu = total_out / t.seconds, total_out / t.cpu_seconds
         ratio_wall = f"{(total_out / eng.seconds) / wall:.2f}x" if eng else "-"
         ratio_cpu = f"{(total_out / eng.cpu_seconds) / cpu:.2f}x" if eng else "-"
-        rows.append([name, str(len(prompts)), str(total_out), str(generated), f"{t.seconds:.1f}",
-                     f"{t.cpu_seconds:.1f}", f"{wall:.1f}", f"{cpu:.1f}", ratio_wall, ratio_cpu])
-    print_table(["system", "requests", "output tokens", "generated", "wall s", "CPU s", "tok/s (wall)",
-                 "tok/s (CPU)", "engine speedup (wall)", "engine speedup (CPU)"], rows)
+        rows.append(
+            [
+                name,
+                str(len(prompts)),
+                str(total_out),
+                str(generated),
+                f"{t.seconds:.1f}",
+                f"{t.cpu_seconds:.1f}",
+                f"{wall:.1f}",
+                f"{cpu:.1f}",
+                ratio_wall,
+                ratio_cpu,
+            ]
+        )
+    print_table(
+        [
+            "system",
+            "requests",
+            "output tokens",
+            "generated",
+            "wall s",
+            "CPU s",
+            "tok/s (wall)",
+            "tok/s (CPU)",
+            "engine speedup (wall)",
+            "engine speedup (CPU)",
+        ],
+        rows,
+    )
 
     if engine_out is not None and hf1_out is not None:
         same = sum(a == b for a, b in zip(engine_out, hf1_out))

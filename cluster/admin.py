@@ -28,37 +28,47 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TriptychAdmin"].full_name
-_ROLE_FROM_PB = {pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE, pb.ROLE_ENCODE: Role.ENCODE,
-                 pb.ROLE_COLOCATED: Role.COLOCATED}  # fmt: skip
+_ROLE_FROM_PB = {
+    pb.ROLE_PREFILL: Role.PREFILL,
+    pb.ROLE_DECODE: Role.DECODE,
+    pb.ROLE_ENCODE: Role.ENCODE,
+    pb.ROLE_COLOCATED: Role.COLOCATED,
+}
 
 
 class AdminService(pb_grpc.TriptychAdminServicer):
     def __init__(self, router: Router, gateway: Gateway, keys: KeyRing) -> None:
         self.router = router
-        self.gateway = gateway   # refusals are counted in its metrics
+        self.gateway = gateway  # refusals are counted in its metrics
         self.keys = keys
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         who = self.keys.admin(bearer(context))
         if who is None:
-            self.gateway.refuse(RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"),
-                                "admin")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown admin key "
-                                "(send 'authorization: Bearer <admin key>')")
+            self.gateway.refuse(
+                RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"), "admin"
+            )
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown admin key (send 'authorization: Bearer <admin key>')",
+            )
         log.info("admin call %s by %s", context.peer(), who)
 
     async def SetWorkerRole(self, request: pb.SetWorkerRoleRequest, context) -> pb.SetWorkerRoleResponse:
         await self._authorize(context)
         role = _ROLE_FROM_PB.get(request.role)
         if role is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_ENCODE, ROLE_PREFILL or ROLE_DECODE")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "role must be ROLE_ENCODE, ROLE_PREFILL or ROLE_DECODE"
+            )
         if not request.worker_id or len(request.worker_id) > 128:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must be 1 to 128 characters")
-        if not 0 <= request.drain_timeout_s <= 3600:   # NaN fails both comparisons
+        if not 0 <= request.drain_timeout_s <= 3600:  # NaN fails both comparisons
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in [0, 3600]")
         try:
-            record = await self.router.set_worker_role(request.worker_id, role, request.reason[:200] or "manual",
-                                                       request.drain_timeout_s or 60.0)
+            record = await self.router.set_worker_role(
+                request.worker_id, role, request.reason[:200] or "manual", request.drain_timeout_s or 60.0
+            )
         except RouterError as err:
             await context.abort(GRPC_CODES[err.kind], err.message)
         return pb.SetWorkerRoleResponse(switch=switch_to_pb(record))
@@ -68,11 +78,16 @@ class AdminService(pb_grpc.TriptychAdminServicer):
         return await answer_status(self.gateway, context)
 
 
-async def serve(router: Router, gateway: Gateway, keys: KeyRing, server: ServerConfig,
-                creds: grpc.ServerCredentials | None,
-                health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:  # fmt: skip
+async def serve(
+    router: Router,
+    gateway: Gateway,
+    keys: KeyRing,
+    server: ServerConfig,
+    creds: grpc.ServerCredentials | None,
+    health_servicer: health.aio.HealthServicer,
+) -> tuple[grpc.aio.Server, int]:
     """Start the admin gRPC server; (server, bound port)."""
-    admin = grpc.aio.server(options=grpc_options(server, supports_images=False))   # admin calls are small
+    admin = grpc.aio.server(options=grpc_options(server, supports_images=False))  # admin calls are small
     pb_grpc.add_TriptychAdminServicer_to_server(AdminService(router, gateway, keys), admin)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

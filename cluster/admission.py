@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from cluster.dispatch import Flight
+from cluster.flight import Flight
 from cluster.pools import Pools
 from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, ModelInfo, Prepared, RouterError
 from engine import multimodal
@@ -30,9 +30,20 @@ log = logging.getLogger(__name__)
 
 
 class Admission:
-    def __init__(self, *, mode: Mode, tokenizer, model_info: ModelInfo, kv_capacity_tokens: int, pools: Pools,
-                 flights: dict[str, Flight], max_inflight: int, image_token_id: int | None = None,
-                 tokens_per_image: int = 0, max_image_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mode: Mode,
+        tokenizer,
+        model_info: ModelInfo,
+        kv_capacity_tokens: int,
+        pools: Pools,
+        flights: dict[str, Flight],
+        max_inflight: int,
+        image_token_id: int | None = None,
+        tokens_per_image: int = 0,
+        max_image_pixels: int | None = None,
+    ) -> None:
         self.mode = mode
         self.tokenizer = tokenizer
         self.info = model_info
@@ -42,7 +53,7 @@ class Admission:
         self.max_inflight = max_inflight
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
-        self.max_image_pixels = max_image_pixels   # images larger than this are refused before decoding
+        self.max_image_pixels = max_image_pixels  # images larger than this are refused before decoding
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ prepare (any thread)
@@ -55,8 +66,9 @@ class Admission:
         """The request's images in prompt order, each decoded once so bad bytes fail here."""
         images = tuple(request.images) + tuple(b for m in request.messages or () for b in m.images)
         if images and not self.info.supports_images:
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"model {self.info.name} does not accept images",
-                              "images_not_supported")
+            raise RouterError(
+                ErrorKind.INVALID_ARGUMENT, f"model {self.info.name} does not accept images", "images_not_supported"
+            )
         if request.images and request.messages is not None:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, "with messages, images go in the messages, not the request")
         for i, data in enumerate(images):
@@ -70,8 +82,10 @@ class Admission:
         """Chat messages for the template; a message's images become image tokens before its text
         ("<image>\n..." as LLaVA's chat format has them)."""
         token = self.tokenizer.decode([self.image_token_id]) if self.image_token_id is not None else ""
-        return [{"role": m.role, "content": (token * len(m.images) + "\n" if m.images else "") + m.content}
-                for m in messages]
+        return [
+            {"role": m.role, "content": (token * len(m.images) + "\n" if m.images else "") + m.content}
+            for m in messages
+        ]
 
     def _prompt_ids(self, request: GenerateInput, images: tuple[bytes, ...] = ()) -> list[int]:
         """Token ids as the workers see them: with images, each image token expanded."""
@@ -92,7 +106,7 @@ class Admission:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc), "prompt_too_long") from None
         except EngineError as exc:
             raise RouterError(ErrorKind.INVALID_ARGUMENT, str(exc), "bad_prompt") from None
-        except Exception:          # the tokenizer or chat template choked on this input
+        except Exception:  # the tokenizer or chat template choked on this input
             log.exception("tokenizing request %s failed", request.request_id)
             raise RouterError(ErrorKind.INVALID_ARGUMENT, "the prompt could not be tokenized", "bad_prompt") from None
         return ids
@@ -102,7 +116,9 @@ class Admission:
         return self.validator.tokenize(self._chat(messages))
 
     def count_tokens(self, messages) -> int:
-        return len(self.apply_chat_template(messages)) + sum(len(m.images) for m in messages) * (self.tokens_per_image - 1)
+        return len(self.apply_chat_template(messages)) + sum(len(m.images) for m in messages) * (
+            self.tokens_per_image - 1
+        )
 
     def estimate_tokens(self, message: ChatMessage) -> int:
         text = len(self.tokenizer(message.content).input_ids) if message.content else 0
@@ -113,12 +129,17 @@ class Admission:
         """Register the request's Flight, or refuse it. The caller must end the flight (dispatch
         unregisters it when the request ends, whichever way)."""
         if len(self.flights) >= self.max_inflight:
-            raise RouterError(ErrorKind.RESOURCE_EXHAUSTED,
-                              f"the server has {len(self.flights)} requests in flight (limit {self.max_inflight}); "
-                              f"retry later", "server_busy")
+            raise RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"the server has {len(self.flights)} requests in flight (limit {self.max_inflight}); retry later",
+                "server_busy",
+            )
         if request.request_id in self.flights:
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"request id {request.request_id!r} is already in flight",
-                              "duplicate_request_id")
+            raise RouterError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"request id {request.request_id!r} is already in flight",
+                "duplicate_request_id",
+            )
         live = any(w.serving for w in self.pools.decode)
         if self.mode is Mode.DISAGGREGATED:
             live = live and any(w.serving for w in self.pools.prefill)

@@ -130,7 +130,7 @@ def _match(keys: list[tuple[bytes, Principal]], authorization: str | None) -> Pr
     scheme, _, token = (authorization or "").strip().partition(" ")
     digest = _digest(token.strip() if scheme.lower() == "bearer" else "")
     found = None
-    for key_digest, principal in keys:       # every key is compared: the time says nothing
+    for key_digest, principal in keys:  # every key is compared: the time says nothing
         if hmac.compare_digest(digest, key_digest):
             found = principal
     return found

@@ -21,10 +21,26 @@ from typing import Any
 import yaml
 
 from cluster.config_reader import ConfigError, Section, StrictLoader, apply_overrides
-from cluster.config_schema import (SCHEMA_VERSION, AuthConfig, ConnectionsConfig, DeployConfig, DType, EngineSettings,
-                                   LimitsConfig, ModelConfig, PoolConfig, PoolsConfig, RayConfig, RoleSwitchingConfig,
-                                   ServerConfig, SessionsConfig, SloConfig, TlsConfig, TransportBackend,
-                                   TransportConfig)
+from cluster.config_schema import (
+    SCHEMA_VERSION,
+    AuthConfig,
+    ConnectionsConfig,
+    DeployConfig,
+    DType,
+    EngineSettings,
+    LimitsConfig,
+    ModelConfig,
+    PoolConfig,
+    PoolsConfig,
+    RayConfig,
+    RoleSwitchingConfig,
+    ServerConfig,
+    SessionsConfig,
+    SloConfig,
+    TlsConfig,
+    TransportBackend,
+    TransportConfig,
+)
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import transport_info
@@ -88,7 +104,9 @@ def _model(s: Section) -> ModelConfig:
 
 def _ray(s: Section) -> RayConfig:
     d = RayConfig()
-    out = RayConfig(address=s.str("address", d.address, nullable=True), num_cpus=s.int("num_cpus", d.num_cpus, lo=1, nullable=True))
+    out = RayConfig(
+        address=s.str("address", d.address, nullable=True), num_cpus=s.int("num_cpus", d.num_cpus, lo=1, nullable=True)
+    )
     s.done()
     return out
 
@@ -148,7 +166,9 @@ def _pools(s: Section) -> PoolsConfig:
 
 def _transport(s: Section) -> TransportConfig:
     d = TransportConfig()
-    out = TransportConfig(backend=s.enum("backend", TransportBackend, d.backend), streaming=s.bool("streaming", d.streaming))
+    out = TransportConfig(
+        backend=s.enum("backend", TransportBackend, d.backend), streaming=s.bool("streaming", d.streaming)
+    )
     s.done()
     return out
 
@@ -187,8 +207,12 @@ def _server(s: Section) -> ServerConfig:
 
 def _limits(s: Section) -> LimitsConfig:
     d = LimitsConfig()
-    out = LimitsConfig(**{f.name: s.int(f.name, getattr(d, f.name), lo=1, nullable=f.name == "max_tokens")
-                          for f in fields(LimitsConfig)})
+    out = LimitsConfig(
+        **{
+            f.name: s.int(f.name, getattr(d, f.name), lo=1, nullable=f.name == "max_tokens")
+            for f in fields(LimitsConfig)
+        }
+    )
     s.done()
     return out
 
@@ -211,18 +235,32 @@ def _tls(s: Section) -> TlsConfig:
 
 def _sessions(s: Section) -> SessionsConfig:
     d = SessionsConfig()
-    out = SessionsConfig(**{f.name: (s.float(f.name, d.ttl_s, lo=0.0, lo_open=True) if f.name == "ttl_s"
-                                     else s.int(f.name, getattr(d, f.name), lo=1)) for f in fields(SessionsConfig)})
+    out = SessionsConfig(
+        **{
+            f.name: (
+                s.float(f.name, d.ttl_s, lo=0.0, lo_open=True)
+                if f.name == "ttl_s"
+                else s.int(f.name, getattr(d, f.name), lo=1)
+            )
+            for f in fields(SessionsConfig)
+        }
+    )
     s.done()
     return out
 
 
 def _connections(s: Section) -> ConnectionsConfig:
     d = ConnectionsConfig()
-    out = ConnectionsConfig(**{
-        f.name: (s.int(f.name, getattr(d, f.name), lo=1) if f.type == "int"
-                 else s.float(f.name, getattr(d, f.name), lo=0.0, lo_open=True))
-        for f in fields(ConnectionsConfig)})  # fmt: skip
+    out = ConnectionsConfig(
+        **{
+            f.name: (
+                s.int(f.name, getattr(d, f.name), lo=1)
+                if f.type == "int"
+                else s.float(f.name, getattr(d, f.name), lo=0.0, lo_open=True)
+            )
+            for f in fields(ConnectionsConfig)
+        }
+    )
     s.done()
     return out
 
@@ -250,19 +288,32 @@ def _check_cross_fields(cfg: DeployConfig, root: Section) -> None:
     needed = (Role.PREFILL, Role.DECODE) if cfg.mode is Mode.DISAGGREGATED else (Role.COLOCATED,)
     for role in needed:
         if cfg.pools.get(role).workers < 1:
-            root.fail(f"pools.{role.value}.workers", f"{cfg.mode.value} mode needs at least 1 {role.value} worker, got 0")
+            root.fail(
+                f"pools.{role.value}.workers", f"{cfg.mode.value} mode needs at least 1 {role.value} worker, got 0"
+            )
     if cfg.role_switching.enabled and cfg.mode is not Mode.DISAGGREGATED:
-        root.fail("role_switching.enabled", "role switching moves workers between prefill and decode; "
-                  "it needs mode: disaggregated")
+        root.fail(
+            "role_switching.enabled",
+            "role switching moves workers between prefill and decode; it needs mode: disaggregated",
+        )
     if cfg.role_switching.encode_prefill and (cfg.mode is not Mode.DISAGGREGATED or cfg.pools.encode.workers < 1):
-        root.fail("role_switching.encode_prefill", "switching between encode and prefill needs mode: disaggregated "
-                  "and an encode pool (pools.encode.workers >= 1)")
+        root.fail(
+            "role_switching.encode_prefill",
+            "switching between encode and prefill needs mode: disaggregated "
+            "and an encode pool (pools.encode.workers >= 1)",
+        )
     srv = cfg.server
-    if srv.admin_port is not None and not is_loopback(srv.admin_host) and not (
-            srv.auth.admin_keys_file or srv.auth.admin_keys_env):  # fmt: skip
-        root.fail("server.admin_host", f"the admin service moves workers between pools; binding it to "
-                  f"{srv.admin_host!r} (not loopback) needs an admin key (server.auth.admin_keys_file or "
-                  f"admin_keys_env)")
+    if (
+        srv.admin_port is not None
+        and not is_loopback(srv.admin_host)
+        and not (srv.auth.admin_keys_file or srv.auth.admin_keys_env)
+    ):
+        root.fail(
+            "server.admin_host",
+            f"the admin service moves workers between pools; binding it to "
+            f"{srv.admin_host!r} (not loopback) needs an admin key (server.auth.admin_keys_file or "
+            f"admin_keys_env)",
+        )
     if srv.admin_port is not None and srv.admin_port != 0 and srv.admin_port in (srv.grpc_port, srv.http_port):
         root.fail("server.admin_port", f"{srv.admin_port} is also a serving port; the admin service needs its own")
     _check_transport(cfg, root)
@@ -273,12 +324,17 @@ def _check_transport(cfg: DeployConfig, root: Section) -> None:
     info = transport_info(cfg.transport.backend.value)
     pools = cfg.transport_pools()
     if pools and info.same_node_only and cfg.may_span_nodes():
-        root.fail("transport.backend", f"{info.name!r} works only within one node, but "
-                  f"ray.address {cfg.ray.address!r} joins a Ray cluster whose nodes may each host a pool; "
-                  f"use gloo (CPU) or nccl (GPUs) across nodes, or a local Ray (ray.address: null)")
+        root.fail(
+            "transport.backend",
+            f"{info.name!r} works only within one node, but "
+            f"ray.address {cfg.ray.address!r} joins a Ray cluster whose nodes may each host a pool; "
+            f"use gloo (CPU) or nccl (GPUs) across nodes, or a local Ray (ray.address: null)",
+        )
     for pool in pools if info.needs_cuda else ():
         if pool.num_gpus <= 0:
-            root.fail("transport.backend", f"{info.name!r} moves KV between GPUs, but pools.{pool.role.value}.num_gpus is 0")
+            root.fail(
+                "transport.backend", f"{info.name!r} moves KV between GPUs, but pools.{pool.role.value}.num_gpus is 0"
+            )
 
 
 def is_loopback(host: str) -> bool:
@@ -294,8 +350,30 @@ def is_loopback(host: str) -> bool:
 
 
 __all__ = [
-    "AuthConfig", "ConfigError", "ConnectionsConfig", "DType", "DeployConfig", "EngineSettings", "LimitsConfig",
-    "Mode", "ModelConfig", "PoolConfig", "PoolsConfig", "RayConfig", "Role", "RoleSwitchingConfig", "SCHEMA_VERSION",
-    "ServerConfig", "SessionsConfig", "SloConfig", "SparseMethod", "SparsePrefillConfig", "TlsConfig",
-    "TransportBackend", "TransportConfig", "is_loopback", "load_config", "parse_config",
-]  # fmt: skip
+    "AuthConfig",
+    "ConfigError",
+    "ConnectionsConfig",
+    "DType",
+    "DeployConfig",
+    "EngineSettings",
+    "LimitsConfig",
+    "Mode",
+    "ModelConfig",
+    "PoolConfig",
+    "PoolsConfig",
+    "RayConfig",
+    "Role",
+    "RoleSwitchingConfig",
+    "SCHEMA_VERSION",
+    "ServerConfig",
+    "SessionsConfig",
+    "SloConfig",
+    "SparseMethod",
+    "SparsePrefillConfig",
+    "TlsConfig",
+    "TransportBackend",
+    "TransportConfig",
+    "is_loopback",
+    "load_config",
+    "parse_config",
+]

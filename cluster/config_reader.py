@@ -66,8 +66,16 @@ class Section:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.fail(str(key), f"unknown key{hint}; allowed keys: {', '.join(self._known)}")
 
-    def int(self, key: str, default: Any = None, *, required: bool = False, lo: int | None = None,
-            hi: int | None = None, nullable: bool = False) -> Any:  # fmt: skip
+    def int(
+        self,
+        key: str,
+        default: Any = None,
+        *,
+        required: bool = False,
+        lo: int | None = None,
+        hi: int | None = None,
+        nullable: bool = False,
+    ) -> Any:
         present, v = self._get(key, required)
         if not present or (v is None and nullable):
             return default if not present else None
@@ -76,8 +84,9 @@ class Section:
         self._range(key, v, lo, hi, what="an integer")
         return v
 
-    def float(self, key: str, default: float, *, lo: float | None = None, hi: float | None = None,
-              lo_open: bool = False) -> float:  # fmt: skip
+    def float(
+        self, key: str, default: float, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    ) -> float:
         present, v = self._get(key)
         if not present:
             return default
@@ -86,8 +95,9 @@ class Section:
         self._range(key, v, lo, hi, lo_open, what="a number")
         return float(v)
 
-    def _range(self, key: str, v: float, lo: float | None, hi: float | None, lo_open: bool = False,
-               what: str = "a value") -> None:  # fmt: skip
+    def _range(
+        self, key: str, v: float, lo: float | None, hi: float | None, lo_open: bool = False, what: str = "a value"
+    ) -> None:
         bounds = [f"> {lo}" if lo_open else f">= {lo}"] if lo is not None else []
         bounds += [f"<= {hi}"] if hi is not None else []
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):

@@ -235,7 +235,11 @@ class DeployConfig:
 
     def active_pools(self) -> tuple[PoolConfig, ...]:
         """The pools this mode runs, with at least one worker, in request-path order."""
-        roles = (Role.ENCODE, Role.PREFILL, Role.DECODE) if self.mode is Mode.DISAGGREGATED else (Role.ENCODE, Role.COLOCATED)
+        roles = (
+            (Role.ENCODE, Role.PREFILL, Role.DECODE)
+            if self.mode is Mode.DISAGGREGATED
+            else (Role.ENCODE, Role.COLOCATED)
+        )
         return tuple(p for p in (self.pools.get(r) for r in roles) if p.workers > 0)
 
     def transport_pools(self) -> tuple[PoolConfig, ...]:

@@ -53,16 +53,23 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
 
     sparse = None if pool.sparse.method is SparseMethod.DENSE else pool.sparse
     e = config.engine
-    return EngineConfig(model=config.model.path, dtype=config.model.dtype.value, block_size=e.block_size,
-                        num_kv_blocks=e.num_kv_blocks, max_num_batched_tokens=e.max_num_batched_tokens,
-                        max_num_seqs=e.max_num_seqs, max_model_len=config.model.max_model_len, sparse=sparse)
+    return EngineConfig(
+        model=config.model.path,
+        dtype=config.model.dtype.value,
+        block_size=e.block_size,
+        num_kv_blocks=e.num_kv_blocks,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_num_seqs=e.max_num_seqs,
+        max_model_len=config.model.max_model_len,
+        sparse=sparse,
+    )
 
 
 def _ray_resources(config: DeployConfig) -> dict[str, float]:
     """Custom resources a local Ray must offer so every pool's workers can be placed."""
     total: dict[str, float] = {}
     for pool in _pools(config):
-        if pool.workers == 0:            # e.g. no encode pool: offer nothing for it
+        if pool.workers == 0:  # e.g. no encode pool: offer nothing for it
             continue
         for name, amount in pool.resources.items():
             total[name] = total.get(name, 0.0) + amount * pool.workers
@@ -75,12 +82,23 @@ def _pools(config: DeployConfig) -> list[PoolConfig]:
 
 
 def _actor_options(pool: PoolConfig, name: str) -> dict:
-    return dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources),
-                max_concurrency=1000, name=name, max_restarts=0)
+    return dict(
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        resources=dict(pool.resources),
+        max_concurrency=1000,
+        name=name,
+        max_restarts=0,
+    )
 
 
-async def start_router(config: DeployConfig, *, ray_address: str | None = None,
-                       progress: Callable[[str], None] = _progress, namespace: str | None = None) -> ClusterRouter:
+async def start_router(
+    config: DeployConfig,
+    *,
+    ray_address: str | None = None,
+    progress: Callable[[str], None] = _progress,
+    namespace: str | None = None,
+) -> ClusterRouter:
     """Start everything `config` asks for and return the serving router (steps in the module doc).
     A failure part-way stops what was started."""
     model = await _load_model(config)
@@ -96,7 +114,7 @@ async def start_router(config: DeployConfig, *, ray_address: str | None = None,
             from kv_transfer.layout import check_compatible
 
             check = functools.partial(check_compatible, layouts[started.pools.decode[0].worker_id])
-        router.supervisor = Supervisor(router, spawn, _kill, check_layout=check)   # status and tests read it
+        router.supervisor = Supervisor(router, spawn, _kill, check_layout=check)  # status and tests read it
         router.supervisor.start()
         started.stoppable.append(router.supervisor)
         router.policy = _role_policy(config, router, progress)
@@ -128,14 +146,18 @@ async def _load_model(config: DeployConfig) -> LoadedCheckpoint:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     llava = multimodal.load_llava_config(directory) if multimodal.is_llava_dir(directory) else None
     if config.role_switching.encode_prefill and llava is None:
-        raise ConfigError(config.source, "role_switching.encode_prefill",
-                          f"model {source.name} has no vision tower: only a vision-language (LLaVA) model has "
-                          f"an encode role to switch to")
+        raise ConfigError(
+            config.source,
+            "role_switching.encode_prefill",
+            f"model {source.name} has no vision tower: only a vision-language (LLaVA) model has "
+            f"an encode role to switch to",
+        )
     return LoadedCheckpoint(source, directory, tokenizer, llava)
 
 
-def _start_ray(config: DeployConfig, ray_address: str | None, namespace: str | None,
-               progress: Callable[[str], None]) -> bool:
+def _start_ray(
+    config: DeployConfig, ray_address: str | None, namespace: str | None, progress: Callable[[str], None]
+) -> bool:
     """Join the configured Ray cluster, or start a local one; True when this process started it."""
     import ray
 
@@ -147,22 +169,32 @@ def _start_ray(config: DeployConfig, ray_address: str | None, namespace: str | N
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
     progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
-    ray.init(address="local", num_cpus=config.ray.num_cpus, resources=_ray_resources(config),
-             include_dashboard=False, namespace=namespace, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=config.ray.num_cpus,
+        resources=_ray_resources(config),
+        include_dashboard=False,
+        namespace=namespace,
+        log_to_driver=False,
+    )
     return True
 
 
 def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava) -> Pools:
     """One handle per worker of the active pools, each actor created (not yet ready). The encode
     pool runs only for a vision-language model."""
+
     def pool(role: Role, workers: int) -> list[WorkerHandle]:
         return [WorkerHandle(f"{role.value}-{i}", role, spawn(role, f"{role.value}-{i}", 0)) for i in range(workers)]
 
     p = config.pools
     if config.mode is Mode.COLOCATED:
         return Pools([], [], pool(Role.COLOCATED, p.colocated.workers))
-    return Pools(pool(Role.ENCODE, p.encode.workers) if llava is not None else [],
-                 pool(Role.PREFILL, p.prefill.workers), pool(Role.DECODE, p.decode.workers))
+    return Pools(
+        pool(Role.ENCODE, p.encode.workers) if llava is not None else [],
+        pool(Role.PREFILL, p.prefill.workers),
+        pool(Role.DECODE, p.decode.workers),
+    )
 
 
 @dataclasses.dataclass
@@ -173,7 +205,7 @@ class Started:
 
     ray_started: bool
     pools: Pools = dataclasses.field(default_factory=lambda: Pools([], [], []))
-    stoppable: list = dataclasses.field(default_factory=list)   # objects with `async stop()`
+    stoppable: list = dataclasses.field(default_factory=list)  # objects with `async stop()`
 
     async def stop(self) -> None:
         import ray
@@ -181,8 +213,9 @@ class Started:
         for s in self.stoppable:
             await s.stop()
         workers = self.pools.all()
-        await asyncio.gather(*(asyncio.wait_for(h.actor.stop.remote(), 10) for h in workers if h.alive),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(asyncio.wait_for(h.actor.stop.remote(), 10) for h in workers if h.alive), return_exceptions=True
+        )
         for h in workers:
             _kill(h.actor)
         if self.ray_started:
@@ -193,8 +226,10 @@ async def _await_ready(pools: Pools, progress: Callable[[str], None]) -> dict[st
     """Wait for every worker to be ready (bounded); the KV layout of each prefill / decode worker,
     checked compatible with the first decode worker's."""
     handles = pools.prefill + pools.decode + pools.encode
-    progress(f"starting {len(pools.encode)} encode, {len(pools.prefill)} prefill and {len(pools.decode)} "
-             f"{'colocated' if not pools.prefill else 'decode'} worker(s) ...")
+    progress(
+        f"starting {len(pools.encode)} encode, {len(pools.prefill)} prefill and {len(pools.decode)} "
+        f"{'colocated' if not pools.prefill else 'decode'} worker(s) ..."
+    )
     t0 = time.monotonic()
     ready = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), READY_TIMEOUT_S)
     layouts = {}
@@ -216,19 +251,32 @@ def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Starte
 
     mc, tokenizer, llava = config.model, model.tokenizer, model.llava
     eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
-    info = ModelInfo(name=model.source.name, max_model_len=mc.max_model_len, vocab_size=len(tokenizer),
-                     eos_token_ids=eos, dtype=mc.dtype.value, supports_images=llava is not None)
+    info = ModelInfo(
+        name=model.source.name,
+        max_model_len=mc.max_model_len,
+        vocab_size=len(tokenizer),
+        eos_token_ids=eos,
+        dtype=mc.dtype.value,
+        supports_images=llava is not None,
+    )
     pools = started.pools
     return ClusterRouter(
-        mode=config.mode, tokenizer=tokenizer, model_info=info,
+        mode=config.mode,
+        tokenizer=tokenizer,
+        model_info=info,
         kv_capacity_tokens=config.engine.num_kv_blocks * config.engine.block_size,
-        prefill=pools.prefill, decode=pools.decode, encode=pools.encode,
+        prefill=pools.prefill,
+        decode=pools.decode,
+        encode=pools.encode,
         image_token_id=llava.image_token_id if llava is not None else None,
         tokens_per_image=multimodal.num_image_tokens(llava) if llava is not None else 0,
         max_inflight=2 * config.server.max_queued_requests,
-        default_timeout_s=config.server.request_timeout_s, on_shutdown=started.stop,
+        default_timeout_s=config.server.request_timeout_s,
+        on_shutdown=started.stop,
         reprefill_on_decode_failure=config.server.reprefill_on_decode_failure,
-        max_image_pixels=config.server.limits.max_image_pixels, seqs_per_worker=config.engine.max_num_seqs)
+        max_image_pixels=config.server.limits.max_image_pixels,
+        seqs_per_worker=config.engine.max_num_seqs,
+    )
 
 
 def _role_policy(config: DeployConfig, router: ClusterRouter, progress: Callable[[str], None]):
@@ -238,15 +286,30 @@ def _role_policy(config: DeployConfig, router: ClusterRouter, progress: Callable
         return None
     from cluster.role_policy import RolePolicy, RolePolicyOptions
 
-    policy = RolePolicy(router, RolePolicyOptions(
-        ttft_slo_s=config.slo.ttft_ms / 1000, tpot_slo_s=config.slo.tpot_ms / 1000, target=config.slo.attainment,
-        interval_s=rs.interval_s, sustain=rs.sustain, cooldown_s=rs.cooldown_s, window_s=rs.window_s,
-        min_samples=rs.min_samples, queue_high=rs.queue_high, kv_high=rs.kv_high,
-        drain_timeout_s=rs.drain_timeout_s, encode_prefill=rs.encode_prefill,
-        encode_queue_high=rs.encode_queue_high))
+    policy = RolePolicy(
+        router,
+        RolePolicyOptions(
+            ttft_slo_s=config.slo.ttft_ms / 1000,
+            tpot_slo_s=config.slo.tpot_ms / 1000,
+            target=config.slo.attainment,
+            interval_s=rs.interval_s,
+            sustain=rs.sustain,
+            cooldown_s=rs.cooldown_s,
+            window_s=rs.window_s,
+            min_samples=rs.min_samples,
+            queue_high=rs.queue_high,
+            kv_high=rs.kv_high,
+            drain_timeout_s=rs.drain_timeout_s,
+            encode_prefill=rs.encode_prefill,
+            encode_queue_high=rs.encode_queue_high,
+        ),
+    )
     policy.start()
-    progress("role switching on: workers move between prefill and decode"
-             + (" and between encode and prefill" if rs.encode_prefill else "") + " as the load shifts")
+    progress(
+        "role switching on: workers move between prefill and decode"
+        + (" and between encode and prefill" if rs.encode_prefill else "")
+        + " as the load shifts"
+    )
     return policy
 
 
@@ -275,9 +338,12 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
     if config.mode is Mode.COLOCATED:
         opts = {Role.COLOCATED: ColocatedOptions(engine_config(config, p.colocated))}
     else:
-        opts = {Role.PREFILL: PrefillOptions(engine_config(config, p.prefill), backend=backend,
-                                             streaming=config.transport.streaming),
-                Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend)}
+        opts = {
+            Role.PREFILL: PrefillOptions(
+                engine_config(config, p.prefill), backend=backend, streaming=config.transport.streaming
+            ),
+            Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend),
+        }
     # With encode_prefill, encode- and prefill-pool workers hold the vision tower and the language
     # model, so each can take the other's role; decode-pool workers keep only the language model.
     both = config.role_switching.encode_prefill and config.mode is Mode.DISAGGREGATED
@@ -290,7 +356,7 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
             opts[role] = dataclasses.replace(opts[role], image_encoder_dir=model_path)
 
     pools = {Role.COLOCATED: p.colocated, Role.PREFILL: p.prefill, Role.DECODE: p.decode, Role.ENCODE: p.encode}
-    home: dict[str, Role] = {}           # worker id -> the pool it was started in
+    home: dict[str, Role] = {}  # worker id -> the pool it was started in
 
     def spawn(role: Role, worker_id: str, epoch: int):
         # A worker keeps its home pool's Ray resources and threads for life, whatever role it has
@@ -304,7 +370,10 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
             worker_opts = {Role.ENCODE: encode_opts}
         else:
             worker_opts = vl_opts if home[worker_id] in (Role.ENCODE, Role.PREFILL) else opts
-        return ray.remote(WorkerActor).options(**_actor_options(pool, name)).remote(
-            worker_id, model_path, worker_opts, threads, role, epoch)
+        return (
+            ray.remote(WorkerActor)
+            .options(**_actor_options(pool, name))
+            .remote(worker_id, model_path, worker_opts, threads, role, epoch)
+        )
 
     return spawn

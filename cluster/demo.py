@@ -49,10 +49,15 @@ class RequestRow:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="deploy YAML (default: the embedded default, i.e. deploy/local.yaml)")  # fmt: skip
-    parser.add_argument("--address", default=None, metavar="RAY_ADDRESS",
-                        help="join this Ray cluster instead of starting a local one")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="deploy YAML (default: the embedded default, i.e. deploy/local.yaml)",
+    )
+    parser.add_argument(
+        "--address", default=None, metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting a local one"
+    )
 
 
 def demo_config(config_path: str | None) -> DeployConfig:
@@ -75,8 +80,11 @@ async def run_demo(config_path: str | None = None, out: Out = print, *, address:
     router, running = await start_serving(config, address, progress=out)
     try:
         out(describe(config, router, running), flush=True)
-        out(f"[2/4] a {len(TURNS)}-turn conversation over gRPC (session {SESSION_ID!r}, greedy, "
-            f"max_tokens={MAX_TOKENS}) ...", flush=True)  # fmt: skip
+        out(
+            f"[2/4] a {len(TURNS)}-turn conversation over gRPC (session {SESSION_ID!r}, greedy, "
+            f"max_tokens={MAX_TOKENS}) ...",
+            flush=True,
+        )
         rows = await asyncio.to_thread(_conversation, running.grpc_target, out)
         out("[3/4] one request over the OpenAI-compatible HTTP API ...", flush=True)
         rows.append(await _http_request(running.http_url, router.model_info().name, out))
@@ -97,15 +105,23 @@ def _conversation(target: str, out: Out) -> list[RequestRow]:
         for i, text in enumerate(TURNS, 1):
             out(f"\nuser> {text}", flush=True)
             out("assistant> ", end="", flush=True)
-            stream = client.chat([{"role": "user", "content": text}], session_id=SESSION_ID,
-                                 max_tokens=MAX_TOKENS, temperature=0.0)  # fmt: skip
+            stream = client.chat(
+                [{"role": "user", "content": text}], session_id=SESSION_ID, max_tokens=MAX_TOKENS, temperature=0.0
+            )
             with stream:
                 for chunk in stream:
                     out(chunk.text, end="", flush=True)
             final = stream.final
             out("" if final.finish_reason != "error" else f"  [failed: {final.error}]", flush=True)
-            rows.append(_row(f"gRPC turn {i}", final.finish_reason.value, final.usage.prompt_tokens,
-                             final.usage.completion_tokens, asdict(final.timings)))  # fmt: skip
+            rows.append(
+                _row(
+                    f"gRPC turn {i}",
+                    final.finish_reason.value,
+                    final.usage.prompt_tokens,
+                    final.usage.completion_tokens,
+                    asdict(final.timings),
+                )
+            )
     out("", flush=True)
     return rows
 
@@ -113,8 +129,12 @@ def _conversation(target: str, out: Out) -> list[RequestRow]:
 async def _http_request(base_url: str, model: str, out: Out) -> RequestRow:
     import aiohttp
 
-    body = {"model": model, "messages": [{"role": "user", "content": HTTP_PROMPT}],
-            "max_tokens": MAX_TOKENS, "temperature": 0.0}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": HTTP_PROMPT}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+    }
     out(f"POST {base_url}/v1/chat/completions  user> {HTTP_PROMPT}", flush=True)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         async with session.post(f"{base_url}/v1/chat/completions", json=body) as resp:
@@ -124,8 +144,13 @@ async def _http_request(base_url: str, model: str, out: Out) -> RequestRow:
     choice = reply["choices"][0]
     out(f"assistant> {choice['message']['content']}\n", flush=True)
     usage = reply["usage"]
-    return _row("HTTP chat", choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"],
-                reply.get("timings", {}))  # fmt: skip
+    return _row(
+        "HTTP chat",
+        choice["finish_reason"],
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        reply.get("timings", {}),
+    )
 
 
 def _row(name: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, t: dict) -> RequestRow:
@@ -138,7 +163,9 @@ def format_table(rows: list[RequestRow]) -> str:
     lines = [head]
     for r in rows:
         ms = (r.ttft_s, r.tpot_s, r.prefill_s, r.transfer_s, r.decode_s, r.e2e_s)
-        lines.append((r.name, r.finish_reason, f"{r.prompt_tokens}/{r.completion_tokens}", *(f"{v * 1e3:.1f}" for v in ms)))
+        lines.append(
+            (r.name, r.finish_reason, f"{r.prompt_tokens}/{r.completion_tokens}", *(f"{v * 1e3:.1f}" for v in ms))
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))  # noqa: E731
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])

@@ -1,12 +1,13 @@
 """Dispatch: one admitted request's way through the workers, from its Flight to its FinalEvent.
 
-A Flight's state (FlightState) moves forward only:
+A Flight's state (FlightState, cluster/flight.py) moves forward along one path:
 
     ADMITTED ─▶ WAITING_SLOT ─▶ RESERVING ─▶ [ENCODING] ─▶ PREFILLING ─▶ ACTIVATING ─▶ DECODING ─▶ ENDED
                 (fair decode    (KV blocks on     (encode     (token 1, K/V     (decode worker
                  slot)          a decode worker)   pool)      streamed)         takes it over)
     colocated:  ADMITTED ─▶ WAITING_SLOT ─▶ SUBMITTING ─▶ DECODING ─▶ ENDED
     a decode worker dies with re-prefill on: DECODING ─▶ RESUMING ─▶ RESERVING ... (cluster/resume.py)
+    a prefill worker dies or switches role mid-call: PREFILLING ─▶ RESERVING (again, elsewhere)
 
 Every wait is bounded by the request's deadline (never past the server's request_timeout_s) and
 ends early on abort. A prefill worker that dies or switches role mid-call: the reservation is
@@ -19,13 +20,12 @@ that the consumer read to its end.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from cluster.fair_share import FairShare
+from cluster.flight import Aborted, DecodeDied, Flight, FlightState, timings
 from cluster.pools import Lease, Pools, WorkerHandle, is_actor_death, is_stale
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError, Timings, TokenEvent
 from encode_workers.parallel import encode_parallel, plan_shards
@@ -39,85 +39,19 @@ RESERVE_RETRY_S = 0.02
 CANCEL_TIMEOUT_S = 10.0
 
 
-class FlightState(enum.Enum):
-    ADMITTED = "admitted"
-    WAITING_SLOT = "waiting_slot"
-    RESERVING = "reserving"
-    ENCODING = "encoding"
-    PREFILLING = "prefilling"
-    ACTIVATING = "activating"
-    SUBMITTING = "submitting"
-    DECODING = "decoding"
-    RESUMING = "resuming"
-    ENDED = "ended"
-
-
-@dataclass(eq=False)
-class Flight:
-    """One request in flight. `events` carries StepOutputs, or an Exception that ends it."""
-
-    request_id: str
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    images: tuple[bytes, ...] = ()   # in prompt order: top-level images, or the messages' in turn
-    resume: tuple[int, int] | None = None   # re-prefilled: (output tokens in the prompt, chars sent)
-    aborted: asyncio.Event = field(default_factory=asyncio.Event)   # abort() before its first token too
-    state: FlightState = FlightState.ADMITTED
-    resumes: int = 0                 # times it was prefilled again after its decode worker died
-    decode_lease: Lease | None = None   # the decode (or colocated) worker holding its KV, from reservation to end
-    prefill_lease: Lease | None = None  # the prefill worker, for the prefill call only
-
-    @property
-    def decode(self) -> WorkerHandle | None:
-        return self.decode_lease.worker if self.decode_lease else None
-
-    @property
-    def prefill(self) -> WorkerHandle | None:
-        return self.prefill_lease.worker if self.prefill_lease else None
-
-    def drop_decode(self) -> None:
-        if self.decode_lease is not None:
-            self.decode_lease.release()
-            self.decode_lease = None
-
-    def drop_prefill(self) -> None:
-        if self.prefill_lease is not None:
-            self.prefill_lease.release()
-            self.prefill_lease = None
-
-    def end(self) -> None:
-        self.drop_prefill()
-        self.drop_decode()
-        self.state = FlightState.ENDED
-
-
-class DecodeDied(RouterError):
-    """The worker decoding the request died (before or after its first token)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorKind.UNAVAILABLE, message)
-
-
-class Aborted(RouterError):
-    def __init__(self) -> None:
-        super().__init__(ErrorKind.NOT_FOUND, "aborted")
-
-
-def timings(t0: float, end: float, first_at: float | None, last_at: float | None, n: int,
-            phases: dict[str, float]) -> Timings:
-    """The one place TTFT, TPOT and the phase times of a request are computed (0 where a phase
-    did not happen; no first token: TTFT, TPOT and decode time are 0)."""
-    decode_s = (last_at - first_at) if first_at else 0.0
-    return Timings(queue_s=phases.get("queue_s", 0.0), encode_s=phases.get("encode_s", 0.0),
-                   prefill_s=phases.get("prefill_s", 0.0), transfer_s=phases.get("transfer_s", 0.0),
-                   decode_s=decode_s, ttft_s=(first_at - t0) if first_at else 0.0,
-                   tpot_s=decode_s / (n - 1) if first_at and n > 1 else 0.0, e2e_s=end - t0)
-
-
 class Dispatcher:
-    def __init__(self, *, mode: Mode, pools: Pools, flights: dict[str, Flight], slots: FairShare,
-                 slots_on: Callable[[], bool],
-                 default_timeout_s: float, worker_died: Callable[[WorkerHandle, BaseException], None],
-                 on_end: Callable[[Timings, int, bool], None]) -> None:
+    def __init__(
+        self,
+        *,
+        mode: Mode,
+        pools: Pools,
+        flights: dict[str, Flight],
+        slots: FairShare,
+        slots_on: Callable[[], bool],
+        default_timeout_s: float,
+        worker_died: Callable[[WorkerHandle, BaseException], None],
+        on_end: Callable[[Timings, int, bool], None],
+    ) -> None:
         """slots: the fair decode slots, taken while slots_on() (the deployment shares them out). worker_died: the router's handler
         of a worker death seen by a call. on_end(timings, completion tokens, completed): every
         request that ended by itself (the role policy's SLO window)."""
@@ -129,7 +63,7 @@ class Dispatcher:
         self.default_timeout_s = default_timeout_s
         self.worker_died = worker_died
         self.on_end = on_end
-        self.resume = None           # cluster/resume.py's Resume, set by the router
+        self.resume = None  # cluster/resume.py's Resume, set by the router
 
     # ------------------------------------------------------------------ the stream
     async def stream(self, request: GenerateInput, flight: Flight, ids: list[int]):
@@ -148,8 +82,10 @@ class Dispatcher:
                 flight.state = FlightState.WAITING_SLOT
                 slot = await self.unless_aborted(flight, self.slots.acquire(request.tenant, deadline - t0))
                 if not slot:
-                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
-                                      "request deadline exceeded waiting for a decode slot (the cluster is full)")
+                    raise RouterError(
+                        ErrorKind.DEADLINE_EXCEEDED,
+                        "request deadline exceeded waiting for a decode slot (the cluster is full)",
+                    )
                 phases["queue_s"] = time.monotonic() - t0
             try:
                 out = await self.unless_aborted(flight, self.start(request, flight, ids, deadline, phases))
@@ -158,13 +94,14 @@ class Dispatcher:
             flight.state = FlightState.DECODING
             while True:
                 if isinstance(out, DecodeDied):
-                    out = await resume.after_death(request, flight, ids, tokens, len("".join(text)), deadline,
-                                                   phases, out)
+                    out = await resume.after_death(
+                        request, flight, ids, tokens, len("".join(text)), deadline, phases, out
+                    )
                     flight.state = FlightState.DECODING
                 if isinstance(out, BaseException):
                     raise out
                 if out is not None:
-                    if out.finish_reason is FinishReason.ERROR:   # the worker failed this request alone
+                    if out.finish_reason is FinishReason.ERROR:  # the worker failed this request alone
                         raise RouterError(ErrorKind.INTERNAL, out.error or "the worker failed this request")
                     now = time.monotonic()
                     first_at = first_at or now
@@ -177,8 +114,10 @@ class Dispatcher:
                         break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
-                                      f"request deadline of {deadline - t0:.1f}s exceeded after {len(tokens)} tokens")
+                    raise RouterError(
+                        ErrorKind.DEADLINE_EXCEEDED,
+                        f"request deadline of {deadline - t0:.1f}s exceeded after {len(tokens)} tokens",
+                    )
                 try:
                     out = await asyncio.wait_for(flight.events.get(), remaining)
                 except asyncio.TimeoutError:
@@ -261,11 +200,19 @@ class Dispatcher:
         flight.state = FlightState.SUBMITTING
         flight.decode_lease = Lease(worker)
         try:
-            await self.bounded(worker.actor.submit.remote(flight.request_id, ids, request.sampling, epoch=worker.epoch,
-                                                          **({"images": flight.images} if flight.images else {}),
-                                                          **({"resume": flight.resume} if flight.resume else {}),
-                                                          **({"tenant": request.tenant} if request.tenant else {})),
-                               deadline, "submit")
+            await self.bounded(
+                worker.actor.submit.remote(
+                    flight.request_id,
+                    ids,
+                    request.sampling,
+                    epoch=worker.epoch,
+                    **({"images": flight.images} if flight.images else {}),
+                    **({"resume": flight.resume} if flight.resume else {}),
+                    **({"tenant": request.tenant} if request.tenant else {}),
+                ),
+                deadline,
+                "submit",
+            )
         except RouterError:
             raise
         except Exception as exc:
@@ -287,7 +234,9 @@ class Dispatcher:
                     lease_s = max(1.0, deadline - time.monotonic())
                     desc = await self.bounded(
                         worker.actor.reserve.remote(flight.request_id, len(ids), lease_s, epoch=worker.epoch),
-                        deadline, "KV reservation")
+                        deadline,
+                        "KV reservation",
+                    )
                 except BaseException as exc:
                     lease.release()
                     if isinstance(exc, (asyncio.CancelledError, RouterError)) and worker.alive:
@@ -327,10 +276,19 @@ class Dispatcher:
                 with_pool = bool(flight.images and self.pools.encode)
                 shards = await self._encode(flight, prefill, deadline, phases) if with_pool else ()
                 flight.state = FlightState.PREFILLING
-                task = PrefillTask(flight.request_id, tuple(ids), request.sampling, desc, image_shards=shards,
-                                   images=() if self.pools.encode else flight.images,
-                                   sampled_before=flight.resume[0] if flight.resume else 0, tenant=request.tenant)
-                result = await self.bounded(prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill")
+                task = PrefillTask(
+                    flight.request_id,
+                    tuple(ids),
+                    request.sampling,
+                    desc,
+                    image_shards=shards,
+                    images=() if self.pools.encode else flight.images,
+                    sampled_before=flight.resume[0] if flight.resume else 0,
+                    tenant=request.tenant,
+                )
+                result = await self.bounded(
+                    prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill"
+                )
             except (RouterError, asyncio.CancelledError):
                 # Out of time, aborted or failed: take it out of the worker's queue if still there
                 # (its calls run in order, so this lands after the prefill call).
@@ -366,9 +324,17 @@ class Dispatcher:
     async def _activate(self, request, flight, decode: WorkerHandle, ids, first_token: int, deadline) -> StepOutput:
         try:
             return await self.bounded(
-                decode.actor.activate.remote(flight.request_id, ids, first_token, request.sampling, epoch=decode.epoch,
-                                             **({"resume": flight.resume} if flight.resume else {})),
-                deadline, "decode activation")
+                decode.actor.activate.remote(
+                    flight.request_id,
+                    ids,
+                    first_token,
+                    request.sampling,
+                    epoch=decode.epoch,
+                    **({"resume": flight.resume} if flight.resume else {}),
+                ),
+                deadline,
+                "decode activation",
+            )
         except RouterError:
             raise
         except Exception as exc:
@@ -378,11 +344,11 @@ class Dispatcher:
             if is_stale(exc):
                 raise RouterError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} changed role") from None
             log.error("decode activation of %s on %s failed: %r", flight.request_id, decode.worker_id, exc)
-            raise RouterError(ErrorKind.INTERNAL, "the decode worker could not start this request",
-                              "activation_failed") from None
+            raise RouterError(
+                ErrorKind.INTERNAL, "the decode worker could not start this request", "activation_failed"
+            ) from None
 
-    async def _encode(self, flight: Flight, prefill: WorkerHandle, deadline: float, phases
-                      ) -> tuple[EncodeShard, ...]:
+    async def _encode(self, flight: Flight, prefill: WorkerHandle, deadline: float, phases) -> tuple[EncodeShard, ...]:
         """Have the encode workers send the request's image features to `prefill`; its shards.
 
         Only a dead *prefill* worker propagates as an actor death (the caller retries prefill
@@ -394,13 +360,17 @@ class Dispatcher:
         images = list(flight.images)
         plan = plan_shards(flight.request_id, images, len(workers))
         shards = [s for _, s in plan]
-        descs = await self.bounded(prefill.actor.prepare_images.remote(shards, epoch=prefill.epoch), deadline,
-                                   "image receive setup")
+        descs = await self.bounded(
+            prefill.actor.prepare_images.remote(shards, epoch=prefill.epoch), deadline, "image receive setup"
+        )
         t = time.monotonic()
-        leases = [Lease(workers[w]) for w, _ in plan]   # the policy's encode queue; a draining worker waits for 0
+        leases = [Lease(workers[w]) for w, _ in plan]  # the policy's encode queue; a draining worker waits for 0
         try:
-            await self.bounded(encode_parallel([w.actor for w in workers], plan, images, descs,
-                                               epochs=[w.epoch for w in workers]), deadline, "image encoding")
+            await self.bounded(
+                encode_parallel([w.actor for w in workers], plan, images, descs, epochs=[w.epoch for w in workers]),
+                deadline,
+                "image encoding",
+            )
         except BaseException as exc:
             try:
                 await asyncio.wait_for(prefill.actor.release_images.remote(shards), CANCEL_TIMEOUT_S)
@@ -411,10 +381,13 @@ class Dispatcher:
             if is_actor_death(exc):
                 await self._reap_encode([workers[w] for w, _ in plan])
                 log.error("an encode worker died encoding %s: %r", flight.request_id, exc)
-                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker died while encoding this request's images",
-                                  "worker_died") from None
-            if is_stale(exc):               # switched role between the pick and the call
-                raise RouterError(ErrorKind.UNAVAILABLE, "an encode worker changed role; retry", "worker_switched") from None
+                raise RouterError(
+                    ErrorKind.UNAVAILABLE, "an encode worker died while encoding this request's images", "worker_died"
+                ) from None
+            if is_stale(exc):  # switched role between the pick and the call
+                raise RouterError(
+                    ErrorKind.UNAVAILABLE, "an encode worker changed role; retry", "worker_switched"
+                ) from None
             log.error("image encoding of %s failed: %r", flight.request_id, exc)
             raise RouterError(ErrorKind.INTERNAL, "image encoding failed", "encode_failed") from None
         finally:
@@ -425,8 +398,9 @@ class Dispatcher:
 
     async def _reap_encode(self, workers: list[WorkerHandle]) -> None:
         """Mark dead the encode workers that Ray says are dead (an encode call failed with a death)."""
-        pings = await asyncio.gather(*(asyncio.wait_for(w.actor.ready.remote(), 5.0) for w in workers),
-                                     return_exceptions=True)
+        pings = await asyncio.gather(
+            *(asyncio.wait_for(w.actor.ready.remote(), 5.0) for w in workers), return_exceptions=True
+        )
         for w, ping in zip(workers, pings):
             if isinstance(ping, BaseException) and is_actor_death(ping):
                 w.alive = False

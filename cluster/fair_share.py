@@ -29,7 +29,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-TICK_S = 0.5    # waiters re-check at least this often (capacity and shares change)
+TICK_S = 0.5  # waiters re-check at least this often (capacity and shares change)
 ACTIVE_S = 5.0  # a tenant stays active this long after its last request ended
 
 
@@ -40,7 +40,7 @@ class FairShare:
         self.held: Counter[str] = Counter()
         self._waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
         self._order = itertools.count()
-        self._last_end: dict[str, float] = {}    # tenant -> when its last slot was released
+        self._last_end: dict[str, float] = {}  # tenant -> when its last slot was released
 
     def share(self) -> int:
         """Slots one active tenant may hold now."""
@@ -65,7 +65,7 @@ class FairShare:
         if capacity <= 0:
             self.held[tenant] += 1
             return True
-        self.held[tenant] += 0          # active from now on (a Counter entry, not a slot)
+        self.held[tenant] += 0  # active from now on (a Counter entry, not a slot)
         if not self._waiting and self.in_use < capacity and self.held[tenant] < self.share():
             self.held[tenant] += 1
             return True
@@ -80,7 +80,7 @@ class FairShare:
                 if left <= 0:
                     break
                 await asyncio.wait({fut}, timeout=min(TICK_S, left))
-        except BaseException:                  # cancelled: give back a slot granted meanwhile
+        except BaseException:  # cancelled: give back a slot granted meanwhile
             if fut.done() and not fut.cancelled():
                 self.release(tenant)
             else:
@@ -88,7 +88,7 @@ class FairShare:
                 self._forget(tenant, fut)
                 self._idle(tenant)
             raise
-        if not fut.done():                     # timed out
+        if not fut.done():  # timed out
             fut.cancel()
             self._forget(tenant, fut)
             self._idle(tenant)

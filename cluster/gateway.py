@@ -83,8 +83,11 @@ class RunningGateway:
         await self._health.enter_graceful_shutdown()
         runner, self._http_runner = self._http_runner, None
         # The doors drain at once, so stopping takes at most about grace_s.
-        await asyncio.gather(self._grpc_server.stop(grace_s), runner.cleanup() if runner else asyncio.sleep(0),
-                             self._admin_server.stop(grace_s) if self._admin_server else asyncio.sleep(0))
+        await asyncio.gather(
+            self._grpc_server.stop(grace_s),
+            runner.cleanup() if runner else asyncio.sleep(0),
+            self._admin_server.stop(grace_s) if self._admin_server else asyncio.sleep(0),
+        )
         self.gateway.close()
 
 
@@ -103,7 +106,7 @@ def grpc_options(server: ServerConfig, supports_images: bool = True) -> list[tup
         ("grpc.max_connection_age_grace_ms", ms(server.request_timeout_s)),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(c.grpc_min_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.keepalive_time_ms", 60_000),      # the server pings idle connections to find dead peers
+        ("grpc.keepalive_time_ms", 60_000),  # the server pings idle connections to find dead peers
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
 
@@ -124,7 +127,9 @@ def grpc_credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
     ca = _read(tls.client_ca_file, "server.tls.client_ca_file") if tls.client_ca_file else None
     return grpc.ssl_server_credentials(
         [(_read(tls.key_file, "server.tls.key_file"), _read(tls.cert_file, "server.tls.cert_file"))],
-        root_certificates=ca, require_client_auth=ca is not None)
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def bind_grpc(grpc_server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
@@ -152,14 +157,20 @@ def keep_large_allocations_returnable() -> bool:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))   # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
 
-async def start(router: Router, server: ServerConfig, *, sessions: SessionStore | None = None,
-                metrics: Metrics | None = None, keys: KeyRing | None = None,
-                http_grace_s: float = 5.0) -> RunningGateway:  # fmt: skip
+async def start(
+    router: Router,
+    server: ServerConfig,
+    *,
+    sessions: SessionStore | None = None,
+    metrics: Metrics | None = None,
+    keys: KeyRing | None = None,
+    http_grace_s: float = 5.0,
+) -> RunningGateway:
     """Bind gRPC on server.grpc_port, HTTP on http_port (unless None) and the admin service on
     admin_host:admin_port (unless None); 0: a free port. Returns once all accept connections.
     `keys`: the API keys (default: loaded from server.auth). `http_grace_s`: how long stop() lets
@@ -167,14 +178,21 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
     from cluster import admin
 
     keys = keys if keys is not None else KeyRing.load(server.auth)
-    gateway = Gateway(router, sessions=sessions if sessions is not None else SessionStore(server.sessions),
-                      metrics=metrics, keys=keys, limits=server.limits, max_queued_requests=server.max_queued_requests)
+    gateway = Gateway(
+        router,
+        sessions=sessions if sessions is not None else SessionStore(server.sessions),
+        metrics=metrics,
+        keys=keys,
+        limits=server.limits,
+        max_queued_requests=server.max_queued_requests,
+    )
     creds = grpc_credentials(server)
     supports_images = router.model_info().supports_images
     # Calls beyond this are refused by gRPC before their messages are buffered: with the message
     # cap, this bounds the memory that callers (authenticated or not yet) can make the server hold.
-    grpc_server = grpc.aio.server(options=grpc_options(server, supports_images),
-                                  maximum_concurrent_rpcs=2 * server.max_queued_requests + 64)
+    grpc_server = grpc.aio.server(
+        options=grpc_options(server, supports_images), maximum_concurrent_rpcs=2 * server.max_queued_requests + 64
+    )
     gateway.add_to_server(grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -182,21 +200,32 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
     reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), grpc_server)
     grpc_port = bind_grpc(grpc_server, f"{server.host}:{server.grpc_port}", creds)
     await grpc_server.start()
-    running = RunningGateway(gateway, server.host, grpc_port, None, grpc_server, health_servicer,
-                             admin_host=server.admin_host, tls=server.tls.enabled)
+    running = RunningGateway(
+        gateway,
+        server.host,
+        grpc_port,
+        None,
+        grpc_server,
+        health_servicer,
+        admin_host=server.admin_host,
+        tls=server.tls.enabled,
+    )
     try:
         if server.admin_port is not None:
             running._admin_server, running.admin_port = await admin.serve(
-                router, gateway, keys, server, creds, health_servicer)
+                router, gateway, keys, server, creds, health_servicer
+            )
         if server.http_port is not None:
             from cluster import http_api  # aiohttp only when the HTTP door is on
 
             try:
                 running._http_runner, running.http_port = await http_api.serve(
-                    gateway, server, shutdown_timeout_s=http_grace_s)
+                    gateway, server, shutdown_timeout_s=http_grace_s
+                )
             except OSError as err:
-                raise BindError(f"cannot bind HTTP to {server.host}:{server.http_port}: "
-                                f"{err.strerror or err}") from None
+                raise BindError(
+                    f"cannot bind HTTP to {server.host}:{server.http_port}: {err.strerror or err}"
+                ) from None
     except BaseException:
         await grpc_server.stop(None)
         if running._admin_server is not None:
@@ -210,6 +239,12 @@ async def start(router: Router, server: ServerConfig, *, sessions: SessionStore 
 
 
 __all__ = [
-    "BindError", "Gateway", "RunningGateway", "bind_grpc", "grpc_credentials", "grpc_options",
-    "keep_large_allocations_returnable", "start",
-]  # fmt: skip
+    "BindError",
+    "Gateway",
+    "RunningGateway",
+    "bind_grpc",
+    "grpc_credentials",
+    "grpc_options",
+    "keep_large_allocations_returnable",
+    "start",
+]

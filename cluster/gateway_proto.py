@@ -39,8 +39,12 @@ _FINISH_PB = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
-ROLE_PB = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE,
-           Role.COLOCATED: pb.ROLE_COLOCATED}  # fmt: skip
+ROLE_PB = {
+    Role.ENCODE: pb.ROLE_ENCODE,
+    Role.PREFILL: pb.ROLE_PREFILL,
+    Role.DECODE: pb.ROLE_DECODE,
+    Role.COLOCATED: pb.ROLE_COLOCATED,
+}
 _MODE_PB = {"colocated": pb.MODE_COLOCATED, "disaggregated": pb.MODE_DISAGGREGATED}
 
 
@@ -81,8 +85,9 @@ def parse_request(raw: bytes, limits: LimitsConfig, supports_images: bool = True
         parts = sum(len(_MessageShape.FromString(m).content) for m in messages)
     except DecodeError:
         raise invalid("the request is not a valid GenerateRequest message") from None
-    caps.check_count("content parts", parts, caps.max_content_parts(limits), "4 x max_messages + max_images",
-                     "too_many_parts")
+    caps.check_count(
+        "content parts", parts, caps.max_content_parts(limits), "4 x max_messages + max_images", "too_many_parts"
+    )
     caps.check_count("images", len(shape.images), limits.max_images, "max_images", "too_many_images")
     try:
         return pb.GenerateRequest.FromString(raw)
@@ -94,8 +99,13 @@ def invalid(message: str, reason: str = "bad_request") -> RouterError:
     return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason)
 
 
-def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int, deadline_s: float | None,
-                  limits: LimitsConfig = LimitsConfig()) -> GenerateInput:  # fmt: skip
+def input_from_pb(
+    req: pb.GenerateRequest,
+    request_id: str,
+    max_model_len: int,
+    deadline_s: float | None,
+    limits: LimitsConfig = LimitsConfig(),
+) -> GenerateInput:
     kind = req.WhichOneof("input")
     if kind is None:
         raise invalid("no input: set one of prompt, chat, token_ids")
@@ -107,9 +117,13 @@ def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int, 
         max_tokens=s.max_tokens,
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), ignore_eos=s.ignore_eos, max_model_len=max_model_len, limits=limits,
-    )  # fmt: skip
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        max_model_len=max_model_len,
+        limits=limits,
+    )
     caps.check_count("images", len(req.images), limits.max_images, "max_images", "too_many_images")
     for i, image in enumerate(req.images):
         if not image.data:
@@ -121,7 +135,7 @@ def input_from_pb(req: pb.GenerateRequest, request_id: str, max_model_len: int, 
     if kind == "token_ids":
         if not req.token_ids.ids:
             raise invalid("token_ids is empty")
-        caps.check_prompt_tokens(len(req.token_ids.ids), max_model_len)   # before a million become a tuple
+        caps.check_prompt_tokens(len(req.token_ids.ids), max_model_len)  # before a million become a tuple
         return GenerateInput(token_ids=tuple(req.token_ids.ids), images=images, **common)
     if images:
         raise invalid("chat input carries its images inside its messages; GenerateRequest.images must be empty")
@@ -156,9 +170,16 @@ def final_to_pb(request_id: str, final: FinalEvent) -> pb.GenerateResponse:
         final=pb.FinalChunk(
             finish_reason=_FINISH_PB[final.finish_reason],
             usage=pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
-            timings=pb.Timings(queue_s=t.queue_s, encode_s=t.encode_s, prefill_s=t.prefill_s,
-                               transfer_s=t.transfer_s, decode_s=t.decode_s, ttft_s=t.ttft_s,
-                               tpot_s=t.tpot_s, e2e_s=t.e2e_s),  # fmt: skip
+            timings=pb.Timings(
+                queue_s=t.queue_s,
+                encode_s=t.encode_s,
+                prefill_s=t.prefill_s,
+                transfer_s=t.transfer_s,
+                decode_s=t.decode_s,
+                ttft_s=t.ttft_s,
+                tpot_s=t.tpot_s,
+                e2e_s=t.e2e_s,
+            ),
             error=(final.error or "unknown error") if final.finish_reason is FinishReason.ERROR else "",
         ),
     )
@@ -169,20 +190,45 @@ def status_to_pb(status) -> pb.GetClusterStatusResponse:
     for role in Role:
         workers = [w for w in status.workers if w.role is role]
         if workers:
-            pools.append(pb.PoolStatus(role=ROLE_PB[role], workers=[
-                pb.WorkerStatus(worker_id=w.worker_id, role=ROLE_PB[w.role], node_id=w.node_id, alive=w.alive,
-                                queue_length=w.queue_length, running=w.running, kv_blocks_used=w.kv_blocks_used,
-                                kv_blocks_total=w.kv_blocks_total, epoch=w.epoch)
-                for w in workers]))  # fmt: skip
-    return pb.GetClusterStatusResponse(mode=_MODE_PB.get(status.mode, pb.MODE_UNSPECIFIED), pools=pools,
-                                       role_switches=[switch_to_pb(s) for s in status.role_switches],
-                                       role_switch_count=max(status.switch_count, len(status.role_switches)),
-                                       restarts=[pb.WorkerRestarts(worker_id=w, restarts=n) for w, n in status.restarts])
+            pools.append(
+                pb.PoolStatus(
+                    role=ROLE_PB[role],
+                    workers=[
+                        pb.WorkerStatus(
+                            worker_id=w.worker_id,
+                            role=ROLE_PB[w.role],
+                            node_id=w.node_id,
+                            alive=w.alive,
+                            queue_length=w.queue_length,
+                            running=w.running,
+                            kv_blocks_used=w.kv_blocks_used,
+                            kv_blocks_total=w.kv_blocks_total,
+                            epoch=w.epoch,
+                        )
+                        for w in workers
+                    ],
+                )
+            )
+    return pb.GetClusterStatusResponse(
+        mode=_MODE_PB.get(status.mode, pb.MODE_UNSPECIFIED),
+        pools=pools,
+        role_switches=[switch_to_pb(s) for s in status.role_switches],
+        role_switch_count=max(status.switch_count, len(status.role_switches)),
+        restarts=[pb.WorkerRestarts(worker_id=w, restarts=n) for w, n in status.restarts],
+    )
 
 
 def switch_to_pb(s) -> pb.RoleSwitch:
-    return pb.RoleSwitch(worker_id=s.worker_id, from_role=ROLE_PB[s.from_role], to_role=ROLE_PB[s.to_role],
-                         at_unix_s=s.at_unix_s, reason=s.reason, epoch=s.epoch, drain_s=s.drain_s, switch_s=s.switch_s)
+    return pb.RoleSwitch(
+        worker_id=s.worker_id,
+        from_role=ROLE_PB[s.from_role],
+        to_role=ROLE_PB[s.to_role],
+        at_unix_s=s.at_unix_s,
+        reason=s.reason,
+        epoch=s.epoch,
+        drain_s=s.drain_s,
+        switch_s=s.switch_s,
+    )
 
 
 def event_to_pb(rid: str, event: TokenEvent | FinalEvent, index: int) -> pb.GenerateResponse:

@@ -19,23 +19,21 @@ client's request id is its own name for it, unique among that principal's reques
 the router sees a fresh internal id, so ids never collide across clients, `Abort` finds only the
 caller's own requests (another's and an unknown id answer the same), and sessions are the
 principal's (cluster/sessions.py). Each principal has at most `max_requests_per_client` requests
-in flight and at most ADMISSIONS_PER_CLIENT being prepared at once, so one client cannot fill the
+in flight and a bounded number being prepared at once (cluster/client_share.py), so one client cannot fill the
 queue or the admission threads for the others.
 
 The event loop only moves bytes: tokenizing, chat templates, history trimming and image
-decoding run on ADMISSION_THREADS threads, after the caps of cluster/limits.py.
+decoding run on admission threads, after the caps of cluster/limits.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import grpc
@@ -43,11 +41,29 @@ import grpc.aio
 
 from cluster import limits as caps
 from cluster.auth import ANONYMOUS, KeyRing, Principal
+from cluster.client_share import ClientShares
 from cluster.config import LimitsConfig
-from cluster.gateway_proto import (GRPC_CODES, SERVICE_NAME, event_to_pb, input_from_pb, invalid, parse_request,
-                                   status_to_pb)
+from cluster.gateway_proto import (
+    GRPC_CODES,
+    SERVICE_NAME,
+    event_to_pb,
+    input_from_pb,
+    invalid,
+    parse_request,
+    status_to_pb,
+)
 from cluster.metrics import Metrics
-from cluster.router_api import ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, Prepared, Router, RouterError, TokenEvent
+from cluster.router_api import (
+    ChatMessage,
+    ClusterStatus,
+    ErrorKind,
+    FinalEvent,
+    GenerateInput,
+    Prepared,
+    Router,
+    RouterError,
+    TokenEvent,
+)
 from cluster.sessions import SessionStore, trim_to_fit
 from engine.sequence import FinishReason
 from protos.triptych.v1 import triptych_pb2 as pb
@@ -55,8 +71,6 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-ADMISSION_THREADS = 4
-ADMISSIONS_PER_CLIENT = 2
 STATUS_TTL_S = 1.0
 UNAUTHENTICATED_MESSAGE = "missing or unknown API key (send 'authorization: Bearer <key>')"
 
@@ -76,49 +90,30 @@ class _Owned:
     principal: Principal
     client_id: str
     internal_id: str
-    aborted: bool = False           # Abort came while it was being prepared (before the router knew it)
-
-
-class _Entered:
-    """A request counted against its client (Gateway.enter); leaving the block uncounts it."""
-
-    def __init__(self, counts: collections.Counter, principal: Principal) -> None:
-        self._counts, self._principal = counts, principal
-
-    def __enter__(self) -> _Entered:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._counts[self._principal] -= 1
-        if self._counts[self._principal] <= 0:
-            del self._counts[self._principal]
-
-
-@dataclass
-class _Slot:
-    """A principal's share of the admission threads, while it has requests being prepared."""
-
-    semaphore: asyncio.Semaphore
-    users: int = 0
+    aborted: bool = False  # Abort came while it was being prepared (before the router knew it)
 
 
 class Gateway(pb_grpc.TriptychServicer):
     """Serves the Triptych gRPC service and the shared request path (`events`) on one router."""
 
-    def __init__(self, router: Router, *, sessions: SessionStore | None = None, metrics: Metrics | None = None,
-                 keys: KeyRing | None = None, limits: LimitsConfig = LimitsConfig(),
-                 max_queued_requests: int = 256) -> None:  # fmt: skip
+    def __init__(
+        self,
+        router: Router,
+        *,
+        sessions: SessionStore | None = None,
+        metrics: Metrics | None = None,
+        keys: KeyRing | None = None,
+        limits: LimitsConfig = LimitsConfig(),
+        max_queued_requests: int = 256,
+    ) -> None:
         self.router = router
         self.sessions = sessions if sessions is not None else SessionStore()
         self.metrics = metrics if metrics is not None else Metrics()
         self.keys = keys if keys is not None else KeyRing()
         self.limits = limits
-        self.max_queued = max_queued_requests   # in flight in the whole server (see enter())
+        self.shares = ClientShares(limits, max_queued_requests)
         self.serving = False  # set by start(); cleared when stopping
         self._owned: dict[tuple[Principal, str], _Owned] = {}
-        self._per_client: collections.Counter[Principal] = collections.Counter()
-        self._admission = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admission")
-        self._admitting: dict[Principal, _Slot] = {}
         self._status: tuple[float, ClusterStatus] | None = None
         self._status_task: asyncio.Future | None = None
 
@@ -140,36 +135,11 @@ class Gateway(pb_grpc.TriptychServicer):
 
     async def off_loop(self, principal: Principal, fn, *args):
         """Run `fn(*args)` (parsing, tokenizing, decoding) on an admission thread: the event loop
-        only moves bytes. At most ADMISSIONS_PER_CLIENT of one principal's run at once."""
-        slot = self._admitting.get(principal)
-        if slot is None:
-            slot = self._admitting[principal] = _Slot(asyncio.Semaphore(ADMISSIONS_PER_CLIENT))
-        slot.users += 1
-
-        def leave(_=None) -> None:
-            slot.users -= 1
-            if slot.users == 0:              # nobody holds or waits for it: forget it
-                del self._admitting[principal]
-
-        try:
-            await slot.semaphore.acquire()
-        except BaseException:
-            leave()
-            raise
-
-        def done(_) -> None:
-            slot.semaphore.release()
-            leave()
-
-        # A job on a thread cannot be stopped: if the caller goes away (a client that sends heavy
-        # requests and disconnects), the place is given back only when the job ends, so one client
-        # never has more than its share of the threads busy.
-        job = asyncio.get_running_loop().run_in_executor(self._admission, fn, *args)
-        job.add_done_callback(done)
-        return await asyncio.shield(job)
+        only moves bytes (cluster/client_share.py: at most a share of the threads per client)."""
+        return await self.shares.off_loop(principal, fn, *args)
 
     def close(self) -> None:
-        self._admission.shutdown(wait=False, cancel_futures=True)
+        self.shares.close()
 
     async def cluster_status(self) -> ClusterStatus:
         """The router's cluster status, at most STATUS_TTL_S old, one refresh at a time: asking
@@ -186,35 +156,26 @@ class Gateway(pb_grpc.TriptychServicer):
 
     def enter(self, principal: Principal, door: str) -> contextlib.AbstractContextManager:
         """Count a request against its client from the moment its door takes it (before its body
-        is read or parsed) until it ends. Refused (RESOURCE_EXHAUSTED, counted) when the client has
-        `max_requests_per_client`, or when the server has `max_queued_requests` and this client
-        already holds its share of them (max_queued_requests / clients with requests): a client
-        below its share is still admitted, so a few heavy clients cannot lock the others out."""
-        held, limit = self._per_client[principal], self.limits.max_requests_per_client
-        if held >= limit:
-            raise self.refuse(RouterError(
-                ErrorKind.RESOURCE_EXHAUSTED, f"this client has {held} requests in flight (limit "
-                f"server.limits.max_requests_per_client = {limit}); retry later", "client_busy"), door)
-        total, clients = sum(self._per_client.values()), len(self._per_client) + (held == 0)
-        if total >= self.max_queued and held >= max(1, self.max_queued // clients):
-            raise self.refuse(RouterError(
-                ErrorKind.RESOURCE_EXHAUSTED, f"the server has {total} requests in flight (limit "
-                f"server.max_queued_requests = {self.max_queued}) and this client holds its share of them; retry later",
-                "server_busy"), door)
-        self._per_client[principal] += 1     # checked and counted now; the caller enters at once
-        return _Entered(self._per_client, principal)
+        is read or parsed) until it ends; refused (RESOURCE_EXHAUSTED, counted) past the client's
+        limit or share (cluster/client_share.py)."""
+        try:
+            return self.shares.enter(principal)
+        except RouterError as err:
+            raise self.refuse(err, door) from None
 
     # -- the shared request path ----------------------------------------------------------
 
-    async def events(self, inp: GenerateInput, *, principal: Principal = ANONYMOUS, session_id: str | None = None,
-                     door: str = "grpc") -> AsyncIterator[TokenEvent | FinalEvent]:  # fmt: skip
+    async def events(
+        self, inp: GenerateInput, *, principal: Principal = ANONYMOUS, session_id: str | None = None, door: str = "grpc"
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Stream one request; see the module docstring for what this promises. `inp.request_id`
         is the client's id for it (unique among `principal`'s requests in flight)."""
         key = (principal, inp.request_id)
         try:
             if not self.serving:
-                raise RouterError(ErrorKind.UNAVAILABLE, "the server is not serving (starting or shutting down)",
-                                  "not_serving")
+                raise RouterError(
+                    ErrorKind.UNAVAILABLE, "the server is not serving (starting or shutting down)", "not_serving"
+                )
             caps.check_input(inp, self.limits, self.router.model_info().max_model_len)
             if session_id:
                 caps.check_id("session_id", session_id, self.limits)
@@ -234,34 +195,51 @@ class Gateway(pb_grpc.TriptychServicer):
         try:
             try:
                 routed, prepared = await self._prepare(
-                    principal, replace(inp, request_id=owned.internal_id, tenant=principal.name), session_id)
+                    principal, replace(inp, request_id=owned.internal_id, tenant=principal.name), session_id
+                )
                 stream = self.router.generate(routed, prepared)
                 if owned.aborted:
                     await self.router.abort(owned.internal_id)
             except RouterError as err:
                 raise self.refuse(err, door) from None
             except Exception:
-                log.exception("admission of request %s (client %s, id %s) failed", owned.internal_id, principal,
-                              caps.clip(inp.request_id))
+                log.exception(
+                    "admission of request %s (client %s, id %s) failed",
+                    owned.internal_id,
+                    principal,
+                    caps.clip(inp.request_id),
+                )
                 raise self.refuse(RouterError(ErrorKind.INTERNAL, "internal error", "internal"), door) from None
             recorder = self.metrics.start(door)
             while final is None:
                 try:
                     event = await anext(stream)
                 except StopAsyncIteration:
-                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts),
-                                       error="the router ended the stream without a final event",
-                                       error_kind=ErrorKind.INTERNAL)  # fmt: skip
+                    final = FinalEvent(
+                        FinishReason.ERROR,
+                        0,
+                        ntokens,
+                        "".join(texts),
+                        error="the router ended the stream without a final event",
+                        error_kind=ErrorKind.INTERNAL,
+                    )
                 except RouterError as err:
-                    if ntokens == 0 and not texts:   # refused before any token: a status, with its reason
+                    if ntokens == 0 and not texts:  # refused before any token: a status, with its reason
                         recorder = None
                         raise self.refuse(err, door) from None
-                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error=err.message,
-                                       error_kind=err.kind)
+                    final = FinalEvent(
+                        FinishReason.ERROR, 0, ntokens, "".join(texts), error=err.message, error_kind=err.kind
+                    )
                 except Exception:  # a router bug: never leave the client hanging
                     log.exception("router failed on request %s", owned.internal_id)
-                    final = FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error="internal error",
-                                       error_kind=ErrorKind.INTERNAL)
+                    final = FinalEvent(
+                        FinishReason.ERROR,
+                        0,
+                        ntokens,
+                        "".join(texts),
+                        error="internal error",
+                        error_kind=ErrorKind.INTERNAL,
+                    )
                 else:
                     if isinstance(event, FinalEvent):
                         final = event
@@ -272,8 +250,7 @@ class Gateway(pb_grpc.TriptychServicer):
                         yield event
             if final.finish_reason is FinishReason.ERROR and ntokens == 0 and not texts:
                 # Nothing reached the client yet: the door answers with a status, not a chunk.
-                err = RouterError(final.error_kind or ErrorKind.INTERNAL, final.error or "the request failed",
-                                  "failed")
+                err = RouterError(final.error_kind or ErrorKind.INTERNAL, final.error or "the request failed", "failed")
                 recorder = None
                 raise self.refuse(err, door)
             if not final.text and texts:  # FinalEvent.text is the whole completion
@@ -290,10 +267,11 @@ class Gateway(pb_grpc.TriptychServicer):
             if stream is not None:
                 await _close(stream)
 
-    async def _prepare(self, principal: Principal, inp: GenerateInput,
-                       session_id: str | None) -> tuple[GenerateInput, Prepared | None]:  # fmt: skip
+    async def _prepare(
+        self, principal: Principal, inp: GenerateInput, session_id: str | None
+    ) -> tuple[GenerateInput, Prepared | None]:
         """The request with its session's history, and the router's prepare() of it, computed on
-        an admission thread (at most ADMISSIONS_PER_CLIENT of one principal's at once)."""
+        an admission thread (a bounded number of one principal's at once)."""
         history = self.sessions.history(principal, session_id) if session_id else ()
         routed, kept, prepared = await self.off_loop(principal, self._prepare_sync, inp, history)
         if session_id and len(kept) != len(history):
@@ -309,9 +287,12 @@ class Gateway(pb_grpc.TriptychServicer):
             budget = max_len - min(inp.sampling.max_tokens, max_len // 2)
             try:
                 kept = trim_to_fit(history, inp.messages, self.router.count_tokens, budget, self.router.estimate_tokens)
-            except Exception:    # the history cannot be templated with the new turn: start afresh
-                log.warning("request %s: its session history could not be trimmed; sending it without history",
-                            inp.request_id, exc_info=True)
+            except Exception:  # the history cannot be templated with the new turn: start afresh
+                log.warning(
+                    "request %s: its session history could not be trimmed; sending it without history",
+                    inp.request_id,
+                    exc_info=True,
+                )
                 kept = ()
             inp = replace(inp, messages=(*kept, *inp.messages))
         return inp, kept, self.router.prepare(inp)
@@ -321,7 +302,7 @@ class Gateway(pb_grpc.TriptychServicer):
         owned = self._owned.get((principal, request_id))
         if owned is None:
             return False
-        owned.aborted = True            # still being prepared: aborted as soon as the router has it
+        owned.aborted = True  # still being prepared: aborted as soon as the router has it
         await self.router.abort(owned.internal_id)
         return True
 
@@ -345,8 +326,9 @@ class Gateway(pb_grpc.TriptychServicer):
             await context.abort(GRPC_CODES[err.kind], err.message)
         with entered:
             try:
-                rid, inp, session_id = await self.off_loop(principal, self._parse_generate, raw,
-                                                           context.time_remaining())
+                rid, inp, session_id = await self.off_loop(
+                    principal, self._parse_generate, raw, context.time_remaining()
+                )
             except RouterError as err:
                 self.refuse(err, "grpc")
                 await context.abort(GRPC_CODES[err.kind], err.message)
@@ -362,8 +344,14 @@ class Gateway(pb_grpc.TriptychServicer):
         rid = request.request_id or self.new_request_id()
         return rid, input_from_pb(request, rid, info.max_model_len, deadline_s, self.limits), request.session_id or None
 
-    async def _generate(self, rid: str, inp: GenerateInput, principal: Principal, session_id: str | None,
-                        context: grpc.aio.ServicerContext):  # fmt: skip
+    async def _generate(
+        self,
+        rid: str,
+        inp: GenerateInput,
+        principal: Principal,
+        session_id: str | None,
+        context: grpc.aio.ServicerContext,
+    ):
         events = self.events(inp, principal=principal, session_id=session_id, door="grpc")
         try:
             try:
@@ -387,31 +375,42 @@ class Gateway(pb_grpc.TriptychServicer):
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         await self._principal(context)
         info = self.router.model_info()
-        return pb.GetModelInfoResponse(model=info.name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                                       eos_token_ids=list(info.eos_token_ids), dtype=info.dtype,
-                                       supports_images=info.supports_images)  # fmt: skip
+        return pb.GetModelInfoResponse(
+            model=info.name,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            dtype=info.dtype,
+            supports_images=info.supports_images,
+        )
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:
         await self._principal(context)
         return await answer_status(self, context)
-
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register `triptych.v1.Triptych` on `server`, as the generated
         add_TriptychServicer_to_server does, except that Generate receives its request unparsed."""
         handlers = {
             "Generate": grpc.unary_stream_rpc_method_handler(
-                self.Generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString),
+                self.Generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString
+            ),
             "Abort": grpc.unary_unary_rpc_method_handler(
-                self.Abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortResponse.SerializeToString),
+                self.Abort,
+                request_deserializer=pb.AbortRequest.FromString,
+                response_serializer=pb.AbortResponse.SerializeToString,
+            ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
-                response_serializer=pb.GetModelInfoResponse.SerializeToString),
+                self.GetModelInfo,
+                request_deserializer=pb.GetModelInfoRequest.FromString,
+                response_serializer=pb.GetModelInfoResponse.SerializeToString,
+            ),
             "GetClusterStatus": grpc.unary_unary_rpc_method_handler(
-                self.GetClusterStatus, request_deserializer=pb.GetClusterStatusRequest.FromString,
-                response_serializer=pb.GetClusterStatusResponse.SerializeToString),
-        }  # fmt: skip
+                self.GetClusterStatus,
+                request_deserializer=pb.GetClusterStatusRequest.FromString,
+                response_serializer=pb.GetClusterStatusResponse.SerializeToString,
+            ),
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

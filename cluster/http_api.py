@@ -47,7 +47,7 @@ from engine.sequence import FinishReason
 log = logging.getLogger(__name__)
 
 STATUS_REFRESH_TIMEOUT_S = 2.0
-OPEN_PATHS = frozenset({"/health"})      # reachable without a key
+OPEN_PATHS = frozenset({"/health"})  # reachable without a key
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 _STATUS = {
@@ -86,8 +86,12 @@ def _middlewares(gateway: Gateway) -> list:
                 raise
             reason = {413: "body_too_large", 408: "slow_client"}.get(exc.status, "bad_request")
             gateway.refuse(RouterError(ErrorKind.INVALID_ARGUMENT, exc.reason, reason), "http")
-            return error_response(exc.status, f"{request.method} {caps.clip(request.path)}: {exc.reason}",
-                                  "invalid_request_error", exc.reason.lower().replace(" ", "_"))  # fmt: skip
+            return error_response(
+                exc.status,
+                f"{request.method} {caps.clip(request.path)}: {exc.reason}",
+                "invalid_request_error",
+                exc.reason.lower().replace(" ", "_"),
+            )
         except Exception:  # a bug: answer 500 and keep serving; the cause goes to the log
             log.exception("HTTP %s %s failed", request.method, request.path)
             return error_response(500, "internal error", "server_error", ErrorKind.INTERNAL.value)
@@ -98,8 +102,9 @@ def _middlewares(gateway: Gateway) -> list:
             return await handler(request)
         who = gateway.keys.serving(request.headers.get("Authorization"))
         if who is None:
-            raise gateway.refuse(RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"),
-                                 "http")
+            raise gateway.refuse(
+                RouterError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "unauthenticated"), "http"
+            )
         request[PRINCIPAL] = who
         return await handler(request)
 
@@ -119,8 +124,10 @@ class _Api:
         try:
             return await asyncio.wait_for(request.read(), self.read_timeout_s)
         except asyncio.TimeoutError:
-            raise web.HTTPRequestTimeout(reason=f"the body did not arrive within {self.read_timeout_s:g}s "
-                                                f"(server.connections.http_read_timeout_s)") from None
+            raise web.HTTPRequestTimeout(
+                reason=f"the body did not arrive within {self.read_timeout_s:g}s "
+                f"(server.connections.http_read_timeout_s)"
+            ) from None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)
@@ -129,14 +136,15 @@ class _Api:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, *, chat: bool):
-        with self.gateway.enter(request[PRINCIPAL], "http"):   # counted before the body is read
+        with self.gateway.enter(request[PRINCIPAL], "http"):  # counted before the body is read
             return await self._complete_entered(request, chat=chat)
 
     async def _complete_entered(self, request: web.Request, *, chat: bool):
         raw = await self._read(request)
         info = self.gateway.router.model_info()
-        body, inp, sampling = await self.gateway.off_loop(request[PRINCIPAL], parse_request, raw, chat, info,
-                                                          self.gateway.limits)
+        body, inp, sampling = await self.gateway.off_loop(
+            request[PRINCIPAL], parse_request, raw, chat, info, self.gateway.limits
+        )
         model = info.name
         stream = json_field(body, "stream", bool, "a boolean", False)
         options = json_field(body, "stream_options", dict, "an object", {})
@@ -144,8 +152,9 @@ class _Api:
         if rid:
             caps.check_id("X-Request-Id", rid, self.gateway.limits)
         rid = rid or self.gateway.new_request_id()
-        events = self.gateway.events(GenerateInput(request_id=rid, sampling=sampling, **inp),
-                                     principal=request[PRINCIPAL], door="http")
+        events = self.gateway.events(
+            GenerateInput(request_id=rid, sampling=sampling, **inp), principal=request[PRINCIPAL], door="http"
+        )
         try:
             first = await anext(events)  # RouterError here becomes the HTTP status
             fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat)
@@ -162,8 +171,9 @@ class _Api:
         return web.json_response(fmt.whole(final), headers={"X-Request-Id": rid})
 
     async def _stream(self, request, rid, fmt, event, events, include_usage: bool) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": rid})  # fmt: skip
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": rid}
+        )
         await resp.prepare(request)
 
         async def send(obj: Any) -> None:
@@ -177,8 +187,15 @@ class _Api:
                     await send(fmt.chunk(event.text, None, include_usage))
                 event = await anext(events)
             if event.finish_reason is FinishReason.ERROR:  # too late for a status: an error event
-                await send({"error": {"message": event.error or "generation failed", "type": "server_error",
-                                      "code": "generation_failed"}})  # fmt: skip
+                await send(
+                    {
+                        "error": {
+                            "message": event.error or "generation failed",
+                            "type": "server_error",
+                            "code": "generation_failed",
+                        }
+                    }
+                )
             else:
                 last = fmt.chunk({} if fmt.chat else "", event.finish_reason.value, include_usage)
                 last["timings"] = asdict(event.timings)
@@ -197,14 +214,22 @@ class _Api:
     async def model(self, request: web.Request) -> web.Response:
         card = self._model_card()
         if request.match_info["model"] != card["id"]:
-            raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(request.match_info['model'])} does not exist; "
-                                                   f"this server serves {card['id']!r}", "unknown_model")  # fmt: skip
+            raise RouterError(
+                ErrorKind.NOT_FOUND,
+                f"model {caps.clip(request.match_info['model'])} does not exist; this server serves {card['id']!r}",
+                "unknown_model",
+            )
         return web.json_response(card)
 
     def _model_card(self) -> dict:
         info = self.gateway.router.model_info()
-        return {"id": info.name, "object": "model", "created": 0, "owned_by": "triptych",
-                "max_model_len": info.max_model_len}  # fmt: skip
+        return {
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "triptych",
+            "max_model_len": info.max_model_len,
+        }
 
     async def health(self, request: web.Request) -> web.Response:
         if self.gateway.serving:
@@ -232,8 +257,12 @@ class _Format:
 
     def chunk(self, delta: Any, finish_reason: str | None, include_usage: bool) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": {"content": delta} if isinstance(delta, str) else delta,
-                      "logprobs": None, "finish_reason": finish_reason}  # fmt: skip
+            choice = {
+                "index": 0,
+                "delta": {"content": delta} if isinstance(delta, str) else delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
@@ -245,8 +274,12 @@ class _Format:
     def whole(self, final: FinalEvent) -> dict:
         reason = final.finish_reason.value
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": final.text}, "logprobs": None,
-                      "finish_reason": reason}  # fmt: skip
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": final.text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
             head = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": reason}
@@ -255,14 +288,19 @@ class _Format:
 
 
 def _usage(final: FinalEvent) -> dict:
-    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-            "total_tokens": final.prompt_tokens + final.completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }
 
 
 def build_app(gateway: Gateway, server: ServerConfig = ServerConfig()) -> web.Application:
     api = _Api(gateway, server.connections.http_read_timeout_s)
-    app = web.Application(middlewares=_middlewares(gateway),
-                          client_max_size=caps.request_bytes(server.limits, gateway.router.model_info().supports_images))
+    app = web.Application(
+        middlewares=_middlewares(gateway),
+        client_max_size=caps.request_bytes(server.limits, gateway.router.model_info().supports_images),
+    )
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_get("/v1/models", api.models)
@@ -288,8 +326,13 @@ def ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
 async def serve(gateway: Gateway, server: ServerConfig, shutdown_timeout_s: float = 5.0) -> tuple[web.AppRunner, int]:
     """Start the HTTP server on server.host:http_port; returns its runner (`await
     runner.cleanup()` stops it) and bound port."""
-    runner = web.AppRunner(build_app(gateway, server), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_timeout_s, keepalive_timeout=server.connections.http_keepalive_s)
+    runner = web.AppRunner(
+        build_app(gateway, server),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        keepalive_timeout=server.connections.http_keepalive_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.http_port, ssl_context=ssl_context(server))
     try:

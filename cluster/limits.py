@@ -60,15 +60,22 @@ def max_content_parts(limits: LimitsConfig) -> int:
 
 def check_size(n: int, limits: LimitsConfig, supports_images: bool) -> None:
     if not supports_images:
-        check_count("request bytes", n, text_request_bytes(limits),
-                    "a model without images: 6 x server.limits.max_prompt_chars + room for max_messages",
-                    "request_too_large")
+        check_count(
+            "request bytes",
+            n,
+            text_request_bytes(limits),
+            "a model without images: 6 x server.limits.max_prompt_chars + room for max_messages",
+            "request_too_large",
+        )
 
 
 def check_prompt_tokens(n: int, max_model_len: int) -> None:
     if n >= max_model_len:
-        raise refused(f"prompt has {n} tokens; the model's context is {max_model_len} tokens "
-                      f"(at least one must be left to generate)", "prompt_too_long")
+        raise refused(
+            f"prompt has {n} tokens; the model's context is {max_model_len} tokens "
+            f"(at least one must be left to generate)",
+            "prompt_too_long",
+        )
 
 
 def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) -> None:
@@ -89,16 +96,28 @@ def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) ->
         check_count(f"image {i} bytes", len(image), limits.max_image_bytes, "max_image_bytes", "image_too_large")
 
 
-def sampling(*, max_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int = 0,
-             seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False,
-             max_model_len: int, limits: LimitsConfig) -> SamplingParams:  # fmt: skip
+def sampling(
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+    max_model_len: int,
+    limits: LimitsConfig,
+) -> SamplingParams:
     """SamplingParams from API values. Unset / 0 max_tokens means the server's ceiling
     (server.limits.max_tokens, else max_model_len); unset temperature and top_p mean 1.0 (docs/API.md);
     top_k -1 means none. Bad values raise RouterError(INVALID_ARGUMENT) naming the field."""
     ceiling = min(limits.max_tokens or max_model_len, max_model_len)
     if max_tokens and max_tokens > ceiling:
-        raise refused(f"max_tokens {max_tokens} is above the server's limit of {ceiling} "
-                      f"(server.limits.max_tokens, or the model's context)", "max_tokens_above_limit")
+        raise refused(
+            f"max_tokens {max_tokens} is above the server's limit of {ceiling} "
+            f"(server.limits.max_tokens, or the model's context)",
+            "max_tokens_above_limit",
+        )
     check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings")
     for i, s in enumerate(stop):
         check_count(f"stop[{i}] characters", len(s), limits.max_stop_chars, "max_stop_chars", "stop_string_too_long")
@@ -107,7 +126,10 @@ def sampling(*, max_tokens: int | None, temperature: float | None, top_p: float 
             max_tokens=max_tokens or ceiling,
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
-            top_k=0 if top_k == -1 else top_k, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
-        )  # fmt: skip
+            top_k=0 if top_k == -1 else top_k,
+            seed=seed,
+            stop=tuple(stop),
+            ignore_eos=ignore_eos,
+        )
     except InvalidRequestError as err:
         raise refused(str(err), "bad_sampling") from None

@@ -41,26 +41,43 @@ class Metrics:
         self.prefill = hist("prefill_time", "Prefill compute time.", _SLOW)
         self.transfer = hist("kv_transfer_time", "KV transfer time not overlapped with prefill.", _FAST)
         self.encode = hist("encode_time", "Image encoding time.", _SLOW)
-        self.requests = Counter("triptych_requests", "Requests by how they ended and which door they came in.",
-                                ["finish_reason", "door"], registry=r)  # fmt: skip
-        self.rejected = Counter("triptych_request_errors",
-                                "Requests refused or failed before their first token, by error kind and reason "
-                                "(a fixed label: the limit hit, 'unauthenticated', 'failed', ...).",
-                                ["kind", "door", "reason"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "triptych_requests",
+            "Requests by how they ended and which door they came in.",
+            ["finish_reason", "door"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "triptych_request_errors",
+            "Requests refused or failed before their first token, by error kind and reason "
+            "(a fixed label: the limit hit, 'unauthenticated', 'failed', ...).",
+            ["kind", "door", "reason"],
+            registry=r,
+        )
         self.tokens = Counter("triptych_tokens_generated", "Completion tokens generated.", registry=r)
         self.queue_length = Gauge("triptych_pool_queue_length", "Requests waiting in a pool.", ["role"], registry=r)
-        self.kv_usage = Gauge("triptych_kv_cache_usage_ratio", "Fraction of a worker's KV blocks in use.",
-                              ["role", "worker"], registry=r)  # fmt: skip
+        self.kv_usage = Gauge(
+            "triptych_kv_cache_usage_ratio", "Fraction of a worker's KV blocks in use.", ["role", "worker"], registry=r
+        )
         self.workers_alive = Gauge("triptych_pool_workers_alive", "Live workers in a pool.", ["role"], registry=r)
-        self.role_switches = Gauge("triptych_role_switches_total", "Role switches since the cluster started.",
-                                   registry=r)  # fmt: skip
-        self.last_switch = Gauge("triptych_last_role_switch_timestamp_seconds",
-                                 "Unix time of the most recent role switch of a worker, by the role it took.",
-                                 ["worker", "to_role"], registry=r)  # fmt: skip
-        self.restarts = Gauge("triptych_worker_restarts_total", "Successful restarts of a worker id since the cluster started.",
-                              ["worker"], registry=r)  # fmt: skip
-        self.epoch = Gauge("triptych_worker_epoch", "A worker's epoch (role switches + restarts).", ["worker", "role"],
-                           registry=r)  # fmt: skip
+        self.role_switches = Gauge(
+            "triptych_role_switches_total", "Role switches since the cluster started.", registry=r
+        )
+        self.last_switch = Gauge(
+            "triptych_last_role_switch_timestamp_seconds",
+            "Unix time of the most recent role switch of a worker, by the role it took.",
+            ["worker", "to_role"],
+            registry=r,
+        )
+        self.restarts = Gauge(
+            "triptych_worker_restarts_total",
+            "Successful restarts of a worker id since the cluster started.",
+            ["worker"],
+            registry=r,
+        )
+        self.epoch = Gauge(
+            "triptych_worker_epoch", "A worker's epoch (role switches + restarts).", ["worker", "role"], registry=r
+        )
 
     def start(self, door: str) -> RequestRecorder:
         return RequestRecorder(self, door)

@@ -40,8 +40,14 @@ def json_field(body: dict, name: str, types: type | tuple[type, ...], what: str,
 
 
 def json_kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
@@ -72,8 +78,9 @@ def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
     elif isinstance(stop, str):
         stops = (stop,)
     elif isinstance(stop, list):
-        caps.check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings",
-                         "too_many_stop_strings")
+        caps.check_count(
+            "stop strings", len(stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings"
+        )
         if not all(isinstance(s, str) for s in stop):
             raise invalid("'stop' must be a string or an array of strings")
         stops = tuple(stop)
@@ -86,9 +93,13 @@ def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
         max_tokens=max_tokens,
         temperature=json_field(body, "temperature", (int, float), "a number"),
         top_p=json_field(body, "top_p", (int, float), "a number"),
-        top_k=top_k, seed=json_field(body, "seed", int, "an integer"), stop=stops,
-        ignore_eos=json_field(body, "ignore_eos", bool, "a boolean", False), max_model_len=max_model_len, limits=limits,
-    )  # fmt: skip
+        top_k=top_k,
+        seed=json_field(body, "seed", int, "an integer"),
+        stop=stops,
+        ignore_eos=json_field(body, "ignore_eos", bool, "a boolean", False),
+        max_model_len=max_model_len,
+        limits=limits,
+    )
 
 
 def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tuple[ChatMessage, ...]:
@@ -120,12 +131,15 @@ def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tupl
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image_url":
-                caps.check_count("images in a message", len(images) + 1, limits.max_images, "max_images",
-                                 "too_many_images")
+                caps.check_count(
+                    "images in a message", len(images) + 1, limits.max_images, "max_images", "too_many_images"
+                )
                 images.append(_image(part.get("image_url"), pwhere, limits))
             else:
-                raise invalid(f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
-                              f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}")  # fmt: skip
+                raise invalid(
+                    f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
+                    f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}"
+                )
         out.append(ChatMessage(role=role, content="".join(texts), images=tuple(images)))
     return tuple(out)
 
@@ -135,11 +149,14 @@ def _image(image_url: Any, where: str, limits: LimitsConfig) -> bytes:
     if not isinstance(url, str):
         raise invalid(f"{where}.image_url must be {{'url': 'data:image/...;base64,...'}}")
     if not url.startswith("data:"):
-        raise invalid(f"{where}.image_url: only data: URLs (data:image/png;base64,...) are accepted; "
-                      f"this server does not fetch {caps.clip(url)}")  # fmt: skip
+        raise invalid(
+            f"{where}.image_url: only data: URLs (data:image/png;base64,...) are accepted; "
+            f"this server does not fetch {caps.clip(url)}"
+        )
     # base64 holds 3 bytes per 4 characters: refuse an oversized image before decoding it.
-    caps.check_count(f"{where} image bytes", len(url) * 3 // 4 - 64, limits.max_image_bytes, "max_image_bytes",
-                     "image_too_large")
+    caps.check_count(
+        f"{where} image bytes", len(url) * 3 // 4 - 64, limits.max_image_bytes, "max_image_bytes", "image_too_large"
+    )
     m = _DATA_URI.fullmatch(url)
     if m is None:
         raise invalid(f"{where}.image_url: not a base64 data URL (expected data:image/png;base64,...)")
@@ -182,13 +199,18 @@ def parse_body(raw: bytes, limits: LimitsConfig = LimitsConfig(), supports_image
     refused first by its size and by counting separators, which costs a fraction of parsing it."""
     caps.check_size(len(raw), limits, supports_images)
     items = raw.count(b",") + raw.count(b"{")
-    caps.check_count("JSON values in the body", items, json_items_limit(limits), "max_messages and max_prompt_chars",
-                     "too_many_items")
+    caps.check_count(
+        "JSON values in the body",
+        items,
+        json_items_limit(limits),
+        "max_messages and max_prompt_chars",
+        "too_many_items",
+    )
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise invalid(f"request body is not valid JSON: {err.msg if hasattr(err, 'msg') else 'bad UTF-8'}") from None
-    except (ValueError, RecursionError) as err:   # NaN / Infinity, a 5000-digit number, 100k nested arrays
+    except (ValueError, RecursionError) as err:  # NaN / Infinity, a 5000-digit number, 100k nested arrays
         what = str(err) if "JSON number" in str(err) else "too deeply nested or a number too long"
         raise invalid(f"request body is not valid JSON: {what}") from None
     if not isinstance(body, dict):
@@ -202,7 +224,10 @@ def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig)
     body = parse_body(raw, limits, info.supports_images)
     name = json_field(body, "model", str, "a string", model)
     if name != model:
-        raise RouterError(ErrorKind.NOT_FOUND, f"model {caps.clip(name)} does not exist; this server serves {model!r}",
-                          "unknown_model")
+        raise RouterError(
+            ErrorKind.NOT_FOUND,
+            f"model {caps.clip(name)} does not exist; this server serves {model!r}",
+            "unknown_model",
+        )
     inp = {"messages": parse_messages(body.get("messages"), limits)} if chat else _prompt(body)
     return body, inp, _sampling(body, max_model_len, limits)

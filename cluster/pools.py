@@ -32,9 +32,9 @@ class WorkerHandle:
     actor: object
     node_id: str = ""
     alive: bool = True
-    epoch: int = 0                   # restarts and role switches of this worker id (each + 1)
-    draining: bool = False           # a role switch is waiting for its requests to end: no new work
-    retired: bool = False            # replaced by a handle of a newer epoch (role switch)
+    epoch: int = 0  # restarts and role switches of this worker id (each + 1)
+    draining: bool = False  # a role switch is waiting for its requests to end: no new work
+    retired: bool = False  # replaced by a handle of a newer epoch (role switch)
     _leases: int = 0
 
     @property

@@ -60,7 +60,9 @@ def secret_refs(cfg: DeployConfig) -> tuple[list[str], list[str]]:
     """(files, environment variables) the deploy file names for its API keys and TLS: what the
     head node needs before `triptych serve`. Rendered configs refer to them; never inline them."""
     auth, tls = cfg.server.auth, cfg.server.tls
-    files = [f for f in (auth.api_keys_file, auth.admin_keys_file, tls.cert_file, tls.key_file, tls.client_ca_file) if f]
+    files = [
+        f for f in (auth.api_keys_file, auth.admin_keys_file, tls.cert_file, tls.key_file, tls.client_ca_file) if f
+    ]
     envs = [e for e in (auth.api_keys_env, auth.admin_keys_env) if e]
     return files, envs
 
@@ -163,12 +165,15 @@ def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, A
     secret = _secret_name(cfg, args)
     volumes = []
     if files:
-        head["volumeMounts"] = [{"name": "triptych-secrets", "mountPath": f, "subPath": Path(f).name, "readOnly": True}
-                                for f in files]
+        head["volumeMounts"] = [
+            {"name": "triptych-secrets", "mountPath": f, "subPath": Path(f).name, "readOnly": True} for f in files
+        ]
         volumes = [{"name": "triptych-secrets", "secret": {"secretName": secret}}]
     if envs:
-        head["env"] = [{"name": e, "valueFrom": {"secretKeyRef": {"name": secret, "key": e.lower().replace("_", "-")}}}
-                       for e in envs]
+        head["env"] = [
+            {"name": e, "valueFrom": {"secretKeyRef": {"name": secret, "key": e.lower().replace("_", "-")}}}
+            for e in envs
+        ]
     workers = []
     for g in groups:
         params = {"num-cpus": str(g.num_cpus), "num-gpus": str(g.num_gpus)}
@@ -224,8 +229,10 @@ def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
     if files or envs:
         parts = [f"--from-file={Path(f).name}={f}" for f in files]
         parts += [f"--from-literal={e.lower().replace('_', '-')}=..." for e in envs]
-        header += (f"# API keys / TLS by reference: create the Secret first, e.g.\n"
-                   f"#   kubectl create secret generic {_secret_name(cfg, args)} {' '.join(parts)}\n")
+        header += (
+            f"# API keys / TLS by reference: create the Secret first, e.g.\n"
+            f"#   kubectl create secret generic {_secret_name(cfg, args)} {' '.join(parts)}\n"
+        )
     return header + yaml.safe_dump(kuberay_manifest(cfg, args), sort_keys=False)
 
 
@@ -237,7 +244,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=6379, help="Ray GCS port on the head node")
     parser.add_argument("--head-cpus", type=int, default=2, help="CPUs of the head node (gateway + router)")
     parser.add_argument("--cluster-name", default=None, help="default: triptych-<config file stem>")
-    parser.add_argument("--image", default=None, help="kuberay: container image (default rayproject/ray:<ray version>-py311)")
+    parser.add_argument(
+        "--image", default=None, help="kuberay: container image (default rayproject/ray:<ray version>-py311)"
+    )
     parser.add_argument("--memory", default="8Gi", help="kuberay: memory per pod")
     parser.add_argument("--provider", default="aws", help="ray-up: provider type")
     parser.add_argument("--region", default="us-west-2", help="ray-up: provider region")
@@ -255,8 +264,11 @@ def run(args: argparse.Namespace) -> int:
     info = transport_info(cfg.transport.backend.value)
     if info.same_node_only and cfg.transport_pools():
         # A rendered cluster puts its pools on separate nodes (one node group per pool).
-        print(f"error: {cfg.source}: transport.backend: {info.name!r} works only within one node, and a rendered "
-              f"cluster puts each pool on its own nodes; use gloo (CPU) or nccl (GPUs)", file=sys.stderr)
+        print(
+            f"error: {cfg.source}: transport.backend: {info.name!r} works only within one node, and a rendered "
+            f"cluster puts each pool on its own nodes; use gloo (CPU) or nccl (GPUs)",
+            file=sys.stderr,
+        )
         return 2
     sys.stdout.write(render(cfg, args))
     return 0

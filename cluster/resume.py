@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from cluster.dispatch import Aborted, DecodeDied, Dispatcher, Flight, FlightState
+from cluster.dispatch import Dispatcher
+from cluster.flight import Aborted, DecodeDied, Flight, FlightState
 from cluster.router_api import GenerateInput
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,23 @@ class Resume:
         self.enabled = enabled
 
     def may_resume(self, request: GenerateInput, flight: Flight, tokens: list[int]) -> bool:
-        return (self.enabled and flight.resumes < max(1, len(self.dispatcher.pools.decode))
-                and len(tokens) < request.sampling.max_tokens)
+        return (
+            self.enabled
+            and flight.resumes < max(1, len(self.dispatcher.pools.decode))
+            and len(tokens) < request.sampling.max_tokens
+        )
 
-    async def after_death(self, request: GenerateInput, flight: Flight, ids: list[int], tokens: list[int],
-                          sent_chars: int, deadline: float, phases: dict[str, float], died: DecodeDied):
+    async def after_death(
+        self,
+        request: GenerateInput,
+        flight: Flight,
+        ids: list[int],
+        tokens: list[int],
+        sent_chars: int,
+        deadline: float,
+        phases: dict[str, float],
+        died: DecodeDied,
+    ):
         """The request's next output after its decode worker died: the resumed start's output,
         or a DecodeDied (for the caller to raise) when it may not resume (again)."""
         out = died
@@ -45,7 +58,8 @@ class Resume:
             flight.resumes += 1
             try:
                 out = await self.dispatcher.unless_aborted(
-                    flight, self._restart(request, flight, ids, tokens, sent_chars, deadline, phases))
+                    flight, self._restart(request, flight, ids, tokens, sent_chars, deadline, phases)
+                )
             except DecodeDied as again:
                 out = again
         return out
@@ -53,13 +67,15 @@ class Resume:
     async def _restart(self, request, flight, ids, tokens, sent_chars, deadline, phases):
         flight.state = FlightState.RESUMING
         flight.drop_decode()
-        while not flight.events.empty():    # outputs of the dead worker that arrived late
+        while not flight.events.empty():  # outputs of the dead worker that arrived late
             stale = flight.events.get_nowait()
             if isinstance(stale, Aborted):
                 raise stale
-        log.warning("request %s: decode worker died after %d tokens; prefilling it again",
-                    flight.request_id, len(tokens))
+        log.warning(
+            "request %s: decode worker died after %d tokens; prefilling it again", flight.request_id, len(tokens)
+        )
         sampling = dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens - len(tokens))
         flight.resume = (len(tokens), sent_chars)
-        return await self.dispatcher.start(dataclasses.replace(request, sampling=sampling), flight,
-                                           list(ids) + list(tokens), deadline, phases)
+        return await self.dispatcher.start(
+            dataclasses.replace(request, sampling=sampling), flight, list(ids) + list(tokens), deadline, phases
+        )

@@ -53,17 +53,17 @@ log = logging.getLogger(__name__)
 class RolePolicyOptions:
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.2
-    target: float = 0.9             # attainment below this is a shortage
+    target: float = 0.9  # attainment below this is a shortage
     interval_s: float = 2.0
-    sustain: int = 3                # consecutive identical proposals before a switch
-    cooldown_s: float = 30.0        # after a switch, no other switch for this long
-    window_s: float = 60.0          # requests that ended this recently count
-    min_samples: int = 8            # requests needed for an attainment signal
-    queue_high: float = 2.0         # prefill queue per worker that counts as a shortage
-    kv_high: float = 0.8            # decode KV usage that counts as a shortage
-    min_workers: int = 1            # per pool
+    sustain: int = 3  # consecutive identical proposals before a switch
+    cooldown_s: float = 30.0  # after a switch, no other switch for this long
+    window_s: float = 60.0  # requests that ended this recently count
+    min_samples: int = 8  # requests needed for an attainment signal
+    queue_high: float = 2.0  # prefill queue per worker that counts as a shortage
+    kv_high: float = 0.8  # decode KV usage that counts as a shortage
+    min_workers: int = 1  # per pool
     drain_timeout_s: float = 60.0
-    encode_prefill: bool = False    # also move workers between the encode and prefill pools
+    encode_prefill: bool = False  # also move workers between the encode and prefill pools
     encode_queue_high: float = 2.0  # image shards in flight per encode worker that count as a shortage
 
 
@@ -71,20 +71,23 @@ class RolePolicyOptions:
 class Signals:
     n_prefill: int
     n_decode: int
-    ttft_attainment: float | None   # None: fewer than min_samples requests
+    ttft_attainment: float | None  # None: fewer than min_samples requests
     tpot_attainment: float | None
-    prefill_queue: float            # queued prompts per live prefill worker
-    decode_kv_usage: float          # used / total KV blocks over live decode workers
+    prefill_queue: float  # queued prompts per live prefill worker
+    decode_kv_usage: float  # used / total KV blocks over live decode workers
     samples: int
     n_encode: int = 0
-    encode_queue: float = 0.0       # image shards in flight per live encode worker
+    encode_queue: float = 0.0  # image shards in flight per live encode worker
 
     def describe(self) -> str:
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.0f}%"
+
         encode = f"; encode queue/worker {self.encode_queue:.1f}" if self.n_encode else ""
-        return (f"TTFT ok {pct(self.ttft_attainment)}, TPOT ok {pct(self.tpot_attainment)} of {self.samples}; "
-                f"prefill queue/worker {self.prefill_queue:.1f}; decode KV {100 * self.decode_kv_usage:.0f}%{encode}")
+        return (
+            f"TTFT ok {pct(self.ttft_attainment)}, TPOT ok {pct(self.tpot_attainment)} of {self.samples}; "
+            f"prefill queue/worker {self.prefill_queue:.1f}; decode KV {100 * self.decode_kv_usage:.0f}%{encode}"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,22 @@ def signals(status: ClusterStatus, recent, since: float, now: float, o: RolePoli
     if len(window) >= o.min_samples:
         ttft_ok = sum(1 for r in window if r[4] and r[1] <= o.ttft_slo_s) / len(window)
         timed = [r for r in window if r[3] > 1]
-        tpot_ok = (sum(1 for r in timed if r[4] and r[2] <= o.tpot_slo_s) / len(timed)
-                   if len(timed) >= o.min_samples else None)
+        tpot_ok = (
+            sum(1 for r in timed if r[4] and r[2] <= o.tpot_slo_s) / len(timed) if len(timed) >= o.min_samples else None
+        )
     total = sum(w.kv_blocks_total for w in decode)
     used = sum(w.kv_blocks_used for w in decode)
-    return Signals(len(prefill), len(decode), ttft_ok, tpot_ok,
-                   sum(w.queue_length for w in prefill) / max(1, len(prefill)),
-                   used / total if total else 0.0, len(window), len(encode),
-                   sum(w.queue_length for w in encode) / max(1, len(encode)))
+    return Signals(
+        len(prefill),
+        len(decode),
+        ttft_ok,
+        tpot_ok,
+        sum(w.queue_length for w in prefill) / max(1, len(prefill)),
+        used / total if total else 0.0,
+        len(window),
+        len(encode),
+        sum(w.queue_length for w in encode) / max(1, len(encode)),
+    )
 
 
 def decide(s: Signals, o: RolePolicyOptions) -> Proposal | None:
@@ -139,8 +150,8 @@ class RolePolicy:
     def __init__(self, router, options: RolePolicyOptions = RolePolicyOptions()) -> None:
         self.router = router
         self.options = options
-        self.since = time.monotonic()           # attainment counts requests that end after this
-        self.last_switch: float | None = None   # the cooldown runs from the last switch (none at start)
+        self.since = time.monotonic()  # attainment counts requests that end after this
+        self.last_switch: float | None = None  # the cooldown runs from the last switch (none at start)
         self._pending: tuple[Role, Role] | None = None
         self._streak = 0
         self._task: asyncio.Task | None = None
@@ -179,11 +190,11 @@ class RolePolicy:
         self._pending = key
         if p is None or self._streak < o.sustain:
             return None
-        pool = getattr(self.router, p.from_role.value)     # router.encode / .prefill / .decode
+        pool = getattr(self.router, p.from_role.value)  # router.encode / .prefill / .decode
         candidates = sorted((w for w in pool if w.serving), key=lambda w: w.inflight)
         if len(candidates) <= o.min_workers:
             return None
-        if Role.ENCODE in (p.from_role, p.to_role):      # only workers that hold both halves
+        if Role.ENCODE in (p.from_role, p.to_role):  # only workers that hold both halves
             able = [w for w in candidates if p.to_role in await self.router.worker_roles(w)]
             if not able:
                 return None

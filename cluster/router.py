@@ -29,13 +29,24 @@ import time
 from typing import AsyncIterator
 
 from cluster.admission import Admission
-from cluster.dispatch import Aborted, DecodeDied, Dispatcher, Flight
+from cluster.dispatch import Dispatcher
+from cluster.flight import Aborted, DecodeDied, Flight
 from cluster.fair_share import FairShare
 from cluster.pools import Pools, WorkerHandle, is_actor_death, is_stale
 from cluster.resume import Resume
 from cluster.role_switch import RoleSwitcher
-from cluster.router_api import (ChatMessage, ClusterStatus, FinalEvent, GenerateInput, ModelInfo, Prepared, RoleSwitch,
-                                Router, Timings, TokenEvent)
+from cluster.router_api import (
+    ChatMessage,
+    ClusterStatus,
+    FinalEvent,
+    GenerateInput,
+    ModelInfo,
+    Prepared,
+    RoleSwitch,
+    Router,
+    Timings,
+    TokenEvent,
+)
 from engine.sequence import StepOutput
 from engine.worker_api import Mode, Role, WorkerStatus
 
@@ -46,12 +57,25 @@ STATUS_TIMEOUT_S = 5.0
 
 
 class ClusterRouter(Router):
-    def __init__(self, *, mode: Mode | str, tokenizer, model_info: ModelInfo, kv_capacity_tokens: int,
-                 prefill: list[WorkerHandle], decode: list[WorkerHandle], max_inflight: int,
-                 default_timeout_s: float, on_shutdown=None, encode: list[WorkerHandle] = (),
-                 image_token_id: int | None = None, tokens_per_image: int = 0,
-                 reprefill_on_decode_failure: bool = False, max_image_pixels: int | None = None,
-                 seqs_per_worker: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        mode: Mode | str,
+        tokenizer,
+        model_info: ModelInfo,
+        kv_capacity_tokens: int,
+        prefill: list[WorkerHandle],
+        decode: list[WorkerHandle],
+        max_inflight: int,
+        default_timeout_s: float,
+        on_shutdown=None,
+        encode: list[WorkerHandle] = (),
+        image_token_id: int | None = None,
+        tokens_per_image: int = 0,
+        reprefill_on_decode_failure: bool = False,
+        max_image_pixels: int | None = None,
+        seqs_per_worker: int = 0,
+    ) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
         image placeholder token and how many placeholders one image's features fill.
         reprefill_on_decode_failure: a request whose decode worker dies is prefilled again
@@ -67,23 +91,42 @@ class ClusterRouter(Router):
         self.slots = FairShare(self._decode_slots)
         self._flights: dict[str, Flight] = {}
         self._pollers: list[asyncio.Task] = []
-        self._reapers: list[asyncio.Task] = []   # segment clean-ups after a worker death (shutdown waits)
+        self._reapers: list[asyncio.Task] = []  # segment clean-ups after a worker death (shutdown waits)
         self._on_shutdown = on_shutdown
-        self.supervisor = None           # the controller's Supervisor (cluster/supervisor.py), if any
-        self.policy = None               # the role policy (cluster/role_policy.py) when role switching is on
+        self.supervisor = None  # the controller's Supervisor (cluster/supervisor.py), if any
+        self.policy = None  # the role policy (cluster/role_policy.py) when role switching is on
         # (end time, ttft_s, tpot_s, completion tokens, completed) of recent requests (role policy).
         self.recent: collections.deque[tuple[float, float, float, int, bool]] = collections.deque(maxlen=RECENT)
-        self.admission = Admission(mode=self.mode, tokenizer=tokenizer, model_info=model_info,
-                                   kv_capacity_tokens=kv_capacity_tokens, pools=self.pools, flights=self._flights,
-                                   max_inflight=max_inflight, image_token_id=image_token_id,
-                                   tokens_per_image=tokens_per_image, max_image_pixels=max_image_pixels)
-        self.dispatch = Dispatcher(mode=self.mode, pools=self.pools, flights=self._flights,
-                                   slots=self.slots,
-                                   slots_on=lambda: self.seqs_per_worker > 0, default_timeout_s=default_timeout_s,
-                                   worker_died=self._worker_died, on_end=self._ended)
+        self.admission = Admission(
+            mode=self.mode,
+            tokenizer=tokenizer,
+            model_info=model_info,
+            kv_capacity_tokens=kv_capacity_tokens,
+            pools=self.pools,
+            flights=self._flights,
+            max_inflight=max_inflight,
+            image_token_id=image_token_id,
+            tokens_per_image=tokens_per_image,
+            max_image_pixels=max_image_pixels,
+        )
+        self.dispatch = Dispatcher(
+            mode=self.mode,
+            pools=self.pools,
+            flights=self._flights,
+            slots=self.slots,
+            slots_on=lambda: self.seqs_per_worker > 0,
+            default_timeout_s=default_timeout_s,
+            worker_died=self._worker_died,
+            on_end=self._ended,
+        )
         self.dispatch.resume = self.resume = Resume(self.dispatch, reprefill_on_decode_failure)
-        self.switcher = RoleSwitcher(mode=self.mode, pools=self.pools, flights=self._flights,
-                                     worker_died=self._worker_died, start_poller=self._start_poller)
+        self.switcher = RoleSwitcher(
+            mode=self.mode,
+            pools=self.pools,
+            flights=self._flights,
+            worker_died=self._worker_died,
+            start_poller=self._start_poller,
+        )
 
     # ------------------------------------------------------------------ pools
     @property
@@ -137,7 +180,7 @@ class ClusterRouter(Router):
                 if is_actor_death(exc):
                     self._worker_died(worker, exc)
                     return
-                if is_stale(exc):          # switched away (or switching): this handle is done
+                if is_stale(exc):  # switched away (or switching): this handle is done
                     if worker.retired:
                         return
                     await asyncio.sleep(POLL_S / 5)
@@ -178,8 +221,9 @@ class ClusterRouter(Router):
         self._reapers.append(asyncio.get_running_loop().create_task(_reap_segments()))
         for flight in list(self._flights.values()):
             if flight.decode is worker:
-                flight.events.put_nowait(DecodeDied(
-                    f"{worker.role.value} worker {worker.worker_id} died while serving this request"))
+                flight.events.put_nowait(
+                    DecodeDied(f"{worker.role.value} worker {worker.worker_id} died while serving this request")
+                )
 
     # ------------------------------------------------------------------ requests
     def prepare(self, request: GenerateInput) -> Prepared:
@@ -194,8 +238,9 @@ class ClusterRouter(Router):
     def estimate_tokens(self, message: ChatMessage) -> int:
         return self.admission.estimate_tokens(message)
 
-    def generate(self, request: GenerateInput, prepared: Prepared | None = None
-                 ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    def generate(
+        self, request: GenerateInput, prepared: Prepared | None = None
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
         prepared = prepared if prepared is not None else self.prepare(request)
         flight = self.admission.admit(request, prepared)
         return self.dispatch.stream(request, flight, list(prepared.token_ids))
@@ -210,7 +255,7 @@ class ClusterRouter(Router):
         flight = self._flights.get(request_id)
         if flight is None:
             return False
-        flight.aborted.set()                 # ends a wait for a slot, KV space or prefill
+        flight.aborted.set()  # ends a wait for a slot, KV space or prefill
         flight.events.put_nowait(Aborted())  # ends the decode phase
         return True
 
@@ -229,8 +274,9 @@ class ClusterRouter(Router):
     async def worker_roles(self, worker: WorkerHandle) -> frozenset[Role]:
         return await self.switcher.worker_roles(worker)
 
-    async def set_worker_role(self, worker_id: str, role: Role, reason: str = "manual",
-                              drain_timeout_s: float = 60.0) -> RoleSwitch:
+    async def set_worker_role(
+        self, worker_id: str, role: Role, reason: str = "manual", drain_timeout_s: float = 60.0
+    ) -> RoleSwitch:
         return await self.switcher.set_worker_role(worker_id, role, reason, drain_timeout_s)
 
     # ------------------------------------------------------------------ status
@@ -246,8 +292,9 @@ class ClusterRouter(Router):
 
         workers = await asyncio.gather(*(one(w) for w in self.pools.all()))
         restarts = tuple(sorted(self.supervisor.restarts().items())) if self.supervisor is not None else ()
-        return ClusterStatus(self.mode, tuple(workers), tuple(self.switches), switch_count=self.switch_count,
-                             restarts=restarts)
+        return ClusterStatus(
+            self.mode, tuple(workers), tuple(self.switches), switch_count=self.switch_count, restarts=restarts
+        )
 
     async def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """True once every live worker holds no request and no KV block (used by leak checks)."""
@@ -265,7 +312,7 @@ class ClusterRouter(Router):
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
         pending = [t for t in self._reapers if not t.done()]
-        if pending:                      # each gives up after ~5 s
+        if pending:  # each gives up after ~5 s
             await asyncio.wait(pending, timeout=10)
         if self._on_shutdown is not None:
             await self._on_shutdown()

@@ -23,14 +23,14 @@ from engine.worker_api import Mode, Role, WorkerStatus
 
 
 class ErrorKind(enum.Enum):
-    INVALID_ARGUMENT = "invalid_argument"      # gRPC INVALID_ARGUMENT, HTTP 400
+    INVALID_ARGUMENT = "invalid_argument"  # gRPC INVALID_ARGUMENT, HTTP 400
     RESOURCE_EXHAUSTED = "resource_exhausted"  # gRPC RESOURCE_EXHAUSTED, HTTP 429
-    UNAVAILABLE = "unavailable"                # gRPC UNAVAILABLE, HTTP 503 (no live worker)
-    DEADLINE_EXCEEDED = "deadline_exceeded"    # gRPC DEADLINE_EXCEEDED, HTTP 504
-    NOT_FOUND = "not_found"                    # gRPC NOT_FOUND, HTTP 404
+    UNAVAILABLE = "unavailable"  # gRPC UNAVAILABLE, HTTP 503 (no live worker)
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # gRPC DEADLINE_EXCEEDED, HTTP 504
+    NOT_FOUND = "not_found"  # gRPC NOT_FOUND, HTTP 404
     FAILED_PRECONDITION = "failed_precondition"  # gRPC FAILED_PRECONDITION, HTTP 409 (admin calls)
-    INTERNAL = "internal"                      # gRPC INTERNAL, HTTP 500
-    UNAUTHENTICATED = "unauthenticated"        # gRPC UNAUTHENTICATED, HTTP 401 (missing or unknown API key)
+    INTERNAL = "internal"  # gRPC INTERNAL, HTTP 500
+    UNAUTHENTICATED = "unauthenticated"  # gRPC UNAUTHENTICATED, HTTP 401 (missing or unknown API key)
 
 
 class RouterError(Exception):
@@ -43,7 +43,7 @@ class RouterError(Exception):
         self.kind = kind
         self.message = message
         self.reason = reason or kind.value
-        self.counted = False            # the gateway counted it in its metrics
+        self.counted = False  # the gateway counted it in its metrics
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class GenerateInput:
     messages: tuple[ChatMessage, ...] | None = None
     token_ids: tuple[int, ...] | None = None
     images: tuple[bytes, ...] = ()
-    deadline_s: float | None = None        # seconds from submission; None: the server's default
-    tenant: str = ""                       # who sent it (the gateway's principal): decode slots are shared fairly by tenant
+    deadline_s: float | None = None  # seconds from submission; None: the server's default
+    tenant: str = ""  # who sent it (the gateway's principal): decode slots are shared fairly by tenant
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,10 @@ class FinalEvent:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    text: str                                # the whole completion
+    text: str  # the whole completion
     timings: Timings = field(default_factory=Timings)
-    error: str | None = None                 # set iff finish_reason is ERROR: a short message for the client
-    error_kind: ErrorKind | None = None      # ... and its kind (a failure before the first token is a status)
+    error: str | None = None  # set iff finish_reason is ERROR: a short message for the client
+    error_kind: ErrorKind | None = None  # ... and its kind (a failure before the first token is a status)
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,10 @@ class RoleSwitch:
     from_role: Role
     to_role: Role
     at_unix_s: float
-    reason: str                                 # "manual" or the role policy's signal
-    epoch: int = 0                              # the worker's epoch after the switch
-    drain_s: float = 0.0                        # waiting for its requests to end
-    switch_s: float = 0.0                       # the worker rebuilding itself for the new role
+    reason: str  # "manual" or the role policy's signal
+    epoch: int = 0  # the worker's epoch after the switch
+    drain_s: float = 0.0  # waiting for its requests to end
+    switch_s: float = 0.0  # the worker rebuilding itself for the new role
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class ClusterStatus:
     mode: Mode
     workers: tuple[WorkerStatus, ...]
     role_switches: tuple[RoleSwitch, ...] = ()  # the most recent ones, oldest first
-    switch_count: int = 0                       # role switches since the cluster started
+    switch_count: int = 0  # role switches since the cluster started
     restarts: tuple[tuple[str, int], ...] = ()  # (worker id, successful restarts), restarted ones only
 
 
@@ -148,8 +148,9 @@ class Router(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def generate(self, request: GenerateInput, prepared: Prepared | None = None
-                 ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    def generate(
+        self, request: GenerateInput, prepared: Prepared | None = None
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Validate, then stream. Raises RouterError before the first event on bad input/overload.
         `prepared`: this request's prepare() result (else generate prepares it itself).
 
@@ -165,8 +166,9 @@ class Router(abc.ABC):
     @abc.abstractmethod
     async def cluster_status(self) -> ClusterStatus: ...
 
-    async def set_worker_role(self, worker_id: str, role: Role, reason: str = "manual",
-                              drain_timeout_s: float = 60.0) -> RoleSwitch:
+    async def set_worker_role(
+        self, worker_id: str, role: Role, reason: str = "manual", drain_timeout_s: float = 60.0
+    ) -> RoleSwitch:
         """Move a worker to another pool (admin). Routers without role switching refuse."""
         raise RouterError(ErrorKind.FAILED_PRECONDITION, "this deployment does not switch worker roles")
 

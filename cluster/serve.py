@@ -29,29 +29,55 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="deploy YAML (e.g. deploy/local.yaml)")
-    parser.add_argument("--address", metavar="RAY_ADDRESS", default=None,
-                        help="join this Ray cluster ('auto' or HOST:PORT) instead of the config's ray.address")
+    parser.add_argument(
+        "--address",
+        metavar="RAY_ADDRESS",
+        default=None,
+        help="join this Ray cluster ('auto' or HOST:PORT) instead of the config's ray.address",
+    )
     parser.add_argument("--host", default=None, help="bind address (overrides server.host)")
-    parser.add_argument("--grpc-port", type=int, default=None, metavar="N",
-                        help="gRPC port (overrides server.grpc_port; 0: a free port)")
-    parser.add_argument("--http-port", type=int, default=None, metavar="N",
-                        help="OpenAI-compatible HTTP port (overrides server.http_port; 0: a free port)")
-    parser.add_argument("--admin-port", type=int, default=None, metavar="N",
-                        help="admin port (overrides server.admin_port; 0: a free port)")  # fmt: skip
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="gRPC port (overrides server.grpc_port; 0: a free port)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="OpenAI-compatible HTTP port (overrides server.http_port; 0: a free port)",
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="admin port (overrides server.admin_port; 0: a free port)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DeployConfig:
     """Load the YAML with the command-line overrides applied (validated like the file)."""
-    overrides = {key: value for key, value in (
-        ("ray.address", args.address), ("server.host", args.host),
-        ("server.grpc_port", args.grpc_port), ("server.http_port", args.http_port),
-        ("server.admin_port", getattr(args, "admin_port", None)),
-    ) if value is not None}  # fmt: skip
+    overrides = {
+        key: value
+        for key, value in (
+            ("ray.address", args.address),
+            ("server.host", args.host),
+            ("server.grpc_port", args.grpc_port),
+            ("server.http_port", args.http_port),
+            ("server.admin_port", getattr(args, "admin_port", None)),
+        )
+        if value is not None
+    }
     return load_config(args.config, overrides)
 
 
-async def start_serving(config: DeployConfig, address: str | None = None,
-                        progress: Progress = print) -> tuple[Router, gateway.RunningGateway]:  # fmt: skip
+async def start_serving(
+    config: DeployConfig, address: str | None = None, progress: Progress = print
+) -> tuple[Router, gateway.RunningGateway]:
     """Start the cluster and the gateway on it. API keys and TLS files are read first, so a bad
     one fails before anything starts. On failure nothing is left running."""
     from cluster.auth import KeyRing
@@ -83,14 +109,20 @@ def describe(config: DeployConfig, router: Router, running: gateway.RunningGatew
     auth = config.server.auth
     keys = "API keys required" if (auth.api_keys_file or auth.api_keys_env) else "no API keys"
     tls = "TLS" + (" + client certificates" if config.server.tls.client_ca_file else "") if running.tls else "no TLS"
-    lines = [f"Triptych serving {info.name} ({config.mode.value}: {pools}; {keys}, {tls})",
-             f"  gRPC    {running.host}:{running.grpc_port}   (triptych.v1.Triptych, grpc.health.v1, reflection)"]
+    lines = [
+        f"Triptych serving {info.name} ({config.mode.value}: {pools}; {keys}, {tls})",
+        f"  gRPC    {running.host}:{running.grpc_port}   (triptych.v1.Triptych, grpc.health.v1, reflection)",
+    ]
     if running.http_url:
         scheme = "https" if running.tls else "http"
-        lines.append(f"  HTTP    {scheme}://{running.host}:{running.http_port}/v1   (OpenAI-compatible; /health, /metrics)")
+        lines.append(
+            f"  HTTP    {scheme}://{running.host}:{running.http_port}/v1   (OpenAI-compatible; /health, /metrics)"
+        )
     if running.admin_port is not None:
-        lines.append(f"  admin   {running.admin_host}:{running.admin_port}   (triptych.v1.TriptychAdmin: "
-                     f"`triptych admin ... --target {running.admin_target}`)")
+        lines.append(
+            f"  admin   {running.admin_host}:{running.admin_port}   (triptych.v1.TriptychAdmin: "
+            f"`triptych admin ... --target {running.admin_target}`)"
+        )
     return "\n".join(lines)
 
 
@@ -101,12 +133,16 @@ def exposure_warnings(config: DeployConfig) -> list[str]:
     if is_loopback(srv.host):
         return out
     if not (srv.auth.api_keys_file or srv.auth.api_keys_env):
-        out.append(f"server.host is {srv.host!r} (not loopback) and no API keys are set: ANYONE who can reach "
-                   f"ports {srv.grpc_port}/{srv.http_port} can use this cluster. Set server.auth.api_keys_file "
-                   f"(docs/SECURITY.md).")
+        out.append(
+            f"server.host is {srv.host!r} (not loopback) and no API keys are set: ANYONE who can reach "
+            f"ports {srv.grpc_port}/{srv.http_port} can use this cluster. Set server.auth.api_keys_file "
+            f"(docs/SECURITY.md)."
+        )
     if not srv.tls.enabled:
-        out.append(f"server.host is {srv.host!r} (not loopback) without TLS: prompts, replies and API keys cross "
-                   f"the network in clear text. Set server.tls.cert_file and key_file (docs/SECURITY.md).")
+        out.append(
+            f"server.host is {srv.host!r} (not loopback) without TLS: prompts, replies and API keys cross "
+            f"the network in clear text. Set server.tls.cert_file and key_file (docs/SECURITY.md)."
+        )
     return out
 
 

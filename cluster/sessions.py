@@ -44,7 +44,7 @@ class _Session:
     size: int = 0
 
 
-MESSAGE_OVERHEAD = 64   # bytes a message costs besides its text and images (so empty ones count too)
+MESSAGE_OVERHEAD = 64  # bytes a message costs besides its text and images (so empty ones count too)
 
 
 def _size(messages: tuple[ChatMessage, ...]) -> int:
@@ -52,8 +52,7 @@ def _size(messages: tuple[ChatMessage, ...]) -> int:
 
 
 class SessionStore:
-    def __init__(self, config: SessionsConfig = SessionsConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(self, config: SessionsConfig = SessionsConfig(), clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
         # Per principal, that principal's sessions in last-used order (oldest first).
@@ -79,21 +78,32 @@ class SessionStore:
         if session is None:
             session = mine[session_id] = _Session((), 0.0)
             self._count += 1
-        self._set(who, session, _cap(session.messages + (*messages, ChatMessage(role="assistant", content=reply)),
-                                     self.config.max_session_bytes))
+        self._set(
+            who,
+            session,
+            _cap(
+                session.messages + (*messages, ChatMessage(role="assistant", content=reply)),
+                self.config.max_session_bytes,
+            ),
+        )
         self._touch(who, session_id, session)
         c = self.config
         while mine and (len(mine) > c.max_sessions_per_client or self._bytes[who] > c.max_bytes_per_client):
             self._drop(who, next(iter(mine)))
-        while self._count > c.max_sessions:      # too many: the client holding the most sessions gives one up
+        while self._count > c.max_sessions:  # too many: the client holding the most sessions gives one up
             victim = max(self._sessions, key=lambda p: (len(self._sessions[p]), self._bytes[p], p == who))
             self._drop(victim, next(iter(self._sessions[victim])))
-        while self.total_bytes > c.max_bytes:     # too large: the client holding the most bytes gives one up
+        while self.total_bytes > c.max_bytes:  # too large: the client holding the most bytes gives one up
             victim = max(self._sessions, key=lambda p: (self._bytes[p], len(self._sessions[p]), p == who))
             self._drop(victim, next(iter(self._sessions[victim])))
 
-    def replace(self, who: Principal, session_id: str, messages: tuple[ChatMessage, ...],
-                was: tuple[ChatMessage, ...] | None = None) -> None:  # fmt: skip
+    def replace(
+        self,
+        who: Principal,
+        session_id: str,
+        messages: tuple[ChatMessage, ...],
+        was: tuple[ChatMessage, ...] | None = None,
+    ) -> None:
         """Overwrite a session's history (the gateway trims history that no longer fits); with
         `was`, only if the history is still that one (a turn recorded meanwhile is kept)."""
         session = self._sessions.get(who, {}).get(session_id)
@@ -179,12 +189,16 @@ def _cap(messages: tuple[ChatMessage, ...], max_bytes: int) -> tuple[ChatMessage
         if size - dropped <= max_bytes:
             break
     kept = _dropped(messages, at)
-    return kept if _size(kept) <= max_bytes else ()   # system messages alone too large: keep nothing
+    return kept if _size(kept) <= max_bytes else ()  # system messages alone too large: keep nothing
 
 
-def trim_to_fit(history: tuple[ChatMessage, ...], new: tuple[ChatMessage, ...],
-                count_tokens: Callable[[tuple[ChatMessage, ...]], int], budget: int,
-                estimate: Callable[[ChatMessage], int] | None = None) -> tuple[ChatMessage, ...]:  # fmt: skip
+def trim_to_fit(
+    history: tuple[ChatMessage, ...],
+    new: tuple[ChatMessage, ...],
+    count_tokens: Callable[[tuple[ChatMessage, ...]], int],
+    budget: int,
+    estimate: Callable[[ChatMessage], int] | None = None,
+) -> tuple[ChatMessage, ...]:
     """The history with its oldest turns dropped (see _drop_points) until history + new fits in
     `budget` tokens; all of them dropped if it never fits.
 
@@ -206,7 +220,7 @@ def trim_to_fit(history: tuple[ChatMessage, ...], new: tuple[ChatMessage, ...],
     excess, dropped, step = whole - budget, 0, 0
     while step + 1 < len(points) and dropped < excess:
         step += 1
-        dropped += sum(own[points[step - 1]:points[step]])
+        dropped += sum(own[points[step - 1] : points[step]])
 
     def fits(k: int) -> bool:
         return count_tokens((*_dropped(history, points[k]), *new)) <= budget

@@ -36,32 +36,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SupervisorOptions:
-    check_s: float = 1.0            # how often dead workers are looked for and live ones pinged
+    check_s: float = 1.0  # how often dead workers are looked for and live ones pinged
     ping_timeout_s: float = 5.0
     ready_timeout_s: float = 120.0  # a replacement that is not ready by then is killed and retried
-    backoff_s: float = 1.0          # wait before the 2nd consecutive try; doubles per failed try
+    backoff_s: float = 1.0  # wait before the 2nd consecutive try; doubles per failed try
     max_backoff_s: float = 30.0
-    max_restarts: int = 10          # tries per worker id over the cluster's life (successful or not)
+    max_restarts: int = 10  # tries per worker id over the cluster's life (successful or not)
 
 
 @dataclass(frozen=True)
 class RestartRecord:
     worker_id: str
-    epoch: int                      # the replacement's epoch (the original worker has epoch 0)
+    epoch: int  # the replacement's epoch (the original worker has epoch 0)
     node_id: str
     at_unix_s: float
-    seconds: float                  # spawn to ready (or to failure)
-    error: str | None = None        # None: the replacement serves
+    seconds: float  # spawn to ready (or to failure)
+    error: str | None = None  # None: the replacement serves
 
 
 Spawn = Callable[[Role, str, int], object]  # (role, worker_id, epoch) -> a new, not yet ready actor
-CheckLayout = Callable[[object], None]      # raises when a replacement's KV layout is incompatible
+CheckLayout = Callable[[object], None]  # raises when a replacement's KV layout is incompatible
 
 
 class Supervisor:
-    def __init__(self, router: ClusterRouter, spawn: Spawn, kill: Callable[[object], None], *,
-                 check_layout: CheckLayout | None = None, options: SupervisorOptions = SupervisorOptions(),
-                 is_death: Callable[[BaseException], bool] = is_actor_death) -> None:
+    def __init__(
+        self,
+        router: ClusterRouter,
+        spawn: Spawn,
+        kill: Callable[[object], None],
+        *,
+        check_layout: CheckLayout | None = None,
+        options: SupervisorOptions = SupervisorOptions(),
+        is_death: Callable[[BaseException], bool] = is_actor_death,
+    ) -> None:
         self.router = router
         self.options = options
         self._spawn = spawn
@@ -69,7 +76,7 @@ class Supervisor:
         self._check_layout = check_layout
         self._is_death = is_death
         self.history: list[RestartRecord] = []
-        self.tries: dict[str, int] = {}             # worker id -> restart tries so far
+        self.tries: dict[str, int] = {}  # worker id -> restart tries so far
         self._restarting: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
 
@@ -83,9 +90,13 @@ class Supervisor:
         return out
 
     def given_up(self) -> list[str]:
-        return sorted(w.worker_id for w in self._workers()
-                      if not w.alive and w.worker_id not in self._restarting
-                      and self.tries.get(w.worker_id, 0) >= self.options.max_restarts)
+        return sorted(
+            w.worker_id
+            for w in self._workers()
+            if not w.alive
+            and w.worker_id not in self._restarting
+            and self.tries.get(w.worker_id, 0) >= self.options.max_restarts
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -145,7 +156,7 @@ class Supervisor:
     async def _restart(self, dead: WorkerHandle) -> None:
         o = self.options
         failures = 0
-        self._kill(dead.actor)   # a worker whose loop died still runs and holds its resources
+        self._kill(dead.actor)  # a worker whose loop died still runs and holds its resources
         try:
             while self.tries.get(dead.worker_id, 0) < o.max_restarts:
                 if failures:
@@ -165,7 +176,7 @@ class Supervisor:
         try:
             actor = self._spawn(dead.role, dead.worker_id, epoch)
             ready = await asyncio.wait_for(actor.ready.remote(), self.options.ready_timeout_s)
-            if self._check_layout is not None and ready.layout is not None:   # None: no KV cache (encode)
+            if self._check_layout is not None and ready.layout is not None:  # None: no KV cache (encode)
                 self._check_layout(ready.layout)
         except asyncio.CancelledError:
             if actor is not None:
@@ -173,8 +184,9 @@ class Supervisor:
             raise
         except Exception as exc:
             if isinstance(exc, asyncio.TimeoutError):
-                exc = TimeoutError(f"not ready within {self.options.ready_timeout_s:.0f}s "
-                                   f"(no node with the pool's resources?)")
+                exc = TimeoutError(
+                    f"not ready within {self.options.ready_timeout_s:.0f}s (no node with the pool's resources?)"
+                )
             if actor is not None:
                 self._kill(actor)
             log.warning("restart of %s (epoch %d) failed: %s", dead.worker_id, epoch, exc)
@@ -184,6 +196,7 @@ class Supervisor:
         self.router.replace_worker(dead, actor, node_id)
         record = RestartRecord(dead.worker_id, epoch, node_id, at, time.monotonic() - t0)
         self.history.append(record)
-        log.warning("worker %s restarted (epoch %d) on node %s in %.1fs",
-                    dead.worker_id, epoch, node_id[:12], record.seconds)
+        log.warning(
+            "worker %s restarted (epoch %d) on node %s in %.1fs", dead.worker_id, epoch, node_id[:12], record.seconds
+        )
         return True

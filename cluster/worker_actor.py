@@ -69,9 +69,17 @@ class RoleSwitchError(RuntimeError):
 
 
 class WorkerActor:
-    def __init__(self, worker_id: str, model: str | None, options: dict[Role, RoleOptions],
-                 num_threads: int, role: Role, epoch: int = 0, loaded: LoadedModel | None = None,
-                 vision: ImageEncoder | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        model: str | None,
+        options: dict[Role, RoleOptions],
+        num_threads: int,
+        role: Role,
+        epoch: int = 0,
+        loaded: LoadedModel | None = None,
+        vision: ImageEncoder | None = None,
+    ) -> None:
         """options: per role this worker may take, its options. Only ENCODE: a plain encode
         worker (no language model). ENCODE with other roles needs PREFILL: the language model is
         what the encode role switches to.
@@ -80,8 +88,9 @@ class WorkerActor:
         if role not in options:
             raise ValueError(f"worker {worker_id}: no options for role {role.value}")
         if Role.ENCODE in options and len(options) > 1 and Role.PREFILL not in options:
-            raise ValueError(f"worker {worker_id}: the encode role switches only to prefill; it needs the prefill "
-                             f"role's options too")
+            raise ValueError(
+                f"worker {worker_id}: the encode role switches only to prefill; it needs the prefill role's options too"
+            )
         setup_threads(num_threads)
         self.worker_id = worker_id
         self.options = options
@@ -128,16 +137,20 @@ class WorkerActor:
         if epoch is not None and epoch != self.epoch:
             raise StaleEpochError(f"worker {self.worker_id} is at epoch {self.epoch}, the call was for epoch {epoch}")
         if self.role not in roles:
-            raise StaleEpochError(f"worker {self.worker_id} is a {self.role.value} worker, the call needs "
-                                  f"{'/'.join(r.value for r in roles)}")
+            raise StaleEpochError(
+                f"worker {self.worker_id} is a {self.role.value} worker, the call needs "
+                f"{'/'.join(r.value for r in roles)}"
+            )
 
     # ------------------------------------------------------------ role
     async def set_role(self, role: Role, epoch: int) -> tuple[WorkerReady, float]:
         """Switch to `role` as `epoch`; returns the new role's ready() answer and the seconds the
         switch took."""
         if role not in self.options:
-            raise RoleSwitchError(f"worker {self.worker_id} cannot take role {role.value} "
-                                  f"(it can be {', '.join(r.value for r in self.options)})")
+            raise RoleSwitchError(
+                f"worker {self.worker_id} cannot take role {role.value} "
+                f"(it can be {', '.join(r.value for r in self.options)})"
+            )
         if epoch <= self.epoch:
             raise RoleSwitchError(f"worker {self.worker_id} is at epoch {self.epoch}; refusing epoch {epoch}")
         if self._switching:
@@ -161,7 +174,7 @@ class WorkerActor:
 
     # ------------------------------------------------------------ every role (engine/worker_api.py Worker)
     async def ready(self) -> WorkerReady:
-        return await self.impl.ready()     # raises WorkerLoopDied once the inner worker's loop died
+        return await self.impl.ready()  # raises WorkerLoopDied once the inner worker's loop died
 
     async def status(self) -> WorkerStatus:
         return await self.impl.status()
@@ -199,19 +212,35 @@ class WorkerActor:
             await self.impl.release_images(shards)
 
     # ------------------------------------------------------------ decode role
-    async def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None,
-                      epoch: int | None = None):
+    async def reserve(
+        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None, epoch: int | None = None
+    ):
         self._fence(epoch, Role.DECODE)
         return await self.impl.reserve(request_id, num_prompt_tokens, lease_s)
 
-    async def activate(self, request_id: str, prompt_token_ids, first_token: int, sampling, epoch: int | None = None,
-                       resume: tuple[int, int] | None = None):
+    async def activate(
+        self,
+        request_id: str,
+        prompt_token_ids,
+        first_token: int,
+        sampling,
+        epoch: int | None = None,
+        resume: tuple[int, int] | None = None,
+    ):
         self._fence(epoch, Role.DECODE)
         return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume)
 
     # ------------------------------------------------------------ colocated role
-    async def submit(self, request_id: str, prompt_token_ids, sampling, epoch: int | None = None,
-                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
+    async def submit(
+        self,
+        request_id: str,
+        prompt_token_ids,
+        sampling,
+        epoch: int | None = None,
+        images: tuple[bytes, ...] = (),
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+    ) -> None:
         self._fence(epoch, Role.COLOCATED)
         await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant)
 

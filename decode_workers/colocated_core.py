@@ -26,8 +26,9 @@ class ColocatedOptions:
 
 
 class ColocatedCore:
-    def __init__(self, options: ColocatedOptions, loaded: LoadedModel,
-                 image_encoder: InProcessEncoder | None = None) -> None:
+    def __init__(
+        self, options: ColocatedOptions, loaded: LoadedModel, image_encoder: InProcessEncoder | None = None
+    ) -> None:
         """image_encoder: a vision side already in memory; without it, it is loaded from
         options.image_encoder_dir when that is set (and the model takes images)."""
         self.options = options
@@ -35,11 +36,19 @@ class ColocatedCore:
         self.layout = self.engine.layout
         self.image_encoder = None  # vision-language model (encode_workers/inproc.py)
         if options.image_encoder_dir is not None and loaded.image_spec is not None:
-            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(options.image_encoder_dir,
-                                                                                  loaded.model.dtype)
+            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(
+                options.image_encoder_dir, loaded.model.dtype
+            )
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-               images: list[bytes] | tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        images: list[bytes] | tuple[bytes, ...] = (),
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+    ) -> None:
         """Queue a whole request; its images (if any) are encoded first. InvalidRequestError names
         an image that is not one. resume: a re-prefilled request's earlier output
         (LLMEngine.add_request); tenant: who sent it."""
@@ -48,8 +57,9 @@ class ColocatedCore:
             if self.image_encoder is None:
                 raise ValueError(f"model {self.engine.loaded.name} takes no images on this worker")
             features, _ = self.image_encoder.encode(list(images))
-        self.engine.add_request(list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume,
-                                tenant=tenant)
+        self.engine.add_request(
+            list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume, tenant=tenant
+        )
 
     def cancel(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

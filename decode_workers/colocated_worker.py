@@ -16,8 +16,13 @@ from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
 
 
 class ColocatedWorker:
-    def __init__(self, worker_id: str, options: ColocatedOptions, loaded: LoadedModel,
-                 image_encoder: InProcessEncoder | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        options: ColocatedOptions,
+        loaded: LoadedModel,
+        image_encoder: InProcessEncoder | None = None,
+    ) -> None:
         """loaded / image_encoder: weights already in this process (as PrefillWorker's)."""
         self.worker_id = worker_id
         self.info = worker_info(worker_id, Role.COLOCATED)
@@ -33,12 +38,20 @@ class ColocatedWorker:
         self.loop.check()
         return WorkerReady(self.info, self.core.layout)
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                     images: tuple[bytes, ...] = (), resume: tuple[int, int] | None = None, tenant: str = "") -> None:
+    async def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        images: tuple[bytes, ...] = (),
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+    ) -> None:
         """The whole request (prefill and decode) runs here; images are encoded here too."""
         self.loop.check()
-        await self.loop.call(self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume,
-                             tenant)
+        await self.loop.call(
+            self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant
+        )
         self.loop.kick()
 
     async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:

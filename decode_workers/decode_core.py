@@ -33,7 +33,7 @@ QUARANTINE_S = 1.0
 class DecodeOptions:
     engine: EngineConfig
     backend: str = "shm"
-    lease_s: float = 300.0           # longest lease a reservation may ask for
+    lease_s: float = 300.0  # longest lease a reservation may ask for
     activate_timeout_s: float = 30.0  # how long activate() waits for the last KV layer to land
 
 
@@ -54,8 +54,9 @@ class DecodeCore:
         self._quarantine: list[tuple[float, list[int]]] = []
 
     # ------------------------------------------------------------ admission
-    def reserve(self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
-                ) -> TransferDescriptor | None:
+    def reserve(
+        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
+    ) -> TransferDescriptor | None:
         """Hold blocks for a prompt and open its transfer; None when there is no room now.
 
         The lease (the request's remaining deadline) bounds how long the blocks wait for
@@ -76,8 +77,14 @@ class DecodeCore:
         self._reserved[request_id] = _Reservation(table, time.monotonic() + lease)
         return desc
 
-    def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                 sampling: SamplingParams, resume: tuple[int, int] | None = None) -> StepOutput:
+    def activate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        resume: tuple[int, int] | None = None,
+    ) -> StepOutput:
         """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do.
         resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
         res = self._reserved.pop(request_id, None)
@@ -90,9 +97,10 @@ class DecodeCore:
             raise
         self.receiver.release(request_id)
         try:
-            return self.engine.add_prefilled(request_id, prompt_token_ids, first_token, sampling, res.block_table,
-                                             resume=resume)
-        except BaseException:      # refused before the engine took the blocks: they are still ours
+            return self.engine.add_prefilled(
+                request_id, prompt_token_ids, first_token, sampling, res.block_table, resume=resume
+            )
+        except BaseException:  # refused before the engine took the blocks: they are still ours
             self.engine.blocks.free(res.block_table)
             raise
 

@@ -44,7 +44,7 @@ class StepLoop:
         """name: the worker as log lines and WorkerLoopDied name it, e.g. "decode worker d-0"."""
         self.core = core
         self.name = name
-        self.failed: str | None = None   # why the loop died; then check() raises WorkerLoopDied
+        self.failed: str | None = None  # why the loop died; then check() raises WorkerLoopDied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loop")
         self._outbox: list[list[StepOutput]] = []
         self._has_output = asyncio.Event()
@@ -79,7 +79,7 @@ class StepLoop:
         except BaseException:
             log.exception("the step loop of %s died", self.name)
             self.failed = f"the step loop of {self.name} died"
-            self._has_output.set()   # the router's poll takes what was produced, then hears of the death
+            self._has_output.set()  # the router's poll takes what was produced, then hears of the death
 
     async def poll(self, timeout_s: float) -> list[list[StepOutput]]:
         if not self._outbox:
@@ -99,11 +99,18 @@ class StepLoop:
             await asyncio.gather(task, return_exceptions=True)
         await self.call(close)
         self._executor.shutdown(wait=False)
-        self._has_output.set()       # a poll still waiting returns (empty) at once
+        self._has_output.set()  # a poll still waiting returns (empty) at once
 
 
 def engine_status(info: WorkerInfo, engine: LLMEngine) -> WorkerStatus:
     """The status of a worker whose core steps `engine` (read on the loop's thread: call(...))."""
-    return WorkerStatus(info.worker_id, info.role, info.node_id, True,
-                        queue_length=len(engine.scheduler.waiting), running=len(engine.scheduler.running),
-                        kv_blocks_used=engine.blocks.num_used_blocks, kv_blocks_total=engine.blocks.num_total_blocks)
+    return WorkerStatus(
+        info.worker_id,
+        info.role,
+        info.node_id,
+        True,
+        queue_length=len(engine.scheduler.waiting),
+        running=len(engine.scheduler.running),
+        kv_blocks_used=engine.blocks.num_used_blocks,
+        kv_blocks_total=engine.blocks.num_total_blocks,
+    )

@@ -34,13 +34,20 @@ class DecodeWorker:
         self.loop.check()
         return WorkerReady(self.info, self.core.layout)
 
-    async def reserve(self, request_id: str, num_prompt_tokens: int,
-                      lease_s: float | None = None) -> TransferDescriptor | None:
+    async def reserve(
+        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
+    ) -> TransferDescriptor | None:
         self.loop.check()
         return await self.loop.call(self.core.reserve, request_id, num_prompt_tokens, lease_s)
 
-    async def activate(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                       sampling: SamplingParams, resume: tuple[int, int] | None = None) -> StepOutput:
+    async def activate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        resume: tuple[int, int] | None = None,
+    ) -> StepOutput:
         self.loop.check()
         out = await self.loop.call(self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume)
         self.loop.kick()

@@ -66,8 +66,13 @@ class _Pending:
 
 
 class EncodeBatcher:
-    def __init__(self, encoder: ImageEncoder, cache: EmbeddingCache, max_images_per_batch: int = 8,
-                 max_tokens_per_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        cache: EmbeddingCache,
+        max_images_per_batch: int = 8,
+        max_tokens_per_batch: int | None = None,
+    ) -> None:
         if max_images_per_batch <= 0:
             raise ValueError(f"max_images_per_batch must be positive, got {max_images_per_batch}")
         self.encoder = encoder
@@ -125,7 +130,11 @@ class EncodeBatcher:
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         per_image = self.encoder.num_image_tokens
-        while self._queue and len(batch) < self.max_images and (len(batch) + 1) * per_image <= max(self.max_tokens, per_image):
+        while (
+            self._queue
+            and len(batch) < self.max_images
+            and (len(batch) + 1) * per_image <= max(self.max_tokens, per_image)
+        ):
             batch.append(self._queue.popleft())
         return batch
 

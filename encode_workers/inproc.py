@@ -30,7 +30,7 @@ class InProcessEncodeStats:
     images: int
     cache_hits: int
     forwards: int
-    seconds: float            # preprocessing + vision forwards of this call
+    seconds: float  # preprocessing + vision forwards of this call
 
 
 class InProcessEncoder:
@@ -60,7 +60,7 @@ class InProcessEncoder:
         calls = self.encoder.calls
         keys = [image_key(b, self.encoder.model_id) for b in images]
         out: list[torch.Tensor | None] = [None] * len(images)
-        todo: dict[str, list[int]] = {}            # key → indices of that image in this call
+        todo: dict[str, list[int]] = {}  # key → indices of that image in this call
         pixels: list[torch.Tensor] = []
         hits = 0
         for i, (key, data) in enumerate(zip(keys, images)):
@@ -76,8 +76,8 @@ class InProcessEncoder:
             pixels.append(self.encoder.preprocess(data, i))
         pending = list(todo.items())
         for lo in range(0, len(pending), self.max_images):
-            chunk = pending[lo:lo + self.max_images]
-            feats = self.encoder.forward(torch.stack(pixels[lo:lo + self.max_images]))
+            chunk = pending[lo : lo + self.max_images]
+            feats = self.encoder.forward(torch.stack(pixels[lo : lo + self.max_images]))
             for (key, indices), f in zip(chunk, feats):
                 self.cache.put(key, f)
                 for i in indices:
@@ -86,8 +86,11 @@ class InProcessEncoder:
         return out, stats  # type: ignore[return-value]
 
     def stats(self) -> dict[str, object]:
-        return {"encoder_calls": self.encoder.calls, "images_encoded": self.encoder.images_encoded,
-                "cache": self.cache_stats()}
+        return {
+            "encoder_calls": self.encoder.calls,
+            "images_encoded": self.encoder.images_encoded,
+            "cache": self.cache_stats(),
+        }
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()

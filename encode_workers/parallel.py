@@ -32,16 +32,28 @@ def plan_shards(request_id: str, images: list[bytes], num_workers: int) -> list[
     return [(w, EncodeShard(f"{request_id}/encode.{w}", tuple(idx))) for w, idx in enumerate(assigned) if idx]
 
 
-async def encode_parallel(workers: list, plan: list[tuple[int, EncodeShard]], images: list[bytes],
-                          descriptors: list[TransferDescriptor], *, timeout: float | None = None,
-                          epochs: list[int] | None = None) -> list[EncodeStats]:
+async def encode_parallel(
+    workers: list,
+    plan: list[tuple[int, EncodeShard]],
+    images: list[bytes],
+    descriptors: list[TransferDescriptor],
+    *,
+    timeout: float | None = None,
+    epochs: list[int] | None = None,
+) -> list[EncodeStats]:
     """Call every shard's worker at once (Ray actor handles); the stats in shard order.
 
     epochs: per worker, the epoch the call is meant for (a worker that switched role since
     refuses it; cluster/worker_actor.py). A failing shard raises here; the receiver sees that
     shard CANCELLED (the worker aborts it).
     """
-    refs = [workers[w].encode.remote(shard.transfer_id, [images[i] for i in shard.image_indices], desc,
-                                     **({"epoch": epochs[w]} if epochs is not None else {}))
-            for (w, shard), desc in zip(plan, descriptors)]
+    refs = [
+        workers[w].encode.remote(
+            shard.transfer_id,
+            [images[i] for i in shard.image_indices],
+            desc,
+            **({"epoch": epochs[w]} if epochs is not None else {}),
+        )
+        for (w, shard), desc in zip(plan, descriptors)
+    ]
     return list(await asyncio.wait_for(asyncio.gather(*refs), timeout))

@@ -26,8 +26,16 @@ from kv_transfer.registry import get_backend
 
 
 class EncodeService:
-    def __init__(self, encoder: ImageEncoder, *, backend: str = "shm", cache_bytes: int = 512 << 20,
-                 max_images_per_batch: int = 8, send_timeout_s: float = 60.0, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        *,
+        backend: str = "shm",
+        cache_bytes: int = 512 << 20,
+        max_images_per_batch: int = 8,
+        send_timeout_s: float = 60.0,
+        worker_id: str | None = None,
+    ) -> None:
         self.backend = get_backend(backend)
         self.encoder = encoder
         self.cache = EmbeddingCache(cache_bytes)
@@ -43,7 +51,9 @@ class EncodeService:
 
     def _sender(self, desc: TransferDescriptor) -> KVSender:
         if desc.backend != self.backend.name:
-            raise ValueError(f"descriptor is for transport {desc.backend!r}; this encode worker uses {self.backend.name!r}")
+            raise ValueError(
+                f"descriptor is for transport {desc.backend!r}; this encode worker uses {self.backend.name!r}"
+            )
         key = compat_hash(desc.layout)
         if key not in self._senders:
             self._senders[key] = self.backend.Sender(desc.layout)
@@ -71,8 +81,12 @@ class EncodeService:
         return EncodeStats(transfer_id, self.worker_id, len(images), hits, encode_s, time.perf_counter() - start)
 
     def stats(self) -> dict[str, object]:
-        return {"encoder_calls": self.encoder.calls, "images_encoded": self.encoder.images_encoded,
-                "batch_sizes": list(self.batcher.batch_sizes), "cache": self.cache.stats()}
+        return {
+            "encoder_calls": self.encoder.calls,
+            "images_encoded": self.encoder.images_encoded,
+            "batch_sizes": list(self.batcher.batch_sizes),
+            "cache": self.cache.stats(),
+        }
 
     def close(self) -> None:
         for sender in self._senders.values():

@@ -50,13 +50,14 @@ class EncodeStats:
     worker_id: str
     num_images: int
     cache_hits: int
-    encode_s: float         # waiting for this shard's vision forwards (0 when all hits)
-    total_s: float          # encode() call, connect to finish
+    encode_s: float  # waiting for this shard's vision forwards (0 when all hits)
+    total_s: float  # encode() call, connect to finish
     version: int = ENCODE_PROTOCOL_VERSION
 
 
-def prepare_image_receive(receiver: KVReceiver, shards: list[EncodeShard], spec: ImageFeatureSpec
-                          ) -> list[TransferDescriptor]:
+def prepare_image_receive(
+    receiver: KVReceiver, shards: list[EncodeShard], spec: ImageFeatureSpec
+) -> list[TransferDescriptor]:
     """Open one payload-only transfer per shard; returns the descriptors for the encode workers."""
     descs = []
     try:
@@ -69,8 +70,7 @@ def prepare_image_receive(receiver: KVReceiver, shards: list[EncodeShard], spec:
     return descs
 
 
-def receive_image_features(receiver: KVReceiver, shards: list[EncodeShard], *, timeout: float
-                           ) -> list[torch.Tensor]:
+def receive_image_features(receiver: KVReceiver, shards: list[EncodeShard], *, timeout: float) -> list[torch.Tensor]:
     """Wait for every shard, return the features in image order (owned copies), release all shards.
 
     Raises the transport's TransferError / TransferTimeout; the shards are released either way.

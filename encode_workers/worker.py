@@ -33,10 +33,15 @@ class EncodeOptions:
 class EncodeWorker:
     def __init__(self, worker_id: str, options: EncodeOptions, encoder: ImageEncoder) -> None:
         """encoder: the vision tower, already loaded (from options.model_dir, by the actor)."""
-        self.service = EncodeService(encoder, backend=options.backend, cache_bytes=options.cache_bytes,
-                                     max_images_per_batch=options.max_images_per_batch, worker_id=worker_id)
+        self.service = EncodeService(
+            encoder,
+            backend=options.backend,
+            cache_bytes=options.cache_bytes,
+            max_images_per_batch=options.max_images_per_batch,
+            worker_id=worker_id,
+        )
         self.info = worker_info(worker_id, Role.ENCODE)
-        self.inflight = 0              # encode() calls running: a role switch waits for 0
+        self.inflight = 0  # encode() calls running: a role switch waits for 0
 
     async def encode(self, transfer_id: str, images: list[bytes], descriptor: TransferDescriptor) -> EncodeStats:
         self.inflight += 1
@@ -49,17 +54,25 @@ class EncodeWorker:
         return self.service.stats()
 
     async def ready(self) -> WorkerReady:
-        return WorkerReady(self.info, None)    # no KV cache
+        return WorkerReady(self.info, None)  # no KV cache
 
     async def status(self) -> WorkerStatus:
-        return WorkerStatus(self.info.worker_id, Role.ENCODE, self.info.node_id, True,
-                            queue_length=self.inflight, running=self.inflight, kv_blocks_used=0, kv_blocks_total=0)
+        return WorkerStatus(
+            self.info.worker_id,
+            Role.ENCODE,
+            self.info.node_id,
+            True,
+            queue_length=self.inflight,
+            running=self.inflight,
+            kv_blocks_used=0,
+            kv_blocks_total=0,
+        )
 
     async def idle(self) -> bool:
         return self.inflight == 0
 
     async def cancel(self, request_id: str) -> bool:
-        return False                   # an encode call ends with its request's prefill
+        return False  # an encode call ends with its request's prefill
 
     async def stop(self) -> None:
         """Closes the senders and the batcher's thread."""

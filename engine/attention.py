@@ -59,12 +59,12 @@ class DecodeBucket:
 
 @dataclass
 class AttentionMetadata:
-    kv: torch.Tensor                      # [layers, 2, blocks, block_size, Hkv, D]
-    slot_mapping: torch.Tensor            # [T] cache slot of each packed token
+    kv: torch.Tensor  # [layers, 2, blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor  # [T] cache slot of each packed token
     prefills: list[PrefillSegment]
     decodes: list[DecodeBucket]
     on_layer_done: Callable[[int], None] | None = None
-    sparse: object | None = None          # engine.sparse.SparsePrefillConfig
+    sparse: object | None = None  # engine.sparse.SparsePrefillConfig
 
 
 def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
@@ -81,13 +81,15 @@ def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     meta: AttentionMetadata | None = kwargs.get("triptych_meta")
     if meta is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     layer = module.layer_idx
-    q = query[0].transpose(0, 1)   # [T, Hq, D]
-    k = key[0].transpose(0, 1)     # [T, Hkv, D]
+    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    k = key[0].transpose(0, 1)  # [T, Hkv, D]
     v = value[0].transpose(0, 1)
     n_kv, d = k.shape[1], k.shape[2]
-    k_blocks, v_blocks = meta.kv[layer, 0], meta.kv[layer, 1]   # [blocks, block_size, Hkv, D]
+    k_blocks, v_blocks = meta.kv[layer, 0], meta.kv[layer, 1]  # [blocks, block_size, Hkv, D]
     k_cache, v_cache = k_blocks.view(-1, n_kv, d), v_blocks.view(-1, n_kv, d)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -105,7 +107,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         out[rows] = _attend_segment(q[rows], ks, vs, scaling, meta.sparse)
     for bucket in meta.decodes:
         b = bucket.rows.shape[0]
-        qd = q.index_select(0, bucket.rows).unsqueeze(2)                                   # [B, Hq, 1, D]
+        qd = q.index_select(0, bucket.rows).unsqueeze(2)  # [B, Hq, 1, D]
         kd = k_blocks.index_select(0, bucket.blocks).view(b, -1, n_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
         vd = v_blocks.index_select(0, bucket.blocks).view(b, -1, n_kv, d).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask, scale=scaling, enable_gqa=True)

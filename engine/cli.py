@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.sequence import SamplingParams
 
     try:
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        sampling = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
         engine = LLMEngine(EngineConfig(model=args.model))
         prompts = args.prompts if args.raw else [[{"role": "user", "content": p}] for p in args.prompts]
         t0 = time.perf_counter()

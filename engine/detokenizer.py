@@ -42,6 +42,6 @@ class Detokenizer:
     def _release(self, end: int) -> str:
         if end <= self._released:
             return ""
-        new = self.text[self._released:end]
+        new = self.text[self._released : end]
         self._released = end
         return new

@@ -28,7 +28,7 @@ class WorkerBroken(EngineError):
     dies and the worker is replaced (no request's own fault is ever turned into this)."""
 
 
-BROKEN_AFTER = 3   # batches in a row of >= 2 sequences in which every one failed on its own
+BROKEN_AFTER = 3  # batches in a row of >= 2 sequences in which every one failed on its own
 
 
 def is_device_failure(exc: BaseException) -> bool:

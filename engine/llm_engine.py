@@ -44,8 +44,9 @@ class LoadedModel:
 
     def kv_layout(self, block_size: int) -> KVLayout:
         """The layout of this model's paged KV cache (KVLayout.from_model_config)."""
-        return KVLayout.from_model_config(self.model.config, model_id=self.name, dtype=self.model.dtype,
-                                          block_size=block_size)
+        return KVLayout.from_model_config(
+            self.model.config, model_id=self.name, dtype=self.model.dtype, block_size=block_size
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -92,7 +93,8 @@ class RequestValidator:
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {n} tokens; the model's context is {self.max_model_len} tokens "
-                f"(at least one must be left to generate)")
+                f"(at least one must be left to generate)"
+            )
         if n + 1 > self.kv_capacity_tokens:
             raise OutOfKVCacheError(f"prompt has {n} tokens; the KV cache holds only {self.kv_capacity_tokens}")
         # A sequence that can outgrow the whole cache would preempt itself forever.
@@ -100,7 +102,8 @@ class RequestValidator:
         if longest > self.kv_capacity_tokens:
             raise OutOfKVCacheError(
                 f"prompt of {n} tokens plus max_tokens {sampling.max_tokens} can reach {longest} tokens; "
-                f"the KV cache holds only {self.kv_capacity_tokens}")
+                f"the KV cache holds only {self.kv_capacity_tokens}"
+            )
 
 
 class LLMEngine:
@@ -110,8 +113,7 @@ class LLMEngine:
     >>> engine.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
-                 kv: torch.Tensor | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, kv: torch.Tensor | None = None) -> None:
         self.config = config
         self.loaded = loaded or LoadedModel.load(config.model, config.dtype)
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
@@ -121,23 +123,30 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, self.layout, kv)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
-        self.validator = RequestValidator(self.loaded.tokenizer, self.max_model_len,
-                                          config.num_kv_blocks * config.block_size)
+        self.validator = RequestValidator(
+            self.loaded.tokenizer, self.max_model_len, config.num_kv_blocks * config.block_size
+        )
         self.eos_token_ids = self.loaded.eos_token_ids
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self._prompt_embeds: dict[str, torch.Tensor] = {}  # image requests: [prompt len, H]
-        self._failed_streak = 0            # batches in a row in which every sequence failed (WorkerBroken)
+        self._failed_streak = 0  # batches in a row in which every sequence failed (WorkerBroken)
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, prompt: str | list[int] | list[dict], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, image_features: list[torch.Tensor] | None = None,
-                    resume: tuple[int, int] | None = None, tenant: str = "") -> str:
+    def add_request(
+        self,
+        prompt: str | list[int] | list[dict],
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        image_features: list[torch.Tensor] | None = None,
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+    ) -> str:
         """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order.
         resume: (n, chars) for a request re-prefilled after a failure: the prompt's last n tokens
         are its earlier output, of whose text `chars` characters were already delivered.
@@ -149,10 +158,12 @@ class LLMEngine:
         ids = self.validator.tokenize(prompt)
         embeds = None
         if image_features:
-            ids, embeds = multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id, ids, image_features)
+            ids, embeds = multimodal.prompt_with_images(
+                self.loaded.model, self.loaded.image_token_id, ids, image_features
+            )
         self.validator.check(ids, sampling)
         detok = self._detokenizer(sampling, ids, resume)
-        if resume:                          # the earlier output was sampled elsewhere
+        if resume:  # the earlier output was sampled elsewhere
             self.sampler.advance(request_id, sampling, self._vocab_size(), resume[0])
         seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant)
         if embeds is not None:
@@ -162,9 +173,15 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                      sampling: SamplingParams, block_table: list[int],
-                      resume: tuple[int, int] | None = None) -> StepOutput:
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        block_table: list[int],
+        resume: tuple[int, int] | None = None,
+    ) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
         sequence may already be finished by it (EOS, max_tokens=1, a stop string), or failed
@@ -175,10 +192,16 @@ class LLMEngine:
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
         # The first token (and, resumed, the earlier output) was sampled elsewhere: skip its draws.
         self.sampler.advance(request_id, sampling, self._vocab_size(), 1 + (resume[0] if resume else 0))
-        seq = Sequence(request_id, list(prompt_token_ids), sampling, arrival=time.monotonic(),
-                       token_ids=list(prompt_token_ids) + [first_token],
-                       num_computed_tokens=len(prompt_token_ids), block_table=block_table,
-                       status=SequenceStatus.RUNNING)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            sampling,
+            arrival=time.monotonic(),
+            token_ids=list(prompt_token_ids) + [first_token],
+            num_computed_tokens=len(prompt_token_ids),
+            block_table=block_table,
+            status=SequenceStatus.RUNNING,
+        )
         self._seqs[request_id] = seq
         self._detok[request_id] = detok
         self.scheduler.running.append(seq)
@@ -188,14 +211,15 @@ class LLMEngine:
         """Width of the logits rows the sampler draws over."""
         return self.loaded.model.get_output_embeddings().weight.shape[0]
 
-    def _detokenizer(self, sampling: SamplingParams, prompt_ids: list[int],
-                     resume: tuple[int, int] | None) -> Detokenizer:
+    def _detokenizer(
+        self, sampling: SamplingParams, prompt_ids: list[int], resume: tuple[int, int] | None
+    ) -> Detokenizer:
         if resume is None:
             return Detokenizer(self.tokenizer, sampling.stop)
         n, chars = resume
         if not 0 <= n <= len(prompt_ids) or chars < 0:
             raise InvalidRequestError(f"resume {resume!r} does not fit a prompt of {len(prompt_ids)} tokens")
-        return Detokenizer(self.tokenizer, sampling.stop, list(prompt_ids[len(prompt_ids) - n:]), chars)
+        return Detokenizer(self.tokenizer, sampling.stop, list(prompt_ids[len(prompt_ids) - n :]), chars)
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.get(request_id)
@@ -243,8 +267,10 @@ class LLMEngine:
         self._failed_streak = self._failed_streak + 1 if len(batch) >= 2 and len(failed) == len(batch) else 0
         if self._failed_streak >= BROKEN_AFTER:
             raise WorkerBroken(f"every sequence failed on its own in {BROKEN_AFTER} batches in a row")
-        self.scheduler.update([e for e in batch if e.seq.request_id not in failed],
-                              {key: t for key, t in sampled.items() if key not in failed})
+        self.scheduler.update(
+            [e for e in batch if e.seq.request_id not in failed],
+            {key: t for key, t in sampled.items() if key not in failed},
+        )
         outs = []
         for entry in batch:
             seq = entry.seq
@@ -258,7 +284,9 @@ class LLMEngine:
         """Forward + sample: {request id: token or RowFailure} for the entries that sample."""
         embeds = None
         if self._prompt_embeds:
-            embeds = multimodal.packed_inputs_embeds(batch, self._prompt_embeds, self.loaded.model.get_input_embeddings())
+            embeds = multimodal.packed_inputs_embeds(
+                batch, self._prompt_embeds, self.loaded.model.get_input_embeddings()
+            )
         result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds)
         seqs = [e.seq for e in result.sampled]
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
@@ -301,8 +329,9 @@ class LLMEngine:
         self._prompt_embeds.pop(seq.request_id, None)
 
     # ---------------------------------------------------------------- offline API
-    def generate(self, prompts: list, sampling: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list, sampling: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Run prompts (text, token ids, or chat message lists) to completion in one batch."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -319,5 +348,7 @@ class LLMEngine:
         seqs = {rid: self._seqs[rid] for rid in order}
         while any(not s.is_finished for s in seqs.values()):
             self.step()
-        return [RequestOutput(rid, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason, s.error)
-                for rid, s in seqs.items()]
+        return [
+            RequestOutput(rid, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason, s.error)
+            for rid, s in seqs.items()
+        ]

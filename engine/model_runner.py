@@ -21,8 +21,8 @@ DECODE_BUCKET_FILL = 0.75
 
 @dataclass(frozen=True)
 class ForwardResult:
-    logits: torch.Tensor           # [num sampled, vocab]
-    sampled: list[ScheduledSeq]    # the entries whose rows were sampled, in logits order
+    logits: torch.Tensor  # [num sampled, vocab]
+    sampled: list[ScheduledSeq]  # the entries whose rows were sampled, in logits order
 
 
 class ModelRunner:
@@ -36,15 +36,19 @@ class ModelRunner:
         self.kv = kv
         model.config._attn_implementation = attention.register()
 
-    def build(self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None,
-              sparse: object | None = None):
+    def build(
+        self,
+        batch: list[ScheduledSeq],
+        on_layer_done: Callable[[int], None] | None = None,
+        sparse: object | None = None,
+    ):
         # Token ids, positions and slots are gathered as Python ints and become one tensor each:
         # per-sequence tensor ops would cost more than the ints for a batch of decode rows.
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         prefills: list[attention.PrefillSegment] = []
-        decodes: list[tuple[int, int, list[int]]] = []   # (packed row, context length, block table)
+        decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, block table)
         row = 0
         for entry in batch:
             seq, n = entry.seq, entry.num_new_tokens
@@ -90,18 +94,28 @@ class ModelRunner:
             nb = -(-group[0][1] // bs)
             blocks: list[int] = []
             for _, length, table in group:
-                used = table[:-(-length // bs)]
+                used = table[: -(-length // bs)]
                 blocks.extend(used)
                 blocks.extend([0] * (nb - len(used)))
             lengths = torch.tensor([length for _, length, _ in group])
             mask = (torch.arange(nb * bs)[None, :] < lengths[:, None])[:, None, None, :]
-            out.append(attention.DecodeBucket(torch.tensor([r for r, _, _ in group], dtype=torch.long),
-                                              torch.tensor(blocks, dtype=torch.long), mask))
+            out.append(
+                attention.DecodeBucket(
+                    torch.tensor([r for r, _, _ in group], dtype=torch.long),
+                    torch.tensor(blocks, dtype=torch.long),
+                    mask,
+                )
+            )
         return out
 
     @torch.inference_mode()
-    def forward(self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None,
-                sparse: object | None = None, inputs_embeds: torch.Tensor | None = None) -> ForwardResult:
+    def forward(
+        self,
+        batch: list[ScheduledSeq],
+        on_layer_done: Callable[[int], None] | None = None,
+        sparse: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> ForwardResult:
         input_ids, positions, meta = self.build(batch, on_layer_done, sparse)
         kwargs = {"inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None else {"input_ids": input_ids[None]}
         hidden = self.model.model(position_ids=positions[None], use_cache=False, triptych_meta=meta, **kwargs)

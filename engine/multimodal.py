@@ -154,13 +154,17 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int | None = None):
     try:
         try:
             img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:   # the header claims far more pixels than PIL allows
-            raise InvalidRequestError(f"image {index} claims more pixels than the limit of {max_pixels or 'PIL'} "
-                                      f"(server.limits.max_image_pixels)") from None
+        except Image.DecompressionBombError:  # the header claims far more pixels than PIL allows
+            raise InvalidRequestError(
+                f"image {index} claims more pixels than the limit of {max_pixels or 'PIL'} "
+                f"(server.limits.max_image_pixels)"
+            ) from None
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
-            raise InvalidRequestError(f"image {index} is {width}x{height} pixels; the limit is {max_pixels} "
-                                      f"pixels (server.limits.max_image_pixels)")
+            raise InvalidRequestError(
+                f"image {index} is {width}x{height} pixels; the limit is {max_pixels} "
+                f"pixels (server.limits.max_image_pixels)"
+            )
         img.load()
         return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -171,7 +175,9 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int | None = None):
 
 
 # ------------------------------------------------------------------------------------ prompt side
-def expand_image_tokens(prompt_ids: list[int], image_token_id: int, num_images: int, tokens_per_image: int) -> list[int]:
+def expand_image_tokens(
+    prompt_ids: list[int], image_token_id: int, num_images: int, tokens_per_image: int
+) -> list[int]:
     """Each image token becomes `tokens_per_image` of them, as LlavaProcessor does.
 
     A prompt already expanded (num_images * tokens_per_image image tokens) is returned as is.
@@ -181,15 +187,17 @@ def expand_image_tokens(prompt_ids: list[int], image_token_id: int, num_images: 
         return list(prompt_ids)
     if count != num_images:
         raise InvalidRequestError(
-            f"prompt has {count} image tokens (id {image_token_id}) but {num_images} images were given")
+            f"prompt has {count} image tokens (id {image_token_id}) but {num_images} images were given"
+        )
     out: list[int] = []
     for t in prompt_ids:
         out.extend([t] * tokens_per_image if t == image_token_id else [t])
     return out
 
 
-def merge_image_features(embed_tokens: nn.Module, prompt_ids: list[int], image_token_id: int,
-                         features: list[torch.Tensor]) -> torch.Tensor:
+def merge_image_features(
+    embed_tokens: nn.Module, prompt_ids: list[int], image_token_id: int, features: list[torch.Tensor]
+) -> torch.Tensor:
     """inputs_embeds [L, H]: token embeddings with image-token rows replaced by the features in order."""
     ids = torch.tensor(prompt_ids, dtype=torch.long)
     with torch.inference_mode():
@@ -198,12 +206,14 @@ def merge_image_features(embed_tokens: nn.Module, prompt_ids: list[int], image_t
     mask = ids == image_token_id
     if int(mask.sum()) != feats.shape[0]:
         raise InvalidRequestError(
-            f"prompt has {int(mask.sum())} image placeholder tokens but the images give {feats.shape[0]} feature rows")
+            f"prompt has {int(mask.sum())} image placeholder tokens but the images give {feats.shape[0]} feature rows"
+        )
     return embeds.masked_scatter(mask[:, None], feats)
 
 
-def prompt_with_images(language_model: nn.Module, image_token_id: int | None, prompt_ids: list[int],
-                       features: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+def prompt_with_images(
+    language_model: nn.Module, image_token_id: int | None, prompt_ids: list[int], features: list[torch.Tensor]
+) -> tuple[list[int], torch.Tensor]:
     """(expanded prompt ids, inputs_embeds [L, H]) for a prompt with one image token per image."""
     if image_token_id is None:
         raise InvalidRequestError("this model takes no images (it has no image token)")
@@ -297,7 +307,7 @@ def _read_side(model_dir: Path, side: str) -> dict[str, torch.Tensor]:
                 for prefix in sorted(_PREFIXES, key=len, reverse=True):
                     if key.startswith(prefix):
                         if _PREFIXES[prefix][0] == side:
-                            out[_PREFIXES[prefix][1] + key[len(prefix):]] = f.get_tensor(key)
+                            out[_PREFIXES[prefix][1] + key[len(prefix) :]] = f.get_tensor(key)
                         break
     return out
 
@@ -306,8 +316,9 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.d
     missing, unexpected = module.load_state_dict(state, strict=False)
     # Non-persistent buffers (position ids, rotary frequencies) are rebuilt by the constructor.
     if missing or unexpected:
-        raise ModelNotFoundError(f"{where}: checkpoint does not match the config "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ModelNotFoundError(
+            f"{where}: checkpoint does not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return module.to(dtype).eval()
 
 
@@ -342,5 +353,10 @@ def load_llava_language(model_dir: str | Path, dtype: torch.dtype = torch.float3
     path = Path(model_dir)
     config = load_llava_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(load_language_model(path, dtype), tokenizer, path.name, image_token_id=config.image_token_id,
-                       image_spec=ImageFeatureSpec.from_config(config, dtype))
+    return LoadedModel(
+        load_language_model(path, dtype),
+        tokenizer,
+        path.name,
+        image_token_id=config.image_token_id,
+        image_spec=ImageFeatureSpec.from_config(config, dtype),
+    )

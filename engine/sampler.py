@@ -55,8 +55,9 @@ class Sampler:
         for _ in range(draws):
             torch.multinomial(uniform, 1, generator=gen)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
-               ) -> list[int | RowFailure]:
+    def sample(
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+    ) -> list[int | RowFailure]:
         """logits [N, V] float → per row a token id, or a RowFailure for a row that has none.
 
         Rows never fail each other: a NaN row (the model's numerics broke on that sequence), a
@@ -90,6 +91,7 @@ class Sampler:
             row = row.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(row, dim=-1)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-            return RowFailure(f"sampling with temperature {p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k} "
-                              f"left no token to draw")
+            return RowFailure(
+                f"sampling with temperature {p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k} left no token to draw"
+            )
         return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p.seed)).item())

@@ -38,7 +38,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []   # in admission order; preemption takes from the end
+        self.running: list[Sequence] = []  # in admission order; preemption takes from the end
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -72,7 +72,7 @@ class Scheduler:
         """One planning pass over the token budget (module docstring); may preempt to decode."""
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
-        scheduled: set[str] = set()   # request ids
+        scheduled: set[str] = set()  # request ids
 
         # 1. decode tokens first
         for seq in list(self.running):

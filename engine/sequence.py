@@ -29,18 +29,18 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"          # EOS token or a stop string
-    LENGTH = "length"      # max_tokens or the model's context reached
-    ABORT = "abort"        # cancelled by the caller
-    ERROR = "error"        # failed; the error text travels with it
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context reached
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # failed; the error text travels with it
 
 
 # Temperatures below this are greedy: dividing logits by a tinier number overflows float32 and
 # leaves no distribution to sample from (vLLM uses the same cut).
 GREEDY_TEMPERATURE = 1e-5
-MAX_TEMPERATURE = 100.0     # far past where sampling is uniform noise; a bound, not a knob
+MAX_TEMPERATURE = 100.0  # far past where sampling is uniform noise; a bound, not a knob
 MAX_TOP_K = 2**31 - 1
-MAX_SEED = 2**64 - 1        # what a seeded generator accepts (uint64 on the wire)
+MAX_SEED = 2**64 - 1  # what a seeded generator accepts (uint64 on the wire)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0          # 0: no top-k cut
+    top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -109,8 +109,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     output_text: str = ""
     num_preemptions: int = 0
-    error: str | None = None         # why it failed (FinishReason.ERROR), for its client
-    tenant: str = ""                 # who sent it: new prompts are admitted fairly among tenants
+    error: str | None = None  # why it failed (FinishReason.ERROR), for its client
+    tenant: str = ""  # who sent it: new prompts are admitted fairly among tenants
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -122,7 +122,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +150,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
-    error: str | None = None         # set iff finish_reason is ERROR
+    error: str | None = None  # set iff finish_reason is ERROR
 
 
 @dataclass(frozen=True)
@@ -162,4 +162,4 @@ class StepOutput:
     new_text: str
     finished: bool
     finish_reason: FinishReason | None
-    error: str | None = None       # set iff finish_reason is ERROR: what failed, for the client
+    error: str | None = None  # set iff finish_reason is ERROR: what failed, for the client

@@ -49,9 +49,7 @@ def copy_blocks(
     dst_layer.index_copy_(1, dst_idx, src.to(dst_layer.device, non_blocking=non_blocking))
 
 
-def gather_blocks(
-    src: torch.Tensor, src_ids: Sequence[int] | None, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def gather_blocks(src: torch.Tensor, src_ids: Sequence[int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pack src[:, src_ids] into a contiguous [2, n, ...] tensor (src_ids None: all of src)."""
     if src_ids is None:
         return src if src.is_contiguous() else src.contiguous()

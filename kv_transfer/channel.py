@@ -105,8 +105,9 @@ class ChannelReceiver(KVReceiver):
         self.host = host or default_host()
         self.timeout = timeout
         self.receiver_id = uuid.uuid4().hex
-        self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=timeout))
+        self._store = dist.TCPStore(
+            self.host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+        )
         self.port = self._store.port
         self._lock = threading.Lock()
         self._closed = False
@@ -224,7 +225,9 @@ class ChannelReceiver(KVReceiver):
     # -- KVReceiver ----------------------------------------------------------------------
     def prepare(self, request_id, dst_block_ids, *, num_tokens=None, layers=None, payloads=()):
         meta = self._make_metadata(request_id, dst_block_ids, num_tokens, layers, payloads)
-        tensors = {p.name: torch.empty(p.shape, dtype=p.torch_dtype, device=self._staging_device) for p in meta.payloads}
+        tensors = {
+            p.name: torch.empty(p.shape, dtype=p.torch_dtype, device=self._staging_device) for p in meta.payloads
+        }
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} is already open")

@@ -39,9 +39,7 @@ def check_compatible(local: KVLayout, remote: KVLayout) -> None:
     for f in dataclasses.fields(KVLayout):
         mine, theirs = getattr(local, f.name), getattr(remote, f.name)
         if mine != theirs:
-            raise HandshakeError(
-                f"KV layout mismatch: field {f.name!r} differs (local={mine!r}, remote={theirs!r})"
-            )
+            raise HandshakeError(f"KV layout mismatch: field {f.name!r} differs (local={mine!r}, remote={theirs!r})")
 
 
 @dataclass(frozen=True)
@@ -101,15 +99,11 @@ class TransferMetadata:
         """Raise HandshakeError unless this metadata was made for `layout` and this protocol."""
         if self.protocol_version != PROTOCOL_VERSION:
             raise HandshakeError(
-                f"field 'protocol_version' differs (local={PROTOCOL_VERSION}, "
-                f"remote={self.protocol_version})"
+                f"field 'protocol_version' differs (local={PROTOCOL_VERSION}, remote={self.protocol_version})"
             )
         local = compat_hash(layout)
         if self.layout_hash != local:
-            raise HandshakeError(
-                f"field 'layout_hash' differs (local={local[:12]}, "
-                f"remote={self.layout_hash[:12]})"
-            )
+            raise HandshakeError(f"field 'layout_hash' differs (local={local[:12]}, remote={self.layout_hash[:12]})")
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,18 @@ class TransportInfo:
     needs_cuda: bool = False
 
 
-_BACKENDS: dict[str, TransportInfo] = {t.name: t for t in (
-    TransportInfo("fake", "kv_transfer.fake:FakeBackend", same_node_only=True),  # in-process, for tests
-    TransportInfo("shm", "kv_transfer.shm:ShmBackend", same_node_only=True),  # POSIX shared memory
-    TransportInfo("gloo", "kv_transfer.gloo:GlooBackend"),  # TCP between CPUs, across nodes
-    TransportInfo("cuda_ipc", "kv_transfer.cuda_ipc:CudaIpcBackend", same_node_only=True, needs_cuda=True),  # one GPU
-    TransportInfo("nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True),  # across GPUs and nodes
-)}  # fmt: skip
+_BACKENDS: dict[str, TransportInfo] = {
+    t.name: t
+    for t in (
+        TransportInfo("fake", "kv_transfer.fake:FakeBackend", same_node_only=True),  # in-process, for tests
+        TransportInfo("shm", "kv_transfer.shm:ShmBackend", same_node_only=True),  # POSIX shared memory
+        TransportInfo("gloo", "kv_transfer.gloo:GlooBackend"),  # TCP between CPUs, across nodes
+        TransportInfo(
+            "cuda_ipc", "kv_transfer.cuda_ipc:CudaIpcBackend", same_node_only=True, needs_cuda=True
+        ),  # one GPU
+        TransportInfo("nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True),  # across GPUs and nodes
+    )
+}
 
 
 def known_backends() -> tuple[str, ...]:
@@ -49,9 +54,7 @@ def transport_info(name: str) -> TransportInfo:
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown KV transfer backend {name!r}; known: {', '.join(known_backends())}"
-        ) from None
+        raise ValueError(f"unknown KV transfer backend {name!r}; known: {', '.join(known_backends())}") from None
 
 
 def get_backend(name: str) -> type[TransferBackend]:

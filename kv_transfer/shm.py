@@ -118,8 +118,14 @@ class ShmReceiver(KVReceiver):
         self._ctl.open_slot(slot, gen, meta.num_items)
         self._requests[request_id] = _RecvRequest(meta, slot, gen, tensors, seg)
         endpoint = ShmEndpoint(
-            self.receiver_id, self._cache_handle(), self._ctl.segment.name,
-            self._ctl.num_slots, self._ctl.max_items, slot, gen, handles,
+            self.receiver_id,
+            self._cache_handle(),
+            self._ctl.segment.name,
+            self._ctl.num_slots,
+            self._ctl.max_items,
+            slot,
+            gen,
+            handles,
         )
         return TransferDescriptor(self.backend_name, meta, self.layout, endpoint)
 

@@ -30,16 +30,26 @@ from placement.simulator import Slo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--model", required=True, help="known model name (e.g. Llama-3-8B), a profile .json from `triptych profile`, "
-                                     "or comma-separated profiles of one model at different TP/PP")
+    a(
+        "--model",
+        required=True,
+        help="known model name (e.g. Llama-3-8B), a profile .json from `triptych profile`, "
+        "or comma-separated profiles of one model at different TP/PP",
+    )
     a("--cluster", required=True, help="cluster YAML (see placement/clusters/)")
     a("--trace", required=True, help="Azure .csv or Mooncake .jsonl trace")
     a("--ttft-slo", type=float, required=True, help="time-to-first-token SLO, seconds")
     a("--tpot-slo", type=float, required=True, help="time-per-output-token SLO, seconds")
     a("--rate", type=float, default=None, help="target rate, req/s (default: the most the cluster holds)")
     a("--low-affinity", action="store_true", help="DistServe Algorithm 2: prefill/decode stages share nodes")
-    a("--time-scale", "--trace-scale", dest="time_scale", type=float, default=1.0,
-      help="multiply trace arrival times (burst shape only; the search probes its own rates)")
+    a(
+        "--time-scale",
+        "--trace-scale",
+        dest="time_scale",
+        type=float,
+        default=1.0,
+        help="multiply trace arrival times (burst shape only; the search probes its own rates)",
+    )
     a("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths")
     a("--max-model-len", type=int, default=8192, help="clip prompt+output to this many tokens")
     a("--trace-start", type=int, default=0, help="first trace request used")
@@ -59,9 +69,16 @@ def _settings(args: argparse.Namespace) -> SearchSettings:
         raise PlanningError(f"--rate must be > 0 req/s, got {args.rate}")
     if args.sample < 10:
         raise PlanningError(f"--sample must be >= 10, got {args.sample}")
-    return SearchSettings(slo=Slo(args.ttft_slo, args.tpot_slo), max_model_len=args.max_model_len, rate=args.rate,
-                          low_affinity=args.low_affinity, fit_sample=args.sample, verify_sample=2 * args.sample,
-                          token_budget=args.token_budget, max_batch=args.max_batch)
+    return SearchSettings(
+        slo=Slo(args.ttft_slo, args.tpot_slo),
+        max_model_len=args.max_model_len,
+        rate=args.rate,
+        low_affinity=args.low_affinity,
+        fit_sample=args.sample,
+        verify_sample=2 * args.sample,
+        token_budget=args.token_budget,
+        max_batch=args.max_batch,
+    )
 
 
 def perf_model(model: str, cluster_path: str | Path) -> PerfModel:
@@ -89,20 +106,33 @@ def _perf(args: argparse.Namespace) -> PerfModel:
 def _table(plans: tuple[Plan, ...]) -> str:
     rows = [("#", "mode", "placement", "devices", "goodput req/s", "per device", "attain@rate")]
     for i, p in enumerate(plans):
-        rows.append((str(i), p.mode.value, p.describe(), str(p.num_gpus), f"{p.goodput:.3g}",
-                     f"{p.goodput_per_gpu:.3g}", f"{p.attainment:.1%}@{p.rate:.3g}"))
+        rows.append(
+            (
+                str(i),
+                p.mode.value,
+                p.describe(),
+                str(p.num_gpus),
+                f"{p.goodput:.3g}",
+                f"{p.goodput_per_gpu:.3g}",
+                f"{p.attainment:.1%}@{p.rate:.3g}",
+            )
+        )
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = result.chosen
-    alt = result.colocated if result.colocated is not None and result.colocated is not chosen else \
-        next((p for p in result.plans[1:] if p.mode is not chosen.mode), None)
+    alt = (
+        result.colocated
+        if result.colocated is not None and result.colocated is not chosen
+        else next((p for p in result.plans[1:] if p.mode is not chosen.mode), None)
+    )
     top = max(p.goodput for p in (chosen, alt) if p is not None)
     rates = [top * f for f in (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -111,7 +141,9 @@ def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> Non
             continue
         progress(f"plot: attainment vs rate for {plan.mode.value} {plan.describe()}")
         att = searcher.curve(plan, rates)
-        ax.plot(rates, [100 * a for a in att], style, label=f"{plan.mode.value}: {plan.describe()} ({plan.num_gpus} dev)")
+        ax.plot(
+            rates, [100 * a for a in att], style, label=f"{plan.mode.value}: {plan.describe()} ({plan.num_gpus} dev)"
+        )
     ax.axhline(100 * searcher.s.target_attainment, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")
@@ -137,10 +169,12 @@ def _plan(args: argparse.Namespace) -> int:
     reqs = tr.scale_lengths(tr.scale_time(reqs, args.time_scale), args.length_scale, args.max_model_len)
     fit, held = tr.split(reqs, 0.5)
     st = tr.stats(reqs)
-    progress(f"trace {Path(args.trace).name}: {st.count} requests, {st.rate:.2f} req/s, mean prompt "
-             f"{st.mean_prompt_len:.0f} / output {st.mean_output_len:.0f} tokens (time ×{args.time_scale:g}, "
-             f"length ×{args.length_scale:g}, clipped to {args.max_model_len}); simulations replay samples of "
-             f"{min(settings.fit_sample, len(fit))} fit / {min(settings.verify_sample, len(held))} held-out requests")
+    progress(
+        f"trace {Path(args.trace).name}: {st.count} requests, {st.rate:.2f} req/s, mean prompt "
+        f"{st.mean_prompt_len:.0f} / output {st.mean_output_len:.0f} tokens (time ×{args.time_scale:g}, "
+        f"length ×{args.length_scale:g}, clipped to {args.max_model_len}); simulations replay samples of "
+        f"{min(settings.fit_sample, len(fit))} fit / {min(settings.verify_sample, len(held))} held-out requests"
+    )
     searcher = Searcher(perf, fit, held, settings, progress)
     result = searcher.run()
     out = Path(args.output)
@@ -152,13 +186,17 @@ def _plan(args: argparse.Namespace) -> int:
     except OSError as e:
         raise PlanningError(f"cannot write {out}: {e.strerror}") from None
     c = result.chosen
-    print(f"model {perf.model.name}, cluster {perf.cluster.name} ({perf.cluster.num_nodes}×{perf.cluster.gpus_per_node}), "
-          f"SLO TTFT {settings.slo.ttft_s:g} s / TPOT {settings.slo.tpot_s:g} s, target "
-          f"{'max' if settings.rate is None else f'{settings.rate:g} req/s'}"
-          f"{', low node affinity' if settings.low_affinity else ''}")
+    print(
+        f"model {perf.model.name}, cluster {perf.cluster.name} ({perf.cluster.num_nodes}×{perf.cluster.gpus_per_node}), "
+        f"SLO TTFT {settings.slo.ttft_s:g} s / TPOT {settings.slo.tpot_s:g} s, target "
+        f"{'max' if settings.rate is None else f'{settings.rate:g} req/s'}"
+        f"{', low node affinity' if settings.low_affinity else ''}"
+    )
     print(f"chosen: {c.mode.value}: {c.describe()} on {c.num_gpus} devices")
-    print(f"predicted goodput {c.goodput:.3g} req/s ({c.goodput_per_gpu:.3g} per device); attainment {c.attainment:.1%} "
-          f"(TTFT {c.ttft_attainment:.1%}, TPOT {c.tpot_attainment:.1%}) at {c.rate:.3g} req/s on held-out requests")
+    print(
+        f"predicted goodput {c.goodput:.3g} req/s ({c.goodput_per_gpu:.3g} per device); attainment {c.attainment:.1%} "
+        f"(TTFT {c.ttft_attainment:.1%}, TPOT {c.tpot_attainment:.1%}) at {c.rate:.3g} req/s on held-out requests"
+    )
     for n, names in enumerate(c.nodes):
         print(f"  node {n}: {', '.join(names) if names else '(idle)'}")
     print("ranked plans (simulated on a sample of the trace; verify on the real cluster):")

@@ -139,8 +139,11 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         inter_node_latency=_get(raw, "inter_node_latency_us", path, float, 20.0) * 1e-6,
         memory_utilization=_get(raw, "memory_utilization", path, float, 0.9),
     )
-    for name, v in (("compute_efficiency", gpu.compute_efficiency), ("bandwidth_efficiency", gpu.bandwidth_efficiency),
-                    ("memory_utilization", spec.memory_utilization)):
+    for name, v in (
+        ("compute_efficiency", gpu.compute_efficiency),
+        ("bandwidth_efficiency", gpu.bandwidth_efficiency),
+        ("memory_utilization", spec.memory_utilization),
+    ):
         if not 0.0 < v <= 1.0:
             raise PlanningError(f"{path}: field '{name}' must be in (0, 1], got {v}")
     return spec

@@ -95,6 +95,7 @@ class InstanceLatency:
 
 # ---------------------------------------------------------------- fitting
 
+
 def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with coefficients >= 0: best of all column subsets (few columns, so exhaustive)."""
     n = x.shape[1]
@@ -142,7 +143,10 @@ def fit_transfer(samples: tuple[TransferSample, ...]) -> TransferModel:
 
 # ---------------------------------------------------------------- roofline prior
 
-def roofline(model: ModelShape, cluster: ClusterSpec, tp: int, pp: int, stages_intra_node: bool = True) -> InstanceLatency:
+
+def roofline(
+    model: ModelShape, cluster: ClusterSpec, tp: int, pp: int, stages_intra_node: bool = True
+) -> InstanceLatency:
     """Roofline latency of one (tp, pp) instance; TP groups sit inside a node, PP hops may cross nodes."""
     flops = cluster.gpu.effective_flops * tp
     mem_bw = cluster.gpu.effective_bandwidth * tp
@@ -154,13 +158,13 @@ def roofline(model: ModelShape, cluster: ClusterSpec, tp: int, pp: int, stages_i
     pp_bw, pp_lat = cluster.link(stages_intra_node)
     pp_b = (pp - 1) * h * ACT_BYTES / pp_bw
     pp_a = (pp - 1) * pp_lat
-    weights_s = model.weight_bytes / mem_bw          # every stage reads its weights once per forward
+    weights_s = model.weight_bytes / mem_bw  # every stage reads its weights once per forward
     fixed = weights_s + L * LAYER_OVERHEAD_S + ar_a + pp_a
     per_token = 2 * model.num_params / flops + ar_b + pp_b
     prefill = PrefillModel(
         a=fixed,
         b=per_token + model.kv_bytes_per_token / mem_bw,  # linear layers + writing the KV
-        c=2 * L * h / flops,                              # causal QK^T and AV: 2·l²·hidden per layer
+        c=2 * L * h / flops,  # causal QK^T and AV: 2·l²·hidden per layer
     )
     decode = DecodeModel(
         a=fixed,
@@ -194,10 +198,16 @@ class FittedProfile:
     def from_profile(profile: Profile) -> "FittedProfile":
         def maybe(fit, samples):
             return fit(samples) if samples else None
+
         hw = profile.hardware
-        return FittedProfile(hw.tensor_parallel, hw.pipeline_parallel, maybe(fit_prefill, profile.prefill),
-                             maybe(fit_decode, profile.decode), maybe(fit_encode, profile.encode),
-                             maybe(fit_transfer, profile.transfer))
+        return FittedProfile(
+            hw.tensor_parallel,
+            hw.pipeline_parallel,
+            maybe(fit_prefill, profile.prefill),
+            maybe(fit_decode, profile.decode),
+            maybe(fit_encode, profile.encode),
+            maybe(fit_transfer, profile.transfer),
+        )
 
 
 @dataclass(frozen=True)
@@ -225,9 +235,10 @@ class PerfModel:
         f = self.profiled(tp, pp) or self.fitted
         ref = roofline(self.model, self.cluster, f.tp, f.pp, True)
         if (f.tp, f.pp) == (tp, pp):
-            ref = prior      # measured here: the fit as is (ratio 1, also for stages across nodes)
+            ref = prior  # measured here: the fit as is (ratio 1, also for stages across nodes)
         return InstanceLatency(
-            tp, pp,
+            tp,
+            pp,
             _scaled(f.prefill, prior.prefill, ref.prefill) if f.prefill else prior.prefill,
             _scaled(f.decode, prior.decode, ref.decode) if f.decode else prior.decode,
             _scaled(f.encode, prior.encode, ref.encode) if f.encode else prior.encode,

@@ -35,12 +35,14 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
     pools: dict[str, dict] = {"encode": {"workers": 0}}
     for p in plan.pools:
         devices = p.tp * p.pp
-        entry = {"workers": p.instances,
-                 "num_cpus": 1 if gpu else devices,
-                 "num_gpus": devices if gpu else 0,
-                 "resources": {p.role.value: 1},
-                 "tensor_parallel": p.tp,
-                 "pipeline_parallel": p.pp}
+        entry = {
+            "workers": p.instances,
+            "num_cpus": 1 if gpu else devices,
+            "num_gpus": devices if gpu else 0,
+            "resources": {p.role.value: 1},
+            "tensor_parallel": p.tp,
+            "pipeline_parallel": p.pp,
+        }
         if p.role in (Role.PREFILL, Role.COLOCATED):
             entry["sparse"] = {"method": "dense"}
         pools[p.role.value] = entry
@@ -55,20 +57,33 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
         "model": {"path": model_path, "dtype": dtype, "max_model_len": settings.max_model_len},
         "ray": {"address": None if local else "auto", "num_cpus": max(4, cluster.num_gpus + 2) if local else None},
         "mode": plan.mode.value,
-        "engine": {"block_size": settings.block_size, "num_kv_blocks": int(min(blocks, 1 << 24)),
-                   "max_num_batched_tokens": settings.token_budget, "max_num_seqs": settings.max_batch},
+        "engine": {
+            "block_size": settings.block_size,
+            "num_kv_blocks": int(min(blocks, 1 << 24)),
+            "max_num_batched_tokens": settings.token_budget,
+            "max_num_seqs": settings.max_batch,
+        },
         "pools": pools,
         "transport": {"backend": backend, "streaming": True},
-        "slo": {"ttft_ms": round(settings.slo.ttft_s * 1000, 3), "tpot_ms": round(settings.slo.tpot_s * 1000, 3),
-                "attainment": settings.target_attainment},
-        "server": {"host": "127.0.0.1" if local else "0.0.0.0", "grpc_port": 50051, "http_port": 8000,
-                   "max_queued_requests": 256, "request_timeout_s": 300},
+        "slo": {
+            "ttft_ms": round(settings.slo.ttft_s * 1000, 3),
+            "tpot_ms": round(settings.slo.tpot_s * 1000, 3),
+            "attainment": settings.target_attainment,
+        },
+        "server": {
+            "host": "127.0.0.1" if local else "0.0.0.0",
+            "grpc_port": 50051,
+            "http_port": 8000,
+            "max_queued_requests": 256,
+            "request_timeout_s": 300,
+        },
         "role_switching": {"enabled": False},
     }
 
 
-def write_plan(path: str | Path, plan: Plan, perf: PerfModel, settings: SearchSettings,
-               model_path: str | None = None) -> None:
+def write_plan(
+    path: str | Path, plan: Plan, perf: PerfModel, settings: SearchSettings, model_path: str | None = None
+) -> None:
     """Write the deploy YAML with a comment header summarising the plan's prediction."""
     doc = plan_document(plan, perf, settings, model_path)
     header = [

@@ -154,12 +154,19 @@ def load_profile(path: str | Path) -> Profile:
         if key not in raw:
             raise PlanningError(f"{path}: missing field '{key}'")
     samples = {}
-    for key, cls in (("prefill", PrefillSample), ("decode", DecodeSample),
-                     ("encode", EncodeSample), ("transfer", TransferSample)):
+    for key, cls in (
+        ("prefill", PrefillSample),
+        ("decode", DecodeSample),
+        ("encode", EncodeSample),
+        ("transfer", TransferSample),
+    ):
         items = raw.get(key, [])
         if not isinstance(items, list):
             raise PlanningError(f"{path}: '{key}' must be a list")
         samples[key] = tuple(_build(cls, s, path, f"{key}[{i}]") for i, s in enumerate(items))
-    return Profile(model=_build(ModelShape, raw["model"], path, "model"),
-                   hardware=_build(HardwareInfo, raw["hardware"], path, "hardware"),
-                   version=version, **samples)
+    return Profile(
+        model=_build(ModelShape, raw["model"], path, "model"),
+        hardware=_build(HardwareInfo, raw["hardware"], path, "hardware"),
+        version=version,
+        **samples,
+    )

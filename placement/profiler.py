@@ -23,14 +23,20 @@ import time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="deploy YAML whose model and engine settings to measure")
     parser.add_argument("-o", "--output", default="profile.json", help="where to write the profile (JSON)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the prefill pool's num_cpus)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the prefill pool's num_cpus)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples (about a minute on 2 cores)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per sample; the median is kept")
-    parser.add_argument("--co-run", type=int, default=1,
-                        help="processes doing the same kind of work meanwhile, this one included (default 1: alone). "
-                             "On a CPU node the cores of a deployment share caches and memory bandwidth (and, on a "
-                             "shared machine, the CPU): profile 1-thread workers of a 2-core node with --co-run 2 so "
-                             "the samples see the other core busy, as it is when the plan is deployed")
+    parser.add_argument(
+        "--co-run",
+        type=int,
+        default=1,
+        help="processes doing the same kind of work meanwhile, this one included (default 1: alone). "
+        "On a CPU node the cores of a deployment share caches and memory bandwidth (and, on a "
+        "shared machine, the CPU): profile 1-thread workers of a 2-core node with --co-run 2 so "
+        "the samples see the other core busy, as it is when the plan is deployed",
+    )
 
 
 def _progress(msg: str) -> None:
@@ -121,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from placement.profile import save_profile
 
     save_profile(profile, args.output)
-    _progress(f"wrote {args.output}: {len(profile.prefill)} prefill, {len(profile.decode)} decode, "
-              f"{len(profile.transfer)} transfer samples")
+    _progress(
+        f"wrote {args.output}: {len(profile.prefill)} prefill, {len(profile.decode)} decode, "
+        f"{len(profile.transfer)} transfer samples"
+    )
     return 0
 
 
@@ -142,7 +150,7 @@ def _co_runner(model_path, engine_cfg, threads: int, ready, stop) -> None:
     probe = EngineProbe(LoadedModel.load(model_path, cfg.dtype), cfg)
     probe.time_forward([256], [0], 1)
     ready.set()
-    while not stop.is_set() and os.getppid() == parent:     # also ends if the profiler was killed
+    while not stop.is_set() and os.getppid() == parent:  # also ends if the profiler was killed
         probe.time_forward([256], [0], 1)
         for _ in range(4):
             probe.time_forward([129] * 16, [128] * 16, 1)
@@ -157,8 +165,10 @@ class CoRun:
         ctx = multiprocessing.get_context("spawn")
         self.stop = ctx.Event()
         self.ready = [ctx.Event() for _ in range(n)]
-        self.procs = [ctx.Process(target=_co_runner, args=(model_path, engine_cfg, threads, r, self.stop), daemon=True)
-                      for r in self.ready]
+        self.procs = [
+            ctx.Process(target=_co_runner, args=(model_path, engine_cfg, threads, r, self.stop), daemon=True)
+            for r in self.ready
+        ]
 
     def __enter__(self) -> "CoRun":
         for p in self.procs:
@@ -208,9 +218,24 @@ def measure(config, *, threads: int | None = None, quick: bool = False, reps: in
 def _forward_samples(probe: EngineProbe, ecfg, quick: bool, reps: int):
     from placement.profile import DecodeSample, PrefillSample
 
-    prefill_batches = ([[64], [256], [512], [128, 128], [256, 256], [64] * 8, [1024]] if quick else
-                       [[32], [128], [256], [512], [1024], [2048], [128, 128], [256, 256, 256, 256],
-                        [512, 512], [64] * 8, [1024, 1024], [3072]])
+    prefill_batches = (
+        [[64], [256], [512], [128, 128], [256, 256], [64] * 8, [1024]]
+        if quick
+        else [
+            [32],
+            [128],
+            [256],
+            [512],
+            [1024],
+            [2048],
+            [128, 128],
+            [256, 256, 256, 256],
+            [512, 512],
+            [64] * 8,
+            [1024, 1024],
+            [3072],
+        ]
+    )
     prefill = []
     for i, lens in enumerate(prefill_batches):
         _progress(f"prefill {i + 1}/{len(prefill_batches)}: prompts {lens}")
@@ -241,9 +266,19 @@ def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: in
     transfer = _transfer_samples(layout, backend, sizes, reps)
 
     cfg = loaded.model.config
-    model = ModelShape(loaded.name, layout.num_layers, cfg.hidden_size, cfg.num_attention_heads,
-                       layout.num_kv_heads, layout.head_dim, cfg.intermediate_size, cfg.vocab_size,
-                       sum(p.numel() for p in loaded.model.parameters()), layout.itemsize, layout.bytes_per_token)
+    model = ModelShape(
+        loaded.name,
+        layout.num_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        layout.num_kv_heads,
+        layout.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        sum(p.numel() for p in loaded.model.parameters()),
+        layout.itemsize,
+        layout.bytes_per_token,
+    )
     # On a CPU cluster an instance of TP t is one worker process with t torch threads (the controller
     # gives a worker num_cpus = TP·PP threads), so the thread count is the profiled TP degree.
     threads_used = torch.get_num_threads()

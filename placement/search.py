@@ -42,17 +42,17 @@ class SearchSettings:
     rate: float | None = None
     low_affinity: bool = False
     target_attainment: float = 0.9
-    fit_sample: int = 300          # requests per per-phase simulation
-    verify_sample: int = 600       # held-out requests per whole-cluster simulation
-    token_budget: int = 2048       # prefill batch / colocated iteration token budget
-    max_batch: int = 256           # sequences per decode lane
+    fit_sample: int = 300  # requests per per-phase simulation
+    verify_sample: int = 600  # held-out requests per whole-cluster simulation
+    token_budget: int = 2048  # prefill batch / colocated iteration token budget
+    max_batch: int = 256  # sequences per decode lane
     block_size: int = 16
     max_added_instances: int = 16
     max_tp: int = 8
     max_pp: int = 8
-    runners_up: int = 3            # disaggregated combinations verified besides the best
+    runners_up: int = 3  # disaggregated combinations verified besides the best
     min_window_slos: float = 10.0  # simulated span >= this many TTFT SLOs (see Searcher.window)
-    max_window: int = 6000         # cap on requests per simulation
+    max_window: int = 6000  # cap on requests per simulation
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class PhaseCandidate:
     role: Role
     tp: int
     pp: int
-    goodput: float                 # req/s of one instance at >= target attainment
+    goodput: float  # req/s of one instance at >= target attainment
 
     @property
     def gpus(self) -> int:
@@ -95,7 +95,7 @@ class Plan:
     ttft_attainment: float
     tpot_attainment: float
     goodput: float
-    nodes: tuple[tuple[str, ...], ...] = ()    # per node: "prefill#0/stage0 (tp=2)" entries
+    nodes: tuple[tuple[str, ...], ...] = ()  # per node: "prefill#0/stage0 (tp=2)" entries
 
     @property
     def num_gpus(self) -> int:
@@ -115,8 +115,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class SearchResult:
-    plans: tuple[Plan, ...]        # ranked, best first
-    colocated: Plan | None         # best colocated plan (also inside plans)
+    plans: tuple[Plan, ...]  # ranked, best first
+    colocated: Plan | None  # best colocated plan (also inside plans)
     candidates: tuple[PhaseCandidate, ...]
 
     @property
@@ -135,8 +135,14 @@ def _pow2(limit: int) -> list[int]:
 class Searcher:
     """Holds the inputs and a cache of per-phase goodputs; `run()` does the whole search."""
 
-    def __init__(self, perf: PerfModel, fit: tuple[Request, ...], held_out: tuple[Request, ...],
-                 settings: SearchSettings, progress: Callable[[str], None] = lambda s: None):
+    def __init__(
+        self,
+        perf: PerfModel,
+        fit: tuple[Request, ...],
+        held_out: tuple[Request, ...],
+        settings: SearchSettings,
+        progress: Callable[[str], None] = lambda s: None,
+    ):
         if not fit or not held_out:
             raise PlanningError("trace is empty after scaling and slicing; nothing to plan for")
         self.perf, self.s, self.progress = perf, settings, progress
@@ -158,7 +164,7 @@ class Searcher:
             if not cpu and (m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads)):
                 reasons.append(f"TP{tp}: {m.num_heads} heads / {m.num_kv_heads} KV heads not divisible")
                 continue
-            for pp in ([1] if cpu else _pow2(min(self.s.max_pp, m.num_layers))):
+            for pp in [1] if cpu else _pow2(min(self.s.max_pp, m.num_layers)):
                 if tp * pp > c.num_gpus:
                     continue
                 if self.perf.weight_bytes_per_device(tp, pp) > c.usable_memory_bytes:
@@ -170,13 +176,19 @@ class Searcher:
             need = m.weight_bytes / 1e9
             raise PlanningError(
                 f"model {m.name} ({need:.1f} GB of weights + KV for {self.s.max_model_len} tokens) fits on no "
-                f"(TP, PP) configuration of cluster {c.name} ({c.num_gpus} × {c.usable_memory_bytes / 1e9:.1f} GB usable)")
+                f"(TP, PP) configuration of cluster {c.name} ({c.num_gpus} × {c.usable_memory_bytes / 1e9:.1f} GB usable)"
+            )
         return out
 
     # ------------------------------------------------------------ simulation configs
     def simulated_pool(self, role: Role, tp: int, pp: int, instances: int, intra: bool = True) -> SimulatedPool:
-        return SimulatedPool(instances, self.perf.instance(tp, pp, intra), self.perf.kv_capacity_tokens(tp, pp),
-                             self.s.token_budget, self.s.max_batch)
+        return SimulatedPool(
+            instances,
+            self.perf.instance(tp, pp, intra),
+            self.perf.kv_capacity_tokens(tp, pp),
+            self.s.token_budget,
+            self.s.max_batch,
+        )
 
     def transfer(self, low_affinity: bool) -> TransferModel:
         return self.perf.transfer(intra_node=low_affinity)
@@ -188,10 +200,18 @@ class Searcher:
         def cfg(role):
             p = by.get(role)
             return None if p is None else self.simulated_pool(role, p.tp, p.pp, p.instances, intra or low_affinity)
-        return SimConfig(mode=mode, slo=slo, prefill=cfg(Role.PREFILL), decode=cfg(Role.DECODE),
-                         encode=cfg(Role.ENCODE), colocated=cfg(Role.COLOCATED),
-                         transfer=self.transfer(low_affinity), kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
-                         block_size=self.s.block_size)
+
+        return SimConfig(
+            mode=mode,
+            slo=slo,
+            prefill=cfg(Role.PREFILL),
+            decode=cfg(Role.DECODE),
+            encode=cfg(Role.ENCODE),
+            colocated=cfg(Role.COLOCATED),
+            transfer=self.transfer(low_affinity),
+            kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
+            block_size=self.s.block_size,
+        )
 
     def window(self, reqs: tuple[Request, ...], rate: float) -> tuple[Request, ...]:
         """The sample rescaled to `rate`, repeated back to back until it spans min_window_slos × TTFT SLO.
@@ -256,9 +276,14 @@ class Searcher:
             phase_slo = {Role.PREFILL: Slo(slo.ttft_s, math.inf)}.get(role, slo)
             mode = Mode.COLOCATED if role is Role.COLOCATED else Mode.DISAGGREGATED
             pool = self.simulated_pool(role, tp, pp, 1, intra)
-            cfg = SimConfig(mode=mode, slo=phase_slo, transfer=self.transfer(intra),
-                            kv_bytes_per_token=self.perf.model.kv_bytes_per_token, block_size=self.s.block_size,
-                            **{role.value: pool})
+            cfg = SimConfig(
+                mode=mode,
+                slo=phase_slo,
+                transfer=self.transfer(intra),
+                kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
+                block_size=self.s.block_size,
+                **{role.value: pool},
+            )
             self._cache[key] = self.bisect_goodput(cfg, self.fit, self.guess_rate(role, tp, pp))
         return self._cache[key]
 
@@ -313,7 +338,9 @@ class Searcher:
         n = max(1, math.ceil(rate * (per.a + per.seconds(imgs)) / 0.8))
         return (PoolPlan(Role.ENCODE, 1, 1, n),)
 
-    def replicate(self, units: list[tuple[PoolPlan, float]], low_affinity: bool) -> tuple[tuple[PoolPlan, ...], float] | None:
+    def replicate(
+        self, units: list[tuple[PoolPlan, float]], low_affinity: bool
+    ) -> tuple[tuple[PoolPlan, ...], float] | None:
         """Instance counts for the target rate (or the largest rate the cluster holds) given per-instance goodputs."""
         G = self.cluster.num_gpus
         if self.s.rate is not None:
@@ -340,29 +367,45 @@ class Searcher:
             res = self.attain(cfg, self.held, rate, early=False)
             if res.attainment >= self.s.target_attainment:
                 break
-            role = Role.COLOCATED if mode is Mode.COLOCATED else (
-                Role.PREFILL if res.ttft_attainment < res.tpot_attainment else Role.DECODE)
+            role = (
+                Role.COLOCATED
+                if mode is Mode.COLOCATED
+                else (Role.PREFILL if res.ttft_attainment < res.tpot_attainment else Role.DECODE)
+            )
             grown = tuple(replace(p, instances=p.instances + (p.role is role)) for p in pools)
             if self.pack(grown, low_affinity) is None:
                 if self.s.rate is not None:
                     return None
-                rate *= 0.9              # no target rate: the cluster is full, so back off the rate instead
+                rate *= 0.9  # no target rate: the cluster is full, so back off the rate instead
                 continue
-            self.progress(f"  verify at {rate:.2f} req/s: attainment {res.attainment:.1%}, adding a {role.value} instance")
+            self.progress(
+                f"  verify at {rate:.2f} req/s: attainment {res.attainment:.1%}, adding a {role.value} instance"
+            )
             pools = grown
         else:
             return None
         guess = max(rate, 1e-6)
         goodput = self.bisect_goodput(cfg, self.held, guess)
-        return Plan(pools, mode, low_affinity, rate, res.attainment, res.ttft_attainment, res.tpot_attainment,
-                    goodput, self.pack(pools, low_affinity) or ())
+        return Plan(
+            pools,
+            mode,
+            low_affinity,
+            rate,
+            res.attainment,
+            res.ttft_attainment,
+            res.tpot_attainment,
+            goodput,
+            self.pack(pools, low_affinity) or (),
+        )
 
     # ------------------------------------------------------------ top level
     def run(self) -> SearchResult:
         s, c = self.s, self.cluster
         configs = self.configs()
-        self.progress(f"feasible (TP, PP): {', '.join(f'({t},{p})' for t, p in configs)}; "
-                      f"simulating {len(self.fit)} fit / {len(self.held)} held-out requests per run")
+        self.progress(
+            f"feasible (TP, PP): {', '.join(f'({t},{p})' for t, p in configs)}; "
+            f"simulating {len(self.fit)} fit / {len(self.held)} held-out requests per run"
+        )
         intra = c.num_nodes == 1 or s.low_affinity
         self.progress("prefill candidates:")
         pre = self.rank_phase(Role.PREFILL, configs, intra)
@@ -374,16 +417,20 @@ class Searcher:
             raise PlanningError(self._slo_message(configs))
         combos: list[tuple[float, tuple[PoolPlan, ...], float]] = []
         for p, d in self.pairs(pre, dec):
-                rep = self.replicate([(PoolPlan(Role.PREFILL, p.tp, p.pp, 1), p.goodput),
-                                      (PoolPlan(Role.DECODE, d.tp, d.pp, 1), d.goodput)], s.low_affinity)
-                if rep:
-                    pools, rate = rep
-                    combos.append((rate / sum(x.gpus for x in pools), pools, rate))
+            rep = self.replicate(
+                [(PoolPlan(Role.PREFILL, p.tp, p.pp, 1), p.goodput), (PoolPlan(Role.DECODE, d.tp, d.pp, 1), d.goodput)],
+                s.low_affinity,
+            )
+            if rep:
+                pools, rate = rep
+                combos.append((rate / sum(x.gpus for x in pools), pools, rate))
         combos.sort(key=lambda x: -x[0])
         plans: list[Plan] = []
         for est, pools, rate in combos[: 1 + s.runners_up]:
-            self.progress(f"verifying disaggregated {', '.join(f'{p.role.value} {p.instances}×(TP{p.tp},PP{p.pp})' for p in pools)} "
-                          f"at {rate:.2f} req/s (estimate {est:.3f} req/s/GPU)")
+            self.progress(
+                f"verifying disaggregated {', '.join(f'{p.role.value} {p.instances}×(TP{p.tp},PP{p.pp})' for p in pools)} "
+                f"at {rate:.2f} req/s (estimate {est:.3f} req/s/GPU)"
+            )
             plan = self.verify(pools, Mode.DISAGGREGATED, s.low_affinity, rate)
             if plan:
                 plans.append(plan)
@@ -403,15 +450,25 @@ class Searcher:
         if not plans:
             if s.rate is not None:
                 best = max((c.goodput for c in pre + dec + col), default=0.0)
-                raise PlanningError(f"no placement on cluster {c.name} ({c.num_gpus} GPUs) serves {s.rate:g} req/s within "
-                                    f"the SLOs (best single instance: {best:.3g} req/s); lower --rate or add GPUs")
+                raise PlanningError(
+                    f"no placement on cluster {c.name} ({c.num_gpus} GPUs) serves {s.rate:g} req/s within "
+                    f"the SLOs (best single instance: {best:.3g} req/s); lower --rate or add GPUs"
+                )
             raise PlanningError(self._slo_message(configs))
         # Ties (e.g. both prefill-bound) go to fewer devices, then shallower pipelines, then fewer workers.
-        plans.sort(key=lambda p: (-round(p.goodput_per_gpu, 9), p.num_gpus, max(x.pp for x in p.pools),
-                                  sum(x.instances for x in p.pools)))
+        plans.sort(
+            key=lambda p: (
+                -round(p.goodput_per_gpu, 9),
+                p.num_gpus,
+                max(x.pp for x in p.pools),
+                sum(x.instances for x in p.pools),
+            )
+        )
         return SearchResult(tuple(plans), colocated, tuple(pre + dec + col))
 
-    def pairs(self, pre: list[PhaseCandidate], dec: list[PhaseCandidate]) -> list[tuple[PhaseCandidate, PhaseCandidate]]:
+    def pairs(
+        self, pre: list[PhaseCandidate], dec: list[PhaseCandidate]
+    ) -> list[tuple[PhaseCandidate, PhaseCandidate]]:
         """Prefill × decode combinations to assemble: the top 3 × top 3 by goodput per GPU.
 
         Algorithm 2 needs equal PP degrees and both stage segments on one node (tp_p + tp_d <= GPUs
@@ -431,9 +488,11 @@ class Searcher:
         l = st.mean_prompt_len
         best_prefill = min(self.perf.instance(tp, pp).prefill.seconds(l, l * l) for tp, pp in configs)
         best_step = min(self.perf.instance(tp, pp).decode.seconds(1, l) for tp, pp in configs)
-        return (f"no configuration meets the SLOs (TTFT {self.s.slo.ttft_s:g} s, TPOT {self.s.slo.tpot_s:g} s) for 90% of "
-                f"requests even at low load: the fastest prefill of a mean prompt ({l:.0f} tokens) takes {best_prefill:.3g} s "
-                f"and the fastest single decode step {best_step:.3g} s")
+        return (
+            f"no configuration meets the SLOs (TTFT {self.s.slo.ttft_s:g} s, TPOT {self.s.slo.tpot_s:g} s) for 90% of "
+            f"requests even at low load: the fastest prefill of a mean prompt ({l:.0f} tokens) takes {best_prefill:.3g} s "
+            f"and the fastest single decode step {best_step:.3g} s"
+        )
 
     def curve(self, plan: Plan, rates: list[float]) -> list[float]:
         """Held-out SLO attainment of `plan` at each rate (full runs, no early stop)."""
@@ -441,7 +500,12 @@ class Searcher:
         return [self.attain(cfg, self.held, r, early=False).attainment for r in rates]
 
 
-def plan_placement(perf: PerfModel, fit: tuple[Request, ...], held_out: tuple[Request, ...], settings: SearchSettings,
-                   progress: Callable[[str], None] = lambda s: None) -> SearchResult:
+def plan_placement(
+    perf: PerfModel,
+    fit: tuple[Request, ...],
+    held_out: tuple[Request, ...],
+    settings: SearchSettings,
+    progress: Callable[[str], None] = lambda s: None,
+) -> SearchResult:
     """Run the whole search; raises PlanningError for infeasible inputs."""
     return Searcher(perf, fit, held_out, settings, progress).run()

@@ -105,21 +105,32 @@ class SimResult:
 class _Lane:
     """One decode micro-batch lane (or one colocated instance lane): KV blocks + running batch."""
 
-    __slots__ = ("free_blocks", "capacity_blocks", "waiting", "joining", "running", "finish_heap",
-                 "step", "sum_ctx", "busy", "prefilling", "load")
+    __slots__ = (
+        "free_blocks",
+        "capacity_blocks",
+        "waiting",
+        "joining",
+        "running",
+        "finish_heap",
+        "step",
+        "sum_ctx",
+        "busy",
+        "prefilling",
+        "load",
+    )
 
     def __init__(self, capacity_blocks: int):
         self.capacity_blocks = capacity_blocks
         self.free_blocks = capacity_blocks
-        self.waiting: deque[int] = deque()      # request ids waiting for admission (FCFS)
-        self.joining: list[int] = []            # transferred, join the batch at the next step start
-        self.running = 0                        # sequences in the decode batch
+        self.waiting: deque[int] = deque()  # request ids waiting for admission (FCFS)
+        self.joining: list[int] = []  # transferred, join the batch at the next step start
+        self.running = 0  # sequences in the decode batch
         self.finish_heap: list[tuple[int, int]] = []  # (step index at which it finishes, request id)
-        self.step = 0                           # completed steps
-        self.sum_ctx = 0                        # Σ context tokens of running sequences
+        self.step = 0  # completed steps
+        self.sum_ctx = 0  # Σ context tokens of running sequences
         self.busy = False
         self.prefilling: deque[list[int]] = deque()  # colocated: [request id, tokens done]
-        self.load = 0                           # dispatch metric: requests assigned and not done
+        self.load = 0  # dispatch metric: requests assigned and not done
 
 
 class Simulator:
@@ -157,9 +168,14 @@ class Simulator:
     def run(self) -> SimResult:
         for i, r in enumerate(self.reqs):
             self.push(r.arrival_s, _Ev.ARRIVE, i)
-        handlers = {_Ev.ARRIVE: self.on_arrive, _Ev.ENCODE_DONE: self.on_encode_done,
-                    _Ev.PREFILL_DONE: self.on_prefill_done, _Ev.PREFILL_FREE: self.on_prefill_free,
-                    _Ev.TRANSFER_DONE: self.on_transfer_done, _Ev.STEP_DONE: self.on_step_done}
+        handlers = {
+            _Ev.ARRIVE: self.on_arrive,
+            _Ev.ENCODE_DONE: self.on_encode_done,
+            _Ev.PREFILL_DONE: self.on_prefill_done,
+            _Ev.PREFILL_FREE: self.on_prefill_free,
+            _Ev.TRANSFER_DONE: self.on_transfer_done,
+            _Ev.STEP_DONE: self.on_step_done,
+        }
         heap = self.heap
         while heap and not self.aborted:
             t, _, kind, a, b = heapq.heappop(heap)
@@ -179,8 +195,11 @@ class Simulator:
     def set_finish(self, t: float, i: int) -> None:
         self.finish[i] = t
         r = self.reqs[i]
-        if r.output_len > 1 and (t - self.first[i]) / (r.output_len - 1) > self.cfg.slo.tpot_s \
-                and self.first[i] - r.arrival_s <= self.cfg.slo.ttft_s:   # count each request once
+        if (
+            r.output_len > 1
+            and (t - self.first[i]) / (r.output_len - 1) > self.cfg.slo.tpot_s
+            and self.first[i] - r.arrival_s <= self.cfg.slo.ttft_s
+        ):  # count each request once
             self.miss()
 
     @staticmethod
@@ -278,7 +297,7 @@ class Simulator:
         while lane.waiting:
             i = lane.waiting[0]
             need = self.blocks(i)
-            if need > lane.capacity_blocks:      # can never be served by this pool
+            if need > lane.capacity_blocks:  # can never be served by this pool
                 lane.waiting.popleft()
                 lane.load -= 1
                 self.first[i] = self.finish[i] = math.inf
@@ -375,14 +394,15 @@ class Simulator:
             chunks.append((entry, take))
             budget -= take
             s1 += take
-            sq += (done + take) ** 2 - done ** 2
+            sq += (done + take) ** 2 - done**2
         if lane.running == 0 and not chunks:
             lane.busy = False
             return
         lat = pool.latency
         fixed = max(lat.decode.a if lane.running else 0.0, lat.prefill.a if chunks else 0.0)
-        dur = (fixed + lat.decode.b * lane.sum_ctx + lat.decode.c * lane.running
-               + lat.prefill.b * s1 + lat.prefill.c * sq)
+        dur = (
+            fixed + lat.decode.b * lane.sum_ctx + lat.decode.c * lane.running + lat.prefill.b * s1 + lat.prefill.c * sq
+        )
         lane.busy = True
         self.push(t + dur, _Ev.STEP_DONE, k, chunks)
 

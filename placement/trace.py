@@ -79,8 +79,13 @@ def _load_azure_csv(path: Path) -> list[Request]:
             raise PlanningError(f"{path}: Azure CSV needs columns {sorted(need)}, got {reader.fieldnames}")
         for line_no, row in enumerate(reader, start=2):
             try:
-                rows.append(Request(_parse_azure_time(row["TIMESTAMP"]),
-                                    max(1, int(row["ContextTokens"])), max(1, int(row["GeneratedTokens"]))))
+                rows.append(
+                    Request(
+                        _parse_azure_time(row["TIMESTAMP"]),
+                        max(1, int(row["ContextTokens"])),
+                        max(1, int(row["GeneratedTokens"])),
+                    )
+                )
             except (ValueError, TypeError) as e:
                 raise PlanningError(f"{path}:{line_no}: bad row ({e})") from None
     return rows
@@ -94,8 +99,13 @@ def _load_mooncake_jsonl(path: Path) -> list[Request]:
                 continue
             try:
                 obj = json.loads(line)
-                rows.append(Request(float(obj["timestamp"]) / 1000.0,
-                                    max(1, int(obj["input_length"])), max(1, int(obj["output_length"]))))
+                rows.append(
+                    Request(
+                        float(obj["timestamp"]) / 1000.0,
+                        max(1, int(obj["input_length"])),
+                        max(1, int(obj["output_length"])),
+                    )
+                )
             except (ValueError, KeyError, TypeError) as e:
                 raise PlanningError(f"{path}:{line_no}: bad record ({e!r})") from None
     return rows
@@ -114,8 +124,9 @@ def stats(requests: tuple[Request, ...]) -> TraceStats:
         return TraceStats(0, 0.0, 0.0, 0.0, 0.0)
     duration = requests[-1].arrival_s - requests[0].arrival_s
     rate = (n - 1) / duration if duration > 0 else 0.0
-    return TraceStats(n, duration, rate, sum(r.prompt_len for r in requests) / n,
-                      sum(r.output_len for r in requests) / n)
+    return TraceStats(
+        n, duration, rate, sum(r.prompt_len for r in requests) / n, sum(r.output_len for r in requests) / n
+    )
 
 
 def scale_time(requests: tuple[Request, ...], factor: float) -> tuple[Request, ...]:
@@ -138,8 +149,9 @@ def rescale_rate(requests: tuple[Request, ...], rate: float) -> tuple[Request, .
     return scale_time(requests, current / rate)
 
 
-def scale_lengths(requests: tuple[Request, ...], factor: float = 1.0,
-                  max_model_len: int | None = None) -> tuple[Request, ...]:
+def scale_lengths(
+    requests: tuple[Request, ...], factor: float = 1.0, max_model_len: int | None = None
+) -> tuple[Request, ...]:
     """Multiply prompt and output lengths by ``factor`` (rounded, >= 1), then clip to max_model_len.
 
     Clipping keeps prompt_len + output_len <= max_model_len: the prompt is cut first to leave room
@@ -164,7 +176,7 @@ def slice_trace(requests: tuple[Request, ...], start: int = 0, count: int | None
     """Requests [start, start+count), re-based so the first arrival is at 0 s."""
     if start < 0 or (count is not None and count < 0):
         raise PlanningError(f"bad trace slice start={start} count={count}")
-    part = requests[start:None if count is None else start + count]
+    part = requests[start : None if count is None else start + count]
     return _normalise(list(part)) if part else ()
 
 
@@ -176,6 +188,8 @@ def split(requests: tuple[Request, ...], fit_fraction: float = 0.5) -> tuple[tup
     if not 0.0 < fit_fraction < 1.0:
         raise PlanningError(f"fit fraction must be in (0, 1), got {fit_fraction}")
     if len(requests) < 2:
-        raise PlanningError(f"trace has {len(requests)} request(s); need at least 2 to split into fit and held-out parts")
+        raise PlanningError(
+            f"trace has {len(requests)} request(s); need at least 2 to split into fit and held-out parts"
+        )
     k = min(len(requests) - 1, max(1, math.floor(len(requests) * fit_fraction)))
     return slice_trace(requests, 0, k), slice_trace(requests, k)

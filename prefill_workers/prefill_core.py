@@ -49,7 +49,7 @@ class PrefillOptions:
     backend: str = "shm"
     streaming: bool = True
     finish_timeout_s: float = 30.0
-    image_timeout_s: float = 30.0     # waiting in run_batch for image features already sent
+    image_timeout_s: float = 30.0  # waiting in run_batch for image features already sent
     image_encoder_dir: str | None = None  # no encode pool: load the vision side from here, encode in-process
 
 
@@ -63,27 +63,28 @@ class PrefillTask:
     sampling: SamplingParams
     descriptor: TransferDescriptor
     image_shards: tuple[EncodeShard, ...] = ()
-    images: tuple[bytes, ...] = ()   # no encode pool: raw images, encoded by this worker
+    images: tuple[bytes, ...] = ()  # no encode pool: raw images, encoded by this worker
     enqueued_at: float = field(default_factory=time.monotonic)
-    sampled_before: int = 0          # re-prefilled: output tokens already sampled (a seeded stream skips them)
-    tenant: str = ""                 # who sent it: batches share their token budget fairly among tenants
+    sampled_before: int = 0  # re-prefilled: output tokens already sampled (a seeded stream skips them)
+    tenant: str = ""  # who sent it: batches share their token budget fairly among tenants
 
 
 @dataclass(frozen=True)
 class PrefillResult:
     request_id: str
-    first_token: int | None          # None when failed
+    first_token: int | None  # None when failed
     error: str | None = None
     queue_s: float = 0.0
-    prefill_s: float = 0.0           # the forward (with streamed sends overlapping it)
-    transfer_s: float = 0.0          # exposed transfer: from the forward's end until all landed
+    prefill_s: float = 0.0  # the forward (with streamed sends overlapping it)
+    transfer_s: float = 0.0  # exposed transfer: from the forward's end until all landed
     batch_size: int = 1
-    encode_s: float = 0.0            # in-process image encoding of the batch (no encode pool)
+    encode_s: float = 0.0  # in-process image encoding of the batch (no encode pool)
 
 
 class PrefillCore:
-    def __init__(self, options: PrefillOptions, loaded: LoadedModel,
-                 image_encoder: InProcessEncoder | None = None) -> None:
+    def __init__(
+        self, options: PrefillOptions, loaded: LoadedModel, image_encoder: InProcessEncoder | None = None
+    ) -> None:
         """image_encoder: a vision side already in memory (the worker actor's, kept across role
         switches); else it is loaded from options.image_encoder_dir when that is set."""
         self.options = options
@@ -94,17 +95,18 @@ class PrefillCore:
         self.sampler = Sampler()
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()
-        self._failed_streak = 0                          # batches in a row in which every prompt failed
-        self._batches = 0                                # batches taken so far
-        self._served: dict[str, int] = {}                # tenant -> the last batch it had a prompt in
+        self._failed_streak = 0  # batches in a row in which every prompt failed
+        self._batches = 0  # batches taken so far
+        self._served: dict[str, int] = {}  # tenant -> the last batch it had a prompt in
         self.loaded = loaded
         # Image payloads only (no KV blocks); only a vision-language model gets one.
         self.receiver = get_backend(options.backend).Receiver(self.layout) if loaded.image_spec else None
         self.open_image_shards: dict[str, EncodeShard] = {}  # transfer id → prepared, not yet received
         self.image_encoder = None  # vision tower + projector, only when there is no encode pool
         if options.image_encoder_dir is not None and loaded.image_spec is not None:
-            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(options.image_encoder_dir,
-                                                                                  loaded.model.dtype)
+            self.image_encoder = image_encoder or InProcessEncoder.from_model_dir(
+                options.image_encoder_dir, loaded.model.dtype
+            )
 
     def prepare_images(self, shards: list[EncodeShard]) -> list[TransferDescriptor]:
         """Open the transfers the encode workers send a request's image features into."""
@@ -116,7 +118,9 @@ class PrefillCore:
 
     def release_images(self, shards) -> None:
         if self.receiver is not None:
-            release_image_transfers(self.receiver, [s for s in shards if self.open_image_shards.pop(s.transfer_id, None)])
+            release_image_transfers(
+                self.receiver, [s for s in shards if self.open_image_shards.pop(s.transfer_id, None)]
+            )
 
     def _prompt_embeds(self, task: PrefillTask) -> tuple[list[int], object]:
         """(expanded ids, inputs_embeds [L, H]) of an image task; its shards are released either way."""
@@ -125,8 +129,9 @@ class PrefillCore:
         finally:
             for s in task.image_shards:
                 self.open_image_shards.pop(s.transfer_id, None)
-        return multimodal.prompt_with_images(self.loaded.model, self.loaded.image_token_id,
-                                             list(task.prompt_token_ids), feats)
+        return multimodal.prompt_with_images(
+            self.loaded.model, self.loaded.image_token_id, list(task.prompt_token_ids), feats
+        )
 
     def _encode_batch(self, tasks: list[PrefillTask], errors: dict[str, str]) -> tuple[dict[str, list], float]:
         """In-process encoding: {request id: features} for the tasks that carry raw images.
@@ -150,7 +155,7 @@ class PrefillCore:
             for t in with_images:
                 try:
                     feats[t.request_id] = self.image_encoder.encode(list(t.images))[0]
-                except InvalidRequestError as exc:     # names the image at fault
+                except InvalidRequestError as exc:  # names the image at fault
                     errors[t.request_id] = str(exc)
                 except Exception:
                     log.exception("encoding the images of %s failed", t.request_id)
@@ -175,9 +180,12 @@ class PrefillCore:
             queues.setdefault(task.tenant, deque()).append(task)
         self._batches += 1
         self._served = {t: at for t, at in self._served.items() if t in queues}
-        queues = dict(sorted(queues.items(), key=lambda kv: self._served.get(kv[0], 0)))   # stable: oldest next
-        level = budget if len(queues) == 1 else min(budget // len(queues),
-                                                    max(len(q[0].prompt_token_ids) for q in queues.values()))
+        queues = dict(sorted(queues.items(), key=lambda kv: self._served.get(kv[0], 0)))  # stable: oldest next
+        level = (
+            budget
+            if len(queues) == 1
+            else min(budget // len(queues), max(len(q[0].prompt_token_ids) for q in queues.values()))
+        )
         taken_by: dict[str, int] = {t: 0 for t in queues}
         batch: list[PrefillTask] = []
         tokens = 0
@@ -189,7 +197,7 @@ class PrefillCore:
                 need = self.blocks.blocks_for(n)
                 over = batch and (tokens + n > budget or (taken_by[tenant] > 0 and taken_by[tenant] + n > level))
                 if over or need > blocks_free:
-                    del queues[tenant]           # this tenant is done for this batch
+                    del queues[tenant]  # this tenant is done for this batch
                     continue
                 queues[tenant].popleft()
                 if not queues[tenant]:
@@ -224,7 +232,8 @@ class PrefillCore:
             if task.request_id in features:
                 try:
                     ids, embeds[task.request_id] = multimodal.prompt_with_images(
-                        self.loaded.model, self.loaded.image_token_id, ids, features[task.request_id])
+                        self.loaded.model, self.loaded.image_token_id, ids, features[task.request_id]
+                    )
                 except Exception:
                     log.exception("image features of %s do not fit its prompt", task.request_id)
                     errors[task.request_id] = "the image features do not fit the prompt"
@@ -265,10 +274,11 @@ class PrefillCore:
                     except Exception:
                         log.exception("KV transfer of layer %d of %s failed", layer, seq.request_id)
                         drop(seq, "the KV transfer to the decode worker failed")
+
             return send
 
         vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
-        candidates = [s.request_id for s in seqs if s.request_id not in errors]   # computed for their own sake
+        candidates = [s.request_id for s in seqs if s.request_id not in errors]  # computed for their own sake
         compute_failed: set[str] = set()
         try:
             for t in tasks:
@@ -314,10 +324,16 @@ class PrefillCore:
                 self.blocks.free(seq.block_table)
                 self.sampler.forget(seq.request_id)
         return [
-            PrefillResult(t.request_id, None if t.request_id in errors else tokens[t.request_id],
-                          errors.get(t.request_id), queue_s=start - t.enqueued_at,
-                          prefill_s=forward_end - start - encode_s, transfer_s=done - forward_end,
-                          batch_size=len(tasks), encode_s=encode_s if t.images else 0.0)
+            PrefillResult(
+                t.request_id,
+                None if t.request_id in errors else tokens[t.request_id],
+                errors.get(t.request_id),
+                queue_s=start - t.enqueued_at,
+                prefill_s=forward_end - start - encode_s,
+                transfer_s=done - forward_end,
+                batch_size=len(tasks),
+                encode_s=encode_s if t.images else 0.0,
+            )
             for t in tasks
         ]
 
@@ -328,8 +344,12 @@ class PrefillCore:
         inputs_embeds = None
         if any(s.request_id in embeds for s in seqs):
             inputs_embeds = multimodal.packed_inputs_embeds(batch, embeds, self.loaded.model.get_input_embeddings())
-        result = self.runner.forward(batch, on_layer_done=send if self.options.streaming else None,
-                                     sparse=self.options.engine.sparse, inputs_embeds=inputs_embeds)
+        result = self.runner.forward(
+            batch,
+            on_layer_done=send if self.options.streaming else None,
+            sparse=self.options.engine.sparse,
+            inputs_embeds=inputs_embeds,
+        )
         if not self.options.streaming:
             for layer in range(self.layout.num_layers):
                 send(layer)

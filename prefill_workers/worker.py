@@ -27,8 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, options: PrefillOptions, loaded: LoadedModel,
-                 image_encoder: InProcessEncoder | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        options: PrefillOptions,
+        loaded: LoadedModel,
+        image_encoder: InProcessEncoder | None = None,
+    ) -> None:
         """loaded / image_encoder: weights already in this process (a role switch reuses them); without
         image_encoder the vision side is loaded when options ask for in-process encoding."""
         self.worker_id = worker_id
@@ -39,7 +44,7 @@ class PrefillWorker:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._busy = 0
-        self.failed: str | None = None   # why the batch loop died; then every call raises WorkerLoopDied
+        self.failed: str | None = None  # why the batch loop died; then every call raises WorkerLoopDied
 
     def _check(self) -> None:
         if self.failed is not None:
@@ -99,7 +104,7 @@ class PrefillWorker:
                 try:
                     results = await loop.run_in_executor(self._executor, self.core.run_batch, batch)
                 except WorkerBroken:
-                    raise                    # not the batch's fault: the loop dies, the worker is replaced
+                    raise  # not the batch's fault: the loop dies, the worker is replaced
                 except Exception:
                     log.exception("prefill batch of %d failed on %s", len(batch), self.worker_id)
                     results = [PrefillResult(t.request_id, None, "the prefill failed") for t in batch]
@@ -111,7 +116,7 @@ class PrefillWorker:
         except BaseException:
             log.exception("the batch loop of %s died", self.worker_id)
             self.failed = f"the batch loop of prefill worker {self.worker_id} died"
-            for fut in self._futures.values():     # the router retries them on another worker
+            for fut in self._futures.values():  # the router retries them on another worker
                 if not fut.done():
                     fut.set_exception(WorkerLoopDied(self.failed))
 
@@ -124,13 +129,21 @@ class PrefillWorker:
     async def status(self) -> WorkerStatus:
         self._check()
         b = self.core.blocks
-        return WorkerStatus(self.worker_id, Role.PREFILL, self.info.node_id, True,
-                            queue_length=len(self.core.queue), running=self._busy,
-                            kv_blocks_used=b.num_used_blocks, kv_blocks_total=b.num_total_blocks)
+        return WorkerStatus(
+            self.worker_id,
+            Role.PREFILL,
+            self.info.node_id,
+            True,
+            queue_length=len(self.core.queue),
+            running=self._busy,
+            kv_blocks_used=b.num_used_blocks,
+            kv_blocks_total=b.num_total_blocks,
+        )
 
     async def idle(self) -> bool:
-        return (not self.core.queue and self._busy == 0 and self.core.blocks.all_free()
-                and not self.core.open_image_shards)
+        return (
+            not self.core.queue and self._busy == 0 and self.core.blocks.all_free() and not self.core.open_image_shards
+        )
 
     async def stop(self) -> None:
         task, self._loop_task = self._loop_task, None

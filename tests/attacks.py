@@ -38,23 +38,27 @@ class Target:
     grpc: str
     http: str
     admin: str | None = None
-    key: str | None = None            # the attacker's own API key (None: no keys on the server)
-    admin_key: str | None = None      # set when the server has admin keys (the attacker has none)
-    victim_session: str = ""          # a session id a victim uses (hijack attempts)
-    victim_request: str = ""          # a request id a victim has in flight (abort attempts)
+    key: str | None = None  # the attacker's own API key (None: no keys on the server)
+    admin_key: str | None = None  # set when the server has admin keys (the attacker has none)
+    victim_session: str = ""  # a session id a victim uses (hijack attempts)
+    victim_request: str = ""  # a request id a victim has in flight (abort attempts)
 
 
 @dataclass(frozen=True)
 class Attack:
     name: str
     run: Callable[[Target], str]
-    expect: str | tuple[str, ...]     # a correct server's answer starts with (one of) this ("": any answer)
-    oversized: bool = False           # sends a large request: the free-loop test sends these
+    expect: str | tuple[str, ...]  # a correct server's answer starts with (one of) this ("": any answer)
+    oversized: bool = False  # sends a large request: the free-loop test sends these
 
 
 def _client(t: Target, key: str | None = ..., timeout: float = 60) -> triptych.Client:
-    return triptych.Client(t.grpc, timeout=timeout, api_key=t.key if key is ... else (key or ""),
-                           options=[("grpc.max_send_message_length", 64 << 20)])
+    return triptych.Client(
+        t.grpc,
+        timeout=timeout,
+        api_key=t.key if key is ... else (key or ""),
+        options=[("grpc.max_send_message_length", 64 << 20)],
+    )
 
 
 def _grpc(t: Target, key: str | None = ..., **kw) -> str:
@@ -66,8 +70,15 @@ def _grpc(t: Target, key: str | None = ..., **kw) -> str:
         return f"{err.code.name}: {err.message[:160]}"
 
 
-def _http(t: Target, path: str, *, body: dict | None = None, content: bytes | None = None,
-          headers: dict | None = None, key: str | None = ...) -> str:  # fmt: skip
+def _http(
+    t: Target,
+    path: str,
+    *,
+    body: dict | None = None,
+    content: bytes | None = None,
+    headers: dict | None = None,
+    key: str | None = ...,
+) -> str:
     key = t.key if key is ... else key
     h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     data = content if content is not None else json.dumps(body, allow_nan=True).encode()
@@ -88,10 +99,14 @@ def _chat(text: str = "Say hi.", **kw) -> dict:
 
 def _png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _real_png(side: int) -> bytes:
@@ -129,8 +144,11 @@ def slowloris(t: Target) -> str:
 
 def slow_body(t: Target) -> str:
     auth = f"Authorization: Bearer {t.key}\r\n".encode() if t.key else b""
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
-            + b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + b'Content-Length: 1000\r\n\r\n{"messages": ['
+    )
     return _hold(t.http, head, 120)
 
 
@@ -154,6 +172,7 @@ def idle_connections(t: Target) -> str:
 # ------------------------------------------------------------------------------------ floods
 def request_flood(t: Target) -> str:
     """200 concurrent slow requests from one client."""
+
     def one(i: int) -> str:
         return _grpc(t, prompt=f"Count to a thousand, number {i}:", max_tokens=64, temperature=0.0).split(":")[0]
 
@@ -164,6 +183,7 @@ def request_flood(t: Target) -> str:
 
 def session_flood(t: Target) -> str:
     """1,030 throwaway sessions, to push a victim's session out."""
+
     async def run() -> list[str]:
         async with triptych.AsyncClient(t.grpc, timeout=120, api_key=t.key or "") as c:
             sem = asyncio.Semaphore(32)
@@ -171,11 +191,13 @@ def session_flood(t: Target) -> str:
             async def one(i):
                 async with sem:
                     try:
-                        await c.complete(messages=[{"role": "user", "content": "x"}], session_id=f"throwaway-{i}",
-                                         max_tokens=1)
+                        await c.complete(
+                            messages=[{"role": "user", "content": "x"}], session_id=f"throwaway-{i}", max_tokens=1
+                        )
                         return "OK"
                     except triptych.TriptychError as err:
                         return err.code.name
+
             return await asyncio.gather(*(one(i) for i in range(1030)))
 
     answers = asyncio.run(run())
@@ -187,8 +209,12 @@ def session_hijack(t: Target) -> str:
     if not t.victim_session:
         return "skipped: no victim session"
     with _client(t) as c:
-        reply = c.complete(messages=[{"role": "user", "content": "Repeat my first message."}],
-                           session_id=t.victim_session, max_tokens=8, temperature=0.0)
+        reply = c.complete(
+            messages=[{"role": "user", "content": "Repeat my first message."}],
+            session_id=t.victim_session,
+            max_tokens=8,
+            temperature=0.0,
+        )
     return f"OK prompt_tokens={reply.usage.prompt_tokens}"
 
 
@@ -201,8 +227,11 @@ def abort_other(t: Target) -> str:
 
 def raw_grpc(t: Target, payload: bytes) -> str:
     with grpc.insecure_channel(t.grpc, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        call = ch.unary_stream("/triptych.v1.Triptych/Generate", request_serializer=None,
-                               response_deserializer=pb.GenerateResponse.FromString)
+        call = ch.unary_stream(
+            "/triptych.v1.Triptych/Generate",
+            request_serializer=None,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
         md = (("authorization", f"Bearer {t.key}"),) if t.key else ()
         try:
             list(call(payload, timeout=60, metadata=md))
@@ -247,59 +276,138 @@ TOO_BIG_HTTP = ("HTTP 400", "HTTP 413")
 
 ATTACKS: list[Attack] = [
     # sampling values
-    Attack("http temperature NaN", lambda t: _http(t, "/v1/chat/completions", body=_chat(temperature=float("nan"))),
-           "HTTP 400"),
+    Attack(
+        "http temperature NaN",
+        lambda t: _http(t, "/v1/chat/completions", body=_chat(temperature=float("nan"))),
+        "HTTP 400",
+    ),
     Attack("http seed 2^70", lambda t: _http(t, "/v1/chat/completions", body=_chat(seed=2**70)), "HTTP 400"),
     Attack("grpc temperature 1e-37", lambda t: _grpc(t, prompt="Hi", max_tokens=4, temperature=1e-37), "OK"),
-    Attack("grpc temperature inf", lambda t: _grpc(t, prompt="Hi", max_tokens=4, temperature=float("inf")),
-           "INVALID_ARGUMENT"),
+    Attack(
+        "grpc temperature inf",
+        lambda t: _grpc(t, prompt="Hi", max_tokens=4, temperature=float("inf")),
+        "INVALID_ARGUMENT",
+    ),
     Attack("grpc top_p NaN", lambda t: _grpc(t, prompt="Hi", max_tokens=4, top_p=float("nan")), "INVALID_ARGUMENT"),
     Attack("http top_k 1e30", lambda t: _http(t, "/v1/chat/completions", body=_chat(top_k=10**30)), "HTTP 400"),
-    Attack("http max_tokens 1e12", lambda t: _http(t, "/v1/chat/completions", body=_chat(max_tokens=10**12)),
-           "HTTP 400"),
+    Attack(
+        "http max_tokens 1e12", lambda t: _http(t, "/v1/chat/completions", body=_chat(max_tokens=10**12)), "HTTP 400"
+    ),
     Attack("http max_tokens -1", lambda t: _http(t, "/v1/chat/completions", body=_chat(max_tokens=-1)), "HTTP 400"),
     # oversized
     # Refused by gRPC / aiohttp while reading (RESOURCE_EXHAUSTED / 413) when the model takes no images
     # (no acceptable request is that large), by the door's caps (INVALID_ARGUMENT / 400) otherwise.
-    Attack("grpc 30 MB prompt", lambda t: _grpc(t, prompt="x" * (30 << 20), max_tokens=4), TOO_BIG_GRPC,
-           oversized=True),
-    Attack("http 30 MB prompt", lambda t: _http(t, "/v1/completions", body={"prompt": "x" * (30 << 20)}),
-           TOO_BIG_HTTP, oversized=True),
-    Attack("http 300k messages", lambda t: _http(t, "/v1/chat/completions", body={
-        "messages": [{"role": "user", "content": "hi"}] * 300_000}), TOO_BIG_HTTP, oversized=True),
-    Attack("grpc 1M messages", lambda t: _grpc(t, messages=[{"role": "user", "content": "x"}] * 1_000_000),
-           TOO_BIG_GRPC, oversized=True),
-    Attack("grpc prompt at the char cap", lambda t: _grpc(t, prompt=_words(262_000), max_tokens=4),
-           "INVALID_ARGUMENT", oversized=True),
-    Attack("grpc 1000 long messages", lambda t: _grpc(t, messages=[{"role": "user", "content": _words(250)}] * 1000,
-                                                       max_tokens=4), "INVALID_ARGUMENT", oversized=True),
-    Attack("http 100k stop strings", lambda t: _http(t, "/v1/chat/completions", body=_chat(stop=["x"] * 100_000)),
-           "HTTP 400", oversized=True),
-    Attack("grpc 1 MB stop string", lambda t: _grpc(t, prompt="Hi", stop=["s" * (1 << 20)]), "INVALID_ARGUMENT",
-           oversized=True),
-    Attack("grpc 1 MB request id", lambda t: _grpc(t, prompt="Hi", request_id="r" * (1 << 20)), "INVALID_ARGUMENT",
-           oversized=True),
-    Attack("grpc 100 images", lambda t: _grpc(t, prompt="Hi", images=[_png(8, 8)] * 100), "INVALID_ARGUMENT",
-           oversized=True),
-    Attack("http pixel bomb image", lambda t: _http(t, "/v1/chat/completions", body={"messages": [{
-        "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(100_000, 100_000))}}]}]}),
-        "HTTP 400", oversized=True),
+    Attack(
+        "grpc 30 MB prompt", lambda t: _grpc(t, prompt="x" * (30 << 20), max_tokens=4), TOO_BIG_GRPC, oversized=True
+    ),
+    Attack(
+        "http 30 MB prompt",
+        lambda t: _http(t, "/v1/completions", body={"prompt": "x" * (30 << 20)}),
+        TOO_BIG_HTTP,
+        oversized=True,
+    ),
+    Attack(
+        "http 300k messages",
+        lambda t: _http(t, "/v1/chat/completions", body={"messages": [{"role": "user", "content": "hi"}] * 300_000}),
+        TOO_BIG_HTTP,
+        oversized=True,
+    ),
+    Attack(
+        "grpc 1M messages",
+        lambda t: _grpc(t, messages=[{"role": "user", "content": "x"}] * 1_000_000),
+        TOO_BIG_GRPC,
+        oversized=True,
+    ),
+    Attack(
+        "grpc prompt at the char cap",
+        lambda t: _grpc(t, prompt=_words(262_000), max_tokens=4),
+        "INVALID_ARGUMENT",
+        oversized=True,
+    ),
+    Attack(
+        "grpc 1000 long messages",
+        lambda t: _grpc(t, messages=[{"role": "user", "content": _words(250)}] * 1000, max_tokens=4),
+        "INVALID_ARGUMENT",
+        oversized=True,
+    ),
+    Attack(
+        "http 100k stop strings",
+        lambda t: _http(t, "/v1/chat/completions", body=_chat(stop=["x"] * 100_000)),
+        "HTTP 400",
+        oversized=True,
+    ),
+    Attack(
+        "grpc 1 MB stop string",
+        lambda t: _grpc(t, prompt="Hi", stop=["s" * (1 << 20)]),
+        "INVALID_ARGUMENT",
+        oversized=True,
+    ),
+    Attack(
+        "grpc 1 MB request id",
+        lambda t: _grpc(t, prompt="Hi", request_id="r" * (1 << 20)),
+        "INVALID_ARGUMENT",
+        oversized=True,
+    ),
+    Attack(
+        "grpc 100 images",
+        lambda t: _grpc(t, prompt="Hi", images=[_png(8, 8)] * 100),
+        "INVALID_ARGUMENT",
+        oversized=True,
+    ),
+    Attack(
+        "http pixel bomb image",
+        lambda t: _http(
+            t,
+            "/v1/chat/completions",
+            body={
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(100_000, 100_000))}}],
+                    }
+                ]
+            },
+        ),
+        "HTTP 400",
+        oversized=True,
+    ),
     # Decoded to check it; served by a vision-language model, refused by a text-only one: any answer.
     Attack("grpc 2000x2000 image", lambda t: _grpc(t, prompt="Hi", images=[_real_png(2000)]), "", oversized=True),
-    Attack("http not an image", lambda t: _http(t, "/v1/chat/completions", body={"messages": [{
-        "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(b"GIF89a" + b"\x00" * 99)}}]}]}),
-        "HTTP 400"),
-    Attack("http 40 MB body", lambda t: _http(t, "/v1/completions", content=b" " * (40 << 20)), "HTTP 413",
-           oversized=True),
+    Attack(
+        "http not an image",
+        lambda t: _http(
+            t,
+            "/v1/chat/completions",
+            body={
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": _data_url(b"GIF89a" + b"\x00" * 99)}}],
+                    }
+                ]
+            },
+        ),
+        "HTTP 400",
+    ),
+    Attack(
+        "http 40 MB body", lambda t: _http(t, "/v1/completions", content=b" " * (40 << 20)), "HTTP 413", oversized=True
+    ),
     Attack("grpc 40 MB message", lambda t: _grpc(t, prompt="x" * (40 << 20)), "RESOURCE_EXHAUSTED", oversized=True),
-    Attack("http 100k nested arrays", lambda t: _http(t, "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000),
-           "HTTP 400", oversized=True),
+    Attack(
+        "http 100k nested arrays",
+        lambda t: _http(t, "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000),
+        "HTTP 400",
+        oversized=True,
+    ),
     Attack("http invalid UTF-8", lambda t: _http(t, "/v1/completions", content=b'{"prompt": "\xff\xfe"}'), "HTTP 400"),
     Attack("grpc garbage bytes", lambda t: raw_grpc(t, b"\xff" * 64), "INVALID_ARGUMENT"),
     # identity and ownership
     Attack("grpc no API key", lambda t: _grpc(t, key=None, prompt="Hi", max_tokens=2), "UNAUTHENTICATED"),
-    Attack("http wrong API key", lambda t: _http(t, "/v1/chat/completions", body=_chat(),
-                                                 key="not-a-key-0123456789"), "HTTP 401"),
+    Attack(
+        "http wrong API key",
+        lambda t: _http(t, "/v1/chat/completions", body=_chat(), key="not-a-key-0123456789"),
+        "HTTP 401",
+    ),
     Attack("admin call on the serving port", admin_on_serving_port, "UNIMPLEMENTED"),
     Attack("admin call with a serving key", admin_with_serving_key, "UNAUTHENTICATED"),
     Attack("abort another client's request", abort_other, "aborted=False"),
@@ -334,10 +442,20 @@ def main(argv=None) -> None:
     p.add_argument("--oversized", action="store_true", help="only the oversized kinds")
     p.add_argument("--timing", action="store_true", help="answer {name: [answer, start, end]} (unix seconds)")
     args = p.parse_args(argv)
-    target = Target(args.grpc, args.http, args.admin, args.key, "set" if args.admin_keys else None,
-                    args.victim_session, args.victim_request)
-    chosen = [BY_NAME[n] for n in args.names.split(",")] if args.names else [
-        a for a in ATTACKS if a.oversized or not args.oversized]
+    target = Target(
+        args.grpc,
+        args.http,
+        args.admin,
+        args.key,
+        "set" if args.admin_keys else None,
+        args.victim_session,
+        args.victim_request,
+    )
+    chosen = (
+        [BY_NAME[n] for n in args.names.split(",")]
+        if args.names
+        else [a for a in ATTACKS if a.oversized or not args.oversized]
+    )
     out = {}
     for a in chosen:
         t0 = time.time()

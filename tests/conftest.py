@@ -50,7 +50,8 @@ def make_engine():
     for engine in engines:
         assert not engine.has_unfinished(), "requests left in the engine after the test"
         assert engine.blocks.all_free(), (
-            f"KV leak: {engine.blocks.num_used_blocks} of {engine.blocks.num_total_blocks} blocks still held")
+            f"KV leak: {engine.blocks.num_used_blocks} of {engine.blocks.num_total_blocks} blocks still held"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,10 @@ def smol_chats(smol):
 
 @pytest.fixture(scope="session")
 def smol_prompt_ids(smol, smol_chats):
-    return [list(smol.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
-            for c in smol_chats]
+    return [
+        list(smol.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for c in smol_chats
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def user_text(tokenizer, n_tokens: int, shift: int = 0) -> str:
     ids = tokenizer(corpus()).input_ids
     while len(ids) < shift + n_tokens:
         ids = ids + ids
-    return tokenizer.decode(ids[shift:shift + n_tokens])
+    return tokenizer.decode(ids[shift : shift + n_tokens])
 
 
 def chat_prompts(tokenizer, lengths: list[int]) -> list[list[dict]]:

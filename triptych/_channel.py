@@ -35,8 +35,9 @@ def _pem(value: Pem | None) -> bytes | None:
     return Path(value).expanduser().read_bytes()
 
 
-def credentials(tls: bool, root_certificates: Pem | None, certificate_chain: Pem | None,
-                private_key: Pem | None) -> grpc.ChannelCredentials | None:  # fmt: skip
+def credentials(
+    tls: bool, root_certificates: Pem | None, certificate_chain: Pem | None, private_key: Pem | None
+) -> grpc.ChannelCredentials | None:
     """TLS channel credentials (None: plaintext). Any certificate argument implies TLS; no
     root_certificates means the system's trusted roots; certificate_chain + private_key are this
     client's certificate for servers that require one (mutual TLS)."""

@@ -139,7 +139,9 @@ def generate_request(
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; exactly one of prompt / messages / token_ids must be given."""
-    given = [name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids)) if v is not None]
+    given = [
+        name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids)) if v is not None
+    ]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of prompt, messages, token_ids (got {given or 'none'})")
     if images and messages is not None:
@@ -232,8 +234,9 @@ def cluster_status_from_pb(r: pb.GetClusterStatusResponse) -> ClusterStatus:
 
 
 def role_switch_from_pb(s: pb.RoleSwitch) -> RoleSwitch:
-    return RoleSwitch(s.worker_id, _ROLE.get(s.from_role), _ROLE.get(s.to_role), s.at_unix_s, s.reason,
-                      s.epoch, s.drain_s, s.switch_s)
+    return RoleSwitch(
+        s.worker_id, _ROLE.get(s.from_role), _ROLE.get(s.to_role), s.at_unix_s, s.reason, s.epoch, s.drain_s, s.switch_s
+    )
 
 
 def set_role_request(worker_id: str, role: Role | str, drain_timeout_s: float, reason: str) -> pb.SetWorkerRoleRequest:

@@ -121,8 +121,11 @@ class AsyncClient:
 
     def _ensure_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = (grpc.aio.secure_channel(self.target, self._creds, options=self._options) if self._creds
-                             else grpc.aio.insecure_channel(self.target, options=self._options))
+            self._channel = (
+                grpc.aio.secure_channel(self.target, self._creds, options=self._options)
+                if self._creds
+                else grpc.aio.insecure_channel(self.target, options=self._options)
+            )
             self._stub_obj = pb_grpc.TriptychStub(self._channel)
         return self._channel
 
@@ -151,12 +154,22 @@ class AsyncClient:
         timeout: float | None = _UNSET,
     ) -> AsyncStream:
         req = _wire.generate_request(
-            prompt=prompt, token_ids=token_ids, images=images, session_id=session_id,
-            request_id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-        )  # fmt: skip
-        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout),
-                                                                metadata=self._metadata), req.request_id)
+            prompt=prompt,
+            token_ids=token_ids,
+            images=images,
+            session_id=session_id,
+            request_id=request_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        return AsyncStream(
+            self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata), req.request_id
+        )
 
     def chat(
         self,
@@ -174,12 +187,20 @@ class AsyncClient:
         timeout: float | None = _UNSET,
     ) -> AsyncStream:
         req = _wire.generate_request(
-            messages=messages, session_id=session_id, request_id=request_id,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
-        )  # fmt: skip
-        return AsyncStream(self._stub.Generate(req, timeout=self._deadline(timeout),
-                                                                metadata=self._metadata), req.request_id)
+            messages=messages,
+            session_id=session_id,
+            request_id=request_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        return AsyncStream(
+            self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata), req.request_id
+        )
 
     async def complete(
         self,
@@ -209,11 +230,19 @@ class AsyncClient:
     async def admin_status(self, *, timeout: float | None = _UNSET) -> ClusterStatus:
         """Admin port: the cluster status."""
         stub = pb_grpc.TriptychAdminStub(self._ensure_channel())
-        return _wire.cluster_status_from_pb(await self._unary(stub.GetClusterStatus, pb.GetClusterStatusRequest(),
-                                                              timeout))
+        return _wire.cluster_status_from_pb(
+            await self._unary(stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+        )
 
-    async def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
-                              reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
+    async def set_worker_role(
+        self,
+        worker_id: str,
+        role: Role | str,
+        *,
+        drain_timeout_s: float = 60.0,
+        reason: str = "manual",
+        timeout: float | None = _UNSET,
+    ) -> RoleSwitch:
         """Admin port: move a worker to the prefill or decode pool, or between encode and prefill
         (drains it first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)

@@ -17,8 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "deploy": {"render": ("cluster.render", "print Ray launcher / KubeRay manifests and `ray start` commands")},
-    "admin": {"set-role": ("triptych.commands.set_role", "move a worker between the prefill and decode pools"),
-              "status": ("triptych.commands.status", "show pools, workers, role switches and restarts")},
+    "admin": {
+        "set-role": ("triptych.commands.set_role", "move a worker between the prefill and decode pools"),
+        "status": ("triptych.commands.status", "show pools, workers, role switches and restarts"),
+    },
 }
 
 

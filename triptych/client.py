@@ -133,8 +133,11 @@ class Client:
         self._owns_channel = channel is None
         if channel is None:
             creds = _channel.credentials(tls, root_certificates, certificate_chain, private_key)
-            channel = (grpc.secure_channel(target, creds, options=list(options)) if creds
-                       else grpc.insecure_channel(target, options=list(options)))
+            channel = (
+                grpc.secure_channel(target, creds, options=list(options))
+                if creds
+                else grpc.insecure_channel(target, options=list(options))
+            )
         self._channel = channel
         self._stub = pb_grpc.TriptychStub(self._channel)
         self._admin = pb_grpc.TriptychAdminStub(self._channel)
@@ -160,10 +163,19 @@ class Client:
     ) -> Stream:
         """Stream a completion of a raw text prompt (no chat template) or of token ids."""
         req = _wire.generate_request(
-            prompt=prompt, token_ids=token_ids, images=images, session_id=session_id,
-            request_id=request_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-        )  # fmt: skip
+            prompt=prompt,
+            token_ids=token_ids,
+            images=images,
+            session_id=session_id,
+            request_id=request_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
         return self._stream(req, timeout)
 
     def chat(
@@ -185,10 +197,17 @@ class Client:
         is a str, image bytes, {"type": "text", "text": ...} or {"type": "image", "image": bytes}.
         With `session_id`, the server prepends the session's earlier turns."""
         req = _wire.generate_request(
-            messages=messages, session_id=session_id, request_id=request_id,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
-        )  # fmt: skip
+            messages=messages,
+            session_id=session_id,
+            request_id=request_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
         return self._stream(req, timeout)
 
     def complete(
@@ -229,8 +248,15 @@ class Client:
         resp = self._unary(self._admin.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
         return _wire.cluster_status_from_pb(resp)
 
-    def set_worker_role(self, worker_id: str, role: Role | str, *, drain_timeout_s: float = 60.0,
-                        reason: str = "manual", timeout: float | None = _UNSET) -> RoleSwitch:
+    def set_worker_role(
+        self,
+        worker_id: str,
+        role: Role | str,
+        *,
+        drain_timeout_s: float = 60.0,
+        reason: str = "manual",
+        timeout: float | None = _UNSET,
+    ) -> RoleSwitch:
         """Admin port: move a worker to the prefill or decode pool, or between encode and prefill
         (drains it first); the switch record."""
         req = _wire.set_role_request(worker_id, role, drain_timeout_s, reason)

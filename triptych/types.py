@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"      # EOS or a stop string
+    STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
-    ABORT = "abort"    # aborted (Abort RPC, server shutdown)
-    ERROR = "error"    # failed after generation started; see FinalChunk.error
+    ABORT = "abort"  # aborted (Abort RPC, server shutdown)
+    ERROR = "error"  # failed after generation started; see FinalChunk.error
 
 
 class Role(str, enum.Enum):
@@ -127,9 +127,9 @@ class RoleSwitch:
     to_role: Role | None
     at_unix_s: float
     reason: str
-    epoch: int = 0          # the worker's epoch after the switch
-    drain_s: float = 0.0    # waiting for its requests to end
-    switch_s: float = 0.0   # rebuilding itself for the new role (no weight reload)
+    epoch: int = 0  # the worker's epoch after the switch
+    drain_s: float = 0.0  # waiting for its requests to end
+    switch_s: float = 0.0  # rebuilding itself for the new role (no weight reload)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class ClusterStatus:
     mode: Mode | None
     pools: tuple[PoolStatus, ...] = ()
     role_switches: tuple[RoleSwitch, ...] = field(default=())
-    role_switch_count: int = 0                       # since the cluster started
+    role_switch_count: int = 0  # since the cluster started
     restarts: dict[str, int] = field(default_factory=dict)  # worker id -> successful restarts
 
     def pool(self, role: Role | str) -> PoolStatus | None:

@@ -22,11 +22,19 @@ if TYPE_CHECKING:
     from .static_pattern import static_index
 
 _LAZY = {
-    "BlockIndex": "block_index", "causal_block_mask": "block_index", "num_key_blocks": "block_index",
-    "num_query_blocks": "block_index", "FlexPrefillResult": "flexprefill", "flexprefill_index": "flexprefill",
-    "SparsePrefillStats": "prefill", "block_sparse_attention": "prefill", "build_index": "prefill",
-    "sparse_prefill_attention": "prefill", "attention_mass_kept": "quality", "static_index": "static_pattern",
-}  # fmt: skip
+    "BlockIndex": "block_index",
+    "causal_block_mask": "block_index",
+    "num_key_blocks": "block_index",
+    "num_query_blocks": "block_index",
+    "FlexPrefillResult": "flexprefill",
+    "flexprefill_index": "flexprefill",
+    "SparsePrefillStats": "prefill",
+    "block_sparse_attention": "prefill",
+    "build_index": "prefill",
+    "sparse_prefill_attention": "prefill",
+    "attention_mass_kept": "quality",
+    "static_index": "static_pattern",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,8 +49,19 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BlockIndex", "FlexPrefillResult", "SparseConfigError", "SparseMethod", "SparsePrefillConfig",
-    "SparsePrefillStats", "attention_mass_kept", "block_sparse_attention", "build_index",
-    "causal_block_mask", "flexprefill_index", "num_key_blocks", "num_query_blocks",
-    "sparse_prefill_attention", "static_index",
-]  # fmt: skip
+    "BlockIndex",
+    "FlexPrefillResult",
+    "SparseConfigError",
+    "SparseMethod",
+    "SparsePrefillConfig",
+    "SparsePrefillStats",
+    "attention_mass_kept",
+    "block_sparse_attention",
+    "build_index",
+    "causal_block_mask",
+    "flexprefill_index",
+    "num_key_blocks",
+    "num_query_blocks",
+    "sparse_prefill_attention",
+    "static_index",
+]

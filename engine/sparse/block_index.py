@@ -29,8 +29,7 @@ def num_query_blocks(q_offset: int, kv_len: int, block_size: int) -> int:
     return num_key_blocks(kv_len, block_size) - q_offset // block_size
 
 
-def causal_block_mask(q_offset: int, kv_len: int, block_size: int,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+def causal_block_mask(q_offset: int, kv_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """bool [NQB, NKB]: True where key block kb is not entirely in the future of query block j."""
     nkb = num_key_blocks(kv_len, block_size)
     first = q_offset // block_size
@@ -60,8 +59,10 @@ class BlockIndex:
         if self.counts.shape != (h, nqb):
             raise ValueError(f"counts shape {tuple(self.counts.shape)} != {(h, nqb)}")
         if nqb != num_query_blocks(self.q_offset, self.kv_len, self.block_size):
-            raise ValueError(f"index has {nqb} query blocks, geometry needs "
-                             f"{num_query_blocks(self.q_offset, self.kv_len, self.block_size)}")
+            raise ValueError(
+                f"index has {nqb} query blocks, geometry needs "
+                f"{num_query_blocks(self.q_offset, self.kv_len, self.block_size)}"
+            )
 
     @property
     def num_heads(self) -> int:
@@ -72,8 +73,7 @@ class BlockIndex:
         return self.q_offset // self.block_size
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, block_size: int, q_offset: int,
-                  kv_len: int) -> "BlockIndex":
+    def from_mask(cls, mask: torch.Tensor, block_size: int, q_offset: int, kv_len: int) -> "BlockIndex":
         """mask: bool [Hq, NQB, NKB]; non-causal entries are dropped."""
         nqb, nkb = mask.shape[1:]
         causal = causal_block_mask(q_offset, kv_len, block_size, mask.device)
@@ -87,8 +87,7 @@ class BlockIndex:
         key = torch.where(mask, kb, kb + nkb)
         ids = torch.topk(key, maxk, dim=-1, largest=False, sorted=True).values
         ids = torch.where(ids < nkb, ids, torch.zeros_like(ids))
-        return cls(ids.to(torch.int32).contiguous(), counts.contiguous(), block_size,
-                   q_offset, kv_len)
+        return cls(ids.to(torch.int32).contiguous(), counts.contiguous(), block_size, q_offset, kv_len)
 
     def to_mask(self) -> torch.Tensor:
         """bool [Hq, NQB, NKB]."""
@@ -102,8 +101,7 @@ class BlockIndex:
 
     def density(self) -> float:
         """Fraction of causal (head, query block, key block) triples that are computed."""
-        causal = causal_block_mask(self.q_offset, self.kv_len, self.block_size,
-                                   self.counts.device)
+        causal = causal_block_mask(self.q_offset, self.kv_len, self.block_size, self.counts.device)
         total = causal.sum().item() * self.num_heads
         return float(self.counts.sum().item()) / max(total, 1)
 
@@ -112,8 +110,8 @@ class BlockIndex:
         b = self.block_size
         pos = torch.arange(self.q_offset, self.kv_len, device=self.counts.device)
         keys = torch.arange(self.kv_len, device=self.counts.device)
-        rows = self.to_mask()[:, pos // b - self.first_q_block]      # [Hq, Lq, NKB]
-        allowed = rows[..., keys // b]                                # [Hq, Lq, Lk]
+        rows = self.to_mask()[:, pos // b - self.first_q_block]  # [Hq, Lq, NKB]
+        allowed = rows[..., keys // b]  # [Hq, Lq, Lk]
         return allowed & (keys[None, None, :] <= pos[None, :, None])
 
     def computed_pairs(self) -> int:
@@ -124,11 +122,13 @@ class BlockIndex:
         dev = self.counts.device
         pos = torch.arange(self.q_offset, self.kv_len, device=dev)
         rows = torch.zeros(nkb, device=dev, dtype=torch.float64).index_add_(
-            0, pos // b, torch.ones_like(pos, dtype=torch.float64))[first:]       # [NQB]
-        diag = torch.zeros(nkb, device=dev, dtype=torch.float64).index_add_(
-            0, pos // b, (pos % b + 1).double())[first:]                            # [NQB]
+            0, pos // b, torch.ones_like(pos, dtype=torch.float64)
+        )[first:]  # [NQB]
+        diag = torch.zeros(nkb, device=dev, dtype=torch.float64).index_add_(0, pos // b, (pos % b + 1).double())[
+            first:
+        ]  # [NQB]
         keys = torch.clamp(self.kv_len - torch.arange(nkb, device=dev) * b, max=b).double()
-        cell = rows[:, None] * keys[None, :]                                        # [NQB, NKB]
+        cell = rows[:, None] * keys[None, :]  # [NQB, NKB]
         idx = torch.arange(cell.shape[0], device=dev)
         cell[idx, idx + first] = diag
         cell = cell * causal_block_mask(self.q_offset, self.kv_len, b, dev)

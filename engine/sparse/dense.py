@@ -13,8 +13,9 @@ def causal_mask(q_offset: int, q_len: int, k_len: int, device: torch.device | st
     return torch.arange(k_len, device=device)[None, :] <= pos[:, None]
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
-                           scale: float) -> torch.Tensor:
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float
+) -> torch.Tensor:
     """q [Lq, Hq, D], k/v [Lk, Hkv, D] -> [Lq, Hq, D]; query row i sits at q_offset + i (a
     prompt chunk after earlier context: q_offset = Lk - Lq).
 

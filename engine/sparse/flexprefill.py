@@ -41,11 +41,11 @@ _MAX_LAST_BLOCK_ELEMS = 1 << 22
 @dataclass(frozen=True)
 class FlexPrefillResult:
     index: BlockIndex
-    query_aware: torch.Tensor      # bool [Hq]: True = query-aware block pattern, else vertical-slash
-    js_distance: torch.Tensor      # fp32 [Hq]
-    estimated_mass: torch.Tensor   # fp32 [Hq]: query-aware: estimated block mass kept (pooled
-                                   # estimate); vertical-slash: the last query block's true
-                                   # attention mass inside its kept blocks. Both >= gamma.
+    query_aware: torch.Tensor  # bool [Hq]: True = query-aware block pattern, else vertical-slash
+    js_distance: torch.Tensor  # fp32 [Hq]
+    estimated_mass: torch.Tensor  # fp32 [Hq]: query-aware: estimated block mass kept (pooled
+    # estimate); vertical-slash: the last query block's true
+    # attention mass inside its kept blocks. Both >= gamma.
 
 
 def _keep_top_until(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -64,16 +64,17 @@ def _pool_rows(x: torch.Tensor, start: int, block_size: int, num_blocks: int) ->
     length, heads, d = x.shape
     front = start % block_size
     pad = x.new_zeros(num_blocks * block_size, heads, d, dtype=torch.float32)
-    pad[front:front + length] = x.float()
+    pad[front : front + length] = x.float()
     sums = pad.view(num_blocks, block_size, heads, d).sum(1)
     valid = torch.zeros(num_blocks * block_size, device=x.device)
-    valid[front:front + length] = 1
+    valid[front : front + length] = 1
     n = valid.view(num_blocks, block_size).sum(1).clamp(min=1)
     return (sums / n[:, None, None]).transpose(0, 1)
 
 
-def _last_block_stats(q_last: torch.Tensor, k: torch.Tensor, last_pos0: int, scale: float,
-                      block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _last_block_stats(
+    q_last: torch.Tensor, k: torch.Tensor, last_pos0: int, scale: float, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q_last [R, Hq, D] (row 0 at absolute last_pos0), k [Lk, Hkv, D] -> per head, from the
     true attention A of these rows: a_bar [Hq, NKB] (row-mean mass per key block), vertical
     scores [Hq, Lk] (row-mean column mass) and slash scores [Hq, Lk] (row-mean mass at offset
@@ -85,20 +86,20 @@ def _last_block_stats(q_last: torch.Tensor, k: torch.Tensor, last_pos0: int, sca
     dev = q_last.device
     pos = torch.arange(last_pos0, last_pos0 + r, device=dev)
     keys = torch.arange(lk, device=dev)
-    future = keys[None, :] > pos[:, None]                               # [R, Lk]
-    offsets = (pos[:, None] - keys[None, :]).clamp(min=0).reshape(-1)   # [R*Lk]
-    kt = k.float().permute(1, 2, 0)                                     # [Hkv, D, Lk]
+    future = keys[None, :] > pos[:, None]  # [R, Lk]
+    offsets = (pos[:, None] - keys[None, :]).clamp(min=0).reshape(-1)  # [R*Lk]
+    kt = k.float().permute(1, 2, 0)  # [Hkv, D, Lk]
     heads_per_chunk = max(group, (_MAX_LAST_BLOCK_ELEMS // (r * lk)) // group * group)
     out = {"a_bar": [], "v": [], "s": []}
     for h0 in range(0, hq, heads_per_chunk):
         h1 = min(hq, h0 + heads_per_chunk)
-        ql = (q_last[:, h0:h1].float() * scale).permute(1, 0, 2).reshape(
-            (h1 - h0) // group, group * r, d)
-        s = torch.bmm(ql, kt[h0 // group:h1 // group]).view(h1 - h0, r, lk)
-        a = torch.softmax(s.masked_fill_(future, float("-inf")), dim=-1)   # [Hc, R, Lk]
+        ql = (q_last[:, h0:h1].float() * scale).permute(1, 0, 2).reshape((h1 - h0) // group, group * r, d)
+        s = torch.bmm(ql, kt[h0 // group : h1 // group]).view(h1 - h0, r, lk)
+        a = torch.softmax(s.masked_fill_(future, float("-inf")), dim=-1)  # [Hc, R, Lk]
         vert = a.sum(1) / r
-        slash = torch.zeros(h1 - h0, lk, device=dev).scatter_add_(
-            1, offsets.expand(h1 - h0, -1), a.view(h1 - h0, -1)) / r
+        slash = (
+            torch.zeros(h1 - h0, lk, device=dev).scatter_add_(1, offsets.expand(h1 - h0, -1), a.view(h1 - h0, -1)) / r
+        )
         blocks = torch.nn.functional.pad(vert, (0, nkb * block_size - lk))
         out["a_bar"].append(blocks.view(h1 - h0, nkb, block_size).sum(-1))
         out["v"].append(vert)
@@ -115,9 +116,16 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl_pm + kl_qm)).clamp(min=0).sqrt()
 
 
-def flexprefill_index(q: torch.Tensor, k: torch.Tensor, q_offset: int, scale: float,
-                      block_size: int, gamma: float, tau: float,
-                      min_budget: int) -> FlexPrefillResult:
+def flexprefill_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_offset: int,
+    scale: float,
+    block_size: int,
+    gamma: float,
+    tau: float,
+    min_budget: int,
+) -> FlexPrefillResult:
     """q [Lq, Hq, D], k [Lk, Hkv, D] with Lk = q_offset + Lq -> FlexPrefillResult.
     min_budget is in key tokens per query block (rounded up to blocks)."""
     lq, hq, d = q.shape
@@ -128,23 +136,23 @@ def flexprefill_index(q: torch.Tensor, k: torch.Tensor, q_offset: int, scale: fl
     nkb = num_key_blocks(lk, b)
     first = q_offset // b
     nqb = nkb - first
-    causal = causal_block_mask(q_offset, lk, b, dev)                    # [NQB, NKB]
+    causal = causal_block_mask(q_offset, lk, b, dev)  # [NQB, NKB]
     absq = torch.arange(first, nkb, device=dev)
     kbs = torch.arange(nkb, device=dev)
-    dist = (absq[:, None] - kbs[None, :]).clamp(min=0)                  # [NQB, NKB]
+    dist = (absq[:, None] - kbs[None, :]).clamp(min=0)  # [NQB, NKB]
 
     # Last query block: true vs estimated block distributions, vertical and slash scores.
     last_pos0 = max((nkb - 1) * b, q_offset)
-    q_last = q[last_pos0 - q_offset:]
+    q_last = q[last_pos0 - q_offset :]
     a_bar, vert, slash = _last_block_stats(q_last, k, last_pos0, scale, b)
-    k_pool = _pool_rows(k, 0, b, nkb)                                   # [Hkv, NKB, D]
+    k_pool = _pool_rows(k, 0, b, nkb)  # [Hkv, NKB, D]
     q_last_pool = q_last.float().mean(0).view(hkv, group, d)
     a_hat = torch.softmax(torch.bmm(q_last_pool, k_pool.transpose(1, 2)) * scale, -1)
     js = _js_distance(a_hat.reshape(hq, nkb), a_bar)
     query_aware = js < tau
 
     # Query-aware pattern from the pooled estimate of the whole block matrix.
-    q_pool = _pool_rows(q, q_offset, b, nqb)                            # [Hq, NQB, D]
+    q_pool = _pool_rows(q, q_offset, b, nqb)  # [Hq, NQB, D]
     est = torch.bmm(q_pool.reshape(hkv, group * nqb, d), k_pool.transpose(1, 2)) * scale
     est = torch.softmax(est.view(hq, nqb, nkb).masked_fill(~causal, float("-inf")), -1)
     qa_mask = _keep_top_until(est.view(hq, -1) / nqb, gamma).view(hq, nqb, nkb)
@@ -167,7 +175,7 @@ def flexprefill_index(q: torch.Tensor, k: torch.Tensor, q_offset: int, scale: fl
     score = torch.where(qa, est, vs_score).masked_fill(~causal, float("-inf"))
 
     # Always: sink and diagonal; at least min_budget tokens per query block.
-    mask = mask | (kbs == 0) | (dist == 0)              # non-causal entries dropped below
+    mask = mask | (kbs == 0) | (dist == 0)  # non-causal entries dropped below
     k_min = min(nkb, -(-min_budget // b))
     if k_min > 0:
         top = torch.topk(score, k_min, dim=-1).indices
@@ -177,6 +185,6 @@ def flexprefill_index(q: torch.Tensor, k: torch.Tensor, q_offset: int, scale: fl
     qa_kept = (est * mask).sum((1, 2)) / nqb
     vs_kept = (a_bar * mask[:, -1]).sum(-1)
     kept = torch.where(query_aware, qa_kept, vs_kept)
-    mask[:, -1] = causal[-1]            # after `kept`: that reports the selection's own mass
+    mask[:, -1] = causal[-1]  # after `kept`: that reports the selection's own mass
     index = BlockIndex.from_mask(mask, b, q_offset, lk)
     return FlexPrefillResult(index, query_aware, js, kept)

@@ -15,8 +15,15 @@ import torch
 from .block_index import BlockIndex, num_key_blocks
 
 
-def static_block_mask(num_heads: int, q_offset: int, kv_len: int, block_size: int, sink: int,
-                      local: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def static_block_mask(
+    num_heads: int,
+    q_offset: int,
+    kv_len: int,
+    block_size: int,
+    sink: int,
+    local: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """bool [Hq, NQB, NKB] (causality is applied by BlockIndex.from_mask)."""
     if sink < 0 or local < 1:
         raise ValueError(f"need sink >= 0 and local >= 1, got sink={sink} local={local}")
@@ -29,7 +36,14 @@ def static_block_mask(num_heads: int, q_offset: int, kv_len: int, block_size: in
     return mask[None].expand(num_heads, -1, -1)
 
 
-def static_index(num_heads: int, q_offset: int, kv_len: int, block_size: int, sink: int,
-                 local: int, device: torch.device | str = "cpu") -> BlockIndex:
+def static_index(
+    num_heads: int,
+    q_offset: int,
+    kv_len: int,
+    block_size: int,
+    sink: int,
+    local: int,
+    device: torch.device | str = "cpu",
+) -> BlockIndex:
     mask = static_block_mask(num_heads, q_offset, kv_len, block_size, sink, local, device)
     return BlockIndex.from_mask(mask, block_size, q_offset, kv_len)

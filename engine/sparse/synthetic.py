@@ -7,9 +7,15 @@ import torch
 from .block_index import BlockIndex, causal_block_mask
 
 
-def random_index(num_heads: int, q_offset: int, kv_len: int, block_size: int, density: float,
-                 generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> BlockIndex:
+def random_index(
+    num_heads: int,
+    q_offset: int,
+    kv_len: int,
+    block_size: int,
+    density: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> BlockIndex:
     """Sink and diagonal blocks plus uniformly random causal blocks, about `density` of all
     causal blocks in total (density 1.0 gives the full causal index)."""
     causal = causal_block_mask(q_offset, kv_len, block_size)

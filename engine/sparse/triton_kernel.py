@@ -35,21 +35,43 @@ def _build_kernel():
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDS, CNT,
+        Q,
+        K,
+        V,
+        O,
+        IDS,
+        CNT,
         qk_scale,
-        stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
-        stride_om, stride_oh, stride_ih, stride_iq, stride_ch,
-        Lq, Lk, q_offset, q_start, n_tiles,
-        GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_qm,
+        stride_qh,
+        stride_km,
+        stride_kh,
+        stride_vm,
+        stride_vh,
+        stride_om,
+        stride_oh,
+        stride_ih,
+        stride_iq,
+        stride_ch,
+        Lq,
+        Lk,
+        q_offset,
+        q_start,
+        n_tiles,
+        GROUP: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         tile = n_tiles - 1 - tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // GROUP
-        qblk = tile // (BLOCK // BLOCK_M)               # query block (relative to the index)
+        qblk = tile // (BLOCK // BLOCK_M)  # query block (relative to the index)
 
-        offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)   # absolute positions
+        offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions
         rows = offs_m - q_offset
         row_ok = (rows >= 0) & (rows < Lq)
         offs_d = tl.arange(0, BLOCK_D)
@@ -71,16 +93,15 @@ def _build_kernel():
             kb = tl.load(id_base + s)
             for sub in tl.static_range(BLOCK // BLOCK_N):
                 n_start = kb * BLOCK + sub * BLOCK_N
-                if n_start <= m_last:                     # skip sub-tiles wholly in the future
+                if n_start <= m_last:  # skip sub-tiles wholly in the future
                     offs_n = n_start + tl.arange(0, BLOCK_N)
                     n_ok = offs_n < Lk
-                    k = tl.load(k_base + offs_n[:, None] * stride_km,
-                                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    k = tl.load(k_base + offs_n[:, None] * stride_km, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                     if IEEE:
                         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
                     else:
                         qk = tl.dot(q, tl.trans(k))
-                    qk = qk * qk_scale                    # log2 domain: exp2 below
+                    qk = qk * qk_scale  # log2 domain: exp2 below
                     keep = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :]
                     qk = tl.where(keep, qk, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -89,8 +110,7 @@ def _build_kernel():
                     p = tl.math.exp2(qk - m_safe[:, None])
                     alpha = tl.math.exp2(m_i - m_safe)
                     l_i = l_i * alpha + tl.sum(p, 1)
-                    v = tl.load(v_base + offs_n[:, None] * stride_vm,
-                                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    v = tl.load(v_base + offs_n[:, None] * stride_vm, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                     if IEEE:
                         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
                     else:
@@ -98,7 +118,7 @@ def _build_kernel():
                     acc = acc * alpha[:, None] + pv
                     m_i = m_new
 
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)            # rows with no key give 0
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no key give 0
         out = acc / l_safe[:, None]
         o_ptrs = O + rows[:, None] * stride_om + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -106,18 +126,27 @@ def _build_kernel():
     return _block_sparse_fwd
 
 
-def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  index: BlockIndex, scale: float, block_m: int | None = None,
-                                  block_n: int | None = None, num_warps: int | None = None,
-                                  num_stages: int | None = None) -> torch.Tensor:
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out [Lq, Hq, D]. block_m/block_n must divide
     index.block_size (defaults: min(B, 128) rows, min(B, 64) keys)."""
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
     b = index.block_size
     if lk != index.kv_len or lk - lq != index.q_offset or hq != index.num_heads:
-        raise ValueError(f"shapes q={tuple(q.shape)} k={tuple(k.shape)} do not match the index "
-                         f"(Hq={index.num_heads}, q_offset={index.q_offset}, Lk={index.kv_len})")
+        raise ValueError(
+            f"shapes q={tuple(q.shape)} k={tuple(k.shape)} do not match the index "
+            f"(Hq={index.num_heads}, q_offset={index.q_offset}, Lk={index.kv_len})"
+        )
     if hq % hkv:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
     block_m = block_m or min(b, 128)
@@ -135,15 +164,40 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if num_stages is None:
         num_stages = 2
     import triton
+
     kernel = _build_kernel()
     kernel[(n_tiles, hq)](
-        q, k, v, out, ids, counts,
+        q,
+        k,
+        v,
+        out,
+        ids,
+        counts,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), ids.stride(0), ids.stride(1), counts.stride(0),
-        lq, lk, index.q_offset, index.first_q_block * b, n_tiles,
-        GROUP=hq // hkv, BLOCK=b, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(max(d, 16)), IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ids.stride(0),
+        ids.stride(1),
+        counts.stride(0),
+        lq,
+        lk,
+        index.q_offset,
+        index.first_q_block * b,
+        n_tiles,
+        GROUP=hq // hkv,
+        BLOCK=b,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(max(d, 16)),
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -19,15 +19,27 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import gateway as gw
 from cluster.config import ServerConfig
-from cluster.router_api import (ChatMessage, ClusterStatus, ErrorKind, FinalEvent, GenerateInput, ModelInfo, RoleSwitch,
-                                 Router, RouterError, Timings, TokenEvent)
+from cluster.router_api import (
+    ChatMessage,
+    ClusterStatus,
+    ErrorKind,
+    FinalEvent,
+    GenerateInput,
+    ModelInfo,
+    RoleSwitch,
+    Router,
+    RouterError,
+    Timings,
+    TokenEvent,
+)
 from engine.sequence import FinishReason
 from engine.worker_api import Role, WorkerStatus
 
 MODEL = "fake-model"
 MAX_MODEL_LEN = 512
-TIMINGS = Timings(queue_s=0.01, encode_s=0.0, prefill_s=0.02, transfer_s=0.003, decode_s=0.05,
-                  ttft_s=0.04, tpot_s=0.01, e2e_s=0.1)  # fmt: skip
+TIMINGS = Timings(
+    queue_s=0.01, encode_s=0.0, prefill_s=0.02, transfer_s=0.003, decode_s=0.05, ttft_s=0.04, tpot_s=0.01, e2e_s=0.1
+)
 ERRORS = {
     "invalid": (ErrorKind.INVALID_ARGUMENT, "prompt is 9000 tokens, max_model_len is 512"),
     "busy": (ErrorKind.RESOURCE_EXHAUSTED, "300 requests waiting (max_queued_requests 256)"),
@@ -63,7 +75,7 @@ class FakeRouter(Router):
 
     def __init__(self) -> None:
         self.inputs: list[GenerateInput] = []
-        self.aborts: list[str] = []       # requests whose stream was closed or aborted early
+        self.aborts: list[str] = []  # requests whose stream was closed or aborted early
         self.abort_calls: list[str] = []  # Abort RPC / router.abort() calls
         self.shut_down = False
         self._abort_events: dict[str, asyncio.Event] = {}
@@ -101,17 +113,18 @@ class FakeRouter(Router):
                 finished = True
                 yield FinalEvent(FinishReason.ABORT, 3, n, "x" * n, TIMINGS)
                 return
-            if word == "steady":    # 200 tokens, one every 25 ms (the free-loop test's victim)
+            if word == "steady":  # 200 tokens, one every 25 ms (the free-loop test's victim)
                 for _ in range(200):
                     yield TokenEvent((7,), "x")
                     await asyncio.sleep(0.025)
                 finished = True
                 yield FinalEvent(FinishReason.LENGTH, 3, 200, "x" * 200, TIMINGS)
                 return
-            if word == "prefail":   # fails before its first token: the door answers with a status
+            if word == "prefail":  # fails before its first token: the door answers with a status
                 finished = True
-                yield FinalEvent(FinishReason.ERROR, 3, 0, "", TIMINGS, error="the prefill failed",
-                                 error_kind=ErrorKind.INTERNAL)
+                yield FinalEvent(
+                    FinishReason.ERROR, 3, 0, "", TIMINGS, error="the prefill failed", error_kind=ErrorKind.INTERNAL
+                )
                 return
             if word == "midfail":
                 yield TokenEvent((1,), "a")
@@ -191,8 +204,9 @@ class GatewayThread:
 def routed_id(router: FakeRouter, text: str) -> str:
     """The id the router saw for the request whose input starts with `text` (the gateway gives
     the router its own id for each request, not the client's)."""
-    return next(i.request_id for i in reversed(router.inputs)
-                if isinstance(i, GenerateInput) and input_text(i).startswith(text))
+    return next(
+        i.request_id for i in reversed(router.inputs) if isinstance(i, GenerateInput) and input_text(i).startswith(text)
+    )
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:

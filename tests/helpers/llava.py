@@ -7,8 +7,8 @@ import io
 
 import torch
 
-IMAGE_TOKEN_ID = 49151          # a plain vocabulary token of the SmolLM2 tokenizer, never in test prompts
-VOCAB = 49152                   # len(SmolLM2 tokenizer)
+IMAGE_TOKEN_ID = 49151  # a plain vocabulary token of the SmolLM2 tokenizer, never in test prompts
+VOCAB = 49152  # len(SmolLM2 tokenizer)
 
 
 def build_tiny_llava(seed: int = 0, feature_layer=-2, strategy: str = "default"):
@@ -16,15 +16,39 @@ def build_tiny_llava(seed: int = 0, feature_layer=-2, strategy: str = "default")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7, projection_dim=32, initializer_factor=1.0)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                       tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                         projector_hidden_act="gelu", initializer_range=0.3)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        projection_dim=32,
+        initializer_factor=1.0,
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        initializer_range=0.3,
+    )
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2

@@ -7,8 +7,7 @@ import torch
 
 # The real-model prompt set: 20 chat prompts whose user message is 5..2000 tokens, each continued
 # greedily for SMOL_NEW_TOKENS tokens (the `smol_*` fixtures in tests/conftest.py).
-SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1400, 1600, 1800, 1900,
-                2000]
+SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1400, 1600, 1800, 1900, 2000]
 SMOL_NEW_TOKENS = 64
 
 
@@ -18,9 +17,18 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = 2
@@ -38,8 +46,14 @@ def hf_greedy(loaded, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     try:
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+            )
     finally:
         model.config._attn_implementation = saved
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()

@@ -45,8 +45,12 @@ async def collect(router, request: GenerateInput) -> Result:
 
 
 def chat_request(rid: str, messages: list[dict], max_tokens: int, **kw) -> GenerateInput:
-    return GenerateInput(rid, SamplingParams(max_tokens=max_tokens),
-                         messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages), **kw)
+    return GenerateInput(
+        rid,
+        SamplingParams(max_tokens=max_tokens),
+        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
+        **kw,
+    )
 
 
 async def run_all(router, requests: list[GenerateInput]) -> list[Result]:
@@ -60,7 +64,7 @@ def assert_no_leaks(loop: LoopThread, router) -> None:
     create none, so after shutdown `assert_no_segments()` finds nothing at all.)"""
     assert loop.run(router.wait_idle(30)), "KV blocks or requests still held after the test"
     deadline = time.monotonic() + 10
-    while stale_segments() and time.monotonic() < deadline:   # a killed worker's are reaped async
+    while stale_segments() and time.monotonic() < deadline:  # a killed worker's are reaped async
         time.sleep(0.1)
     assert not stale_segments(), f"shared-memory segments of dead processes left: {stale_segments()}"
 

@@ -32,9 +32,9 @@ from tests.helpers.router import LoopThread, chat_request, collect, run_all
 
 pytestmark = pytest.mark.slow
 
-DEADLINE_S = 20.0      # every request's deadline
-SLACK_S = 2.0          # how late past its deadline a request may end (event-loop scheduling)
-REJOIN_S = 60.0        # restarted workers must be serving again within this (model load on a busy 2-core box)
+DEADLINE_S = 20.0  # every request's deadline
+SLACK_S = 2.0  # how late past its deadline a request may end (event-loop scheduling)
+REJOIN_S = 60.0  # restarted workers must be serving again within this (model load on a busy 2-core box)
 NODE_RESOURCES = {"prefill": 1, "decode": 1}
 CLEAR_ERRORS = ("died", "deadline", "no live worker", "is dead", "prefill of", "failed on")
 
@@ -43,7 +43,7 @@ CLEAR_ERRORS = ("died", "deadline", "no live worker", "is dead", "prefill of", "
 class Outcome:
     started: float
     ended: float
-    reason: FinishReason | None = None     # None: refused before streaming (RouterError)
+    reason: FinishReason | None = None  # None: refused before streaming (RouterError)
     error: str | None = None
 
 
@@ -72,8 +72,9 @@ class Stream:
         n = 0
         while not self._stop.is_set():
             n += 1
-            req = chat_request(f"chaos-{i}-{n}-{time.monotonic_ns()}", rng.choice(self.prompts), 8,
-                               deadline_s=DEADLINE_S)
+            req = chat_request(
+                f"chaos-{i}-{n}-{time.monotonic_ns()}", rng.choice(self.prompts), 8, deadline_s=DEADLINE_S
+            )
             t = time.monotonic()
             try:
                 result = await collect(self.router, req)
@@ -89,14 +90,28 @@ def chaos():
     from ray.cluster_utils import Cluster
 
     # Fast node-death detection, so the node scenario does not wait out Ray's default ~15 s.
-    sim = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                                          "health_check_initial_delay_ms": 1000}})
+    sim = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "_system_config": {
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+                "health_check_initial_delay_ms": 1000,
+            },
+        },
+    )
     nodes = [sim.add_node(num_cpus=2, resources=dict(NODE_RESOURCES)) for _ in range(2)]
     loop = LoopThread()
-    config = parse_config({"version": 1, "transport": {"backend": "shm"},
-                           "engine": {"num_kv_blocks": 256, "max_num_seqs": 16},
-                           "pools": {"prefill": {"workers": 2}, "decode": {"workers": 2}}}, "test_chaos")
+    config = parse_config(
+        {
+            "version": 1,
+            "transport": {"backend": "shm"},
+            "engine": {"num_kv_blocks": 256, "max_num_seqs": 16},
+            "pools": {"prefill": {"workers": 2}, "decode": {"workers": 2}},
+        },
+        "test_chaos",
+    )
     router = loop.run(start_router(config, ray_address=sim.address, progress=lambda *_: None))
     from tests.prompts import chat_prompts
 
@@ -142,15 +157,18 @@ def _assert_no_leaks(loop, router, pids: set[int]) -> None:
 
 def _serves_normally(loop, router, prompts) -> None:
     """Every worker back, and a burst of requests all finish."""
-    reqs = [chat_request(f"after-{i}-{time.monotonic_ns()}", prompts[i % len(prompts)], 8, deadline_s=DEADLINE_S)
-            for i in range(6)]
+    reqs = [
+        chat_request(f"after-{i}-{time.monotonic_ns()}", prompts[i % len(prompts)], 8, deadline_s=DEADLINE_S)
+        for i in range(6)
+    ]
     results = loop.run(run_all(router, reqs))
     assert all(r.final.error is None for r in results), [r.final.error for r in results]
 
 
 def _rejoin(loop, router, ids: set[str], since: float) -> float:
-    assert loop.run(router.supervisor.wait_all_alive(REJOIN_S), REJOIN_S + 10), \
+    assert loop.run(router.supervisor.wait_all_alive(REJOIN_S), REJOIN_S + 10), (
         f"workers not back within {REJOIN_S}s: {[(w.worker_id, w.alive) for w in router.prefill + router.decode]}"
+    )
     took = time.monotonic() - since
     epochs = {w.worker_id: w.epoch for w in router.prefill + router.decode}
     assert all(epochs[i] >= 1 for i in ids), epochs
@@ -177,7 +195,7 @@ def test_killed_prefill_worker_requests_are_retried(chaos):
 
     async def fault():
         end = time.monotonic() + 10
-        while victim.inflight == 0 and time.monotonic() < end:   # kill it while it holds a request
+        while victim.inflight == 0 and time.monotonic() < end:  # kill it while it holds a request
             await asyncio.sleep(0.005)
         ray.kill(victim.actor)
         return time.monotonic()

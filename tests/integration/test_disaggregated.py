@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     loop = LoopThread()
-    config = parse_config({"version": 1, "ray": {"num_cpus": 3},
-                           "pools": {"decode": {"workers": 2}}}, "test_disaggregated")
+    config = parse_config(
+        {"version": 1, "ray": {"num_cpus": 3}, "pools": {"decode": {"workers": 2}}}, "test_disaggregated"
+    )
     router = loop.run(start_router(config))
     yield loop, router
     loop.run(router.shutdown())
@@ -65,7 +66,7 @@ def test_cancel_mid_prefill(cluster, smol_chats):
     async def scenario():
         req = chat_request("cancel-prefill", smol_chats[-1], 32)
         task = asyncio.ensure_future(collect(router, req))
-        await asyncio.sleep(0.05)          # admitted, KV reserved, prefill running or queued
+        await asyncio.sleep(0.05)  # admitted, KV reserved, prefill running or queued
         assert await router.abort("cancel-prefill")
         return await task
 
@@ -84,7 +85,7 @@ def test_cancel_mid_decode(cluster, smol_chats):
             seen += 1
             if seen == 3:
                 break
-        await stream.aclose()               # the client went away: the router aborts
+        await stream.aclose()  # the client went away: the router aborts
         return seen
 
     assert loop.run(scenario()) == 3
@@ -104,7 +105,7 @@ def test_killed_decode_worker_fails_its_requests_only(cluster, smol_chats):
         while victim.inflight == 0 or router.decode[1].inflight == 0:
             assert time.monotonic() - t < 120, [(w.worker_id, w.inflight, w.alive) for w in router.decode]
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)            # decoding is under way on both workers
+        await asyncio.sleep(1.0)  # decoding is under way on both workers
         ray.kill(victim.actor)
         t = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 120)

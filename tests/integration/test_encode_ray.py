@@ -49,8 +49,11 @@ def encode_worker(model_dir, worker_id: str, num_cpus: float):
     from cluster.worker_actor import WorkerActor
     from encode_workers.worker import EncodeOptions
 
-    return ray.remote(WorkerActor).options(num_cpus=num_cpus, resources={"encode": 1}).remote(
-        worker_id, None, {Role.ENCODE: EncodeOptions(model_dir, backend="shm")}, 1, Role.ENCODE)
+    return (
+        ray.remote(WorkerActor)
+        .options(num_cpus=num_cpus, resources={"encode": 1})
+        .remote(worker_id, None, {Role.ENCODE: EncodeOptions(model_dir, backend="shm")}, 1, Role.ENCODE)
+    )
 
 
 def check_two_workers(workers, model_dir):

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_twenty_prompts_identical_to_transformers(smol_prompt_ids, smol_colocated, smol_reference):
     assert min(map(len, smol_prompt_ids)) >= 5 and max(map(len, smol_prompt_ids)) >= 2000
-    mismatches = [(len(ids), got, ref) for ids, got, ref in zip(smol_prompt_ids, smol_colocated, smol_reference)
-                  if got != ref]
+    mismatches = [
+        (len(ids), got, ref) for ids, got, ref in zip(smol_prompt_ids, smol_colocated, smol_reference) if got != ref
+    ]
     assert not mismatches, mismatches

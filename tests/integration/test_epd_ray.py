@@ -63,25 +63,43 @@ def reference(llava, ids: list[int], images: list[bytes]) -> list[int]:
     text_config._attn_implementation = "sdpa"
     try:
         with torch.inference_mode():
-            out = llava.generate(torch.tensor([full]), attention_mask=torch.ones(1, len(full), dtype=torch.long),
-                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[2], pad_token_id=2,
-                                 **kwargs)
+            out = llava.generate(
+                torch.tensor([full]),
+                attention_mask=torch.ones(1, len(full), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=[2],
+                pad_token_id=2,
+                **kwargs,
+            )
     finally:
         text_config._attn_implementation = saved
-    return out[0, len(full):].tolist()
+    return out[0, len(full) :].tolist()
 
 
 def deploy(model_dir: str, **overrides):
-    config = parse_config({"version": 1, "model": {"path": model_dir, "max_model_len": 1024},
-                           "ray": {"num_cpus": 4}, "pools": {"encode": {"workers": 2}}}, "test_epd_ray",
-                          overrides=overrides)
+    config = parse_config(
+        {
+            "version": 1,
+            "model": {"path": model_dir, "max_model_len": 1024},
+            "ray": {"num_cpus": 4},
+            "pools": {"encode": {"workers": 2}},
+        },
+        "test_epd_ray",
+        overrides=overrides,
+    )
     loop = LoopThread()
     return loop, loop.run(start_router(config))
 
 
 def request(rid: str, ids: list[int] | None = None, images=(), messages=None) -> GenerateInput:
-    return GenerateInput(rid, SamplingParams(max_tokens=NEW_TOKENS), token_ids=tuple(ids) if ids else None,
-                         images=tuple(images), messages=messages)
+    return GenerateInput(
+        rid,
+        SamplingParams(max_tokens=NEW_TOKENS),
+        token_ids=tuple(ids) if ids else None,
+        images=tuple(images),
+        messages=messages,
+    )
 
 
 def vision_calls(handle) -> int | None:
@@ -89,7 +107,7 @@ def vision_calls(handle) -> int | None:
     import ray
 
     def probe(actor):
-        core = actor.impl.core                            # the worker actor's inner worker's core
+        core = actor.impl.core  # the worker actor's inner worker's core
         return None if core.image_encoder is None else core.image_encoder.calls
 
     return ray.get(handle.actor.__ray_call__.remote(probe), timeout=60)
@@ -110,10 +128,12 @@ def check_epd(loop, router, llava, roles=("decode", "encode", "encode", "prefill
     chat = (ChatMessage("user", "Describe the picture.", (img[3],)),)
     chat_ids = router.apply_chat_template(chat)
     assert chat_ids.count(IMAGE_TOKEN_ID) == 1
-    cases = [(request("one", one, img[:1]), one, img[:1]),
-             (request("two", two, img[1:3]), two, img[1:3]),
-             (request("text", text), text, []),
-             (request("chat", messages=chat), chat_ids, img[3:])]
+    cases = [
+        (request("one", one, img[:1]), one, img[:1]),
+        (request("two", two, img[1:3]), two, img[1:3]),
+        (request("text", text), text, []),
+        (request("chat", messages=chat), chat_ids, img[3:]),
+    ]
     results = loop.run(run_all(router, [c[0] for c in cases]))
     assert all(r.final.error is None for r in results), [r.final.error for r in results]
     for (req, ids, images), r in zip(cases, results):
@@ -121,7 +141,7 @@ def check_epd(loop, router, llava, roles=("decode", "encode", "encode", "prefill
         assert r.final.prompt_tokens == len(ids) + len(images) * (TOKENS_PER_IMAGE - 1)
         if encode_timed:
             assert (r.final.timings.encode_s > 0) == bool(images), req.request_id
-    assert len(set(results[0].token_ids)) > 3     # seeded weights give varied greedy tokens
+    assert len(set(results[0].token_ids)) > 3  # seeded weights give varied greedy tokens
     assert_no_leaks(loop, router)
 
     async def submit(req):
@@ -130,7 +150,7 @@ def check_epd(loop, router, llava, roles=("decode", "encode", "encode", "prefill
     with pytest.raises(RouterError) as err:
         loop.run(submit(request("bad", two, [img[0], b"\x89PNG not really"])))
     assert err.value.kind is ErrorKind.INVALID_ARGUMENT and "image 1" in err.value.message
-    with pytest.raises(RouterError) as err:           # one image token, two images
+    with pytest.raises(RouterError) as err:  # one image token, two images
         loop.run(submit(request("mismatch", one, img[:2])))
     assert err.value.kind is ErrorKind.INVALID_ARGUMENT
     again = loop.run(collect(router, request("again", one, img[:1])))
@@ -154,9 +174,11 @@ def check_encode_restart(loop, router, llava):
     assert router.supervisor.restarts().get(victim.worker_id) == 1
     status = loop.run(router.cluster_status())
     assert {(w.worker_id, w.epoch, w.alive) for w in status.workers if w.role is Role.ENCODE} == {
-        (victim.worker_id, 1, True), (router.encode[1].worker_id, 0, True)}
+        (victim.worker_id, 1, True),
+        (router.encode[1].worker_id, 0, True),
+    }
     ids = [IMAGE_TOKEN_ID, 12, IMAGE_TOKEN_ID, 4000, 41, 42]
-    images = [png_bytes(70), png_bytes(71)]       # new images: both workers encode, none cached
+    images = [png_bytes(70), png_bytes(71)]  # new images: both workers encode, none cached
     r = loop.run(collect(router, request("after-restart", ids, images)))
     assert r.final.error is None and r.token_ids == reference(llava, ids, images)
     assert_no_leaks(loop, router)
@@ -166,11 +188,13 @@ def test_epd_one_node(model_dir, llava):
     loop, router = deploy(model_dir)
     try:
         check_epd(loop, router, llava)
-        assert vision_calls(router.prefill[0]) is None       # an encode pool: no vision tower in prefill
+        assert vision_calls(router.prefill[0]) is None  # an encode pool: no vision tower in prefill
         # Without role_switching.encode_prefill neither side holds the other's weights: refused
         # before any draining, saying why.
-        for worker_id, role, held in (("encode-0", Role.PREFILL, "only the vision tower"),
-                                      ("prefill-0", Role.ENCODE, "no vision tower")):
+        for worker_id, role, held in (
+            ("encode-0", Role.PREFILL, "only the vision tower"),
+            ("prefill-0", Role.ENCODE, "no vision tower"),
+        ):
             with pytest.raises(RouterError, match=f"cannot take the {role.value} role: it holds {held}") as err:
                 loop.run(router.set_worker_role(worker_id, role))
             assert err.value.kind is ErrorKind.FAILED_PRECONDITION
@@ -221,7 +245,7 @@ def test_images_without_an_encode_pool(model_dir, llava, mode):
         roles = ("decode", "prefill") if mode == "disaggregated" else ("colocated",)
         check_epd(loop, router, llava, roles=roles, encode_timed=mode == "disaggregated")
         worker = router.prefill[0] if mode == "disaggregated" else router.decode[0]
-        assert vision_calls(worker) >= 1                     # the images were encoded in that worker
+        assert vision_calls(worker) >= 1  # the images were encoded in that worker
     finally:
         loop.run(router.shutdown())
         loop.close()
@@ -239,30 +263,39 @@ def test_encode_prefill_role_switching(model_dir, llava):
 
     def weights(handle):
         """Addresses of the worker's first language and vision weight tensors (a reload would move them)."""
+
         def probe(actor):
-            return (next(actor.loaded.model.parameters()).data_ptr(),
-                    None if actor.vision is None else next(actor.vision.vision.parameters()).data_ptr())
+            return (
+                next(actor.loaded.model.parameters()).data_ptr(),
+                None if actor.vision is None else next(actor.vision.vision.parameters()).data_ptr(),
+            )
+
         return ray.get(handle.actor.__ray_call__.remote(probe), timeout=60)
 
     def serve(tag: str):
         img = [png_bytes(90 + i) for i in range(3)]
-        cases = [([5, IMAGE_TOKEN_ID, 99, 1024, 7], img[:1]), ([IMAGE_TOKEN_ID, 12, IMAGE_TOKEN_ID, 41], img[1:]),
-                 ([8, 9, 10, 11, 12000], []), ([IMAGE_TOKEN_ID, 300, 301], img[2:])]
-        results = loop.run(run_all(router, [request(f"{tag}-{i}", ids, images)
-                                            for i, (ids, images) in enumerate(cases)]))
+        cases = [
+            ([5, IMAGE_TOKEN_ID, 99, 1024, 7], img[:1]),
+            ([IMAGE_TOKEN_ID, 12, IMAGE_TOKEN_ID, 41], img[1:]),
+            ([8, 9, 10, 11, 12000], []),
+            ([IMAGE_TOKEN_ID, 300, 301], img[2:]),
+        ]
+        results = loop.run(
+            run_all(router, [request(f"{tag}-{i}", ids, images) for i, (ids, images) in enumerate(cases)])
+        )
         for (ids, images), r in zip(cases, results):
             assert r.final.error is None and r.token_ids == reference(llava, ids, images), (tag, r.final.error)
         assert_no_leaks(loop, router)
 
     try:
         before = {h.worker_id: weights(h) for h in router.encode + router.prefill}
-        assert all(v is not None for w in before.values() for v in w)      # both halves everywhere
+        assert all(v is not None for w in before.values() for v in w)  # both halves everywhere
         serve("start")
         s = loop.run(router.set_worker_role("encode-1", Role.PREFILL, "test"))
         assert (s.from_role, s.to_role, s.epoch) == (Role.ENCODE, Role.PREFILL, 1)
         assert [w.worker_id for w in router.encode] == ["encode-0"]
         assert sorted(w.worker_id for w in router.prefill) == ["encode-1", "prefill-0"]
-        serve("two-prefill")                   # 1 encode, 2 prefill workers (one of them was encode-1)
+        serve("two-prefill")  # 1 encode, 2 prefill workers (one of them was encode-1)
 
         def refused(worker_id, role, match):
             with pytest.raises(RouterError, match=match) as err:
@@ -273,17 +306,20 @@ def test_encode_prefill_role_switching(model_dir, llava):
         refused("decode-0", Role.ENCODE, "move it to prefill first")
         s = loop.run(router.set_worker_role("prefill-0", Role.ENCODE, "test"))
         assert (s.from_role, s.to_role) == (Role.PREFILL, Role.ENCODE)
-        serve("prefill-as-encode")             # encode-0 and prefill-0 encode, encode-1 (switched) prefills all
+        serve("prefill-as-encode")  # encode-0 and prefill-0 encode, encode-1 (switched) prefills all
         loop.run(router.set_worker_role("prefill-0", Role.PREFILL, "test"))
         loop.run(router.set_worker_role("encode-1", Role.ENCODE, "test"))
         serve("back")
         after = {h.worker_id: weights(h) for h in router.encode + router.prefill}
-        assert after == before                 # the same tensors: nothing was loaded again
+        assert after == before  # the same tensors: nothing was loaded again
         status = loop.run(router.cluster_status())
         assert status.switch_count == 4
         assert sorted((w.worker_id, w.role.value, w.epoch) for w in status.workers) == [
-            ("decode-0", "decode", 0), ("encode-0", "encode", 0), ("encode-1", "encode", 2),
-            ("prefill-0", "prefill", 2)]
+            ("decode-0", "decode", 0),
+            ("encode-0", "encode", 0),
+            ("encode-1", "encode", 2),
+            ("prefill-0", "prefill", 2),
+        ]
     finally:
         loop.run(router.shutdown())
         loop.close()
@@ -293,8 +329,9 @@ def test_encode_prefill_role_switching(model_dir, llava):
 def test_encode_prefill_needs_a_vision_language_model():
     from cluster.config import ConfigError
 
-    config = parse_config({"version": 1, "pools": {"encode": {"workers": 1}},
-                           "role_switching": {"encode_prefill": True}}, "text-only")
+    config = parse_config(
+        {"version": 1, "pools": {"encode": {"workers": 1}}, "role_switching": {"encode_prefill": True}}, "text-only"
+    )
     loop = LoopThread()
     try:
         with pytest.raises(ConfigError, match="has no vision tower"):

@@ -27,9 +27,14 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def served():
     loop = LoopThread()
-    config = parse_config({"version": 1, "ray": {"num_cpus": 2},
-                           "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0, "max_queued_requests": QUEUE_LIMIT}},
-                          "test_gateway_e2e")
+    config = parse_config(
+        {
+            "version": 1,
+            "ray": {"num_cpus": 2},
+            "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0, "max_queued_requests": QUEUE_LIMIT},
+        },
+        "test_gateway_e2e",
+    )
     router, running = loop.run(start_serving(config, progress=lambda *_: None))
     grpc_addr = f"{running.connect_host}:{running.grpc_port}"
     http_base = f"http://{running.connect_host}:{running.http_port}"
@@ -57,8 +62,11 @@ def test_sdk_http_openai_and_engine_agree(served, smol, smol_chats, make_engine)
         sdk.append("".join(getattr(c, "text", "") for c in chunks[:-1]))
     http = []
     for chat in chats:
-        r = httpx.post(f"{http_base}/v1/chat/completions", timeout=120,
-                       json={"messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0})
+        r = httpx.post(
+            f"{http_base}/v1/chat/completions",
+            timeout=120,
+            json={"messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         http.append(r.json()["choices"][0]["message"]["content"])
 
@@ -68,7 +76,9 @@ def test_sdk_http_openai_and_engine_agree(served, smol, smol_chats, make_engine)
     model = oai.models.list().data[0].id
     streamed = []
     for chat in chats:
-        parts = oai.chat.completions.create(model=model, messages=chat, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        parts = oai.chat.completions.create(
+            model=model, messages=chat, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
         streamed.append("".join(p.choices[0].delta.content or "" for p in parts if p.choices))
     assert sdk == offline
     assert http == offline
@@ -81,7 +91,7 @@ def test_bad_input_then_good_request(served):
         client.complete(prompt="", max_tokens=4)
     with pytest.raises(InvalidArgument, match="the model's context is 8192"):
         client.complete(token_ids=[42] * 9000, max_tokens=4)
-    with pytest.raises(ValueError, match="max_tokens must be >= 0, got -1"):   # refused by the SDK itself
+    with pytest.raises(ValueError, match="max_tokens must be >= 0, got -1"):  # refused by the SDK itself
         client.complete(prompt="hello", max_tokens=-1)
     with pytest.raises(InvalidArgument, match="image"):
         client.complete(prompt="hello", images=[b"\x00not an image"], max_tokens=4)
@@ -98,11 +108,22 @@ def test_bad_input_then_good_request(served):
         r = httpx.post(url, json=body, timeout=30)
         assert r.status_code == status, (body, r.text)
         assert word in r.json()["error"]["message"]
-    r = httpx.post(f"{http_base}/v1/chat/completions", content=b"{not json", timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{http_base}/v1/chat/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    image_msg = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]
+    image_msg = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}},
+            ],
+        }
+    ]
     r = httpx.post(f"{http_base}/v1/chat/completions", json={"messages": image_msg}, timeout=30)
     assert r.status_code == 400 and "image" in r.json()["error"]["message"]
 
@@ -114,8 +135,11 @@ def test_bad_input_then_good_request(served):
         except OSError:
             pass
     _good_request_works(client)
-    r = httpx.post(f"{http_base}/v1/chat/completions", timeout=60,
-                   json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4})
+    r = httpx.post(
+        f"{http_base}/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4},
+    )
     assert r.status_code == 200
 
 
@@ -136,17 +160,25 @@ def test_queue_limit_gives_resource_exhausted(served):
     assert "exhausted" in outcomes and "ok" in outcomes
     codes = []
     with ThreadPoolExecutor(QUEUE_LIMIT + 3) as pool:
-        codes = list(pool.map(lambda _: httpx.post(
-            f"{http_base}/v1/chat/completions", timeout=120,
-            json={"messages": long_chat, "max_tokens": 40}).status_code, range(QUEUE_LIMIT + 3)))
+        codes = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{http_base}/v1/chat/completions", timeout=120, json={"messages": long_chat, "max_tokens": 40}
+                ).status_code,
+                range(QUEUE_LIMIT + 3),
+            )
+        )
     assert 429 in codes and 200 in codes
     _good_request_works(client)
 
 
 def test_disconnect_frees_kv_within_a_second(served):
     client, _, _, _, _ = served
-    stream = client.chat(messages=[{"role": "user", "content": "Write a very long essay about the ocean."}],
-                         max_tokens=400, temperature=0)
+    stream = client.chat(
+        messages=[{"role": "user", "content": "Write a very long essay about the ocean."}],
+        max_tokens=400,
+        temperature=0,
+    )
     it = iter(stream)
     for _ in range(3):
         next(it)

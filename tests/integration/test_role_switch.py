@@ -1,12 +1,12 @@
 """Role switching and re-prefill on a real local cluster serving SmolLM2 (1 prefill + 2 decode).
 
-    switch decode-1 -> prefill through the admin RPC while requests stream: every request
-      finishes with the reference tokens; decode-1 serves prefill at epoch 1 with the same weights
-      in memory; a call for its old epoch is refused; status and /metrics show the switch
-    `triptych admin set-role` moves it back; refusals (last worker of a pool, unknown worker)
-      are clear errors and change nothing
-    re-prefill (opt-in): the decode worker of a streaming request is killed; the request goes on
-      elsewhere and ends with exactly the reference's greedy tokens
+switch decode-1 -> prefill through the admin RPC while requests stream: every request
+  finishes with the reference tokens; decode-1 serves prefill at epoch 1 with the same weights
+  in memory; a call for its old epoch is refused; status and /metrics show the switch
+`triptych admin set-role` moves it back; refusals (last worker of a pool, unknown worker)
+  are clear errors and change nothing
+re-prefill (opt-in): the decode worker of a streaming request is killed; the request goes on
+  elsewhere and ends with exactly the reference's greedy tokens
 """
 
 from __future__ import annotations
@@ -36,12 +36,18 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def served():
     loop = LoopThread()
-    config = parse_config({"version": 1, "ray": {"num_cpus": 3},
-                           "engine": {"num_kv_blocks": 512, "max_num_seqs": 16},
-                           "pools": {"prefill": {"workers": 1}, "decode": {"workers": 2}},
-                           "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}}, "test_role_switch")
+    config = parse_config(
+        {
+            "version": 1,
+            "ray": {"num_cpus": 3},
+            "engine": {"num_kv_blocks": 512, "max_num_seqs": 16},
+            "pools": {"prefill": {"workers": 1}, "decode": {"workers": 2}},
+            "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0},
+        },
+        "test_role_switch",
+    )
     router, running = loop.run(start_serving(config, progress=lambda *_: None))
-    target = running.admin_target         # role switching and status are admin calls, on the admin port
+    target = running.admin_target  # role switching and status are admin calls, on the admin port
     client = Client(target)
     yield loop, router, running, client, target
     client.close()
@@ -60,15 +66,19 @@ async def _all(router, reqs):
 
 
 def _requests(prompt_ids, n, tag, max_tokens=MAX_TOKENS):
-    return [GenerateInput(f"{tag}-{i}", SamplingParams(max_tokens=max_tokens), token_ids=tuple(prompt_ids[i % len(prompt_ids)]))
-            for i in range(n)]
+    return [
+        GenerateInput(
+            f"{tag}-{i}", SamplingParams(max_tokens=max_tokens), token_ids=tuple(prompt_ids[i % len(prompt_ids)])
+        )
+        for i in range(n)
+    ]
 
 
 def _check(results, reqs, prompt_ids, reference):
     for res, req in zip(results, reqs):
         i = int(req.request_id.rsplit("-", 1)[1]) % len(prompt_ids)
         assert res.final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), (req.request_id, res.final.error)
-        assert res.token_ids == reference[i][:req.sampling.max_tokens], req.request_id
+        assert res.token_ids == reference[i][: req.sampling.max_tokens], req.request_id
 
 
 def _weights(actor) -> int:
@@ -84,15 +94,16 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
     loop, router, running, client, _ = served
     prompts = smol_prompt_ids[:8]
     old = router.find_worker("decode-1")
-    epoch, switches = old.epoch, client.admin_status().role_switch_count   # relative: the tests run in any order
+    epoch, switches = old.epoch, client.admin_status().role_switch_count  # relative: the tests run in any order
     weights = ray.get(old.actor.__ray_call__.remote(_weights))
     reqs = _requests(prompts, 8, "load")
 
     async def scenario():
         streams = [asyncio.ensure_future(collect(router, r)) for r in reqs]
-        await asyncio.sleep(0.5)                       # requests are spread over both decode workers
+        await asyncio.sleep(0.5)  # requests are spread over both decode workers
         switch = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: client.set_worker_role("decode-1", "prefill", drain_timeout_s=120, timeout=300))
+            None, lambda: client.set_worker_role("decode-1", "prefill", drain_timeout_s=120, timeout=300)
+        )
         return switch, await asyncio.gather(*streams)
 
     switch, results = loop.run(scenario())
@@ -102,8 +113,8 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
 
     new = router.find_worker("decode-1")
     assert new.role is Role.PREFILL and new.epoch == epoch + 1 and new in router.prefill and old not in router.decode
-    assert ray.get(new.actor.__ray_call__.remote(_weights)) == weights   # the same weights, not reloaded
-    with pytest.raises(StaleEpochError):                               # an order for its old role/epoch
+    assert ray.get(new.actor.__ray_call__.remote(_weights)) == weights  # the same weights, not reloaded
+    with pytest.raises(StaleEpochError):  # an order for its old role/epoch
         ray.get(old.actor.reserve.remote("stale", 8, 5.0, epoch=epoch))
 
     # Both prefill workers now take prompts; answers stay the reference's.
@@ -123,7 +134,7 @@ def test_switch_under_load_keeps_answers_and_weights(served, smol_prompt_ids, re
 
 def test_cli_switches_back_and_refusals_are_clear(served, smol_prompt_ids, reference):
     loop, router, running, client, target = served
-    if router.find_worker("decode-1").role is not Role.PREFILL:     # run alone: the previous test's switch
+    if router.find_worker("decode-1").role is not Role.PREFILL:  # run alone: the previous test's switch
         client.set_worker_role("decode-1", "prefill", drain_timeout_s=120, timeout=300)
     epoch, switches = router.find_worker("decode-1").epoch, client.admin_status().role_switch_count
     cli = [sys.executable, "-m", "triptych.cli", "admin"]
@@ -132,12 +143,14 @@ def test_cli_switches_back_and_refusals_are_clear(served, smol_prompt_ids, refer
     with pytest.raises(FailedPrecondition, match="last live decode worker"):
         client.set_worker_role("decode-0", "prefill")
 
-    out = subprocess.run(cli + ["set-role", "decode-1", "decode", "--target", target], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        cli + ["set-role", "decode-1", "decode", "--target", target], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert f"decode-1: prefill -> decode (epoch {epoch + 1}" in out.stdout
-    refused = subprocess.run(cli + ["set-role", "prefill-0", "decode", "--target", target], capture_output=True,
-                             text=True, timeout=120)
+    refused = subprocess.run(
+        cli + ["set-role", "prefill-0", "decode", "--target", target], capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 1 and "last live prefill worker" in refused.stderr
     status = subprocess.run(cli + ["status", "--target", target], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "prefill -> decode" in status.stdout
@@ -179,7 +192,7 @@ def test_reprefill_after_decode_death_gives_the_reference(served, smol, smol_pro
         router.reprefill_on_decode_failure = False
     assert killed is not None and final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), final.error
     assert tokens == want
-    assert text == smol.tokenizer.decode(want, skip_special_tokens=True)     # continuous across the resume
+    assert text == smol.tokenizer.decode(want, skip_special_tokens=True)  # continuous across the resume
     assert loop.run(router.supervisor.wait_all_alive(120)), "the killed worker was not restarted"
     assert router.supervisor.restarts().get(killed.worker_id) == restarts.get(killed.worker_id, 0) + 1
     assert_no_leaks(loop, router)

@@ -18,10 +18,15 @@ pytestmark = pytest.mark.slow
 def test_sigterm_stops_serve_gracefully(tmp_path):
     before = set(list_all_segments())
     config = tmp_path / "deploy.yaml"
-    config.write_text(json.dumps({"version": 1, "ray": {"num_cpus": 2},
-                                  "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}}))
-    proc = subprocess.Popen([sys.executable, "-m", "triptych.cli", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.write_text(
+        json.dumps({"version": 1, "ray": {"num_cpus": 2}, "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}})
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "triptych.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -29,10 +29,14 @@ def needle_tasks(smol):
 @pytest.fixture(scope="module")
 def sparse_cluster():
     loop = LoopThread()
-    config = parse_config({"version": 1, "ray": {"num_cpus": 3},
-                           "pools": {"prefill": {"sparse": {"method": "flexprefill",
-                                                            "dense_below": 1024}}}},
-                          "test_sparse_e2e")
+    config = parse_config(
+        {
+            "version": 1,
+            "ray": {"num_cpus": 3},
+            "pools": {"prefill": {"sparse": {"method": "flexprefill", "dense_below": 1024}}},
+        },
+        "test_sparse_e2e",
+    )
     router = loop.run(start_router(config))
     yield loop, router
     loop.run(router.shutdown())
@@ -42,20 +46,21 @@ def sparse_cluster():
 def test_sparse_prefill_answers_like_dense(sparse_cluster, needle_tasks, smol, make_engine):
     loop, router = sparse_cluster
     # The prompts queue on one prefill worker: a generous deadline for a loaded CI machine.
-    requests = [GenerateInput(f"needle-{i}", SamplingParams(max_tokens=NEW_TOKENS),
-                              token_ids=t.prompt_ids, deadline_s=600.0)
-                for i, t in enumerate(needle_tasks)]
+    requests = [
+        GenerateInput(f"needle-{i}", SamplingParams(max_tokens=NEW_TOKENS), token_ids=t.prompt_ids, deadline_s=600.0)
+        for i, t in enumerate(needle_tasks)
+    ]
     results = loop.run(run_all(router, requests))
     assert all(r.final.error is None for r in results), [r.final.error for r in results]
     sparse_texts = [smol.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
 
-    engine = make_engine(smol, max_num_batched_tokens=LENGTH, num_kv_blocks=LENGTH // 16 + 8,
-                         max_num_seqs=1)
-    dense = engine.generate([list(t.prompt_ids) for t in needle_tasks],
-                            SamplingParams(max_tokens=NEW_TOKENS))
+    engine = make_engine(smol, max_num_batched_tokens=LENGTH, num_kv_blocks=LENGTH // 16 + 8, max_num_seqs=1)
+    dense = engine.generate([list(t.prompt_ids) for t in needle_tasks], SamplingParams(max_tokens=NEW_TOKENS))
     dense_texts = [o.text for o in dense]
 
     assert all(score(t, x) for t, x in zip(needle_tasks, dense_texts)), dense_texts
-    assert [score(t, x) for t, x in zip(needle_tasks, sparse_texts)] == [True] * len(needle_tasks), \
-        (sparse_texts, dense_texts)
+    assert [score(t, x) for t, x in zip(needle_tasks, sparse_texts)] == [True] * len(needle_tasks), (
+        sparse_texts,
+        dense_texts,
+    )
     assert_no_leaks(loop, router)

@@ -16,7 +16,7 @@ def test_allocate_grows_and_free_returns():
     bm = BlockManager(num_blocks=4, block_size=4)
     table: list[int] = []
     assert bm.allocate(table, 5) == table and len(table) == 2
-    assert bm.allocate(table, 8) == []          # still covered by 2 blocks
+    assert bm.allocate(table, 8) == []  # still covered by 2 blocks
     assert len(bm.allocate(table, 9)) == 1
     assert bm.num_used_blocks == 3
     bm.free(table)

@@ -49,11 +49,28 @@ def test_config_is_frozen():
 
 
 def test_full_pool_and_sparse_settings():
-    cfg = parse_config(_with(pools={"prefill": {
-        "workers": 2, "num_cpus": 2, "num_gpus": 1, "resources": {"prefill": 1, "fast": 0.5},
-        "tensor_parallel": 2, "pipeline_parallel": 1,
-        "sparse": {"method": "flexprefill", "gamma": 0.95, "tau": 0.2, "min_budget": 512, "block_size": 64, "dense_below": 0},
-    }}))  # fmt: skip
+    cfg = parse_config(
+        _with(
+            pools={
+                "prefill": {
+                    "workers": 2,
+                    "num_cpus": 2,
+                    "num_gpus": 1,
+                    "resources": {"prefill": 1, "fast": 0.5},
+                    "tensor_parallel": 2,
+                    "pipeline_parallel": 1,
+                    "sparse": {
+                        "method": "flexprefill",
+                        "gamma": 0.95,
+                        "tau": 0.2,
+                        "min_budget": 512,
+                        "block_size": 64,
+                        "dense_below": 0,
+                    },
+                }
+            }
+        )
+    )
     p = cfg.pools.prefill
     assert (p.workers, p.num_cpus, p.tensor_parallel) == (2, 2.0, 2)
     assert p.ray_resources() == {"CPU": 2.0, "GPU": 1.0, "prefill": 1, "fast": 0.5}
@@ -88,8 +105,9 @@ def test_overrides():
 
 
 def test_nullable_fields():
-    cfg = parse_config(_with(ray={"address": "auto", "num_cpus": None}, server={"http_port": None},
-                             transport={"backend": "gloo"}))
+    cfg = parse_config(
+        _with(ray={"address": "auto", "num_cpus": None}, server={"http_port": None}, transport={"backend": "gloo"})
+    )
     assert cfg.ray.address == "auto" and cfg.ray.num_cpus is None and cfg.server.http_port is None
 
 
@@ -119,7 +137,11 @@ def test_unknown_keys(data, path, fragment):
 @pytest.mark.parametrize(
     ("data", "path", "fragment"),
     [
-        (_with(pools={"prefill": {"workers": "two"}}), "pools.prefill.workers", "expected an integer, got string 'two'"),
+        (
+            _with(pools={"prefill": {"workers": "two"}}),
+            "pools.prefill.workers",
+            "expected an integer, got string 'two'",
+        ),
         (_with(pools={"prefill": {"workers": 1.5}}), "pools.prefill.workers", "expected an integer"),
         (_with(engine={"block_size": True}), "engine.block_size", "got boolean true"),
         (_with(slo={"ttft_ms": "fast"}), "slo.ttft_ms", "expected a number"),
@@ -157,7 +179,11 @@ def test_out_of_range(data, path, fragment):
     [
         (_with(mode="split"), "mode", "expected one of colocated | disaggregated, got 'split'"),
         (_with(transport={"backend": "shmem"}), "transport.backend", "did you mean 'shm'?"),
-        (_with(pools={"prefill": {"sparse": {"method": "flex"}}}), "pools.prefill.sparse.method", "dense | flexprefill | static"),
+        (
+            _with(pools={"prefill": {"sparse": {"method": "flex"}}}),
+            "pools.prefill.sparse.method",
+            "dense | flexprefill | static",
+        ),
         (_with(model={"dtype": "fp16"}), "model.dtype", "float32 | float16 | bfloat16"),
     ],
 )
@@ -202,7 +228,9 @@ def test_gpu_transport_needs_gpus():
     cfg = parse_config(_with(transport={"backend": "nccl"}, pools={"prefill": gpus, "decode": gpus}))
     assert cfg.transport.backend is TransportBackend.NCCL
     # An encode pool sends image features through the transport too.
-    err = _error(_with(transport={"backend": "cuda_ipc"}, pools={"prefill": gpus, "decode": gpus, "encode": {"workers": 1}}))
+    err = _error(
+        _with(transport={"backend": "cuda_ipc"}, pools={"prefill": gpus, "decode": gpus, "encode": {"workers": 1}})
+    )
     assert err.path == "transport.backend" and "pools.encode.num_gpus is 0" in err.reason
     # Colocated mode moves nothing between workers: no GPU needed for the transport named.
     assert parse_config(_with(mode="colocated", transport={"backend": "nccl"})).mode is Mode.COLOCATED
@@ -214,13 +242,20 @@ def test_same_node_transport_refused_when_joining_a_cluster(backend):
     data = _with(ray={"address": "auto"}, transport={"backend": backend}, pools={"prefill": gpus, "decode": gpus})
     err = _error(data)
     assert err.path == "transport.backend" and f"{backend!r}" in err.reason and "within one node" in err.reason
-    assert _error(_with(transport={"backend": backend}), overrides={"ray.address": "10.0.0.1:6379",
-                  "pools.prefill.num_gpus": 1, "pools.decode.num_gpus": 1}).path == "transport.backend"  # fmt: skip
+    assert (
+        _error(
+            _with(transport={"backend": backend}),
+            overrides={"ray.address": "10.0.0.1:6379", "pools.prefill.num_gpus": 1, "pools.decode.num_gpus": 1},
+        ).path
+        == "transport.backend"
+    )
     # A local Ray is one machine; colocated mode uses no transport; gloo and nccl cross nodes.
     parse_config(_with(transport={"backend": backend}, pools={"prefill": gpus, "decode": gpus}))
     parse_config(_with(mode="colocated", ray={"address": "auto"}, transport={"backend": backend}))
     for across in ("gloo", "nccl"):
-        parse_config(_with(ray={"address": "auto"}, transport={"backend": across}, pools={"prefill": gpus, "decode": gpus}))
+        parse_config(
+            _with(ray={"address": "auto"}, transport={"backend": across}, pools={"prefill": gpus, "decode": gpus})
+        )
 
 
 def test_invalid_yaml_names_line(tmp_path):
@@ -248,37 +283,70 @@ def test_missing_file_and_top_level_not_mapping(tmp_path):
 
 
 def test_role_switching_and_reprefill_settings():
-    cfg = parse_config({"version": 1, "server": {"reprefill_on_decode_failure": True},
-                        "role_switching": {"enabled": True, "cooldown_s": 10, "kv_high": 0.5, "sustain": 2}}, "t")
+    cfg = parse_config(
+        {
+            "version": 1,
+            "server": {"reprefill_on_decode_failure": True},
+            "role_switching": {"enabled": True, "cooldown_s": 10, "kv_high": 0.5, "sustain": 2},
+        },
+        "t",
+    )
     rs = cfg.role_switching
-    assert cfg.server.reprefill_on_decode_failure and rs.enabled and (rs.cooldown_s, rs.kv_high, rs.sustain) == (10, 0.5, 2)
+    assert (
+        cfg.server.reprefill_on_decode_failure
+        and rs.enabled
+        and (rs.cooldown_s, rs.kv_high, rs.sustain) == (10, 0.5, 2)
+    )
     assert parse_config(cfg.to_dict(), "t") == cfg
     assert not DeployConfig().role_switching.enabled and not DeployConfig().server.reprefill_on_decode_failure
     err = _error({"version": 1, "mode": "colocated", "role_switching": {"enabled": True}})
     assert err.path == "role_switching.enabled" and "needs mode: disaggregated" in err.reason
     assert _error({"version": 1, "role_switching": {"kv_high": 1.5}}).path == "role_switching.kv_high"
     assert _error({"version": 1, "role_switching": {"sustain": 0}}).path == "role_switching.sustain"
-    assert _error({"version": 1, "role_switching": {"enabled": True, "cooldwn_s": 3}}).path == "role_switching.cooldwn_s"
+    assert (
+        _error({"version": 1, "role_switching": {"enabled": True, "cooldwn_s": 3}}).path == "role_switching.cooldwn_s"
+    )
 
 
 def test_encode_prefill_switching_needs_an_encode_pool():
-    cfg = parse_config({"version": 1, "pools": {"encode": {"workers": 2}},
-                        "role_switching": {"encode_prefill": True, "encode_queue_high": 3}}, "t")
+    cfg = parse_config(
+        {
+            "version": 1,
+            "pools": {"encode": {"workers": 2}},
+            "role_switching": {"encode_prefill": True, "encode_queue_high": 3},
+        },
+        "t",
+    )
     assert cfg.role_switching.encode_prefill and cfg.role_switching.encode_queue_high == 3
     assert parse_config(cfg.to_dict(), "t") == cfg
     assert not DeployConfig().role_switching.encode_prefill
-    err = _error({"version": 1, "role_switching": {"encode_prefill": True}})      # encode pool of 0
+    err = _error({"version": 1, "role_switching": {"encode_prefill": True}})  # encode pool of 0
     assert err.path == "role_switching.encode_prefill" and "pools.encode.workers >= 1" in err.reason
-    err = _error({"version": 1, "mode": "colocated", "pools": {"encode": {"workers": 1}},
-                  "role_switching": {"encode_prefill": True}})
+    err = _error(
+        {
+            "version": 1,
+            "mode": "colocated",
+            "pools": {"encode": {"workers": 1}},
+            "role_switching": {"encode_prefill": True},
+        }
+    )
     assert err.path == "role_switching.encode_prefill" and "disaggregated" in err.reason
     assert _error({"version": 1, "role_switching": {"encode_queue_high": 0}}).path == "role_switching.encode_queue_high"
 
 
 def test_server_security_settings():
-    cfg = parse_config({"version": 1, "server": {"auth": {"api_keys_file": "/k"}, "tls": {
-        "cert_file": "/c.pem", "key_file": "/c.key", "client_ca_file": "/ca.pem"}, "limits": {"max_messages": 8},
-        "sessions": {"max_session_bytes": 1000, "ttl_s": 5}}}, "sec")  # fmt: skip
+    cfg = parse_config(
+        {
+            "version": 1,
+            "server": {
+                "auth": {"api_keys_file": "/k"},
+                "tls": {"cert_file": "/c.pem", "key_file": "/c.key", "client_ca_file": "/ca.pem"},
+                "limits": {"max_messages": 8},
+                "sessions": {"max_session_bytes": 1000, "ttl_s": 5},
+            },
+        },
+        "sec",
+    )
     assert cfg.server.tls.enabled and cfg.server.limits.max_messages == 8 and cfg.server.sessions.ttl_s == 5.0
     with pytest.raises(ConfigError, match="server.admin_host: .*needs an admin key"):
         parse_config({"version": 1, "server": {"admin_host": "0.0.0.0"}}, "sec")

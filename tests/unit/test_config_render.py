@@ -65,11 +65,16 @@ def test_kuberay(capsys):
 
 
 def test_node_groups_pack_workers_and_gpus():
-    cfg = parse_config({"version": 1, "pools": {
-        "prefill": {"workers": 3, "num_cpus": 0.5, "num_gpus": 1, "resources": {"prefill": 1}},
-        "decode": {"workers": 2, "num_gpus": 2, "tensor_parallel": 2},
-        "encode": {"workers": 1},
-    }})  # fmt: skip
+    cfg = parse_config(
+        {
+            "version": 1,
+            "pools": {
+                "prefill": {"workers": 3, "num_cpus": 0.5, "num_gpus": 1, "resources": {"prefill": 1}},
+                "decode": {"workers": 2, "num_gpus": 2, "tensor_parallel": 2},
+                "encode": {"workers": 1},
+            },
+        }
+    )
     groups = {g.name: g for g in render.node_groups(cfg, workers_per_node=2)}
     assert list(groups) == ["encode", "prefill", "decode"]
     assert (groups["prefill"].count, groups["prefill"].num_cpus, groups["prefill"].num_gpus) == (2, 1, 2)
@@ -111,18 +116,37 @@ def test_keys_and_tls_are_passed_by_reference(tmp_path):
     from cluster.config import parse_config
     from cluster.render import kuberay_manifest, ray_up_config, render_commands
 
-    cfg = parse_config({"version": 1, "server": {
-        "host": "0.0.0.0", "auth": {"api_keys_file": "/etc/t/keys", "admin_keys_env": "T_ADMIN_KEYS"},
-        "tls": {"cert_file": "/etc/t/tls.pem", "key_file": "/etc/t/tls.key"}}}, str(tmp_path / "sec.yaml"))
-    args = argparse.Namespace(workers_per_node=1, head_address="HEAD", port=6379, head_cpus=2, cluster_name=None,
-                              image=None, memory="8Gi", provider="aws", region="us-west-2")
+    cfg = parse_config(
+        {
+            "version": 1,
+            "server": {
+                "host": "0.0.0.0",
+                "auth": {"api_keys_file": "/etc/t/keys", "admin_keys_env": "T_ADMIN_KEYS"},
+                "tls": {"cert_file": "/etc/t/tls.pem", "key_file": "/etc/t/tls.key"},
+            },
+        },
+        str(tmp_path / "sec.yaml"),
+    )
+    args = argparse.Namespace(
+        workers_per_node=1,
+        head_address="HEAD",
+        port=6379,
+        head_cpus=2,
+        cluster_name=None,
+        image=None,
+        memory="8Gi",
+        provider="aws",
+        region="us-west-2",
+    )
     commands = render_commands(cfg, args)
     assert "/etc/t/keys" in commands and "export T_ADMIN_KEYS=..." in commands
-    assert "RAY_AUTH_MODE" not in commands                 # Ray's token authentication is left on
+    assert "RAY_AUTH_MODE" not in commands  # Ray's token authentication is left on
     assert ray_up_config(cfg, args)["file_mounts"]["/etc/t/tls.key"] == "/etc/t/tls.key"
     head = kuberay_manifest(cfg, args)["spec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["subPath"] for m in head["containers"][0]["volumeMounts"]}
     assert mounts == {"/etc/t/keys": "keys", "/etc/t/tls.pem": "tls.pem", "/etc/t/tls.key": "tls.key"}
     assert head["volumes"][0]["secret"]["secretName"] == "triptych-sec-secrets"
-    assert head["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "triptych-sec-secrets",
-                                                                            "key": "t-admin-keys"}
+    assert head["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {
+        "name": "triptych-sec-secrets",
+        "key": "t-admin-keys",
+    }

@@ -21,8 +21,8 @@ def test_hits_misses_and_lru_eviction():
     cache = EmbeddingCache(max_bytes=3 * 40)
     for k in "abc":
         assert cache.put(k, t(10))
-    assert cache.get("a") is not None          # a becomes most recent: order b, c, a
-    assert cache.put("d", t(10))               # evicts b
+    assert cache.get("a") is not None  # a becomes most recent: order b, c, a
+    assert cache.put("d", t(10))  # evicts b
     assert "b" not in cache and {"a", "c", "d"} <= {k for k in "acd" if k in cache}
     assert cache.get("b") is None
     s = cache.stats()
@@ -31,14 +31,14 @@ def test_hits_misses_and_lru_eviction():
 
 def test_bound_is_never_exceeded_and_oversize_is_refused():
     cache = EmbeddingCache(max_bytes=100)
-    assert not cache.put("huge", t(26))        # 104 bytes > bound
+    assert not cache.put("huge", t(26))  # 104 bytes > bound
     assert len(cache) == 0
     sizes = [5, 12, 3, 20, 7, 25, 1, 9]
     for i, n in enumerate(sizes):
         cache.put(str(i), t(n))
         assert cache.nbytes <= 100
         assert cache.nbytes == sum(cache.get(k).nbytes for k in map(str, range(len(sizes))) if k in cache)
-    assert "7" in cache and "6" in cache        # the newest survive
+    assert "7" in cache and "6" in cache  # the newest survive
 
 
 def test_replacing_a_key_keeps_the_byte_count():

@@ -23,12 +23,12 @@ TOKENS_PER_IMAGE = 16
 def test_features_match_llava_and_cache_skips_forwards(model_dir, llava):
     enc = InProcessEncoder.from_model_dir(model_dir, max_images_per_batch=2)
     images = [png_bytes(i) for i in range(3)]
-    feats, stats = enc.encode(images + [images[0]])         # the same image twice in one call
+    feats, stats = enc.encode(images + [images[0]])  # the same image twice in one call
     pixels = multimodal.ImageProcessor.from_config(llava.config)(images)
     ref = hf_features(llava, pixels)
     for got, want in zip(feats, [*ref, ref[0]]):
         torch.testing.assert_close(got, want)
-    assert (stats.images, stats.cache_hits, stats.forwards) == (4, 0, 2)   # 3 distinct images, 2 per forward
+    assert (stats.images, stats.cache_hits, stats.forwards) == (4, 0, 2)  # 3 distinct images, 2 per forward
     assert enc.calls == 2
     again, stats2 = enc.encode(images[1:])
     assert stats2.cache_hits == 2 and stats2.forwards == 0 and enc.calls == 2
@@ -70,13 +70,17 @@ def test_prefill_core_batch_with_a_bad_image_fails_that_request_only(model_dir):
     sampling = SamplingParams(max_tokens=1)
     ids = multimodal.expand_image_tokens([5, IMAGE_TOKEN_ID, 7, 8], IMAGE_TOKEN_ID, 1, TOKENS_PER_IMAGE)
     good, bad = png_bytes(11), b"\x89PNG truncated"
-    tasks = [PrefillTask(rid, tuple(ids), sampling, decode.reserve(rid, len(ids)), images=(img,))
-             for rid, img in (("good", good), ("bad", bad))]
+    tasks = [
+        PrefillTask(rid, tuple(ids), sampling, decode.reserve(rid, len(ids)), images=(img,))
+        for rid, img in (("good", good), ("bad", bad))
+    ]
     prefill.queue.extend(tasks)
     batch = prefill.take_batch()
     assert len(batch) == 2
     res = {r.request_id: r for r in prefill.run_batch(batch)}
-    assert res["bad"].first_token is None and "image 0" in res["bad"].error and "could not be decoded" in res["bad"].error
+    assert (
+        res["bad"].first_token is None and "image 0" in res["bad"].error and "could not be decoded" in res["bad"].error
+    )
     assert res["good"].error is None and res["good"].encode_s > 0 and res["bad"].encode_s > 0
     assert prefill.blocks.all_free()
 

@@ -74,7 +74,9 @@ def test_concurrent_requests_share_one_forward(setup):
     descs = [prepare_image_receive(rx, p, spec)[0] for p in plans]
 
     async def both():
-        return await asyncio.gather(service.encode("a/encode.0", a, descs[0]), service.encode("b/encode.0", b, descs[1]))
+        return await asyncio.gather(
+            service.encode("a/encode.0", a, descs[0]), service.encode("b/encode.0", b, descs[1])
+        )
 
     asyncio.run(both())
     assert service.encoder.calls == 1 and service.batcher.batch_sizes == [3]  # deduplicated, batched

@@ -28,27 +28,30 @@ def test_prompt_larger_than_kv_cache(tiny, make_engine):
         engine.generate([[5] * 100])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
-    ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
-    ({"temperature": -0.5}, r"temperature must be in \[0, 100\], got -0.5"),
-    ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
-    ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
-    ({"temperature": 1e9}, r"temperature must be in \[0, 100\], got 1000000000.0"),
-    ({"temperature": True}, "temperature must be a finite number, got True"),
-    ({"temperature": "0.7"}, "temperature must be a finite number, got '0.7'"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-    ({"top_p": float("nan")}, "top_p must be a finite number, got nan"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-    ({"top_k": -1}, r"top_k must be an integer in \[0, 2147483647\], got -1"),
-    ({"top_k": 2**40}, r"top_k must be an integer in \[0, 2147483647\], got 1099511627776"),
-    ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1180591620717411303424"),
-    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got -1"),
-    ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1.5"),
-    ({"stop": [""]}, "stop strings must be non-empty"),
-    ({"stop": [3]}, "stop must be a string or a list of strings"),
-    ({"ignore_eos": "yes"}, "ignore_eos must be true or false, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
+        ({"max_tokens": -3}, "max_tokens must be a positive integer, got -3"),
+        ({"temperature": -0.5}, r"temperature must be in \[0, 100\], got -0.5"),
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+        ({"temperature": 1e9}, r"temperature must be in \[0, 100\], got 1000000000.0"),
+        ({"temperature": True}, "temperature must be a finite number, got True"),
+        ({"temperature": "0.7"}, "temperature must be a finite number, got '0.7'"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": float("nan")}, "top_p must be a finite number, got nan"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"top_k": -1}, r"top_k must be an integer in \[0, 2147483647\], got -1"),
+        ({"top_k": 2**40}, r"top_k must be an integer in \[0, 2147483647\], got 1099511627776"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1180591620717411303424"),
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got -1"),
+        ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1.5"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"stop": [3]}, "stop must be a string or a list of strings"),
+        ({"ignore_eos": "yes"}, "ignore_eos must be true or false, got 'yes'"),
+    ],
+)
 def test_bad_sampling(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)

@@ -22,8 +22,7 @@ def test_from_model_config_smollm2_geometry():
 def test_from_model_config_prefers_explicit_head_dim_and_defaults_kv_heads():
     explicit = KVLayout.from_model_config(_config(head_dim=128), model_id="m", dtype="bfloat16", block_size=8)
     assert explicit.head_dim == 128
-    no_gqa = KVLayout.from_model_config(_config(num_key_value_heads=None), model_id="m", dtype="float16",
-                                        block_size=8)
+    no_gqa = KVLayout.from_model_config(_config(num_key_value_heads=None), model_id="m", dtype="float16", block_size=8)
     assert no_gqa.num_kv_heads == 9
 
 

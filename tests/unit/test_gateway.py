@@ -17,8 +17,7 @@ from cluster.gateway_proto import GRPC_CODES, SERVICE_NAME
 from cluster.router_api import ChatMessage, ErrorKind
 from cluster.sessions import SessionStore, _drop_points, _dropped, trim_to_fit
 from engine.worker_api import Role
-from tests.helpers.gateway import (ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id,
-                                          wait_for)
+from tests.helpers.gateway import ERRORS, MAX_MODEL_LEN, MODEL, FakeRouter, GatewayThread, routed_id, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 
@@ -51,7 +50,7 @@ def test_generate_streams_tokens_then_final(client, router):
     assert final.timings.ttft_s == pytest.approx(0.04) and final.timings.transfer_s == pytest.approx(0.003)
     inp = router.inputs[-1]
     assert inp.prompt == "hello" and inp.messages is None and inp.sampling.max_tokens == 8
-    assert inp.request_id not in ("", "g1")     # the router gets the gateway's own id, never the client's
+    assert inp.request_id not in ("", "g1")  # the router gets the gateway's own id, never the client's
 
 
 def test_sampling_defaults_follow_the_api_doc(client, router):
@@ -60,8 +59,9 @@ def test_sampling_defaults_follow_the_api_doc(client, router):
     assert s.temperature == 1.0 and s.top_p == 1.0 and s.top_k == 0 and s.seed is None
     assert s.max_tokens == MAX_MODEL_LEN  # 0: up to max_model_len
     assert router.inputs[-1].request_id  # the server assigned one
-    client.complete("hello", temperature=0.0, top_p=0.5, top_k=-1, seed=7, stop=["\n", "."], ignore_eos=True,
-                    images=[PNG])  # fmt: skip
+    client.complete(
+        "hello", temperature=0.0, top_p=0.5, top_k=-1, seed=7, stop=["\n", "."], ignore_eos=True, images=[PNG]
+    )
     inp = router.inputs[-1]
     s = inp.sampling
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.ignore_eos) == (0.0, 0.5, 0, 7, ("\n", "."), True)
@@ -69,10 +69,13 @@ def test_sampling_defaults_follow_the_api_doc(client, router):
 
 
 def test_chat_messages_and_images_reach_the_router(client, router):
-    reply = client.complete(messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": ["What is ", PNG, {"type": "text", "text": "this?"}]},
-    ], max_tokens=4)  # fmt: skip
+    reply = client.complete(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": ["What is ", PNG, {"type": "text", "text": "this?"}]},
+        ],
+        max_tokens=4,
+    )
     assert reply.text == "Hello!" and reply.finish_reason == "stop"
     msgs = router.inputs[-1].messages
     assert msgs == (ChatMessage("system", "Be brief."), ChatMessage("user", "What is this?", (PNG,)))
@@ -95,16 +98,19 @@ def test_router_errors_map_to_status_codes(client, word):
 def test_router_bug_is_internal_and_server_keeps_serving(client):
     with pytest.raises(triptych.Internal) as info:
         client.complete("a bug")
-    assert info.value.message == "internal error"          # the cause goes to the log, not the client
+    assert info.value.message == "internal error"  # the cause goes to the log, not the client
     assert client.complete("hello").text == "Hello!"
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role must be one of"),
-    (dict(prompt="hello", session_id="s"), "session_id needs chat input"),
-    (dict(prompt="hello", top_p=0.0), "top_p"),
-    (dict(prompt="hello", temperature=-1.0), "temperature"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role must be one of"),
+        (dict(prompt="hello", session_id="s"), "session_id needs chat input"),
+        (dict(prompt="hello", top_p=0.0), "top_p"),
+        (dict(prompt="hello", temperature=-1.0), "temperature"),
+    ],
+)
 def test_bad_input_is_invalid_argument(client, kwargs, needle):
     with pytest.raises(triptych.InvalidArgument) as info:
         client.complete(**kwargs)
@@ -170,7 +176,10 @@ def test_session_history_is_kept_and_sent(client, router):
     client.complete(messages=[{"role": "user", "content": "first"}], session_id="s1")
     client.complete(messages=[{"role": "user", "content": "second"}], session_id="s1")
     assert router.inputs[-1].messages == (
-        ChatMessage("user", "first"), ChatMessage("assistant", "Hello!"), ChatMessage("user", "second"))
+        ChatMessage("user", "first"),
+        ChatMessage("assistant", "Hello!"),
+        ChatMessage("user", "second"),
+    )
     client.complete(messages=[{"role": "user", "content": "other"}], session_id="s2")
     assert router.inputs[-1].messages == (ChatMessage("user", "other"),)
     # A failed turn is not recorded.
@@ -181,7 +190,12 @@ def test_session_history_is_kept_and_sent(client, router):
 
 def test_model_info_and_cluster_status(client):
     info = client.model_info()
-    assert (info.model, info.max_model_len, info.eos_token_ids, info.supports_images) == (MODEL, MAX_MODEL_LEN, (2,), True)
+    assert (info.model, info.max_model_len, info.eos_token_ids, info.supports_images) == (
+        MODEL,
+        MAX_MODEL_LEN,
+        (2,),
+        True,
+    )
     status = client.cluster_status()
     assert status.mode == "disaggregated"
     assert [p.role for p in status.pools] == ["prefill", "decode"]
@@ -198,7 +212,9 @@ def test_health_and_reflection(server):
             resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for s in next(iter(responses)).list_services_response.service}
     assert {"triptych.v1.Triptych", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
@@ -251,7 +267,7 @@ def test_sessions_lru_and_ttl():
 def test_sessions_belong_to_their_principal():
     store = SessionStore()
     store.append_turn(A, "s1", (ChatMessage("user", "my secret is 42"),), "ok")
-    assert store.history(B, "s1") == ()                      # same id, another client: a new conversation
+    assert store.history(B, "s1") == ()  # same id, another client: a new conversation
     store.append_turn(B, "s1", (ChatMessage("user", "hello"),), "hi")
     assert store.history(A, "s1")[0].content == "my secret is 42"
     assert store.history(B, "s1")[0].content == "hello"
@@ -262,7 +278,7 @@ def test_a_flood_of_sessions_evicts_only_the_flooder():
     u = (ChatMessage("user", "x"),)
     for i in range(3):
         store.append_turn(A, f"a{i}", u, "r")
-    for i in range(1030):                                    # throwaway sessions of another client
+    for i in range(1030):  # throwaway sessions of another client
         store.append_turn(B, f"b{i}", u, "r")
     assert [store.history(A, f"a{i}") != () for i in range(3)] == [True] * 3
     assert store.count(B) == 8 and store.count(A) == 3
@@ -282,7 +298,7 @@ def test_session_bytes_are_bounded_per_client_and_in_total():
     many = [Principal(f"p{i}") for i in range(3)]
     for p in many:
         store.append_turn(p, "s", (ChatMessage("user", "z" * 800),), "r")
-    assert store.history(A, "a") != ()                       # the small client keeps its session
+    assert store.history(A, "a") != ()  # the small client keeps its session
     assert store.count(B) <= 3 and store.total_bytes <= 5000
 
 
@@ -291,15 +307,16 @@ def test_session_history_is_capped_in_size():
 
     store = SessionStore(SessionsConfig(max_session_bytes=400))
     for i in range(10):
-        store.append_turn(A, "s", (ChatMessage("system", "sys"),) if i == 0 else (ChatMessage("user", "u" * 30),),
-                          "a" * 10)
+        store.append_turn(
+            A, "s", (ChatMessage("system", "sys"),) if i == 0 else (ChatMessage("user", "u" * 30),), "a" * 10
+        )
     history = store.history(A, "s")
-    assert history[0] == ChatMessage("system", "sys")          # system messages stay
+    assert history[0] == ChatMessage("system", "sys")  # system messages stay
     assert _size(history) <= 400 and history[1].role == "user" and len(history) == 3
-    store.append_turn(A, "e", (ChatMessage("user", ""),) * 50, "")   # empty messages count too
+    store.append_turn(A, "e", (ChatMessage("user", ""),) * 50, "")  # empty messages count too
     assert 0 < len(store.history(A, "e")) < 10
     store.append_turn(A, "big", (ChatMessage("system", "s" * 500),), "ok")
-    assert store.history(A, "big") == ()                       # a system prompt over the cap: nothing kept
+    assert store.history(A, "big") == ()  # a system prompt over the cap: nothing kept
 
 
 def test_trim_keeps_system_and_new_messages():
@@ -322,26 +339,31 @@ def test_trim_is_exact_with_template_overhead():
 
     calls = []
 
-    def count(ms):   # a template: 7 fixed tokens, 3 per message, a word per token
+    def count(ms):  # a template: 7 fixed tokens, 3 per message, a word per token
         calls.append(len(ms))
         return 7 + sum(3 + len(x.content.split()) for x in ms)
 
     rng = random.Random(0)
     for _ in range(50):
-        history = tuple(m("system", 3) if i == 0 and rng.random() < 0.5 else m(("user", "assistant")[i % 2],
-                        rng.randint(0, 40)) for i in range(rng.randint(0, 30)))  # fmt: skip
+        history = tuple(
+            m("system", 3) if i == 0 and rng.random() < 0.5 else m(("user", "assistant")[i % 2], rng.randint(0, 40))
+            for i in range(rng.randint(0, 30))
+        )
         new = (m("user", rng.randint(1, 20)),)
         budget = rng.randint(20, 400)
         points = _drop_points(history)
-        exact = next((_dropped(history, p) for p in points if count((*_dropped(history, p), *new)) <= budget),
-                     _dropped(history, points[-1]))
+        exact = next(
+            (_dropped(history, p) for p in points if count((*_dropped(history, p), *new)) <= budget),
+            _dropped(history, points[-1]),
+        )
         calls.clear()
         assert trim_to_fit(history, new, count, budget) == exact
-        assert sum(n for n in calls if n > 1) <= 6 * (len(history) + len(new))    # a few whole templatings
+        assert sum(n for n in calls if n > 1) <= 6 * (len(history) + len(new))  # a few whole templatings
 
-        def strict(ms):   # a template that refuses a lone message (alternating roles): never asked for one
+        def strict(ms):  # a template that refuses a lone message (alternating roles): never asked for one
             assert len(ms) > 1 or ms == new
             return count(ms)
+
         assert trim_to_fit(history, new, strict, budget, lambda x: len(x.content.split())) == exact
 
 
@@ -364,8 +386,13 @@ def test_stop_aborts_in_flight_requests_after_grace():
     def http_slow():
         body = {"messages": [{"role": "user", "content": "http-inflight go slow"}], "stream": True}
         try:
-            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=10,
-                              headers={"X-Request-Id": "http-inflight"}) as resp:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                srv.url + "/v1/chat/completions",
+                json=body,
+                timeout=10,
+                headers={"X-Request-Id": "http-inflight"},
+            ) as resp:
                 for _ in resp.iter_lines():
                     pass
         except httpx.HTTPError:
@@ -377,8 +404,9 @@ def test_stop_aborts_in_flight_requests_after_grace():
     started = time.monotonic()
     srv.call(srv.running.stop(grace_s=0.3))
     assert time.monotonic() - started < 3
-    assert wait_for(lambda: {routed_id(router, "grpc-inflight"), routed_id(router, "http-inflight")}
-                    <= set(router.aborts))
+    assert wait_for(
+        lambda: {routed_id(router, "grpc-inflight"), routed_id(router, "http-inflight")} <= set(router.aborts)
+    )
     with pytest.raises(triptych.TriptychError):
         list(stream)
     client.close()
@@ -390,7 +418,14 @@ def test_admin_set_worker_role(server, router):
     client = triptych.Client(server.admin_target, timeout=10)
     s = client.set_worker_role("decode-1", "prefill", drain_timeout_s=5, reason="ops")
     assert (s.worker_id, s.from_role, s.to_role, s.epoch, s.drain_s, s.switch_s, s.reason) == (
-        "decode-1", "decode", "prefill", 2, 0.5, 0.25, "ops")
+        "decode-1",
+        "decode",
+        "prefill",
+        2,
+        0.5,
+        0.25,
+        "ops",
+    )
     assert router.inputs[-1][1:] == ("decode-1", Role.PREFILL, "ops", 5.0)
     with pytest.raises(triptych.FailedPrecondition, match="last live prefill worker"):
         client.set_worker_role("prefill-0", "decode")
@@ -398,12 +433,12 @@ def test_admin_set_worker_role(server, router):
         client.set_worker_role("nope-3", "decode")
     with pytest.raises(ValueError, match="encode, prefill or decode, not colocated"):
         client.set_worker_role("decode-1", "colocated")
-    client.set_worker_role("encode-0", "prefill")            # encode <-> prefill goes over the same RPC
+    client.set_worker_role("encode-0", "prefill")  # encode <-> prefill goes over the same RPC
     assert router.inputs[-1][1:3] == ("encode-0", Role.PREFILL)
     from protos.triptych.v1 import triptych_pb2 as pb
     from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(client.target) as channel:    # a raw call with no role set
+    with grpc.insecure_channel(client.target) as channel:  # a raw call with no role set
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.TriptychAdminStub(channel).SetWorkerRole(pb.SetWorkerRoleRequest(worker_id="decode-1"), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ROLE_PREFILL" in err.value.details()

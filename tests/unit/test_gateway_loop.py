@@ -32,9 +32,17 @@ class PreparingRouter(FakeRouter):
 
     def __init__(self, tokenizer) -> None:
         super().__init__()
-        self.real = ClusterRouter(mode="disaggregated", tokenizer=tokenizer, model_info=INFO,
-                                  kv_capacity_tokens=32768, prefill=[], decode=[], max_inflight=256,
-                                  default_timeout_s=60.0, max_image_pixels=ServerConfig().limits.max_image_pixels)
+        self.real = ClusterRouter(
+            mode="disaggregated",
+            tokenizer=tokenizer,
+            model_info=INFO,
+            kv_capacity_tokens=32768,
+            prefill=[],
+            decode=[],
+            max_inflight=256,
+            default_timeout_s=60.0,
+            max_image_pixels=ServerConfig().limits.max_image_pixels,
+        )
 
     def model_info(self) -> ModelInfo:
         return INFO
@@ -73,8 +81,12 @@ def test_oversized_requests_do_not_stall_other_clients(smol_tokenizer):
         victim.start()
         time.sleep(0.5)
         t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "tests.attacks", "--grpc", srv.target, "--http", srv.url,
-                              "--oversized"], capture_output=True, text=True, timeout=600)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.attacks", "--grpc", srv.target, "--http", srv.url, "--oversized"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         attack_s = time.monotonic() - t0
         time.sleep(0.5)
         stop.set()
@@ -88,7 +100,9 @@ def test_oversized_requests_do_not_stall_other_clients(smol_tokenizer):
     # p99: a stall of the loop is a handful of long gaps, which a median or p90 would not see
     # (tokenizing the char-cap prompt on the loop stalls it ~200 ms; on a thread, ~10 ms).
     p99 = lambda xs: statistics.quantiles(xs, n=100)[-1]  # noqa: E731
-    print(f"victim gaps: calm p99 {p99(calm) * 1e3:.1f} ms (n={len(calm)}), under {len(answers)} oversized "
-          f"attacks ({attack_s:.1f}s) p99 {p99(loaded) * 1e3:.1f} ms (n={len(loaded)}), max {max(loaded) * 1e3:.0f} ms")
+    print(
+        f"victim gaps: calm p99 {p99(calm) * 1e3:.1f} ms (n={len(calm)}), under {len(answers)} oversized "
+        f"attacks ({attack_s:.1f}s) p99 {p99(loaded) * 1e3:.1f} ms (n={len(loaded)}), max {max(loaded) * 1e3:.0f} ms"
+    )
     assert len(loaded) > 100
     assert p99(loaded) <= 2 * p99(calm), (p99(calm), p99(loaded))

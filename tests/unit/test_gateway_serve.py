@@ -137,9 +137,18 @@ def test_exposure_warnings():
     from cluster.config import parse_config
     from cluster.serve import exposure_warnings
 
-    assert exposure_warnings(parse_config({"version": 1}, "x")) == []          # loopback: no warning
+    assert exposure_warnings(parse_config({"version": 1}, "x")) == []  # loopback: no warning
     open_ = exposure_warnings(parse_config({"version": 1, "server": {"host": "0.0.0.0"}}, "x"))
     assert len(open_) == 2 and "ANYONE who can reach" in open_[0] and "clear text" in open_[1]
-    closed = parse_config({"version": 1, "server": {"host": "0.0.0.0", "auth": {"api_keys_file": "/k"},
-                                                     "tls": {"cert_file": "/c", "key_file": "/k"}}}, "x")
+    closed = parse_config(
+        {
+            "version": 1,
+            "server": {
+                "host": "0.0.0.0",
+                "auth": {"api_keys_file": "/k"},
+                "tls": {"cert_file": "/c", "key_file": "/k"},
+            },
+        },
+        "x",
+    )
     assert exposure_warnings(closed) == []

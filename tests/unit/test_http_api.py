@@ -53,19 +53,35 @@ def sse_events(resp: httpx.Response) -> list:
 
 
 def test_openai_chat_non_streaming(oai, router):
-    resp = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
-                                       max_tokens=8, temperature=0, seed=3, stop=["\n"], user="u1")  # fmt: skip
+    resp = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
+        temperature=0,
+        seed=3,
+        stop=["\n"],
+        user="u1",
+    )
     assert resp.object == "chat.completion" and resp.model == MODEL and resp.id.startswith("chatcmpl-")
     choice = resp.choices[0]
-    assert (choice.index, choice.message.role, choice.message.content, choice.finish_reason) == (0, "assistant", "Hello!", "stop")
+    assert (choice.index, choice.message.role, choice.message.content, choice.finish_reason) == (
+        0,
+        "assistant",
+        "Hello!",
+        "stop",
+    )
     assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (5, 3, 8)
     s = router.inputs[-1].sampling
     assert (s.max_tokens, s.temperature, s.seed, s.stop) == (8, 0.0, 3, ("\n",))
 
 
 def test_openai_chat_streaming(oai):
-    stream = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], stream=True,
-                                         stream_options={"include_usage": True})  # fmt: skip
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
@@ -75,7 +91,11 @@ def test_openai_chat_streaming(oai):
 
 def test_openai_completions(oai, router):
     resp = oai.completions.create(model=MODEL, prompt="hello", max_tokens=4)
-    assert resp.object == "text_completion" and resp.choices[0].text == "Hello!" and resp.choices[0].finish_reason == "stop"
+    assert (
+        resp.object == "text_completion"
+        and resp.choices[0].text == "Hello!"
+        and resp.choices[0].finish_reason == "stop"
+    )
     assert router.inputs[-1].prompt == "hello" and router.inputs[-1].messages is None
     text = "".join(c.choices[0].text for c in oai.completions.create(model=MODEL, prompt="hello", stream=True))
     assert text == "Hello!"
@@ -90,7 +110,9 @@ def test_sse_wire_format(http):
     events = sse_events(resp)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert {c["id"] for c in chunks} == {"chatcmpl-sse-1"} and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert {c["id"] for c in chunks} == {"chatcmpl-sse-1"} and all(
+        c["object"] == "chat.completion.chunk" for c in chunks
+    )
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]] == ["Hel", "lo", "!"]
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
@@ -100,13 +122,25 @@ def test_sse_wire_format(http):
 def test_non_streaming_json_shape(http):
     resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello"})
     body = resp.json()
-    assert resp.status_code == 200 and body["choices"] == [{"index": 0, "text": "Hello!", "logprobs": None, "finish_reason": "stop"}]
+    assert resp.status_code == 200 and body["choices"] == [
+        {"index": 0, "text": "Hello!", "logprobs": None, "finish_reason": "stop"}
+    ]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert body["timings"]["prefill_s"] == pytest.approx(0.02) and isinstance(body["created"], int)
 
 
-@pytest.mark.parametrize("word, status", [("invalid", 400), ("busy", 429), ("down", 503), ("late", 504),
-                                          ("missing", 404), ("crash", 500), ("eager-busy", 429)])  # fmt: skip
+@pytest.mark.parametrize(
+    "word, status",
+    [
+        ("invalid", 400),
+        ("busy", 429),
+        ("down", 503),
+        ("late", 504),
+        ("missing", 404),
+        ("crash", 500),
+        ("eager-busy", 429),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_router_errors_map_to_http_statuses(http, word, status, stream):
     kind, message = ERRORS[word.removeprefix("eager-")]
@@ -124,17 +158,20 @@ def test_openai_client_sees_errors(oai):
         oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("raw, needle", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (json.dumps(chat_body(n=2)).encode(), "'n' must be 1"),
-    (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number"),
-    (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1"),
-    (json.dumps(chat_body(stop=[1])).encode(), "'stop' must be a string or an array"),
-    (json.dumps({"model": MODEL, "messages": []}).encode(), "'messages' must be a non-empty array"),
-    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
-    (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (json.dumps(chat_body(n=2)).encode(), "'n' must be 1"),
+        (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number"),
+        (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1"),
+        (json.dumps(chat_body(stop=[1])).encode(), "'stop' must be a string or an array"),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), "'messages' must be a non-empty array"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
+        (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported"),
+    ],
+)
 def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle):
     resp = http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
     assert resp.status_code == 400, resp.text
@@ -144,19 +181,25 @@ def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle):
 
 
 def test_images_from_data_urls(http, router):
-    parts = [{"type": "text", "text": "What is "}, {"type": "image_url", "image_url": {"url": PNG_URL}},
-             {"type": "text", "text": "this?"}]  # fmt: skip
+    parts = [
+        {"type": "text", "text": "What is "},
+        {"type": "image_url", "image_url": {"url": PNG_URL}},
+        {"type": "text", "text": "this?"},
+    ]
     resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
     assert resp.status_code == 200
     msg = router.inputs[-1].messages[0]
     assert msg.content == "What is this?" and msg.images == (PNG,)
 
 
-@pytest.mark.parametrize("url, needle", [
-    ("data:image/png;base64,@@not-base64@@", "messages[0].content[1].image_url: invalid base64"),
-    ("https://example.com/cat.png", "only data: URLs"),
-    ("data:image/png,rawbytes", "not a base64 data URL"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("data:image/png;base64,@@not-base64@@", "messages[0].content[1].image_url: invalid base64"),
+        ("https://example.com/cat.png", "only data: URLs"),
+        ("data:image/png,rawbytes", "not a base64 data URL"),
+    ],
+)
 def test_bad_image_is_400_naming_the_image(http, url, needle):
     parts = [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": url}}]
     resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
@@ -173,8 +216,12 @@ def test_error_after_start(http):
 
 def test_client_disconnect_aborts(server, router):
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        with c.stream("POST", "/v1/chat/completions", json=chat_body("http-gone go slow", stream=True),
-                      headers={"X-Request-Id": "http-gone"}) as resp:  # fmt: skip
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body("http-gone go slow", stream=True),
+            headers={"X-Request-Id": "http-gone"},
+        ) as resp:
             lines = resp.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any("x" in line for line in got)

@@ -24,8 +24,12 @@ from engine.sequence import FinishReason, SamplingParams
 from prefill_workers.prefill_core import PrefillOptions, PrefillTask
 
 N = 10
-TEXTS = ["The three pools of a serving cluster are", "Once upon a time", "A cache block holds",
-         "Tokens stream from the decode worker to"]  # fmt: skip
+TEXTS = [
+    "The three pools of a serving cluster are",
+    "Once upon a time",
+    "A cache block holds",
+    "Tokens stream from the decode worker to",
+]
 
 
 def poisoned(**values) -> SamplingParams:
@@ -61,8 +65,13 @@ def test_sampler_fails_bad_rows_alone():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
     logits[1, 7] = float("nan")
-    params = [greedy(), greedy(), poisoned(temperature=math.nan), SamplingParams(temperature=1.0, seed=3),
-              poisoned(temperature=1.0, seed=2**70)]  # fmt: skip
+    params = [
+        greedy(),
+        greedy(),
+        poisoned(temperature=math.nan),
+        SamplingParams(temperature=1.0, seed=3),
+        poisoned(temperature=1.0, seed=2**70),
+    ]
     out = Sampler().sample(logits, ["a", "b", "c", "d", "e"], params)
     assert out[0] == int(logits[0].argmax())
     assert isinstance(out[1], RowFailure) and "NaN" in out[1].message
@@ -75,8 +84,9 @@ def test_sampler_tiny_temperature_is_greedy_and_overflow_fails_its_row_only():
     # Logits / 1e-37 overflow float32 (the case that killed a decode loop): below the epsilon
     # a temperature is greedy; logits that overflow even a valid temperature fail their row.
     logits = torch.tensor([[50.0, 10.0, -3.0], [1.0, 2.0, 3.0], [3e38, -3e38, 1.0]])
-    out = Sampler().sample(logits, ["x", "y", "z"], [poisoned(temperature=1e-37), greedy(),
-                                                      SamplingParams(temperature=0.5)])
+    out = Sampler().sample(
+        logits, ["x", "y", "z"], [poisoned(temperature=1e-37), greedy(), SamplingParams(temperature=0.5)]
+    )
     assert out[:2] == [0, 2] and isinstance(out[2], RowFailure)
 
 
@@ -104,7 +114,7 @@ def test_colocated_failing_row(tiny, make_engine, fault):
     bad = ("bad", prompts[1], poisoned(temperature=math.nan) if fault == "sampling" else greedy())
     if fault.startswith("forward"):
         fail_forward_for(engine.runner, "bad", decode_rows=fault == "forward-decode")
-    if fault == "sampling-mid-decode":   # goes bad after its third token
+    if fault == "sampling-mid-decode":  # goes bad after its third token
         step = engine.step
 
         def poisoning_step():
@@ -112,14 +122,19 @@ def test_colocated_failing_row(tiny, make_engine, fault):
             if seq is not None and len(seq.output_token_ids) == 3:
                 seq.sampling = poisoned(temperature=math.nan)
             return step()
+
         engine.step = poisoning_step
-    got = _run_engine(engine, [(f"r{i}", p, greedy()) for i, p in enumerate(prompts[:2])] + [bad]
-                      + [(f"r{i}", p, greedy()) for i, p in enumerate(prompts) if i >= 2])
+    got = _run_engine(
+        engine,
+        [(f"r{i}", p, greedy()) for i, p in enumerate(prompts[:2])]
+        + [bad]
+        + [(f"r{i}", p, greedy()) for i, p in enumerate(prompts) if i >= 2],
+    )
     tokens, reason, error = got.pop("bad")
     assert reason is FinishReason.ERROR and error, (reason, error)
-    assert "Traceback" not in error and "injected" not in error      # no internal text for the client
+    assert "Traceback" not in error and "injected" not in error  # no internal text for the client
     if fault in ("forward-decode", "sampling-mid-decode"):
-        assert len(tokens) >= 3                                      # it failed mid-generation
+        assert len(tokens) >= 3  # it failed mid-generation
     assert got == clean
 
 
@@ -127,8 +142,10 @@ def test_colocated_failing_row(tiny, make_engine, fault):
 def _workers(tiny) -> tuple[WorkerActor, WorkerActor]:
     cfg = EngineConfig(block_size=8, num_kv_blocks=128, max_num_batched_tokens=512, max_num_seqs=8)
     opts = {Role.PREFILL: PrefillOptions(cfg, backend="fake"), Role.DECODE: DecodeOptions(cfg, backend="fake")}
-    return (WorkerActor("p", None, opts, 1, Role.PREFILL, loaded=tiny),
-            WorkerActor("d", None, opts, 1, Role.DECODE, loaded=tiny))
+    return (
+        WorkerActor("p", None, opts, 1, Role.PREFILL, loaded=tiny),
+        WorkerActor("d", None, opts, 1, Role.DECODE, loaded=tiny),
+    )
 
 
 async def _serve(prefill: WorkerActor, decode: WorkerActor, requests, on_token=None) -> dict:
@@ -174,15 +191,22 @@ def test_disaggregated_failing_row(tiny, fault):
         if fault == "decode-forward":
             fail_forward_for(decode.impl.core.engine.runner, "bad", decode_rows=True)
         on_token = None
-        if fault == "decode-sampling":   # its row goes bad mid-generation, inside a decode batch
+        if fault == "decode-sampling":  # its row goes bad mid-generation, inside a decode batch
+
             def on_token(out):
                 seq = decode.impl.core.engine._seqs.get("bad")
                 if seq is not None and len(seq.output_token_ids) >= 3:
                     seq.sampling = poisoned(temperature=math.nan)
-        got = await _serve(prefill, decode, [(f"r{i}", p, greedy()) for i, p in enumerate(prompts[:2])]
-                           + [("bad", prompts[0], sampling)]
-                           + [(f"r{i}", p, greedy()) for i, p in enumerate(prompts) if i >= 2], on_token)
-        assert await prefill.idle() and await decode.idle()          # nothing held
+
+        got = await _serve(
+            prefill,
+            decode,
+            [(f"r{i}", p, greedy()) for i, p in enumerate(prompts[:2])]
+            + [("bad", prompts[0], sampling)]
+            + [(f"r{i}", p, greedy()) for i, p in enumerate(prompts) if i >= 2],
+            on_token,
+        )
+        assert await prefill.idle() and await decode.idle()  # nothing held
         assert decode.impl.failed is None and prefill.impl.failed is None
         await prefill.stop()
         await decode.stop()
@@ -205,15 +229,19 @@ def test_dead_decode_loop_reports_the_worker_failed(tiny):
         step = core.step
         calls = []
 
-        def broken_step():   # dies on the second step that has both requests running
+        def broken_step():  # dies on the second step that has both requests running
             calls.extend([1] if len(core.engine.request_ids()) == 2 else [])
             if len(calls) == 2:
                 raise RuntimeError("injected scheduler bug")
             return step()
+
         core.step = broken_step
         with pytest.raises(WorkerLoopDied, match="step loop of decode worker d died"):
-            await _serve(prefill, decode, [(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
-                                           for i, p in enumerate(prompts)])
+            await _serve(
+                prefill,
+                decode,
+                [(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True)) for i, p in enumerate(prompts)],
+            )
         with pytest.raises(WorkerLoopDied):
             await decode.ready()
         with pytest.raises(WorkerLoopDied):
@@ -231,6 +259,7 @@ def test_dead_prefill_loop_hands_its_tasks_back(tiny):
 
         def broken_take():
             raise RuntimeError("injected queue bug")
+
         core.take_batch = broken_take
         desc = await decode.reserve("r", 5, 30.0, epoch=0)
         with pytest.raises(WorkerLoopDied, match="batch loop of prefill worker p died"):
@@ -258,7 +287,7 @@ def test_prefill_batches_share_their_token_budget_among_tenants(tiny):
     core.queue.append(task("alice-1", "alice", 300))
     # A long prompt: the level is capped at an equal share of the budget (128 tokens: 4 prompts).
     assert [t.request_id for t in core.take_batch()] == ["flood-2", "flood-3", "flood-4", "flood-5"]
-    assert [t.request_id for t in core.take_batch()] == ["alice-1"]     # alone, it fills the batch
+    assert [t.request_id for t in core.take_batch()] == ["alice-1"]  # alone, it fills the batch
     # One tenant alone fills the budget (8 prompts of 30 tokens), in arrival order.
     assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(6, 14)]
     core.close()
@@ -278,13 +307,14 @@ def test_a_worker_where_every_sequence_keeps_failing_is_broken(tiny, make_engine
         if any(e.seq.request_id.startswith("x") for e in batch):
             raise RuntimeError("injected device fault")
         return forward(batch, *args, **kwargs)
+
     engine.runner.forward = broken
-    for round_ in range(BROKEN_AFTER - 1):      # each batch: every sequence fails alone, but a streak of 2
+    for round_ in range(BROKEN_AFTER - 1):  # each batch: every sequence fails alone, but a streak of 2
         for i in range(2):
             engine.add_request(ids, greedy(), f"x{round_}-{i}")
         outs = engine.step()
         assert all(o.finish_reason is FinishReason.ERROR for o in outs)
-    engine.add_request(ids, greedy(), "healthy")           # one sequence that works breaks the streak
+    engine.add_request(ids, greedy(), "healthy")  # one sequence that works breaks the streak
     engine.add_request(ids, greedy(), "x-last")
     engine.step()
     assert engine.request_ids() == ["healthy"]

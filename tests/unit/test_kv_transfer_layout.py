@@ -19,8 +19,14 @@ def test_hash_is_stable_and_dtype_normalised():
     assert compat_hash(pickle.loads(pickle.dumps(LAYOUT))) == compat_hash(LAYOUT)
     assert len(compat_hash(LAYOUT)) == 64
     hashes = {compat_hash(LAYOUT)}
-    for f, v in [("model_id", "other"), ("dtype", "bfloat16"), ("num_layers", 3),
-                 ("num_kv_heads", 1), ("head_dim", 16), ("block_size", 8)]:
+    for f, v in [
+        ("model_id", "other"),
+        ("dtype", "bfloat16"),
+        ("num_layers", 3),
+        ("num_kv_heads", 1),
+        ("head_dim", 16),
+        ("block_size", 8),
+    ]:
         hashes.add(compat_hash(dataclasses.replace(LAYOUT, **{f: v})))
     assert len(hashes) == 7
 

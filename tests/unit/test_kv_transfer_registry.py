@@ -42,8 +42,13 @@ def test_transport_flags():
     from kv_transfer.registry import transport_info
 
     flags = {name: (transport_info(name).same_node_only, transport_info(name).needs_cuda) for name in known_backends()}
-    assert flags == {"fake": (True, False), "shm": (True, False), "gloo": (False, False),
-                     "cuda_ipc": (True, True), "nccl": (False, True)}
+    assert flags == {
+        "fake": (True, False),
+        "shm": (True, False),
+        "gloo": (False, False),
+        "cuda_ipc": (True, True),
+        "nccl": (False, True),
+    }
     with pytest.raises(ValueError, match="known: cuda_ipc, fake, gloo, nccl, shm"):
         transport_info("rdma")
 

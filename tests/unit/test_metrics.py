@@ -25,21 +25,41 @@ def test_metrics_after_requests(server):
         c.complete("hello")
         c.complete("please midfail")
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+        assert (
+            http.post(
+                "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            ).status_code
+            == 200
+        )
         assert http.post("/v1/completions", json={"model": MODEL, "prompt": "busy"}).status_code == 429
         resp = http.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     s = samples(resp.text)
-    for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "queue_time",
-                 "prefill_time", "kv_transfer_time"):  # fmt: skip
+    for name in (
+        "time_to_first_token",
+        "inter_token_latency",
+        "e2e_request_latency",
+        "queue_time",
+        "prefill_time",
+        "kv_transfer_time",
+    ):
         assert s[(f"triptych_{name}_seconds_count", ())] >= 1, name
     assert ("triptych_encode_time_seconds_count", ()) in s  # declared, no observation without images
-    assert s[("triptych_time_to_first_token_seconds_sum", ())] == pytest.approx(0.04 * s[("triptych_time_to_first_token_seconds_count", ())])
+    assert s[("triptych_time_to_first_token_seconds_sum", ())] == pytest.approx(
+        0.04 * s[("triptych_time_to_first_token_seconds_count", ())]
+    )
     assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "stop")))] >= 1
     assert s[("triptych_requests_total", (("door", "grpc"), ("finish_reason", "error")))] >= 1
     assert s[("triptych_requests_total", (("door", "http"), ("finish_reason", "stop")))] >= 1
-    assert s[("triptych_request_errors_total", (("door", "http"), ("kind", "resource_exhausted"),
-                                                ("reason", "resource_exhausted")))] >= 1
+    assert (
+        s[
+            (
+                "triptych_request_errors_total",
+                (("door", "http"), ("kind", "resource_exhausted"), ("reason", "resource_exhausted")),
+            )
+        ]
+        >= 1
+    )
     assert s[("triptych_tokens_generated_total", ())] >= 7
     assert s[("triptych_pool_queue_length", (("role", "prefill"),))] == 3
     assert s[("triptych_pool_queue_length", (("role", "decode"),))] == 1
@@ -52,8 +72,12 @@ def test_own_registry_not_global():
     a, b = Metrics(), Metrics()  # two in one process: no duplicate-registration error
     a.start("grpc").finish(FinalEvent(FinishReason.STOP, 1, 2, "hi", Timings(ttft_s=0.1, e2e_s=0.2)))
     assert b"triptych_requests_total" in a.render()
-    assert prometheus_client.REGISTRY.get_sample_value("triptych_requests_total",
-                                                       {"finish_reason": "stop", "door": "grpc"}) is None  # fmt: skip
+    assert (
+        prometheus_client.REGISTRY.get_sample_value(
+            "triptych_requests_total", {"finish_reason": "stop", "door": "grpc"}
+        )
+        is None
+    )
     assert samples(b.render().decode())[("triptych_tokens_generated_total", ())] == 0
 
 
@@ -70,14 +94,20 @@ def test_switch_restart_and_epoch_gauges():
     from engine.worker_api import Role, WorkerStatus
 
     m = Metrics()
-    status = ClusterStatus("disaggregated", (WorkerStatus("decode-1", Role.PREFILL, "n", True, 0, 0, 0, 0, epoch=3),),
-                           (RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 100.0, "manual", epoch=1),
-                            RoleSwitch("decode-1", Role.PREFILL, Role.DECODE, 200.0, "manual", epoch=2),
-                            RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 300.0, "policy", epoch=3)),
-                           switch_count=300, restarts=(("decode-0", 2),))
+    status = ClusterStatus(
+        "disaggregated",
+        (WorkerStatus("decode-1", Role.PREFILL, "n", True, 0, 0, 0, 0, epoch=3),),
+        (
+            RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 100.0, "manual", epoch=1),
+            RoleSwitch("decode-1", Role.PREFILL, Role.DECODE, 200.0, "manual", epoch=2),
+            RoleSwitch("decode-1", Role.DECODE, Role.PREFILL, 300.0, "policy", epoch=3),
+        ),
+        switch_count=300,
+        restarts=(("decode-0", 2),),
+    )
     m.update_cluster(status)
     s = samples(m.render().decode())
-    assert s[("triptych_role_switches_total", ())] == 300          # all since start, not the kept history
+    assert s[("triptych_role_switches_total", ())] == 300  # all since start, not the kept history
     assert s[("triptych_last_role_switch_timestamp_seconds", (("to_role", "prefill"), ("worker", "decode-1")))] == 300.0
     assert s[("triptych_worker_restarts_total", (("worker", "decode-0"),))] == 2
     assert s[("triptych_worker_epoch", (("role", "prefill"), ("worker", "decode-1")))] == 3

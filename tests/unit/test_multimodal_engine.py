@@ -56,10 +56,16 @@ def reference(llava, split, requests):
             full = multimodal.expand_image_tokens(ids, IMAGE_TOKEN_ID, len(images), 16)
             kwargs = {"pixel_values": proc(images)} if images else {}
             with torch.inference_mode():
-                out = llava.generate(torch.tensor([full]), attention_mask=torch.ones(1, len(full), dtype=torch.long),
-                                     max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=eos[0], **kwargs)
-            outs.append(out[0, len(full):].tolist())
+                out = llava.generate(
+                    torch.tensor([full]),
+                    attention_mask=torch.ones(1, len(full), dtype=torch.long),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0],
+                    **kwargs,
+                )
+            outs.append(out[0, len(full) :].tolist())
     finally:
         text_config._attn_implementation = saved
     return outs
@@ -72,8 +78,10 @@ def features_of(encoder, llava, images):
 
 
 def run(engine, requests, feats):
-    ids = [engine.add_request(p, SamplingParams(max_tokens=NEW_TOKENS), image_features=f)
-           for (p, _), f in zip(requests, feats)]
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=NEW_TOKENS), image_features=f)
+        for (p, _), f in zip(requests, feats)
+    ]
     tokens = {rid: [] for rid in ids}
     while engine.has_unfinished():
         for out in engine.step():
@@ -97,8 +105,9 @@ def test_single_request_with_images(split, llava, requests, reference, make_engi
 def test_mixed_continuous_batch(split, llava, requests, reference, make_engine, budget, blocks):
     """Image and text requests in one batch; budget 13 chunks prompts mid-image, 40 blocks of 4 preempt."""
     encoder, loaded = split
-    engine = make_engine(loaded, block_size=4 if blocks == 40 else 8, num_kv_blocks=blocks,
-                         max_num_batched_tokens=budget, max_num_seqs=5)
+    engine = make_engine(
+        loaded, block_size=4 if blocks == 40 else 8, num_kv_blocks=blocks, max_num_batched_tokens=budget, max_num_seqs=5
+    )
     feats = [features_of(encoder, llava, images) for _, images in requests]
     assert run(engine, requests, feats) == reference
     if blocks == 40:

@@ -10,10 +10,25 @@ from placement import trace as tr
 from placement.catalog import model_by_name
 from placement.errors import PlanningError
 from placement.hardware import load_cluster
-from placement.latency_model import (FittedProfile, PerfModel, fit_decode, fit_encode, fit_prefill, fit_transfer,
-                                     roofline)
-from placement.profile import (DecodeSample, EncodeSample, HardwareInfo, PrefillSample, Profile, TransferSample,
-                               load_profile, save_profile)
+from placement.latency_model import (
+    FittedProfile,
+    PerfModel,
+    fit_decode,
+    fit_encode,
+    fit_prefill,
+    fit_transfer,
+    roofline,
+)
+from placement.profile import (
+    DecodeSample,
+    EncodeSample,
+    HardwareInfo,
+    PrefillSample,
+    Profile,
+    TransferSample,
+    load_profile,
+    save_profile,
+)
 
 CLUSTERS = Path(__file__).resolve().parents[2] / "placement" / "clusters"
 TRACES = Path("/work/shared/data/traces")
@@ -27,11 +42,16 @@ def _synthetic_profile(noise=0.0):
         lens = tuple(rng.randint(16, 2048) for _ in range(rng.randint(1, 4)))
         t = a + b * sum(lens) + c * sum(l * l for l in lens)
         pre.append(PrefillSample(lens, t * (1 + rng.uniform(-noise, noise))))
-    dec = [DecodeSample(bs, ctx, 0.005 + 1e-7 * ctx + 4e-4 * bs)
-           for bs in (1, 2, 4, 8, 16, 32) for ctx in (bs * 128, bs * 1024)]
+    dec = [
+        DecodeSample(bs, ctx, 0.005 + 1e-7 * ctx + 4e-4 * bs)
+        for bs in (1, 2, 4, 8, 16, 32)
+        for ctx in (bs * 128, bs * 1024)
+    ]
     enc = [EncodeSample(n, 0.003 + 0.02 * n) for n in (1, 2, 4)]
     xfer = [TransferSample(n, 1e-4 + n / 5e9) for n in (1 << 16, 1 << 20, 1 << 24)]
-    return Profile(model_by_name("SmolLM2-135M"), HardwareInfo("test", "cpu"), tuple(pre), tuple(dec), tuple(enc), tuple(xfer))
+    return Profile(
+        model_by_name("SmolLM2-135M"), HardwareInfo("test", "cpu"), tuple(pre), tuple(dec), tuple(enc), tuple(xfer)
+    )
 
 
 def test_fits_recover_known_coefficients():
@@ -49,7 +69,7 @@ def test_fits_recover_known_coefficients():
 def test_fit_with_noise_stays_close_and_nonnegative():
     pre = fit_prefill(_synthetic_profile(noise=0.05).prefill)
     assert min(pre.a, pre.b, pre.c) >= 0
-    assert pre.seconds(1024, 1024 ** 2) == pytest.approx(0.01 + 2e-4 * 1024 + 3e-8 * 1024 ** 2, rel=0.05)
+    assert pre.seconds(1024, 1024**2) == pytest.approx(0.01 + 2e-4 * 1024 + 3e-8 * 1024**2, rel=0.05)
 
 
 def test_fit_needs_enough_samples():
@@ -80,9 +100,9 @@ def test_bad_profile_is_a_planning_error(tmp_path):
 def test_roofline_tp_speeds_up_and_memory_splits():
     cluster = load_cluster(CLUSTERS / "a100-4x8.yaml")
     m = model_by_name("Llama-3-8B")
-    t1 = roofline(m, cluster, 1, 1).prefill.seconds(2048, 2048 ** 2)
-    t4 = roofline(m, cluster, 4, 1).prefill.seconds(2048, 2048 ** 2)
-    assert t1 / 4 < t4 < t1 / 2           # faster, but all-reduce keeps it from a perfect 4x
+    t1 = roofline(m, cluster, 1, 1).prefill.seconds(2048, 2048**2)
+    t4 = roofline(m, cluster, 4, 1).prefill.seconds(2048, 2048**2)
+    assert t1 / 4 < t4 < t1 / 2  # faster, but all-reduce keeps it from a perfect 4x
     perf = PerfModel(model_by_name("Llama-2-70B"), cluster)
     assert perf.kv_capacity_tokens(1, 1) < 0 < perf.kv_capacity_tokens(4, 1)
 
@@ -131,9 +151,12 @@ def test_profile_at_another_tp_is_used_as_is_there():
 
     p1 = _synthetic_profile()
     # A 2-thread profile that is 1.6x faster, not the 2x the roofline ratio would assume.
-    p2 = replace(p1, hardware=HardwareInfo("test, 2 threads", "cpu", 2, 2, 1),
-                 prefill=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.prefill),
-                 decode=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.decode))
+    p2 = replace(
+        p1,
+        hardware=HardwareInfo("test, 2 threads", "cpu", 2, 2, 1),
+        prefill=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.prefill),
+        decode=tuple(replace(s, seconds=s.seconds / 1.6) for s in p1.decode),
+    )
     cluster = load_cluster(CLUSTERS / "local-cpu.yaml")
     f1, f2 = FittedProfile.from_profile(p1), FittedProfile.from_profile(p2)
     perf = PerfModel(p1.model, cluster, f1, (f2,))
@@ -142,7 +165,7 @@ def test_profile_at_another_tp_is_used_as_is_there():
     assert perf.instance(2, 1).prefill.b == pytest.approx(2e-4 / 1.6)
     assert perf.instance(2, 1).decode.c == pytest.approx(4e-4 / 1.6)
     only_one = PerfModel(p1.model, cluster, f1)
-    assert only_one.instance(2, 1).prefill.b != pytest.approx(2e-4 / 1.6)   # the roofline ratio instead
+    assert only_one.instance(2, 1).prefill.b != pytest.approx(2e-4 / 1.6)  # the roofline ratio instead
 
 
 def test_cli_joins_profiles_and_refuses_mixed_models(tmp_path):

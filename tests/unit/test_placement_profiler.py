@@ -24,8 +24,9 @@ def tiny_dir(tmp_path_factory):
 def _config(model_dir):
     from cluster.config import parse_config
 
-    return parse_config({"version": 1, "model": {"path": model_dir, "max_model_len": 1024},
-                         "engine": {"num_kv_blocks": 256}}, "test")
+    return parse_config(
+        {"version": 1, "model": {"path": model_dir, "max_model_len": 1024}, "engine": {"num_kv_blocks": 256}}, "test"
+    )
 
 
 def test_profile_records_threads_as_tp_and_fits(tiny_dir):

@@ -31,8 +31,9 @@ def azure():
 
 
 def _settings(**kw):
-    base = dict(slo=Slo(1.0, 0.1), max_model_len=4096, fit_sample=100, verify_sample=150, runners_up=0,
-                max_tp=2, max_pp=2)
+    base = dict(
+        slo=Slo(1.0, 0.1), max_model_len=4096, fit_sample=100, verify_sample=150, runners_up=0, max_tp=2, max_pp=2
+    )
     base.update(kw)
     return SearchSettings(**base)
 
@@ -106,16 +107,31 @@ def test_cpu_cluster_plans_threads_not_pipelines(azure):
     perf = PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "local-cpu.yaml"))  # 9 heads
     s = Searcher(perf, *azure, _settings(max_model_len=2048))
     assert s.configs() == [(1, 1), (2, 1)]
-    gpu = Searcher(PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "a100-4x8.yaml")), *azure,
-                   _settings(max_model_len=2048))
+    gpu = Searcher(
+        PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "a100-4x8.yaml")),
+        *azure,
+        _settings(max_model_len=2048),
+    )
     assert all(tp == 1 for tp, _ in gpu.configs()) and any(pp == 2 for _, pp in gpu.configs())
 
 
 def _args(tmp_path, **kw):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    base = ["--model", "Llama-3-8B", "--cluster", str(CLUSTERS / "a100-4x8.yaml"), "--trace", str(AZURE),
-            "--ttft-slo", "1", "--tpot-slo", "0.1", "-o", str(tmp_path / "plan.yaml")]
+    base = [
+        "--model",
+        "Llama-3-8B",
+        "--cluster",
+        str(CLUSTERS / "a100-4x8.yaml"),
+        "--trace",
+        str(AZURE),
+        "--ttft-slo",
+        "1",
+        "--tpot-slo",
+        "0.1",
+        "-o",
+        str(tmp_path / "plan.yaml"),
+    ]
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         base = [x for i, x in enumerate(base) if x != flag and (i == 0 or base[i - 1] != flag)] + [flag, str(v)]
@@ -132,21 +148,24 @@ def test_cli_end_to_end_4x8_under_60s(tmp_path, capsys):
     assert tuple(yaml.safe_load((tmp_path / "plan.yaml").read_text())) == DEPLOY_KEYS
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(trace="/nonexistent/trace.csv"), "trace file not found"),
-    (dict(cluster="/nonexistent/c.yaml"), "cluster file not found"),
-    (dict(model="GPT-9"), "unknown model"),
-    (dict(model="/nonexistent/profile.json"), "profile file not found"),
-    (dict(ttft_slo=0), "--ttft-slo must be > 0"),
-    (dict(trace_count=1), "need >= 2"),
-    (dict(model="Llama-2-70B", cluster=CLUSTERS / "local-cpu.yaml"), "fits on no"),
-    (dict(ttft_slo=1e-4, tpot_slo=1e-5), "no configuration meets the SLOs"),
-    (dict(rate=1e6), "lower --rate"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(trace="/nonexistent/trace.csv"), "trace file not found"),
+        (dict(cluster="/nonexistent/c.yaml"), "cluster file not found"),
+        (dict(model="GPT-9"), "unknown model"),
+        (dict(model="/nonexistent/profile.json"), "profile file not found"),
+        (dict(ttft_slo=0), "--ttft-slo must be > 0"),
+        (dict(trace_count=1), "need >= 2"),
+        (dict(model="Llama-2-70B", cluster=CLUSTERS / "local-cpu.yaml"), "fits on no"),
+        (dict(ttft_slo=1e-4, tpot_slo=1e-5), "no configuration meets the SLOs"),
+        (dict(rate=1e6), "lower --rate"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, change, message):
     assert cli.run(_args(tmp_path, **change)) == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if not line.startswith("[plan ")]   # progress lines aside
+    errors = [line for line in err.splitlines() if not line.startswith("[plan ")]  # progress lines aside
     assert len(errors) == 1 and errors[0].startswith("triptych plan: error:") and message in errors[0]
     assert "Traceback" not in err
 

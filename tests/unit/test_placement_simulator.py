@@ -35,12 +35,18 @@ def test_single_request_ttft_is_prefill_plus_transfer_exactly():
     pre = PrefillModel(0.05, 1e-4, 1e-8)
     transfer = TransferModel(0.002, 1e9)
     kv = 1000
-    cfg = SimConfig(Mode.DISAGGREGATED, NO_SLO, prefill=SimulatedPool(1, _lat(pre)), decode=SimulatedPool(1, _lat()),
-                    transfer=transfer, kv_bytes_per_token=kv)
+    cfg = SimConfig(
+        Mode.DISAGGREGATED,
+        NO_SLO,
+        prefill=SimulatedPool(1, _lat(pre)),
+        decode=SimulatedPool(1, _lat()),
+        transfer=transfer,
+        kv_bytes_per_token=kv,
+    )
     r = simulate(cfg, (Request(0.0, 500, 11),)).results[0]
-    ttft = pre.seconds(500, 500 ** 2) + transfer.seconds(500 * kv)
+    ttft = pre.seconds(500, 500**2) + transfer.seconds(500 * kv)
     assert r.ttft_s == ttft
-    assert r.tpot_s == pytest.approx(0.01)          # 10 decode steps of a constant 10 ms
+    assert r.tpot_s == pytest.approx(0.01)  # 10 decode steps of a constant 10 ms
     assert r.e2e_s == pytest.approx(ttft + 0.1)
 
 
@@ -59,7 +65,7 @@ def test_decode_kv_limit_makes_requests_wait():
     roomy = simulate(SimConfig(Mode.DISAGGREGATED, NO_SLO, decode=SimulatedPool(1, lat, kv_capacity_tokens=1024)), reqs)
     tight = simulate(SimConfig(Mode.DISAGGREGATED, NO_SLO, decode=SimulatedPool(1, lat, kv_capacity_tokens=64)), reqs)
     assert roomy.results[1].ttft_s == pytest.approx(0.0)
-    assert tight.results[1].ttft_s == pytest.approx(15 * 0.01)   # waits for the first one's 15 steps
+    assert tight.results[1].ttft_s == pytest.approx(15 * 0.01)  # waits for the first one's 15 steps
     assert tight.results[1].tpot_s == pytest.approx(0.01)
 
 
@@ -88,7 +94,7 @@ def test_pipeline_parallel_prefill_overlaps_batches():
 
 
 def test_early_stop_reports_upper_bound_below_target():
-    reqs = tuple(Request(i * 0.01, 100, 1) for i in range(200))        # 100 req/s into a 10 req/s server
+    reqs = tuple(Request(i * 0.01, 100, 1) for i in range(200))  # 100 req/s into a 10 req/s server
     cfg = SimConfig(Mode.DISAGGREGATED, Slo(0.5, math.inf), prefill=SimulatedPool(1, _lat(), token_budget=100))
     res = simulate(cfg, reqs, min_attainment=0.9)
     assert not res.complete and res.attainment < 0.9

@@ -29,7 +29,7 @@ class FakeDecode:
         self.reserve_s = reserve_s
         self.reserved: set[str] = set()
         self.cancels: list[str] = []
-        self._lock = asyncio.Lock()        # one call at a time, in arrival order
+        self._lock = asyncio.Lock()  # one call at a time, in arrival order
         self.reserve, self.cancel, self.poll = _Method(self._reserve), _Method(self._cancel), _Method(self._poll)
 
     async def _reserve(self, request_id, num_tokens, lease_s, epoch=None):
@@ -59,10 +59,16 @@ class _Vocab:
 
 def _router(decode: FakeDecode, timeout_s: float = 30.0) -> ClusterRouter:
     info = ModelInfo("fake", 64, 10, (), "float32", False)
-    return ClusterRouter(mode="disaggregated", tokenizer=_Vocab(), model_info=info, kv_capacity_tokens=64,
-                         prefill=[WorkerHandle("prefill-0", Role.PREFILL, object())],
-                         decode=[WorkerHandle("decode-0", Role.DECODE, decode)],
-                         max_inflight=4, default_timeout_s=timeout_s)
+    return ClusterRouter(
+        mode="disaggregated",
+        tokenizer=_Vocab(),
+        model_info=info,
+        kv_capacity_tokens=64,
+        prefill=[WorkerHandle("prefill-0", Role.PREFILL, object())],
+        decode=[WorkerHandle("decode-0", Role.DECODE, decode)],
+        max_inflight=4,
+        default_timeout_s=timeout_s,
+    )
 
 
 async def _consume(router, request):
@@ -75,11 +81,11 @@ def test_cancel_during_reserve_frees_the_reservation():
         router = _router(decode)
         request = GenerateInput("r1", SamplingParams(max_tokens=4), token_ids=(1, 2, 3))
         task = asyncio.ensure_future(_consume(router, request))
-        await asyncio.sleep(0.1)                  # the reserve call is in flight
+        await asyncio.sleep(0.1)  # the reserve call is in flight
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.5)                  # the reserve lands, then the cancel
+        await asyncio.sleep(0.5)  # the reserve lands, then the cancel
         return decode, router
 
     decode, router = asyncio.run(main())
@@ -112,19 +118,21 @@ def test_abort_ends_a_request_waiting_for_a_decode_slot_or_its_reservation():
     async def main():
         decode = FakeDecode(reserve_s=0.3)
         router = _router(decode)
-        router.seqs_per_worker = 1            # one decode slot in the whole cluster
-        first = asyncio.ensure_future(_consume(router, GenerateInput("r1", SamplingParams(max_tokens=4),
-                                                                     token_ids=(1, 2, 3), tenant="a")))
-        await asyncio.sleep(0.05)             # r1 holds the slot, its reserve call is in flight
-        second = asyncio.ensure_future(_consume(router, GenerateInput("r2", SamplingParams(max_tokens=4),
-                                                                      token_ids=(1, 2, 3), tenant="b")))
-        await asyncio.sleep(0.05)             # r2 waits for the slot
+        router.seqs_per_worker = 1  # one decode slot in the whole cluster
+        first = asyncio.ensure_future(
+            _consume(router, GenerateInput("r1", SamplingParams(max_tokens=4), token_ids=(1, 2, 3), tenant="a"))
+        )
+        await asyncio.sleep(0.05)  # r1 holds the slot, its reserve call is in flight
+        second = asyncio.ensure_future(
+            _consume(router, GenerateInput("r2", SamplingParams(max_tokens=4), token_ids=(1, 2, 3), tenant="b"))
+        )
+        await asyncio.sleep(0.05)  # r2 waits for the slot
         assert router.slots.waiting == 1
         assert await router.abort("r2")
         waited = await asyncio.wait_for(second, 1.0)
         assert await router.abort("r1")
         reserved = await asyncio.wait_for(first, 1.0)
-        await asyncio.sleep(0.5)              # the reserve lands, then the cancel
+        await asyncio.sleep(0.5)  # the reserve lands, then the cancel
         return decode, router, waited, reserved
 
     decode, router, waited, reserved = asyncio.run(main())

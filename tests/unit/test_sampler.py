@@ -28,7 +28,7 @@ def test_seed_is_reproducible_and_per_request():
     assert len(set(a)) == 1
     s = Sampler()
     seq = [s.sample(logits, ["x"], [p])[0] for _ in range(5)]
-    assert len(set(seq)) > 1       # the generator advances within one request
+    assert len(set(seq)) > 1  # the generator advances within one request
 
 
 def test_temperature_sampling_follows_distribution():
@@ -52,7 +52,7 @@ def test_detokenizer_stop_string_and_holdback():
         new, stop = d.update(ids)
         released += new
         assert not stop
-    assert released == "abc"          # "EN" may still become "END": held back
+    assert released == "abc"  # "EN" may still become "END": held back
     ids.append(ord("D"))
     new, stop = d.update(ids)
     assert stop and released + new == "abc" and d.text == "abc"
@@ -71,7 +71,7 @@ def test_resumed_detokenizer_sees_held_text_and_a_spanning_stop_string():
     d = Detokenizer(_CharTokenizer(), ("END",), prefix_ids=[ord(c) for c in "abcEN"], released=3)
     new, stop = d.update([ord("D"), ord("x")])
     assert stop and new == "" and d.text == "abc"
-    fresh = Detokenizer(_CharTokenizer(), ("END",))            # what a resume used to do
+    fresh = Detokenizer(_CharTokenizer(), ("END",))  # what a resume used to do
     assert fresh.update([ord("D"), ord("x")]) == ("", False)
     # No stop string hit: the held "EN" is delivered after the resume, nothing twice.
     d = Detokenizer(_CharTokenizer(), ("END",), prefix_ids=[ord(c) for c in "abcEN"], released=3)
@@ -90,11 +90,11 @@ def test_engine_resume_gives_the_uninterrupted_text(tiny, make_engine):
     k = 10
     before = tiny.tokenizer.decode(full.token_ids[:k], skip_special_tokens=True)
     assert full.text.startswith(before) and len(full.text) > len(before) + 3
-    stop = full.text[len(before) - 2:len(before) + 3]           # spans the cut
+    stop = full.text[len(before) - 2 : len(before) + 3]  # spans the cut
     assert len(stop) == 5 and full.text.find(stop) == len(before) - 2
     want = engine.generate([prompt], SP(max_tokens=24, ignore_eos=True, stop=(stop,)))[0].text
     # The first k tokens as a worker delivered them (the tail that may start the stop string held).
-    sent = before[:len(before) - (len(stop) - 1)]
+    sent = before[: len(before) - (len(stop) - 1)]
     rest = SP(max_tokens=24 - k, ignore_eos=True, stop=(stop,))
     rid = engine.add_request(prompt + full.token_ids[:k], rest, "resumed", resume=(k, len(sent)))
     text = sent
@@ -107,4 +107,4 @@ def test_engine_resume_gives_the_uninterrupted_text(tiny, make_engine):
 
     with pytest.raises(InvalidRequestError, match="does not fit a prompt"):
         engine.add_request(prompt, rest, "bad-resume", resume=(len(prompt) + 1, 0))
-    assert not engine.has_unfinished()                 # nothing registered (make_engine checks blocks)
+    assert not engine.has_unfinished()  # nothing registered (make_engine checks blocks)

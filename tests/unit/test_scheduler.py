@@ -75,7 +75,7 @@ def test_decode_tokens_come_first_and_a_long_prompt_waits_for_budget():
     d = Driver(num_blocks=64, block_size=4, budget=3)
     for rid in "abc":
         d.add(rid, prompt_len=1, max_tokens=4)
-    assert d.step() == [ScheduledSeq(d.seqs[r], 1) for r in "abc"]   # three one-token prompts
+    assert d.step() == [ScheduledSeq(d.seqs[r], 1) for r in "abc"]  # three one-token prompts
     d.add("long", prompt_len=10, max_tokens=1)
     # the budget (3) goes to the three decode tokens; the waiting prompt gets nothing
     assert [(e.seq.request_id, e.num_new_tokens) for e in d.step()] == [("a", 1), ("b", 1), ("c", 1)]
@@ -94,7 +94,7 @@ def test_chunked_prefill_splits_a_prompt_by_the_budget_and_samples_once():
     for _ in range(3):
         (entry,) = d.step()
         chunks.append((entry.num_new_tokens, len(seq.output_token_ids)))
-    assert chunks == [(10, 0), (10, 0), (5, 1)]     # only the last chunk samples
+    assert chunks == [(10, 0), (10, 0), (5, 1)]  # only the last chunk samples
     assert seq.num_computed_tokens == 25 and len(seq.block_table) == 7
     assert d.run() == [[("p", 1)], [("p", 1)]]
     d.assert_empty()
@@ -133,12 +133,12 @@ def test_preemption_frees_the_latest_sequence_which_recomputes_prompt_and_output
     assert d.sched.num_preemptions == 1 and c.num_preemptions == 1
     assert c.status is SequenceStatus.WAITING and d.sched.waiting[0] is c
     assert c.block_table == [] and c.num_computed_tokens == 0
-    assert c.token_ids == list(range(10, 14)) + [TOKEN]         # its output so far is kept
+    assert c.token_ids == list(range(10, 14)) + [TOKEN]  # its output so far is kept
     steps = d.run()
     # c comes back as one prefill of prompt + the output it had when preempted
     first_c = next(e for step in steps for e in step if e[0] == "c")
     assert first_c == ("c", 5)
-    assert b.num_preemptions >= 1 and a.num_preemptions == 0    # the first admitted never yields
+    assert b.num_preemptions >= 1 and a.num_preemptions == 0  # the first admitted never yields
     d.assert_empty()
 
 
@@ -146,10 +146,10 @@ def test_schedule_preempts_until_something_can_run():
     """A running prompt that cannot grow (nothing else to preempt for it) is freed and restarted,
     within one schedule() call: the batch is never empty while a sequence could run."""
     d = Driver(num_blocks=4, block_size=4, budget=8)
-    seq = d.add("big", prompt_len=20, max_tokens=1)       # 20 tokens > 16 slots: can never finish
+    seq = d.add("big", prompt_len=20, max_tokens=1)  # 20 tokens > 16 slots: can never finish
     assert [e.num_new_tokens for e in d.step()] == [8]
-    assert [e.num_new_tokens for e in d.step()] == [8]    # 16 tokens: all 4 blocks
-    batch = d.sched.schedule()                             # 4 more need a 5th block
+    assert [e.num_new_tokens for e in d.step()] == [8]  # 16 tokens: all 4 blocks
+    batch = d.sched.schedule()  # 4 more need a 5th block
     assert batch == [ScheduledSeq(seq, 8)] and seq.num_computed_tokens == 0
     assert d.sched.num_preemptions == 1 and len(seq.block_table) == 2
     d.sched.finish(seq, FinishReason.ABORT)

@@ -85,18 +85,38 @@ class FakeTriptych(pb_grpc.TriptychServicer):
 
     def GetModelInfo(self, request, context):
         return pb.GetModelInfoResponse(
-            model="SmolLM2-135M-Instruct", max_model_len=8192, vocab_size=49152,
-            eos_token_ids=[2], dtype="float32", supports_images=False,
-        )  # fmt: skip
+            model="SmolLM2-135M-Instruct",
+            max_model_len=8192,
+            vocab_size=49152,
+            eos_token_ids=[2],
+            dtype="float32",
+            supports_images=False,
+        )
 
     def GetClusterStatus(self, request, context):
-        worker = pb.WorkerStatus(worker_id="prefill-0", role=pb.ROLE_PREFILL, node_id="n1", alive=True,
-                                 queue_length=2, running=1, kv_blocks_used=3, kv_blocks_total=100, epoch=4)  # fmt: skip
+        worker = pb.WorkerStatus(
+            worker_id="prefill-0",
+            role=pb.ROLE_PREFILL,
+            node_id="n1",
+            alive=True,
+            queue_length=2,
+            running=1,
+            kv_blocks_used=3,
+            kv_blocks_total=100,
+            epoch=4,
+        )
         return pb.GetClusterStatusResponse(
             mode=pb.MODE_DISAGGREGATED,
             pools=[pb.PoolStatus(role=pb.ROLE_PREFILL, workers=[worker]), pb.PoolStatus(role=pb.ROLE_DECODE)],
-            role_switches=[pb.RoleSwitch(worker_id="w", from_role=pb.ROLE_DECODE, to_role=pb.ROLE_PREFILL,
-                                         at_unix_s=1.5, reason="prefill queue")],  # fmt: skip
+            role_switches=[
+                pb.RoleSwitch(
+                    worker_id="w",
+                    from_role=pb.ROLE_DECODE,
+                    to_role=pb.ROLE_PREFILL,
+                    at_unix_s=1.5,
+                    reason="prefill queue",
+                )
+            ],
         )
 
 
@@ -138,8 +158,19 @@ def test_generate_streams_chunks_then_final(client):
 
 def test_request_fields_reach_server(server, client):
     fake, _ = server
-    list(client.generate("hello", max_tokens=4, temperature=0.0, top_p=0.9, top_k=5, seed=3, stop="\n",
-                         images=[PNG, (b"raw", "image/x-test")], request_id="r1"))  # fmt: skip
+    list(
+        client.generate(
+            "hello",
+            max_tokens=4,
+            temperature=0.0,
+            top_p=0.9,
+            top_k=5,
+            seed=3,
+            stop="\n",
+            images=[PNG, (b"raw", "image/x-test")],
+            request_id="r1",
+        )
+    )
     req = fake.requests[-1]
     assert req.request_id == "r1" and req.WhichOneof("input") == "prompt"
     s = req.sampling

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from engine.sparse import (BlockIndex, SparseMethod, SparsePrefillConfig, num_query_blocks,
-                           sparse_prefill_attention)
+from engine.sparse import BlockIndex, SparseMethod, SparsePrefillConfig, num_query_blocks, sparse_prefill_attention
 from engine.sparse.dense import dense_causal_attention
 from engine.sparse.reference import reference_attention
 from engine.sparse.synthetic import random_index
@@ -16,7 +15,7 @@ CASES = [
     (203, 77, 6, 2, 32, 16),
     (130, 5, 3, 3, 16, 32),
     (257, 64, 9, 3, 32, 64),
-    (100, 99, 2, 1, 16, 16),     # a single query row (decode-like chunk)
+    (100, 99, 2, 1, 16, 16),  # a single query row (decode-like chunk)
 ]
 
 
@@ -33,8 +32,8 @@ def _qkv(lk, off, hq, hkv, d, dtype, seed=0):
 def test_torch_matches_reference(lk, off, hq, hkv, d, b, dtype, tol):
     q, k, v = _qkv(lk, off, hq, hkv, d, dtype)
     index = random_index(hq, off, lk, b, 0.4, torch.Generator().manual_seed(1))
-    ref = reference_attention(q, k, v, index, d ** -0.5)
-    out = block_sparse_attention_torch(q, k, v, index, d ** -0.5)
+    ref = reference_attention(q, k, v, index, d**-0.5)
+    out = block_sparse_attention_torch(q, k, v, index, d**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
@@ -43,13 +42,13 @@ def test_empty_rows_and_missing_diagonal_give_reference():
     lk, off, hq, hkv, d, b = 96, 16, 2, 1, 16, 16
     q, k, v = _qkv(lk, off, hq, hkv, d, torch.float32)
     mask = torch.zeros(hq, num_query_blocks(off, lk, b), lk // b, dtype=torch.bool)
-    mask[0, 2, 0] = True            # head 0: one far block for query block 2 only
-    mask[1, :, 1] = True            # head 1: block 1 everywhere (no diagonal for later blocks)
+    mask[0, 2, 0] = True  # head 0: one far block for query block 2 only
+    mask[1, :, 1] = True  # head 1: block 1 everywhere (no diagonal for later blocks)
     index = BlockIndex.from_mask(mask, b, off, lk)
     out = block_sparse_attention_torch(q, k, v, index, 0.25)
     ref = reference_attention(q, k, v, index, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert out[:16, 0].abs().max() == 0     # rows with nothing to attend are 0
+    assert out[:16, 0].abs().max() == 0  # rows with nothing to attend are 0
 
 
 @pytest.mark.parametrize("lk,off,hq,hkv,d,b", CASES)
@@ -57,8 +56,8 @@ def test_full_index_equals_dense_causal(lk, off, hq, hkv, d, b):
     q, k, v = _qkv(lk, off, hq, hkv, d, torch.float32, seed=3)
     index = random_index(hq, off, lk, b, 1.0)
     assert index.density() == 1.0
-    dense = dense_causal_attention(q, k, v, off, d ** -0.5)
-    out = block_sparse_attention_torch(q, k, v, index, d ** -0.5)
+    dense = dense_causal_attention(q, k, v, off, d**-0.5)
+    out = block_sparse_attention_torch(q, k, v, index, d**-0.5)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
@@ -72,21 +71,20 @@ def test_block_index_roundtrip_and_causality():
     assert torch.equal(index.to_mask(), mask & causal)
     valid = torch.arange(index.block_ids.shape[-1]) < index.counts[..., None]
     ids = index.block_ids
-    assert bool(((ids[..., 1:] > ids[..., :-1]) | ~valid[..., 1:]).all())   # ascending
-    assert bool(((ids <= absq[None, :, None]) | ~valid).all())               # causal
+    assert bool(((ids[..., 1:] > ids[..., :-1]) | ~valid[..., 1:]).all())  # ascending
+    assert bool(((ids <= absq[None, :, None]) | ~valid).all())  # causal
 
 
 def test_entry_point_dense_below_and_methods():
     lk, off, hq, hkv, d = 300, 40, 6, 2, 32
     q, k, v = _qkv(lk, off, hq, hkv, d, torch.float32)
-    dense = dense_causal_attention(q, k, v, off, d ** -0.5)
-    out, stats = sparse_prefill_attention(q, k, v, off, d ** -0.5,
-                                          SparsePrefillConfig(block_size=16, dense_below=301))
+    dense = dense_causal_attention(q, k, v, off, d**-0.5)
+    out, stats = sparse_prefill_attention(q, k, v, off, d**-0.5, SparsePrefillConfig(block_size=16, dense_below=301))
     assert stats.method is SparseMethod.DENSE and stats.density == 1.0
     torch.testing.assert_close(out, dense)
     for method in ("static", "flexprefill"):
         cfg = SparsePrefillConfig(method=method, block_size=16, dense_below=0, min_budget=32)
-        out, stats = sparse_prefill_attention(q, k, v, off, d ** -0.5, cfg)
+        out, stats = sparse_prefill_attention(q, k, v, off, d**-0.5, cfg)
         assert stats.backend == "torch" and 0 < stats.density <= 1 and len(stats.patterns) == hq
         assert out.shape == q.shape and torch.isfinite(out).all()
 

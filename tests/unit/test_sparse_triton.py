@@ -48,20 +48,23 @@ def _run_cases(path: str) -> None:
             k = torch.randn(lk, hkv, d, generator=g).to(dtype)
             v = torch.randn(lk, hkv, d, generator=g).to(dtype)
             index = random_index(hq, off, lk, b, density, torch.Generator().manual_seed(2))
-            out = block_sparse_attention_triton(q, k, v, index, d ** -0.5, bm, bn)
-            ref = reference_attention(q, k, v, index, d ** -0.5)
-            dense = dense_causal_attention(q.float(), k.float(), v.float(), off, d ** -0.5)
+            out = block_sparse_attention_triton(q, k, v, index, d**-0.5, bm, bn)
+            ref = reference_attention(q, k, v, index, d**-0.5)
+            dense = dense_causal_attention(q.float(), k.float(), v.float(), off, d**-0.5)
             results[f"{name}-{dname}"] = (out, ref, dense)
     # Strided q/k/v views of one fused projection, and rows with nothing to attend.
     lk, hq, hkv, b = 64, 2, 1, 16
     qkv = torch.randn(lk, hq + 2 * hkv, 16, generator=torch.Generator().manual_seed(3))
-    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
     mask = torch.zeros(hq, num_query_blocks(0, lk, b), lk // b, dtype=torch.bool)
     mask[0, 3, 0] = True
     mask[1, :, 0] = True
     index = BlockIndex.from_mask(mask, b, 0, lk)
-    results["strided-empty-rows"] = (block_sparse_attention_triton(q, k, v, index, 0.25),
-                                     reference_attention(q, k, v, index, 0.25), None)
+    results["strided-empty-rows"] = (
+        block_sparse_attention_triton(q, k, v, index, 0.25),
+        reference_attention(q, k, v, index, 0.25),
+        None,
+    )
     torch.save(results, path)
 
 
@@ -70,8 +73,9 @@ def results(tmp_path_factory):
     path = tmp_path_factory.mktemp("sparse_triton") / "results.pt"
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = "import sys; from tests.unit.test_sparse_triton import _run_cases; _run_cases(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"interpreted kernel run failed:\n{proc.stderr[-4000:]}"
     return torch.load(path)
 

@@ -27,8 +27,15 @@ def _worker(tiny, wid: str, role: Role) -> WorkerActor:
     return WorkerActor(wid, None, _options(), 1, role, epoch=0, loaded=tiny)
 
 
-async def _generate(prefill: WorkerActor, decode: WorkerActor, rid: str, ids: list[int], n: int,
-                    sampling: SamplingParams | None = None, resume: tuple[int, int] | None = None) -> list[int]:
+async def _generate(
+    prefill: WorkerActor,
+    decode: WorkerActor,
+    rid: str,
+    ids: list[int],
+    n: int,
+    sampling: SamplingParams | None = None,
+    resume: tuple[int, int] | None = None,
+) -> list[int]:
     sampling = sampling or SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     desc = await decode.reserve(rid, len(ids), 30.0, epoch=decode.epoch)
     task = PrefillTask(rid, tuple(ids), sampling, desc, sampled_before=resume[0] if resume else 0)
@@ -64,7 +71,13 @@ def test_switch_keeps_weights_and_output(tiny, monkeypatch):
         after = await _generate(b, a, "r2", ids, 12)
         assert switch_s > 0 and ready_a.layout == ready_b.layout == ready[0].layout
         assert (a.role, a.epoch, ready_a.info.role, b.role, b.epoch, ready_b.info.role) == (
-            Role.DECODE, 1, "decode", Role.PREFILL, 1, "prefill")
+            Role.DECODE,
+            1,
+            "decode",
+            Role.PREFILL,
+            1,
+            "prefill",
+        )
         assert await a.idle() and await b.idle()
         await a.stop()
         await b.stop()
@@ -86,7 +99,7 @@ def test_epoch_fencing_and_switch_preconditions(tiny):
         with pytest.raises(RoleSwitchError, match="not idle"):
             await w.set_role(Role.PREFILL, 1)
         assert await w.cancel("held")
-        await asyncio.sleep(QUARANTINE_S + 0.1)      # blocks of an unfinished transfer wait this long
+        await asyncio.sleep(QUARANTINE_S + 0.1)  # blocks of an unfinished transfer wait this long
         with pytest.raises(RoleSwitchError, match="refusing epoch 0"):
             await w.set_role(Role.PREFILL, 0)
         with pytest.raises(RoleSwitchError, match="cannot take role colocated"):
@@ -124,7 +137,7 @@ def test_seeded_sampling_is_one_stream_across_workers_and_a_resume(tiny, make_en
         return split, resumed
 
     split, resumed = asyncio.run(scenario())
-    assert len(set(want)) > 4                          # really sampled, not one token repeated
+    assert len(set(want)) > 4  # really sampled, not one token repeated
     assert split == want
     assert want[:k] + resumed == want
     # Colocated re-prefill: the engine skips the k draws itself.
@@ -161,7 +174,10 @@ def test_colocated_worker_serves_on_a_kv_cache_of_its_own(tiny):
                     finished = out.finished
         status = await w.status()
         assert await w.idle() and (status.role, status.kv_blocks_used, status.kv_blocks_total) == (
-            Role.COLOCATED, 0, 64)
+            Role.COLOCATED,
+            0,
+            64,
+        )
         await w.stop()
         return tokens
 

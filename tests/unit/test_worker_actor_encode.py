@@ -73,9 +73,9 @@ def test_encode_to_prefill_and_back_without_reloading(model_dir, llava, loads):
 
     async def scenario():
         w = WorkerActor("e0", model_dir, options(model_dir), 1, Role.ENCODE)
-        assert sorted(loads) == [("language", model_dir), ("vision", model_dir)]     # both halves, once
+        assert sorted(loads) == [("language", model_dir), ("vision", model_dir)]  # both halves, once
         assert set(await w.roles()) == {Role.ENCODE, Role.PREFILL, Role.DECODE}
-        ready = await w.ready()                             # encode role: no KV cache, no layout
+        ready = await w.ready()  # encode role: no KV cache, no layout
         assert ready.info.role == "encode" and ready.layout is None
         first = await encode(w, "r1", images, spec, epoch=0)
         with pytest.raises(StaleEpochError, match="encode worker, the call needs prefill"):
@@ -89,7 +89,7 @@ def test_encode_to_prefill_and_back_without_reloading(model_dir, llava, loads):
             await encode(w, "r2", images, spec, epoch=1)
         await w.set_role(Role.ENCODE, 2)
         second = await encode(w, "r3", images, spec, epoch=2)
-        assert len(loads) == 2                              # nothing loaded again by the switches
+        assert len(loads) == 2  # nothing loaded again by the switches
         await w.stop()
         return first, second
 
@@ -117,8 +117,9 @@ def test_a_plain_encode_worker_loads_only_the_vision_tower(model_dir, llava, loa
         await w.stop()
         return got
 
-    torch.testing.assert_close(asyncio.run(scenario())[0],
-                               hf_features(llava, multimodal.ImageProcessor.from_config(llava.config)(images))[0])
+    torch.testing.assert_close(
+        asyncio.run(scenario())[0], hf_features(llava, multimodal.ImageProcessor.from_config(llava.config)(images))[0]
+    )
 
 
 def test_a_worker_without_the_vision_tower_refuses_the_encode_role(model_dir, loads):
@@ -145,7 +146,7 @@ def test_in_process_vision_side_is_loaded_once_and_kept(model_dir, llava, loads)
 
     async def scenario():
         w = WorkerActor("d0", model_dir, opts, 1, Role.DECODE)
-        assert loads == [("language", model_dir)]                       # a decode role needs no vision
+        assert loads == [("language", model_dir)]  # a decode role needs no vision
         await w.set_role(Role.PREFILL, 1)
         first = w.impl.core.image_encoder
         first.encode([png_bytes(3)])
@@ -157,6 +158,6 @@ def test_in_process_vision_side_is_loaded_once_and_kept(model_dir, llava, loads)
         return first, second, hits
 
     first, second, hits = asyncio.run(scenario())
-    assert loads == [("language", model_dir), ("vision", model_dir)]   # vision once, on the first switch to prefill
+    assert loads == [("language", model_dir), ("vision", model_dir)]  # vision once, on the first switch to prefill
     assert first is second
-    assert hits == 1                                 # its embedding cache survived the switches too
+    assert hits == 1  # its embedding cache survived the switches too

@@ -19,8 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("worker", help="worker id, as `triptych admin status` lists it (e.g. decode-1)")
     parser.add_argument("role", choices=("encode", "prefill", "decode"), help="the pool to move it to")
     add_connection_arguments(parser)
-    parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
-                        help="how long the worker may take to finish its requests (default 60)")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long the worker may take to finish its requests (default 60)",
+    )
     parser.add_argument("--reason", default="manual", help="recorded in the switch history")
 
 
@@ -30,11 +35,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         with admin_client(args) as client:
-            s = client.set_worker_role(args.worker, args.role, drain_timeout_s=args.drain_timeout,
-                                       reason=args.reason, timeout=args.drain_timeout + 150)
+            s = client.set_worker_role(
+                args.worker,
+                args.role,
+                drain_timeout_s=args.drain_timeout,
+                reason=args.reason,
+                timeout=args.drain_timeout + 150,
+            )
     except TriptychError as exc:
         print(f"triptych admin set-role: {exc}", file=sys.stderr)
         return 1
-    print(f"{s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}; "
-          f"drained in {s.drain_s:.1f}s, switched in {s.switch_s:.2f}s)")
+    print(
+        f"{s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}; "
+        f"drained in {s.drain_s:.1f}s, switched in {s.switch_s:.2f}s)"
+    )
     return 0

@@ -27,11 +27,15 @@ def run(args: argparse.Namespace) -> int:
         for w in pool.workers:
             kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}" if w.kv_blocks_total else "-"
             role = w.role.value if w.role else "?"
-            print(f"{w.worker_id:<14} {role:<10} {str(w.alive).lower():<6} {w.epoch:>5} {w.queue_length:>6} "
-                  f"{w.running:>8} {kv:>12} {status.restarts.get(w.worker_id, 0)}")
+            print(
+                f"{w.worker_id:<14} {role:<10} {str(w.alive).lower():<6} {w.epoch:>5} {w.queue_length:>6} "
+                f"{w.running:>8} {kv:>12} {status.restarts.get(w.worker_id, 0)}"
+            )
     print(f"role switches: {status.role_switch_count}")
     for s in status.role_switches:
         at = time.strftime("%H:%M:%S", time.localtime(s.at_unix_s))
-        print(f"  {at} {s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}, "
-              f"drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}")
+        print(
+            f"  {at} {s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}, "
+            f"drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}"
+        )
     return 0

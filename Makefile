@@ -25,6 +25,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 protos: setup
 	$(BIN)/python -m protos.generate

@@ -71,6 +71,8 @@ class AdminService(pb_grpc.TriptychAdminServicer):
             )
         except RouterError as err:
             await context.abort(GRPC_CODES[err.kind], err.message)
+        finally:
+            self.gateway.forget_status()  # even a refused switch may have drained or killed a worker
         return pb.SetWorkerRoleResponse(switch=switch_to_pb(record))
 
     async def GetClusterStatus(self, request, context) -> pb.GetClusterStatusResponse:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -44,6 +44,8 @@ from cluster.config_schema import (
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import transport_info
+
+T = TypeVar("T")
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> DeployConfig:
@@ -198,8 +200,8 @@ def _server(s: Section) -> ServerConfig:
         limits=_limits(s.section("limits")),
         auth=_auth(s.section("auth")),
         tls=_tls(s.section("tls")),
-        sessions=_sessions(s.section("sessions")),
-        connections=_connections(s.section("connections")),
+        sessions=_positive_numbers(s.section("sessions"), SessionsConfig),
+        connections=_positive_numbers(s.section("connections"), ConnectionsConfig),
     )
     s.done()
     return out
@@ -233,32 +235,17 @@ def _tls(s: Section) -> TlsConfig:
     return out
 
 
-def _sessions(s: Section) -> SessionsConfig:
-    d = SessionsConfig()
-    out = SessionsConfig(
-        **{
-            f.name: (
-                s.float(f.name, d.ttl_s, lo=0.0, lo_open=True)
-                if f.name == "ttl_s"
-                else s.int(f.name, getattr(d, f.name), lo=1)
-            )
-            for f in fields(SessionsConfig)
-        }
-    )
-    s.done()
-    return out
-
-
-def _connections(s: Section) -> ConnectionsConfig:
-    d = ConnectionsConfig()
-    out = ConnectionsConfig(
+def _positive_numbers(s: Section, cls: type[T]) -> T:
+    """A section whose fields are all positive numbers (sessions, connections): ints >= 1, floats > 0."""
+    d = cls()
+    out = cls(
         **{
             f.name: (
                 s.int(f.name, getattr(d, f.name), lo=1)
                 if f.type == "int"
                 else s.float(f.name, getattr(d, f.name), lo=0.0, lo_open=True)
             )
-            for f in fields(ConnectionsConfig)
+            for f in fields(cls)
         }
     )
     s.done()

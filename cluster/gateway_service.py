@@ -150,9 +150,16 @@ class Gateway(pb_grpc.TriptychServicer):
             return self._status[1]
         if self._status_task is None or self._status_task.done():
             self._status_task = asyncio.ensure_future(self.router.cluster_status())
-        status = await asyncio.shield(self._status_task)
-        self._status = (time.monotonic(), status)
+        task = self._status_task
+        status = await asyncio.shield(task)
+        if task is self._status_task:  # not forgotten meanwhile
+            self._status = (time.monotonic(), status)
         return status
+
+    def forget_status(self) -> None:
+        """The cluster changed (a role switch through the admin service): the next status call
+        asks the workers again, so a client reads its own change."""
+        self._status = self._status_task = None
 
     def enter(self, principal: Principal, door: str) -> contextlib.AbstractContextManager:
         """Count a request against its client from the moment its door takes it (before its body
@@ -215,31 +222,15 @@ class Gateway(pb_grpc.TriptychServicer):
                 try:
                     event = await anext(stream)
                 except StopAsyncIteration:
-                    final = FinalEvent(
-                        FinishReason.ERROR,
-                        0,
-                        ntokens,
-                        "".join(texts),
-                        error="the router ended the stream without a final event",
-                        error_kind=ErrorKind.INTERNAL,
-                    )
+                    final = _failed(ntokens, texts, "the router ended the stream without a final event")
                 except RouterError as err:
                     if ntokens == 0 and not texts:  # refused before any token: a status, with its reason
                         recorder = None
                         raise self.refuse(err, door) from None
-                    final = FinalEvent(
-                        FinishReason.ERROR, 0, ntokens, "".join(texts), error=err.message, error_kind=err.kind
-                    )
+                    final = _failed(ntokens, texts, err.message, err.kind)
                 except Exception:  # a router bug: never leave the client hanging
                     log.exception("router failed on request %s", owned.internal_id)
-                    final = FinalEvent(
-                        FinishReason.ERROR,
-                        0,
-                        ntokens,
-                        "".join(texts),
-                        error="internal error",
-                        error_kind=ErrorKind.INTERNAL,
-                    )
+                    final = _failed(ntokens, texts, "internal error")
                 else:
                     if isinstance(event, FinalEvent):
                         final = event
@@ -421,6 +412,11 @@ async def answer_status(gateway: Gateway, context: grpc.aio.ServicerContext) -> 
         return status_to_pb(await gateway.cluster_status())
     except RouterError as err:
         await context.abort(GRPC_CODES[err.kind], err.message)
+
+
+def _failed(ntokens: int, texts: list[str], message: str, kind: ErrorKind = ErrorKind.INTERNAL) -> FinalEvent:
+    """FinalEvent(ERROR) of a stream that already sent `ntokens` tokens (their text: `texts`)."""
+    return FinalEvent(FinishReason.ERROR, 0, ntokens, "".join(texts), error=message, error_kind=kind)
 
 
 async def _close(stream: AsyncIterator) -> None:

@@ -8,14 +8,14 @@ the router long-polls the step messages, as from a decode worker.
 from __future__ import annotations
 
 from decode_workers.colocated_core import ColocatedCore, ColocatedOptions
-from decode_workers.step_loop import StepLoop, engine_status
+from decode_workers.step_loop import SteppedWorker
 from encode_workers.inproc import InProcessEncoder
 from engine.llm_engine import LoadedModel
-from engine.sequence import SamplingParams, StepOutput
-from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
+from engine.sequence import SamplingParams
+from engine.worker_api import Role, worker_info
 
 
-class ColocatedWorker:
+class ColocatedWorker(SteppedWorker):
     def __init__(
         self,
         worker_id: str,
@@ -24,19 +24,8 @@ class ColocatedWorker:
         image_encoder: InProcessEncoder | None = None,
     ) -> None:
         """loaded / image_encoder: weights already in this process (as PrefillWorker's)."""
-        self.worker_id = worker_id
-        self.info = worker_info(worker_id, Role.COLOCATED)
-        self.core = ColocatedCore(options, loaded, image_encoder)
-        self.loop = StepLoop(self.core, f"colocated worker {worker_id}")
-
-    @property
-    def failed(self) -> str | None:
-        """Why the step loop died (None while it runs); then every call raises WorkerLoopDied."""
-        return self.loop.failed
-
-    async def ready(self) -> WorkerReady:
-        self.loop.check()
-        return WorkerReady(self.info, self.core.layout)
+        info = worker_info(worker_id, Role.COLOCATED)
+        super().__init__(info, ColocatedCore(options, loaded, image_encoder), f"colocated worker {worker_id}")
 
     async def submit(
         self,
@@ -53,20 +42,3 @@ class ColocatedWorker:
             self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant
         )
         self.loop.kick()
-
-    async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
-        """As DecodeWorker.poll."""
-        return await self.loop.poll(timeout_s)
-
-    async def cancel(self, request_id: str) -> bool:
-        return await self.loop.call(self.core.cancel, request_id)
-
-    async def status(self) -> WorkerStatus:
-        self.loop.check()
-        return await self.loop.call(engine_status, self.info, self.core.engine)
-
-    async def idle(self) -> bool:
-        return await self.loop.call(self.core.idle)
-
-    async def stop(self) -> None:
-        await self.loop.stop(self.core.close)

@@ -28,7 +28,7 @@ from typing import Protocol
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LLMEngine
 from engine.sequence import StepOutput
-from engine.worker_api import WorkerInfo, WorkerStatus
+from engine.worker_api import WorkerInfo, WorkerReady, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,47 @@ class StepLoop:
         await self.call(close)
         self._executor.shutdown(wait=False)
         self._has_output.set()  # a poll still waiting returns (empty) at once
+
+
+class SteppedWorker:
+    """What the decode and the colocated worker share: a core stepped by a StepLoop, and the
+    `Worker` protocol's calls answered from it (subclasses add their role's verbs and `ready`).
+    `self.core` has `engine`, `layout`, `cancel(request_id)`, `idle()` and `close()`."""
+
+    def __init__(self, info: WorkerInfo, core, what: str) -> None:
+        self.worker_id = info.worker_id
+        self.info = info
+        self.core = core
+        self.loop = StepLoop(core, what)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the step loop died (None while it runs); then every call raises WorkerLoopDied."""
+        return self.loop.failed
+
+    async def ready(self) -> WorkerReady:
+        self.loop.check()
+        return WorkerReady(self.info, self.core.layout)
+
+    async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
+        """Step messages produced since the last poll; waits up to timeout_s for one. A worker
+        whose loop died hands out what it produced before, then raises WorkerLoopDied: the router
+        treats its requests as a dead worker's (they fail, or are prefilled again elsewhere)."""
+        return await self.loop.poll(timeout_s)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self.loop.call(self.core.cancel, request_id)
+
+    async def status(self) -> WorkerStatus:
+        self.loop.check()
+        return await self.loop.call(engine_status, self.info, self.core.engine)
+
+    async def idle(self) -> bool:
+        return await self.loop.call(self.core.idle)
+
+    async def stop(self) -> None:
+        """Ends the loop and its thread and closes the core (and the KV cache it holds)."""
+        await self.loop.stop(self.core.close)
 
 
 def engine_status(info: WorkerInfo, engine: LLMEngine) -> WorkerStatus:

@@ -157,7 +157,7 @@ def generate_request(
     elif messages is not None:
         req.chat.CopyFrom(chat_pb(messages))
     else:
-        req.token_ids.ids.extend(int(t) for t in token_ids)
+        req.token_ids.ids.extend(int(t) for t in token_ids or ())
     return req
 
 

@@ -132,6 +132,7 @@ class AsyncClient:
     @property
     def _stub(self) -> pb_grpc.TriptychStub:
         self._ensure_channel()
+        assert self._stub_obj is not None  # set with the channel
         return self._stub_obj
 
     # -- generation -----------------------------------------------------------------------

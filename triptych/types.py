@@ -131,6 +131,11 @@ class RoleSwitch:
     drain_s: float = 0.0  # waiting for its requests to end
     switch_s: float = 0.0  # rebuilding itself for the new role (no weight reload)
 
+    @property
+    def move(self) -> str:
+        """The move as text, e.g. `prefill -> decode` (`?` for a role this SDK does not know)."""
+        return f"{self.from_role.value if self.from_role else '?'} -> {self.to_role.value if self.to_role else '?'}"
+
 
 @dataclass(frozen=True)
 class ClusterStatus:

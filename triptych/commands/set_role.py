@@ -45,8 +45,5 @@ def run(args: argparse.Namespace) -> int:
     except TriptychError as exc:
         print(f"triptych admin set-role: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"{s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}; "
-        f"drained in {s.drain_s:.1f}s, switched in {s.switch_s:.2f}s)"
-    )
+    print(f"{s.worker_id}: {s.move} (epoch {s.epoch}; drained in {s.drain_s:.1f}s, switched in {s.switch_s:.2f}s)")
     return 0

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     for s in status.role_switches:
         at = time.strftime("%H:%M:%S", time.localtime(s.at_unix_s))
         print(
-            f"  {at} {s.worker_id}: {s.from_role.value} -> {s.to_role.value} (epoch {s.epoch}, "
+            f"  {at} {s.worker_id}: {s.move} (epoch {s.epoch}, "
             f"drain {s.drain_s:.1f}s, switch {s.switch_s:.2f}s) {s.reason}"
         )
     return 0

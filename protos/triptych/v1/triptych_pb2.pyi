@@ -28,7 +28,6 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
     ROLE_COLOCATED: _ClassVar[Role]
-
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -59,16 +58,7 @@ class GenerateRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[Image]
     sampling: SamplingParams
     session_id: str
-    def __init__(
-        self,
-        request_id: _Optional[str] = ...,
-        prompt: _Optional[str] = ...,
-        chat: _Optional[_Union[ChatMessages, _Mapping]] = ...,
-        token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...,
-        images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...,
-        sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...,
-        session_id: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type")
@@ -92,9 +82,7 @@ class ChatMessage(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: _containers.RepeatedCompositeFieldContainer[ContentPart]
-    def __init__(
-        self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...
-    ) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
@@ -124,16 +112,7 @@ class SamplingParams(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(
-        self,
-        max_tokens: _Optional[int] = ...,
-        temperature: _Optional[float] = ...,
-        top_p: _Optional[float] = ...,
-        top_k: _Optional[int] = ...,
-        seed: _Optional[int] = ...,
-        stop: _Optional[_Iterable[str]] = ...,
-        ignore_eos: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "final")
@@ -143,12 +122,7 @@ class GenerateResponse(_message.Message):
     request_id: str
     chunk: TokenChunk
     final: FinalChunk
-    def __init__(
-        self,
-        request_id: _Optional[str] = ...,
-        chunk: _Optional[_Union[TokenChunk, _Mapping]] = ...,
-        final: _Optional[_Union[FinalChunk, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., final: _Optional[_Union[FinalChunk, _Mapping]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("text", "token_ids", "index")
@@ -158,9 +132,7 @@ class TokenChunk(_message.Message):
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     index: int
-    def __init__(
-        self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class FinalChunk(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "error")
@@ -172,13 +144,7 @@ class FinalChunk(_message.Message):
     usage: Usage
     timings: Timings
     error: str
-    def __init__(
-        self,
-        finish_reason: _Optional[_Union[FinishReason, str]] = ...,
-        usage: _Optional[_Union[Usage, _Mapping]] = ...,
-        timings: _Optional[_Union[Timings, _Mapping]] = ...,
-        error: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -206,17 +172,7 @@ class Timings(_message.Message):
     ttft_s: float
     tpot_s: float
     e2e_s: float
-    def __init__(
-        self,
-        queue_s: _Optional[float] = ...,
-        encode_s: _Optional[float] = ...,
-        prefill_s: _Optional[float] = ...,
-        transfer_s: _Optional[float] = ...,
-        decode_s: _Optional[float] = ...,
-        ttft_s: _Optional[float] = ...,
-        tpot_s: _Optional[float] = ...,
-        e2e_s: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, queue_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -248,32 +204,14 @@ class GetModelInfoResponse(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     supports_images: bool
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        max_model_len: _Optional[int] = ...,
-        vocab_size: _Optional[int] = ...,
-        eos_token_ids: _Optional[_Iterable[int]] = ...,
-        dtype: _Optional[str] = ...,
-        supports_images: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., supports_images: _Optional[bool] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = (
-        "worker_id",
-        "role",
-        "node_id",
-        "alive",
-        "queue_length",
-        "running",
-        "kv_blocks_used",
-        "kv_blocks_total",
-        "epoch",
-    )
+    __slots__ = ("worker_id", "role", "node_id", "alive", "queue_length", "running", "kv_blocks_used", "kv_blocks_total", "epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -292,18 +230,7 @@ class WorkerStatus(_message.Message):
     kv_blocks_used: int
     kv_blocks_total: int
     epoch: int
-    def __init__(
-        self,
-        worker_id: _Optional[str] = ...,
-        role: _Optional[_Union[Role, str]] = ...,
-        node_id: _Optional[str] = ...,
-        alive: _Optional[bool] = ...,
-        queue_length: _Optional[int] = ...,
-        running: _Optional[int] = ...,
-        kv_blocks_used: _Optional[int] = ...,
-        kv_blocks_total: _Optional[int] = ...,
-        epoch: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., queue_length: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "workers")
@@ -311,11 +238,7 @@ class PoolStatus(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     role: Role
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(
-        self,
-        role: _Optional[_Union[Role, str]] = ...,
-        workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class RoleSwitch(_message.Message):
     __slots__ = ("worker_id", "from_role", "to_role", "at_unix_s", "reason", "epoch", "drain_s", "switch_s")
@@ -335,17 +258,7 @@ class RoleSwitch(_message.Message):
     epoch: int
     drain_s: float
     switch_s: float
-    def __init__(
-        self,
-        worker_id: _Optional[str] = ...,
-        from_role: _Optional[_Union[Role, str]] = ...,
-        to_role: _Optional[_Union[Role, str]] = ...,
-        at_unix_s: _Optional[float] = ...,
-        reason: _Optional[str] = ...,
-        epoch: _Optional[int] = ...,
-        drain_s: _Optional[float] = ...,
-        switch_s: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[_Union[Role, str]] = ..., to_role: _Optional[_Union[Role, str]] = ..., at_unix_s: _Optional[float] = ..., reason: _Optional[str] = ..., epoch: _Optional[int] = ..., drain_s: _Optional[float] = ..., switch_s: _Optional[float] = ...) -> None: ...
 
 class WorkerRestarts(_message.Message):
     __slots__ = ("worker_id", "restarts")
@@ -367,14 +280,7 @@ class GetClusterStatusResponse(_message.Message):
     role_switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
     role_switch_count: int
     restarts: _containers.RepeatedCompositeFieldContainer[WorkerRestarts]
-    def __init__(
-        self,
-        mode: _Optional[_Union[Mode, str]] = ...,
-        pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ...,
-        role_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ...,
-        role_switch_count: _Optional[int] = ...,
-        restarts: _Optional[_Iterable[_Union[WorkerRestarts, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., role_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., role_switch_count: _Optional[int] = ..., restarts: _Optional[_Iterable[_Union[WorkerRestarts, _Mapping]]] = ...) -> None: ...
 
 class SetWorkerRoleRequest(_message.Message):
     __slots__ = ("worker_id", "role", "drain_timeout_s", "reason")
@@ -386,13 +292,7 @@ class SetWorkerRoleRequest(_message.Message):
     role: Role
     drain_timeout_s: float
     reason: str
-    def __init__(
-        self,
-        worker_id: _Optional[str] = ...,
-        role: _Optional[_Union[Role, str]] = ...,
-        drain_timeout_s: _Optional[float] = ...,
-        reason: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., drain_timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SetWorkerRoleResponse(_message.Message):
     __slots__ = ("switch",)

@@ -13,6 +13,7 @@ the one to import: it re-exports the schema.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -41,6 +42,7 @@ from cluster.config_schema import (
     TransportBackend,
     TransportConfig,
 )
+from engine.device import DEVICE_CHOICES, check_device, wants_gpu
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import transport_info
@@ -145,11 +147,15 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     role = default.role
     if "sparse" in s.data and role not in (Role.PREFILL, Role.COLOCATED):
         s.fail("sparse", "sparse attention applies only to the prefill and colocated pools")
+    workers = s.int("workers", default.workers, lo=0)
+    num_cpus = s.float("num_cpus", default.num_cpus, lo=0.0)
+    num_gpus = s.float("num_gpus", default.num_gpus, lo=0.0)
     out = PoolConfig(
         role=role,
-        workers=s.int("workers", default.workers, lo=0),
-        num_cpus=s.float("num_cpus", default.num_cpus, lo=0.0),
-        num_gpus=s.float("num_gpus", default.num_gpus, lo=0.0),
+        workers=workers,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        device=_device(s, default.device, num_gpus),
         resources=s.resources("resources", default.resources),
         tensor_parallel=s.int("tensor_parallel", default.tensor_parallel, lo=1),
         pipeline_parallel=s.int("pipeline_parallel", default.pipeline_parallel, lo=1),
@@ -157,6 +163,25 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     )
     s.done()
     return out
+
+
+def _device(s: Section, default: str, num_gpus: float) -> str:
+    """The pool's engine device (the engine's own check, engine/device.py). A CUDA device needs
+    the pool to reserve GPUs: Ray hides every GPU from a worker that reserves none, and a worker
+    sees only as many as it reserves (device N is the N-th of its own)."""
+    device = s.str("device", default)
+    try:
+        check_device(device, "device")
+    except ValueError:
+        s.fail("device", f"expected {DEVICE_CHOICES}, got {device!r}")
+    if wants_gpu(device):
+        visible = math.ceil(num_gpus)
+        index = int(device.partition(":")[2] or 0)
+        if visible == 0:
+            s.fail("device", f"{device!r} needs num_gpus > 0: Ray shows a worker no GPU unless it reserves one")
+        if index >= visible:
+            s.fail("device", f"{device!r} is not among the {visible} GPU(s) a worker with num_gpus {num_gpus:g} sees")
+    return device
 
 
 def _pools(s: Section) -> PoolsConfig:
@@ -321,6 +346,11 @@ def _check_transport(cfg: DeployConfig, root: Section) -> None:
         if pool.num_gpus <= 0:
             root.fail(
                 "transport.backend", f"{info.name!r} moves KV between GPUs, but pools.{pool.role.value}.num_gpus is 0"
+            )
+        if not wants_gpu(pool.engine_device()):
+            root.fail(
+                "transport.backend",
+                f"{info.name!r} moves KV between GPUs, but pools.{pool.role.value}.device is {pool.device!r}",
             )
 
 

@@ -65,16 +65,27 @@ class EngineSettings:
 @dataclass(frozen=True)
 class PoolConfig:
     """One pool. num_cpus / num_gpus / resources are what one worker reserves in Ray, for
-    all its tensor_parallel x pipeline_parallel ranks together."""
+    all its tensor_parallel x pipeline_parallel ranks together. device is where its engine runs
+    (the engine's setting, engine/device.py: auto | cpu | cuda | cuda:N; `auto` as
+    `engine_device` says)."""
 
     role: Role
     workers: int
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    device: str = "auto"
     resources: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sparse: SparsePrefillConfig = SparsePrefillConfig()  # the engine's own settings object and defaults
+
+    def engine_device(self) -> str:
+        """The engine's device setting for this pool's workers. `auto` is the GPU Ray assigns the
+        worker: `cuda` when the pool reserves GPUs (a worker whose node has none then fails at
+        start, naming the pool and the node, instead of running on the CPU), else `cpu`."""
+        if self.device == "auto":
+            return "cuda" if self.num_gpus > 0 else "cpu"
+        return self.device
 
     def ray_resources(self) -> dict[str, float]:
         """The resources of one worker as a Ray resource dict (CPU, GPU, custom)."""

@@ -48,7 +48,9 @@ def _progress(msg: str) -> None:
 
 def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
     """The engine settings of one of the pool's workers. The pool's `sparse` is already the
-    engine's SparsePrefillConfig; the dense method runs the engine's plain prefill (no config)."""
+    engine's SparsePrefillConfig; the dense method runs the engine's plain prefill (no config).
+    The device is the pool's (`PoolConfig.engine_device`), resolved by the worker on its own node,
+    which names the pool when it cannot honour it."""
     from engine.sparse.config import SparseMethod
 
     sparse = None if pool.sparse.method is SparseMethod.DENSE else pool.sparse
@@ -56,6 +58,8 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
     return EngineConfig(
         model=config.model.path,
         dtype=config.model.dtype.value,
+        device=pool.engine_device(),
+        pool=pool.role.value,
         block_size=e.block_size,
         num_kv_blocks=e.num_kv_blocks,
         max_num_batched_tokens=e.max_num_batched_tokens,

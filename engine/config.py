@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from engine.device import Placement, check_device, resolve_placement
 from engine.errors import EngineError
 
 
@@ -10,6 +11,14 @@ class EngineConfig:
     """How one engine instance loads its model and sizes its KV cache and batches.
 
     model: None for the embedded SmolLM2-135M-Instruct, else a local HF directory or a .gguf file.
+    dtype: the weights' and KV cache's dtype; None takes the device's default (engine/device.py:
+        bfloat16 on CUDA, float32 on the CPU). Used when the engine loads the model itself; an
+        engine given a loaded model runs in that model's dtype.
+    device: auto | cpu | cuda | cuda:N (engine/device.py). The default is cpu, so an engine built
+        in a script or test runs where its model was loaded; a deployment passes its pool's
+        setting (default auto). Resolved on the machine that runs the engine (`placement`), never
+        where the config is built.
+    pool: the deploy pool these settings are for, named in device errors; None outside a deployment.
     block_size: tokens per KV block.
     num_kv_blocks: KV blocks in the pool (memory = blocks * block_size * KVLayout.bytes_per_token).
     max_num_batched_tokens: token budget of one forward (decode tokens + prefill chunks).
@@ -18,7 +27,9 @@ class EngineConfig:
     """
 
     model: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None
+    device: str = "cpu"
+    pool: str | None = None
     block_size: int = 16
     num_kv_blocks: int = 2048
     max_num_batched_tokens: int = 1024
@@ -31,5 +42,14 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise EngineError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise EngineError(f"EngineConfig.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise EngineError(f"EngineConfig.dtype must be float32, float16, bfloat16 or None, got {self.dtype!r}")
+        try:
+            check_device(self.device)
+        except ValueError as err:
+            raise EngineError(str(err)) from None
+
+    def placement(self) -> Placement:
+        """The device and dtype of an engine with these settings in this process; DeviceError
+        (naming the pool and this node) when they ask for a GPU it does not have."""
+        return resolve_placement(self.device, self.dtype, self.pool)

@@ -13,7 +13,15 @@ import torch
 from engine import model_loader, multimodal
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.errors import BROKEN_AFTER, InvalidRequestError, OutOfKVCacheError, WorkerBroken, is_device_failure
+from engine.device import default_dtype
+from engine.errors import (
+    BROKEN_AFTER,
+    EngineError,
+    InvalidRequestError,
+    OutOfKVCacheError,
+    WorkerBroken,
+    is_device_failure,
+)
 from engine.kv_cache import BlockManager
 from engine.kv_layout import KVLayout
 from engine.model_runner import ModelRunner
@@ -35,12 +43,31 @@ class LoadedModel:
     image_spec: multimodal.ImageFeatureSpec | None = None  # ... and one image's features on the wire
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "float32") -> "LoadedModel":
-        """A LLaVA checkpoint directory loads its language side only (the encode pool has the rest)."""
+    def load(
+        cls, model: str | None = None, dtype: str | None = None, device: torch.device | str = "cpu"
+    ) -> "LoadedModel":
+        """Weights in `dtype` (None: the device's default, engine/device.py) on `device`.
+        A LLaVA checkpoint directory loads its language side only (the encode pool has the rest)."""
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
         if multimodal.is_llava_dir(model):
-            return multimodal.load_llava_language(Path(model).expanduser(), getattr(torch, dtype))
-        hf_model, tokenizer, source = model_loader.load(model, dtype)
-        return cls(hf_model, tokenizer, source.name)
+            loaded = multimodal.load_llava_language(Path(model).expanduser(), getattr(torch, dtype))
+        else:
+            hf_model, tokenizer, source = model_loader.load(model, dtype)
+            loaded = cls(hf_model, tokenizer, source.name)
+        return loaded.placed_on(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def placed_on(self, device: torch.device) -> "LoadedModel":
+        """This model with its weights on `device`, moved in place when they are elsewhere (every
+        engine sharing this LoadedModel sees them move; their dtype stays)."""
+        if self.device != device:
+            log.info("moving %s from %s to %s", self.name, self.device, device)
+            self.model.to(device)
+        return self
 
     def kv_layout(self, block_size: int) -> KVLayout:
         """The layout of this model's paged KV cache (KVLayout.from_model_config)."""
@@ -114,15 +141,26 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, kv: torch.Tensor | None = None) -> None:
+        """The device is resolved here, once (`config.placement()`): the weights (a `loaded`
+        model elsewhere is moved), the KV cache and the sampler live on it. A `kv` cache given
+        by the caller (a transport's receive buffer) must already be there (ModelRunner checks)."""
         self.config = config
-        self.loaded = loaded or LoadedModel.load(config.model, config.dtype)
+        self.placement = config.placement()
+        device = self.placement.device
+        if kv is not None and kv.device != device:
+            where = f"pool {config.pool!r}: " if config.pool else ""
+            raise EngineError(
+                f"{where}the KV cache given to the engine is on {kv.device}, but the engine runs on {device} "
+                f"(the KV transport must receive into the engine's device: cuda_ipc or nccl for a GPU)"
+            )
+        self.loaded = (loaded or LoadedModel.load(config.model, self.placement.dtype, device)).placed_on(device)
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self.layout = self.loaded.kv_layout(config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        kv = kv if kv is not None else self.layout.new_cache(config.num_kv_blocks)
+        kv = kv if kv is not None else self.layout.new_cache(config.num_kv_blocks, device)
         self.runner = ModelRunner(self.loaded.model, self.layout, kv)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
-        self.sampler = Sampler()
+        self.sampler = Sampler(device)
         self.validator = RequestValidator(
             self.loaded.tokenizer, self.max_model_len, config.num_kv_blocks * config.block_size
         )

@@ -2,6 +2,11 @@
 
 The runner never decides policy: it is given (sequence, number of new tokens) pairs and turns
 them into input ids, positions, cache slots and attention metadata.
+
+Device: everything a forward builds lives on the KV cache's device, which must be the model's
+(checked at construction). The host's only part in a step is the Python ints of the batch,
+copied to the device once per tensor; nothing comes back to the host here (the sampler copies
+the sampled token ids back, once per step).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Callable
 import torch
 
 from engine import attention
+from engine.errors import EngineError
 from engine.kv_layout import KVLayout
 from engine.scheduler import ScheduledSeq
 
@@ -26,14 +32,18 @@ class ForwardResult:
 
 
 class ModelRunner:
-    """kv: the cache tensor of `layout` (layout.check_cache holds); the runner writes and reads
-    it at the slots `layout.slots` gives for each sequence's block table."""
+    """kv: the cache tensor of `layout` (layout.check_cache holds), on the model's device; the
+    runner writes and reads it at the slots `layout.slots` gives for each sequence's block table."""
 
     def __init__(self, model, layout: KVLayout, kv: torch.Tensor) -> None:
         layout.check_cache(kv)
+        weights = next(model.parameters()).device
+        if weights != kv.device:
+            raise EngineError(f"the KV cache is on {kv.device} but the model's weights are on {weights}")
         self.model = model
         self.layout = layout
         self.kv = kv
+        self.device = kv.device
         model.config._attn_implementation = attention.register()
 
     def build(
@@ -60,18 +70,22 @@ class ModelRunner:
             if n == 1 and start > 0:
                 decodes.append((row, end, table))
             else:
-                ctx = None if start == 0 else torch.tensor(self.layout.slots(table, 0, end), dtype=torch.long)
+                ctx = None if start == 0 else self._tensor(self.layout.slots(table, 0, end))
                 prefills.append(attention.PrefillSegment(row, n, end, ctx))
             row += n
         meta = attention.AttentionMetadata(
             kv=self.kv,
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=self._tensor(slots),
             prefills=prefills,
             decodes=self._decode_buckets(decodes),
             on_layer_done=on_layer_done,
             sparse=sparse,
         )
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta
+        return self._tensor(ids), self._tensor(positions), meta
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        """A long tensor of host ints on the runner's device (one host-to-device copy)."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _decode_buckets(self, decodes: list[tuple[int, int, list[int]]]) -> list[attention.DecodeBucket]:
         """Group decode rows by context length so that padding stays a bounded share of the gather.
@@ -97,15 +111,9 @@ class ModelRunner:
                 used = table[: -(-length // bs)]
                 blocks.extend(used)
                 blocks.extend([0] * (nb - len(used)))
-            lengths = torch.tensor([length for _, length, _ in group])
-            mask = (torch.arange(nb * bs)[None, :] < lengths[:, None])[:, None, None, :]
-            out.append(
-                attention.DecodeBucket(
-                    torch.tensor([r for r, _, _ in group], dtype=torch.long),
-                    torch.tensor(blocks, dtype=torch.long),
-                    mask,
-                )
-            )
+            lengths = self._tensor([length for _, length, _ in group])
+            mask = (torch.arange(nb * bs, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+            out.append(attention.DecodeBucket(self._tensor([r for r, _, _ in group]), self._tensor(blocks), mask))
         return out
 
     @torch.inference_mode()
@@ -126,5 +134,5 @@ class ModelRunner:
             if entry.samples:
                 ends.append(row - 1)
                 sampled.append(entry)
-        logits = self.model.lm_head(hidden[torch.tensor(ends, dtype=torch.long)]) if ends else hidden.new_empty(0, 0)
+        logits = self.model.lm_head(hidden[self._tensor(ends)]) if ends else hidden.new_empty(0, 0)
         return ForwardResult(logits.float(), sampled)

@@ -198,17 +198,19 @@ def expand_image_tokens(
 def merge_image_features(
     embed_tokens: nn.Module, prompt_ids: list[int], image_token_id: int, features: list[torch.Tensor]
 ) -> torch.Tensor:
-    """inputs_embeds [L, H]: token embeddings with image-token rows replaced by the features in order."""
-    ids = torch.tensor(prompt_ids, dtype=torch.long)
+    """inputs_embeds [L, H] on the embedding's device: token embeddings with image-token rows
+    replaced by the features in order (features may arrive on any device)."""
+    weight = embed_tokens.weight  # [vocab, H]
+    feats = torch.cat([f.reshape(-1, weight.shape[-1]) for f in features]).to(weight.device, weight.dtype)
+    placeholders = sum(1 for t in prompt_ids if t == image_token_id)  # counted on the host: no device sync
+    if placeholders != feats.shape[0]:
+        raise InvalidRequestError(
+            f"prompt has {placeholders} image placeholder tokens but the images give {feats.shape[0]} feature rows"
+        )
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=weight.device)
     with torch.inference_mode():
         embeds = embed_tokens(ids)
-    feats = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
-    mask = ids == image_token_id
-    if int(mask.sum()) != feats.shape[0]:
-        raise InvalidRequestError(
-            f"prompt has {int(mask.sum())} image placeholder tokens but the images give {feats.shape[0]} feature rows"
-        )
-    return embeds.masked_scatter(mask[:, None], feats)
+    return embeds.masked_scatter((ids == image_token_id)[:, None], feats)
 
 
 def prompt_with_images(
@@ -240,7 +242,8 @@ def packed_inputs_embeds(batch, prompt_embeds: dict[str, torch.Tensor], embed_to
             parts.append(stored[start:split])
         if end > split:
             with torch.inference_mode():
-                parts.append(embed_tokens(torch.tensor(seq.token_ids[split:end], dtype=torch.long)))
+                ids = torch.tensor(seq.token_ids[split:end], dtype=torch.long, device=embed_tokens.weight.device)
+                parts.append(embed_tokens(ids))
     return torch.cat(parts)
 
 

@@ -29,8 +29,21 @@ class RowFailure:
     message: str
 
 
+# What one row's sampling came to, next to its token id in the one copy to the host of a step;
+# of two outcomes the larger code is reported (a NaN row is reported as NaN, whatever the draw).
+_OK, _EMPTY, _NAN = 0, 1, 2
+
+
 class Sampler:
-    def __init__(self) -> None:
+    """Samples on the device of the logits it is given, which must be `device` (its seeded
+    generators live there: a CUDA generator draws other numbers than a CPU one from the same
+    seed, so the workers that share a seeded request run on one kind of device).
+
+    A step copies one thing to the host: the sampled token ids with each row's outcome, once
+    (`sample`); no check in between waits for the device."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
@@ -38,7 +51,7 @@ class Sampler:
             return None
         gen = self._generators.get(request_id)
         if gen is None:
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request_id] = gen
         return gen
 
@@ -51,7 +64,7 @@ class Sampler:
         if params.greedy or params.seed is None or draws <= 0:
             return
         gen = self._generator(request_id, params.seed)
-        uniform = torch.ones(vocab_size)
+        uniform = torch.ones(vocab_size, device=self.device)
         for _ in range(draws):
             torch.multinomial(uniform, 1, generator=gen)
 
@@ -65,20 +78,44 @@ class Sampler:
         row alone."""
         if not params:
             return []
-        out: list[int | RowFailure] = logits.argmax(dim=-1).tolist()
-        nan_rows = torch.isnan(logits).any(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)  # [N]
+        outcome = torch.isnan(logits).any(dim=-1).long() * _NAN  # [N]
+        failed: dict[int, RowFailure] = {}
         for i, p in enumerate(params):
-            if nan_rows[i]:
-                out[i] = RowFailure("the model produced invalid (NaN) scores for this request")
-            elif not p.greedy:
-                try:
-                    out[i] = self._draw(logits[i], request_ids[i], p)
-                except Exception:
-                    log.exception("sampling request %s failed", request_ids[i])
-                    out[i] = RowFailure("sampling failed for this request")
+            if p.greedy:
+                continue
+            try:
+                token, empty = self._draw(logits[i], request_ids[i], p)
+            except Exception:
+                log.exception("sampling request %s failed", request_ids[i])
+                failed[i] = RowFailure("sampling failed for this request")
+                continue
+            tokens[i] = token
+            outcome[i] = torch.maximum(outcome[i], empty.long() * _EMPTY)
+        rows = torch.stack([tokens, outcome]).tolist()  # the step's one copy to the host
+        out: list[int | RowFailure] = []
+        for i, (token, why) in enumerate(zip(*rows)):
+            p = params[i]
+            if why == _NAN:
+                out.append(RowFailure("the model produced invalid (NaN) scores for this request"))
+            elif i in failed:
+                out.append(failed[i])
+            elif why == _EMPTY:
+                out.append(
+                    RowFailure(
+                        f"sampling with temperature {p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k} "
+                        "left no token to draw"
+                    )
+                )
+            else:
+                out.append(token)
         return out
 
-    def _draw(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> int | RowFailure:
+    def _draw(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, empty) as 0-d tensors on the logits' device, without waiting for it: `empty`
+        is True when the filtered distribution has nothing to draw from (then `token` is a draw
+        over all tokens alike, never used: a multinomial over such weights would fail, on CUDA
+        with an error that breaks the device)."""
         row = logits.float() / p.temperature
         if p.top_k > 0 and p.top_k < row.numel():
             kth = torch.topk(row, p.top_k).values[-1]
@@ -88,10 +125,8 @@ class Sampler:
             cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
             # drop a token once the mass before it already reaches top_p (the top token stays)
             drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p
-            row = row.scatter(0, order[drop], float("-inf"))
+            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = torch.softmax(row, dim=-1)
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-            return RowFailure(
-                f"sampling with temperature {p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k} left no token to draw"
-            )
-        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p.seed)).item())
+        empty = ~(torch.isfinite(probs).all() & (probs.sum() > 0.0))
+        probs = torch.where(empty, torch.ones_like(probs), probs)
+        return torch.multinomial(probs, 1, generator=self._generator(request_id, p.seed))[0], empty

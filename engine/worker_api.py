@@ -103,14 +103,18 @@ def setup_threads(num_threads: int) -> None:
     torch.set_num_threads(max(1, num_threads))
 
 
-def worker_info(worker_id: str, role: Role) -> WorkerInfo:
-    """This process's WorkerInfo; the node id is Ray's when running in a Ray actor, else "local"."""
-    node_id = "local"
+def node_id() -> str:
+    """This process's node: Ray's node id when running in a Ray actor, else "local"."""
     try:
         import ray
 
         if ray.is_initialized():  # outside an actor (tests) asking would start a Ray instance
-            node_id = ray.get_runtime_context().get_node_id()
+            return ray.get_runtime_context().get_node_id()
     except Exception:
         pass
-    return WorkerInfo(worker_id, Role(role), node_id, socket.gethostname(), os.getpid())
+    return "local"
+
+
+def worker_info(worker_id: str, role: Role) -> WorkerInfo:
+    """This process's WorkerInfo (its node as `node_id` says)."""
+    return WorkerInfo(worker_id, Role(role), node_id(), socket.gethostname(), os.getpid())

@@ -3,8 +3,10 @@
     triptych plan --model Llama-3-8B --cluster placement/clusters/a100-4x8.yaml \
         --trace AzureLLMInferenceTrace_conv_2023.csv --ttft-slo 1 --tpot-slo 0.1 -o plan.yaml
 
-Prints the chosen placement, its predicted goodput and attainment and the runners-up; writes
-plan.yaml and plan.png (SLO attainment vs. rate, chosen plan vs. the alternative). Progress goes to
+Prints which TP degrees it searched (those dividing the attention and KV heads; PP is always 1,
+pipeline parallelism is not built), the chosen placement, its predicted goodput and attainment and
+the runners-up; writes plan.yaml and plan.png (SLO attainment vs. rate, chosen plan vs. the
+alternative), both of which repeat the parallelism note. Progress goes to
 stderr. To stay fast the simulations replay a sample of the trace (--sample fit requests per
 per-phase run, twice that held out per whole-cluster run), which the output says.
 Exit codes: 0 planned, 2 bad input or infeasible (one-line message, no traceback).
@@ -147,7 +149,9 @@ def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> Non
     ax.axhline(100 * searcher.s.target_attainment, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")
-    ax.set_title(f"{searcher.perf.model.name} on {searcher.cluster.name} (simulated)", fontsize=9)
+    ax.set_title(
+        f"{searcher.perf.model.name} on {searcher.cluster.name} (simulated)\n{result.degrees.short()}", fontsize=9
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -192,6 +196,7 @@ def _plan(args: argparse.Namespace) -> int:
         f"{'max' if settings.rate is None else f'{settings.rate:g} req/s'}"
         f"{', low node affinity' if settings.low_affinity else ''}"
     )
+    print(f"parallelism: {result.degrees.describe()}")
     print(f"chosen: {c.mode.value}: {c.describe()} on {c.num_gpus} devices")
     print(
         f"predicted goodput {c.goodput:.3g} req/s ({c.goodput_per_gpu:.3g} per device); attainment {c.attainment:.1%} "

@@ -4,12 +4,17 @@ The top-level keys are those of deploy/local.yaml: version, model, ray, mode, en
 transport, slo, server, role_switching (written off: a plan is a static placement). What the plan
 decides:
 - mode: disaggregated | colocated;
-- pools.<role>: workers (instances), tensor_parallel, pipeline_parallel, and what one worker
-  reserves in Ray for all its TP×PP ranks: num_gpus = TP·PP on a GPU cluster (num_cpus 1), or
-  num_cpus = TP·PP on a CPU cluster; resources {<role>: 1} so pools land on labelled nodes;
+- pools.<role>: workers (instances), tensor_parallel = TP, pipeline_parallel = 1, and what one
+  worker reserves in Ray for all its TP ranks (one device and one CPU each): num_gpus = TP and
+  num_cpus = TP on a GPU cluster, num_cpus = TP and num_gpus 0 on a CPU cluster; resources
+  {<role>: 1} so pools land on labelled nodes;
 - engine: KV blocks per worker (the smallest instance's KV capacity), token budget, batch size;
-- transport: nccl between GPUs, shm on a single CPU node, gloo across CPU nodes;
+- transport: nccl on a GPU cluster (GPU to GPU, within a node and across nodes: shm and cuda_ipc
+  work only within one node, and a plan joins a Ray cluster whose pools may sit on different
+  nodes); shm on a single CPU node (with a local Ray), gloo across CPU nodes;
 - slo: the planning SLOs in ms and the attainment target.
+Invariant: a plan whose pools use a (TP, PP) that does not deploy (placement.parallelism) is
+refused with a PlanningError rather than written.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from engine.worker_api import Mode, Role
+from engine.worker_api import Role
+from placement.errors import PlanningError
 from placement.hardware import ClusterSpec, DeviceKind
 from placement.latency_model import PerfModel
+from placement.parallelism import PIPELINE_PARALLEL, parallel_degrees
 from placement.search import Plan, SearchSettings
 
 DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server", "role_switching")
@@ -30,14 +37,20 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
     """The deploy document as plain YAML data (only str/int/float/bool/None/list/dict)."""
     cluster: ClusterSpec = perf.cluster
     gpu = cluster.device is DeviceKind.GPU
+    degrees = parallel_degrees(perf.model, cluster.gpus_per_node, settings.max_tp)
+    for p in plan.pools:
+        if p.pp != PIPELINE_PARALLEL or (p.role is not Role.ENCODE and p.tp not in degrees.tp):
+            raise PlanningError(
+                f"{p.role.value} TP{p.tp} PP{p.pp} does not deploy on {cluster.name}: {degrees.describe()}"
+            )
     single = cluster.num_nodes == 1
     blocks = min(perf.kv_capacity_tokens(p.tp, p.pp) // settings.block_size for p in plan.pools)
     pools: dict[str, dict] = {"encode": {"workers": 0}}
     for p in plan.pools:
-        devices = p.tp * p.pp
+        devices = p.tp * p.pp  # = TP: PP is 1
         entry = {
             "workers": p.instances,
-            "num_cpus": 1 if gpu else devices,
+            "num_cpus": devices,
             "num_gpus": devices if gpu else 0,
             "resources": {p.role.value: 1},
             "tensor_parallel": p.tp,
@@ -46,10 +59,7 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
         if p.role in (Role.PREFILL, Role.COLOCATED):
             entry["sparse"] = {"method": "dense"}
         pools[p.role.value] = entry
-    if gpu:
-        backend = "nccl" if plan.mode is Mode.DISAGGREGATED else "cuda_ipc"
-    else:
-        backend = "shm" if single else "gloo"
+    backend = transport_backend(cluster)
     local = single and not gpu
     dtype = "float32" if perf.model.bytes_per_param >= 4 else ("bfloat16" if gpu else "float16")
     return {
@@ -81,11 +91,28 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
     }
 
 
+def transport_backend(cluster: ClusterSpec) -> str:
+    """The KV transport a plan on `cluster` deploys with (see the module docstring)."""
+    if cluster.device is DeviceKind.GPU:
+        return "nccl"
+    return "shm" if cluster.num_nodes == 1 else "gloo"
+
+
+_TRANSPORT_WHY = {
+    "nccl": "GPU to GPU within and across nodes (shm and cuda_ipc work only within one node)",
+    "shm": "shared memory: every pool is on this one node, under a local Ray",
+    "gloo": "TCP between CPU nodes (shm works only within one node)",
+}
+
+
 def write_plan(
     path: str | Path, plan: Plan, perf: PerfModel, settings: SearchSettings, model_path: str | None = None
 ) -> None:
     """Write the deploy YAML with a comment header summarising the plan's prediction."""
     doc = plan_document(plan, perf, settings, model_path)
+    gpu = perf.cluster.device is DeviceKind.GPU
+    device, device_key = ("GPU", "gpus") if gpu else ("CPU core", "cpus")
+    backend = doc["transport"]["backend"]
     header = [
         f"# Written by `triptych plan` for {perf.model.name} on cluster {perf.cluster.name}.",
         f"# Placement: {plan.describe()} on {plan.num_gpus} of {perf.cluster.num_gpus} devices"
@@ -93,6 +120,9 @@ def write_plan(
         f"# Predicted (simulation): goodput {plan.goodput:.3g} req/s ({plan.goodput_per_gpu:.3g} per device); "
         f"attainment {plan.attainment:.1%} at {plan.rate:.3g} req/s.",
         "# A plan is only trusted once this prediction has been compared with the measured goodput.",
+        f"# Parallelism: {parallel_degrees(perf.model, perf.cluster.gpus_per_node, settings.max_tp).describe()}.",
+        f"# Each worker reserves one {device} per TP rank (num_{device_key} = tensor_parallel).",
+        f"# transport.backend {backend}: {_TRANSPORT_WHY[backend]}.",
     ]
     for n, names in enumerate(plan.nodes):
         header.append(f"# node {n}: {', '.join(names) if names else '(idle)'}")

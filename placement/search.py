@@ -1,17 +1,18 @@
 """Goodput-optimal placement search (DistServe Algorithms 1 and 2) over simulated pools.
 
 Steps (`plan_placement`):
-1. Enumerate feasible (TP, PP) per phase: TP a power of two within one node that divides the
-   attention heads; PP a power of two <= layers; weights/(TP·PP) fit a device and each decode
-   lane's KV holds at least one max_model_len sequence. On a CPU cluster TP is the worker's
-   thread count (no head constraint) and PP is 1: the engine has no pipeline there.
+1. Enumerate the (TP, PP) that deploy (placement.parallelism): TP divides both the attention and
+   the KV heads and fits in one node; PP is 1, since pipeline parallelism is not built. Keep those
+   whose weights/TP fit a device and whose KV holds at least one max_model_len sequence. The same
+   rule holds on a CPU cluster, where a TP rank is a process with one core.
 2. Per candidate and phase, binary-search its goodput: the highest rate (req/s) at which a single
    instance keeps >= 90% of the fit sample within the phase's SLO (prefill: TTFT incl. KV transfer;
    decode: TPOT; colocated: both). The fit sample is rescaled to each probed rate.
 3. Keep the best goodput per GPU; replicate to the target rate (or, without one, to the largest
    rate the cluster's GPUs hold). Algorithm 1 (default) places instances independently, KV crosses
-   nodes. Algorithm 2 (low affinity) pairs prefill and decode segments of the same pipeline stage
-   on one node, so PP degrees match and the KV transfer stays inside a node.
+   nodes. Algorithm 2 (low affinity) pairs a prefill and a decode instance on one node, so the KV
+   transfer stays inside a node. (The simulator and latency model still model PP > 1; the search
+   never proposes it.)
 4. Verify each assembled plan on the held-out sample at the target rate in the full simulator; while
    it misses 90%, add an instance to the pool whose SLO attains less. Then binary-search the whole
    plan's goodput on held-out requests. The colocated alternative goes through the same steps.
@@ -27,8 +28,8 @@ from typing import Callable
 
 from engine.worker_api import Mode, Role
 from placement.errors import PlanningError
-from placement.hardware import DeviceKind
 from placement.latency_model import PerfModel, TransferModel
+from placement.parallelism import ParallelDegrees, parallel_degrees
 from placement.simulator import SimConfig, SimResult, SimulatedPool, Slo, simulate
 from placement.trace import Request, rescale_rate, stats
 
@@ -48,8 +49,7 @@ class SearchSettings:
     max_batch: int = 256  # sequences per decode lane
     block_size: int = 16
     max_added_instances: int = 16
-    max_tp: int = 8
-    max_pp: int = 8
+    max_tp: int = 8  # TP degrees above this are not searched (nor above the devices of a node)
     runners_up: int = 3  # disaggregated combinations verified besides the best
     min_window_slos: float = 10.0  # simulated span >= this many TTFT SLOs (see Searcher.window)
     max_window: int = 6000  # cap on requests per simulation
@@ -118,18 +118,11 @@ class SearchResult:
     plans: tuple[Plan, ...]  # ranked, best first
     colocated: Plan | None  # best colocated plan (also inside plans)
     candidates: tuple[PhaseCandidate, ...]
+    degrees: ParallelDegrees  # the TP degrees searched and why others were left out
 
     @property
     def chosen(self) -> Plan:
         return self.plans[0]
-
-
-def _pow2(limit: int) -> list[int]:
-    out, v = [], 1
-    while v <= limit:
-        out.append(v)
-        v *= 2
-    return out
 
 
 class Searcher:
@@ -150,33 +143,30 @@ class Searcher:
         self.held = held_out[: settings.verify_sample]
         self.cluster = perf.cluster
         self.images = any(r.num_images for r in fit)
+        self.degrees = parallel_degrees(perf.model, self.cluster.gpus_per_node, settings.max_tp)
         self._cache: dict[tuple, float] = {}
 
     # ------------------------------------------------------------ feasibility
     def configs(self) -> list[tuple[int, int]]:
+        """The (TP, PP) of `self.degrees` whose weights and one max_model_len sequence of KV fit a device."""
         m, c = self.perf.model, self.cluster
-        # On a CPU cluster the engine runs an instance as one process with TP·PP torch threads
-        # (intra-op parallelism): threads do not split attention heads, and there is no pipeline
-        # to overlap batches in, so only PP 1 is a configuration the engine really runs.
-        cpu = c.device is DeviceKind.CPU
-        out, reasons = [], []
-        for tp in _pow2(min(self.s.max_tp, c.gpus_per_node)):
-            if not cpu and (m.num_heads % tp or (m.num_kv_heads % tp and tp % m.num_kv_heads)):
-                reasons.append(f"TP{tp}: {m.num_heads} heads / {m.num_kv_heads} KV heads not divisible")
+        out = []
+        for tp, pp in self.degrees.configs:  # each fits in one node, so in the cluster
+            if self.perf.weight_bytes_per_device(tp, pp) > c.usable_memory_bytes:
+                self.progress(f"  TP{tp} PP{pp}: weights do not fit a device")
                 continue
-            for pp in [1] if cpu else _pow2(min(self.s.max_pp, m.num_layers)):
-                if tp * pp > c.num_gpus:
-                    continue
-                if self.perf.weight_bytes_per_device(tp, pp) > c.usable_memory_bytes:
-                    continue
-                if self.perf.kv_capacity_tokens(tp, pp) // pp < self.s.max_model_len:
-                    continue
-                out.append((tp, pp))
+            if self.perf.kv_capacity_tokens(tp, pp) // pp < self.s.max_model_len:
+                self.progress(
+                    f"  TP{tp} PP{pp}: KV left after the weights holds no {self.s.max_model_len}-token sequence"
+                )
+                continue
+            out.append((tp, pp))
         if not out:
             need = m.weight_bytes / 1e9
             raise PlanningError(
                 f"model {m.name} ({need:.1f} GB of weights + KV for {self.s.max_model_len} tokens) fits on no "
-                f"(TP, PP) configuration of cluster {c.name} ({c.num_gpus} × {c.usable_memory_bytes / 1e9:.1f} GB usable)"
+                f"(TP, PP) configuration of cluster {c.name} ({c.num_gpus} × {c.usable_memory_bytes / 1e9:.1f} GB usable; "
+                f"{self.degrees.describe()})"
             )
         return out
 
@@ -401,6 +391,7 @@ class Searcher:
     # ------------------------------------------------------------ top level
     def run(self) -> SearchResult:
         s, c = self.s, self.cluster
+        self.progress(f"parallelism: {self.degrees.describe()}")
         configs = self.configs()
         self.progress(
             f"feasible (TP, PP): {', '.join(f'({t},{p})' for t, p in configs)}; "
@@ -455,24 +446,17 @@ class Searcher:
                     f"the SLOs (best single instance: {best:.3g} req/s); lower --rate or add GPUs"
                 )
             raise PlanningError(self._slo_message(configs))
-        # Ties (e.g. both prefill-bound) go to fewer devices, then shallower pipelines, then fewer workers.
-        plans.sort(
-            key=lambda p: (
-                -round(p.goodput_per_gpu, 9),
-                p.num_gpus,
-                max(x.pp for x in p.pools),
-                sum(x.instances for x in p.pools),
-            )
-        )
-        return SearchResult(tuple(plans), colocated, tuple(pre + dec + col))
+        # Ties (e.g. both prefill-bound) go to fewer devices, then fewer workers.
+        plans.sort(key=lambda p: (-round(p.goodput_per_gpu, 9), p.num_gpus, sum(x.instances for x in p.pools)))
+        return SearchResult(tuple(plans), colocated, tuple(pre + dec + col), self.degrees)
 
     def pairs(
         self, pre: list[PhaseCandidate], dec: list[PhaseCandidate]
     ) -> list[tuple[PhaseCandidate, PhaseCandidate]]:
         """Prefill × decode combinations to assemble: the top 3 × top 3 by goodput per GPU.
 
-        Algorithm 2 needs equal PP degrees and both stage segments on one node (tp_p + tp_d <= GPUs
-        per node), so it takes the top 2 × top 2 within each PP degree instead.
+        Algorithm 2 needs a prefill and a decode instance on one node (tp_p + tp_d <= GPUs per node)
+        and, were PP > 1 planned, equal PP degrees, so it takes the top 2 × top 2 within each PP degree.
         """
         if not self.s.low_affinity:
             return [(p, d) for p in pre[:3] for d in dec[:3]]

@@ -31,9 +31,7 @@ def azure():
 
 
 def _settings(**kw):
-    base = dict(
-        slo=Slo(1.0, 0.1), max_model_len=4096, fit_sample=100, verify_sample=150, runners_up=0, max_tp=2, max_pp=2
-    )
+    base = dict(slo=Slo(1.0, 0.1), max_model_len=4096, fit_sample=100, verify_sample=150, runners_up=0, max_tp=2)
     base.update(kw)
     return SearchSettings(**base)
 
@@ -79,7 +77,12 @@ def test_low_affinity_pairs_stages_on_nodes(azure):
     perf = PerfModel(model_by_name("Llama-3-8B"), load_cluster(CLUSTERS / "a100-4x8.yaml"))
     plan = plan_placement(perf, *azure, _settings(rate=10.0, low_affinity=True)).plans
     disagg = [p for p in plan if p.pool(Role.PREFILL)]
-    assert disagg and all(p.pool(Role.PREFILL).pp == p.pool(Role.DECODE).pp for p in disagg)
+    assert disagg and all(p.pool(Role.PREFILL).pp == p.pool(Role.DECODE).pp == 1 for p in disagg)
+    for p in disagg:  # each prefill instance shares a node with its decode partner, so KV stays inside it
+        pairs = min(p.pool(Role.PREFILL).instances, p.pool(Role.DECODE).instances)
+        for k in range(pairs):
+            node = next(n for n in p.nodes if any(x.startswith(f"prefill#{k}/") for x in n))
+            assert any(x.startswith(f"decode#{k}/") for x in node)
 
 
 def test_plan_yaml_loads_through_cluster_config(azure, tmp_path):
@@ -98,21 +101,6 @@ def test_plan_yaml_loads_through_cluster_config(azure, tmp_path):
         pool = cfg.pools.get(p.role.value)
         assert (pool.workers, pool.tensor_parallel, pool.pipeline_parallel) == (p.instances, p.tp, p.pp)
     assert cfg.slo.ttft_ms == 30000
-
-
-def test_cpu_cluster_plans_threads_not_pipelines(azure):
-    """On CPU an instance is one process with TP threads: no PP (nothing to pipeline), and TP needs no head split."""
-    from placement.search import Searcher
-
-    perf = PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "local-cpu.yaml"))  # 9 heads
-    s = Searcher(perf, *azure, _settings(max_model_len=2048))
-    assert s.configs() == [(1, 1), (2, 1)]
-    gpu = Searcher(
-        PerfModel(model_by_name("SmolLM2-135M"), load_cluster(CLUSTERS / "a100-4x8.yaml")),
-        *azure,
-        _settings(max_model_len=2048),
-    )
-    assert all(tp == 1 for tp, _ in gpu.configs()) and any(pp == 2 for _, pp in gpu.configs())
 
 
 def _args(tmp_path, **kw):
@@ -144,6 +132,8 @@ def test_cli_end_to_end_4x8_under_60s(tmp_path, capsys):
     assert time.monotonic() - start < 60
     out = capsys.readouterr().out
     assert "chosen:" in out and "predicted goodput" in out and "ranked plans" in out
+    assert "parallelism: TP 1, 2, 4, 8 considered" in out and "PP = 1 only" in out
+    assert "PP = 1 only" in (tmp_path / "plan.yaml").read_text().splitlines()[4]
     assert (tmp_path / "plan.png").stat().st_size > 1000
     assert tuple(yaml.safe_load((tmp_path / "plan.yaml").read_text())) == DEPLOY_KEYS
 

@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--raw", action="store_true", help="send prompts as raw text, without the chat template")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: bfloat16 on CUDA, else float32)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
         )
-        engine = LLMEngine(EngineConfig(model=args.model))
+        engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
         prompts = args.prompts if args.raw else [[{"role": "user", "content": p}] for p in args.prompts]
         t0 = time.perf_counter()
         outs = engine.generate(prompts, sampling)

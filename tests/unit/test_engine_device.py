@@ -159,3 +159,14 @@ def test_cuda_transport_needs_gpu_engines():
         parse_config({"version": 1, "pools": both, "transport": {"backend": "cuda_ipc"}}, "test.yaml")
     cfg = parse_config({"version": 1, "pools": {"prefill": gpu, "decode": gpu}, "transport": {"backend": "cuda_ipc"}})
     assert cfg.pools.decode.engine_device() == cfg.pools.prefill.engine_device() == "cuda"
+
+
+def test_generate_cli_refuses_a_bad_device_before_loading(capsys):
+    import argparse
+
+    from engine import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["hi", "--device", "gpu", "--model", "/no/such/model"])) == 2
+    assert "EngineConfig.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err

@@ -10,7 +10,9 @@ For each layer this function
      single-token decode rows bucket by bucket: each bucket gathers its rows' whole KV blocks
      (index_select on block ids) into one padded tensor and runs one masked SDPA call. Rows are
      bucketed by context length (see model_runner) because the gather and SDPA cost scale with
-     rows x longest context, not with the real context tokens.
+     rows x longest context, not with the real context tokens. On CUDA the decode rows instead
+     go to the Triton paged decode kernel (engine/paged_decode.py): one launch for all of them,
+     reading the cache in place; the bucketed path stays for the CPU.
 Called without `triptych_meta` (e.g. by `generate()`), it is plain SDPA, so one loaded model
 serves both the engine and the reference.
 """
@@ -18,6 +20,7 @@ serves both the engine and the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from engine.paged_decode import paged_decode_attention
 from engine.sparse.dense import dense_causal_attention
 
 ATTN_IMPLEMENTATION = "triptych_paged"
@@ -66,6 +70,19 @@ class AttentionMetadata:
     on_layer_done: Callable[[int], None] | None = None
     sparse: object | None = None  # engine.sparse.SparsePrefillConfig
 
+    @cached_property
+    def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All decode buckets as one paged-kernel batch, built on first use (once per forward):
+        rows [S] (packed row of each decode token), block_tables [S, widest nb] int32 (narrower
+        buckets padded with block 0), context_lens [S] int32 (the true entries of each row's mask),
+        on the cache's device."""
+        shapes = [(b.rows.shape[0], b.blocks.shape[0] // b.rows.shape[0]) for b in self.decodes]
+        width = max(nb for _, nb in shapes)
+        tables = [F.pad(b.blocks.view(n, nb), (0, width - nb)) for b, (n, nb) in zip(self.decodes, shapes)]
+        lens = [b.mask.view(n, -1).sum(-1) for b, (n, _) in zip(self.decodes, shapes)]
+        rows, dev = torch.cat([b.rows for b in self.decodes]), self.kv.device
+        return rows.to(dev), torch.cat(tables).to(dev, torch.int32), torch.cat(lens).to(dev, torch.int32)
+
 
 def _attend_segment(q, k, v, scale, sparse) -> torch.Tensor:
     """q [Lq, Hq, D], k/v [Lk, Hkv, D] → [Lq, Hq, D], causal with offset Lk - Lq."""
@@ -105,6 +122,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
             # index_select copies rows with a plain loop; advanced indexing (cache[idx]) is ~3x slower.
             ks, vs = k_cache.index_select(0, seg.ctx_slots), v_cache.index_select(0, seg.ctx_slots)
         out[rows] = _attend_segment(q[rows], ks, vs, scaling, meta.sparse)
+    if meta.decodes and k_blocks.is_cuda:
+        drows, tables, lens = meta.decode_batch
+        scale = scaling if scaling is not None else d**-0.5
+        od = paged_decode_attention(q.index_select(0, drows), k_blocks, v_blocks, tables, lens, scale)
+        out.index_copy_(0, drows, od)
+        return out.unsqueeze(0), None
     for bucket in meta.decodes:
         b = bucket.rows.shape[0]
         qd = q.index_select(0, bucket.rows).unsqueeze(2)  # [B, Hq, 1, D]

@@ -97,7 +97,8 @@ class WorkerActor:
         self.loaded = loaded
         language = [o for r, o in options.items() if r is not Role.ENCODE]
         if self.loaded is None and language:
-            self.loaded = LoadedModel.load(model, language[0].engine.dtype)
+            engine = language[0].engine
+            self.loaded = LoadedModel.load(model, engine.dtype, engine.placement().device)
         self.vision = vision
         self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:

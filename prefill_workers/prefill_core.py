@@ -89,10 +89,12 @@ class PrefillCore:
         switches); else it is loaded from options.image_encoder_dir when that is set."""
         self.options = options
         cfg = options.engine
+        device = cfg.placement().device  # DeviceError (naming the pool and node) without that GPU
+        loaded.placed_on(device)
         self.layout = loaded.kv_layout(cfg.block_size)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
-        self.runner = ModelRunner(loaded.model, self.layout, self.layout.new_cache(cfg.num_kv_blocks))
-        self.sampler = Sampler()
+        self.runner = ModelRunner(loaded.model, self.layout, self.layout.new_cache(cfg.num_kv_blocks, device))
+        self.sampler = Sampler(device)
         self.sender = get_backend(options.backend).Sender(self.layout)
         self.queue: deque[PrefillTask] = deque()
         self._failed_streak = 0  # batches in a row in which every prompt failed

@@ -1,4 +1,5 @@
-"""The Triton paged decode kernel under TRITON_INTERPRET=1 (fp32) against the torch path, and the
+"""The Triton paged decode kernel under TRITON_INTERPRET=1 (fp32; fp16 for the low-precision dots,
+bf16 is wrong in the interpreter) against the torch path, and the
 engine's hook: the decode buckets the model runner builds, merged into one kernel batch, give the
 same attention as the bucketed CPU path.
 
@@ -25,6 +26,9 @@ from engine.scheduler import ScheduledSeq
 
 REPO = Path(__file__).resolve().parents[2]
 D, PAGE, TOL = 64, 16, 1e-5
+# fp16 inputs: the kernel rounds the softmax weights and the output to fp16 (10 mantissa bits); the
+# reference is the torch path in fp32 on the same fp16 inputs.
+FP16_TOL = 3e-3
 # Context lengths in one launch: 1 token, a block boundary (16, 32), just past one (17), several blocks.
 LENS = [1, 16, 17, 32, 50, 83]
 RATIOS = {"gqa-9-3": (9, 3), "gqa-4-2": (4, 2), "mha-8-8": (8, 8)}
@@ -94,6 +98,10 @@ def _run_cases(path: str) -> None:
         for tname, (block_n, splits) in TILINGS.items():
             out = paged_decode_attention(q, k, v, tables, lens, D**-0.5, block_n=block_n, num_splits=splits)
             results[f"{name}-{tname}"] = (out, ref)
+        q, k, v = q.half(), k.half(), v.half()
+        ref = paged_decode_attention_torch(q.float(), k.float(), v.float(), tables, lens, D**-0.5)
+        out = paged_decode_attention(q, k, v, tables, lens, D**-0.5, block_n=16, num_splits=3)
+        results[f"{name}-fp16"] = (out, ref)
     q, k, v, meta, cpu_out = hook_case()
     rows, tables, lens = meta.decode_batch
     results["hook"] = (paged_decode_attention(q.index_select(0, rows), k, v, tables, lens, 0.125), cpu_out[rows])
@@ -119,6 +127,13 @@ def test_kernel_matches_torch_path(results, ratio, tiling):
     out, ref = results[f"{ratio}-{tiling}"]
     assert out.dtype == torch.float32 and out.shape == ref.shape == (len(LENS), RATIOS[ratio][0], D)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("ratio", list(RATIOS))
+def test_kernel_fp16(results, ratio):
+    out, ref = results[f"{ratio}-fp16"]
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=FP16_TOL, rtol=FP16_TOL)
 
 
 def test_kernel_on_the_engines_merged_decode_batch(results):

@@ -157,10 +157,6 @@ class ClusterRouter(Router):
         """Sequences the live decode (or colocated) workers can run at once; 0: unbounded."""
         return self.seqs_per_worker * sum(w.serving for w in self.pools.decode)
 
-    def in_flight(self) -> int:
-        """Requests admitted and not yet ended."""
-        return len(self._flights)
-
     def start(self) -> None:
         for w in self.pools.decode:
             self._start_poller(w)

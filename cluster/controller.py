@@ -107,9 +107,10 @@ async def start_router(
     A failure part-way stops what was started."""
     model = await _load_model(config)
     started = Started(ray_started=_start_ray(config, ray_address, namespace, progress))
+    router = None
     try:
         spawn = _spawner(config, str(model.directory), f"{int(time.time() * 1000) % 10**8:08d}")
-        started.pools = _spawn_pools(config, spawn, model.llava)
+        _spawn_pools(config, spawn, model.llava, started.pools)
         layouts = await _await_ready(started.pools, progress)
         router = _build_router(config, model, started)
         router.start()
@@ -125,7 +126,10 @@ async def start_router(
         if router.policy is not None:
             started.stoppable.append(router.policy)
     except BaseException:
-        await started.stop()
+        if router is not None:
+            await router.shutdown()  # its pollers too; its on_shutdown is started.stop
+        else:
+            await started.stop()
         raise
     return router
 
@@ -184,21 +188,23 @@ def _start_ray(
     return True
 
 
-def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava) -> Pools:
-    """One handle per worker of the active pools, each actor created (not yet ready). The encode
+def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava, pools: Pools) -> None:
+    """One handle per worker of the active pools, each actor created (not yet ready), added to
+    `pools` as it is created (so a failure part-way stops the ones already made). The encode
     pool runs only for a vision-language model."""
 
-    def pool(role: Role, workers: int) -> list[WorkerHandle]:
-        return [WorkerHandle(f"{role.value}-{i}", role, spawn(role, f"{role.value}-{i}", 0)) for i in range(workers)]
+    def add(pool: list[WorkerHandle], role: Role, workers: int) -> None:
+        for i in range(workers):
+            pool.append(WorkerHandle(f"{role.value}-{i}", role, spawn(role, f"{role.value}-{i}", 0)))
 
     p = config.pools
     if config.mode is Mode.COLOCATED:
-        return Pools([], [], pool(Role.COLOCATED, p.colocated.workers))
-    return Pools(
-        pool(Role.ENCODE, p.encode.workers) if llava is not None else [],
-        pool(Role.PREFILL, p.prefill.workers),
-        pool(Role.DECODE, p.decode.workers),
-    )
+        add(pools.decode, Role.COLOCATED, p.colocated.workers)
+        return
+    add(pools.prefill, Role.PREFILL, p.prefill.workers)
+    add(pools.decode, Role.DECODE, p.decode.workers)
+    if llava is not None:
+        add(pools.encode, Role.ENCODE, p.encode.workers)
 
 
 @dataclasses.dataclass

@@ -136,9 +136,11 @@ class Dispatcher:
             self.flights.pop(flight.request_id, None)
             if slot:
                 self.slots.release(request.tenant)
-            if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
-                await self.cancel_everywhere(flight)
-            flight.end()
+            try:
+                if reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
+                    await self.cancel_everywhere(flight)
+            finally:  # even when the cancel calls are themselves cancelled: no lease outlives the request
+                flight.end()
         if reason is None:  # the consumer closed the stream early: aborted, nothing more to send
             return
         t = timings(t0, time.monotonic(), first_at, last_at, len(tokens), phases)

@@ -88,6 +88,13 @@ def timed():
         t.cpu_seconds = time.process_time() - c0
 
 
+def time_call(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of `fn`."""
+    with timed() as t:
+        fn()
+    return t.seconds, t.cpu_seconds
+
+
 def rss_kib(pid: int | str = "self") -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process (default: this one) in KiB, from /proc (Linux)."""
     fields = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import time_call  # noqa: E402
 from engine.sparse.dense import causal_mask  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
@@ -42,12 +42,6 @@ def expanded(q, k, v, mask, scale):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _timed(fn) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def run(lengths: list[int], reps: int) -> None:
@@ -71,8 +65,8 @@ def run(lengths: list[int], reps: int) -> None:
             diff = (a - b).abs().max().item()
             best_g = best_e = (float("inf"), float("inf"))
             for _ in range(reps):
-                best_g = min(best_g, _timed(lambda: gqa(qh, kh, vh, mask, scale)))
-                best_e = min(best_e, _timed(lambda: expanded(qh, kh, vh, mask, scale)))
+                best_g = min(best_g, time_call(lambda: gqa(qh, kh, vh, mask, scale)))
+                best_e = min(best_e, time_call(lambda: expanded(qh, kh, vh, mask, scale)))
             print(
                 f"{length:>6} {name:>10} {best_g[0]:>8.4f} [{best_g[1]:>7.4f}] {best_e[0]:>8.4f} [{best_e[1]:>7.4f}] "
                 f"{best_e[0] / best_g[0]:>10.2f} {diff:>9.1e}"

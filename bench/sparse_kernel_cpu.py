@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import time_call  # noqa: E402
 from engine.sparse.dense import dense_causal_attention  # noqa: E402
 from engine.sparse.flexprefill import flexprefill_index  # noqa: E402
 from engine.sparse.synthetic import random_index  # noqa: E402
 from engine.sparse.torch_impl import block_sparse_attention_torch  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
-
-
-def _timed(fn) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def run(lengths: list[int], densities: list[float], block: int, reps: int) -> None:
@@ -52,13 +46,13 @@ def run(lengths: list[int], densities: list[float], block: int, reps: int) -> No
             sparse()
             best_d, best_s = (float("inf"),) * 2, (float("inf"),) * 2
             for _ in range(reps):
-                best_d = min(best_d, _timed(dense))
-                best_s = min(best_s, _timed(sparse))
+                best_d = min(best_d, time_call(dense))
+                best_s = min(best_s, time_call(sparse))
             print(
                 f"{length:>6} {index.density():>7.3f} {best_d[0]:>8.3f} {best_s[0]:>8.3f} "
                 f"{best_d[0] / best_s[0]:>7.2f} {best_d[1]:>9.3f} {best_s[1]:>10.3f}"
             )
-        build = min(_timed(lambda: flexprefill_index(q, k, 0, scale, block, 0.9, 0.1, 512))[0] for _ in range(reps))
+        build = min(time_call(lambda: flexprefill_index(q, k, 0, scale, block, 0.9, 0.1, 512))[0] for _ in range(reps))
         print(f"{length:>6} flexprefill index build {build:.3f} s")
 
 

@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, LoadedModel
 from tests.helpers.llava import build_tiny_llava, save_tiny_llava
 from tests.helpers.models import SMOL_LENGTHS, SMOL_NEW_TOKENS, build_tiny_llama, hf_greedy
+from tests.helpers.traces import AZURE_CONV
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +99,13 @@ def llava():
 def model_dir(tmp_path_factory, llava):
     """`llava` saved with the SmolLM2 tokenizer: a checkpoint directory a worker loads."""
     return save_tiny_llava(llava, tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def azure():
+    """(fit, held out): the first 400 requests of the Azure conversation trace (lengths scaled to
+    at most 4096 tokens), split in halves; the planner tests search on it."""
+    from placement import trace as tr
+
+    reqs = tr.scale_lengths(tr.slice_trace(tr.load_trace(AZURE_CONV), 0, 400), 1.0, 4096)
+    return tr.split(reqs, 0.5)

@@ -7,13 +7,15 @@ import io
 
 import torch
 
+from tests.helpers.models import tiny_llama_config
+
 IMAGE_TOKEN_ID = 49151  # a plain vocabulary token of the SmolLM2 tokenizer, never in test prompts
 VOCAB = 49152  # len(SmolLM2 tokenizer)
 
 
 def build_tiny_llava(seed: int = 0, feature_layer=-2, strategy: str = "default"):
-    """Tiny seeded LLaVA: CLIP vision (28 px, patch 7 → 16 patches, 3 layers) + 2-layer Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """Tiny seeded LLaVA: CLIP vision (28 px, patch 7 → 16 patches, 3 layers) + the tests' tiny Llama."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -26,20 +28,7 @@ def build_tiny_llava(seed: int = 0, feature_layer=-2, strategy: str = "default")
         projection_dim=32,
         initializer_factor=1.0,
     )
-    text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
+    text = tiny_llama_config(VOCAB)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

@@ -11,12 +11,11 @@ SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000,
 SMOL_NEW_TOKENS = 64
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
-    """A seeded Llama (hidden 64, 4 heads, 2 KV heads); the same seed gives the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int, layers: int = 2):
+    """The tiny Llama of the tests (hidden 64, 4 heads, 2 KV heads), also LLaVA's language side."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -30,7 +29,14 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
         pad_token_id=2,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+    """A seeded tiny Llama (tiny_llama_config); the same seed gives the same weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size, layers)).eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2
     return model

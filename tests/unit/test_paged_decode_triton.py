@@ -9,10 +9,6 @@ outputs and references to a file; the tests here compare them. Shapes stay small
 is slow.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,8 +19,8 @@ from engine.kv_layout import KVLayout
 from engine.model_runner import ModelRunner
 from engine.paged_decode import paged_decode_attention_torch
 from engine.scheduler import ScheduledSeq
+from tests.helpers.triton_interpret import run_interpreted
 
-REPO = Path(__file__).resolve().parents[2]
 D, PAGE, TOL = 64, 16, 1e-5
 # fp16 inputs: the kernel rounds the softmax weights and the output to fp16 (10 mantissa bits); the
 # reference is the torch path in fp32 on the same fp16 inputs.
@@ -111,14 +107,9 @@ def _run_cases(path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("triton")
-    path = tmp_path_factory.mktemp("paged_decode_triton") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import sys; from tests.unit.test_paged_decode_triton import _run_cases; _run_cases(sys.argv[1])"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    return run_interpreted(
+        "tests.unit.test_paged_decode_triton", tmp_path_factory.mktemp("paged_decode_triton") / "results.pt", 600
     )
-    assert proc.returncode == 0, f"interpreted kernel run failed:\n{proc.stderr[-4000:]}"
-    return torch.load(path)
 
 
 @pytest.mark.parametrize("tiling", list(TILINGS))

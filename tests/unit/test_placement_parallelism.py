@@ -9,7 +9,6 @@ import yaml
 
 from cluster.config import load_config
 from engine.worker_api import Mode, Role
-from placement import trace as tr
 from placement.catalog import model_by_name
 from placement.errors import PlanningError
 from placement.hardware import load_cluster
@@ -21,13 +20,6 @@ from placement.simulator import Slo
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "placement" / "clusters"
-AZURE = Path("/work/shared/data/traces/AzureLLMInferenceTrace_conv_2023.csv")
-
-
-@pytest.fixture(scope="module")
-def azure():
-    reqs = tr.scale_lengths(tr.slice_trace(tr.load_trace(AZURE), 0, 400), 1.0, 4096)
-    return tr.split(reqs, 0.5)
 
 
 def _settings(**kw):

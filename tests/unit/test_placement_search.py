@@ -18,16 +18,10 @@ from placement.latency_model import PerfModel
 from placement.plan_yaml import DEPLOY_KEYS, write_plan
 from placement.search import SearchSettings, plan_placement
 from placement.simulator import Slo
+from tests.helpers.traces import AZURE_CONV as AZURE
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "placement" / "clusters"
-AZURE = Path("/work/shared/data/traces/AzureLLMInferenceTrace_conv_2023.csv")
-
-
-@pytest.fixture(scope="module")
-def azure():
-    reqs = tr.scale_lengths(tr.slice_trace(tr.load_trace(AZURE), 0, 400), 1.0, 4096)
-    return tr.split(reqs, 0.5)
 
 
 def _settings(**kw):

@@ -7,17 +7,13 @@ outputs and references to a file; the tests here compare them. Shapes stay tiny:
 is slow.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.helpers.triton_interpret import run_interpreted
+
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[2]
 
 # id -> (Lk, q_offset, Hq, Hkv, D, B, BLOCK_M, BLOCK_N, density, dtype)
 CASES = {
@@ -70,14 +66,9 @@ def _run_cases(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sparse_triton") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import sys; from tests.unit.test_sparse_triton import _run_cases; _run_cases(sys.argv[1])"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    return run_interpreted(
+        "tests.unit.test_sparse_triton", tmp_path_factory.mktemp("sparse_triton") / "results.pt", 300
     )
-    assert proc.returncode == 0, f"interpreted kernel run failed:\n{proc.stderr[-4000:]}"
-    return torch.load(path)
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))

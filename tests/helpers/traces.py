@@ -1,0 +1,5 @@
+"""Real request traces for tests (the shared data folder beside the checkout)."""
+
+from pathlib import Path
+
+AZURE_CONV = Path("/work/shared/data/traces/AzureLLMInferenceTrace_conv_2023.csv")

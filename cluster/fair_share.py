@@ -3,7 +3,7 @@
 Every request holds one decode slot from the moment the router dispatches it (KV reservation,
 prefill) until it ends; the cluster has `capacity()` slots (each decode or colocated worker runs
 at most `engine.max_num_seqs` sequences). A tenant is *active* while it holds or waits for a slot,
-and for ACTIVE_S after its last request ended (a client between two requests of a conversation).
+and for TENANT_ACTIVE_S after its last request ended (a client between two requests of a conversation).
 While n tenants are active, each may hold at most its share, ceil(capacity / n):
 
     acquire(tenant) ── below its share, a slot free, nobody waiting ──▶ held
@@ -29,8 +29,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
+from engine.worker_api import TENANT_ACTIVE_S
+
 TICK_S = 0.5  # waiters re-check at least this often (capacity and shares change)
-ACTIVE_S = 5.0  # a tenant stays active this long after its last request ended
 
 
 class FairShare:
@@ -45,7 +46,7 @@ class FairShare:
     def share(self) -> int:
         """Slots one active tenant may hold now."""
         now = self._clock()
-        self._last_end = {t: at for t, at in self._last_end.items() if now - at < ACTIVE_S}
+        self._last_end = {t: at for t, at in self._last_end.items() if now - at < TENANT_ACTIVE_S}
         active = set(self.held) | set(self._waiting) | set(self._last_end)
         return math.ceil(self._capacity() / max(1, len(active)))
 

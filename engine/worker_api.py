@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing of the projec
     from engine.kv_layout import KVLayout
 
 
+TENANT_ACTIVE_S = 5.0
+"""A tenant (an API key's principal) counts as active this long after its last request was
+served: a client between two requests of a conversation still gets its fair share."""
+
+
 class Role(str, enum.Enum):
     """The pool a worker serves in. A string enum: deploy YAML and the proto name roles by value."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from encode_workers.inproc import InProcessEncoder
@@ -37,6 +38,7 @@ from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
 from engine.sequence import SamplingParams, Sequence
+from engine.worker_api import TENANT_ACTIVE_S
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
 
@@ -83,7 +85,11 @@ class PrefillResult:
 
 class PrefillCore:
     def __init__(
-        self, options: PrefillOptions, loaded: LoadedModel, image_encoder: InProcessEncoder | None = None
+        self,
+        options: PrefillOptions,
+        loaded: LoadedModel,
+        image_encoder: InProcessEncoder | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """image_encoder: a vision side already in memory (the worker actor's, kept across role
         switches); else it is loaded from options.image_encoder_dir when that is set."""
@@ -100,6 +106,10 @@ class PrefillCore:
         self._failed_streak = 0  # batches in a row in which every prompt failed
         self._batches = 0  # batches taken so far
         self._served: dict[str, int] = {}  # tenant -> the last batch it had a prompt in
+        self._clock = clock
+        # tenant -> (when its last prompt was taken, that prompt's tokens): a tenant between two
+        # requests still sets the level for the others (see take_batch)
+        self._recent: dict[str, tuple[float, int]] = {}
         self.loaded = loaded
         # Image payloads only (no KV blocks); only a vision-language model gets one.
         self.receiver = get_backend(options.backend).Receiver(self.layout) if loaded.image_spec else None
@@ -168,12 +178,14 @@ class PrefillCore:
         """Queued prompts for one forward: at least one, more while the token budget and KV allow.
 
         Fair among tenants: the tenant served longest ago first (then by its oldest prompt), one
-        prompt per tenant per round; while several tenants wait, each takes its first prompt and then more only while
-        its tokens stay within a level: the largest of the tenants' first prompts, at most an
-        equal share of the budget. A prefill's time grows with its tokens, so a tenant with a
-        backlog of prompts cannot make the others' next batch long: it gets as many tokens in the
-        batch as the biggest other tenant, not the rest of the budget (latency for the others over
-        batch size for the backlog; alone, a tenant fills the budget)."""
+        prompt per tenant per round; each takes its first prompt and then more only while its
+        tokens stay within a level: the largest first prompt of the other active tenants, at most
+        an equal share of the budget. Active: prompts queued, or one taken within TENANT_ACTIVE_S
+        (its size then counts as its first prompt). A prefill's time grows with its tokens, so a
+        tenant with a backlog cannot make the others' next batch long, nor the batch running when
+        their next request arrives: it gets as many tokens per batch as the biggest other tenant,
+        not the rest of the budget (latency for the others over batch size for the backlog). A
+        tenant alone for TENANT_ACTIVE_S fills the budget."""
         if not self.queue:
             return []
         budget = self.options.engine.max_num_batched_tokens
@@ -183,11 +195,11 @@ class PrefillCore:
         self._batches += 1
         self._served = {t: at for t, at in self._served.items() if t in queues}
         queues = dict(sorted(queues.items(), key=lambda kv: self._served.get(kv[0], 0)))  # stable: oldest next
-        level = (
-            budget
-            if len(queues) == 1
-            else min(budget // len(queues), max(len(q[0].prompt_token_ids) for q in queues.values()))
-        )
+        now = self._clock()
+        self._recent = {t: r for t, r in self._recent.items() if now - r[0] < TENANT_ACTIVE_S}
+        first = {t: n for t, (_, n) in self._recent.items()}
+        first.update((t, len(q[0].prompt_token_ids)) for t, q in queues.items())
+        level = budget if len(first) == 1 else min(budget // len(first), max(first.values()))
         taken_by: dict[str, int] = {t: 0 for t in queues}
         batch: list[PrefillTask] = []
         tokens = 0
@@ -208,9 +220,10 @@ class PrefillCore:
                 taken_by[tenant] += n
                 tokens += n
                 blocks_free -= need
-        for task in batch:
+        for task in reversed(batch):  # a tenant's first prompt of the batch is what it last had
             self.queue.remove(task)
             self._served[task.tenant] = self._batches
+            self._recent[task.tenant] = (now, len(task.prompt_token_ids))
         return batch
 
     def cancel_queued(self, request_id: str) -> PrefillTask | None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.fair_share import ACTIVE_S, FairShare
+from cluster.fair_share import FairShare
+from engine.worker_api import TENANT_ACTIVE_S as ACTIVE_S
 
 
 def run(coro):

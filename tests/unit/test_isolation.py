@@ -275,12 +275,14 @@ def test_dead_prefill_loop_hands_its_tasks_back(tiny):
 
 # ------------------------------------------------------------------------------------ fairness
 def test_prefill_batches_share_their_token_budget_among_tenants(tiny):
+    from engine.worker_api import TENANT_ACTIVE_S
     from prefill_workers.prefill_core import PrefillCore
 
+    now = [0.0]
     cfg = EngineConfig(block_size=8, num_kv_blocks=512, max_num_batched_tokens=256, max_num_seqs=8)
-    core = PrefillCore(PrefillOptions(cfg, backend="fake"), tiny)
+    core = PrefillCore(PrefillOptions(cfg, backend="fake"), tiny, clock=lambda: now[0])
     task = lambda rid, tenant, n=30: PrefillTask(rid, tuple(range(3, 3 + n)), greedy(), None, tenant=tenant)  # noqa: E731
-    core.queue.extend(task(f"flood-{i}", "mallory") for i in range(20))
+    core.queue.extend(task(f"flood-{i}", "mallory") for i in range(30))
     core.queue.append(task("alice-0", "alice", 70))
     # alice queued last but is in the first batch; mallory gets as many tokens as alice (70: 2 prompts).
     assert [t.request_id for t in core.take_batch()] == ["flood-0", "alice-0", "flood-1"]
@@ -288,8 +290,18 @@ def test_prefill_batches_share_their_token_budget_among_tenants(tiny):
     # A long prompt: the level is capped at an equal share of the budget (128 tokens: 4 prompts).
     assert [t.request_id for t in core.take_batch()] == ["flood-2", "flood-3", "flood-4", "flood-5"]
     assert [t.request_id for t in core.take_batch()] == ["alice-1"]  # alone, it fills the batch
-    # One tenant alone fills the budget (8 prompts of 30 tokens), in arrival order.
-    assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(6, 14)]
+    # alice is between two requests: her next one must not wait behind a full-budget batch of
+    # mallory's, which still gets an equal share (128 tokens: 4 prompts).
+    now[0] += TENANT_ACTIVE_S / 2
+    assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(6, 10)]
+    core.queue.append(task("alice-2", "alice", 40))
+    assert [t.request_id for t in core.take_batch()] == ["alice-2", "flood-10"]  # alice first, level 40
+    now[0] += TENANT_ACTIVE_S / 2
+    # the level is alice's last prompt (40 tokens: 1 of mallory's) while she is active
+    assert [t.request_id for t in core.take_batch()] == ["flood-11"]
+    # alice quiet for TENANT_ACTIVE_S: one tenant alone fills the budget (8 prompts of 30 tokens)
+    now[0] += TENANT_ACTIVE_S
+    assert [t.request_id for t in core.take_batch()] == [f"flood-{i}" for i in range(12, 20)]
     core.close()
 
 

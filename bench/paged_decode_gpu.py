@@ -49,7 +49,7 @@ def decode_meta(hkv: int, d: int, lens: list[int], dtype: torch.dtype):
     runner = ModelRunner(weightless_model(kv.device), layout, kv)
     perm, batch = torch.randperm(kv.shape[2]).tolist(), []
     for n, nb in zip(lens, need):
-        seq = SimpleNamespace(token_ids=[0] * n, num_computed_tokens=n - 1, block_table=perm[:nb])
+        seq = SimpleNamespace(token_ids=[0] * n, num_tokens=n, num_computed_tokens=n - 1, block_table=perm[:nb])
         batch.append(ScheduledSeq(seq, 1))
         perm = perm[nb:]
     _, _, meta = runner.build(batch)

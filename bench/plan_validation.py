@@ -1,8 +1,9 @@
 """Placement validation on this machine: the planner's predicted goodput vs. the goodput measured
 on the real cluster, per deployment.
 
-1. Profile the engine (`triptych profile`, one run per torch thread count; on a CPU cluster a
-   worker's thread count is its TP degree), with `--co-run cores/threads` so every core of the
+1. Profile the engine (`triptych profile`, one run per torch thread count of a TP 1 worker; the
+   profiled TP degree is the deploy pool's tensor_parallel, run as real ranks, and SmolLM2 plans
+   TP 1 only on this 2-core node), with `--co-run cores/threads` so every core of the
    node is busy while timing, as in a deployment (--alone: not), unless --profile names profiles.
 2. Plan (`placement.search`) for the local CPU cluster from those profiles on one slice of the
    trace (--fit-start/--fit-count; the planner fits on its first half and predicts each plan's
@@ -580,7 +581,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--profile", default=None, help="comma-separated profile .json files (default: run `triptych profile`)")
-    a("--profile-threads", type=int, nargs="+", default=[1, 2], help="thread counts to profile (TP on CPU)")
+    a("--profile-threads", type=int, nargs="+", default=[1], help="thread counts of the TP 1 profile")
     a("--profile-mode", choices=["quick", "full"], default="quick")
     a("--alone", action="store_true", help="profile each thread count alone (default: --co-run so every core is busy)")
     a("--config", type=Path, default=ROOT / "deploy" / "local.yaml", help="deploy YAML the profiler measures")

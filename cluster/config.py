@@ -44,6 +44,7 @@ from cluster.config_schema import (
 )
 from engine.device import DEVICE_CHOICES, check_device, wants_gpu
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
+from engine.tensor_parallel import TP_ROLES
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import transport_info
 
@@ -150,25 +151,40 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     workers = s.int("workers", default.workers, lo=0)
     num_cpus = s.float("num_cpus", default.num_cpus, lo=0.0)
     num_gpus = s.float("num_gpus", default.num_gpus, lo=0.0)
+    tp = s.int("tensor_parallel", default.tensor_parallel, lo=1)
+    if tp > 1 and role not in TP_ROLES:
+        s.fail(
+            "tensor_parallel",
+            f"{tp} is not built for the {role.value} pool yet: tensor parallelism runs in the colocated pool "
+            "(KV between pools of different parallelism is not built); use tensor_parallel 1 here",
+        )
     out = PoolConfig(
         role=role,
         workers=workers,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        device=_device(s, default.device, num_gpus),
+        device=_device(s, default.device, num_gpus / tp),
         resources=s.resources("resources", default.resources),
-        tensor_parallel=s.int("tensor_parallel", default.tensor_parallel, lo=1),
-        pipeline_parallel=s.int("pipeline_parallel", default.pipeline_parallel, lo=1),
+        tensor_parallel=tp,
+        pipeline_parallel=_pipeline_parallel(s, default.pipeline_parallel),
         sparse=_sparse(s.section("sparse")),
     )
     s.done()
     return out
 
 
+def _pipeline_parallel(s: Section, default: int) -> int:
+    pp = s.int("pipeline_parallel", default, lo=1)
+    if pp != 1:
+        s.fail("pipeline_parallel", f"{pp}: pipeline parallelism is not built (a worker runs every layer); use 1")
+    return pp
+
+
 def _device(s: Section, default: str, num_gpus: float) -> str:
     """The pool's engine device (the engine's own check, engine/device.py). A CUDA device needs
     the pool to reserve GPUs: Ray hides every GPU from a worker that reserves none, and a worker
-    sees only as many as it reserves (device N is the N-th of its own)."""
+    (each rank of a tensor-parallel one) sees only as many as it reserves (device N is the N-th
+    of its own); num_gpus here is one rank's share."""
     device = s.str("device", default)
     try:
         check_device(device, "device")

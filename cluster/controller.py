@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cluster.config import ConfigError, DeployConfig, PoolConfig
 from engine.worker_api import Mode
@@ -38,6 +38,9 @@ from cluster.supervisor import Supervisor
 from decode_workers.decode_core import DecodeOptions
 from engine.config import EngineConfig
 from prefill_workers.prefill_core import PrefillOptions
+
+if TYPE_CHECKING:
+    from cluster.tp_group import TPSpec
 
 READY_TIMEOUT_S = 600.0
 
@@ -66,6 +69,7 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
         max_num_seqs=e.max_num_seqs,
         max_model_len=config.model.max_model_len,
         sparse=sparse,
+        tensor_parallel=pool.tensor_parallel,
     )
 
 
@@ -109,7 +113,7 @@ async def start_router(
     started = Started(ray_started=_start_ray(config, ray_address, namespace, progress))
     router = None
     try:
-        spawn = _spawner(config, str(model.directory), f"{int(time.time() * 1000) % 10**8:08d}")
+        spawn = _spawner(config, str(model.directory), f"{int(time.time() * 1000) % 10**8:08d}", started.groups)
         _spawn_pools(config, spawn, model.llava, started.pools)
         layouts = await _await_ready(started.pools, progress)
         router = _build_router(config, model, started)
@@ -216,6 +220,7 @@ class Started:
     ray_started: bool
     pools: Pools = dataclasses.field(default_factory=lambda: Pools([], [], []))
     stoppable: list = dataclasses.field(default_factory=list)  # objects with `async stop()`
+    groups: dict = dataclasses.field(default_factory=dict)  # worker id -> its tensor-parallel placement group
 
     async def stop(self) -> None:
         import ray
@@ -228,6 +233,12 @@ class Started:
         )
         for h in workers:
             _kill(h.actor)
+        if self.groups:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self.groups.values():
+                remove_placement_group(pg)
+            self.groups.clear()
         if self.ray_started:
             ray.shutdown()
 
@@ -332,11 +343,16 @@ def _kill(actor) -> None:
         pass
 
 
-def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role, str, int], object]:
+def _spawner(
+    config: DeployConfig, model_path: str, tag: str, groups: dict[str, object]
+) -> Callable[[Role, str, int], object]:
     """`spawn(role, worker_id, epoch)`: a new worker actor for that id (its pool's options and
     resources), not yet ready. The controller starts every worker with it; the supervisor
-    starts replacements with it (epoch > 0; each gets a fresh actor name)."""
+    starts replacements with it (epoch > 0; each gets a fresh actor name). A worker of a pool with
+    tensor_parallel > 1 is rank 0 of a group in a placement group of its own, kept in `groups`
+    (worker id -> the group of its latest incarnation)."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from cluster.worker_actor import WorkerActor
     from decode_workers.colocated_core import ColocatedOptions
@@ -380,10 +396,44 @@ def _spawner(config: DeployConfig, model_path: str, tag: str) -> Callable[[Role,
             worker_opts = {Role.ENCODE: encode_opts}
         else:
             worker_opts = vl_opts if home[worker_id] in (Role.ENCODE, Role.PREFILL) else opts
+        if pool.tensor_parallel == 1:
+            return (
+                ray.remote(WorkerActor)
+                .options(**_actor_options(pool, name))
+                .remote(worker_id, model_path, worker_opts, threads, role, epoch)
+            )
+        spec = _tp_group(pool, name, groups.pop(worker_id, None))
+        groups[worker_id] = spec.placement_group
         return (
             ray.remote(WorkerActor)
-            .options(**_actor_options(pool, name))
-            .remote(worker_id, model_path, worker_opts, threads, role, epoch)
+            .options(
+                **spec.rank_resources,
+                max_concurrency=1000,
+                name=name,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    spec.placement_group, placement_group_bundle_index=0
+                ),
+            )
+            .remote(worker_id, model_path, worker_opts, spec.threads, role, epoch, tp=spec)
         )
 
     return spawn
+
+
+def _tp_group(pool: PoolConfig, name: str, previous) -> TPSpec:
+    """A tensor-parallel worker's placement group (cluster/tp_group.py): tensor_parallel bundles
+    on one node, each a rank's share of the pool's reservation. The previous incarnation's group
+    (a restart) is removed first: its actors are dead or being killed."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.tp_group import TPSpec, rank_share
+
+    if previous is not None:
+        remove_placement_group(previous)
+    size = pool.tensor_parallel
+    share = rank_share(pool.num_cpus, pool.num_gpus, dict(pool.resources), size)
+    pg = placement_group([share] * size, strategy="STRICT_PACK", name=f"{name}-tp")
+    extra = {k: v for k, v in share.items() if k not in ("CPU", "GPU")}
+    options = {"num_cpus": share.get("CPU", 0.0), "num_gpus": share.get("GPU", 0.0), "resources": extra}
+    return TPSpec(size, pg, options, threads=max(1, int(share.get("CPU", 1.0))))

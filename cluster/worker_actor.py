@@ -51,7 +51,9 @@ from decode_workers.worker import DecodeWorker
 from encode_workers.encoder import ImageEncoder
 from encode_workers.inproc import InProcessEncoder
 from encode_workers.worker import EncodeOptions, EncodeWorker
+from cluster.tp_group import RankGroup, TPSpec
 from engine.llm_engine import LoadedModel
+from engine.tensor_parallel import TP_ROLES
 from engine.worker_api import Role, WorkerReady, WorkerStatus, setup_threads
 from prefill_workers.prefill_core import PrefillOptions
 from prefill_workers.worker import PrefillWorker
@@ -79,12 +81,15 @@ class WorkerActor:
         epoch: int = 0,
         loaded: LoadedModel | None = None,
         vision: ImageEncoder | None = None,
+        tp: TPSpec | None = None,
     ) -> None:
         """options: per role this worker may take, its options. Only ENCODE: a plain encode
         worker (no language model). ENCODE with other roles needs PREFILL: the language model is
         what the encode role switches to.
         loaded / vision: weights already in memory (tests); else `model` (when a role needs the
-        language model) and the vision tower (with ENCODE among the options) are loaded."""
+        language model) and the vision tower (with ENCODE among the options) are loaded.
+        tp: this actor is rank 0 of a tensor-parallel group (cluster/tp_group.py), a colocated
+        worker; it starts the other ranks and its engine drives them."""
         if role not in options:
             raise ValueError(f"worker {worker_id}: no options for role {role.value}")
         if Role.ENCODE in options and len(options) > 1 and Role.PREFILL not in options:
@@ -99,6 +104,14 @@ class WorkerActor:
         if self.loaded is None and language:
             engine = language[0].engine
             self.loaded = LoadedModel.load(model, engine.dtype, engine.placement().device)
+        self.group: RankGroup | None = None
+        if tp is not None and tp.size > 1:
+            if not set(options) <= TP_ROLES:
+                raise ValueError(
+                    f"worker {worker_id}: tensor parallelism is built for {', '.join(r.value for r in TP_ROLES)} workers only"
+                )
+            engine = options[Role.COLOCATED].engine
+            self.group = RankGroup(worker_id, tp, model, engine, self.loaded.device)
         self.vision = vision
         self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:
@@ -117,7 +130,13 @@ class WorkerActor:
             return PrefillWorker(self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir))
         if role is Role.DECODE:
             return DecodeWorker(self.worker_id, opts, self.loaded)
-        return ColocatedWorker(self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir))
+        return ColocatedWorker(
+            self.worker_id,
+            opts,
+            self.loaded,
+            self._in_process_encoder(opts.image_encoder_dir),
+            tp=self.group.tp if self.group else None,
+        )
 
     def _in_process_encoder(self, model_dir: str | None) -> InProcessEncoder | None:
         """The vision side a role that encodes its own images uses (no encode pool): loaded the
@@ -175,10 +194,17 @@ class WorkerActor:
 
     # ------------------------------------------------------------ every role (engine/worker_api.py Worker)
     async def ready(self) -> WorkerReady:
+        self._check_group()
         return await self.impl.ready()  # raises WorkerLoopDied once the inner worker's loop died
 
     async def status(self) -> WorkerStatus:
+        self._check_group()
         return await self.impl.status()
+
+    def _check_group(self) -> None:
+        """WorkerLoopDied once a rank of this worker's tensor-parallel group ended."""
+        if self.group is not None:
+            self.group.check()
 
     async def idle(self) -> bool:
         return await self.impl.idle()
@@ -189,6 +215,8 @@ class WorkerActor:
     async def stop(self) -> None:
         """Release everything before the actor is killed (the controller's teardown)."""
         await self.impl.stop()
+        if self.group is not None:
+            self.group.stop()
 
     # ------------------------------------------------------------ encode role
     async def encode(self, transfer_id: str, images, descriptor, epoch: int | None = None):

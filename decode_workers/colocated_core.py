@@ -17,6 +17,7 @@ from encode_workers.inproc import InProcessEncoder
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, LoadedModel
 from engine.sequence import SamplingParams, StepOutput
+from engine.tensor_parallel import TPGroup
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,17 @@ class ColocatedOptions:
 
 class ColocatedCore:
     def __init__(
-        self, options: ColocatedOptions, loaded: LoadedModel, image_encoder: InProcessEncoder | None = None
+        self,
+        options: ColocatedOptions,
+        loaded: LoadedModel,
+        image_encoder: InProcessEncoder | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         """image_encoder: a vision side already in memory; without it, it is loaded from
-        options.image_encoder_dir when that is set (and the model takes images)."""
+        options.image_encoder_dir when that is set (and the model takes images). tp: the
+        tensor-parallel group the engine drives (rank 0)."""
         self.options = options
-        self.engine = LLMEngine(options.engine, loaded)
+        self.engine = LLMEngine(options.engine, loaded, tp=tp)
         self.layout = self.engine.layout
         self.image_encoder = None  # vision-language model (encode_workers/inproc.py)
         if options.image_encoder_dir is not None and loaded.image_spec is not None:
@@ -78,4 +84,6 @@ class ColocatedCore:
         return not self.engine.has_unfinished()
 
     def close(self) -> None:
-        """Nothing to close: the KV cache is a plain tensor, freed with the engine."""
+        """The KV cache is a plain tensor, freed with the engine; a tensor-parallel engine
+        ends its followers' loops."""
+        self.engine.close()

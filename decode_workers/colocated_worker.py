@@ -12,6 +12,7 @@ from decode_workers.step_loop import SteppedWorker
 from encode_workers.inproc import InProcessEncoder
 from engine.llm_engine import LoadedModel
 from engine.sequence import SamplingParams
+from engine.tensor_parallel import TPGroup
 from engine.worker_api import Role, worker_info
 
 
@@ -22,10 +23,12 @@ class ColocatedWorker(SteppedWorker):
         options: ColocatedOptions,
         loaded: LoadedModel,
         image_encoder: InProcessEncoder | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
-        """loaded / image_encoder: weights already in this process (as PrefillWorker's)."""
+        """loaded / image_encoder: weights already in this process (as PrefillWorker's); tp: the
+        tensor-parallel group this worker's engine drives (engine/tensor_parallel.py)."""
         info = worker_info(worker_id, Role.COLOCATED)
-        super().__init__(info, ColocatedCore(options, loaded, image_encoder), f"colocated worker {worker_id}")
+        super().__init__(info, ColocatedCore(options, loaded, image_encoder, tp), f"colocated worker {worker_id}")
 
     async def submit(
         self,

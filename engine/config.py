@@ -24,6 +24,8 @@ class EngineConfig:
     max_num_batched_tokens: token budget of one forward (decode tokens + prefill chunks).
     max_num_seqs: most sequences in the running batch.
     max_model_len: context limit; None takes the model's own.
+    tensor_parallel: ranks the engine's model is sharded over (engine/tensor_parallel.py); the
+        engine with more than one is given its group (rank 0 drives, the others follow).
     """
 
     model: str | None = None
@@ -36,9 +38,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     sparse: object | None = None  # engine.sparse.SparsePrefillConfig, or None for dense prefill
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise EngineError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

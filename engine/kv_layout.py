@@ -46,6 +46,7 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
+    kv_head_start: int = 0  # the model's first KV head held here (tensor-parallel ranks hold a range)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -53,6 +54,8 @@ class KVLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.kv_head_start, int) or self.kv_head_start < 0:
+            raise ValueError(f"KVLayout.kv_head_start must be a non-negative int, got {self.kv_head_start!r}")
 
     @classmethod
     def from_model_config(cls, config, *, model_id: str, dtype: torch.dtype | str, block_size: int) -> KVLayout:

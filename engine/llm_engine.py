@@ -27,6 +27,7 @@ from engine.kv_layout import KVLayout
 from engine.model_runner import ModelRunner
 from engine.sampler import RowFailure, Sampler
 from engine.scheduler import ScheduledSeq, Scheduler
+from engine.tensor_parallel import TPGroup
 from engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus, StepOutput
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,30 @@ class LoadedModel:
         return frozenset(ids)
 
 
+def tp_runner(loaded: LoadedModel, config: EngineConfig, tp: TPGroup, kv: torch.Tensor | None = None) -> ModelRunner:
+    """The model runner of one rank: the model sharded over `tp` (in place; nothing for one
+    rank) and a cache of this rank's KV heads (`kv`, or a new one of config.num_kv_blocks)."""
+    if tp.size != config.tensor_parallel:
+        raise EngineError(
+            f"the engine is configured for tensor_parallel {config.tensor_parallel}, its group has {tp.size} ranks"
+        )
+    tp.shard(loaded.model)
+    layout = tp.local_layout(loaded.kv_layout(config.block_size))
+    kv = kv if kv is not None else layout.new_cache(config.num_kv_blocks, loaded.device)
+    return ModelRunner(loaded.model, layout, kv, tp)
+
+
+def follower(config: EngineConfig, loaded: LoadedModel, tp: TPGroup) -> int:
+    """A follower rank (tp.rank > 0) of the engine whose driver has the same config and model:
+    shard, allocate this rank's cache, then run the driver's forwards until it stops (LLMEngine.
+    close); returns the number of forwards run."""
+    from engine.tensor_parallel import follow
+
+    if tp.is_driver:
+        raise EngineError("rank 0 of a tensor-parallel group is the engine, not a follower")
+    return follow(tp_runner(loaded.placed_on(tp.device), config, tp), tp)
+
+
 class RequestValidator:
     """Turns user prompts into token ids and refuses what the engine cannot serve."""
 
@@ -140,10 +165,18 @@ class LLMEngine:
     >>> engine.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, kv: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        kv: torch.Tensor | None = None,
+        tp: TPGroup | None = None,
+    ) -> None:
         """The device is resolved here, once (`config.placement()`): the weights (a `loaded`
         model elsewhere is moved), the KV cache and the sampler live on it. A `kv` cache given
-        by the caller (a transport's receive buffer) must already be there (ModelRunner checks)."""
+        by the caller (a transport's receive buffer) must already be there (ModelRunner checks).
+        tp: this engine is rank 0 (the driver) of a tensor-parallel group whose other ranks run
+        `follower()` (engine/tensor_parallel.py); the model is sharded here."""
         self.config = config
         self.placement = config.placement()
         device = self.placement.device
@@ -155,10 +188,12 @@ class LLMEngine:
             )
         self.loaded = (loaded or LoadedModel.load(config.model, self.placement.dtype, device)).placed_on(device)
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
-        self.layout = self.loaded.kv_layout(config.block_size)
+        self.tp = tp or TPGroup.single(device)
+        if not self.tp.is_driver:
+            raise EngineError(f"rank {self.tp.rank} of a tensor-parallel group runs follower(), not an engine")
+        self.runner = tp_runner(self.loaded, config, self.tp, kv)
+        self.layout = self.runner.layout
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        kv = kv if kv is not None else self.layout.new_cache(config.num_kv_blocks, device)
-        self.runner = ModelRunner(self.loaded.model, self.layout, kv)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(device)
         self.validator = RequestValidator(
@@ -270,6 +305,10 @@ class LLMEngine:
         """The requests this engine holds (waiting or running)."""
         return list(self._seqs)
 
+    def close(self) -> None:
+        """End the tensor-parallel followers' loops (nothing to do for one rank). Idempotent."""
+        self.tp.stop()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -282,7 +321,8 @@ class LLMEngine:
         cannot be sampled or detokenized fails alone. Each failed sequence ends with
         FinishReason.ERROR and an error for its client (the cause is logged), and the batch,
         the loop and every other request go on. Only a broken worker raises (WorkerBroken: an
-        accelerator error, or every sequence failing on its own batch after batch)."""
+        accelerator error, every sequence failing on its own batch after batch, or any failed
+        forward of a tensor-parallel group: a rank died, or the ranks may be out of step)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -291,6 +331,8 @@ class LLMEngine:
         except Exception as exc:
             if is_device_failure(exc):
                 raise WorkerBroken(f"the accelerator failed: {exc}") from exc
+            if self.tp.size > 1:  # the ranks may be out of step now: the group is replaced whole
+                raise WorkerBroken(f"a forward of the tensor-parallel group failed: {exc}") from exc
             log.exception("forward of a batch of %d failed; running its sequences one by one", len(batch))
             sampled = {}
             for entry in batch:

@@ -20,9 +20,21 @@ from engine import attention
 from engine.errors import EngineError
 from engine.kv_layout import KVLayout
 from engine.scheduler import ScheduledSeq
+from engine.tensor_parallel import TPGroup
 
 # A decode bucket takes a row whose context is at least this share of the bucket's longest.
 DECODE_BUCKET_FILL = 0.75
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One sequence of a forward: its new token ids, the position of the first, its block table,
+    and whether its last row is sampled."""
+
+    new_token_ids: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+    samples: bool
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,9 @@ class ModelRunner:
     """kv: the cache tensor of `layout` (layout.check_cache holds), on the model's device; the
     runner writes and reads it at the slots `layout.slots` gives for each sequence's block table."""
 
-    def __init__(self, model, layout: KVLayout, kv: torch.Tensor) -> None:
+    def __init__(self, model, layout: KVLayout, kv: torch.Tensor, tp: TPGroup | None = None) -> None:
+        """tp: the tensor-parallel group this runner is a rank of (the model already sharded,
+        `layout` this rank's part); None: one rank."""
         layout.check_cache(kv)
         weights = next(model.parameters()).device
         if weights != kv.device:
@@ -44,11 +58,31 @@ class ModelRunner:
         self.layout = layout
         self.kv = kv
         self.device = kv.device
+        self.tp = tp or TPGroup.single(kv.device)
         model.config._attn_implementation = attention.register()
+
+    @staticmethod
+    def plan(batch: list[ScheduledSeq]) -> list[PlanRow]:
+        """What a forward over `batch` needs of each sequence, as plain values (tensor-parallel
+        followers receive it from the driver, engine/tensor_parallel.py)."""
+        rows = []
+        for entry in batch:
+            seq, start = entry.seq, entry.seq.num_computed_tokens
+            new = tuple(seq.token_ids[start : start + entry.num_new_tokens])
+            rows.append(PlanRow(new, start, tuple(seq.block_table), entry.samples))
+        return rows
 
     def build(
         self,
         batch: list[ScheduledSeq],
+        on_layer_done: Callable[[int], None] | None = None,
+        sparse: object | None = None,
+    ):
+        return self.build_plan(self.plan(batch), on_layer_done, sparse)
+
+    def build_plan(
+        self,
+        plan: list[PlanRow],
         on_layer_done: Callable[[int], None] | None = None,
         sparse: object | None = None,
     ):
@@ -58,13 +92,12 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         prefills: list[attention.PrefillSegment] = []
-        decodes: list[tuple[int, int, list[int]]] = []  # (packed row, context length, block table)
+        decodes: list[tuple[int, int, tuple[int, ...]]] = []  # (packed row, context length, block table)
         row = 0
-        for entry in batch:
-            seq, n = entry.seq, entry.num_new_tokens
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
-            ids.extend(seq.token_ids[start:end])
+        for entry in plan:
+            n, start, table = len(entry.new_token_ids), entry.start, entry.block_table
+            end = start + n
+            ids.extend(entry.new_token_ids)
             positions.extend(range(start, end))
             slots.extend(self.layout.slots(table, start, end))
             if n == 1 and start > 0:
@@ -87,7 +120,7 @@ class ModelRunner:
         """A long tensor of host ints on the runner's device (one host-to-device copy)."""
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _decode_buckets(self, decodes: list[tuple[int, int, list[int]]]) -> list[attention.DecodeBucket]:
+    def _decode_buckets(self, decodes: list[tuple[int, int, tuple[int, ...]]]) -> list[attention.DecodeBucket]:
         """Group decode rows by context length so that padding stays a bounded share of the gather.
 
         Rows are taken longest first; a bucket accepts a row while the row's context is at least
@@ -124,15 +157,39 @@ class ModelRunner:
         sparse: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> ForwardResult:
-        input_ids, positions, meta = self.build(batch, on_layer_done, sparse)
+        plan = self.plan(batch)
+        logits = self.forward_plan(plan, on_layer_done, sparse, inputs_embeds)
+        return ForwardResult(logits, [entry for entry, p in zip(batch, plan) if p.samples])
+
+    @torch.inference_mode()
+    def forward_plan(
+        self,
+        plan: list[PlanRow],
+        on_layer_done: Callable[[int], None] | None = None,
+        sparse: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The float logits [sampled rows, vocab] of a forward over `plan` (the sampled rows in
+        plan order); a tensor-parallel driver has its followers run the same forward."""
+        self.tp.broadcast_plan((plan, sparse), inputs_embeds)
+        hidden = self._hidden(plan, on_layer_done, sparse, inputs_embeds)
+        ends, row = [], 0
+        for p in plan:
+            row += len(p.new_token_ids)
+            if p.samples:
+                ends.append(row - 1)
+        logits = self.model.lm_head(hidden[self._tensor(ends)]) if ends else hidden.new_empty(0, 0)
+        return logits.float()
+
+    @torch.inference_mode()
+    def run_plan(self, message: tuple[list[PlanRow], object], inputs_embeds: torch.Tensor | None) -> None:
+        """A tensor-parallel follower's part of the driver's forward (engine/tensor_parallel.py):
+        the same layers on this rank's heads and cache; the driver samples."""
+        plan, sparse = message
+        self._hidden(plan, None, sparse, inputs_embeds)
+
+    def _hidden(self, plan, on_layer_done, sparse, inputs_embeds) -> torch.Tensor:
+        input_ids, positions, meta = self.build_plan(plan, on_layer_done, sparse)
         kwargs = {"inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None else {"input_ids": input_ids[None]}
         hidden = self.model.model(position_ids=positions[None], use_cache=False, triptych_meta=meta, **kwargs)
-        hidden = hidden.last_hidden_state[0]
-        ends, sampled, row = [], [], 0
-        for entry in batch:
-            row += entry.num_new_tokens
-            if entry.samples:
-                ends.append(row - 1)
-                sampled.append(entry)
-        logits = self.model.lm_head(hidden[self._tensor(ends)]) if ends else hidden.new_empty(0, 0)
-        return ForwardResult(logits.float(), sampled)
+        return hidden.last_hidden_state[0]

@@ -19,7 +19,7 @@ import torch
 
 from engine.kv_layout import KVLayout, dtype_name
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: KVLayout.kv_head_start (the KV heads a tensor-parallel rank holds)
 
 
 class HandshakeError(RuntimeError):

@@ -3,7 +3,8 @@
 A worker with `tensor_parallel: t` is t rank actors packed on one node (a Ray placement group),
 each holding num_heads / t attention heads and num_kv_heads / t KV heads of every layer, so t must
 divide both head counts (a KV head is never split or copied between ranks) and t <= devices per
-node. Pipeline parallelism is not built (a worker runs every layer), so PP is 1.
+node. Pipeline parallelism is not built (a worker runs every layer), so PP is 1. Tensor-parallel
+groups run in the colocated pool only (`degrees_for`): prefill and decode workers are TP 1.
 
 `parallel_degrees` answers which TP degrees the search enumerates, and says why every other
 degree up to the cap was left out; the CLI, the plot and the deploy YAML print that answer.
@@ -15,11 +16,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.tensor_parallel import TP_ROLES
+from engine.worker_api import Role
 from placement.profile import ModelShape
 
 # The only pipeline degree the engine builds; a plan never proposes another.
 PIPELINE_PARALLEL = 1
 PP_NOTE = "PP = 1 only: pipeline parallelism is not built"
+# Tensor-parallel groups run only in the pools of engine.tensor_parallel.TP_ROLES.
+DISAGGREGATED_NOTE = "prefill and decode pools TP 1 only: tensor parallelism runs in the colocated pool"
+
+
+def degrees_for(role: Role, configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (TP, PP) of `configs` a pool of `role` deploys with."""
+    return configs if role in TP_ROLES else [(t, p) for t, p in configs if t == 1]
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class ParallelDegrees:
         """One line: what was considered, what was left out and why, and the PP note."""
         parts = [f"TP {_ranges(self.tp)} considered (divide {self.heads} heads and {self.kv_heads} KV heads)"]
         parts += [f"TP {_ranges(d)} left out: {why}" for d, why in self.left_out]
-        return "; ".join(parts + [PP_NOTE])
+        return "; ".join(parts + [PP_NOTE, DISAGGREGATED_NOTE])
 
     def short(self) -> str:
         """A few words for a plot title."""

@@ -6,7 +6,9 @@ Measures, on this machine and with the deployment's engine settings:
   transfer one KV hand-off of N bytes through the deployment's transport (shm/gloo in-process,
            receiver and sender in this process: the copy cost without Ray's scheduling),
 and writes a `placement.profile` file that `triptych plan --model profile.json` fits.
-`--threads N` profiles an N-thread worker (its TP on a CPU cluster). `--co-run K` keeps K-1 other
+The profiled TP degree is the pool's `tensor_parallel`, run as real ranks (processes of one
+gloo / NCCL group, engine/tensor_parallel.py), each with `--threads` torch threads (default: its
+share of the pool's num_cpus); the profile records that degree. `--co-run K` keeps K-1 other
 processes doing prefill and decode forwards (N threads each) while prefill and decode are timed,
 so on a CPU node the samples see the other cores busy, as they are when a plan is deployed.
 Encode is left empty for text-only models (the planner then uses its roofline prior).
@@ -24,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="deploy YAML whose model and engine settings to measure")
     parser.add_argument("-o", "--output", default="profile.json", help="where to write the profile (JSON)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: the prefill pool's num_cpus)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per rank (default: the profiled pool's num_cpus / tensor_parallel)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter samples (about a minute on 2 cores)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per sample; the median is kept")
@@ -46,15 +51,16 @@ def _progress(msg: str) -> None:
 class EngineProbe:
     """Times raw forwards of the engine's runner on sequences with made-up (but valid) tokens."""
 
-    def __init__(self, loaded, engine_config) -> None:
+    def __init__(self, loaded, engine_config, tp=None) -> None:
+        """tp: the tensor-parallel group this probe drives (rank 0; the model is sharded here)."""
         from engine.kv_cache import BlockManager
-        from engine.model_runner import ModelRunner
+        from engine.llm_engine import tp_runner
+        from engine.tensor_parallel import TPGroup
 
         self.engine_config = engine_config
-        layout = loaded.kv_layout(engine_config.block_size)
         self.blocks = BlockManager(engine_config.num_kv_blocks, engine_config.block_size)
-        self.runner = ModelRunner(loaded.model, layout, layout.new_cache(engine_config.num_kv_blocks))
         self.vocab = loaded.model.config.vocab_size
+        self.runner = tp_runner(loaded, engine_config, tp or TPGroup.single(loaded.device))
 
     def _seq(self, i: int, n: int, computed: int):
         from engine.sequence import SamplingParams, Sequence
@@ -189,30 +195,52 @@ class CoRun:
 
 
 def measure(config, *, threads: int | None = None, quick: bool = False, reps: int = 3, co_run: int = 1):
-    import contextlib
-
-    import torch
-
-    from engine.worker_api import Mode
     from cluster.controller import engine_config
-    from engine.llm_engine import LoadedModel
+    from engine.tensor_parallel import run_local_group
+    from engine.worker_api import Mode
     from placement.errors import PlanningError
 
     if co_run < 1:
         raise PlanningError(f"--co-run must be >= 1, got {co_run}")
     pool = config.pools.colocated if config.mode is Mode.COLOCATED else config.pools.prefill
-    torch.set_num_threads(threads or max(1, int(pool.num_cpus)))
-    ecfg = engine_config(config, pool)
-    _progress(f"loading the model ({config.model.path or 'embedded SmolLM2-135M-Instruct'}) ...")
-    loaded = LoadedModel.load(config.model.path, ecfg.dtype)
-    probe = EngineProbe(loaded, ecfg)
+    size = pool.tensor_parallel
+    threads = threads or max(1, int(pool.num_cpus / size))
+    job = (config.model.path, engine_config(config, pool), config.transport.backend.value, threads, quick, reps, co_run)
+    if size == 1:
+        return _measure(None, *job)
+    if co_run > 1:
+        raise PlanningError("--co-run applies to TP 1 profiles; a TP group already keeps its cores busy")
+    _progress(f"profiling TP {size}: {size} ranks of {threads} thread(s) in one gloo group ...")
+    return run_local_group(_measure, size, *job, threads=threads)
+
+
+def _measure(tp, model_path, ecfg, backend: str, threads: int, quick: bool, reps: int, co_run: int):
+    """Profile as rank 0 of `tp` (None: one rank); a follower rank runs rank 0's forwards."""
+    import contextlib
+
+    import torch
+
+    from engine.llm_engine import LoadedModel, follower
+
+    torch.set_num_threads(threads)
+    if tp is not None and not tp.is_driver:
+        follower(ecfg, LoadedModel.load(model_path, ecfg.dtype), tp)
+        return None
+    _progress(f"loading the model ({model_path or 'embedded SmolLM2-135M-Instruct'}) ...")
+    loaded = LoadedModel.load(model_path, ecfg.dtype)
+    model, layout = _model_shape(loaded, ecfg)  # before the probe shards it
+    probe = EngineProbe(loaded, ecfg, tp)
     neighbours = contextlib.nullcontext()
     if co_run > 1:
-        _progress(f"starting {co_run - 1} co-running process(es) with {torch.get_num_threads()} thread(s) each ...")
-        neighbours = CoRun(co_run - 1, config.model.path, ecfg, torch.get_num_threads())
-    with neighbours:
-        prefill, decode = _forward_samples(probe, ecfg, quick, reps)
-    return _finish_profile(config, loaded, ecfg, prefill, decode, quick, reps, co_run)
+        _progress(f"starting {co_run - 1} co-running process(es) with {threads} thread(s) each ...")
+        neighbours = CoRun(co_run - 1, model_path, ecfg, threads)
+    try:
+        with neighbours:
+            prefill, decode = _forward_samples(probe, ecfg, quick, reps)
+    finally:
+        if tp is not None:
+            tp.stop()
+    return _finish_profile(backend, model, layout, prefill, decode, reps, co_run, tp.size if tp else 1, threads, quick)
 
 
 def _forward_samples(probe: EngineProbe, ecfg, quick: bool, reps: int):
@@ -254,19 +282,13 @@ def _forward_samples(probe: EngineProbe, ecfg, quick: bool, reps: int):
     return prefill, decode
 
 
-def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: int, co_run: int):
-    import torch
-
-    from placement.profile import HardwareInfo, ModelShape, Profile
+def _model_shape(loaded, ecfg):
+    """The model's geometry for the planner, and its whole (unsharded) KV layout."""
+    from placement.profile import ModelShape
 
     layout = loaded.kv_layout(ecfg.block_size)
-    sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
-    backend = config.transport.backend.value
-    _progress(f"transfer over {backend}: {sizes} blocks")
-    transfer = _transfer_samples(layout, backend, sizes, reps)
-
     cfg = loaded.model.config
-    model = ModelShape(
+    shape = ModelShape(
         loaded.name,
         layout.num_layers,
         cfg.hidden_size,
@@ -279,9 +301,19 @@ def _finish_profile(config, loaded, ecfg, prefill, decode, quick: bool, reps: in
         layout.itemsize,
         layout.bytes_per_token,
     )
-    # On a CPU cluster an instance of TP t is one worker process with t torch threads (the controller
-    # gives a worker num_cpus = TP·PP threads), so the thread count is the profiled TP degree.
-    threads_used = torch.get_num_threads()
+    return shape, layout
+
+
+def _finish_profile(
+    backend: str, model, layout, prefill, decode, reps: int, co_run: int, tp: int, threads: int, quick: bool
+):
+    from placement.profile import HardwareInfo, Profile
+
+    sizes = [4, 16, 64] if quick else [4, 16, 64, 256]
+    _progress(f"transfer over {backend}: {sizes} blocks")
+    transfer = _transfer_samples(layout, backend, sizes, reps)
+    # The profiled TP degree is the number of real ranks; on a CPU cluster each is a device of
+    # `threads` cores (the planner's CPU clusters count one core per device: profile 1 thread).
     busy = f", {co_run - 1} co-running process(es)" if co_run > 1 else ""
-    hardware = HardwareInfo(f"CPU, {threads_used} thread(s){busy}", "cpu", threads_used, threads_used, 1)
+    hardware = HardwareInfo(f"CPU, TP {tp} x {threads} thread(s){busy}", "cpu", tp, tp, 1)
     return Profile(model, hardware, tuple(prefill), tuple(decode), (), tuple(transfer))

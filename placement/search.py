@@ -29,7 +29,7 @@ from typing import Callable
 from engine.worker_api import Mode, Role
 from placement.errors import PlanningError
 from placement.latency_model import PerfModel, TransferModel
-from placement.parallelism import ParallelDegrees, parallel_degrees
+from placement.parallelism import ParallelDegrees, degrees_for, parallel_degrees
 from placement.simulator import SimConfig, SimResult, SimulatedPool, Slo, simulate
 from placement.trace import Request, rescale_rate, stats
 
@@ -399,9 +399,9 @@ class Searcher:
         )
         intra = c.num_nodes == 1 or s.low_affinity
         self.progress("prefill candidates:")
-        pre = self.rank_phase(Role.PREFILL, configs, intra)
+        pre = self.rank_phase(Role.PREFILL, degrees_for(Role.PREFILL, configs), intra)
         self.progress("decode candidates:")
-        dec = self.rank_phase(Role.DECODE, configs, intra)
+        dec = self.rank_phase(Role.DECODE, degrees_for(Role.DECODE, configs), intra)
         self.progress("colocated candidates:")
         col = self.rank_phase(Role.COLOCATED, configs, intra)
         if not pre and not dec and not col:

@@ -16,7 +16,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine, LoadedModel  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 from tests.helpers.devices import off_device, record_steps, resident_tensors  # noqa: E402
-from tests.helpers.models import build_tiny_llama, hf_greedy  # noqa: E402
+from tests.helpers.models import StandInTokenizer, build_tiny_llama, hf_greedy  # noqa: E402
 
 VOCAB = 2048
 LENGTHS = [1, 3, 7, 16, 17, 31, 50, 64, 100, 129, 200, 333]
@@ -24,20 +24,8 @@ NEW_TOKENS = 24
 CUDA0 = torch.device("cuda", 0)
 
 
-class _Tokenizer:
-    """What the engine asks of a tokenizer for token-id prompts: a size, an EOS id, decode."""
-
-    eos_token_id = 2
-
-    def __len__(self) -> int:
-        return VOCAB
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return "".join(f" {i}" for i in ids)
-
-
 def _loaded(device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    return LoadedModel(build_tiny_llama(VOCAB).to(device, dtype), _Tokenizer(), "tiny-llama")
+    return LoadedModel(build_tiny_llama(VOCAB).to(device, dtype), StandInTokenizer(VOCAB), "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def record_steps(engine) -> dict[str, torch.Tensor]:
     what the sampler is given); returns the dict they are added to."""
     seen: dict[str, torch.Tensor] = {}
     steps = itertools.count()
-    build, sample, runner, sampler = engine.runner.build, engine.sampler.sample, engine.runner, engine.sampler
+    build, sample, runner, sampler = engine.runner.build_plan, engine.sampler.sample, engine.runner, engine.sampler
 
     def spy_build(*args, **kwargs):
         ids, positions, meta = build(*args, **kwargs)
@@ -43,7 +43,7 @@ def record_steps(engine) -> dict[str, torch.Tensor]:
         seen.update({f"generator of {r}": g for r, g in sampler._generators.items()})
         return out
 
-    runner.build = spy_build
+    runner.build_plan = spy_build
     sampler.sample = spy_sample
     return seen
 

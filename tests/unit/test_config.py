@@ -57,7 +57,7 @@ def test_full_pool_and_sparse_settings():
                     "num_cpus": 2,
                     "num_gpus": 1,
                     "resources": {"prefill": 1, "fast": 0.5},
-                    "tensor_parallel": 2,
+                    "tensor_parallel": 1,
                     "pipeline_parallel": 1,
                     "sparse": {
                         "method": "flexprefill",
@@ -72,9 +72,24 @@ def test_full_pool_and_sparse_settings():
         )
     )
     p = cfg.pools.prefill
-    assert (p.workers, p.num_cpus, p.tensor_parallel) == (2, 2.0, 2)
+    assert (p.workers, p.num_cpus, p.tensor_parallel) == (2, 2.0, 1)
     assert p.ray_resources() == {"CPU": 2.0, "GPU": 1.0, "prefill": 1, "fast": 0.5}
     assert p.sparse.method is SparseMethod.FLEXPREFILL and p.sparse.gamma == 0.95 and p.sparse.dense_below == 0
+
+
+def test_parallelism_that_is_not_built_is_refused():
+    cfg = parse_config(
+        _with(mode="colocated", pools={"colocated": {"tensor_parallel": 3, "num_gpus": 3, "device": "cuda"}})
+    )
+    assert cfg.pools.colocated.tensor_parallel == 3  # each rank sees its one GPU as cuda:0
+    err = _error(_with(pools={"prefill": {"tensor_parallel": 2}}))
+    assert err.path == "pools.prefill.tensor_parallel" and "not built for the prefill pool" in err.reason
+    err = _error(_with(pools={"colocated": {"pipeline_parallel": 2}}))
+    assert err.path == "pools.colocated.pipeline_parallel" and "pipeline parallelism is not built" in err.reason
+    err = _error(
+        _with(mode="colocated", pools={"colocated": {"tensor_parallel": 2, "num_gpus": 2, "device": "cuda:1"}})
+    )
+    assert err.path == "pools.colocated.device" and "not among the 1 GPU(s)" in err.reason
 
 
 def test_sparse_section_is_the_engines_config():

@@ -70,7 +70,7 @@ def test_node_groups_pack_workers_and_gpus():
             "version": 1,
             "pools": {
                 "prefill": {"workers": 3, "num_cpus": 0.5, "num_gpus": 1, "resources": {"prefill": 1}},
-                "decode": {"workers": 2, "num_gpus": 2, "tensor_parallel": 2},
+                "decode": {"workers": 2, "num_gpus": 2},
                 "encode": {"workers": 1},
             },
         }

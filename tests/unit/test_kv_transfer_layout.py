@@ -26,16 +26,17 @@ def test_hash_is_stable_and_dtype_normalised():
         ("num_kv_heads", 1),
         ("head_dim", 16),
         ("block_size", 8),
+        ("kv_head_start", 1),
     ]:
         hashes.add(compat_hash(dataclasses.replace(LAYOUT, **{f: v})))
-    assert len(hashes) == 7
+    assert len(hashes) == 8
 
 
 def test_hash_is_the_wire_value():
     """The handshake hash is part of the wire format: workers of one release must agree with
     each other and with this value until PROTOCOL_VERSION changes."""
-    assert PROTOCOL_VERSION == 1
-    assert compat_hash(LAYOUT) == "d9327b91daf8d3a0f54b9a72cbbfb02312571037070e02c4f1a9ca8311fe2707"
+    assert PROTOCOL_VERSION == 2
+    assert compat_hash(LAYOUT) == "178cab162fb2fafe4d17a16063182394d797ae26958d93f590c5c3d6b1b54119"
 
 
 def test_sizes():

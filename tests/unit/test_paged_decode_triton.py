@@ -69,7 +69,7 @@ def hook_case(hq: int = 4, hkv: int = 2, scale: float = 0.125):
     runner = ModelRunner(weightless_model(kv.device), layout, kv)
     perm, batch = torch.randperm(kv.shape[2], generator=g).tolist(), []
     for n, nb in zip(HOOK_LENS, need):
-        seq = SimpleNamespace(token_ids=[0] * n, num_computed_tokens=n - 1, block_table=perm[:nb])
+        seq = SimpleNamespace(token_ids=[0] * n, num_tokens=n, num_computed_tokens=n - 1, block_table=perm[:nb])
         batch.append(ScheduledSeq(seq, 1))
         perm = perm[nb:]
     _, _, meta = runner.build(batch)

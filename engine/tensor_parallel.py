@@ -133,6 +133,12 @@ class TPGroup:
             return
         import fnmatch
 
+        done_for = getattr(model, "_triptych_tp", None)  # (rank, size) it was sharded for
+        if done_for == (self.rank, self.size):
+            return  # another engine of this process sharded it already
+        if done_for is not None:
+            raise EngineError(f"the model is already sharded for rank {done_for[0]} of {done_for[1]}")
+
         check_degree(model.config, self.size, getattr(model.config, "name_or_path", "") or "the model")
         plan = getattr(model.config, "base_model_tp_plan", None) or {}
         unknown = sorted({style for style in plan.values() if style not in STYLES})
@@ -154,6 +160,7 @@ class TPGroup:
             done += 1
         if not done:
             raise EngineError(f"the TP plan of {type(model).__name__} matches none of its layers")
+        model._triptych_tp = (self.rank, self.size)
 
     def _shard_linear(self, lin: torch.nn.Linear, style: str) -> None:
         """colwise: this rank's rows of the weight (its heads / its part of the MLP intermediate),

@@ -36,6 +36,10 @@ TransportBackend = enum.Enum("TransportBackend", [(n.upper(), n) for n in known_
 
 
 class DType(str, enum.Enum):
+    """The weights' and KV cache's dtype. AUTO: each engine takes its device's default
+    (engine/device.py: bfloat16 on CUDA, float32 on the CPU)."""
+
+    AUTO = "auto"
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
@@ -44,7 +48,13 @@ class DType(str, enum.Enum):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: DType = DType.FLOAT32
+    dtype: DType = DType.AUTO
+
+    @property
+    def engine_dtype(self) -> str | None:
+        """EngineConfig.dtype: None (the device's default) for auto."""
+        return None if self.dtype is DType.AUTO else self.dtype.value
+
     max_model_len: int = 8192
 
 

@@ -60,7 +60,7 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
     e = config.engine
     return EngineConfig(
         model=config.model.path,
-        dtype=config.model.dtype.value,
+        dtype=config.model.engine_dtype,
         device=pool.engine_device(),
         pool=pool.role.value,
         block_size=e.block_size,
@@ -116,7 +116,8 @@ async def start_router(
         spawn = _spawner(config, str(model.directory), f"{int(time.time() * 1000) % 10**8:08d}", started.groups)
         _spawn_pools(config, spawn, model.llava, started.pools)
         layouts = await _await_ready(started.pools, progress)
-        router = _build_router(config, model, started)
+        dtype = next((lay.dtype for lay in layouts.values() if lay is not None), config.model.engine_dtype)
+        router = _build_router(config, model, started, dtype or "float32")
         router.start()
         check = None
         if started.pools.prefill and started.pools.decode:
@@ -267,7 +268,8 @@ async def _await_ready(pools: Pools, progress: Callable[[str], None]) -> dict[st
     return layouts
 
 
-def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Started) -> ClusterRouter:
+def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Started, dtype: str) -> ClusterRouter:
+    """dtype: what the workers run in (their KV layouts'), reported by GetModelInfo."""
     from engine import multimodal
 
     mc, tokenizer, llava = config.model, model.tokenizer, model.llava
@@ -277,7 +279,7 @@ def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Starte
         max_model_len=mc.max_model_len,
         vocab_size=len(tokenizer),
         eos_token_ids=eos,
-        dtype=mc.dtype.value,
+        dtype=dtype,
         supports_images=llava is not None,
     )
     pools = started.pools
@@ -360,7 +362,8 @@ def _spawner(
 
     backend = config.transport.backend.value
     p = config.pools
-    encode_opts = EncodeOptions(model_path, dtype=config.model.dtype.value, backend=backend)
+    # the vision encoder runs on the CPU (docs/API.md): float32 unless a dtype is set
+    encode_opts = EncodeOptions(model_path, dtype=config.model.engine_dtype or "float32", backend=backend)
     if config.mode is Mode.COLOCATED:
         opts = {Role.COLOCATED: ColocatedOptions(engine_config(config, p.colocated))}
     else:

@@ -31,6 +31,12 @@ def test_defaults_equal_local_yaml():
     assert local.mode is Mode.DISAGGREGATED
     assert local.pools.prefill.resources == {"prefill": 1}
     assert local.pools.prefill.sparse.method is SparseMethod.DENSE
+    # dtype auto: each engine takes its device's default (bfloat16 on CUDA, float32 on the CPU)
+    from cluster.controller import engine_config
+
+    assert local.model.engine_dtype is None and engine_config(local, local.pools.decode).dtype is None
+    assert engine_config(local, local.pools.decode).placement().dtype == "float32"  # this CPU
+    assert parse_config(_with(model={"dtype": "bfloat16"})).model.engine_dtype == "bfloat16"
     assert [p.role for p in local.active_pools()] == [Role.PREFILL, Role.DECODE]
 
 
@@ -199,7 +205,7 @@ def test_out_of_range(data, path, fragment):
             "pools.prefill.sparse.method",
             "dense | flexprefill | static",
         ),
-        (_with(model={"dtype": "fp16"}), "model.dtype", "float32 | float16 | bfloat16"),
+        (_with(model={"dtype": "fp16"}), "model.dtype", "auto | float32 | float16 | bfloat16"),
     ],
 )
 def test_bad_enum_values(data, path, fragment):

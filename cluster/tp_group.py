@@ -12,12 +12,15 @@ One death: the follower actors are owned by rank 0, so Ray kills them when rank 
 follower breaks rank 0's next collective (the engine raises WorkerBroken, the step loop dies) and
 is seen at once by rank 0's ready() / status() (its run() call ended), so the worker reports itself
 dead and the supervisor replaces the whole group (the controller removes the old placement group
-before it spawns the new one). Only colocated workers have tensor-parallel groups so far.
+before it spawns the new one). A follower that fails to start fails rank 0's constructor at once
+with its reason (`join_watching`). Only colocated workers have tensor-parallel groups so far.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -78,6 +81,31 @@ class TPRankActor:
             tp.leave()
 
 
+def join_watching(join: Callable[[], TPGroup], ended: Callable[[], str | None], poll_s: float = 0.5) -> TPGroup:
+    """Rank 0's `join()` (it blocks until every rank has joined) while watching the followers:
+    when one ends first (it could not load the model, its node has no GPU, ...) raise at once with
+    its reason instead of waiting out the rendezvous timeout. The abandoned join runs on in a
+    daemon thread; the actor whose constructor raised is gone with it."""
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["group"] = join()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        done.set()
+
+    threading.Thread(target=run, name="tp-join", daemon=True).start()
+    while not done.wait(poll_s):
+        why = ended()
+        if why is not None:
+            raise RuntimeError(f"the tensor-parallel group could not form: {why}")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["group"]  # type: ignore[return-value]
+
+
 class RankGroup:
     """Rank 0's view of its followers: started, joined, and watched."""
 
@@ -98,11 +126,13 @@ class RankGroup:
             )
             self.actors.append(actor)
             self.runs.append(actor.run.remote(address))
-        self.tp = TPGroup.join(0, spec.size, device, address, timeout_s=GROUP_READY_TIMEOUT_S)
+        self.tp = join_watching(
+            lambda: TPGroup.join(0, spec.size, device, address, timeout_s=GROUP_READY_TIMEOUT_S), self.ended
+        )
 
-    def check(self) -> None:
-        """WorkerLoopDied (the worker is dead: the supervisor replaces it) when a follower's run()
-        ended (it died, or the group broke)."""
+    def ended(self) -> str | None:
+        """Why a follower's run() ended (it failed to start, died, or the group broke); None while
+        every follower runs."""
         import ray
 
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
@@ -110,10 +140,18 @@ class RankGroup:
             rank = self.runs.index(ref) + 1
             try:
                 ray.get(ref)
-                why = "stopped"
+                return f"rank {rank} of tensor-parallel worker {self.worker_id} stopped"
             except Exception as exc:  # noqa: BLE001 - any end of a follower is the group's death
-                why = f"died ({type(exc).__name__})"
-            raise WorkerLoopDied(f"rank {rank} of tensor-parallel worker {self.worker_id} {why}")
+                cause = getattr(exc, "cause", None) or exc
+                return f"rank {rank} of tensor-parallel worker {self.worker_id} died ({type(cause).__name__}: {cause})"
+        return None
+
+    def check(self) -> None:
+        """WorkerLoopDied (the worker is dead: the supervisor replaces it) when a follower's run()
+        ended (it died, or the group broke)."""
+        why = self.ended()
+        if why is not None:
+            raise WorkerLoopDied(why)
 
     def stop(self) -> None:
         """Stop the followers (after the engine sent STOP) and leave the group."""

@@ -49,13 +49,12 @@ class DType(str, enum.Enum):
 class ModelConfig:
     path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: DType = DType.AUTO
+    max_model_len: int = 8192
 
     @property
     def engine_dtype(self) -> str | None:
         """EngineConfig.dtype: None (the device's default) for auto."""
         return None if self.dtype is DType.AUTO else self.dtype.value
-
-    max_model_len: int = 8192
 
 
 @dataclass(frozen=True)

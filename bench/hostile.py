@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import print_table, rss_kib
+from engine.worker_api import free_port
 
 KEYS = {
     "alice": "alice-key-0123456789abcdef",
@@ -63,12 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 1 <= args.clients <= 32 or not 0 < args.seconds <= 900:
         p.error("--clients must be in [1, 32] and --seconds in (0, 900]")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:

@@ -44,7 +44,7 @@ from cluster.config_schema import (
 )
 from engine.device import DEVICE_CHOICES, check_device, wants_gpu
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
-from engine.tensor_parallel import TP_ROLES
+from engine.tensor_parallel import MAX_TENSOR_PARALLEL, TP_ROLES
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import transport_info
 
@@ -151,7 +151,7 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     workers = s.int("workers", default.workers, lo=0)
     num_cpus = s.float("num_cpus", default.num_cpus, lo=0.0)
     num_gpus = s.float("num_gpus", default.num_gpus, lo=0.0)
-    tp = s.int("tensor_parallel", default.tensor_parallel, lo=1)
+    tp = s.int("tensor_parallel", default.tensor_parallel, lo=1, hi=MAX_TENSOR_PARALLEL)
     if tp > 1 and role not in TP_ROLES:
         s.fail(
             "tensor_parallel",

@@ -18,7 +18,6 @@ with its reason (`join_watching`). Only colocated workers have tensor-parallel g
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from engine.config import EngineConfig
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel, follower
 from engine.tensor_parallel import TPGroup
-from engine.worker_api import setup_threads
+from engine.worker_api import free_port, setup_threads
 
 GROUP_READY_TIMEOUT_S = 300.0  # rank 0 waits this long for the other ranks to join
 
@@ -56,9 +55,7 @@ def rendezvous_address() -> str:
     import ray
 
     ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return f"tcp://{ip}:{s.getsockname()[1]}"
+    return f"tcp://{ip}:{free_port(ip)}"
 
 
 class TPRankActor:

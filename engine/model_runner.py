@@ -12,6 +12,7 @@ the sampled token ids back, once per step).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -33,7 +34,7 @@ class PlanRow:
 
     new_token_ids: tuple[int, ...]
     start: int
-    block_table: tuple[int, ...]
+    block_table: Sequence[int]  # the sequence's own table, not a copy (a plan is used at once)
     samples: bool
 
 
@@ -69,7 +70,7 @@ class ModelRunner:
         for entry in batch:
             seq, start = entry.seq, entry.seq.num_computed_tokens
             new = tuple(seq.token_ids[start : start + entry.num_new_tokens])
-            rows.append(PlanRow(new, start, tuple(seq.block_table), entry.samples))
+            rows.append(PlanRow(new, start, seq.block_table, entry.samples))
         return rows
 
     def build(
@@ -92,7 +93,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         prefills: list[attention.PrefillSegment] = []
-        decodes: list[tuple[int, int, tuple[int, ...]]] = []  # (packed row, context length, block table)
+        decodes: list[tuple[int, int, Sequence[int]]] = []  # (packed row, context length, block table)
         row = 0
         for entry in plan:
             n, start, table = len(entry.new_token_ids), entry.start, entry.block_table
@@ -120,7 +121,7 @@ class ModelRunner:
         """A long tensor of host ints on the runner's device (one host-to-device copy)."""
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _decode_buckets(self, decodes: list[tuple[int, int, tuple[int, ...]]]) -> list[attention.DecodeBucket]:
+    def _decode_buckets(self, decodes: list[tuple[int, int, Sequence[int]]]) -> list[attention.DecodeBucket]:
         """Group decode rows by context length so that padding stays a bounded share of the gather.
 
         Rows are taken longest first; a bucket accepts a row while the row's context is at least

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from engine.errors import EngineError
 from engine.kv_layout import KVLayout
-from engine.worker_api import Role
+from engine.worker_api import Role, free_port
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ STOP = "stop"  # what the driver broadcasts instead of a plan to end the followe
 STEP_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (a dead rank)
 
 STYLES = {"colwise", "rowwise"}  # the plan entries this module applies
+MAX_TENSOR_PARALLEL = 64  # a group's ranks are packed on one node: no node has more devices
 
 # The pools whose workers may be tensor-parallel groups: prefill and decode workers are one rank
 # until KV moves between pools of different parallelism (the deploy config refuses more, the
@@ -61,8 +62,8 @@ def check_degree(config, tp: int, model_name: str = "the model") -> None:
     """EngineError unless `tp` >= 1 divides the model's attention and KV heads."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if not isinstance(tp, int) or tp < 1:
-        raise EngineError(f"tensor_parallel must be a positive integer, got {tp!r}")
+    if not isinstance(tp, int) or not 1 <= tp <= MAX_TENSOR_PARALLEL:
+        raise EngineError(f"tensor_parallel must be an integer in [1, {MAX_TENSOR_PARALLEL}], got {tp!r}")
     if heads % tp or kv_heads % tp:
         raise EngineError(
             f"tensor_parallel {tp} does not divide the {heads} attention heads and {kv_heads} KV heads of "
@@ -243,14 +244,6 @@ def follow(runner, tp: TPGroup) -> int:
 LOCAL_TIMEOUT_S = 300.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _local_rank(fn, rank: int, size: int, port: int, device: str, threads: int, args: tuple, out) -> None:
     import os
     import traceback
@@ -281,7 +274,7 @@ def run_local_group(fn, size: int, *args, device: str = "cpu", threads: int = 1,
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_local_rank, args=(fn, r, size, port, device, threads, args, out), daemon=True)
         for r in range(size)

@@ -1,6 +1,7 @@
 """What every worker and the cluster above it share: the roles a worker serves in, the
-deployment modes, a worker's identity, ready and status records, its thread setup, and the one
-protocol every inner worker (encode, prefill, decode, colocated) implements.
+deployment modes, a worker's identity, ready and status records, its thread setup (and a free
+port for a rendezvous), and the one protocol every inner worker (encode, prefill, decode,
+colocated) implements.
 
 This module sits below the workers: `engine`, `kv_transfer`, `*_workers` and `cluster` all
 import it, and it imports nothing of the project. `triptych/types.py` mirrors `Role`, `Mode` and
@@ -123,3 +124,10 @@ def node_id() -> str:
 def worker_info(worker_id: str, role: Role) -> WorkerInfo:
     """This process's WorkerInfo (its node as `node_id` says)."""
     return WorkerInfo(worker_id, Role(role), node_id(), socket.gethostname(), os.getpid())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (a tensor-parallel group's rendezvous, a local server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

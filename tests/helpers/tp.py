@@ -3,8 +3,6 @@ the spawned rank processes of engine.tensor_parallel.run_local_group."""
 
 from __future__ import annotations
 
-from engine.tensor_parallel import run_local_group as run_ranks  # noqa: F401 - the tests' name for it
-
 
 def tiny_loaded(seed: int = 0, layers: int = 2):
     """The tests' tiny seeded Llama with the SmolLM2 tokenizer, as the `tiny` fixture builds it."""

@@ -90,6 +90,8 @@ def test_parallelism_that_is_not_built_is_refused():
     assert cfg.pools.colocated.tensor_parallel == 3  # each rank sees its one GPU as cuda:0
     err = _error(_with(pools={"prefill": {"tensor_parallel": 2}}))
     assert err.path == "pools.prefill.tensor_parallel" and "not built for the prefill pool" in err.reason
+    err = _error(_with(mode="colocated", pools={"colocated": {"tensor_parallel": 10**12}}))
+    assert err.path == "pools.colocated.tensor_parallel"
     err = _error(_with(pools={"colocated": {"pipeline_parallel": 2}}))
     assert err.path == "pools.colocated.pipeline_parallel" and "pipeline parallelism is not built" in err.reason
     err = _error(

@@ -14,7 +14,8 @@ from engine.kv_layout import KVLayout
 from engine.sequence import SamplingParams
 from engine.tensor_parallel import TPGroup, check_degree
 from tests.helpers.models import hf_greedy, tiny_llama_config
-from tests.helpers.tp import run_ranks, tiny_loaded
+from engine.tensor_parallel import run_local_group
+from tests.helpers.tp import tiny_loaded
 
 LENGTHS = [3, 9, 17, 30, 47, 64, 100, 161]  # prompt tokens: one block and many, chunked and not
 NEW_TOKENS = 24
@@ -55,7 +56,7 @@ def _colocated_rank(tp: TPGroup):
 
 
 def test_colocated_tp2_is_token_identical_to_transformers():
-    got = run_ranks(_colocated_rank, 2)
+    got = run_local_group(_colocated_rank, 2)
     for n, ref, out in zip(LENGTHS, got["reference"], got["tokens"]):
         assert out == ref, f"prompt of {n} tokens: TP=2 {out} != transformers {ref}"
     assert got["leak_free"]
@@ -77,8 +78,10 @@ def test_degree_must_divide_heads_and_kv_heads():
         check_degree(config, 4)
     with pytest.raises(EngineError, match="tensor_parallel 3 does not divide"):
         check_degree(config, 3)
-    with pytest.raises(EngineError, match="positive integer"):
+    with pytest.raises(EngineError, match="integer in \\[1, 64\\]"):
         check_degree(config, 0)
+    with pytest.raises(EngineError, match="integer in \\[1, 64\\]"):
+        check_degree(config, 2**40)
 
 
 def test_each_rank_layout_holds_its_own_kv_heads():
@@ -120,7 +123,7 @@ def _dying_rank(tp: TPGroup):
 def test_a_dead_rank_breaks_the_engine_at_once():
     """A rank that dies mid-request makes the driver's next forward raise WorkerBroken (the worker
     is replaced whole) instead of hanging or failing the request alone."""
-    steps, error, elapsed = run_ranks(_dying_rank, 2)
+    steps, error, elapsed = run_local_group(_dying_rank, 2)
     assert error is not None and "tensor-parallel group failed" in error, (steps, error)
     assert steps == 3 and elapsed < 60
 
@@ -150,6 +153,6 @@ def _sparse_rank(tp: TPGroup):
 
 
 def test_sparse_prefill_under_tp2_equals_one_rank():
-    single, sharded, dense = run_ranks(_sparse_rank, 2)
+    single, sharded, dense = run_local_group(_sparse_rank, 2)
     assert sharded == single
     assert single != dense  # the sparse setting does change the output: the check can fail

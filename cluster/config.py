@@ -46,7 +46,7 @@ from engine.device import DEVICE_CHOICES, check_device, wants_gpu
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.tensor_parallel import MAX_TENSOR_PARALLEL, TP_ROLES
 from engine.worker_api import Mode, Role
-from kv_transfer.registry import transport_info
+from kv_transfer.registry import known_backends, transport_info
 
 T = TypeVar("T")
 
@@ -155,8 +155,8 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     if tp > 1 and role not in TP_ROLES:
         s.fail(
             "tensor_parallel",
-            f"{tp} is not built for the {role.value} pool yet: tensor parallelism runs in the colocated pool "
-            "(KV between pools of different parallelism is not built); use tensor_parallel 1 here",
+            f"{tp}: the {role.value} pool has no language model to split; tensor parallelism runs in the "
+            f"{', '.join(sorted(r.value for r in TP_ROLES))} pools; use tensor_parallel 1 here",
         )
     out = PoolConfig(
         role=role,
@@ -351,6 +351,23 @@ def _check_transport(cfg: DeployConfig, root: Section) -> None:
     """The registry's flags of the chosen transport hold for the pools that use it."""
     info = transport_info(cfg.transport.backend.value)
     pools = cfg.transport_pools()
+    split = [
+        p for p in (cfg.pools.prefill, cfg.pools.decode) if cfg.mode is Mode.DISAGGREGATED and p.tensor_parallel > 1
+    ]
+    for pool in split:
+        if not info.tensor_parallel:
+            root.fail(
+                "transport.backend",
+                f"{info.name!r} connects one sender to one cache, but pools.{pool.role.value}.tensor_parallel is "
+                f"{pool.tensor_parallel}; KV between tensor-parallel workers moves over "
+                f"{' or '.join(n for n in known_backends() if transport_info(n).tensor_parallel)}",
+            )
+        if cfg.role_switching.enabled:
+            root.fail(
+                "role_switching.enabled",
+                f"pools.{pool.role.value}.tensor_parallel is {pool.tensor_parallel}: a tensor-parallel group keeps "
+                "its role; switch roles with workers of tensor_parallel 1",
+            )
     if pools and info.same_node_only and cfg.may_span_nodes():
         root.fail(
             "transport.backend",

@@ -371,7 +371,9 @@ def _spawner(
             Role.PREFILL: PrefillOptions(
                 engine_config(config, p.prefill), backend=backend, streaming=config.transport.streaming
             ),
-            Role.DECODE: DecodeOptions(engine_config(config, p.decode), backend=backend),
+            Role.DECODE: DecodeOptions(
+                engine_config(config, p.decode), backend=backend, senders=p.prefill.tensor_parallel
+            ),
         }
     # With encode_prefill, encode- and prefill-pool workers hold the vision tower and the language
     # model, so each can take the other's role; decode-pool workers keep only the language model.
@@ -405,6 +407,7 @@ def _spawner(
                 .options(**_actor_options(pool, name))
                 .remote(worker_id, model_path, worker_opts, threads, role, epoch)
             )
+        worker_opts = {role: worker_opts[role]}  # a tensor-parallel group keeps its role
         spec = _tp_group(pool, name, groups.pop(worker_id, None))
         groups[worker_id] = spec.placement_group
         return (

@@ -13,7 +13,8 @@ follower breaks rank 0's next collective (the engine raises WorkerBroken, the st
 is seen at once by rank 0's ready() / status() (its run() call ended), so the worker reports itself
 dead and the supervisor replaces the whole group (the controller removes the old placement group
 before it spawns the new one). A follower that fails to start fails rank 0's constructor at once
-with its reason (`join_watching`). Only colocated workers have tensor-parallel groups so far.
+with its reason (`join_watching`). Colocated, prefill and decode workers can be groups; a group
+keeps its role (role switching is for workers of one rank).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
+from decode_workers.decode_core import decode_follower
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LoadedModel, follower
 from engine.tensor_parallel import TPGroup
-from engine.worker_api import free_port, setup_threads
+from engine.worker_api import Role, free_port, setup_threads
+from prefill_workers.prefill_core import prefill_follower
 
 GROUP_READY_TIMEOUT_S = 300.0  # rank 0 waits this long for the other ranks to join
 
@@ -60,12 +62,14 @@ def rendezvous_address() -> str:
 
 class TPRankActor:
     """Rank r > 0 of a worker's group: the model's shard and this rank's KV heads; it runs the
-    forwards rank 0 broadcasts (engine.llm_engine.follower) inside `run()` until rank 0 stops."""
+    forwards rank 0 broadcasts inside `run()` until rank 0 stops (the role's follower: a colocated
+    rank computes, a prefill rank also sends its KV heads, a decode rank's cache receives them)."""
 
-    def __init__(self, worker_id: str, rank: int, size: int, model: str | None, engine: EngineConfig, threads: int):
+    def __init__(self, worker_id: str, rank: int, size: int, model: str | None, role: Role, options, threads: int):
         setup_threads(threads)
         self.worker_id, self.rank, self.size = worker_id, rank, size
-        self.engine = engine
+        self.role, self.options = role, options
+        engine = options.engine
         self.loaded = LoadedModel.load(model, engine.dtype, engine.placement().device)
 
     def run(self, address: str) -> int:
@@ -73,7 +77,11 @@ class TPRankActor:
         rank 0 stops the group. Raises when the group breaks (rank 0 died)."""
         tp = TPGroup.join(self.rank, self.size, self.loaded.device, address, timeout_s=GROUP_READY_TIMEOUT_S)
         try:
-            return follower(self.engine, self.loaded, tp)
+            if self.role is Role.PREFILL:
+                return prefill_follower(self.options, self.loaded, tp)
+            if self.role is Role.DECODE:
+                return decode_follower(self.options, self.loaded, tp)
+            return follower(self.options.engine, self.loaded, tp)
         finally:
             tp.leave()
 
@@ -106,7 +114,7 @@ def join_watching(join: Callable[[], TPGroup], ended: Callable[[], str | None], 
 class RankGroup:
     """Rank 0's view of its followers: started, joined, and watched."""
 
-    def __init__(self, worker_id: str, spec: TPSpec, model: str | None, engine: EngineConfig, device) -> None:
+    def __init__(self, worker_id: str, spec: TPSpec, model: str | None, role: Role, options, device) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -119,7 +127,7 @@ class RankGroup:
             actor = (
                 ray.remote(TPRankActor)
                 .options(**spec.rank_resources, scheduling_strategy=strategy, max_restarts=0, name=f"{base}-rank{rank}")
-                .remote(worker_id, rank, spec.size, model, engine, spec.threads)
+                .remote(worker_id, rank, spec.size, model, role, options, spec.threads)
             )
             self.actors.append(actor)
             self.runs.append(actor.run.remote(address))

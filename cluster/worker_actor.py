@@ -88,8 +88,8 @@ class WorkerActor:
         what the encode role switches to.
         loaded / vision: weights already in memory (tests); else `model` (when a role needs the
         language model) and the vision tower (with ENCODE among the options) are loaded.
-        tp: this actor is rank 0 of a tensor-parallel group (cluster/tp_group.py), a colocated
-        worker; it starts the other ranks and its engine drives them."""
+        tp: this actor is rank 0 of a tensor-parallel group (cluster/tp_group.py) of a worker of
+        one role; it starts the other ranks and its engine drives them."""
         if role not in options:
             raise ValueError(f"worker {worker_id}: no options for role {role.value}")
         if Role.ENCODE in options and len(options) > 1 and Role.PREFILL not in options:
@@ -106,12 +106,12 @@ class WorkerActor:
             self.loaded = LoadedModel.load(model, engine.dtype, engine.placement().device)
         self.group: RankGroup | None = None
         if tp is not None and tp.size > 1:
-            if not set(options) <= TP_ROLES:
+            if role not in TP_ROLES or len(options) > 1:
                 raise ValueError(
-                    f"worker {worker_id}: tensor parallelism is built for {', '.join(r.value for r in TP_ROLES)} workers only"
+                    f"worker {worker_id}: tensor parallelism is built for workers of one role among "
+                    f"{', '.join(sorted(r.value for r in TP_ROLES))} (its ranks follow that role's forwards)"
                 )
-            engine = options[Role.COLOCATED].engine
-            self.group = RankGroup(worker_id, tp, model, engine, self.loaded.device)
+            self.group = RankGroup(worker_id, tp, model, role, options[role], self.loaded.device)
         self.vision = vision
         self._inproc: InProcessEncoder | None = None
         if Role.ENCODE in options and vision is None:
@@ -126,16 +126,14 @@ class WorkerActor:
         opts = self.options[role]
         if role is Role.ENCODE:
             return EncodeWorker(self.worker_id, opts, self.vision)
+        tp = self.group.tp if self.group else None
         if role is Role.PREFILL:
-            return PrefillWorker(self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir))
+            encoder = self._in_process_encoder(opts.image_encoder_dir)
+            return PrefillWorker(self.worker_id, opts, self.loaded, encoder, tp=tp)
         if role is Role.DECODE:
-            return DecodeWorker(self.worker_id, opts, self.loaded)
+            return DecodeWorker(self.worker_id, opts, self.loaded, tp=tp)
         return ColocatedWorker(
-            self.worker_id,
-            opts,
-            self.loaded,
-            self._in_process_encoder(opts.image_encoder_dir),
-            tp=self.group.tp if self.group else None,
+            self.worker_id, opts, self.loaded, self._in_process_encoder(opts.image_encoder_dir), tp=tp
         )
 
     def _in_process_encoder(self, model_dir: str | None) -> InProcessEncoder | None:

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, LoadedModel
+from engine.llm_engine import LLMEngine, LoadedModel, tp_runner
 from engine.sequence import SamplingParams, StepOutput
+from engine.tensor_parallel import TPGroup, follow
 from kv_transfer.base import TransferError
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
@@ -35,6 +36,8 @@ class DecodeOptions:
     backend: str = "shm"
     lease_s: float = 300.0  # longest lease a reservation may ask for
     activate_timeout_s: float = 30.0  # how long activate() waits for the last KV layer to land
+    # The prefill pool's tensor_parallel: each of a prefill worker's ranks sends its own KV heads.
+    senders: int = 1
 
 
 @dataclass
@@ -44,12 +47,24 @@ class _Reservation:
 
 
 class DecodeCore:
-    def __init__(self, options: DecodeOptions, loaded: LoadedModel) -> None:
+    def __init__(self, options: DecodeOptions, loaded: LoadedModel, tp: TPGroup | None = None) -> None:
+        """tp: this core is rank 0 of a tensor-parallel group whose other ranks run
+        `decode_follower`: each rank's cache holds its KV heads, and the receiver's descriptors
+        name every rank's cache, so prefill ranks write each rank's heads straight into it."""
         self.options = options
-        self.layout = loaded.kv_layout(options.engine.block_size)
-        self.receiver = get_backend(options.backend).Receiver(self.layout)
-        kv = self.receiver.allocate_cache(options.engine.num_kv_blocks)
-        self.engine = LLMEngine(options.engine, loaded, kv=kv)
+        cfg = options.engine
+        self.layout = loaded.kv_layout(cfg.block_size)  # the model's: what ready() reports
+        tp = tp or TPGroup.single(cfg.placement().device)
+        self.receiver = get_backend(options.backend).Receiver(tp.local_layout(self.layout), senders=options.senders)
+        try:
+            kv = self.receiver.allocate_cache(cfg.num_kv_blocks)
+            ranks = tp.gather(None)[1:]  # the followers' (layout, cache handle)
+            if ranks:
+                self.receiver.add_ranks(ranks)
+            self.engine = LLMEngine(cfg, loaded, kv=kv, tp=tp)
+        except BaseException:
+            self.receiver.close()
+            raise
         self._reserved: dict[str, _Reservation] = {}
         self._quarantine: list[tuple[float, list[int]]] = []
 
@@ -155,4 +170,19 @@ class DecodeCore:
         return not self._reserved and not self._quarantine and not self.engine.has_unfinished()
 
     def close(self) -> None:
+        self.engine.close()  # ends a tensor-parallel group's followers
         self.receiver.close()
+
+
+def decode_follower(options: DecodeOptions, loaded: LoadedModel, tp: TPGroup) -> int:
+    """Rank tp.rank > 0 of a tensor-parallel decode worker: makes its cache (its KV heads) where
+    the prefill ranks can write it, hands its handle to rank 0's receiver, then runs rank 0's
+    forwards until it stops (engine/tensor_parallel.py follow); returns the forwards run."""
+    cfg = options.engine
+    layout = tp.local_layout(loaded.kv_layout(cfg.block_size))
+    cache = get_backend(options.backend).Receiver.rank_cache(layout, cfg.num_kv_blocks, tp.device)
+    try:
+        tp.gather((layout, cache.handle))
+        return follow(tp_runner(loaded.placed_on(tp.device), cfg, tp, cache.kv), tp)
+    finally:
+        cache.close()

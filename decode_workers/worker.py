@@ -13,15 +13,17 @@ from decode_workers.decode_core import DecodeCore, DecodeOptions
 from decode_workers.step_loop import SteppedWorker
 from engine.llm_engine import LoadedModel
 from engine.sequence import SamplingParams, StepOutput
+from engine.tensor_parallel import TPGroup
 from engine.worker_api import Role, worker_info
 from kv_transfer.layout import TransferDescriptor
 
 
 class DecodeWorker(SteppedWorker):
-    def __init__(self, worker_id: str, options: DecodeOptions, loaded: LoadedModel) -> None:
-        """loaded: weights already in this process (a role switch reuses them)."""
+    def __init__(self, worker_id: str, options: DecodeOptions, loaded: LoadedModel, tp: TPGroup | None = None) -> None:
+        """loaded: weights already in this process (a role switch reuses them); tp: the
+        tensor-parallel group this worker drives (DecodeCore)."""
         info = worker_info(worker_id, Role.DECODE)
-        super().__init__(info, DecodeCore(options, loaded), f"decode worker {worker_id}")
+        super().__init__(info, DecodeCore(options, loaded, tp), f"decode worker {worker_id}")
 
     async def reserve(
         self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None

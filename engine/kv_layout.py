@@ -19,6 +19,7 @@ pool sizes can exchange KV (kv_transfer checks every field of the layout at hand
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,15 @@ class KVLayout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(model_id, dtype, config.num_hidden_layers, kv_heads, head_dim, block_size)
+
+    @property
+    def kv_heads(self) -> range:
+        """The model's KV heads this cache holds: all of them, or a tensor-parallel rank's range."""
+        return range(self.kv_head_start, self.kv_head_start + self.num_kv_heads)
+
+    def with_heads(self, heads: range) -> KVLayout:
+        """The same cache holding KV heads `heads` (a rank's part, or the whole of a group's)."""
+        return dataclasses.replace(self, num_kv_heads=len(heads), kv_head_start=heads.start)
 
     # ------------------------------------------------------------ types and sizes
     @property

@@ -157,9 +157,10 @@ class ModelRunner:
         on_layer_done: Callable[[int], None] | None = None,
         sparse: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        extra: object = None,
     ) -> ForwardResult:
         plan = self.plan(batch)
-        logits = self.forward_plan(plan, on_layer_done, sparse, inputs_embeds)
+        logits = self.forward_plan(plan, on_layer_done, sparse, inputs_embeds, extra)
         return ForwardResult(logits, [entry for entry, p in zip(batch, plan) if p.samples])
 
     @torch.inference_mode()
@@ -169,10 +170,12 @@ class ModelRunner:
         on_layer_done: Callable[[int], None] | None = None,
         sparse: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        extra: object = None,
     ) -> torch.Tensor:
         """The float logits [sampled rows, vocab] of a forward over `plan` (the sampled rows in
-        plan order); a tensor-parallel driver has its followers run the same forward."""
-        self.tp.broadcast_plan((plan, sparse), inputs_embeds)
+        plan order); a tensor-parallel driver has its followers run the same forward (`extra`
+        goes with the plan to them: what else they do with it, tensor_parallel.follow)."""
+        self.tp.broadcast_plan((plan, sparse, extra), inputs_embeds)
         hidden = self._hidden(plan, on_layer_done, sparse, inputs_embeds)
         ends, row = [], 0
         for p in plan:
@@ -183,11 +186,16 @@ class ModelRunner:
         return logits.float()
 
     @torch.inference_mode()
-    def run_plan(self, message: tuple[list[PlanRow], object], inputs_embeds: torch.Tensor | None) -> None:
+    def run_plan(
+        self,
+        plan: list[PlanRow],
+        sparse: object,
+        inputs_embeds: torch.Tensor | None,
+        on_layer_done: Callable[[int], None] | None = None,
+    ) -> None:
         """A tensor-parallel follower's part of the driver's forward (engine/tensor_parallel.py):
         the same layers on this rank's heads and cache; the driver samples."""
-        plan, sparse = message
-        self._hidden(plan, None, sparse, inputs_embeds)
+        self._hidden(plan, on_layer_done, sparse, inputs_embeds)
 
     def _hidden(self, plan, on_layer_done, sparse, inputs_embeds) -> torch.Tensor:
         input_ids, positions, meta = self.build_plan(plan, on_layer_done, sparse)

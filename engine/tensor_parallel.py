@@ -31,7 +31,6 @@ sends STOP (or the group breaks, which ends them with an error).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import time
@@ -52,10 +51,10 @@ STEP_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (a dead
 STYLES = {"colwise", "rowwise"}  # the plan entries this module applies
 MAX_TENSOR_PARALLEL = 64  # a group's ranks are packed on one node: no node has more devices
 
-# The pools whose workers may be tensor-parallel groups: prefill and decode workers are one rank
-# until KV moves between pools of different parallelism (the deploy config refuses more, the
-# planner proposes no more).
-TP_ROLES = frozenset({Role.COLOCATED})
+# The pools whose workers may be tensor-parallel groups (every pool with a language model). KV
+# between prefill and decode workers of different TP moves over the same-node transports, which
+# write each rank's heads in place (kv_transfer/shm.py).
+TP_ROLES = frozenset({Role.COLOCATED, Role.PREFILL, Role.DECODE})
 
 
 def check_degree(config, tp: int, model_name: str = "the model") -> None:
@@ -193,7 +192,8 @@ class TPGroup:
         if layout.num_kv_heads % self.size:
             raise EngineError(f"{layout.num_kv_heads} KV heads do not split over {self.size} ranks")
         n = layout.num_kv_heads // self.size
-        return dataclasses.replace(layout, num_kv_heads=n, kv_head_start=layout.kv_head_start + self.rank * n)
+        start = layout.kv_head_start + self.rank * n
+        return layout.with_heads(range(start, start + n))
 
     # ---------------------------------------------------------------- steps
     def broadcast_plan(self, plan: object, embeds: torch.Tensor | None = None) -> None:
@@ -216,6 +216,14 @@ class TPGroup:
                 log.warning("stopping the tensor-parallel group: %s", exc)
             self.stopped = True
 
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj` in rank order; every rank calls it at the same point."""
+        if self.size == 1:
+            return [obj]
+        out: list[object] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def receive_plan(self) -> tuple[object, torch.Tensor | None]:
         """Follower: the next plan (STOP at the end) and the image embeddings that come with it."""
         box: list[object] = [None]
@@ -228,15 +236,21 @@ class TPGroup:
         return plan, embeds
 
 
-def follow(runner, tp: TPGroup) -> int:
+def follow(runner, tp: TPGroup, work=None) -> int:
     """A follower rank's loop: run every forward the driver broadcasts on `runner` (this rank's
-    shard and cache) until STOP; returns the number of forwards run."""
+    shard and cache) until STOP; returns the number of forwards run. work(plan, sparse, extra,
+    embeds), when given, runs each forward instead (a prefill rank sends its KV heads as it goes);
+    `extra` is what the driver's forward passed for its followers."""
     steps = 0
     while True:
-        plan, embeds = tp.receive_plan()
-        if plan == STOP:
+        message, embeds = tp.receive_plan()
+        if message == STOP:
             return steps
-        runner.run_plan(plan, embeds)
+        plan, sparse, extra = message  # type: ignore[misc]
+        if work is None:
+            runner.run_plan(plan, sparse, embeds)
+        else:
+            work(plan, sparse, extra, embeds)
         steps += 1
 
 

@@ -30,14 +30,16 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from engine.kv_layout import KVLayout
+from kv_transfer.registry import transport_info
 from kv_transfer.layout import (
+    HandshakeError,
     PayloadSpec,
     TransferDescriptor,
     TransferMetadata,
@@ -84,6 +86,16 @@ class TransferState:
     error: str | None = None
 
 
+@dataclass
+class RankCache:
+    """A follower rank's receive cache: the tensor, the handle senders open it by, and what
+    frees it (called by the rank when it ends)."""
+
+    kv: torch.Tensor
+    handle: object
+    close: Callable[[], None]
+
+
 class KVReceiver(ABC):
     """Receiving end; owns the destination cache and every resource it creates.
 
@@ -99,9 +111,35 @@ class KVReceiver(ABC):
 
     backend_name: ClassVar[str]
 
-    def __init__(self, layout: KVLayout) -> None:
+    def __init__(self, layout: KVLayout, *, senders: int = 1) -> None:
+        """layout: this process's cache. senders: how many senders fill each transfer (the
+        ranks of a tensor-parallel prefill worker, each sending its own KV heads)."""
+        if not isinstance(senders, int) or senders < 1:
+            raise ValueError(f"senders must be a positive int, got {senders!r}")
+        if senders > 1 and not transport_info(self.backend_name).tensor_parallel:
+            raise ValueError(self._one_rank_only())
         self.layout = layout
+        self.whole = layout  # what senders see: this cache's layout, or its group's (add_ranks)
+        self.senders = senders
         self.kv: torch.Tensor | None = None
+
+    @classmethod
+    def _one_rank_only(cls) -> str:
+        return (
+            f"the {cls.backend_name} KV transport connects one sender to one cache: workers of tensor_parallel > 1 "
+            f"in the prefill or decode pool need one that writes each rank's heads in place (kv_transfer/registry.py)"
+        )
+
+    @classmethod
+    def rank_cache(cls, layout: KVLayout, num_blocks: int, device: torch.device) -> RankCache:
+        """The cache of a follower rank of a tensor-parallel receiver (its KV heads), made where
+        senders can write it; its handle goes to rank 0's receiver (add_ranks)."""
+        raise ValueError(cls._one_rank_only())
+
+    def add_ranks(self, ranks: Sequence[tuple[KVLayout, object]]) -> None:
+        """Rank 0 of a tensor-parallel receiver: the other ranks' layouts and cache handles
+        (rank_cache); senders then write each rank's heads into that rank's cache."""
+        raise ValueError(self._one_rank_only())
 
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
         """Allocate the worker's KV cache where this transport can write it, and register it."""
@@ -115,7 +153,7 @@ class KVReceiver(ABC):
 
     def handshake(self, peer_layout: KVLayout) -> None:
         """Raise HandshakeError naming the first field where the peer's layout differs."""
-        check_compatible(self.layout, peer_layout)
+        check_compatible(self.whole, peer_layout)
 
     def _make_metadata(
         self,
@@ -143,7 +181,7 @@ class KVReceiver(ABC):
             raise ValueError(f"duplicate payload names {names}")
         return TransferMetadata(
             request_id=request_id,
-            layout_hash=compat_hash(self.layout),
+            layout_hash=compat_hash(self.whole),
             dst_block_ids=dst,
             num_tokens=num_tokens,
             layer_start=layers.start if len(layers) else 0,
@@ -250,11 +288,23 @@ class KVSender(ABC):
     def __init__(self, layout: KVLayout) -> None:
         self.layout = layout
 
-    def _check_descriptor(self, desc: TransferDescriptor) -> None:
+    def _check_descriptor(self, desc: TransferDescriptor, parts: int = 1) -> int:
+        """Check `desc` against this sender; returns which of the transfer's `parts` senders
+        this one is. A tensor-parallel sender is one of `parts` equal parts of its group's KV
+        heads (its layout's `kv_heads`); the receiver's descriptor describes the whole group's
+        layout, which the parts together must make up. One sender (parts 1) holds every head."""
         if desc.backend != self.backend_name:
             raise ValueError(f"descriptor is for backend {desc.backend!r}, not {self.backend_name!r}")
-        check_compatible(self.layout, desc.layout)
-        desc.meta.check_against(self.layout)
+        n, start = self.layout.num_kv_heads, self.layout.kv_head_start
+        if start % n or start // n >= parts:
+            raise HandshakeError(
+                f"this sender holds KV heads {start}..{start + n - 1}, not one of the {parts} equal parts "
+                f"of the heads the receiver expects senders for"
+            )
+        whole = self.layout.with_heads(range(0, n * parts))
+        check_compatible(whole, desc.layout)
+        desc.meta.check_against(whole)
+        return start // n
 
     @abstractmethod
     def connect(self, desc: TransferDescriptor) -> None:

@@ -100,8 +100,8 @@ class _RecvRequest:
 class ChannelReceiver(KVReceiver):
     """Receiver half; subclasses give the link and where staging buffers live."""
 
-    def __init__(self, layout, *, host: str | None = None, timeout: float = 120.0) -> None:
-        super().__init__(layout)
+    def __init__(self, layout, *, host: str | None = None, timeout: float = 120.0, senders: int = 1) -> None:
+        super().__init__(layout, senders=senders)
         self.host = host or default_host()
         self.timeout = timeout
         self.receiver_id = uuid.uuid4().hex

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from kv_transfer.base import KVReceiver, TransferBackend
+from kv_transfer.base import KVReceiver, RankCache, TransferBackend
 from kv_transfer.blocks import copy_blocks
 from kv_transfer.layout import PayloadSpec, TransferMetadata
 from kv_transfer.shm import ShmEndpoint, ShmReceiver, ShmSender
@@ -55,6 +55,11 @@ class CudaIpcReceiver(ShmReceiver):
     def _cache_handle(self) -> object:
         return export_cuda(self.kv) if self.kv is not None else None
 
+    @staticmethod
+    def rank_cache(layout, num_blocks: int, device) -> RankCache:
+        kv = layout.new_cache(num_blocks, device)
+        return RankCache(kv, export_cuda(kv), lambda: None)  # freed with the rank's process
+
     def _alloc_payloads(self, request_id: str, specs: Sequence[PayloadSpec]):
         tensors = {s.name: torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in specs}
         return tuple(export_cuda(t) for t in tensors.values()), tensors, None
@@ -68,8 +73,12 @@ class CudaIpcSender(ShmSender):
         self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
         self._stream = torch.cuda.Stream(self.device)
 
-    def _open_cache(self, ep: ShmEndpoint, cached: torch.Tensor | None) -> torch.Tensor:
-        return import_cuda(ep.cache)  # always rebuild: it settles this export's ref-count
+    def _open_cache(self, layout, handle: object, rank: int, cached: torch.Tensor | None) -> torch.Tensor:
+        # Rank 0's handle is a fresh export per descriptor: rebuilding it settles that export's
+        # ref-count. A follower rank exports its cache once (rank_cache): opened once per sender.
+        if rank > 0 and cached is not None:
+            return cached
+        return import_cuda(handle)
 
     def _open_payloads(self, meta: TransferMetadata, ep: ShmEndpoint) -> dict[str, torch.Tensor]:
         return {s.name: import_cuda(h) for s, h in zip(meta.payloads, ep.payloads)}

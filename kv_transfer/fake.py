@@ -40,8 +40,8 @@ class FakeEndpoint:
 class FakeReceiver(KVReceiver):
     backend_name = "fake"
 
-    def __init__(self, layout) -> None:
-        super().__init__(layout)
+    def __init__(self, layout, *, senders: int = 1) -> None:
+        super().__init__(layout, senders=senders)
         self.requests: dict[str, _Request] = {}
 
     def prepare(self, request_id, dst_block_ids, *, num_tokens=None, layers=None, payloads: Sequence[PayloadSpec] = ()):

@@ -6,9 +6,10 @@ nothing (no torch either), so the deploy schema takes its `transport.backend` na
 from here at load.
 
 Each entry says where its transport works: `same_node_only` (sender and receiver must share a
-machine: shared memory, CUDA IPC handles, or one process for the fake) and `needs_cuda` (it moves
-CUDA tensors, so every worker using it needs a GPU). The deploy loader refuses a deployment that
-breaks either (cluster/config.py).
+machine: shared memory, CUDA IPC handles, or one process for the fake), `needs_cuda` (it moves
+CUDA tensors, so every worker using it needs a GPU) and `tensor_parallel` (it connects prefill and
+decode workers of tensor_parallel > 1). The deploy loader refuses a deployment that breaks any
+(cluster/config.py).
 """
 
 from __future__ import annotations
@@ -29,17 +30,27 @@ class TransportInfo:
     target: str  # "module:Class" of its TransferBackend
     same_node_only: bool = False
     needs_cuda: bool = False
+    # Moves KV between tensor-parallel groups: several senders per transfer (one per prefill rank,
+    # each with its heads) into a cache spread over the receiving ranks; the same-node transports
+    # that write in place do (kv_transfer/shm.py).
+    tensor_parallel: bool = False
 
 
 _BACKENDS: dict[str, TransportInfo] = {
     t.name: t
     for t in (
         TransportInfo("fake", "kv_transfer.fake:FakeBackend", same_node_only=True),  # in-process, for tests
-        TransportInfo("shm", "kv_transfer.shm:ShmBackend", same_node_only=True),  # POSIX shared memory
+        TransportInfo(
+            "shm", "kv_transfer.shm:ShmBackend", same_node_only=True, tensor_parallel=True
+        ),  # POSIX shared memory
         TransportInfo("gloo", "kv_transfer.gloo:GlooBackend"),  # TCP between CPUs, across nodes
         TransportInfo(
-            "cuda_ipc", "kv_transfer.cuda_ipc:CudaIpcBackend", same_node_only=True, needs_cuda=True
-        ),  # one GPU
+            "cuda_ipc",
+            "kv_transfer.cuda_ipc:CudaIpcBackend",
+            same_node_only=True,
+            needs_cuda=True,
+            tensor_parallel=True,
+        ),  # GPUs of one node
         TransportInfo("nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True),  # across GPUs and nodes
     )
 }

@@ -11,6 +11,16 @@ and a killed receiver's segments are found by `segment.cleanup_stale()`.
 
 The sender copies on one background thread so send_layer returns at once and the copy of layer
 l overlaps the compute of layer l+1; finish() waits for the copies.
+
+Tensor parallelism on either side. A tensor-parallel decode worker's cache is spread over its
+ranks, each holding a range of the KV heads (KVLayout.kv_heads): every follower rank makes its
+cache with `rank_cache` (a segment of its own) and rank 0's receiver learns their handles
+(`add_ranks`), so a descriptor names every rank's cache. A tensor-parallel prefill worker is
+`senders` senders, one per rank: the receiver opens one control slot per sender for each request,
+and each sender copies the heads it holds into the caches of the decode ranks that hold them (the
+overlap of the two ranges; one copy per pair of ranks, straight between the caches), then raises
+its own slot's flag. An item has landed when every sender's flag is up. So prefill TP a -> decode
+TP b works for any a, b dividing the KV heads, with each byte copied once.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 from kv_transfer.base import (
     KVReceiver,
     KVSender,
+    RankCache,
     TransferBackend,
     TransferError,
     TransferState,
@@ -35,7 +46,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.blocks import check_layer_blocks, copy_blocks
 from kv_transfer.control import ControlBlock, StateCode
-from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata
+from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata, check_compatible
 from kv_transfer.segment import Segment, pid_alive
 
 _ALIGN = 64
@@ -44,35 +55,53 @@ _ALIGN = 64
 @dataclass(frozen=True)
 class ShmEndpoint:
     receiver_id: str  # unique per receiver: key of the sender's cached mappings
-    cache: object  # shm: (cache segment name, num_blocks); cuda_ipc: an IPC handle
+    # Per receiving rank: (its first KV head, its number of KV heads, its cache handle); the handle
+    # is (segment name, num_blocks) for shm, an IPC handle for cuda_ipc. One entry without TP.
+    caches: tuple[tuple[int, int, object], ...]
     ctl_name: str
     num_slots: int
     max_items: int
-    slot: int
-    gen: int
+    slots: tuple[tuple[int, int], ...]  # (slot, generation) per sender, in head order
     payloads: tuple[object, ...] = ()  # one handle per PayloadSpec of the metadata
 
 
 @dataclass
 class _RecvRequest:
     meta: TransferMetadata
-    slot: int
-    gen: int
+    slots: list[tuple[int, int]]  # (slot, generation) per sender
     payloads: dict[str, torch.Tensor]
     segment: Segment | None = None
+
+
+def _shm_rank_cache(layout, num_blocks: int, device) -> RankCache:
+    seg = Segment.create("kv", layout.bytes_per_block() * num_blocks)
+    return RankCache(seg.tensor(layout.torch_dtype, layout.cache_shape(num_blocks)), (seg.name, num_blocks), seg.unlink)
 
 
 class ShmReceiver(KVReceiver):
     backend_name = "shm"
 
-    def __init__(self, layout, *, max_requests: int = 256, max_payloads: int = 8) -> None:
-        super().__init__(layout)
+    def __init__(self, layout, *, max_requests: int = 256, max_payloads: int = 8, senders: int = 1) -> None:
+        super().__init__(layout, senders=senders)
         self.receiver_id = uuid.uuid4().hex
-        self._ctl = ControlBlock.create(max_requests, layout.num_layers + max_payloads)
+        num_slots = max_requests * senders
+        self._ctl = ControlBlock.create(num_slots, layout.num_layers + max_payloads)
         self._cache_segment: Segment | None = None
-        self._free_slots = list(range(max_requests - 1, -1, -1))
+        self._free_slots = list(range(num_slots - 1, -1, -1))
         self._gens = itertools.count(1)
         self._requests: dict[str, _RecvRequest] = {}
+        self._ranks: tuple[tuple[int, int, object], ...] = ()  # the follower ranks' caches (add_ranks)
+
+    rank_cache = staticmethod(_shm_rank_cache)
+
+    def add_ranks(self, ranks) -> None:
+        heads = [self.layout.kv_heads] + [lay.kv_heads for lay, _ in ranks]
+        for lay, _ in ranks:
+            check_compatible(self.layout.with_heads(lay.kv_heads), lay)  # the same cache but its heads
+        if self.layout.kv_head_start != 0 or any(a.stop != b.start for a, b in zip(heads, heads[1:])):
+            raise ValueError(f"the ranks' KV heads {[(h.start, h.stop) for h in heads]} are not one range from 0")
+        self._ranks = tuple((lay.kv_head_start, lay.num_kv_heads, handle) for lay, handle in ranks)
+        self.whole = self.layout.with_heads(range(0, heads[-1].stop))
 
     # -- hooks the CUDA IPC receiver overrides -------------------------------------------
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
@@ -111,40 +140,50 @@ class ShmReceiver(KVReceiver):
         meta = self._make_metadata(request_id, dst_block_ids, num_tokens, layers, payloads)
         if len(meta.payloads) > self._ctl.max_items - self.layout.num_layers:
             raise ValueError(f"at most {self._ctl.max_items - self.layout.num_layers} payloads")
-        if not self._free_slots:
+        senders = self.senders if len(meta.layers) else 1  # payloads come from one sender
+        if len(self._free_slots) < senders:
             raise RuntimeError(f"all {self._ctl.num_slots} transfer slots are in use")
         handles, tensors, seg = self._alloc_payloads(request_id, meta.payloads) if meta.payloads else ((), {}, None)
-        slot, gen = self._free_slots.pop(), next(self._gens)
-        self._ctl.open_slot(slot, gen, meta.num_items)
-        self._requests[request_id] = _RecvRequest(meta, slot, gen, tensors, seg)
+        slots = [(self._free_slots.pop(), next(self._gens)) for _ in range(senders)]
+        for slot, gen in slots:
+            self._ctl.open_slot(slot, gen, meta.num_items)
+        self._requests[request_id] = _RecvRequest(meta, slots, tensors, seg)
+        mine = (self.layout.kv_head_start, self.layout.num_kv_heads, self._cache_handle())
         endpoint = ShmEndpoint(
             self.receiver_id,
-            self._cache_handle(),
+            (mine, *self._ranks),
             self._ctl.segment.name,
             self._ctl.num_slots,
             self._ctl.max_items,
-            slot,
-            gen,
+            tuple(slots),
             handles,
         )
-        return TransferDescriptor(self.backend_name, meta, self.layout, endpoint)
+        return TransferDescriptor(self.backend_name, meta, self.whole, endpoint)
 
     def poll(self, request_id):
         r = self._requests[request_id]
-        code, pid, done = self._ctl.snapshot(r.slot, r.gen)
+        parts = [self._ctl.snapshot(slot, gen) for slot, gen in r.slots]
+        done = parts[0][2].copy()
+        for _, _, d in parts[1:]:
+            done &= d  # an item has landed when every sender's part has
         n_layers = len(r.meta.layers)
         layers = frozenset(r.meta.layer_start + i for i in range(n_layers) if done[i])
         names = frozenset(p.name for i, p in enumerate(r.meta.payloads) if done[n_layers + i])
+        codes = [code for code, _, _ in parts]
+        dead = [pid for _, pid, _ in parts if pid and not pid_alive(pid)]
         error = None
-        if code in (StateCode.CANCELLED, StateCode.FAILED):
-            status = code.status
-            error = "aborted by sender" if code is StateCode.CANCELLED else "sender failed"
+        if StateCode.CANCELLED in codes:
+            status, error = TransferStatus.CANCELLED, "aborted by sender"
+        elif StateCode.FAILED in codes:
+            status, error = TransferStatus.FAILED, "sender failed"
         elif done.all():
             status = TransferStatus.DONE  # every byte is here even if finish() never ran
-        elif pid and not pid_alive(pid):
-            status, error = TransferStatus.FAILED, f"sender process {pid} died"
+        elif dead:
+            status, error = TransferStatus.FAILED, f"sender process {dead[0]} died"
         else:
-            status = code.status
+            # PENDING until a sender connects; then bytes may land at any time
+            pending = all(c is StateCode.PENDING for c in codes)
+            status = TransferStatus.PENDING if pending else TransferStatus.IN_PROGRESS
         return TransferState(status, layers, names, error)
 
     def _payload(self, request_id, name):
@@ -154,8 +193,9 @@ class ShmReceiver(KVReceiver):
         r = self._requests.pop(request_id, None)
         if r is None:
             return
-        self._ctl.close_slot(r.slot, next(self._gens))
-        self._free_slots.append(r.slot)
+        for slot, _ in r.slots:
+            self._ctl.close_slot(slot, next(self._gens))
+            self._free_slots.append(slot)
         if r.segment is not None:
             r.segment.unlink()
 
@@ -177,7 +217,11 @@ class _SendRequest:
     meta: TransferMetadata
     ep: ShmEndpoint
     ctl: ControlBlock
-    cache: torch.Tensor | None
+    slot: int
+    gen: int
+    # Per receiving rank this sender shares heads with: (its cache, the shared heads as a slice
+    # of that cache's heads, the same heads as a slice of this sender's)
+    targets: list[tuple[torch.Tensor, slice, slice]]
     payloads: dict[str, torch.Tensor]
     sent: set[int] = field(default_factory=set)
     futures: list[cf.Future] = field(default_factory=list)
@@ -190,17 +234,33 @@ class ShmSender(KVSender):
     def __init__(self, layout, *, async_copy: bool = True) -> None:
         super().__init__(layout)
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kv-shm-send") if async_copy else None
-        self._caches: dict[str, torch.Tensor] = {}  # receiver_id -> mapped cache
+        self._caches: dict[tuple[str, int], torch.Tensor] = {}  # (receiver_id, rank) -> mapped cache
         self._ctls: dict[str, ControlBlock] = {}  # receiver_id -> mapped control table
         self._open: dict[str, _SendRequest] = {}
 
     # -- hooks the CUDA IPC sender overrides ---------------------------------------------
-    def _open_cache(self, ep: ShmEndpoint, cached: torch.Tensor | None) -> torch.Tensor:
-        """The receiver's cache as a tensor of this process; `cached` is the last one opened."""
+    def _open_cache(self, layout, handle: object, rank: int, cached: torch.Tensor | None) -> torch.Tensor:
+        """Receiving rank `rank`'s cache (of `layout`) as a tensor of this process; `cached` is
+        the last one opened for that rank of that receiver."""
         if cached is not None:
             return cached
-        name, num_blocks = ep.cache
-        return Segment.attach(name).tensor(self.layout.torch_dtype, self.layout.cache_shape(num_blocks))
+        name, num_blocks = handle
+        return Segment.attach(name).tensor(layout.torch_dtype, layout.cache_shape(num_blocks))
+
+    def _targets(self, ep: ShmEndpoint, whole) -> list[tuple[torch.Tensor, slice, slice]]:
+        """The receiving ranks whose heads overlap this sender's, with their caches opened."""
+        mine = self.layout.kv_heads
+        out = []
+        for rank, (start, n, handle) in enumerate(ep.caches):
+            lo, hi = max(start, mine.start), min(start + n, mine.stop)
+            if lo >= hi:
+                continue
+            key = (ep.receiver_id, rank)
+            cache = self._caches[key] = self._open_cache(
+                whole.with_heads(range(start, start + n)), handle, rank, self._caches.get(key)
+            )
+            out.append((cache, slice(lo - start, hi - start), slice(lo - mine.start, hi - mine.start)))
+        return out
 
     def _open_payloads(self, meta: TransferMetadata, ep: ShmEndpoint) -> dict[str, torch.Tensor]:
         if not meta.payloads:
@@ -214,26 +274,25 @@ class ShmSender(KVSender):
 
     # -- KVSender ------------------------------------------------------------------------
     def connect(self, desc):
-        self._check_descriptor(desc)
         meta, ep = desc.meta, desc.endpoint
+        part = self._check_descriptor(desc, len(ep.slots))
         if meta.request_id in self._open:
             raise ValueError(f"request {meta.request_id!r} is already connected")
         ctl = self._ctls.get(ep.receiver_id)
         if ctl is None:
             ctl = self._ctls[ep.receiver_id] = ControlBlock.attach(ep.ctl_name, ep.num_slots, ep.max_items)
-        if not ctl.owns(ep.slot, ep.gen):
+        slot, gen = ep.slots[part]
+        if not ctl.owns(slot, gen):
             raise TransferError(f"request {meta.request_id!r} was released by the receiver")
-        cache = None
-        if len(meta.layers):
-            cache = self._caches[ep.receiver_id] = self._open_cache(ep, self._caches.get(ep.receiver_id))
-        ctl.set_pid(ep.slot, os.getpid())
-        ctl.set_state(ep.slot, ep.gen, StateCode.IN_PROGRESS)
-        self._open[meta.request_id] = _SendRequest(meta, ep, ctl, cache, self._open_payloads(meta, ep))
+        targets = self._targets(ep, desc.layout) if len(meta.layers) else []
+        ctl.set_pid(slot, os.getpid())
+        ctl.set_state(slot, gen, StateCode.IN_PROGRESS)
+        self._open[meta.request_id] = _SendRequest(meta, ep, ctl, slot, gen, targets, self._open_payloads(meta, ep))
 
     def _submit(self, r: _SendRequest, item: int, start: Callable[[], Callable[[], None]]) -> None:
         if item in r.sent:
             raise ValueError(f"item {item} of request {r.meta.request_id!r} sent twice")
-        if not r.ctl.owns(r.ep.slot, r.ep.gen):
+        if not r.ctl.owns(r.slot, r.gen):
             raise TransferError(f"request {r.meta.request_id!r} was released by the receiver")
         r.sent.add(item)
         complete = start()
@@ -241,10 +300,10 @@ class ShmSender(KVSender):
         def land() -> None:
             if r.aborted:
                 return
-            if not r.ctl.owns(r.ep.slot, r.ep.gen):
+            if not r.ctl.owns(r.slot, r.gen):
                 raise TransferError(f"request {r.meta.request_id!r} was released by the receiver")
             complete()
-            r.ctl.mark_item(r.ep.slot, r.ep.gen, item)
+            r.ctl.mark_item(r.slot, r.gen, item)
 
         if self._pool is None:
             land()
@@ -254,7 +313,21 @@ class ShmSender(KVSender):
     def send_layer(self, request_id, layer, blocks, src_block_ids=None):
         r = self._open[request_id]
         check_layer_blocks(self.layout, r.meta, layer, blocks, src_block_ids)
-        start = lambda: self._start_copy(r.cache[layer], r.meta.dst_block_ids, blocks, src_block_ids)
+
+        def start() -> Callable[[], None]:
+            copies = [
+                self._start_copy(
+                    cache[layer][..., theirs, :], r.meta.dst_block_ids, blocks[..., mine, :], src_block_ids
+                )
+                for cache, theirs, mine in r.targets
+            ]
+
+            def complete_all() -> None:
+                for complete in copies:
+                    complete()
+
+            return complete_all
+
         self._submit(r, layer - r.meta.layer_start, start)
 
     def send_payload(self, request_id, name, tensor):
@@ -277,10 +350,10 @@ class ShmSender(KVSender):
         errors = [f.exception() for f in done if f.exception() is not None]
         missing = sorted(set(range(r.meta.num_items)) - r.sent)
         if errors or missing:
-            r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.FAILED)
+            r.ctl.set_state(r.slot, r.gen, StateCode.FAILED)
             why = errors[0] if errors else f"items {missing} were never sent"
             raise TransferError(f"request {request_id!r} failed: {why}")
-        r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.DONE)
+        r.ctl.set_state(r.slot, r.gen, StateCode.DONE)
 
     def abort(self, request_id):
         r = self._open.pop(request_id, None)
@@ -290,7 +363,7 @@ class ShmSender(KVSender):
         for f in r.futures:
             f.cancel()
         cf.wait(r.futures, timeout=10.0)  # a copy already running finishes before blocks are reused
-        r.ctl.set_state(r.ep.slot, r.ep.gen, StateCode.CANCELLED)
+        r.ctl.set_state(r.slot, r.gen, StateCode.CANCELLED)
 
     def close(self):
         for rid in list(self._open):

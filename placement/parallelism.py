@@ -3,8 +3,10 @@
 A worker with `tensor_parallel: t` is t rank actors packed on one node (a Ray placement group),
 each holding num_heads / t attention heads and num_kv_heads / t KV heads of every layer, so t must
 divide both head counts (a KV head is never split or copied between ranks) and t <= devices per
-node. Pipeline parallelism is not built (a worker runs every layer), so PP is 1. Tensor-parallel
-groups run in the colocated pool only (`degrees_for`): prefill and decode workers are TP 1.
+node. Pipeline parallelism is not built (a worker runs every layer), so PP is 1. Prefill and
+decode workers are tensor-parallel groups only where the plan's KV transport moves KV between
+groups (`degrees_for`: shm on one CPU node; nccl, which a GPU plan uses, connects one sender to
+one cache, so GPU plans keep prefill and decode at TP 1).
 
 `parallel_degrees` answers which TP degrees the search enumerates, and says why every other
 degree up to the cap was left out; the CLI, the plot and the deploy YAML print that answer.
@@ -18,18 +20,32 @@ from dataclasses import dataclass
 
 from engine.tensor_parallel import TP_ROLES
 from engine.worker_api import Role
+from kv_transfer.registry import transport_info
+from placement.hardware import ClusterSpec, DeviceKind
 from placement.profile import ModelShape
 
 # The only pipeline degree the engine builds; a plan never proposes another.
 PIPELINE_PARALLEL = 1
 PP_NOTE = "PP = 1 only: pipeline parallelism is not built"
-# Tensor-parallel groups run only in the pools of engine.tensor_parallel.TP_ROLES.
-DISAGGREGATED_NOTE = "prefill and decode pools TP 1 only: tensor parallelism runs in the colocated pool"
+DISAGGREGATED_NOTE = "prefill and decode pools TP > 1 only over a KV transport between TP groups (shm, cuda_ipc)"
 
 
-def degrees_for(role: Role, configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The (TP, PP) of `configs` a pool of `role` deploys with."""
-    return configs if role in TP_ROLES else [(t, p) for t, p in configs if t == 1]
+def transport_backend(cluster: ClusterSpec) -> str:
+    """The KV transport a plan on `cluster` deploys with (placement/plan_yaml.py says why)."""
+    if cluster.device is DeviceKind.GPU:
+        return "nccl"
+    return "shm" if cluster.num_nodes == 1 else "gloo"
+
+
+def degrees_for(role: Role, configs: list[tuple[int, int]], cluster: ClusterSpec) -> list[tuple[int, int]]:
+    """The (TP, PP) of `configs` a pool of `role` deploys with on `cluster`: tensor-parallel groups
+    in the pools with a language model, prefill and decode ones only when the plan's transport
+    connects them (kv_transfer/registry.py)."""
+    if role not in TP_ROLES:
+        return [(t, p) for t, p in configs if t == 1]
+    if role is Role.COLOCATED or transport_info(transport_backend(cluster)).tensor_parallel:
+        return configs
+    return [(t, p) for t, p in configs if t == 1]
 
 
 @dataclass(frozen=True)

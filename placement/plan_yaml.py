@@ -27,7 +27,7 @@ from engine.worker_api import Role
 from placement.errors import PlanningError
 from placement.hardware import ClusterSpec, DeviceKind
 from placement.latency_model import PerfModel
-from placement.parallelism import degrees_for, parallel_degrees
+from placement.parallelism import degrees_for, parallel_degrees, transport_backend
 from placement.search import Plan, SearchSettings
 
 DEPLOY_KEYS = ("version", "model", "ray", "mode", "engine", "pools", "transport", "slo", "server", "role_switching")
@@ -39,7 +39,7 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
     gpu = cluster.device is DeviceKind.GPU
     degrees = parallel_degrees(perf.model, cluster.gpus_per_node, settings.max_tp)
     for p in plan.pools:
-        if (p.tp, p.pp) not in degrees_for(p.role, degrees.configs):
+        if (p.tp, p.pp) not in degrees_for(p.role, degrees.configs, cluster):
             raise PlanningError(
                 f"{p.role.value} TP{p.tp} PP{p.pp} does not deploy on {cluster.name}: {degrees.describe()}"
             )
@@ -89,13 +89,6 @@ def plan_document(plan: Plan, perf: PerfModel, settings: SearchSettings, model_p
         },
         "role_switching": {"enabled": False},
     }
-
-
-def transport_backend(cluster: ClusterSpec) -> str:
-    """The KV transport a plan on `cluster` deploys with (see the module docstring)."""
-    if cluster.device is DeviceKind.GPU:
-        return "nccl"
-    return "shm" if cluster.num_nodes == 1 else "gloo"
 
 
 _TRANSPORT_WHY = {

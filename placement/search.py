@@ -399,9 +399,9 @@ class Searcher:
         )
         intra = c.num_nodes == 1 or s.low_affinity
         self.progress("prefill candidates:")
-        pre = self.rank_phase(Role.PREFILL, degrees_for(Role.PREFILL, configs), intra)
+        pre = self.rank_phase(Role.PREFILL, degrees_for(Role.PREFILL, configs, c), intra)
         self.progress("decode candidates:")
-        dec = self.rank_phase(Role.DECODE, degrees_for(Role.DECODE, configs), intra)
+        dec = self.rank_phase(Role.DECODE, degrees_for(Role.DECODE, configs, c), intra)
         self.progress("colocated candidates:")
         col = self.rank_phase(Role.COLOCATED, configs, intra)
         if not pre and not dec and not col:

@@ -33,11 +33,11 @@ from engine import multimodal
 from engine.config import EngineConfig
 from engine.errors import BROKEN_AFTER, InvalidRequestError, WorkerBroken, is_device_failure
 from engine.kv_cache import BlockManager
-from engine.llm_engine import LoadedModel
-from engine.model_runner import ModelRunner
+from engine.llm_engine import LoadedModel, tp_runner
 from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
 from engine.sequence import SamplingParams, Sequence
+from engine.tensor_parallel import TPGroup, follow
 from engine.worker_api import TENANT_ACTIVE_S
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
@@ -90,18 +90,23 @@ class PrefillCore:
         loaded: LoadedModel,
         image_encoder: InProcessEncoder | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tp: TPGroup | None = None,
     ) -> None:
         """image_encoder: a vision side already in memory (the worker actor's, kept across role
-        switches); else it is loaded from options.image_encoder_dir when that is set."""
+        switches); else it is loaded from options.image_encoder_dir when that is set. tp: this
+        core is rank 0 of a tensor-parallel group whose other ranks run `prefill_follower`: every
+        rank computes and sends its own KV heads (the decode side's receiver expects that many
+        senders); rank 0 samples."""
         self.options = options
         cfg = options.engine
         device = cfg.placement().device  # DeviceError (naming the pool and node) without that GPU
         loaded.placed_on(device)
-        self.layout = loaded.kv_layout(cfg.block_size)
+        self.layout = loaded.kv_layout(cfg.block_size)  # the model's: what ready() reports
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
-        self.runner = ModelRunner(loaded.model, self.layout, self.layout.new_cache(cfg.num_kv_blocks, device))
+        self.tp = tp or TPGroup.single(device)
+        self.runner = tp_runner(loaded, cfg, self.tp)  # this rank's shard and KV heads
         self.sampler = Sampler(device)
-        self.sender = get_backend(options.backend).Sender(self.layout)
+        self.sender = get_backend(options.backend).Sender(self.runner.layout)
         self.queue: deque[PrefillTask] = deque()
         self._failed_streak = 0  # batches in a row in which every prompt failed
         self._batches = 0  # batches taken so far
@@ -292,6 +297,14 @@ class PrefillCore:
 
             return send
 
+        descriptors = {t.request_id: t.descriptor for t in tasks}
+
+        def orders(group: list[Sequence]) -> tuple[tuple[int, TransferDescriptor], ...]:
+            """What the followers send: their heads of each row still live (tensor parallelism)."""
+            if self.tp.size == 1:
+                return ()
+            return tuple((i, descriptors[s.request_id]) for i, s in enumerate(group) if s in live)
+
         vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
         candidates = [s.request_id for s in seqs if s.request_id not in errors]  # computed for their own sake
         compute_failed: set[str] = set()
@@ -299,10 +312,12 @@ class PrefillCore:
             for t in tasks:
                 self.sampler.advance(t.request_id, t.sampling, vocab, t.sampled_before)
             try:
-                tokens = self._forward(seqs, embeds, sender_for(seqs))
+                tokens = self._forward(seqs, embeds, sender_for(seqs), orders(seqs))
             except Exception as exc:
                 if is_device_failure(exc):
                     raise WorkerBroken(f"the accelerator failed: {exc}") from exc
+                if self.tp.size > 1:  # the ranks may be out of step now: the group is replaced whole
+                    raise WorkerBroken(f"a forward of the tensor-parallel group failed: {exc}") from exc
                 log.exception("prefill forward of a batch of %d failed; running its prompts one by one", len(seqs))
                 tokens = {}
                 for seq in [s for s in seqs if s.request_id not in errors]:
@@ -352,9 +367,10 @@ class PrefillCore:
             for t in tasks
         ]
 
-    def _forward(self, seqs: list[Sequence], embeds: dict, send) -> dict[str, int | RowFailure]:
+    def _forward(self, seqs: list[Sequence], embeds: dict, send, orders=()) -> dict[str, int | RowFailure]:
         """One packed forward over `seqs` (K/V sent layer by layer through `send`, or after the
-        last layer without streaming) and the first token of each: {request id: token}."""
+        last layer without streaming) and the first token of each: {request id: token}.
+        orders: (row, descriptor) pairs the tensor-parallel followers send their heads for."""
         batch = [ScheduledSeq(s, s.num_tokens) for s in seqs]
         inputs_embeds = None
         if any(s.request_id in embeds for s in seqs):
@@ -364,6 +380,7 @@ class PrefillCore:
             on_layer_done=send if self.options.streaming else None,
             sparse=self.options.engine.sparse,
             inputs_embeds=inputs_embeds,
+            extra=orders,
         )
         if not self.options.streaming:
             for layer in range(self.layout.num_layers):
@@ -372,7 +389,55 @@ class PrefillCore:
         return {s.request_id: t for s, t in zip(seqs, tokens)}
 
     def close(self) -> None:
+        self.tp.stop()  # ends a tensor-parallel group's followers
         self.sender.close()
         if self.receiver is not None:
             self.release_images(list(self.open_image_shards.values()))
             self.receiver.close()
+
+
+def prefill_follower(options: PrefillOptions, loaded: LoadedModel, tp: TPGroup) -> int:
+    """Rank tp.rank > 0 of a tensor-parallel prefill worker: runs rank 0's forwards on its shard
+    and sends its KV heads of each prompt rank 0 sends (the orders that come with the plan), layer
+    by layer as they are computed, into the decode worker's caches; returns the forwards run. A
+    transfer that fails here fails that request's transfer (the decode worker sees it), nothing else."""
+    runner = tp_runner(loaded.placed_on(tp.device), options.engine, tp)
+    sender = get_backend(options.backend).Sender(runner.layout)
+
+    def work(plan, sparse, orders, embeds) -> None:
+        live: dict[int, str] = {}
+        for row, desc in orders:
+            try:
+                sender.connect(desc)
+                live[row] = desc.meta.request_id
+            except Exception:
+                log.exception("rank %d: KV transfer connect of %s failed", tp.rank, desc.meta.request_id)
+
+        def send(layer: int) -> None:
+            for row, rid in list(live.items()):
+                try:
+                    sender.send_layer(rid, layer, runner.kv[layer], src_block_ids=plan[row].block_table)
+                except Exception:
+                    log.exception("rank %d: KV transfer of layer %d of %s failed", tp.rank, layer, rid)
+                    sender.abort(rid)
+                    del live[row]
+
+        try:
+            runner.run_plan(plan, sparse, embeds, send if options.streaming else None)
+            if not options.streaming:
+                for layer in range(runner.layout.num_layers):
+                    send(layer)
+        except BaseException:
+            for rid in live.values():
+                sender.abort(rid)
+            raise
+        for rid in live.values():
+            try:
+                sender.finish(rid, timeout=options.finish_timeout_s)
+            except Exception:
+                log.exception("rank %d: KV transfer of %s did not complete", tp.rank, rid)
+
+    try:
+        return follow(runner, tp, work)
+    finally:
+        sender.close()

@@ -19,6 +19,7 @@ from encode_workers.inproc import InProcessEncoder
 from encode_workers.transfer import EncodeShard
 from engine.errors import WorkerBroken, WorkerLoopDied
 from engine.llm_engine import LoadedModel
+from engine.tensor_parallel import TPGroup
 from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
 from kv_transfer.layout import TransferDescriptor
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillResult, PrefillTask
@@ -33,12 +34,14 @@ class PrefillWorker:
         options: PrefillOptions,
         loaded: LoadedModel,
         image_encoder: InProcessEncoder | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         """loaded / image_encoder: weights already in this process (a role switch reuses them); without
-        image_encoder the vision side is loaded when options ask for in-process encoding."""
+        image_encoder the vision side is loaded when options ask for in-process encoding. tp: the
+        tensor-parallel group this worker drives (PrefillCore)."""
         self.worker_id = worker_id
         self.info = worker_info(worker_id, Role.PREFILL)
-        self.core = PrefillCore(options, loaded, image_encoder)
+        self.core = PrefillCore(options, loaded, image_encoder, tp=tp)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-core")
         self._futures: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()

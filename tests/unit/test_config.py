@@ -88,8 +88,17 @@ def test_parallelism_that_is_not_built_is_refused():
         _with(mode="colocated", pools={"colocated": {"tensor_parallel": 3, "num_gpus": 3, "device": "cuda"}})
     )
     assert cfg.pools.colocated.tensor_parallel == 3  # each rank sees its one GPU as cuda:0
-    err = _error(_with(pools={"prefill": {"tensor_parallel": 2}}))
-    assert err.path == "pools.prefill.tensor_parallel" and "not built for the prefill pool" in err.reason
+    cfg = parse_config(_with(transport={"backend": "shm"}, pools={"prefill": {"tensor_parallel": 3}}))
+    assert (cfg.pools.prefill.tensor_parallel, cfg.pools.decode.tensor_parallel) == (3, 1)
+    err = _error(_with(transport={"backend": "gloo"}, pools={"decode": {"tensor_parallel": 3}}))
+    assert err.path == "transport.backend" and "pools.decode.tensor_parallel is 3" in err.reason
+    assert "cuda_ipc or shm" in err.reason
+    err = _error(
+        _with(transport={"backend": "shm"}, role_switching={"enabled": True}, pools={"prefill": {"tensor_parallel": 3}})
+    )
+    assert err.path == "role_switching.enabled" and "keeps its role" in err.reason
+    err = _error(_with(pools={"encode": {"workers": 1, "tensor_parallel": 2}}))
+    assert err.path == "pools.encode.tensor_parallel" and "no language model" in err.reason
     err = _error(_with(mode="colocated", pools={"colocated": {"tensor_parallel": 10**12}}))
     assert err.path == "pools.colocated.tensor_parallel"
     err = _error(_with(pools={"colocated": {"pipeline_parallel": 2}}))

@@ -104,8 +104,8 @@ def _dying_rank(tp: TPGroup):
     if not tp.is_driver:
         runner = tp_runner(loaded, CONFIG, tp)
         for _ in range(3):  # three forwards, then this rank dies mid-request
-            plan, embeds = tp.receive_plan()
-            runner.run_plan(plan, embeds)
+            (plan, sparse, _), embeds = tp.receive_plan()
+            runner.run_plan(plan, sparse, embeds)
         os._exit(1)
     engine = LLMEngine(CONFIG, loaded, tp=tp)
     engine.add_request(_prompts(len(loaded.tokenizer))[3], SamplingParams(max_tokens=20, temperature=0.0), "r")

@@ -2,7 +2,7 @@
 oversized request of tests/attacks.py (37 kinds).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.hostile [--seconds 60] [--clients 4] [--max-tokens 16]
-        [--per-client-limit 64] [--json out.json]
+        [--per-client-limit 64] [--attacker-nice 0] [--json out.json]
 
 Starts `triptych serve` in its own process (the embedded SmolLM2, 1 prefill + 1 decode worker on a
 local Ray, API keys for two ordinary clients, "alice" and "bob", and an attacker, "mallory", plus
@@ -59,9 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ray-cpus", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole catalogue)")
+    p.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacker's client process at this niceness (0-19): models an attacker on another machine, "
+        "whose own CPU is not the server's; the gateway's and workers' work for its requests stays at full priority",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 32 or not 0 < args.seconds <= 900:
         p.error("--clients must be in [1, 32] and --seconds in (0, 900]")
+    if not 0 <= args.attacker_nice <= 19:
+        p.error("--attacker-nice must be in [0, 19]")
     return args
 
 
@@ -229,8 +238,12 @@ async def main_async(args) -> dict:
 
         async def attack():
             t0 = time.monotonic()
+            nice = args.attacker_nice
             p = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+                *cmd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
             out, err = await p.communicate()
             if p.returncode != 0:
@@ -320,7 +333,7 @@ def report(
                 f"{max(during) * 1e3:.0f} ({len(during)})" if during else "-",
             ]
         )
-    print(f"\n{len(attacks_out)} attacks in {seconds:.0f}s:")
+    print(f"\n{len(attacks_out)} attacks in {seconds:.0f}s (attacker's client at niceness {args.attacker_nice}):")
     print_table(["attack", "server answered", "s", "as expected", "ordinary TTFT max ms (n)"], rows)
     hijack = attacks_out.get("another client's session id", ["", 0, 0])[0]
     print(

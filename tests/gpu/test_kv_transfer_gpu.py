@@ -72,3 +72,57 @@ def test_cuda_ipc_same_gpu():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
 def test_nccl_two_gpus():
     run_pair("nccl", "cuda:0", "cuda:1")
+
+
+def _part(size: int, rank: int) -> KVLayout:
+    n = LAYOUT.num_kv_heads // size
+    return LAYOUT.with_heads(range(rank * n, (rank + 1) * n))
+
+
+def tp_sender_main(size: int, rank: int, descs, results) -> None:
+    """Rank `rank` of a prefill group of `size`: sends its KV heads only."""
+    torch.cuda.set_device("cuda:0")
+    tx = get_backend("cuda_ipc").Sender(_part(size, rank), device="cuda:0")
+    desc = descs.get()
+    rid = desc.meta.request_id
+    src = source("cuda:0")[:, :, :, :, _part(size, rank).kv_heads].contiguous()  # this rank's own cache
+    tx.connect(desc)
+    for layer in range(LAYOUT.num_layers):
+        tx.send_layer(rid, layer, src[layer], src_block_ids=SRC_IDS)
+    tx.finish(rid, timeout=TIMEOUT)
+    results.put("ok")
+    descs.get()
+    tx.close()
+
+
+@pytest.mark.parametrize("a,b", [(2, 1), (1, 2), (2, 2)])
+def test_cuda_ipc_between_tensor_parallel_groups(a, b):
+    """Prefill TP a -> decode TP b on one GPU: each sending rank writes its heads into the device
+    caches of the receiving ranks that hold them (no host staging)."""
+    ctx = mp.get_context("spawn")
+    queues, results = [ctx.Queue() for _ in range(a)], ctx.Queue()
+    procs = [ctx.Process(target=tp_sender_main, args=(a, r, queues[r], results)) for r in range(a)]
+    for p in procs:
+        p.start()
+    Receiver = get_backend("cuda_ipc").Receiver
+    rx = Receiver(_part(b, 0), device="cuda:0", senders=a)
+    others = [Receiver.rank_cache(_part(b, r), 12, torch.device("cuda:0")) for r in range(1, b)]
+    try:
+        caches = [rx.allocate_cache(12)] + [o.kv for o in others]
+        if others:
+            rx.add_ranks([(_part(b, r), o.handle) for r, o in enumerate(others, start=1)])
+        desc = rx.prepare("r1", DST_IDS)
+        for q in queues:
+            q.put(desc)
+        assert rx.wait("r1", timeout=TIMEOUT).status is TransferStatus.DONE
+        got = torch.cat([c[:, :, DST_IDS] for c in caches], dim=4)
+        assert torch.equal(got, source("cuda:0")[:, :, SRC_IDS])
+        assert all(results.get(timeout=TIMEOUT) == "ok" for _ in procs)
+        rx.release("r1")
+        for q in queues:
+            q.put(None)
+    finally:
+        for p in procs:
+            p.join(timeout=TIMEOUT)
+        rx.close()
+    assert all(p.exitcode == 0 for p in procs)

@@ -118,7 +118,14 @@ def _ray(s: Section) -> RayConfig:
 
 def _engine(s: Section) -> EngineSettings:
     d = EngineSettings()
-    out = EngineSettings(**{f.name: s.int(f.name, getattr(d, f.name), lo=1) for f in fields(EngineSettings)})
+    out = EngineSettings(
+        **{
+            f.name: s.bool(f.name, d.prefix_caching)
+            if f.name == "prefix_caching"
+            else s.int(f.name, getattr(d, f.name), lo=1)
+            for f in fields(EngineSettings)
+        }
+    )
     s.done()
     return out
 

@@ -69,6 +69,7 @@ class EngineSettings:
     num_kv_blocks: int = 2048
     max_num_batched_tokens: int = 1024
     max_num_seqs: int = 64
+    prefix_caching: bool = False  # EngineConfig.prefix_caching, for every colocated and prefill worker
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class LimitsConfig:
     max_image_pixels: int = 4096 * 4096  # width x height of one image, checked before it is decoded
     max_stop_strings: int = 16
     max_stop_chars: int = 256  # characters of one stop string
-    max_id_chars: int = 128  # a request id or session id
+    max_id_chars: int = 128  # a request id, session id or cache salt
     max_tokens: int | None = None  # ceiling on a request's max_tokens; None: model.max_model_len
     max_requests_per_client: int = 64  # in flight (queued or running) per client; server-wide: max_queued_requests
 

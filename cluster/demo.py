@@ -40,6 +40,7 @@ class RequestRow:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of prompt_tokens, found in a prefix cache (engine.prefix_caching)
     ttft_s: float
     tpot_s: float
     prefill_s: float
@@ -119,6 +120,7 @@ def _conversation(target: str, out: Out) -> list[RequestRow]:
                     final.finish_reason.value,
                     final.usage.prompt_tokens,
                     final.usage.completion_tokens,
+                    final.usage.cached_tokens,
                     asdict(final.timings),
                 )
             )
@@ -149,23 +151,36 @@ async def _http_request(base_url: str, model: str, out: Out) -> RequestRow:
         choice["finish_reason"],
         usage["prompt_tokens"],
         usage["completion_tokens"],
+        usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
         reply.get("timings", {}),
     )
 
 
-def _row(name: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, t: dict) -> RequestRow:
+def _row(name: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached: int, t: dict) -> RequestRow:
     keys = ("ttft_s", "tpot_s", "prefill_s", "transfer_s", "decode_s", "e2e_s")
-    return RequestRow(name, finish_reason, prompt_tokens, completion_tokens, **{k: float(t.get(k, 0.0)) for k in keys})
+    return RequestRow(
+        name, finish_reason, prompt_tokens, completion_tokens, cached, **{k: float(t.get(k, 0.0)) for k in keys}
+    )
 
 
 def format_table(rows: list[RequestRow]) -> str:
-    head = ("request", "finish", "in/out tok", "TTFT ms", "TPOT ms", "prefill ms", "transfer ms", "decode ms", "e2e ms")
+    head = (
+        "request",
+        "finish",
+        "in/out tok",
+        "cached tok",
+        "TTFT ms",
+        "TPOT ms",
+        "prefill ms",
+        "transfer ms",
+        "decode ms",
+        "e2e ms",
+    )
     lines = [head]
     for r in rows:
         ms = (r.ttft_s, r.tpot_s, r.prefill_s, r.transfer_s, r.decode_s, r.e2e_s)
-        lines.append(
-            (r.name, r.finish_reason, f"{r.prompt_tokens}/{r.completion_tokens}", *(f"{v * 1e3:.1f}" for v in ms))
-        )
+        tok = f"{r.prompt_tokens}/{r.completion_tokens}"
+        lines.append((r.name, r.finish_reason, tok, str(r.cached_tokens), *(f"{v * 1e3:.1f}" for v in ms)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))  # noqa: E731
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])

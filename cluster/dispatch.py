@@ -106,6 +106,7 @@ class Dispatcher:
                     now = time.monotonic()
                     first_at = first_at or now
                     last_at = now
+                    flight.cached_tokens = max(flight.cached_tokens, out.cached_tokens)
                     tokens.extend(out.new_token_ids)
                     text.append(out.new_text)
                     yield TokenEvent(tuple(out.new_token_ids), out.new_text)
@@ -145,7 +146,7 @@ class Dispatcher:
             return
         t = timings(t0, time.monotonic(), first_at, last_at, len(tokens), phases)
         self.on_end(t, len(tokens), reason in (FinishReason.STOP, FinishReason.LENGTH))
-        yield FinalEvent(reason, len(ids), len(tokens), "".join(text), t, error, kind)
+        yield FinalEvent(reason, len(ids), len(tokens), "".join(text), t, error, kind, flight.cached_tokens)
 
     @staticmethod
     async def unless_aborted(flight: Flight, coro):
@@ -211,6 +212,7 @@ class Dispatcher:
                     **({"images": flight.images} if flight.images else {}),
                     **({"resume": flight.resume} if flight.resume else {}),
                     **({"tenant": request.tenant} if request.tenant else {}),
+                    **({"cache_salt": request.cache_salt} if request.cache_salt else {}),
                 ),
                 deadline,
                 "submit",
@@ -287,6 +289,7 @@ class Dispatcher:
                     images=() if self.pools.encode else flight.images,
                     sampled_before=flight.resume[0] if flight.resume else 0,
                     tenant=request.tenant,
+                    cache_salt=request.cache_salt,
                 )
                 result = await self.bounded(
                     prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill"
@@ -316,6 +319,7 @@ class Dispatcher:
                     raise DecodeDied(f"decode worker {decode.worker_id} died")
                 raise RouterError(ErrorKind.INTERNAL, result.error or "the prefill failed", "prefill_failed")
             phases["queue_s"] += result.queue_s
+            flight.cached_tokens = result.cached_tokens
             phases["prefill_s"] = result.prefill_s
             phases["transfer_s"] = result.transfer_s
             if result.encode_s:

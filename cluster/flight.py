@@ -46,6 +46,7 @@ class Flight:
     resumes: int = 0  # times it was prefilled again after its decode worker died
     decode_lease: Lease | None = None  # the decode (or colocated) worker holding its KV, from reservation to end
     prefill_lease: Lease | None = None  # the prefill worker, for the prefill call only
+    cached_tokens: int = 0  # prompt tokens its prefill found in a prefix cache
 
     @property
     def decode(self) -> WorkerHandle | None:

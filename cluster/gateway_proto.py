@@ -129,7 +129,7 @@ def input_from_pb(
         if not image.data:
             raise invalid(f"images[{i}].data is empty")
     images = tuple(image.data for image in req.images)
-    common = dict(request_id=request_id, sampling=sampling, deadline_s=deadline_s)
+    common = dict(request_id=request_id, sampling=sampling, deadline_s=deadline_s, cache_salt=req.cache_salt)
     if kind == "prompt":
         return GenerateInput(prompt=req.prompt, images=images, **common)
     if kind == "token_ids":
@@ -169,7 +169,11 @@ def final_to_pb(request_id: str, final: FinalEvent) -> pb.GenerateResponse:
         request_id=request_id,
         final=pb.FinalChunk(
             finish_reason=_FINISH_PB[final.finish_reason],
-            usage=pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens),
+            usage=pb.Usage(
+                prompt_tokens=final.prompt_tokens,
+                completion_tokens=final.completion_tokens,
+                cached_tokens=final.cached_tokens,
+            ),
             timings=pb.Timings(
                 queue_s=t.queue_s,
                 encode_s=t.encode_s,
@@ -204,6 +208,7 @@ def status_to_pb(status) -> pb.GetClusterStatusResponse:
                             kv_blocks_used=w.kv_blocks_used,
                             kv_blocks_total=w.kv_blocks_total,
                             epoch=w.epoch,
+                            kv_blocks_cached=w.kv_blocks_cached,
                         )
                         for w in workers
                     ],

@@ -90,6 +90,8 @@ def check_input(inp: GenerateInput, limits: LimitsConfig, max_model_len: int) ->
     check_count("prompt characters", chars, limits.max_prompt_chars, "max_prompt_chars", "prompt_too_large")
     if inp.token_ids is not None:
         check_prompt_tokens(len(inp.token_ids), max_model_len)
+    if inp.cache_salt:
+        check_id("cache_salt", inp.cache_salt, limits)
     images = tuple(inp.images) + tuple(b for m in inp.messages or () for b in m.images)
     check_count("images", len(images), limits.max_images, "max_images", "too_many_images")
     for i, image in enumerate(images):

@@ -55,9 +55,21 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("triptych_tokens_generated", "Completion tokens generated.", registry=r)
+        self.prompt_tokens = Counter("triptych_prompt_tokens", "Prompt tokens of requests answered.", registry=r)
+        self.cached_tokens = Counter(
+            "triptych_prefix_cache_hit_tokens",
+            "Prompt tokens found in a worker's prefix cache (not computed); the hit rate is this over prompt tokens.",
+            registry=r,
+        )
         self.queue_length = Gauge("triptych_pool_queue_length", "Requests waiting in a pool.", ["role"], registry=r)
         self.kv_usage = Gauge(
             "triptych_kv_cache_usage_ratio", "Fraction of a worker's KV blocks in use.", ["role", "worker"], registry=r
+        )
+        self.kv_cached = Gauge(
+            "triptych_prefix_cache_blocks",
+            "A worker's cached KV blocks no request holds (prefix caching; reused or evicted on demand).",
+            ["role", "worker"],
+            registry=r,
         )
         self.workers_alive = Gauge("triptych_pool_workers_alive", "Live workers in a pool.", ["role"], registry=r)
         self.role_switches = Gauge(
@@ -101,6 +113,7 @@ class Metrics:
             self.epoch.labels(worker=w.worker_id, role=role).set(w.epoch)
             if w.kv_blocks_total > 0:
                 self.kv_usage.labels(role=role, worker=w.worker_id).set(w.kv_blocks_used / w.kv_blocks_total)
+                self.kv_cached.labels(role=role, worker=w.worker_id).set(w.kv_blocks_cached)
         for role, n in queued.items():
             self.queue_length.labels(role=role).set(n)
         for role, n in alive.items():
@@ -137,6 +150,8 @@ class RequestRecorder:
         m = self._m
         m.requests.labels(finish_reason=final.finish_reason.value, door=self._door).inc()
         m.tokens.inc(max(0, final.completion_tokens))
+        m.prompt_tokens.inc(max(0, final.prompt_tokens))
+        m.cached_tokens.inc(max(0, final.cached_tokens))
         if final.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
             return
         t = final.timings

@@ -230,4 +230,5 @@ def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig)
             "unknown_model",
         )
     inp = {"messages": parse_messages(body.get("messages"), limits)} if chat else _prompt(body)
+    inp["cache_salt"] = json_field(body, "cache_salt", str, "a string", "")  # checked with the input's limits
     return body, inp, _sampling(body, max_model_len, limits)

@@ -65,6 +65,7 @@ class GenerateInput:
     images: tuple[bytes, ...] = ()
     deadline_s: float | None = None  # seconds from submission; None: the server's default
     tenant: str = ""  # who sent it (the gateway's principal): decode slots are shared fairly by tenant
+    cache_salt: str = ""  # prefix caching: only requests with the same salt share cached KV blocks
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class FinalEvent:
     timings: Timings = field(default_factory=Timings)
     error: str | None = None  # set iff finish_reason is ERROR: a short message for the client
     error_kind: ErrorKind | None = None  # ... and its kind (a failure before the first token is a status)
+    cached_tokens: int = 0  # of prompt_tokens, how many a prefix cache held (not computed)
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,10 @@ class WorkerActor:
         images: tuple[bytes, ...] = (),
         resume: tuple[int, int] | None = None,
         tenant: str = "",
+        cache_salt: str = "",
     ) -> None:
         self._fence(epoch, Role.COLOCATED)
-        await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant)
+        await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant, cache_salt)
 
     # ------------------------------------------------------------ decode and colocated roles
     async def poll(self, timeout_s: float = 1.0, epoch: int | None = None):

@@ -54,17 +54,24 @@ class ColocatedCore:
         images: list[bytes] | tuple[bytes, ...] = (),
         resume: tuple[int, int] | None = None,
         tenant: str = "",
+        cache_salt: str = "",
     ) -> None:
         """Queue a whole request; its images (if any) are encoded first. InvalidRequestError names
         an image that is not one. resume: a re-prefilled request's earlier output
-        (LLMEngine.add_request); tenant: who sent it."""
+        (LLMEngine.add_request); tenant: who sent it; cache_salt: whose cached prefixes it may use."""
         features = None
         if images:
             if self.image_encoder is None:
                 raise ValueError(f"model {self.engine.loaded.name} takes no images on this worker")
             features, _ = self.image_encoder.encode(list(images))
         self.engine.add_request(
-            list(prompt_token_ids), sampling, request_id, image_features=features, resume=resume, tenant=tenant
+            list(prompt_token_ids),
+            sampling,
+            request_id,
+            image_features=features,
+            resume=resume,
+            tenant=tenant,
+            cache_salt=cache_salt,
         )
 
     def cancel(self, request_id: str) -> bool:

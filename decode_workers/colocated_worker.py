@@ -38,10 +38,11 @@ class ColocatedWorker(SteppedWorker):
         images: tuple[bytes, ...] = (),
         resume: tuple[int, int] | None = None,
         tenant: str = "",
+        cache_salt: str = "",
     ) -> None:
         """The whole request (prefill and decode) runs here; images are encoded here too."""
         self.loop.check()
         await self.loop.call(
-            self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant
+            self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant, cache_salt
         )
         self.loop.kick()

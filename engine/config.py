@@ -26,6 +26,8 @@ class EngineConfig:
     max_model_len: context limit; None takes the model's own.
     tensor_parallel: ranks the engine's model is sharded over (engine/tensor_parallel.py); the
         engine with more than one is given its group (rank 0 drives, the others follow).
+    prefix_caching: keep computed full blocks for reuse by later prompts with the same prefix
+        (engine/kv_cache.py); cached blocks are evicted before any request waits for memory.
     """
 
     model: str | None = None
@@ -39,12 +41,15 @@ class EngineConfig:
     max_model_len: int | None = None
     sparse: object | None = None  # engine.sparse.SparsePrefillConfig, or None for dense prefill
     tensor_parallel: int = 1
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise EngineError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise EngineError(f"EngineConfig.prefix_caching must be true or false, got {self.prefix_caching!r}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise EngineError(f"EngineConfig.dtype must be float32, float16, bfloat16 or None, got {self.dtype!r}")
         try:

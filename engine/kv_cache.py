@@ -6,13 +6,41 @@ module only hands out block ids.
 The manager separates checking from changing: `can_allocate` never changes state, `allocate`
 assumes the check passed (it raises if not, never half-allocates), and `free` gives a whole
 table back or, if any id in it is not owned, refuses without changing anything.
+
+Prefix caching (`prefix_caching=True`). A full block whose K/V are computed is identified by a
+hash chained from its parent block's hash and its token ids (`block_hash`; the chain starts from
+the sequence's cache key: a per-request salt, so requests with different salts never share a
+block). The manager keeps hash -> block for such blocks and a reference count per block (how many
+tables hold it). A block whose last holder frees it stays cached, unreferenced, in LRU order, and
+is evicted (its hash forgotten, the block reused) only when an allocation finds no free block: a
+cached block never stands in the way of a request that would run without caching. A new sequence
+takes the longest run of cached blocks matching its prompt (`match_prefix` / `take_prefix`) and
+computes only the rest. Invariant: free + cached-unreferenced + in use = total (`check`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 from engine.errors import EngineError
+
+ROOT = b""  # the chain's start for requests without a cache salt
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """The hash of a full block: its parent's hash and its token ids (blake2b, 16 bytes: a
+    collision would hand one request another's K/V, so not Python's hash())."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(array("q", token_ids).tobytes())  # fixed width: no two id lists give the same bytes
+    return h.digest()
+
+
+def cache_root(salt: str) -> bytes:
+    """The chain's start for a request with cache salt `salt` ('' shares with every request)."""
+    return ROOT if not salt else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
 
 
 class BlockPool:
@@ -57,13 +85,22 @@ class BlockPool:
 class BlockManager:
     """Owns the block tables of sequences; a sequence is anything with a `block_table` list."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.prefix_caching = prefix_caching
+        self._refs = [0] * num_blocks  # tables holding each block (prefix caching)
+        self._by_hash: dict[bytes, int] = {}  # cached full blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced: oldest first
+        self.evictions = 0
+        self.hit_tokens = 0  # prompt tokens served from the cache (take_prefix), for metrics
+        self.query_tokens = 0  # prompt tokens looked up
 
     @property
     def num_free_blocks(self) -> int:
-        return self.pool.num_free
+        """Blocks an allocation may take: free ones and cached ones no table holds."""
+        return self.pool.num_free + len(self._lru)
 
     @property
     def num_total_blocks(self) -> int:
@@ -71,10 +108,26 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.pool.num_blocks - self.pool.num_free
+        """Blocks some table holds."""
+        return self.pool.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Cached blocks no table holds (kept for reuse, evicted on demand)."""
+        return len(self._lru)
 
     def all_free(self) -> bool:
-        return self.pool.num_free == self.pool.num_blocks
+        """No table holds a block (cached blocks may remain: they are reusable, not held)."""
+        return self.num_used_blocks == 0
+
+    def check(self) -> None:
+        """EngineError unless free + cached-unreferenced + in use = total and the references add up."""
+        held = sum(1 for r in self._refs if r > 0) if self.prefix_caching else self.num_used_blocks
+        if self.pool.num_free + len(self._lru) + held != self.pool.num_blocks:
+            raise EngineError(
+                f"KV block accounting broken: {self.pool.num_free} free + {len(self._lru)} cached + {held} in use "
+                f"!= {self.pool.num_blocks}"
+            )
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -83,17 +136,108 @@ class BlockManager:
         """New blocks a table needs so that it covers `total_tokens` tokens."""
         return max(0, self.blocks_for(total_tokens) - len(block_table))
 
-    def can_allocate(self, block_table: list[int], total_tokens: int) -> bool:
-        return self.blocks_needed(block_table, total_tokens) <= self.pool.num_free
+    def can_allocate(self, block_table: list[int], total_tokens: int, prefix: Sequence[int] = ()) -> bool:
+        """prefix: cached blocks the table will take first (match_prefix); those that no table
+        holds now stop being evictable, so they count against the room."""
+        revived = sum(1 for b in prefix if self._refs[b] == 0)
+        need = max(0, self.blocks_for(total_tokens) - len(block_table) - len(prefix))
+        return need <= self.num_free_blocks - revived
 
     def allocate(self, block_table: list[int], total_tokens: int) -> list[int]:
         """Grow `block_table` in place to cover `total_tokens`; returns the new block ids."""
-        new = self.pool.take(self.blocks_needed(block_table, total_tokens))
+        new = self._take(self.blocks_needed(block_table, total_tokens))
         block_table.extend(new)
         return new
 
+    def _take(self, n: int) -> list[int]:
+        while self.pool.num_free < n and self._lru:  # evict the least recently used cached blocks
+            block, _ = self._lru.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+            self.pool.give_back([block])
+            self.evictions += 1
+        ids = self.pool.take(n)
+        for b in ids:
+            self._refs[b] = 1
+        return ids
+
     def free(self, block_table: list[int]) -> None:
         """Give every block of the table back and empty it; EngineError (table and pool
-        unchanged) if one of them is not owned (BlockPool.give_back)."""
-        self.pool.give_back(block_table)
+        unchanged) if one of them is not owned (BlockPool.give_back). A cached block whose last
+        holder this was stays cached (LRU), the others go back to the pool."""
+        if not self.prefix_caching:
+            self.pool.give_back(block_table)
+            for b in block_table:
+                self._refs[b] = 0
+            block_table.clear()
+            return
+        seen: set[int] = set()
+        for b in block_table:
+            if not isinstance(b, int) or not 0 <= b < self.pool.num_blocks or self._refs[b] <= 0:
+                raise EngineError(f"KV block {b!r} is not held (freed twice, or not a block of this pool)")
+            if b in seen:
+                raise EngineError(f"KV block {b} appears twice in the table")
+            seen.add(b)
+        for b in block_table:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._hash_of:
+                    self._lru[b] = None
+                else:
+                    self.pool.give_back([b])
         block_table.clear()
+
+    # ------------------------------------------------------------ prefix caching
+    def match_prefix(self, token_ids: Sequence[int], root: bytes = ROOT) -> tuple[list[int], list[bytes]]:
+        """The cached blocks holding the longest run of `token_ids`' full blocks from the start,
+        and their hashes; at least the last token is left to compute (its logits are sampled),
+        so a prompt that is all cached blocks matches all but its last block. Changes nothing."""
+        if not self.prefix_caching:
+            return [], []
+        bs = self.block_size
+        blocks, hashes, parent = [], [], root
+        for i in range((len(token_ids) - 1) // bs):
+            h = block_hash(parent, token_ids[i * bs : (i + 1) * bs])
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(h)
+            parent = h
+        return blocks, hashes
+
+    def take_prefix(self, block_table: list[int], blocks: list[int], num_prompt_tokens: int) -> int:
+        """Start an empty table with the cached `blocks` (match_prefix, just now); returns the
+        tokens they hold (already computed)."""
+        if block_table:
+            raise EngineError("a cached prefix starts an empty block table")
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._lru[b]
+            self._refs[b] += 1
+        block_table.extend(blocks)
+        self.query_tokens += num_prompt_tokens
+        self.hit_tokens += len(blocks) * self.block_size
+        return len(blocks) * self.block_size
+
+    def register(
+        self,
+        block_table: list[int],
+        hashes: list[bytes],
+        token_ids: Sequence[int],
+        num_computed: int,
+        root: bytes = ROOT,
+    ) -> None:
+        """Cache the full blocks of a table whose K/V are now computed (the first `num_computed`
+        tokens of `token_ids`); `hashes` holds the hashes of the blocks registered so far and is
+        extended in place. A block whose hash is already cached elsewhere (computed twice at once)
+        stays private to its table."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(hashes), min(num_computed // bs, len(block_table))):
+            h = block_hash(hashes[-1] if hashes else root, token_ids[i * bs : (i + 1) * bs])
+            hashes.append(h)
+            b = block_table[i]
+            if h not in self._by_hash and b not in self._hash_of:
+                self._by_hash[h] = b
+                self._hash_of[b] = h

@@ -22,7 +22,7 @@ from engine.errors import (
     WorkerBroken,
     is_device_failure,
 )
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, cache_root
 from engine.kv_layout import KVLayout
 from engine.model_runner import ModelRunner
 from engine.sampler import RowFailure, Sampler
@@ -193,7 +193,7 @@ class LLMEngine:
             raise EngineError(f"rank {self.tp.rank} of a tensor-parallel group runs follower(), not an engine")
         self.runner = tp_runner(self.loaded, config, self.tp, kv)
         self.layout = self.runner.layout
-        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(device)
         self.validator = RequestValidator(
@@ -219,11 +219,14 @@ class LLMEngine:
         image_features: list[torch.Tensor] | None = None,
         resume: tuple[int, int] | None = None,
         tenant: str = "",
+        cache_salt: str = "",
     ) -> str:
         """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order.
         resume: (n, chars) for a request re-prefilled after a failure: the prompt's last n tokens
         are its earlier output, of whose text `chars` characters were already delivered.
-        tenant: who sent it (new prompts are admitted round robin over tenants)."""
+        tenant: who sent it (new prompts are admitted round robin over tenants).
+        cache_salt: with prefix caching, only requests with the same salt share cached blocks;
+        prompts with images are not cached (their placeholder tokens do not say which image)."""
         sampling = sampling or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -238,7 +241,8 @@ class LLMEngine:
         detok = self._detokenizer(sampling, ids, resume)
         if resume:  # the earlier output was sampled elsewhere
             self.sampler.advance(request_id, sampling, self._vocab_size(), resume[0])
-        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant)
+        root = None if embeds is not None else cache_root(cache_salt)
+        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant, cache_root=root)
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq
@@ -274,6 +278,7 @@ class LLMEngine:
             num_computed_tokens=len(prompt_token_ids),
             block_table=block_table,
             status=SequenceStatus.RUNNING,
+            cache_root=None,  # its blocks came from a prefill worker: not cached here (yet)
         )
         self._seqs[request_id] = seq
         self._detok[request_id] = detok
@@ -393,7 +398,14 @@ class LLMEngine:
             return self._fail(seq, "decoding the generated tokens to text failed for this request")
         if reason is not None:
             self._forget(seq, reason)
-        return StepOutput(seq.request_id, [seq.token_ids[-1]], new_text, reason is not None, reason)
+        return StepOutput(
+            seq.request_id,
+            [seq.token_ids[-1]],
+            new_text,
+            reason is not None,
+            reason,
+            cached_tokens=seq.num_cached_tokens,
+        )
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         """End one sequence with an error; its blocks go back to the pool."""

@@ -2,7 +2,9 @@
 
 Each step spends a token budget: first one token for every decoding sequence (so decodes never
 stall behind a long prompt), then prompt chunks of sequences already admitted, then new
-sequences from the waiting queue in arrival order (round robin over tenants when several wait). When the KV cache cannot grow a decoding
+sequences from the waiting queue in arrival order (round robin over tenants when several wait);
+with prefix caching a new sequence starts after the longest cached run of its prompt's blocks
+(engine/kv_cache.py). When the KV cache cannot grow a decoding
 sequence, the most recently arrived running sequence is preempted: its blocks are freed and it
 goes back to the front of the waiting queue to be recomputed (prompt + output so far).
 
@@ -50,6 +52,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -106,15 +109,24 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
 
-        # 3. admit waiting sequences, fairly among tenants
+        # 3. admit waiting sequences, fairly among tenants; a cached prefix is not computed again
         for seq in self._admission_order():
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq.block_table, n):
+            prefix, hashes = (
+                ([], []) if seq.cache_root is None else self.blocks.match_prefix(seq.token_ids, seq.cache_root)
+            )
+            start = len(prefix) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_allocate(seq.block_table, start + n, prefix):
                 break
             self.waiting.remove(seq)
-            self.blocks.allocate(seq.block_table, n)
+            if seq.cache_root is not None:
+                seq.num_computed_tokens = self.blocks.take_prefix(seq.block_table, prefix, seq.num_prompt_tokens)
+                seq.block_hashes = hashes
+                if not seq.num_preemptions:
+                    seq.num_cached_tokens = start
+            self.blocks.allocate(seq.block_table, start + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
@@ -140,10 +152,15 @@ class Scheduler:
     def update(self, batch: list[ScheduledSeq], sampled: dict[str, int]) -> None:
         """Advance computed counts and append sampled tokens (keyed by request id)."""
         for entry in batch:
-            entry.seq.num_computed_tokens += entry.num_new_tokens
-            token = sampled.get(entry.seq.request_id)
+            seq = entry.seq
+            seq.num_computed_tokens += entry.num_new_tokens
+            if seq.cache_root is not None:  # its newly computed full blocks become reusable
+                self.blocks.register(
+                    seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed_tokens, seq.cache_root
+                )
+            token = sampled.get(seq.request_id)
             if token is not None:
-                entry.seq.token_ids.append(token)
+                seq.token_ids.append(token)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence on any path and give its blocks back."""
@@ -152,4 +169,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.block_table)
+        seq.block_hashes = []
         seq.finish(reason)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
+from engine.kv_cache import ROOT
 
 
 class SequenceStatus(enum.Enum):
@@ -111,6 +112,12 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None  # why it failed (FinishReason.ERROR), for its client
     tenant: str = ""  # who sent it: new prompts are admitted fairly among tenants
+    # Prefix caching (engine/kv_cache.py): where its block hash chain starts (its cache salt's
+    # root; None: never cached, e.g. a prompt with images), the hashes of its cached or registered
+    # full blocks, and the prompt tokens its first admission found cached.
+    cache_root: bytes | None = ROOT
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -163,3 +170,4 @@ class StepOutput:
     finished: bool
     finish_reason: FinishReason | None
     error: str | None = None  # set iff finish_reason is ERROR: what failed, for the client
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (on a sequence's outputs)

@@ -74,6 +74,7 @@ class WorkerStatus:
     kv_blocks_used: int
     kv_blocks_total: int
     epoch: int = 0
+    kv_blocks_cached: int = 0  # prefix caching: cached blocks no request holds (reusable, evictable)
 
 
 class Worker(Protocol):

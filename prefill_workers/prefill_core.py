@@ -32,7 +32,7 @@ from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_
 from engine import multimodal
 from engine.config import EngineConfig
 from engine.errors import BROKEN_AFTER, InvalidRequestError, WorkerBroken, is_device_failure
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, cache_root
 from engine.llm_engine import LoadedModel, tp_runner
 from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
@@ -69,6 +69,7 @@ class PrefillTask:
     enqueued_at: float = field(default_factory=time.monotonic)
     sampled_before: int = 0  # re-prefilled: output tokens already sampled (a seeded stream skips them)
     tenant: str = ""  # who sent it: batches share their token budget fairly among tenants
+    cache_salt: str = ""  # prefix caching: only prompts with the same salt share cached blocks
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class PrefillResult:
     transfer_s: float = 0.0  # exposed transfer: from the forward's end until all landed
     batch_size: int = 1
     encode_s: float = 0.0  # in-process image encoding of the batch (no encode pool)
+    cached_tokens: int = 0  # prompt tokens found in this worker's prefix cache (not computed)
 
 
 class PrefillCore:
@@ -102,7 +104,7 @@ class PrefillCore:
         device = cfg.placement().device  # DeviceError (naming the pool and node) without that GPU
         loaded.placed_on(device)
         self.layout = loaded.kv_layout(cfg.block_size)  # the model's: what ready() reports
-        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
+        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.prefix_caching)
         self.tp = tp or TPGroup.single(device)
         self.runner = tp_runner(loaded, cfg, self.tp)  # this rank's shard and KV heads
         self.sampler = Sampler(device)
@@ -263,7 +265,16 @@ class PrefillCore:
                 except Exception:  # its forward rows are then token embeddings, discarded
                     log.exception("image features of %s not received", task.request_id)
                     errors[task.request_id] = "the image features did not arrive from the encode pool"
-            seq = Sequence(task.request_id, ids, task.sampling)
+            # Prefix caching: start after the cached run of the prompt's blocks (never for images)
+            root = (
+                None if task.request_id in embeds or task.images or task.image_shards else cache_root(task.cache_salt)
+            )
+            seq = Sequence(task.request_id, ids, task.sampling, cache_root=root)
+            if root is not None:
+                prefix, seq.block_hashes = self.blocks.match_prefix(ids, root)
+                seq.num_computed_tokens = seq.num_cached_tokens = self.blocks.take_prefix(
+                    seq.block_table, prefix, len(ids)
+                )
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seqs.append(seq)
             if task.request_id in errors:
@@ -350,6 +361,7 @@ class PrefillCore:
                 self.sender.abort(seq.request_id)
             raise
         finally:
+            cached = {seq.request_id: seq.num_cached_tokens for seq in seqs}
             for seq in seqs:
                 self.blocks.free(seq.block_table)
                 self.sampler.forget(seq.request_id)
@@ -363,6 +375,7 @@ class PrefillCore:
                 transfer_s=done - forward_end,
                 batch_size=len(tasks),
                 encode_s=encode_s if t.images else 0.0,
+                cached_tokens=cached.get(t.request_id, 0),
             )
             for t in tasks
         ]
@@ -371,7 +384,7 @@ class PrefillCore:
         """One packed forward over `seqs` (K/V sent layer by layer through `send`, or after the
         last layer without streaming) and the first token of each: {request id: token}.
         orders: (row, descriptor) pairs the tensor-parallel followers send their heads for."""
-        batch = [ScheduledSeq(s, s.num_tokens) for s in seqs]
+        batch = [ScheduledSeq(s, s.num_tokens - s.num_computed_tokens) for s in seqs]
         inputs_embeds = None
         if any(s.request_id in embeds for s in seqs):
             inputs_embeds = multimodal.packed_inputs_embeds(batch, embeds, self.loaded.model.get_input_embeddings())
@@ -386,6 +399,9 @@ class PrefillCore:
             for layer in range(self.layout.num_layers):
                 send(layer)
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
+        for s in seqs:  # their full blocks are computed: reusable by later prompts
+            if s.cache_root is not None:
+                self.blocks.register(s.block_table, s.block_hashes, s.token_ids, s.num_tokens, s.cache_root)
         return {s.request_id: t for s, t in zip(seqs, tokens)}
 
     def close(self) -> None:

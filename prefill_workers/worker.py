@@ -141,6 +141,7 @@ class PrefillWorker:
             running=self._busy,
             kv_blocks_used=b.num_used_blocks,
             kv_blocks_total=b.num_total_blocks,
+            kv_blocks_cached=b.num_cached_blocks,
         )
 
     async def idle(self) -> bool:

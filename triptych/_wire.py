@@ -136,6 +136,7 @@ def generate_request(
     images: Sequence[ImageLike] | None = None,
     session_id: str | None = None,
     request_id: str | None = None,
+    cache_salt: str | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; exactly one of prompt / messages / token_ids must be given."""
@@ -149,6 +150,7 @@ def generate_request(
     req = pb.GenerateRequest(
         request_id=request_id or "",
         session_id=session_id or "",
+        cache_salt=cache_salt or "",
         images=[image_pb(im) for im in images or ()],
         sampling=sampling_pb(**sampling),
     )
@@ -166,7 +168,7 @@ def chunk_from_pb(resp: pb.GenerateResponse) -> TokenChunk | FinalChunk:
         f = resp.final
         return FinalChunk(
             finish_reason=_FINISH.get(f.finish_reason, FinishReason.ERROR),
-            usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
+            usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
             timings=Timings(**{name: getattr(f.timings, name) for name in Timings.__dataclass_fields__}),
             error=f.error,
             request_id=resp.request_id,
@@ -222,6 +224,7 @@ def cluster_status_from_pb(r: pb.GetClusterStatusResponse) -> ClusterStatus:
             kv_blocks_used=w.kv_blocks_used,
             kv_blocks_total=w.kv_blocks_total,
             epoch=w.epoch,
+            kv_blocks_cached=w.kv_blocks_cached,
         )
 
     return ClusterStatus(

@@ -151,6 +151,7 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         request_id: str | None = None,
         timeout: float | None = _UNSET,
     ) -> AsyncStream:
@@ -159,6 +160,7 @@ class AsyncClient:
             token_ids=token_ids,
             images=images,
             session_id=session_id,
+            cache_salt=cache_salt,
             request_id=request_id,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -184,12 +186,14 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         request_id: str | None = None,
         timeout: float | None = _UNSET,
     ) -> AsyncStream:
         req = _wire.generate_request(
             messages=messages,
             session_id=session_id,
+            cache_salt=cache_salt,
             request_id=request_id,
             max_tokens=max_tokens,
             temperature=temperature,

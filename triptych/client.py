@@ -158,6 +158,7 @@ class Client:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         request_id: str | None = None,
         timeout: float | None = _UNSET,
     ) -> Stream:
@@ -167,6 +168,7 @@ class Client:
             token_ids=token_ids,
             images=images,
             session_id=session_id,
+            cache_salt=cache_salt,
             request_id=request_id,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -190,15 +192,18 @@ class Client:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         request_id: str | None = None,
         timeout: float | None = _UNSET,
     ) -> Stream:
         """Stream a chat reply. `messages` is [{"role": ..., "content": str | [parts]}]; a part
         is a str, image bytes, {"type": "text", "text": ...} or {"type": "image", "image": bytes}.
-        With `session_id`, the server prepends the session's earlier turns."""
+        With `session_id`, the server prepends the session's earlier turns. With `cache_salt`, only
+        requests with the same salt share the server's cached prompt prefixes."""
         req = _wire.generate_request(
             messages=messages,
             session_id=session_id,
+            cache_salt=cache_salt,
             request_id=request_id,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -33,6 +33,7 @@ class Mode(str, enum.Enum):
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, how many the server's prefix cache held
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class WorkerStatus:
     kv_blocks_used: int
     kv_blocks_total: int
     epoch: int
+    kv_blocks_cached: int = 0  # prefix caching: cached blocks no request holds (not in kv_blocks_used)
 
 
 @dataclass(frozen=True)

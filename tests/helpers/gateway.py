@@ -134,7 +134,7 @@ class FakeRouter(Router):
             for i, piece in enumerate(["Hel", "lo", "!"]):
                 yield TokenEvent((10 + i,), piece)
             finished = True
-            yield FinalEvent(FinishReason.STOP, 5, 3, "Hello!", TIMINGS)
+            yield FinalEvent(FinishReason.STOP, 5, 3, "Hello!", TIMINGS, cached_tokens=2)
         finally:
             self._abort_events.pop(rid, None)
             if not finished:

@@ -1,8 +1,10 @@
 """End to end over real loopback gRPC and HTTP against a real local cluster serving SmolLM2.
 
 Greedy text through the SDK, /v1/chat/completions (httpx and the official openai client) and the
-offline engine is identical; bad input gets the right status and the server keeps serving; a
-client that disconnects mid-stream frees its KV blocks within a second.
+offline engine (no prefix cache) is identical, with the prefill worker's prefix cache on; a
+conversation's later turns report the cached tokens of its earlier prompts and compute only the
+rest; bad input gets the right status and the server keeps serving; a client that disconnects
+mid-stream frees its KV blocks within a second.
 """
 
 import socket
@@ -31,6 +33,7 @@ def served():
         {
             "version": 1,
             "ray": {"num_cpus": 2},
+            "engine": {"prefix_caching": True},
             "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0, "max_queued_requests": QUEUE_LIMIT},
         },
         "test_gateway_e2e",
@@ -192,3 +195,30 @@ def test_disconnect_frees_kv_within_a_second(served):
     while used() > 0 and time.monotonic() - t < 1.0:
         time.sleep(0.05)
     assert used() == 0, f"KV blocks still used {time.monotonic() - t:.2f}s after the client left"
+
+
+def test_a_conversation_reuses_the_prefill_workers_cache_of_its_earlier_prompts(served):
+    client, http_base, _, router, loop = served
+    block = 16  # engine.block_size
+    turns = ["Name three colors.", "Which of them is the warmest?", "Why is that?", "Name one more."]
+    previous = 0
+    for i, text in enumerate(turns):
+        c = client.complete(
+            messages=[{"role": "user", "content": text}], session_id="prefix-conv", max_tokens=12, temperature=0
+        )
+        assert not c.error
+        if i:  # every full block of the previous turn's prompt (a prefix of this one) was reused
+            assert c.usage.cached_tokens >= previous // block * block > 0
+        assert c.usage.cached_tokens < c.usage.prompt_tokens
+        previous = c.usage.prompt_tokens
+    body = {"messages": [{"role": "user", "content": "Tell me about the sea in one line. " * 4}], "max_tokens": 4}
+    usage = [httpx.post(f"{http_base}/v1/chat/completions", timeout=120, json=body).json()["usage"] for _ in range(2)]
+    # the first finds at most the chat template's system prompt that every chat starts with
+    assert usage[0]["prompt_tokens_details"]["cached_tokens"] < usage[1]["prompt_tokens_details"]["cached_tokens"]
+    # all its full blocks but the one holding its last token (whose logits are sampled)
+    assert usage[1]["prompt_tokens_details"]["cached_tokens"] == (usage[1]["prompt_tokens"] - 1) // block * block
+    metrics = httpx.get(f"{http_base}/metrics", timeout=30).text
+    hits = [line for line in metrics.splitlines() if line.startswith("triptych_prefix_cache_hit_tokens_total")]
+    assert hits and float(hits[0].split()[-1]) > 0
+    status = client.cluster_status()
+    assert any(w.kv_blocks_cached > 0 for p in status.pools for w in p.workers)

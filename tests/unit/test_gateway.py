@@ -46,11 +46,20 @@ def test_generate_streams_tokens_then_final(client, router):
     assert [c.index for c in chunks[:-1]] == [0, 1, 2]
     final = chunks[-1]
     assert final.is_final and final.finish_reason == "stop" and final.request_id == "g1"
-    assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3)
+    assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
     assert final.timings.ttft_s == pytest.approx(0.04) and final.timings.transfer_s == pytest.approx(0.003)
     inp = router.inputs[-1]
     assert inp.prompt == "hello" and inp.messages is None and inp.sampling.max_tokens == 8
     assert inp.request_id not in ("", "g1")  # the router gets the gateway's own id, never the client's
+    assert inp.cache_salt == ""
+
+
+def test_cache_salt_reaches_the_router_and_is_bounded(client, router):
+    client.complete("hello", cache_salt="tenant-7-secret")
+    assert router.inputs[-1].cache_salt == "tenant-7-secret"
+    with pytest.raises(triptych.InvalidArgument, match="cache_salt length"):
+        client.complete("hello", cache_salt="s" * 1000)
+    client.complete("hello")  # still serving
 
 
 def test_sampling_defaults_follow_the_api_doc(client, router):

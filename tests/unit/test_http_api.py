@@ -103,6 +103,15 @@ def test_openai_completions(oai, router):
     assert router.inputs[-1].token_ids == (1, 2, 3)
 
 
+def test_cache_salt_reaches_the_router_and_is_bounded(http, router):
+    assert http.post("/v1/chat/completions", json=chat_body(cache_salt="tenant-7")).status_code == 200
+    assert router.inputs[-1].cache_salt == "tenant-7"
+    resp = http.post("/v1/chat/completions", json=chat_body(cache_salt="s" * 1000))
+    assert resp.status_code == 400 and "cache_salt length" in resp.json()["error"]["message"]
+    resp = http.post("/v1/chat/completions", json=chat_body(cache_salt=7))
+    assert resp.status_code == 400 and "cache_salt" in resp.json()["error"]["message"]
+
+
 def test_sse_wire_format(http):
     resp = http.post("/v1/chat/completions", json=chat_body(stream=True), headers={"X-Request-Id": "sse-1"})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
@@ -125,7 +134,12 @@ def test_non_streaming_json_shape(http):
     assert resp.status_code == 200 and body["choices"] == [
         {"index": 0, "text": "Hello!", "logprobs": None, "finish_reason": "stop"}
     ]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
     assert body["timings"]["prefill_s"] == pytest.approx(0.02) and isinstance(body["created"], int)
 
 

@@ -73,7 +73,7 @@ class FakeTriptych(pb_grpc.TriptychServicer):
                 request_id=rid,
                 final=pb.FinalChunk(
                     finish_reason=pb.FINISH_REASON_STOP,
-                    usage=pb.Usage(prompt_tokens=5, completion_tokens=3),
+                    usage=pb.Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2),
                     timings=pb.Timings(queue_s=0.01, prefill_s=0.02, ttft_s=0.05, e2e_s=0.1),
                 ),
             )
@@ -151,7 +151,7 @@ def test_generate_streams_chunks_then_final(client):
     final = chunks[-1]
     assert isinstance(final, FinalChunk) and final.is_final and final.text == ""
     assert final.finish_reason == FinishReason.STOP == "stop"
-    assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3)
+    assert final.usage == triptych.Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
     assert final.timings.ttft_s == pytest.approx(0.05) and final.timings.decode_s == 0.0
     assert final.request_id.startswith("srv-")
 

@@ -22,14 +22,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"triptych admin status: {exc}", file=sys.stderr)
         return 1
     print(f"mode: {status.mode.value if status.mode else '?'}")
-    print(f"{'worker':<14} {'role':<10} {'alive':<6} {'epoch':>5} {'queue':>6} {'running':>8} {'kv used':>12} restarts")
+    print(
+        f"{'worker':<14} {'role':<10} {'alive':<6} {'epoch':>5} {'queue':>6} {'running':>8} {'kv used':>12} "
+        f"{'kv cached':>9} restarts"
+    )
     for pool in status.pools:
         for w in pool.workers:
             kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}" if w.kv_blocks_total else "-"
             role = w.role.value if w.role else "?"
             print(
                 f"{w.worker_id:<14} {role:<10} {str(w.alive).lower():<6} {w.epoch:>5} {w.queue_length:>6} "
-                f"{w.running:>8} {kv:>12} {status.restarts.get(w.worker_id, 0)}"
+                f"{w.running:>8} {kv:>12} {w.kv_blocks_cached:>9} {status.restarts.get(w.worker_id, 0)}"
             )
     print(f"role switches: {status.role_switch_count}")
     for s in status.role_switches:

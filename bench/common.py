@@ -17,6 +17,7 @@ from pathlib import Path
 from placement.trace import Request, load_trace, scale_lengths
 
 AZURE_CONV = Path("/work/shared/data/traces/AzureLLMInferenceTrace_conv_2023.csv")
+MOONCAKE_CONV = AZURE_CONV.with_name("mooncake_fast25_conversation_trace.jsonl")
 
 
 def set_threads(n: int) -> None:

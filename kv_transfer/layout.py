@@ -19,7 +19,9 @@ import torch
 
 from engine.kv_layout import KVLayout, dtype_name
 
-PROTOCOL_VERSION = 2  # 2: KVLayout.kv_head_start (the KV heads a tensor-parallel rank holds)
+# 2: KVLayout.kv_head_start (the KV heads a tensor-parallel rank holds); 3: several senders per
+# transfer and receiving caches spread over ranks (the shm / cuda_ipc endpoint's slots and caches)
+PROTOCOL_VERSION = 3
 
 
 class HandshakeError(RuntimeError):

@@ -35,8 +35,8 @@ def test_hash_is_stable_and_dtype_normalised():
 def test_hash_is_the_wire_value():
     """The handshake hash is part of the wire format: workers of one release must agree with
     each other and with this value until PROTOCOL_VERSION changes."""
-    assert PROTOCOL_VERSION == 2
-    assert compat_hash(LAYOUT) == "178cab162fb2fafe4d17a16063182394d797ae26958d93f590c5c3d6b1b54119"
+    assert PROTOCOL_VERSION == 3
+    assert compat_hash(LAYOUT) == "d84b1666cf07096c4fc158494a371552b63aa618952d6c674e4182d4b4221fb7"
 
 
 def test_sizes():

@@ -25,8 +25,10 @@ NEW_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
 
 
-def _config(tp: int) -> EngineConfig:
-    return EngineConfig(block_size=8, num_kv_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, tensor_parallel=tp)
+def _config(tp: int, **kw) -> EngineConfig:
+    return EngineConfig(
+        block_size=8, num_kv_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, tensor_parallel=tp, **kw
+    )
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -114,3 +116,38 @@ def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers():
     assert not list_segments()
     for i, (n, ref) in enumerate(zip(LENGTHS, reference)):
         assert got[f"r{i}"] == ref, f"prompt of {n} tokens: prefill TP1 -> decode TP2 {got[f'r{i}']} != {ref}"
+
+
+def _caching_prefill_rank(tp: TPGroup, prompts, descriptors):
+    """Prefill TP2 with prefix caching: the prompts one batch at a time, so later ones find the
+    blocks of earlier ones; every rank's cache holds its heads of those blocks."""
+    options = PrefillOptions(_config(tp.size, prefix_caching=True), backend="shm")
+    if not tp.is_driver:
+        return prefill_follower(options, tiny_loaded(), tp)
+    core = PrefillCore(options, tiny_loaded(), tp=tp)
+    try:
+        results = [
+            core.run_batch([PrefillTask(f"r{i}", tuple(p), GREEDY, d)])[0]
+            for i, (p, d) in enumerate(zip(prompts, descriptors))
+        ]
+        assert all(r.error is None for r in results), [r.error for r in results]
+        return [r.first_token for r in results], [r.cached_tokens for r in results]
+    finally:
+        core.close()
+
+
+def test_prefill_tp2_with_a_prefix_cache_reuses_every_ranks_blocks():
+    loaded = tiny_loaded()
+    gen = torch.Generator().manual_seed(13)
+    shared = torch.randint(3, len(loaded.tokenizer), (29,), generator=gen).tolist()
+    prompts = [shared + torch.randint(3, len(loaded.tokenizer), (n,), generator=gen).tolist() for n in (5, 12, 20)]
+    reference = [hf_greedy(loaded, p, NEW_TOKENS) for p in prompts]
+    core = DecodeCore(DecodeOptions(_config(1), backend="shm", senders=2), loaded)
+    try:
+        descriptors = [core.reserve(f"r{i}", len(p)) for i, p in enumerate(prompts)]
+        first, cached = run_local_group(_caching_prefill_rank, 2, prompts, descriptors)
+        assert cached == [0, 24, 24]  # the shared 29 tokens' 3 full blocks of 8
+        got = _decode(core, prompts, first)
+    finally:
+        core.close()
+    assert [got[f"r{i}"] for i in range(3)] == reference

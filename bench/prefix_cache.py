@@ -20,9 +20,9 @@ Replay, with every scaling said in the output:
 The ideal reuse is an infinite cache's: the leading ids of each request already seen in an earlier
 request, but never the last block of a prompt (its last token is computed for its logits, as the
 engine does). Deployments (--modes): colocated = 2 colocated workers of 1 CPU; disaggregated = 1
-prefill + 1 decode worker of 1 CPU each. Routing is the router's own (least loaded): no
-cache-aware routing exists yet, so with 2 colocated workers a conversation's turns may land on the
-worker that does not hold its history.
+prefill + 1 decode worker of 1 CPU each. With the cache on, each --routing: cache-aware (a prompt
+goes where its prefix is likely cached, weighed against load: cluster/prefix_index.py) or load
+(the least loaded worker, which may not hold a conversation's history); with it off, by load.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def ideal_hits(requests: list[TraceRequest], block: int) -> int:
     return hits
 
 
-def deploy(mode: str, caching: bool, blocks: int):
+def deploy(mode: str, caching: bool, blocks: int, routing: str = "cache-aware"):
     from cluster.config import parse_config
 
     pools = (
@@ -112,9 +112,10 @@ def deploy(mode: str, caching: bool, blocks: int):
             "mode": mode,
             "ray": {"num_cpus": 3},
             "engine": {"prefix_caching": caching, "num_kv_blocks": blocks},
+            "server": {"cache_aware_routing": routing == "cache-aware"},
             "pools": pools,
         },
-        f"bench.prefix_cache:{mode}:{'on' if caching else 'off'}",
+        f"bench.prefix_cache:{mode}:{'on' if caching else 'off'}:{routing}",
     )
 
 
@@ -158,9 +159,10 @@ async def main_async(args) -> int:
         flush=True,
     )
     rows = []
+    runs = [(False, "load")] + [(True, r) for r in args.routing]
     for mode in args.modes:
-        for caching in (False, True):
-            router = await start_router(deploy(mode, caching, args.kv_blocks), progress=lambda m: None)
+        for caching, routing in runs:
+            router = await start_router(deploy(mode, caching, args.kv_blocks, routing), progress=lambda m: None)
             try:
                 vocab = len(router.tokenizer)
                 prompts = [[t for h in r.hash_ids for t in block_tokens(h, block, vocab)] for r in requests]
@@ -182,6 +184,7 @@ async def main_async(args) -> int:
                 [
                     mode,
                     "on" if caching else "off",
+                    routing,
                     f"{len(ok)}/{len(outs)}",
                     f"{cached / max(1, prompt_tokens):.1%}",
                     f"{cached / max(1, ideal):.0%}",
@@ -197,6 +200,7 @@ async def main_async(args) -> int:
         [
             "deployment",
             "prefix cache",
+            "routing",
             "ok",
             "hit rate (tokens)",
             "of ideal",
@@ -230,6 +234,13 @@ def main(argv=None) -> int:
     p.add_argument("--time-scale", type=float, default=4.0, help="arrival times x this (> 1: slower)")
     p.add_argument("--kv-blocks", type=int, default=2048, help="engine.num_kv_blocks per worker")
     p.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"], choices=["colocated", "disaggregated"])
+    p.add_argument(
+        "--routing",
+        nargs="+",
+        default=["cache-aware", "load"],
+        choices=["cache-aware", "load"],
+        help="routing with the cache on (server.cache_aware_routing); off is always by load",
+    )
     args = p.parse_args(argv)
     if min(args.requests, args.block_tokens, args.max_blocks, args.conversations) < 1 or args.time_scale <= 0:
         p.error("--requests, --conversations, --block-tokens, --max-blocks must be >= 1 and --time-scale > 0")

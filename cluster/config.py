@@ -245,6 +245,7 @@ def _server(s: Section) -> ServerConfig:
         max_queued_requests=s.int("max_queued_requests", d.max_queued_requests, lo=1),
         request_timeout_s=s.float("request_timeout_s", d.request_timeout_s, lo=0.0, lo_open=True),
         reprefill_on_decode_failure=s.bool("reprefill_on_decode_failure", d.reprefill_on_decode_failure),
+        cache_aware_routing=s.bool("cache_aware_routing", d.cache_aware_routing),
         limits=_limits(s.section("limits")),
         auth=_auth(s.section("auth")),
         tls=_tls(s.section("tls")),

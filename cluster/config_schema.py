@@ -214,6 +214,7 @@ class ServerConfig:
     max_queued_requests: int = 256
     request_timeout_s: float = 300.0
     reprefill_on_decode_failure: bool = False  # a dead decode worker's requests go on elsewhere
+    cache_aware_routing: bool = True  # with engine.prefix_caching: prompts go where their prefix is cached
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()

@@ -301,6 +301,9 @@ def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Starte
         reprefill_on_decode_failure=config.server.reprefill_on_decode_failure,
         max_image_pixels=config.server.limits.max_image_pixels,
         seqs_per_worker=config.engine.max_num_seqs,
+        prefix_caching_block_size=(
+            config.engine.block_size if config.engine.prefix_caching and config.server.cache_aware_routing else 0
+        ),
     )
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from cluster.fair_share import FairShare
 from cluster.flight import Aborted, DecodeDied, Flight, FlightState, timings
 from cluster.pools import Lease, Pools, WorkerHandle, is_actor_death, is_stale
+from cluster.prefix_index import PrefixIndex
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError, Timings, TokenEvent
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard
@@ -64,6 +65,20 @@ class Dispatcher:
         self.worker_died = worker_died
         self.on_end = on_end
         self.resume = None  # cluster/resume.py's Resume, set by the router
+        self.prefix_index: PrefixIndex | None = None  # cache-aware routing (engine.prefix_caching on)
+
+    def _pick(self, pool: list[WorkerHandle], request, ids, flight) -> WorkerHandle | None:
+        """The worker a prompt goes to: with prefix caching, the one whose cache likely holds most
+        of it, weighed against load (cluster/prefix_index.py); else the least loaded. Prompts with
+        images are not cached, so they go by load."""
+        index = self.prefix_index
+        if index is None or flight.images:
+            return Pools.least_loaded(pool)
+        hashes = index.hashes(ids, request.cache_salt)
+        worker = index.pick(pool, hashes)
+        if worker is not None:
+            index.record(worker, hashes)
+        return worker
 
     # ------------------------------------------------------------------ the stream
     async def stream(self, request: GenerateInput, flight: Flight, ids: list[int]):
@@ -197,7 +212,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ colocated
     async def _submit(self, request, flight, ids, deadline) -> None:
-        worker = Pools.least_loaded(self.pools.decode)
+        worker = self._pick(self.pools.decode, request, ids, flight)
         if worker is None:
             raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
         flight.state = FlightState.SUBMITTING
@@ -270,7 +285,7 @@ class Dispatcher:
         attempts = 0
         while True:
             decode, desc = await self._reserve(flight, ids, deadline, phases)
-            prefill = Pools.least_loaded(self.pools.prefill)
+            prefill = self._pick(self.pools.prefill, request, ids, flight)
             if prefill is None:
                 raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker")
             flight.prefill_lease = Lease(prefill)

@@ -33,6 +33,7 @@ from cluster.dispatch import Dispatcher
 from cluster.flight import Aborted, DecodeDied, Flight
 from cluster.fair_share import FairShare
 from cluster.pools import Pools, WorkerHandle, is_actor_death, is_stale
+from cluster.prefix_index import PrefixIndex
 from cluster.resume import Resume
 from cluster.role_switch import RoleSwitcher
 from cluster.router_api import (
@@ -75,13 +76,16 @@ class ClusterRouter(Router):
         reprefill_on_decode_failure: bool = False,
         max_image_pixels: int | None = None,
         seqs_per_worker: int = 0,
+        prefix_caching_block_size: int = 0,
     ) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
         image placeholder token and how many placeholders one image's features fill.
         reprefill_on_decode_failure: a request whose decode worker dies is prefilled again
         (prompt + tokens so far) on live workers and goes on, instead of ending with an error.
         seqs_per_worker: sequences one decode / colocated worker runs at once (engine.max_num_seqs):
-        the decode slots shared fairly among tenants (cluster/fair_share.py); 0: not shared out."""
+        the decode slots shared fairly among tenants (cluster/fair_share.py); 0: not shared out.
+        prefix_caching_block_size: the workers' block size when they cache prefixes (engine.
+        prefix_caching): prompts are then routed cache-aware (cluster/prefix_index.py); 0: by load."""
         self.mode = Mode(mode)
         self.tokenizer = tokenizer
         self._info = model_info
@@ -120,6 +124,9 @@ class ClusterRouter(Router):
             on_end=self._ended,
         )
         self.dispatch.resume = self.resume = Resume(self.dispatch, reprefill_on_decode_failure)
+        if prefix_caching_block_size:
+            bs = prefix_caching_block_size
+            self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs)
         self.switcher = RoleSwitcher(
             mode=self.mode,
             pools=self.pools,

@@ -129,3 +129,19 @@ def test_abort_drops_stored_embeddings(split, llava, requests, make_engine):
     rid = engine.add_request(requests[0][0], image_features=features_of(encoder, llava, requests[0][1]))
     engine.step()
     assert engine.abort(rid) and not engine._prompt_embeds
+
+
+def test_prefix_caching_never_shares_blocks_between_different_images(split, llava, requests, reference, make_engine):
+    """The same token ids with another image first, then with the request's own: its answer is its
+    own (prompts with images are not cached); text prompts of the batch do reuse their blocks."""
+    encoder, loaded = split
+    engine = make_engine(loaded, block_size=8, num_kv_blocks=256, prefix_caching=True)
+    ids, images = requests[0]
+    others = [png_bytes(999 + i) for i in range(len(images))]
+    run(engine, [(ids, others)], [features_of(encoder, llava, others)])
+    assert run(engine, [requests[0]], [features_of(encoder, llava, images)]) == [reference[0]]
+    feats = [features_of(encoder, llava, im) for _, im in requests]
+    assert run(engine, requests, feats) == reference
+    assert run(engine, requests, feats) == reference  # again, with the text prompts' blocks cached
+    assert engine.blocks.hit_tokens > 0
+    engine.blocks.check()

@@ -23,6 +23,9 @@ engine does). Deployments (--modes): colocated = 2 colocated workers of 1 CPU; d
 prefill + 1 decode worker of 1 CPU each. With the cache on, each --routing: cache-aware (a prompt
 goes where its prefix is likely cached, weighed against load: cluster/prefix_index.py) or load
 (the least loaded worker, which may not hold a conversation's history); with it off, by load.
+Prints per run: requests served, hit rate in prompt tokens and as a share of the ideal, prefill
+tokens computed, TTFT p50 / p90 (server-measured) and the wall time. Goodput against SLOs is not
+computed here (bench/goodput.py measures it rate by rate).
 """
 
 from __future__ import annotations
@@ -166,10 +169,8 @@ async def main_async(args) -> int:
             try:
                 vocab = len(router.tokenizer)
                 prompts = [[t for h in r.hash_ids for t in block_tokens(h, block, vocab)] for r in requests]
-                warm = TraceRequest(
-                    0.0, (-1,), 2
-                )  # first-call costs off the measurement; its tokens occur nowhere else
-                await replay(router, [warm], [[4] * block])
+                # first-call costs off the measurement; its tokens occur in no prompt of the trace
+                await replay(router, [TraceRequest(0.0, (-1,), 2)], [[4] * block])
                 t = time.monotonic()
                 outs = await replay(router, requests, prompts)
                 wall = time.monotonic() - t

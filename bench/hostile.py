@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import print_table, rss_kib
-from engine.worker_api import free_port
 
 KEYS = {
     "alice": "alice-key-0123456789abcdef",
@@ -144,14 +144,15 @@ def p90(xs: list[float]) -> float:
 def start_server(tmp: Path, args) -> tuple[subprocess.Popen, dict]:
     (tmp / "api-keys").write_text("".join(f"{n}:{k}\n" for n, k in KEYS.items()))
     (tmp / "admin-keys").write_text(f"ops:{ADMIN_KEY}\n")
-    ports = {"grpc": free_port(), "http": free_port(), "admin": free_port()}
     config = {
         "version": 1,
         "ray": {"num_cpus": args.ray_cpus},
         "server": {
-            "grpc_port": ports["grpc"],
-            "http_port": ports["http"],
-            "admin_port": ports["admin"],
+            # port 0: the server binds free ports itself and prints them (a port picked here
+            # could be taken by one of Ray's processes before the server binds it)
+            "grpc_port": 0,
+            "http_port": 0,
+            "admin_port": 0,
             "auth": {"api_keys_file": str(tmp / "api-keys"), "admin_keys_file": str(tmp / "admin-keys")},
             "limits": {"max_requests_per_client": args.per_client_limit},
         },
@@ -165,11 +166,22 @@ def start_server(tmp: Path, args) -> tuple[subprocess.Popen, dict]:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.monotonic() + 600
-    while "Press Ctrl-C" not in (tmp / "serve.log").read_text():
+    while "Press Ctrl-C" not in (text := (tmp / "serve.log").read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"triptych serve did not start:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+            raise RuntimeError(f"triptych serve did not start:\n{text[-3000:]}")
         time.sleep(0.5)
-    return proc, ports
+    found = {
+        door: re.search(pattern, text, re.MULTILINE)
+        for door, pattern in (
+            ("grpc", r"^\s+gRPC\s+\S+:(\d+)\s"),
+            ("http", r"^\s+HTTP\s+https?://\S+:(\d+)/v1"),
+            ("admin", r"^\s+admin\s+\S+:(\d+)\s"),
+        )
+    }
+    if not all(found.values()):
+        proc.kill()
+        raise RuntimeError(f"triptych serve did not say its ports:\n{text[-3000:]}")
+    return proc, {door: int(m.group(1)) for door, m in found.items()}
 
 
 async def main_async(args) -> dict:

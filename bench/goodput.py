@@ -35,22 +35,16 @@ class Outcome:
     prefill_s: float = 0.0
 
 
-def deploy_config(mode: str, ttft_ms: float, tpot_ms: float):
+def deploy_config(mode: str, source: str, **sections):
+    """The benches' local deployment of `mode` on this 2-core machine (colocated: 2 workers of 1
+    CPU; disaggregated: 1 prefill + 1 decode worker of 1 CPU each) with the deploy YAML's other
+    `sections` (slo, engine, server, ...); `source` names it in config errors."""
     pools = (
         {"colocated": {"workers": 2, "num_cpus": 1}}
         if mode == "colocated"
         else {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 1, "num_cpus": 1}}
     )
-    return parse_config(
-        {
-            "version": 1,
-            "mode": mode,
-            "ray": {"num_cpus": 3},
-            "pools": pools,
-            "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
-        },
-        f"bench.goodput:{mode}",
-    )
+    return parse_config({"version": 1, "mode": mode, "ray": {"num_cpus": 3}, "pools": pools, **sections}, source)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,7 +102,8 @@ async def main_async(args) -> int:
     )
     rows = []
     for mode in args.modes:
-        router = await start_router(deploy_config(mode, args.ttft_slo * 1e3, args.tpot_slo * 1e3))
+        slo = {"ttft_ms": args.ttft_slo * 1e3, "tpot_ms": args.tpot_slo * 1e3}
+        router = await start_router(deploy_config(mode, f"bench.goodput:{mode}", slo=slo))
         try:
             corpus = text_token_ids(router.tokenizer)
             prompts = prompt_ids(corpus, [r.prompt_len for r in trace], seed=7)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import MOONCAKE_CONV, print_table
-from bench.goodput import percentile
+from bench.goodput import deploy_config, percentile
 
 
 @dataclass(frozen=True)
@@ -102,23 +102,11 @@ def ideal_hits(requests: list[TraceRequest], block: int) -> int:
 
 
 def deploy(mode: str, caching: bool, blocks: int, routing: str = "cache-aware"):
-    from cluster.config import parse_config
-
-    pools = (
-        {"colocated": {"workers": 2, "num_cpus": 1}}
-        if mode == "colocated"
-        else {"prefill": {"workers": 1, "num_cpus": 1}, "decode": {"workers": 1, "num_cpus": 1}}
-    )
-    return parse_config(
-        {
-            "version": 1,
-            "mode": mode,
-            "ray": {"num_cpus": 3},
-            "engine": {"prefix_caching": caching, "num_kv_blocks": blocks},
-            "server": {"cache_aware_routing": routing == "cache-aware"},
-            "pools": pools,
-        },
+    return deploy_config(
+        mode,
         f"bench.prefix_cache:{mode}:{'on' if caching else 'off'}:{routing}",
+        engine={"prefix_caching": caching, "num_kv_blocks": blocks},
+        server={"cache_aware_routing": routing == "cache-aware"},
     )
 
 

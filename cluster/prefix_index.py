@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from cluster.pools import WorkerHandle
-from engine.kv_cache import block_hash, cache_root
+from engine.kv_cache import cache_root, prefix_hashes
 
 # What one request in flight on a worker weighs against blocks to compute: about one 16-token
 # block's prefill per request (a request in flight delays a new one by a share of a step).
@@ -37,12 +37,8 @@ class PrefixIndex:
         self._held: weakref.WeakKeyDictionary[WorkerHandle, OrderedDict[bytes, None]] = weakref.WeakKeyDictionary()
 
     def hashes(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
-        """The chained hashes of a prompt's full blocks but the last (engine match_prefix's)."""
-        bs, parent, out = self.block_size, cache_root(salt), []
-        for i in range((len(token_ids) - 1) // bs):
-            parent = block_hash(parent, token_ids[i * bs : (i + 1) * bs])
-            out.append(parent)
-        return out
+        """The hashes the engine looks a prompt's blocks up by (engine/kv_cache.py prefix_hashes)."""
+        return list(prefix_hashes(token_ids, self.block_size, cache_root(salt)))
 
     def overlap(self, worker: WorkerHandle, hashes: list[bytes]) -> int:
         """Leading blocks of `hashes` the router believes `worker` holds."""

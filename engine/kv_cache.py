@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from engine.errors import EngineError
 
@@ -36,6 +36,16 @@ def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(array("q", token_ids).tobytes())  # fixed width: no two id lists give the same bytes
     return h.digest()
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int, root: bytes = ROOT) -> Iterator[bytes]:
+    """The chained hashes of the full blocks of `token_ids` that may come from a cache: all but the
+    block holding the last token (its logits are needed), in order; lazily, so a lookup stops at
+    its first miss. The engine (match_prefix) and the router (cluster/prefix_index.py) use it."""
+    parent = root
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        yield parent
 
 
 def cache_root(salt: str) -> bytes:
@@ -193,16 +203,13 @@ class BlockManager:
         so a prompt that is all cached blocks matches all but its last block. Changes nothing."""
         if not self.prefix_caching:
             return [], []
-        bs = self.block_size
-        blocks, hashes, parent = [], [], root
-        for i in range((len(token_ids) - 1) // bs):
-            h = block_hash(parent, token_ids[i * bs : (i + 1) * bs])
+        blocks, hashes = [], []
+        for h in prefix_hashes(token_ids, self.block_size, root):
             block = self._by_hash.get(h)
             if block is None:
                 break
             blocks.append(block)
             hashes.append(h)
-            parent = h
         return blocks, hashes
 
     def take_prefix(self, block_table: list[int], blocks: list[int], num_prompt_tokens: int) -> int:

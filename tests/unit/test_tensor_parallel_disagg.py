@@ -36,12 +36,14 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in LENGTHS]
 
 
-def _prefill(core: PrefillCore, prompts, descriptors) -> list[int]:
+def _prefill(core: PrefillCore, prompts, descriptors, one_at_a_time: bool = False) -> tuple[list[int], list[int]]:
+    """(first token, cached tokens) per prompt: all in one batch, or one batch each so that later
+    prompts find the blocks of earlier ones in the prefix cache."""
     tasks = [PrefillTask(f"r{i}", tuple(p), GREEDY, d) for i, (p, d) in enumerate(zip(prompts, descriptors))]
-    results = core.run_batch(tasks)
+    results = [r for batch in ([[t] for t in tasks] if one_at_a_time else [tasks]) for r in core.run_batch(batch)]
     assert all(r.error is None for r in results), [r.error for r in results]
     assert core.blocks.all_free()
-    return [r.first_token for r in results]
+    return [r.first_token for r in results], [r.cached_tokens for r in results]
 
 
 def _decode(core: DecodeCore, prompts, first_tokens) -> dict[str, list[int]]:
@@ -55,13 +57,16 @@ def _decode(core: DecodeCore, prompts, first_tokens) -> dict[str, list[int]]:
     return out
 
 
-def _prefill_rank(tp: TPGroup, prompts, descriptors):
-    options = PrefillOptions(_config(tp.size), backend="shm")
+def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False):
+    """A prefill group's rank: rank 0 returns (first tokens, cached tokens, its layout). With
+    prefix caching the prompts go one batch at a time (_prefill), and every rank's cache holds its
+    heads of the blocks later prompts reuse."""
+    options = PrefillOptions(_config(tp.size, prefix_caching=caching), backend="shm")
     if not tp.is_driver:
         return prefill_follower(options, tiny_loaded(), tp)
     core = PrefillCore(options, tiny_loaded(), tp=tp)
     try:
-        return _prefill(core, prompts, descriptors), core.runner.layout
+        return *_prefill(core, prompts, descriptors, one_at_a_time=caching), core.runner.layout
     finally:
         core.close()
 
@@ -73,7 +78,7 @@ def test_prefill_tp2_to_decode_tp1_is_token_identical_to_transformers():
     core = DecodeCore(DecodeOptions(_config(1), backend="shm", senders=2), loaded)
     try:
         descriptors = [core.reserve(f"r{i}", len(p)) for i, p in enumerate(prompts)]
-        first, prefill_layout = run_local_group(_prefill_rank, 2, prompts, descriptors)
+        first, _, prefill_layout = run_local_group(_prefill_rank, 2, prompts, descriptors)
         assert (prefill_layout.kv_head_start, prefill_layout.num_kv_heads) == (0, 1)  # rank 0 holds head 0 of 2
         got = _decode(core, prompts, first)
     finally:
@@ -107,7 +112,7 @@ def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers():
         descriptors = to_parent.get(timeout=300)
         prefill = PrefillCore(PrefillOptions(_config(1), backend="shm"), loaded)
         try:
-            from_parent.put(_prefill(prefill, prompts, descriptors))
+            from_parent.put(_prefill(prefill, prompts, descriptors)[0])
         finally:
             prefill.close()
         got, decode_layout = group.result(timeout=300)
@@ -116,24 +121,6 @@ def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers():
     assert not list_segments()
     for i, (n, ref) in enumerate(zip(LENGTHS, reference)):
         assert got[f"r{i}"] == ref, f"prompt of {n} tokens: prefill TP1 -> decode TP2 {got[f'r{i}']} != {ref}"
-
-
-def _caching_prefill_rank(tp: TPGroup, prompts, descriptors):
-    """Prefill TP2 with prefix caching: the prompts one batch at a time, so later ones find the
-    blocks of earlier ones; every rank's cache holds its heads of those blocks."""
-    options = PrefillOptions(_config(tp.size, prefix_caching=True), backend="shm")
-    if not tp.is_driver:
-        return prefill_follower(options, tiny_loaded(), tp)
-    core = PrefillCore(options, tiny_loaded(), tp=tp)
-    try:
-        results = [
-            core.run_batch([PrefillTask(f"r{i}", tuple(p), GREEDY, d)])[0]
-            for i, (p, d) in enumerate(zip(prompts, descriptors))
-        ]
-        assert all(r.error is None for r in results), [r.error for r in results]
-        return [r.first_token for r in results], [r.cached_tokens for r in results]
-    finally:
-        core.close()
 
 
 def test_prefill_tp2_with_a_prefix_cache_reuses_every_ranks_blocks():
@@ -145,7 +132,7 @@ def test_prefill_tp2_with_a_prefix_cache_reuses_every_ranks_blocks():
     core = DecodeCore(DecodeOptions(_config(1), backend="shm", senders=2), loaded)
     try:
         descriptors = [core.reserve(f"r{i}", len(p)) for i, p in enumerate(prompts)]
-        first, cached = run_local_group(_caching_prefill_rank, 2, prompts, descriptors)
+        first, cached, _ = run_local_group(_prefill_rank, 2, prompts, descriptors, True)
         assert cached == [0, 24, 24]  # the shared 29 tokens' 3 full blocks of 8
         got = _decode(core, prompts, first)
     finally:

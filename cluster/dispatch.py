@@ -282,12 +282,12 @@ class Dispatcher:
             await asyncio.sleep(RESERVE_RETRY_S)
 
     async def _prefill_and_activate(self, request, flight, ids, deadline, phases) -> StepOutput:
-        attempts = 0
+        attempts, died = 0, ""
         while True:
             decode, desc = await self._reserve(flight, ids, deadline, phases)
             prefill = self._pick(self.pools.prefill, request, ids, flight)
             if prefill is None:
-                raise RouterError(ErrorKind.UNAVAILABLE, "no live prefill worker")
+                raise RouterError(ErrorKind.UNAVAILABLE, f"{died}no live prefill worker")
             flight.prefill_lease = Lease(prefill)
             try:
                 # With an encode pool its workers send the features (EPD); without one the prefill
@@ -320,6 +320,7 @@ class Dispatcher:
                 # Prefill is idempotent: drop the reservation and run it again elsewhere.
                 if is_actor_death(exc):
                     self.worker_died(prefill, exc)
+                    died = f"prefill worker {prefill.worker_id} died while prefilling this request; "
                 attempts += 1
                 flight.drop_prefill()
                 await self.cancel_everywhere(flight)

@@ -82,6 +82,10 @@ class NcclReceiver(ChannelReceiver):
         self.device = _device(device)
         super().__init__(layout, **kw)
 
+    @classmethod
+    def _for_rank(cls, layout, device):
+        return cls(layout, device=device)
+
     @property
     def _staging_device(self) -> torch.device:
         return self.device

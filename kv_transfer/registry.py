@@ -31,8 +31,9 @@ class TransportInfo:
     same_node_only: bool = False
     needs_cuda: bool = False
     # Moves KV between tensor-parallel groups: several senders per transfer (one per prefill rank,
-    # each with its heads) into a cache spread over the receiving ranks; the same-node transports
-    # that write in place do (kv_transfer/shm.py).
+    # each with its heads) into a cache spread over the receiving ranks (kv_transfer/shm.py writes
+    # each rank's cache in place; kv_transfer/channel.py sends each rank its heads). Only the fake,
+    # which lives in one process, does not.
     tensor_parallel: bool = False
 
 
@@ -43,7 +44,7 @@ _BACKENDS: dict[str, TransportInfo] = {
         TransportInfo(
             "shm", "kv_transfer.shm:ShmBackend", same_node_only=True, tensor_parallel=True
         ),  # POSIX shared memory
-        TransportInfo("gloo", "kv_transfer.gloo:GlooBackend"),  # TCP between CPUs, across nodes
+        TransportInfo("gloo", "kv_transfer.gloo:GlooBackend", tensor_parallel=True),  # TCP between CPUs, across nodes
         TransportInfo(
             "cuda_ipc",
             "kv_transfer.cuda_ipc:CudaIpcBackend",
@@ -51,7 +52,9 @@ _BACKENDS: dict[str, TransportInfo] = {
             needs_cuda=True,
             tensor_parallel=True,
         ),  # GPUs of one node
-        TransportInfo("nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True),  # across GPUs and nodes
+        TransportInfo(
+            "nccl", "kv_transfer.nccl_cupy:NcclBackend", needs_cuda=True, tensor_parallel=True
+        ),  # across GPUs and nodes
     )
 }
 

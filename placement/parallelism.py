@@ -4,9 +4,8 @@ A worker with `tensor_parallel: t` is t rank actors packed on one node (a Ray pl
 each holding num_heads / t attention heads and num_kv_heads / t KV heads of every layer, so t must
 divide both head counts (a KV head is never split or copied between ranks) and t <= devices per
 node. Pipeline parallelism is not built (a worker runs every layer), so PP is 1. Prefill and
-decode workers are tensor-parallel groups only where the plan's KV transport moves KV between
-groups (`degrees_for`: shm on one CPU node; nccl, which a GPU plan uses, connects one sender to
-one cache, so GPU plans keep prefill and decode at TP 1).
+decode workers are tensor-parallel groups where the plan's KV transport moves KV between groups
+(`degrees_for`; shm, gloo and nccl, the transports a plan uses, all do: kv_transfer/registry.py).
 
 `parallel_degrees` answers which TP degrees the search enumerates, and says why every other
 degree up to the cap was left out; the CLI, the plot and the deploy YAML print that answer.
@@ -27,7 +26,6 @@ from placement.profile import ModelShape
 # The only pipeline degree the engine builds; a plan never proposes another.
 PIPELINE_PARALLEL = 1
 PP_NOTE = "PP = 1 only: pipeline parallelism is not built"
-DISAGGREGATED_NOTE = "prefill and decode pools TP > 1 only over a KV transport between TP groups (shm, cuda_ipc)"
 
 
 def transport_backend(cluster: ClusterSpec) -> str:
@@ -39,8 +37,8 @@ def transport_backend(cluster: ClusterSpec) -> str:
 
 def degrees_for(role: Role, configs: list[tuple[int, int]], cluster: ClusterSpec) -> list[tuple[int, int]]:
     """The (TP, PP) of `configs` a pool of `role` deploys with on `cluster`: tensor-parallel groups
-    in the pools with a language model, prefill and decode ones only when the plan's transport
-    connects them (kv_transfer/registry.py)."""
+    in the pools with a language model, prefill and decode ones when the plan's transport connects
+    them (kv_transfer/registry.py; every transport a plan picks does)."""
     if role not in TP_ROLES:
         return [(t, p) for t, p in configs if t == 1]
     if role is Role.COLOCATED or transport_info(transport_backend(cluster)).tensor_parallel:
@@ -67,7 +65,7 @@ class ParallelDegrees:
         """One line: what was considered, what was left out and why, and the PP note."""
         parts = [f"TP {_ranges(self.tp)} considered (divide {self.heads} heads and {self.kv_heads} KV heads)"]
         parts += [f"TP {_ranges(d)} left out: {why}" for d, why in self.left_out]
-        return "; ".join(parts + [PP_NOTE, DISAGGREGATED_NOTE])
+        return "; ".join(parts + [PP_NOTE])
 
     def short(self) -> str:
         """A few words for a plot title."""

@@ -1,4 +1,5 @@
-"""CUDA IPC (same GPU) and NCCL (two GPUs) transports, two processes via torch.multiprocessing."""
+"""CUDA IPC (same GPU) and NCCL (two GPUs; three for tensor-parallel groups) transports, processes
+via torch.multiprocessing."""
 
 import importlib.util
 
@@ -79,13 +80,14 @@ def _part(size: int, rank: int) -> KVLayout:
     return LAYOUT.with_heads(range(rank * n, (rank + 1) * n))
 
 
-def tp_sender_main(size: int, rank: int, descs, results) -> None:
+def tp_sender_main(size: int, rank: int, descs, results, backend: str = "cuda_ipc", device: str = "cuda:0") -> None:
     """Rank `rank` of a prefill group of `size`: sends its KV heads only."""
-    torch.cuda.set_device("cuda:0")
-    tx = get_backend("cuda_ipc").Sender(_part(size, rank), device="cuda:0")
+    torch.cuda.set_device(device)
+    opts = {"host": "127.0.0.1"} if backend == "nccl" else {}
+    tx = get_backend(backend).Sender(_part(size, rank), device=device, **opts)
     desc = descs.get()
     rid = desc.meta.request_id
-    src = source("cuda:0")[:, :, :, :, _part(size, rank).kv_heads].contiguous()  # this rank's own cache
+    src = source(device)[:, :, :, :, _part(size, rank).kv_heads].contiguous()  # this rank's own cache
     tx.connect(desc)
     for layer in range(LAYOUT.num_layers):
         tx.send_layer(rid, layer, src[layer], src_block_ids=SRC_IDS)
@@ -95,18 +97,18 @@ def tp_sender_main(size: int, rank: int, descs, results) -> None:
     tx.close()
 
 
-@pytest.mark.parametrize("a,b", [(2, 1), (1, 2), (2, 2)])
-def test_cuda_ipc_between_tensor_parallel_groups(a, b):
-    """Prefill TP a -> decode TP b on one GPU: each sending rank writes its heads into the device
-    caches of the receiving ranks that hold them (no host staging)."""
+def run_tp_groups(backend: str, a: int, b: int, tx_devices: list[str], rx_devices: list[str]) -> None:
     ctx = mp.get_context("spawn")
     queues, results = [ctx.Queue() for _ in range(a)], ctx.Queue()
-    procs = [ctx.Process(target=tp_sender_main, args=(a, r, queues[r], results)) for r in range(a)]
+    procs = [
+        ctx.Process(target=tp_sender_main, args=(a, r, queues[r], results, backend, tx_devices[r])) for r in range(a)
+    ]
     for p in procs:
         p.start()
-    Receiver = get_backend("cuda_ipc").Receiver
-    rx = Receiver(_part(b, 0), device="cuda:0", senders=a)
-    others = [Receiver.rank_cache(_part(b, r), 12, torch.device("cuda:0")) for r in range(1, b)]
+    Receiver = get_backend(backend).Receiver
+    opts = {"host": "127.0.0.1"} if backend == "nccl" else {}
+    rx = Receiver(_part(b, 0), device=rx_devices[0], senders=a, **opts)
+    others = [Receiver.rank_cache(_part(b, r), 12, torch.device(rx_devices[r])) for r in range(1, b)]
     try:
         caches = [rx.allocate_cache(12)] + [o.kv for o in others]
         if others:
@@ -115,8 +117,8 @@ def test_cuda_ipc_between_tensor_parallel_groups(a, b):
         for q in queues:
             q.put(desc)
         assert rx.wait("r1", timeout=TIMEOUT).status is TransferStatus.DONE
-        got = torch.cat([c[:, :, DST_IDS] for c in caches], dim=4)
-        assert torch.equal(got, source("cuda:0")[:, :, SRC_IDS])
+        got = torch.cat([c[:, :, DST_IDS].cpu() for c in caches], dim=4)
+        assert torch.equal(got, source("cpu")[:, :, SRC_IDS])
         assert all(results.get(timeout=TIMEOUT) == "ok" for _ in procs)
         rx.release("r1")
         for q in queues:
@@ -125,4 +127,23 @@ def test_cuda_ipc_between_tensor_parallel_groups(a, b):
         for p in procs:
             p.join(timeout=TIMEOUT)
         rx.close()
+        for o in others:
+            o.close()
     assert all(p.exitcode == 0 for p in procs)
+
+
+@pytest.mark.parametrize("a,b", [(2, 1), (1, 2), (2, 2)])
+def test_cuda_ipc_between_tensor_parallel_groups(a, b):
+    """Prefill TP a -> decode TP b on one GPU: each sending rank writes its heads into the device
+    caches of the receiving ranks that hold them (no host staging)."""
+    run_tp_groups("cuda_ipc", a, b, ["cuda:0"] * a, ["cuda:0"] * b)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs cupy")
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="NCCL between TP groups needs three GPUs")
+@pytest.mark.parametrize("a,b", [(2, 1), (1, 2)])
+def test_nccl_between_tensor_parallel_groups(a, b):
+    """Prefill TP a -> decode TP b over NCCL, every rank on its own GPU: each decode rank
+    receives its heads from the prefill ranks that hold them, device to device."""
+    devices = [f"cuda:{i}" for i in range(a + b)]
+    run_tp_groups("nccl", a, b, devices[:a], devices[a:])

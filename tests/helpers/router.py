@@ -33,12 +33,15 @@ class LoopThread:
         self.thread.join(10)
 
 
-async def collect(router, request: GenerateInput) -> Result:
+async def collect(router, request: GenerateInput, first_token: asyncio.Event | None = None) -> Result:
+    """The request's tokens and final event; `first_token` is set when its first token arrives."""
     tokens: list[int] = []
     final = None
     async for ev in router.generate(request):
         if isinstance(ev, TokenEvent):
             tokens.extend(ev.token_ids)
+            if first_token is not None:
+                first_token.set()
         else:
             final = ev
     return Result(tokens, final)

@@ -90,9 +90,11 @@ def test_parallelism_that_is_not_built_is_refused():
     assert cfg.pools.colocated.tensor_parallel == 3  # each rank sees its one GPU as cuda:0
     cfg = parse_config(_with(transport={"backend": "shm"}, pools={"prefill": {"tensor_parallel": 3}}))
     assert (cfg.pools.prefill.tensor_parallel, cfg.pools.decode.tensor_parallel) == (3, 1)
-    err = _error(_with(transport={"backend": "gloo"}, pools={"decode": {"tensor_parallel": 3}}))
+    cfg = parse_config(_with(transport={"backend": "gloo"}, pools={"decode": {"tensor_parallel": 3}}))
+    assert cfg.pools.decode.tensor_parallel == 3  # gloo sends each decode rank its heads
+    err = _error(_with(transport={"backend": "fake"}, pools={"decode": {"tensor_parallel": 3}}))
     assert err.path == "transport.backend" and "pools.decode.tensor_parallel is 3" in err.reason
-    assert "cuda_ipc or shm" in err.reason
+    assert "cuda_ipc or gloo or nccl or shm" in err.reason
     err = _error(
         _with(transport={"backend": "shm"}, role_switching={"enabled": True}, pools={"prefill": {"tensor_parallel": 3}})
     )

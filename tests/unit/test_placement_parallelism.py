@@ -13,7 +13,7 @@ from placement.catalog import model_by_name
 from placement.errors import PlanningError
 from placement.hardware import load_cluster
 from placement.latency_model import PerfModel
-from placement.parallelism import DISAGGREGATED_NOTE, PP_NOTE, parallel_degrees
+from placement.parallelism import PP_NOTE, parallel_degrees
 from placement.plan_yaml import write_plan
 from placement.search import Plan, PoolPlan, SearchSettings, Searcher, plan_placement
 from placement.simulator import Slo
@@ -38,7 +38,7 @@ def test_tp_degrees_divide_attention_and_kv_heads():
     assert "TP 2, 4-8 left out: do not divide both 9 heads and 3 KV heads" in smol.describe()
     llama = parallel_degrees(model_by_name("Llama-3-8B"), 8, 8)  # 32 heads, 8 KV heads
     assert llama.tp == (1, 2, 4, 8) and all(pp == 1 for _, pp in llama.configs)
-    assert "TP 3, 5-7 left out" in llama.describe() and llama.describe().endswith(f"{PP_NOTE}; {DISAGGREGATED_NOTE}")
+    assert "TP 3, 5-7 left out" in llama.describe() and llama.describe().endswith(PP_NOTE)
     # a TP group never spans nodes: the rest of the head divisors are left out with that reason
     small = parallel_degrees(model_by_name("Llama-3-8B"), 2, 8)
     assert small.tp == (1, 2) and "TP 4, 8 left out: a TP group sits on one node of 2 devices" in small.describe()
@@ -69,10 +69,9 @@ def test_plans_use_pp_1_and_say_so(llama_a100):
     assert all(p.pp == 1 and p.tp in (1, 2, 4, 8) for plan in result.plans for p in plan.pools)
     assert all(c.pp == 1 for c in result.candidates)
     assert any(line.startswith("parallelism: ") and PP_NOTE in line for line in lines)
-    # tensor-parallel groups only where they deploy: the colocated pool
-    assert all(p.tp == 1 for plan in result.plans for p in plan.pools if p.role is not Role.COLOCATED)
-    assert all(c.tp == 1 for c in result.candidates if c.role is not Role.COLOCATED)
-    assert any(line.startswith("parallelism: ") and DISAGGREGATED_NOTE in line for line in lines)
+    # prefill and decode pools are tensor-parallel groups too: nccl sends each decode rank its heads
+    assert {c.tp for c in result.candidates if c.role is Role.DECODE} == {1, 2, 4, 8}
+    assert {c.tp for c in result.candidates if c.role is Role.PREFILL} == {1, 2, 4, 8}
 
 
 def _plan(mode: Mode, *pools: PoolPlan, nodes=()) -> Plan:
@@ -94,10 +93,11 @@ def _check_loads(path: Path, plan: Plan, gpu: bool):
     "plan",
     [
         _plan(Mode.DISAGGREGATED, PoolPlan(Role.PREFILL, 1, 1, 3), PoolPlan(Role.DECODE, 1, 1, 2)),
+        _plan(Mode.DISAGGREGATED, PoolPlan(Role.PREFILL, 2, 1, 3), PoolPlan(Role.DECODE, 4, 1, 2)),
         _plan(Mode.COLOCATED, PoolPlan(Role.COLOCATED, 4, 1, 6)),
         _plan(Mode.COLOCATED, PoolPlan(Role.COLOCATED, 8, 1, 2)),
     ],
-    ids=["p1-d1", "colocated-tp4", "colocated-tp8"],
+    ids=["p1-d1", "p2-d4", "colocated-tp4", "colocated-tp8"],
 )
 def test_gpu_plan_yaml_reserves_tp_gpus_and_loads(tmp_path, plan):
     perf = _perf("Llama-3-8B", "a100-4x8.yaml")

@@ -1,6 +1,6 @@
 """Disaggregated serving between pools of different tensor parallelism, on real gloo ranks: the tiny
 seeded Llama (4 heads, 2 KV heads), prefill TP2 -> decode TP1 and prefill TP1 -> decode TP2 over
-shared memory, gives greedy output token-identical to transformers generate() for 8 prompts of
+shared memory (one node) and over gloo (each rank its heads, as across nodes), gives greedy output token-identical to transformers generate() for 8 prompts of
 different lengths prefilled in one batch; every rank's KV heads land in the decode rank that holds
 them, and nothing stays held on either side."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 
+import pytest
 import torch
 
 from decode_workers.decode_core import DecodeCore, DecodeOptions, decode_follower
@@ -57,11 +58,11 @@ def _decode(core: DecodeCore, prompts, first_tokens) -> dict[str, list[int]]:
     return out
 
 
-def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False):
+def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False, backend: str = "shm"):
     """A prefill group's rank: rank 0 returns (first tokens, cached tokens, its layout). With
     prefix caching the prompts go one batch at a time (_prefill), and every rank's cache holds its
     heads of the blocks later prompts reuse."""
-    options = PrefillOptions(_config(tp.size, prefix_caching=caching), backend="shm")
+    options = PrefillOptions(_config(tp.size, prefix_caching=caching), backend=backend)
     if not tp.is_driver:
         return prefill_follower(options, tiny_loaded(), tp)
     core = PrefillCore(options, tiny_loaded(), tp=tp)
@@ -71,14 +72,18 @@ def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False):
         core.close()
 
 
-def test_prefill_tp2_to_decode_tp1_is_token_identical_to_transformers():
+BACKENDS = pytest.mark.parametrize("backend", ["shm", "gloo"])
+
+
+@BACKENDS
+def test_prefill_tp2_to_decode_tp1_is_token_identical_to_transformers(backend):
     loaded = tiny_loaded()
     prompts = _prompts(len(loaded.tokenizer))
     reference = [hf_greedy(loaded, p, NEW_TOKENS) for p in prompts]
-    core = DecodeCore(DecodeOptions(_config(1), backend="shm", senders=2), loaded)
+    core = DecodeCore(DecodeOptions(_config(1), backend=backend, senders=2), loaded)
     try:
         descriptors = [core.reserve(f"r{i}", len(p)) for i, p in enumerate(prompts)]
-        first, _, prefill_layout = run_local_group(_prefill_rank, 2, prompts, descriptors)
+        first, _, prefill_layout = run_local_group(_prefill_rank, 2, prompts, descriptors, False, backend)
         assert (prefill_layout.kv_head_start, prefill_layout.num_kv_heads) == (0, 1)  # rank 0 holds head 0 of 2
         got = _decode(core, prompts, first)
     finally:
@@ -88,8 +93,8 @@ def test_prefill_tp2_to_decode_tp1_is_token_identical_to_transformers():
     assert not list_segments()
 
 
-def _decode_rank(tp: TPGroup, prompts, to_parent, from_parent):
-    options = DecodeOptions(_config(tp.size), backend="shm", senders=1)
+def _decode_rank(tp: TPGroup, prompts, to_parent, from_parent, backend):
+    options = DecodeOptions(_config(tp.size), backend=backend, senders=1)
     if not tp.is_driver:
         return decode_follower(options, tiny_loaded(), tp)
     core = DecodeCore(options, tiny_loaded(), tp=tp)
@@ -101,16 +106,17 @@ def _decode_rank(tp: TPGroup, prompts, to_parent, from_parent):
         core.close()
 
 
-def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers():
+@BACKENDS
+def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers(backend):
     loaded = tiny_loaded()
     prompts = _prompts(len(loaded.tokenizer))
     reference = [hf_greedy(loaded, p, NEW_TOKENS) for p in prompts]
     ctx = mp.get_context("spawn")
     to_parent, from_parent = ctx.Queue(), ctx.Queue()
     with cf.ThreadPoolExecutor(1) as pool:
-        group = pool.submit(run_local_group, _decode_rank, 2, prompts, to_parent, from_parent)
+        group = pool.submit(run_local_group, _decode_rank, 2, prompts, to_parent, from_parent, backend)
         descriptors = to_parent.get(timeout=300)
-        prefill = PrefillCore(PrefillOptions(_config(1), backend="shm"), loaded)
+        prefill = PrefillCore(PrefillOptions(_config(1), backend=backend), loaded)
         try:
             from_parent.put(_prefill(prefill, prompts, descriptors)[0])
         finally:

@@ -110,7 +110,9 @@ def _model(s: Section) -> ModelConfig:
 def _ray(s: Section) -> RayConfig:
     d = RayConfig()
     out = RayConfig(
-        address=s.str("address", d.address, nullable=True), num_cpus=s.int("num_cpus", d.num_cpus, lo=1, nullable=True)
+        address=s.str("address", d.address, nullable=True),
+        num_cpus=s.int("num_cpus", d.num_cpus, lo=1, nullable=True),
+        log_to_driver=s.bool("log_to_driver", d.log_to_driver),
     )
     s.done()
     return out
@@ -246,6 +248,8 @@ def _server(s: Section) -> ServerConfig:
         request_timeout_s=s.float("request_timeout_s", d.request_timeout_s, lo=0.0, lo_open=True),
         reprefill_on_decode_failure=s.bool("reprefill_on_decode_failure", d.reprefill_on_decode_failure),
         cache_aware_routing=s.bool("cache_aware_routing", d.cache_aware_routing),
+        access_log=s.bool("access_log", d.access_log),
+        max_local_prefill_tokens=s.int("max_local_prefill_tokens", d.max_local_prefill_tokens, lo=0),
         limits=_limits(s.section("limits")),
         auth=_auth(s.section("auth")),
         tls=_tls(s.section("tls")),

@@ -61,6 +61,7 @@ class ModelConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto" / "HOST:PORT": join
     num_cpus: int | None = 4  # local Ray only; None: let Ray detect
+    log_to_driver: bool = False  # the workers' stdout/stderr in `triptych serve`'s output (else Ray's log files)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,11 @@ class ServerConfig:
     request_timeout_s: float = 300.0
     reprefill_on_decode_failure: bool = False  # a dead decode worker's requests go on elsewhere
     cache_aware_routing: bool = True  # with engine.prefix_caching: prompts go where their prefix is cached
+    access_log: bool = False  # one INFO line per HTTP request (logger triptych.access)
+    # With cache-aware routing, disaggregated: a request whose earlier turns a decode worker holds
+    # and whose part not cached there is at most this many tokens is prefilled on that decode
+    # worker, with no transfer (conditional disaggregation); 0: every prompt goes to a prefill worker.
+    max_local_prefill_tokens: int = 256
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()

@@ -181,7 +181,7 @@ def _start_ray(
     address = ray_address or config.ray.address
     if address:
         progress(f"joining Ray cluster at {address} ...")
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        ray.init(address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
         return False
     progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
     ray.init(
@@ -190,7 +190,7 @@ def _start_ray(
         resources=_ray_resources(config),
         include_dashboard=False,
         namespace=namespace,
-        log_to_driver=False,
+        log_to_driver=config.ray.log_to_driver,
     )
     return True
 
@@ -304,6 +304,7 @@ def _build_router(config: DeployConfig, model: LoadedCheckpoint, started: Starte
         prefix_caching_block_size=(
             config.engine.block_size if config.engine.prefix_caching and config.server.cache_aware_routing else 0
         ),
+        max_local_prefill_tokens=config.server.max_local_prefill_tokens,
     )
 
 

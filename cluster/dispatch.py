@@ -27,6 +27,7 @@ from collections.abc import Callable
 from cluster.fair_share import FairShare
 from cluster.flight import Aborted, DecodeDied, Flight, FlightState, timings
 from cluster.pools import Lease, Pools, WorkerHandle, is_actor_death, is_stale
+from cluster.logs import REQUEST_ID
 from cluster.prefix_index import PrefixIndex
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError, Timings, TokenEvent
 from encode_workers.parallel import encode_parallel, plan_shards
@@ -66,6 +67,7 @@ class Dispatcher:
         self.on_end = on_end
         self.resume = None  # cluster/resume.py's Resume, set by the router
         self.prefix_index: PrefixIndex | None = None  # cache-aware routing (engine.prefix_caching on)
+        self.max_local_prefill_tokens = 0  # with the index, disaggregated: conditional disaggregation
 
     def _pick(self, pool: list[WorkerHandle], request, ids, flight) -> WorkerHandle | None:
         """The worker a prompt goes to: with prefix caching, the one whose cache likely holds most
@@ -80,8 +82,34 @@ class Dispatcher:
             index.record(worker, hashes)
         return worker
 
+    def _local_prefill(self, request, flight, ids) -> WorkerHandle | None:
+        """Conditional disaggregation: the decode worker that holds most of this prompt's leading
+        blocks (a conversation's earlier turns, prompt and answer: `_remember`), when what it
+        lacks is at most max_local_prefill_tokens; it then prefills the rest itself and nothing
+        moves between workers. None: the prompt goes to a prefill worker as usual."""
+        index = self.prefix_index
+        if index is None or not self.max_local_prefill_tokens or flight.images or flight.resume:
+            return None
+        hashes = index.hashes(ids, request.cache_salt)
+        best, held = None, 0
+        for w in self.pools.decode:
+            n = index.overlap(w, hashes) if w.serving else 0
+            if n > held:
+                best, held = w, n
+        if best is None or len(ids) - held * index.block_size > self.max_local_prefill_tokens:
+            return None
+        return best
+
+    def _remember(self, request, flight, ids, tokens) -> None:
+        """A finished request's decode (or colocated) worker keeps its prompt's and its output's
+        full blocks cached: the next turn of the conversation finds them there."""
+        index, worker = self.prefix_index, flight.decode
+        if index is not None and worker is not None and not flight.images:
+            index.record(worker, index.hashes(ids + tokens, request.cache_salt))
+
     # ------------------------------------------------------------------ the stream
     async def stream(self, request: GenerateInput, flight: Flight, ids: list[int]):
+        REQUEST_ID.set(flight.request_id)  # on every log record of this request (cluster/logs.py)
         t0 = time.monotonic()
         # A client's deadline, never past the server's: nothing waits longer than request_timeout_s.
         deadline = t0 + min(request.deadline_s or self.default_timeout_s, self.default_timeout_s)
@@ -127,6 +155,7 @@ class Dispatcher:
                     yield TokenEvent(tuple(out.new_token_ids), out.new_text)
                     if out.finished:
                         reason = out.finish_reason
+                        self._remember(request, flight, ids, tokens)
                         break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -187,8 +216,12 @@ class Dispatcher:
     async def start(self, request, flight, ids, deadline, phases) -> StepOutput | None:
         """Get the request onto a decode (or colocated) worker; token 1 when disaggregated."""
         if self.mode is Mode.DISAGGREGATED:
+            local = self._local_prefill(request, flight, ids)
+            if local is not None and await self._submit(request, flight, ids, deadline, local):
+                return None
             return await self._prefill_and_activate(request, flight, ids, deadline, phases)
-        return await self._submit(request, flight, ids, deadline)
+        await self._submit(request, flight, ids, deadline)
+        return None
 
     async def cancel_everywhere(self, flight: Flight) -> None:
         """Abort wherever the request may still hold something; a dead worker holds nothing."""
@@ -211,8 +244,11 @@ class Dispatcher:
             raise RouterError(ErrorKind.DEADLINE_EXCEEDED, f"request deadline exceeded during {what}") from None
 
     # ------------------------------------------------------------------ colocated
-    async def _submit(self, request, flight, ids, deadline) -> None:
-        worker = self._pick(self.pools.decode, request, ids, flight)
+    async def _submit(self, request, flight, ids, deadline, local: WorkerHandle | None = None) -> bool:
+        """The whole request onto a colocated worker, or onto the decode worker `local`
+        (_local_prefill). True once it is queued there; False when `local` died or changed role
+        before taking it (the request then goes the usual way)."""
+        worker = local or self._pick(self.pools.decode, request, ids, flight)
         if worker is None:
             raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
         flight.state = FlightState.SUBMITTING
@@ -237,22 +273,36 @@ class Dispatcher:
         except Exception as exc:
             if is_actor_death(exc):
                 self.worker_died(worker, exc)
+            if local is not None and (is_actor_death(exc) or is_stale(exc)):
+                flight.drop_decode()
+                return False
+            if is_actor_death(exc):
                 raise RouterError(ErrorKind.UNAVAILABLE, f"colocated worker {worker.worker_id} died") from None
             raise
-        return None
+        return True
 
     # ------------------------------------------------------------------ disaggregated
-    async def _reserve(self, flight, ids, deadline, phases):
+    async def _reserve(self, request, flight, ids, deadline, phases):
+        """KV space on a decode worker: with the prefix index, the workers that likely hold most
+        of the prompt first (their cached blocks are not transferred: DecodeCore.reserve), else
+        the least loaded first."""
         flight.state = FlightState.RESERVING
         t = time.monotonic()
+        index = self.prefix_index
+        cached: dict = {}
+        hashes: list[bytes] = []
+        if index is not None and not flight.images:
+            hashes = index.hashes(ids, request.cache_salt)
+            cached = {"prompt_token_ids": ids, **({"cache_salt": request.cache_salt} if request.cache_salt else {})}
         while True:
-            for worker in Pools.by_load(self.pools.decode):
+            order = index.ranked(self.pools.decode, hashes) if cached else Pools.by_load(self.pools.decode)
+            for worker in order:
                 # Lease before awaiting: concurrent admissions must see it, or they all pick the same worker.
                 lease = Lease(worker)
                 try:
                     lease_s = max(1.0, deadline - time.monotonic())
                     desc = await self.bounded(
-                        worker.actor.reserve.remote(flight.request_id, len(ids), lease_s, epoch=worker.epoch),
+                        worker.actor.reserve.remote(flight.request_id, len(ids), lease_s, epoch=worker.epoch, **cached),
                         deadline,
                         "KV reservation",
                     )
@@ -284,7 +334,7 @@ class Dispatcher:
     async def _prefill_and_activate(self, request, flight, ids, deadline, phases) -> StepOutput:
         attempts, died = 0, ""
         while True:
-            decode, desc = await self._reserve(flight, ids, deadline, phases)
+            decode, desc = await self._reserve(request, flight, ids, deadline, phases)
             prefill = self._pick(self.pools.prefill, request, ids, flight)
             if prefill is None:
                 raise RouterError(ErrorKind.UNAVAILABLE, f"{died}no live prefill worker")
@@ -353,6 +403,7 @@ class Dispatcher:
                     request.sampling,
                     epoch=decode.epoch,
                     **({"resume": flight.resume} if flight.resume else {}),
+                    **({"cache_salt": request.cache_salt} if request.cache_salt else {}),
                 ),
                 deadline,
                 "decode activation",

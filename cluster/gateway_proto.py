@@ -95,8 +95,8 @@ def parse_request(raw: bytes, limits: LimitsConfig, supports_images: bool = True
         raise invalid("the request is not a valid GenerateRequest message") from None
 
 
-def invalid(message: str, reason: str = "bad_request") -> RouterError:
-    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason)
+def invalid(message: str, reason: str = "bad_request", param: str | None = None) -> RouterError:
+    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason, param)
 
 
 def input_from_pb(

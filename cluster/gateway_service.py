@@ -72,6 +72,7 @@ from protos.triptych.v1 import triptych_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 STATUS_TTL_S = 1.0
+REFUSAL_LOG_S = 10.0  # one log line per refusal reason at most this often (a flood must not flood the log)
 UNAUTHENTICATED_MESSAGE = "missing or unknown API key (send 'authorization: Bearer <key>')"
 
 
@@ -116,6 +117,7 @@ class Gateway(pb_grpc.TriptychServicer):
         self._owned: dict[tuple[Principal, str], _Owned] = {}
         self._status: tuple[float, ClusterStatus] | None = None
         self._status_task: asyncio.Future | None = None
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, not logged since)
 
     @staticmethod
     def new_request_id() -> str:
@@ -127,10 +129,20 @@ class Gateway(pb_grpc.TriptychServicer):
         return frozenset(client_id for _, client_id in self._owned)
 
     def refuse(self, err: RouterError, door: str) -> RouterError:
-        """Count a refusal (triptych_request_errors_total{kind, door, reason}) once; hand it back."""
+        """Count a refusal (triptych_request_errors_total{kind, door, reason}) once and log it
+        (at most one line per reason every REFUSAL_LOG_S, with how many were not logged); hand
+        it back."""
         if not err.counted:
             self.metrics.record_rejected(err.kind.value, door, err.reason)
             err.counted = True
+            now = time.monotonic()
+            last, quiet = self._refusals_logged.get(err.reason, (-REFUSAL_LOG_S, 0))
+            if now - last >= REFUSAL_LOG_S:
+                more = f" ({quiet} more since the last line)" if quiet else ""
+                log.info("refused a %s request (%s, %s): %s%s", door, err.kind.value, err.reason, err.message, more)
+                self._refusals_logged[err.reason] = (now, 0)
+            else:
+                self._refusals_logged[err.reason] = (last, quiet + 1)
         return err
 
     async def off_loop(self, principal: Principal, fn, *args):

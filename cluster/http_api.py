@@ -6,7 +6,7 @@
 Requests go through `Gateway.events`, so sessions, metrics, limits and the in-flight bookkeeping
 are the gRPC door's. With serving keys configured, /v1/* and /metrics need `Authorization: Bearer
 <key>` (401 otherwise); /health never does. Every error is OpenAI-shaped JSON, {"error":
-{"message", "type", "code"}}, with the status of its RouterError kind (400 / 401 / 404 / 408 /
+{"message", "type", "param", "code"}}, with the status of its RouterError kind (400 / 401 / 404 / 408 /
 413 / 429 / 503 / 504 / 500); a malformed request names the field at fault, internal errors say
 only that (the cause goes to the log) and the server keeps serving. A body must arrive within
 server.connections.http_read_timeout_s (408 otherwise); a connection that sends no whole request
@@ -62,13 +62,24 @@ _STATUS = {
 }
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "code": code}}, status=status)
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, param: str | None = None
+) -> web.Response:
+    """An OpenAI error object: message, type, param (the request field at fault, or null), code."""
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status
+    )
+
+
+# OpenAI's finish_reason has no "aborted": a request aborted before it finished (gRPC Abort of its
+# X-Request-Id, or the server stopping) ends as an error, status 499 (client closed request, as
+# gRPC CANCELLED maps to HTTP) or, streamed, an error event.
+ABORTED = {"message": "the request was aborted before it finished", "type": "request_aborted", "param": None}
 
 
 def router_error_response(err: RouterError) -> web.Response:
     status, type_ = _STATUS[err.kind]
-    resp = error_response(status, err.message, type_, err.kind.value)
+    resp = error_response(status, err.message, type_, err.kind.value, err.param)
     if err.kind is ErrorKind.UNAUTHENTICATED:
         resp.headers["WWW-Authenticate"] = "Bearer"
     return resp
@@ -168,6 +179,8 @@ class _Api:
         if final.finish_reason is FinishReason.ERROR:
             status, type_ = _STATUS[final.error_kind or ErrorKind.INTERNAL]
             return error_response(status, final.error or "generation failed", type_, "generation_failed")
+        if final.finish_reason is FinishReason.ABORT:
+            return web.json_response({"error": {**ABORTED, "code": "aborted"}}, status=499)
         return web.json_response(fmt.whole(final), headers={"X-Request-Id": rid})
 
     async def _stream(self, request, rid, fmt, event, events, include_usage: bool) -> web.StreamResponse:
@@ -192,10 +205,13 @@ class _Api:
                         "error": {
                             "message": event.error or "generation failed",
                             "type": "server_error",
+                            "param": None,
                             "code": "generation_failed",
                         }
                     }
                 )
+            elif event.finish_reason is FinishReason.ABORT:
+                await send({"error": {**ABORTED, "code": "aborted"}})
             else:
                 last = fmt.chunk({} if fmt.chat else "", event.finish_reason.value, include_usage)
                 last["timings"] = asdict(event.timings)
@@ -330,7 +346,8 @@ async def serve(gateway: Gateway, server: ServerConfig, shutdown_timeout_s: floa
     runner = web.AppRunner(
         build_app(gateway, server),
         handler_cancellation=True,
-        access_log=None,
+        access_log=logging.getLogger("triptych.access") if server.access_log else None,
+        access_log_format='%a "%r" %s %b %Tfs request_id=%{X-Request-Id}o',
         shutdown_timeout=shutdown_timeout_s,
         keepalive_timeout=server.connections.http_keepalive_s,
     )

@@ -22,8 +22,8 @@ def clip(value: object, n: int = 40) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def refused(message: str, reason: str) -> RouterError:
-    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason)
+def refused(message: str, reason: str, param: str | None = None) -> RouterError:
+    return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason, param)
 
 
 def check_count(what: str, n: int, limit: int, setting: str, reason: str) -> None:
@@ -119,6 +119,7 @@ def sampling(
             f"max_tokens {max_tokens} is above the server's limit of {ceiling} "
             f"(server.limits.max_tokens, or the model's context)",
             "max_tokens_above_limit",
+            "max_tokens",
         )
     check_count("stop strings", len(stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings")
     for i, s in enumerate(stop):
@@ -134,4 +135,4 @@ def sampling(
             ignore_eos=ignore_eos,
         )
     except InvalidRequestError as err:
-        raise refused(str(err), "bad_sampling") from None
+        raise refused(str(err), "bad_sampling", err.field) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 from typing import Any
 
@@ -33,9 +34,9 @@ def json_field(body: dict, name: str, types: type | tuple[type, ...], what: str,
         return default
     # bool is an int in Python, but not a number in JSON terms.
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise invalid(f"'{name}' must be {what}, got a boolean")
+        raise invalid(f"'{name}' must be {what}, got a boolean", param=name)
     if not isinstance(value, types):
-        raise invalid(f"'{name}' must be {what}, got {json_kind(value)}")
+        raise invalid(f"'{name}' must be {what}, got {json_kind(value)}", param=name)
     return value
 
 
@@ -53,25 +54,28 @@ def json_kind(value: Any) -> str:
 def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
     n = json_field(body, "n", int, "an integer", 1)
     if n != 1:
-        raise invalid(f"'n' must be 1 (one choice per request), got {caps.clip(n)}")
+        raise invalid(f"'n' must be 1 (one choice per request), got {caps.clip(n)}", param="n")
     best_of = json_field(body, "best_of", int, "an integer", 1)
     if best_of != 1:
-        raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}")
+        raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}", param="best_of")
     for name in ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "suffix"):
         if body.get(name):
-            raise invalid(f"'{name}' is not supported by this server")
+            raise invalid(f"'{name}' is not supported by this server", param=name)
     for name in ("presence_penalty", "frequency_penalty"):
         if json_field(body, name, (int, float), "a number", 0):
-            raise invalid(f"'{name}' is not supported by this server (must be 0)")
+            raise invalid(f"'{name}' is not supported by this server (must be 0)", param=name)
     fmt = json_field(body, "response_format", dict, "an object")
     if fmt is not None and fmt.get("type", "text") != "text":
-        raise invalid(f"'response_format' type {caps.clip(fmt.get('type'))} is not supported (only 'text')")
+        raise invalid(
+            f"'response_format' type {caps.clip(fmt.get('type'))} is not supported (only 'text')",
+            param="response_format",
+        )
     json_field(body, "user", str, "a string")
     max_tokens = json_field(body, "max_completion_tokens", int, "an integer")
     if max_tokens is None:
         max_tokens = json_field(body, "max_tokens", int, "an integer")
     if max_tokens is not None and max_tokens < 1:
-        raise invalid(f"'max_tokens' must be >= 1, got {caps.clip(max_tokens)}")
+        raise invalid(f"'max_tokens' must be >= 1, got {caps.clip(max_tokens)}", param="max_tokens")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -82,13 +86,13 @@ def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
             "stop strings", len(stop), limits.max_stop_strings, "max_stop_strings", "too_many_stop_strings"
         )
         if not all(isinstance(s, str) for s in stop):
-            raise invalid("'stop' must be a string or an array of strings")
+            raise invalid("'stop' must be a string or an array of strings", param="stop")
         stops = tuple(stop)
     else:
-        raise invalid(f"'stop' must be a string or an array of strings, got {json_kind(stop)}")
+        raise invalid(f"'stop' must be a string or an array of strings, got {json_kind(stop)}", param="stop")
     top_k = json_field(body, "top_k", int, "an integer", 0)
     if top_k < -1:
-        raise invalid(f"'top_k' must be >= -1, got {caps.clip(top_k)}")
+        raise invalid(f"'top_k' must be >= -1, got {caps.clip(top_k)}", param="top_k")
     return caps.sampling(
         max_tokens=max_tokens,
         temperature=json_field(body, "temperature", (int, float), "a number"),
@@ -104,17 +108,19 @@ def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
 
 def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tuple[ChatMessage, ...]:
     if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty array of {role, content} objects")
+        raise invalid("'messages' must be a non-empty array of {role, content} objects", param="messages")
     caps.check_count("messages", len(messages), limits.max_messages, "max_messages", "too_many_messages")
     out = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise invalid(f"{where} must be an object, got {json_kind(msg)}")
+            raise invalid(f"{where} must be an object, got {json_kind(msg)}", param=where)
         role = msg.get("role")
         role = "system" if role == "developer" else role
         if role not in CHAT_ROLES:
-            raise invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {caps.clip(role)}")
+            raise invalid(
+                f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {caps.clip(role)}", param=f"{where}.role"
+            )
         content = msg.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -122,7 +128,10 @@ def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tupl
             out.append(ChatMessage(role=role, content=content))
             continue
         if not isinstance(content, list):
-            raise invalid(f"{where}.content must be a string or an array of parts, got {json_kind(content)}")
+            raise invalid(
+                f"{where}.content must be a string or an array of parts, got {json_kind(content)}",
+                param=f"{where}.content",
+            )
         texts: list[str] = []
         images: list[bytes] = []
         for j, part in enumerate(content):
@@ -138,7 +147,8 @@ def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tupl
             else:
                 raise invalid(
                     f"{pwhere} must be {{'type': 'text', 'text': ...}} or "
-                    f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}"
+                    f"{{'type': 'image_url', 'image_url': {{'url': 'data:...'}}}}",
+                    param=pwhere,
                 )
         out.append(ChatMessage(role=role, content="".join(texts), images=tuple(images)))
     return tuple(out)
@@ -147,11 +157,12 @@ def parse_messages(messages: Any, limits: LimitsConfig = LimitsConfig()) -> tupl
 def _image(image_url: Any, where: str, limits: LimitsConfig) -> bytes:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise invalid(f"{where}.image_url must be {{'url': 'data:image/...;base64,...'}}")
+        raise invalid(f"{where}.image_url must be {{'url': 'data:image/...;base64,...'}}", param=f"{where}.image_url")
     if not url.startswith("data:"):
         raise invalid(
             f"{where}.image_url: only data: URLs (data:image/png;base64,...) are accepted; "
-            f"this server does not fetch {caps.clip(url)}"
+            f"this server does not fetch {caps.clip(url)}",
+            param=f"{where}.image_url",
         )
     # base64 holds 3 bytes per 4 characters: refuse an oversized image before decoding it.
     caps.check_count(
@@ -159,13 +170,15 @@ def _image(image_url: Any, where: str, limits: LimitsConfig) -> bytes:
     )
     m = _DATA_URI.fullmatch(url)
     if m is None:
-        raise invalid(f"{where}.image_url: not a base64 data URL (expected data:image/png;base64,...)")
+        raise invalid(
+            f"{where}.image_url: not a base64 data URL (expected data:image/png;base64,...)", param=f"{where}.image_url"
+        )
     try:
         data = base64.b64decode(m.group("data"), validate=True)
     except (binascii.Error, ValueError):
-        raise invalid(f"{where}.image_url: invalid base64 image data") from None
+        raise invalid(f"{where}.image_url: invalid base64 image data", param=f"{where}.image_url") from None
     if not data:
-        raise invalid(f"{where}.image_url: the image is empty")
+        raise invalid(f"{where}.image_url: the image is empty", param=f"{where}.image_url")
     return data
 
 
@@ -178,8 +191,8 @@ def _prompt(body: dict) -> dict[str, Any]:
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return {"token_ids": tuple(prompt)}
     if isinstance(prompt, list) and len(prompt) > 1:
-        raise invalid(f"'prompt' holds {len(prompt)} prompts; send one prompt per request")
-    raise invalid("'prompt' must be a string or a non-empty array of token ids")
+        raise invalid(f"'prompt' holds {len(prompt)} prompts; send one prompt per request", param="prompt")
+    raise invalid("'prompt' must be a string or a non-empty array of token ids", param="prompt")
 
 
 def _reject_constant(name: str) -> None:
@@ -218,10 +231,36 @@ def parse_body(raw: bytes, limits: LimitsConfig = LimitsConfig(), supports_image
     return body
 
 
+log = logging.getLogger(__name__)
+
+# The body fields this server reads (the others are ignored, and said so once each at debug level).
+USED_FIELDS = frozenset(
+    "model messages prompt cache_salt stream stream_options n best_of logprobs top_logprobs echo tools "
+    "functions logit_bias suffix presence_penalty frequency_penalty response_format user "
+    "max_completion_tokens max_tokens stop top_k temperature top_p seed ignore_eos".split()
+)
+_MAX_IGNORED_NAMES = 256  # a client sending a million field names must not grow this set
+_ignored_logged: set[str] = set()
+
+
+def note_ignored_fields(body: dict) -> None:
+    """Log each body field this server ignores, once per field name (debug level)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for name in body.keys() - USED_FIELDS:
+        if len(_ignored_logged) >= _MAX_IGNORED_NAMES:
+            return
+        shown = caps.clip(name)
+        if shown not in _ignored_logged:
+            _ignored_logged.add(shown)
+            log.debug("ignoring OpenAI request field %s: this server does not use it", shown)
+
+
 def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig) -> tuple[dict, dict, Any]:
     """(body, input fields, sampling) of a completion request; runs off the event loop."""
     model, max_model_len = info.name, info.max_model_len
     body = parse_body(raw, limits, info.supports_images)
+    note_ignored_fields(body)
     name = json_field(body, "model", str, "a string", model)
     if name != model:
         raise RouterError(

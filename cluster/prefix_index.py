@@ -48,16 +48,17 @@ class PrefixIndex:
             n += 1
         return n
 
+    def cost(self, worker: WorkerHandle, hashes: list[bytes]) -> float:
+        """Blocks `worker` would compute (or receive) for the prompt, plus its load (module docstring)."""
+        return len(hashes) - self.overlap(worker, hashes) + self.load_blocks * worker.inflight
+
+    def ranked(self, pool: list[WorkerHandle], hashes: list[bytes]) -> list[WorkerHandle]:
+        """The serving workers, least cost first (ties: pool order)."""
+        return sorted((w for w in pool if w.serving), key=lambda w: self.cost(w, hashes))
+
     def pick(self, pool: list[WorkerHandle], hashes: list[bytes]) -> WorkerHandle | None:
-        """The serving worker of least cost (module docstring); None when none serves."""
-        best, best_cost = None, 0.0
-        for w in pool:
-            if not w.serving:
-                continue
-            cost = len(hashes) - self.overlap(w, hashes) + self.load_blocks * w.inflight
-            if best is None or cost < best_cost:
-                best, best_cost = w, cost
-        return best
+        """The serving worker of least cost; None when none serves."""
+        return next(iter(self.ranked(pool, hashes)), None)
 
     def record(self, worker: WorkerHandle, hashes: list[bytes]) -> None:
         """`worker` now holds these blocks (it is computing or has computed them)."""

@@ -77,6 +77,7 @@ class ClusterRouter(Router):
         max_image_pixels: int | None = None,
         seqs_per_worker: int = 0,
         prefix_caching_block_size: int = 0,
+        max_local_prefill_tokens: int = 0,
     ) -> None:
         """encode / image_token_id / tokens_per_image: a vision-language model's encode pool, its
         image placeholder token and how many placeholders one image's features fill.
@@ -85,7 +86,9 @@ class ClusterRouter(Router):
         seqs_per_worker: sequences one decode / colocated worker runs at once (engine.max_num_seqs):
         the decode slots shared fairly among tenants (cluster/fair_share.py); 0: not shared out.
         prefix_caching_block_size: the workers' block size when they cache prefixes (engine.
-        prefix_caching): prompts are then routed cache-aware (cluster/prefix_index.py); 0: by load."""
+        prefix_caching): prompts are then routed cache-aware (cluster/prefix_index.py); 0: by load.
+        max_local_prefill_tokens: with it, disaggregated, a prompt whose uncached part on the
+        decode worker holding its earlier turns is at most this long is prefilled there."""
         self.mode = Mode(mode)
         self.tokenizer = tokenizer
         self._info = model_info
@@ -127,6 +130,7 @@ class ClusterRouter(Router):
         if prefix_caching_block_size:
             bs = prefix_caching_block_size
             self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs)
+            self.dispatch.max_local_prefill_tokens = max_local_prefill_tokens
         self.switcher = RoleSwitcher(
             mode=self.mode,
             pools=self.pools,

@@ -36,13 +36,15 @@ class ErrorKind(enum.Enum):
 class RouterError(Exception):
     """A request refused or failed. `message` is for the client (no internal exception text);
     `reason` is a short fixed label for the `triptych_request_errors_total` metric (never user
-    text), defaulting to the kind."""
+    text), defaulting to the kind; `param` names the request field at fault, when one is (the
+    OpenAI error object's `param`)."""
 
-    def __init__(self, kind: ErrorKind, message: str, reason: str | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, reason: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.reason = reason or kind.value
+        self.param = param
         self.counted = False  # the gateway counted it in its metrics
 
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from cluster import gateway
+from cluster import gateway, logs
 from cluster.auth import AuthError
 from cluster.config import ConfigError, DeployConfig, is_loopback, load_config
 from cluster.router_api import Router
@@ -57,6 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="admin port (overrides server.admin_port; 0: a free port)",
     )
+    parser.add_argument("--log-level", choices=logs.LEVELS, default="info", help="least severe level logged")
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, default="text", help="text lines, or one JSON object per line"
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", default=None, help="log every HTTP request (sets server.access_log)"
+    )
+    parser.add_argument(
+        "--worker-logs",
+        action="store_true",
+        default=None,
+        help="forward the Ray workers' output to this process's (sets ray.log_to_driver)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DeployConfig:
@@ -69,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> DeployConfig:
             ("server.grpc_port", args.grpc_port),
             ("server.http_port", args.http_port),
             ("server.admin_port", getattr(args, "admin_port", None)),
+            ("server.access_log", getattr(args, "access_log", None)),
+            ("ray.log_to_driver", getattr(args, "worker_logs", None)),
         )
         if value is not None
     }
@@ -186,6 +201,7 @@ async def _serve(config: DeployConfig, address: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ConfigError as err:

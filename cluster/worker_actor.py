@@ -240,10 +240,16 @@ class WorkerActor:
 
     # ------------------------------------------------------------ decode role
     async def reserve(
-        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None, epoch: int | None = None
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        lease_s: float | None = None,
+        epoch: int | None = None,
+        prompt_token_ids: list[int] | None = None,
+        cache_salt: str = "",
     ):
         self._fence(epoch, Role.DECODE)
-        return await self.impl.reserve(request_id, num_prompt_tokens, lease_s)
+        return await self.impl.reserve(request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt)
 
     async def activate(
         self,
@@ -253,11 +259,12 @@ class WorkerActor:
         sampling,
         epoch: int | None = None,
         resume: tuple[int, int] | None = None,
+        cache_salt: str = "",
     ):
         self._fence(epoch, Role.DECODE)
-        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume)
+        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume, cache_salt)
 
-    # ------------------------------------------------------------ colocated role
+    # ------------------------------------------------------------ colocated role (and decode: local prefill)
     async def submit(
         self,
         request_id: str,
@@ -269,7 +276,7 @@ class WorkerActor:
         tenant: str = "",
         cache_salt: str = "",
     ) -> None:
-        self._fence(epoch, Role.COLOCATED)
+        self._fence(epoch, Role.COLOCATED, Role.DECODE)
         await self.impl.submit(request_id, prompt_token_ids, sampling, images, resume, tenant, cache_salt)
 
     # ------------------------------------------------------------ decode and colocated roles

@@ -17,9 +17,10 @@ Invariant: every block is free, RESERVED, QUARANTINED or owned by one engine seq
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
+from engine.kv_cache import cache_root
 from engine.llm_engine import LLMEngine, LoadedModel, tp_runner
 from engine.sequence import SamplingParams, StepOutput
 from engine.tensor_parallel import TPGroup, follow
@@ -70,24 +71,42 @@ class DecodeCore:
 
     # ------------------------------------------------------------ admission
     def reserve(
-        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        lease_s: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+        cache_salt: str = "",
     ) -> TransferDescriptor | None:
         """Hold blocks for a prompt and open its transfer; None when there is no room now.
 
         The lease (the request's remaining deadline) bounds how long the blocks wait for
-        activate(): a router or prefill worker that vanishes cannot hold them forever."""
+        activate(): a router or prefill worker that vanishes cannot hold them forever. With
+        prefix caching and the prompt's ids, the leading blocks this worker has cached (an
+        earlier turn's prompt and answer) are taken from the cache and not transferred: the
+        descriptor's `first_block` tells the prefill worker where to start sending."""
         self._housekeeping()
         blocks = self.engine.blocks
+        prefix: list[int] = []
+        if prompt_token_ids is not None:
+            if len(prompt_token_ids) != num_prompt_tokens:
+                raise ValueError(f"{len(prompt_token_ids)} prompt ids for a prompt of {num_prompt_tokens} tokens")
+            prefix, _ = blocks.match_prefix(prompt_token_ids, cache_root(cache_salt))
         running = len(self.engine.scheduler.running) + len(self._reserved)
-        if running >= self.options.engine.max_num_seqs or not blocks.can_allocate([], num_prompt_tokens + 1):
+        if running >= self.options.engine.max_num_seqs or not blocks.can_allocate([], num_prompt_tokens + 1, prefix):
             return None
         table: list[int] = []
+        if prefix:
+            blocks.take_prefix(table, prefix, num_prompt_tokens)
         blocks.allocate(table, num_prompt_tokens)
+        first, held = len(prefix), len(prefix) * blocks.block_size
         try:
-            desc = self.receiver.prepare(request_id, table, num_tokens=num_prompt_tokens)
+            desc = self.receiver.prepare(request_id, table[first:], num_tokens=num_prompt_tokens - held)
         except Exception:
             blocks.free(table)
             raise
+        if first:
+            desc = replace(desc, meta=replace(desc.meta, first_block=first))
         lease = min(lease_s or self.options.lease_s, self.options.lease_s)
         self._reserved[request_id] = _Reservation(table, time.monotonic() + lease)
         return desc
@@ -99,9 +118,11 @@ class DecodeCore:
         first_token: int,
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
+        cache_salt: str = "",
     ) -> StepOutput:
         """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do.
-        resume: a re-prefilled request's earlier output (LLMEngine.add_request)."""
+        resume: a re-prefilled request's earlier output (LLMEngine.add_request). With prefix
+        caching its blocks (prompt, then output) stay cached under cache_salt for later turns."""
         res = self._reserved.pop(request_id, None)
         if res is None:
             raise KeyError(f"request {request_id!r} has no reservation on this decode worker (lease lapsed?)")
@@ -113,11 +134,33 @@ class DecodeCore:
         self.receiver.release(request_id)
         try:
             return self.engine.add_prefilled(
-                request_id, prompt_token_ids, first_token, sampling, res.block_table, resume=resume
+                request_id,
+                prompt_token_ids,
+                first_token,
+                sampling,
+                res.block_table,
+                resume=resume,
+                cache_salt=cache_salt,
             )
         except BaseException:  # refused before the engine took the blocks: they are still ours
             self.engine.blocks.free(res.block_table)
             raise
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+        cache_salt: str = "",
+    ) -> None:
+        """Prefill a prompt here and decode it (conditional disaggregation): the router sends a
+        request whose earlier turns this worker's prefix cache holds and whose new part is short;
+        only that part is computed and nothing is transferred. As ColocatedCore.submit, no images."""
+        self.engine.add_request(
+            list(prompt_token_ids), sampling, request_id, resume=resume, tenant=tenant, cache_salt=cache_salt
+        )
 
     def cancel(self, request_id: str) -> bool:
         res = self._reserved.pop(request_id, None)

@@ -26,10 +26,17 @@ class DecodeWorker(SteppedWorker):
         super().__init__(info, DecodeCore(options, loaded, tp), f"decode worker {worker_id}")
 
     async def reserve(
-        self, request_id: str, num_prompt_tokens: int, lease_s: float | None = None
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        lease_s: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+        cache_salt: str = "",
     ) -> TransferDescriptor | None:
         self.loop.check()
-        return await self.loop.call(self.core.reserve, request_id, num_prompt_tokens, lease_s)
+        return await self.loop.call(
+            self.core.reserve, request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt
+        )
 
     async def activate(
         self,
@@ -38,8 +45,28 @@ class DecodeWorker(SteppedWorker):
         first_token: int,
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
+        cache_salt: str = "",
     ) -> StepOutput:
         self.loop.check()
-        out = await self.loop.call(self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume)
+        out = await self.loop.call(
+            self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume, cache_salt
+        )
         self.loop.kick()
         return out
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        images: tuple[bytes, ...] = (),
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+        cache_salt: str = "",
+    ) -> None:
+        """A request prefilled here, on its earlier turns' cached blocks (DecodeCore.submit)."""
+        if images:
+            raise ValueError("a decode worker prefills no prompt with images")
+        self.loop.check()
+        await self.loop.call(self.core.submit, request_id, list(prompt_token_ids), sampling, resume, tenant, cache_salt)
+        self.loop.kick()

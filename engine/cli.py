@@ -10,11 +10,24 @@ import time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", help="prompts (each sent as one user chat message)")
     parser.add_argument("--model", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2)")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens to generate per prompt at most (default: 64)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 (the default) is greedy"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens of this mass (default: 1)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k likeliest tokens only; 0: all (default)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the sampler, for reproducible sampling (default: none)"
+    )
     parser.add_argument("--raw", action="store_true", help="send prompts as raw text, without the chat template")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument(

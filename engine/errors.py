@@ -6,7 +6,12 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """A request (prompt or sampling parameters) the engine refuses; the message says why."""
+    """A request (prompt or sampling parameters) the engine refuses; the message says why and
+    `field` names the parameter at fault, when one is (an API error's `param`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelNotFoundError(EngineError, FileNotFoundError):

@@ -258,11 +258,14 @@ class LLMEngine:
         sampling: SamplingParams,
         block_table: list[int],
         resume: tuple[int, int] | None = None,
+        cache_salt: str = "",
     ) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
         sequence may already be finished by it (EOS, max_tokens=1, a stop string), or failed
-        (FinishReason.ERROR). resume: as add_request's. If this raises, it raised before taking
+        (FinishReason.ERROR). resume: as add_request's. cache_salt: with prefix caching, its
+        prompt's full blocks and then those of its output are cached under this salt (a later
+        turn of the conversation finds them: add_request). If this raises, it raised before taking
         `block_table`: the blocks are still the caller's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
@@ -278,8 +281,10 @@ class LLMEngine:
             num_computed_tokens=len(prompt_token_ids),
             block_table=block_table,
             status=SequenceStatus.RUNNING,
-            cache_root=None,  # its blocks came from a prefill worker: not cached here (yet)
+            cache_root=cache_root(cache_salt),
         )
+        # its prompt's K/V landed from a prefill worker: those full blocks are reusable now
+        self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_root)
         self._seqs[request_id] = seq
         self._detok[request_id] = detok
         self.scheduler.running.append(seq)
@@ -388,7 +393,7 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence) -> StepOutput:
         try:
             detok = self._detok[seq.request_id]
-            new_text, hit_stop = detok.update(seq.output_token_ids)
+            new_text, hit_stop = detok.update(seq.token_ids, seq.num_prompt_tokens)
             reason = FinishReason.STOP if hit_stop else self._finish_reason(seq)
             if reason is not None:
                 new_text += detok.flush()

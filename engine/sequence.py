@@ -64,19 +64,19 @@ class SamplingParams:
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
         _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
-            raise InvalidRequestError(f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}")
+            raise InvalidRequestError(f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}", "top_k")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise InvalidRequestError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}", "seed")
         if not isinstance(self.stop, tuple) or any(not isinstance(s, str) for s in self.stop):
-            raise InvalidRequestError("stop must be a string or a list of strings")
+            raise InvalidRequestError("stop must be a string or a list of strings", "stop")
         if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
+            raise InvalidRequestError("stop strings must be non-empty", "stop")
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
 
     @property
     def greedy(self) -> bool:
@@ -90,9 +90,9 @@ def _is_int(value: object) -> bool:
 def _number(name: str, value: object, lo: float, hi: float, lo_open: bool = False) -> None:
     """A finite real number in [lo, hi] ((lo, hi] with lo_open); NaN and infinities fail."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", name)
     if value < lo or value > hi or (lo_open and value == lo):
-        raise InvalidRequestError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
+        raise InvalidRequestError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}", name)
 
 
 @dataclass

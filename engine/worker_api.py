@@ -81,7 +81,7 @@ class Worker(Protocol):
     """What every inner worker (EncodeWorker, PrefillWorker, DecodeWorker, ColocatedWorker)
     answers; the worker actor (cluster/worker_actor.py) hosts one at a time and adds the role's
     own verbs (encode / stats, prefill / prepare_images / release_images, reserve / activate /
-    poll, submit / poll).
+    submit (a short prompt on cached earlier turns) / poll, submit / poll).
 
     Every method may raise WorkerLoopDied once the worker's loop has died (then it is replaced).
     `stop()` releases everything the worker holds: its loop, its executor thread, its transfer

@@ -20,8 +20,9 @@ import torch
 from engine.kv_layout import KVLayout, dtype_name
 
 # 2: KVLayout.kv_head_start (the KV heads a tensor-parallel rank holds); 3: several senders per
-# transfer and receiving caches spread over ranks (the shm / cuda_ipc endpoint's slots and caches)
-PROTOCOL_VERSION = 3
+# transfer and receiving caches spread over ranks (the shm / cuda_ipc endpoint's slots and caches);
+# 4: TransferMetadata.first_block (the receiver's prefix cache holds the prompt's first blocks)
+PROTOCOL_VERSION = 4
 
 
 class HandshakeError(RuntimeError):
@@ -82,6 +83,9 @@ class TransferMetadata:
     payloads: tuple[PayloadSpec, ...] = ()
     src_block_ids: tuple[int, ...] = ()  # optional, filled in by the sender for its own records
     protocol_version: int = PROTOCOL_VERSION
+    # The prompt's blocks before this one are at the receiver already (its prefix cache): the
+    # sender sends its block table from here on, into dst_block_ids.
+    first_block: int = 0
 
     @property
     def layers(self) -> range:

@@ -286,6 +286,7 @@ class PrefillCore:
                 log.exception("KV transfer connect of %s failed", task.request_id)
                 errors[task.request_id] = "the KV transfer to the decode worker could not start"
         sent: dict[str, set[int]] = {s.request_id: set() for s in seqs}
+        first_block = {t.request_id: t.descriptor.meta.first_block for t in tasks}
 
         def drop(seq: Sequence, message: str) -> None:
             errors.setdefault(seq.request_id, message)
@@ -299,8 +300,10 @@ class PrefillCore:
             def send(layer: int) -> None:
                 # A layer already sent (by a batched forward that failed later) is not sent twice.
                 for seq in [s for s in group if s in live and layer not in sent[s.request_id]]:
+                    # from the first block the decode worker does not hold (its prefix cache)
+                    src = seq.block_table[first_block[seq.request_id] :]
                     try:
-                        self.sender.send_layer(seq.request_id, layer, kv[layer], src_block_ids=seq.block_table)
+                        self.sender.send_layer(seq.request_id, layer, kv[layer], src_block_ids=src)
                         sent[seq.request_id].add(layer)
                     except Exception:
                         log.exception("KV transfer of layer %d of %s failed", layer, seq.request_id)
@@ -422,17 +425,20 @@ def prefill_follower(options: PrefillOptions, loaded: LoadedModel, tp: TPGroup) 
 
     def work(plan, sparse, orders, embeds) -> None:
         live: dict[int, str] = {}
+        first_block: dict[int, int] = {}
         for row, desc in orders:
             try:
                 sender.connect(desc)
                 live[row] = desc.meta.request_id
+                first_block[row] = desc.meta.first_block
             except Exception:
                 log.exception("rank %d: KV transfer connect of %s failed", tp.rank, desc.meta.request_id)
 
         def send(layer: int) -> None:
             for row, rid in list(live.items()):
                 try:
-                    sender.send_layer(rid, layer, runner.kv[layer], src_block_ids=plan[row].block_table)
+                    src = plan[row].block_table[first_block[row] :]
+                    sender.send_layer(rid, layer, runner.kv[layer], src_block_ids=src)
                 except Exception:
                     log.exception("rank %d: KV transfer of layer %d of %s failed", tp.rank, layer, rid)
                     sender.abort(rid)

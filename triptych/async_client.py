@@ -110,10 +110,13 @@ class AsyncClient:
         root_certificates: _channel.Pem | None = None,
         certificate_chain: _channel.Pem | None = None,
         private_key: _channel.Pem | None = None,
+        max_attempts: int = _channel.MAX_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._options = list(options)
+        self._options = _channel.channel_options(options, max_attempts)
+        self._wait = wait_for_ready
         self._metadata = _channel.call_metadata(_channel.api_key(api_key))
         self._creds = _channel.credentials(tls, root_certificates, certificate_chain, private_key)
         self._channel: grpc.aio.Channel | None = None
@@ -171,7 +174,10 @@ class AsyncClient:
             ignore_eos=ignore_eos,
         )
         return AsyncStream(
-            self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata), req.request_id
+            self._stub.Generate(
+                req, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=self._wait
+            ),
+            req.request_id,
         )
 
     def chat(
@@ -204,7 +210,10 @@ class AsyncClient:
             ignore_eos=ignore_eos,
         )
         return AsyncStream(
-            self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata), req.request_id
+            self._stub.Generate(
+                req, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=self._wait
+            ),
+            req.request_id,
         )
 
     async def complete(
@@ -256,7 +265,9 @@ class AsyncClient:
 
     async def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:
-            return await method(req, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await method(
+                req, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=self._wait
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 

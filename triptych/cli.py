@@ -42,8 +42,20 @@ def _missing(module: str) -> int:
     return 2
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), as pip knows it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("triptych")
+    except PackageNotFoundError:
+        return "unknown (run from a source tree that is not installed)"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triptych", description="Disaggregated LLM serving.")
+    parser.add_argument("--version", action="version", version=f"triptych {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the chosen subcommand's module is imported; the others get a bare entry for --help.
     chosen = argv[0] if argv else None

@@ -112,7 +112,11 @@ class Client:
     api_key: sent as `authorization: Bearer <key>` with every call (default: $TRIPTYCH_API_KEY;
     on the admin port, an admin key). tls / root_certificates / certificate_chain / private_key:
     a TLS channel (PEM bytes or file paths; any of them implies TLS; no root_certificates: the
-    system's roots; a certificate chain + key for servers that require client certificates)."""
+    system's roots; a certificate chain + key for servers that require client certificates).
+    max_attempts: tries of an idempotent call (model_info, cluster_status, admin_status, abort)
+    that the server answers UNAVAILABLE, with backoff (1: no retry; Generate is never retried).
+    wait_for_ready: calls made while the server is unreachable wait for it (up to their
+    deadline) instead of failing at once with UNAVAILABLE."""
 
     def __init__(
         self,
@@ -126,18 +130,18 @@ class Client:
         root_certificates: _channel.Pem | None = None,
         certificate_chain: _channel.Pem | None = None,
         private_key: _channel.Pem | None = None,
+        max_attempts: int = _channel.MAX_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = _channel.call_metadata(_channel.api_key(api_key))
+        self._wait = wait_for_ready
         self._owns_channel = channel is None
         if channel is None:
             creds = _channel.credentials(tls, root_certificates, certificate_chain, private_key)
-            channel = (
-                grpc.secure_channel(target, creds, options=list(options))
-                if creds
-                else grpc.insecure_channel(target, options=list(options))
-            )
+            opts = _channel.channel_options(options, max_attempts)
+            channel = grpc.secure_channel(target, creds, options=opts) if creds else grpc.insecure_channel(target, opts)
         self._channel = channel
         self._stub = pb_grpc.TriptychStub(self._channel)
         self._admin = pb_grpc.TriptychAdminStub(self._channel)
@@ -230,7 +234,9 @@ class Client:
             return _wire.completion_from_chunks(stream)
 
     def _stream(self, req: pb.GenerateRequest, timeout: float | None) -> Stream:
-        call = self._stub.Generate(req, timeout=self._deadline(timeout), metadata=self._metadata)
+        call = self._stub.Generate(
+            req, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=self._wait
+        )
         stream = Stream(call)
         stream.request_id = req.request_id
         return stream
@@ -269,7 +275,7 @@ class Client:
 
     def _unary(self, method: Any, req: Any, timeout: float | None) -> Any:
         try:
-            return method(req, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(req, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=self._wait)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 

@@ -1,9 +1,9 @@
 """End to end over real loopback gRPC and HTTP against a real local cluster serving SmolLM2.
 
 Greedy text through the SDK, /v1/chat/completions (httpx and the official openai client) and the
-offline engine (no prefix cache) is identical, with the prefill worker's prefix cache on; a
-conversation's later turns report the cached tokens of its earlier prompts and compute only the
-rest; bad input gets the right status and the server keeps serving; a client that disconnects
+offline engine (no prefix cache) is identical, with the workers' prefix caches on; a
+conversation's later turns are prefilled on the decode worker that holds the earlier turns (prompt
+and answer) and report those cached tokens; bad input gets the right status and the server keeps serving; a client that disconnects
 mid-stream frees its KV blocks within a second.
 """
 
@@ -197,20 +197,27 @@ def test_disconnect_frees_kv_within_a_second(served):
     assert used() == 0, f"KV blocks still used {time.monotonic() - t:.2f}s after the client left"
 
 
-def test_a_conversation_reuses_the_prefill_workers_cache_of_its_earlier_prompts(served):
+def test_a_conversation_reuses_its_earlier_turns_on_the_decode_worker(served, smol, make_engine):
     client, http_base, _, router, loop = served
     block = 16  # engine.block_size
     turns = ["Name three colors.", "Which of them is the warmest?", "Why is that?", "Name one more."]
+    offline, history = make_engine(smol), []  # no prefix cache: the whole conversation each turn
     previous = 0
     for i, text in enumerate(turns):
         c = client.complete(
             messages=[{"role": "user", "content": text}], session_id="prefix-conv", max_tokens=12, temperature=0
         )
         assert not c.error
-        if i:  # every full block of the previous turn's prompt (a prefix of this one) was reused
-            assert c.usage.cached_tokens >= previous // block * block > 0
+        history.append({"role": "user", "content": text})
+        assert list(c.token_ids) == offline.generate([history], SamplingParams(max_tokens=12))[0].token_ids
+        history.append({"role": "assistant", "content": c.text})
+        if i:  # every full block of the previous turn's prompt and answer (but its last token, never
+            # fed back) was reused: the decode worker that answered it prefilled this turn's rest
+            assert c.usage.cached_tokens >= (previous - 1) // block * block > 0
         assert c.usage.cached_tokens < c.usage.prompt_tokens
-        previous = c.usage.prompt_tokens
+        previous = c.usage.prompt_tokens + c.usage.completion_tokens
+    decode = [w for p in client.cluster_status().pools for w in p.workers if w.worker_id.startswith("decode")]
+    assert decode and all(w.kv_blocks_cached > 0 for w in decode)
     body = {"messages": [{"role": "user", "content": "Tell me about the sea in one line. " * 4}], "max_tokens": 4}
     usage = [httpx.post(f"{http_base}/v1/chat/completions", timeout=120, json=body).json()["usage"] for _ in range(2)]
     # the first finds at most the chat template's system prompt that every chat starts with

@@ -457,3 +457,15 @@ def test_admin_set_worker_role(server, router):
     with triptych.Client(server.target, timeout=10) as serving, pytest.raises(triptych.TriptychError) as err:
         serving.set_worker_role("decode-1", "prefill")
     assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_admin_status_json(server, router, capsys):
+    import json
+
+    from triptych.cli import main
+
+    assert main(["admin", "status", "--json", "--target", server.admin_target]) == 0
+    status = json.loads(capsys.readouterr().out)
+    with triptych.Client(server.admin_target, timeout=10) as client:
+        assert status["role_switch_count"] == client.admin_status().role_switch_count
+    assert status["mode"] and all("workers" in p and p["role"] for p in status["pools"])

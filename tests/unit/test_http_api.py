@@ -173,24 +173,30 @@ def test_openai_client_sees_errors(oai):
 
 
 @pytest.mark.parametrize(
-    "raw, needle",
+    "raw, needle, param",
     [
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "must be a JSON object"),
-        (json.dumps(chat_body(n=2)).encode(), "'n' must be 1"),
-        (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number"),
-        (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1"),
-        (json.dumps(chat_body(stop=[1])).encode(), "'stop' must be a string or an array"),
-        (json.dumps({"model": MODEL, "messages": []}).encode(), "'messages' must be a non-empty array"),
-        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
-        (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported"),
+        (b"{not json", "not valid JSON", None),
+        (b"[1, 2]", "must be a JSON object", None),
+        (json.dumps(chat_body(n=2)).encode(), "'n' must be 1", "n"),
+        (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number", "temperature"),
+        (json.dumps(chat_body(temperature=1e9)).encode(), "temperature must be in", "temperature"),
+        (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1", "max_tokens"),
+        (json.dumps(chat_body(stop=[1])).encode(), "'stop' must be a string or an array", "stop"),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), "'messages' must be a non-empty array", "messages"),
+        (
+            json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 3}]}).encode(),
+            "messages[0].content",
+            "messages[0].content",
+        ),
+        (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported", "logprobs"),
     ],
 )
-def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle):
+def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle, param):
     resp = http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"
+    assert "param" in err and err["param"] == param  # the OpenAI error object's field at fault
     assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
 
 
@@ -241,6 +247,28 @@ def test_client_disconnect_aborts(server, router):
             assert any("x" in line for line in got)
     assert wait_for(lambda: routed_id(router, "http-gone") in router.aborts)
     assert wait_for(lambda: "http-gone" not in server.gateway.in_flight)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_aborted_request_ends_as_an_error_not_a_finish_reason(server, http, stream):
+    """OpenAI has no finish_reason for an abort (gRPC Abort of the X-Request-Id, or shutdown)."""
+    import concurrent.futures as cf
+
+    import triptych
+
+    rid = f"http-abort-{stream}"
+    with cf.ThreadPoolExecutor(1) as pool, triptych.Client(server.target, timeout=10) as grpc_client:
+        body = chat_body("go slow", stream=stream)
+        pending = pool.submit(http.post, "/v1/chat/completions", json=body, headers={"X-Request-Id": rid})
+        assert wait_for(lambda: rid in server.gateway.in_flight)
+        assert grpc_client.abort(rid) is True
+        resp = pending.result(timeout=10)
+    if stream:
+        events = sse_events(resp)
+        assert events[-2]["error"]["code"] == "aborted" and events[-1] == "[DONE]"
+        assert not any(c.get("choices") and c["choices"][0]["finish_reason"] for c in events[:-2])
+    else:
+        assert resp.status_code == 499 and resp.json()["error"]["code"] == "aborted"
 
 
 def test_models_health_and_unknown_routes(http, oai):

@@ -35,8 +35,8 @@ def test_hash_is_stable_and_dtype_normalised():
 def test_hash_is_the_wire_value():
     """The handshake hash is part of the wire format: workers of one release must agree with
     each other and with this value until PROTOCOL_VERSION changes."""
-    assert PROTOCOL_VERSION == 3
-    assert compat_hash(LAYOUT) == "d84b1666cf07096c4fc158494a371552b63aa618952d6c674e4182d4b4221fb7"
+    assert PROTOCOL_VERSION == 4
+    assert compat_hash(LAYOUT) == "b5a5300b835806e53fb84c383a120da133f79b690d8b14298fc7724ca2f3d78f"
 
 
 def test_sizes():

@@ -5,6 +5,8 @@ instead of refusing."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -220,6 +222,76 @@ def test_a_prefill_worker_computes_only_what_its_cache_lacks_and_still_ships_eve
         decode.cancel("s")
         prefill.blocks.check()
         assert prefill.blocks.all_free() and prefill.blocks.num_cached_blocks > 0
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_decode_worker_keeps_a_turn_cached_and_prefills_the_next_turns_rest_itself(tiny):
+    """Conditional disaggregation: turn 1 is prefilled on the prefill worker and decoded on the
+    decode worker, which keeps its prompt's and answer's blocks cached; turns 2-4 are submitted
+    to that decode worker, which finds every block of the previous turn but the one holding the
+    answer's last token, computes only the rest, and answers as generate() does. A fifth turn
+    with a long new part is prefilled on the prefill worker and only the blocks the decode
+    worker lacks are transferred."""
+    from decode_workers.decode_core import QUARANTINE_S, DecodeCore, DecodeOptions
+    from engine.config import EngineConfig
+    from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillTask
+
+    config = EngineConfig(block_size=8, num_kv_blocks=128, max_num_batched_tokens=512, prefix_caching=True)
+    prefill = PrefillCore(PrefillOptions(config, backend="shm"), tiny)
+    decode = DecodeCore(DecodeOptions(config, backend="shm"), tiny)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    gen = torch.Generator().manual_seed(6)
+    history = torch.randint(3, len(tiny.tokenizer), (29,), generator=gen).tolist()
+    computed = []
+    real_forward = decode.engine.runner.forward
+    decode.engine.runner.forward = lambda batch, *a, **k: computed.append(
+        sum(e.num_new_tokens for e in batch)
+    ) or real_forward(batch, *a, **k)
+    try:
+        desc = decode.reserve("turn0", len(history))
+        (result,) = prefill.run_batch([PrefillTask("turn0", tuple(history), greedy, desc, cache_salt="")])
+        first = decode.activate("turn0", history, result.first_token, greedy)
+        out, cached, previous = list(first.new_token_ids), 0, 0
+        for turn in range(4):
+            if turn:
+                before = len(computed)
+                decode.submit(f"turn{turn}", history, greedy)
+                out = []
+            while decode.has_work():
+                for o in decode.step():
+                    out += o.new_token_ids
+                    cached = max(cached, o.cached_tokens)
+            assert out == hf_greedy(tiny, history, 10), f"turn {turn}"
+            if turn:
+                assert cached == (previous - 1) // 8 * 8 > 0
+                assert sum(computed[before:]) == len(history) - cached + len(out) - 1
+            previous, cached = len(history) + len(out), 0
+            history = history + out + torch.randint(3, len(tiny.tokenizer), (7,), generator=gen).tolist()
+        assert decode.idle() and decode.engine.blocks.num_cached_blocks > 0
+        decode.engine.blocks.check()
+
+        # A long new part goes to the prefill worker (which holds only the earlier prompts): the
+        # decode worker takes the blocks it holds from its cache and receives only the rest.
+        history = history[: previous - 1] + torch.randint(3, len(tiny.tokenizer), (40,), generator=gen).tolist()
+        held = (previous - 1) // 8
+        desc = decode.reserve("long", len(history), prompt_token_ids=history)
+        assert desc.meta.first_block == held and len(desc.meta.dst_block_ids) == -(-len(history) // 8) - held
+        (result,) = prefill.run_batch([PrefillTask("long", tuple(history), greedy, desc, cache_salt="")])
+        assert result.error is None
+        out = list(decode.activate("long", history, result.first_token, greedy).new_token_ids)
+        while decode.has_work():
+            for o in decode.step():
+                out += o.new_token_ids
+        assert out == hf_greedy(tiny, history, 10)
+        salted = decode.reserve("salted", len(history), prompt_token_ids=history, cache_salt="other")
+        assert salted.meta.first_block == 0  # another salt's blocks are never taken
+        decode.cancel("salted")
+        time.sleep(QUARANTINE_S)  # blocks of a transfer that never started wait out their quarantine
+        assert decode.idle()
+        decode.engine.blocks.check()
+        prefill.blocks.check()
     finally:
         prefill.close()
         decode.close()

@@ -108,3 +108,33 @@ def test_engine_resume_gives_the_uninterrupted_text(tiny, make_engine):
     with pytest.raises(InvalidRequestError, match="does not fit a prompt"):
         engine.add_request(prompt, rest, "bad-resume", resume=(len(prompt) + 1, 0))
     assert not engine.has_unfinished()  # nothing registered (make_engine checks blocks)
+
+
+def test_incremental_detokenizer_gives_the_whole_decodes_text(smol_tokenizer):
+    """The fast path (each token decoded once) releases what re-decoding all output ids releases:
+    the same text in all, the same stop, never ahead of it and at most two tokens behind (text
+    before a character split over tokens may wait for the character); multi-byte characters,
+    special tokens, stop strings and a resumed prefix included."""
+    tok = smol_tokenizer
+    gen = torch.Generator().manual_seed(0)
+    texts = ["Hello, wörld! ünïcödé 日本語 — 🙂🚀 test . , ok\n\tend", "a" * 40 + " STOP here", "🙂" * 9]
+    outputs = [tok.encode(t) for t in texts]
+    outputs += [torch.randint(0, len(tok), (300,), generator=gen).tolist() for _ in range(3)]  # any ids
+    outputs.append(tok.encode("x") + [tok.eos_token_id] + tok.encode(" after the special token"))
+    for ids in outputs:
+        for stop, prefix in [((), 0), (("STOP", "🚀"), 0), (("ok",), 5)]:
+            released = len(Detokenizer(tok, (), incremental=False).update(ids[:prefix])[0]) if prefix else 0
+            fast = Detokenizer(tok, stop, ids[:prefix], released)
+            slow = Detokenizer(tok, stop, ids[:prefix], released, incremental=False)
+            assert fast._stream is not None and slow._stream is None
+            got, wants = "", [""]
+            for n in range(prefix + 1, len(ids) + 1):
+                (a, a_stop), (b, b_stop) = fast.update(ids[prefix:n]), slow.update(ids[prefix:n])
+                got = got + a
+                wants.append(wants[-1] + b)
+                assert a_stop == b_stop and wants[-1].startswith(got), (ids[:n], stop)
+                assert len(got) >= len(wants[-3 if len(wants) > 2 else 0]), (ids[:n], stop)
+                if a_stop:
+                    break
+            want = wants[-1]
+            assert got + fast.flush() == want + slow.flush() and fast.text == slow.text

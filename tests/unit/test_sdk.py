@@ -35,6 +35,7 @@ _FAILURES = {
     "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "prompt too long"),
     "busy": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
     "missing": (grpc.StatusCode.NOT_FOUND, "no such session"),
+    "down": (grpc.StatusCode.UNAVAILABLE, "restarting"),
 }
 
 
@@ -45,6 +46,8 @@ class FakeTriptych(pb_grpc.TriptychServicer):
         self.in_flight: set[str] = set()
         self._next_id = 0
         self._lock = threading.Lock()
+        self.unavailable = 0  # GetModelInfo answers UNAVAILABLE this many more times
+        self.info_calls = 0
 
     def Generate(self, request, context):
         self.requests.append(request)
@@ -84,6 +87,10 @@ class FakeTriptych(pb_grpc.TriptychServicer):
         return pb.AbortResponse(aborted=request.request_id in self.in_flight)
 
     def GetModelInfo(self, request, context):
+        self.info_calls += 1
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         return pb.GetModelInfoResponse(
             model="SmolLM2-135M-Instruct",
             max_model_len=8192,
@@ -251,6 +258,56 @@ def test_unavailable():
     with Client("127.0.0.1:1", timeout=2) as c:
         with pytest.raises(triptych.Unavailable):
             c.model_info()
+
+
+def test_idempotent_calls_are_retried_on_unavailable_and_generate_is_not(server):
+    fake, target = server
+    with Client(target, timeout=10) as c:
+        fake.unavailable, fake.info_calls = 2, 0
+        assert c.model_info().model == "SmolLM2-135M-Instruct"
+        assert fake.info_calls == 3  # two UNAVAILABLE answers, retried with backoff
+        before = sum(r.prompt == "down" for r in fake.requests)
+        with pytest.raises(triptych.Unavailable):
+            c.complete(prompt="down")
+        assert sum(r.prompt == "down" for r in fake.requests) == before + 1  # not idempotent: sent once
+    with Client(target, timeout=10, max_attempts=1) as c:
+        fake.unavailable, fake.info_calls = 1, 0
+        with pytest.raises(triptych.Unavailable):
+            c.model_info()
+        assert fake.info_calls == 1
+    with pytest.raises(ValueError, match="max_attempts"):
+        Client(target, max_attempts=0)
+
+
+def test_async_client_retries_too(server):
+    fake, target = server
+
+    async def go():
+        async with AsyncClient(target, timeout=10) as c:
+            fake.unavailable, fake.info_calls = 2, 0
+            assert (await c.model_info()).model == "SmolLM2-135M-Instruct"
+            assert fake.info_calls == 3
+
+    asyncio.run(go())
+
+
+def test_wait_for_ready_waits_for_a_server_that_comes_up():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TriptychServicer_to_server(FakeTriptych(), srv)
+    srv.add_insecure_port(f"127.0.0.1:{port}")
+    starter = threading.Timer(0.5, srv.start)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=20, wait_for_ready=True) as c:
+            starter.start()  # nothing listens until then: the call waits instead of failing
+            assert c.model_info().model == "SmolLM2-135M-Instruct"
+    finally:
+        starter.join()
+        srv.stop(grace=None)
 
 
 def _wait(event: threading.Event) -> bool:

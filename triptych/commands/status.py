@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
+import json
 import sys
 import time
 
@@ -12,6 +15,15 @@ from triptych.errors import TriptychError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole status as one JSON object (for scripts) instead of a table"
+    )
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     except TriptychError as exc:
         print(f"triptych admin status: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status), default=_plain, indent=2))
+        return 0
     print(f"mode: {status.mode.value if status.mode else '?'}")
     print(
         f"{'worker':<14} {'role':<10} {'alive':<6} {'epoch':>5} {'queue':>6} {'running':>8} {'kv used':>12} "

@@ -3,7 +3,7 @@ computed and TTFT, with engine.prefix_caching off and on, on a local cluster ser
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.prefix_cache [--trace FILE] [--requests 80]
         [--conversations K] [--block-tokens 16] [--time-scale 4] [--output-scale 0.03]
-        [--max-blocks 48] [--modes colocated disaggregated]
+        [--max-blocks 48] [--modes colocated disaggregated] [--max-local-prefill 256]
 
 The trace is in the Mooncake format (one JSON object per line: `timestamp` in ms, `input_length`,
 `output_length`, `hash_ids`: one id per 512-token prefix block, equal ids meaning equal blocks).
@@ -24,7 +24,9 @@ prefill + 1 decode worker of 1 CPU each. With the cache on, each --routing: cach
 goes where its prefix is likely cached, weighed against load: cluster/prefix_index.py) or load
 (the least loaded worker, which may not hold a conversation's history); with it off, by load.
 Prints per run: requests served, hit rate in prompt tokens and as a share of the ideal, prefill
-tokens computed, TTFT p50 / p90 (server-measured) and the wall time. Goodput against SLOs is not
+tokens computed, how many requests the decode worker prefilled itself (disaggregated: a next turn
+adding at most --max-local-prefill tokens to what it holds), TTFT p50 / p90 (server-measured)
+and the wall time. Goodput against SLOs is not
 computed here (bench/goodput.py measures it rate by rate).
 """
 
@@ -54,6 +56,7 @@ class Outcome:
     cached_tokens: int
     ttft_s: float
     error: str | None
+    prefilled_by_decode: bool  # disaggregated: no prefill phase (conditional disaggregation)
 
 
 def load(path: Path, start: int, count: int, args) -> list[TraceRequest]:
@@ -101,12 +104,12 @@ def ideal_hits(requests: list[TraceRequest], block: int) -> int:
     return hits
 
 
-def deploy(mode: str, caching: bool, blocks: int, routing: str = "cache-aware"):
+def deploy(mode: str, caching: bool, blocks: int, routing: str = "cache-aware", local_prefill: int = 256):
     return deploy_config(
         mode,
         f"bench.prefix_cache:{mode}:{'on' if caching else 'off'}:{routing}",
         engine={"prefix_caching": caching, "num_kv_blocks": blocks},
-        server={"cache_aware_routing": routing == "cache-aware"},
+        server={"cache_aware_routing": routing == "cache-aware", "max_local_prefill_tokens": local_prefill},
     )
 
 
@@ -128,7 +131,9 @@ async def replay(router, requests: list[TraceRequest], prompts: list[list[int]])
         async for ev in router.generate(inp):
             if isinstance(ev, FinalEvent):
                 final = ev
-        return Outcome(final.prompt_tokens, final.cached_tokens, final.timings.ttft_s, final.error)
+        return Outcome(
+            final.prompt_tokens, final.cached_tokens, final.timings.ttft_s, final.error, final.timings.prefill_s == 0
+        )
 
     return await asyncio.gather(*(one(i, r, p) for i, (r, p) in enumerate(zip(requests, prompts))))
 
@@ -153,7 +158,8 @@ async def main_async(args) -> int:
     runs = [(False, "load")] + [(True, r) for r in args.routing]
     for mode in args.modes:
         for caching, routing in runs:
-            router = await start_router(deploy(mode, caching, args.kv_blocks, routing), progress=lambda m: None)
+            config = deploy(mode, caching, args.kv_blocks, routing, args.max_local_prefill)
+            router = await start_router(config, progress=lambda m: None)
             try:
                 vocab = len(router.tokenizer)
                 prompts = [[t for h in r.hash_ids for t in block_tokens(h, block, vocab)] for r in requests]
@@ -178,6 +184,7 @@ async def main_async(args) -> int:
                     f"{cached / max(1, prompt_tokens):.1%}",
                     f"{cached / max(1, ideal):.0%}",
                     str(prompt_tokens - cached),
+                    str(sum(o.prefilled_by_decode for o in ok)) if mode == "disaggregated" else "-",
                     f"{percentile(ttft, 50) * 1e3:.0f}",
                     f"{percentile(ttft, 90) * 1e3:.0f}",
                     f"{wall:.0f}",
@@ -194,6 +201,7 @@ async def main_async(args) -> int:
             "hit rate (tokens)",
             "of ideal",
             "prefill tokens computed",
+            "prefilled on decode",
             "TTFT p50 ms",
             "TTFT p90 ms",
             "wall s",
@@ -229,6 +237,14 @@ def main(argv=None) -> int:
         default=["cache-aware", "load"],
         choices=["cache-aware", "load"],
         help="routing with the cache on (server.cache_aware_routing); off is always by load",
+    )
+    p.add_argument(
+        "--max-local-prefill",
+        type=int,
+        default=256,
+        metavar="TOKENS",
+        help="server.max_local_prefill_tokens: a next turn adding at most this many tokens to what its decode "
+        "worker holds is prefilled there (disaggregated, cache on); 0: always on the prefill worker",
     )
     args = p.parse_args(argv)
     if min(args.requests, args.block_tokens, args.max_blocks, args.conversations) < 1 or args.time_scale <= 0:

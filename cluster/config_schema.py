@@ -70,7 +70,7 @@ class EngineSettings:
     num_kv_blocks: int = 2048
     max_num_batched_tokens: int = 1024
     max_num_seqs: int = 64
-    prefix_caching: bool = False  # EngineConfig.prefix_caching, for every colocated and prefill worker
+    prefix_caching: bool = False  # EngineConfig.prefix_caching, for every colocated, prefill and decode worker
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
         max_model_len=config.model.max_model_len,
         sparse=sparse,
         tensor_parallel=pool.tensor_parallel,
-        # decode workers take K/V from the prefill pool: their blocks are not cached (yet)
-        prefix_caching=e.prefix_caching and pool.role in (Role.COLOCATED, Role.PREFILL),
+        # decode workers cache what they hold too: a conversation's next turn reuses prompt + answer
+        prefix_caching=e.prefix_caching and pool.role in (Role.COLOCATED, Role.PREFILL, Role.DECODE),
     )
 
 

@@ -36,6 +36,10 @@ def test_defaults_equal_local_yaml():
 
     assert local.model.engine_dtype is None and engine_config(local, local.pools.decode).dtype is None
     assert engine_config(local, local.pools.decode).placement().dtype == "float32"  # this CPU
+    cached = parse_config(_with(engine={"prefix_caching": True}))
+    # every pool with a language model caches prefixes (decode: a conversation's prompt + answer)
+    assert all(engine_config(cached, p).prefix_caching for p in (cached.pools.prefill, cached.pools.decode))
+    assert not any(engine_config(local, p).prefix_caching for p in (local.pools.prefill, local.pools.decode))
     assert parse_config(_with(model={"dtype": "bfloat16"})).model.engine_dtype == "bfloat16"
     assert [p.role for p in local.active_pools()] == [Role.PREFILL, Role.DECODE]
 

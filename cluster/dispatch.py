@@ -69,6 +69,13 @@ class Dispatcher:
         self.prefix_index: PrefixIndex | None = None  # cache-aware routing (engine.prefix_caching on)
         self.max_local_prefill_tokens = 0  # with the index, disaggregated: conditional disaggregation
 
+    def _hashes(self, request, flight, ids) -> list[bytes]:
+        """The prompt's block hashes (the index must be on), once per prompt (Flight.prefix_hashes)."""
+        memo = flight.prefix_hashes
+        if memo is None or memo[0] != len(ids):
+            memo = flight.prefix_hashes = (len(ids), self.prefix_index.hashes(ids, request.cache_salt))
+        return memo[1]
+
     def _pick(self, pool: list[WorkerHandle], request, ids, flight) -> WorkerHandle | None:
         """The worker a prompt goes to: with prefix caching, the one whose cache likely holds most
         of it, weighed against load (cluster/prefix_index.py); else the least loaded. Prompts with
@@ -76,7 +83,7 @@ class Dispatcher:
         index = self.prefix_index
         if index is None or flight.images:
             return Pools.least_loaded(pool)
-        hashes = index.hashes(ids, request.cache_salt)
+        hashes = self._hashes(request, flight, ids)
         worker = index.pick(pool, hashes)
         if worker is not None:
             index.record(worker, hashes)
@@ -90,7 +97,7 @@ class Dispatcher:
         index = self.prefix_index
         if index is None or not self.max_local_prefill_tokens or flight.images or flight.resume:
             return None
-        hashes = index.hashes(ids, request.cache_salt)
+        hashes = self._hashes(request, flight, ids)
         best, held = None, 0
         for w in self.pools.decode:
             n = index.overlap(w, hashes) if w.serving else 0
@@ -292,7 +299,7 @@ class Dispatcher:
         cached: dict = {}
         hashes: list[bytes] = []
         if index is not None and not flight.images:
-            hashes = index.hashes(ids, request.cache_salt)
+            hashes = self._hashes(request, flight, ids)
             cached = {"prompt_token_ids": ids, **({"cache_salt": request.cache_salt} if request.cache_salt else {})}
         while True:
             order = index.ranked(self.pools.decode, hashes) if cached else Pools.by_load(self.pools.decode)

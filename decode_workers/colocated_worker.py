@@ -11,7 +11,6 @@ from decode_workers.colocated_core import ColocatedCore, ColocatedOptions
 from decode_workers.step_loop import SteppedWorker
 from encode_workers.inproc import InProcessEncoder
 from engine.llm_engine import LoadedModel
-from engine.sequence import SamplingParams
 from engine.tensor_parallel import TPGroup
 from engine.worker_api import Role, worker_info
 
@@ -29,20 +28,3 @@ class ColocatedWorker(SteppedWorker):
         tensor-parallel group this worker's engine drives (engine/tensor_parallel.py)."""
         info = worker_info(worker_id, Role.COLOCATED)
         super().__init__(info, ColocatedCore(options, loaded, image_encoder, tp), f"colocated worker {worker_id}")
-
-    async def submit(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        images: tuple[bytes, ...] = (),
-        resume: tuple[int, int] | None = None,
-        tenant: str = "",
-        cache_salt: str = "",
-    ) -> None:
-        """The whole request (prefill and decode) runs here; images are encoded here too."""
-        self.loop.check()
-        await self.loop.call(
-            self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant, cache_salt
-        )
-        self.loop.kick()

@@ -151,13 +151,17 @@ class DecodeCore:
         request_id: str,
         prompt_token_ids: list[int],
         sampling: SamplingParams,
+        images: list[bytes] | tuple[bytes, ...] = (),
         resume: tuple[int, int] | None = None,
         tenant: str = "",
         cache_salt: str = "",
     ) -> None:
         """Prefill a prompt here and decode it (conditional disaggregation): the router sends a
         request whose earlier turns this worker's prefix cache holds and whose new part is short;
-        only that part is computed and nothing is transferred. As ColocatedCore.submit, no images."""
+        only that part is computed and nothing is transferred. As ColocatedCore.submit, but a
+        prompt with images is refused (they are encoded elsewhere; it is never cached either)."""
+        if images:
+            raise ValueError("a decode worker prefills no prompt with images")
         self.engine.add_request(
             list(prompt_token_ids), sampling, request_id, resume=resume, tenant=tenant, cache_salt=cache_salt
         )

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from engine.errors import WorkerLoopDied
 from engine.llm_engine import LLMEngine
-from engine.sequence import StepOutput
+from engine.sequence import SamplingParams, StepOutput
 from engine.worker_api import WorkerInfo, WorkerReady, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class StepLoop:
 class SteppedWorker:
     """What the decode and the colocated worker share: a core stepped by a StepLoop, and the
     `Worker` protocol's calls answered from it (subclasses add their role's verbs and `ready`).
-    `self.core` has `engine`, `layout`, `cancel(request_id)`, `idle()` and `close()`."""
+    `self.core` has `engine`, `layout`, `submit(...)`, `cancel(request_id)`, `idle()` and `close()`."""
 
     def __init__(self, info: WorkerInfo, core, what: str) -> None:
         self.worker_id = info.worker_id
@@ -121,6 +121,24 @@ class SteppedWorker:
     async def ready(self) -> WorkerReady:
         self.loop.check()
         return WorkerReady(self.info, self.core.layout)
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        images: tuple[bytes, ...] = (),
+        resume: tuple[int, int] | None = None,
+        tenant: str = "",
+        cache_salt: str = "",
+    ) -> None:
+        """A whole request, prefilled and decoded here: a colocated worker's every request (its
+        images encoded here too), a decode worker's next turn on its cached history."""
+        self.loop.check()
+        await self.loop.call(
+            self.core.submit, request_id, list(prompt_token_ids), sampling, list(images), resume, tenant, cache_salt
+        )
+        self.loop.kick()
 
     async def poll(self, timeout_s: float = 1.0) -> list[list[StepOutput]]:
         """Step messages produced since the last poll; waits up to timeout_s for one. A worker

@@ -53,20 +53,3 @@ class DecodeWorker(SteppedWorker):
         )
         self.loop.kick()
         return out
-
-    async def submit(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        images: tuple[bytes, ...] = (),
-        resume: tuple[int, int] | None = None,
-        tenant: str = "",
-        cache_salt: str = "",
-    ) -> None:
-        """A request prefilled here, on its earlier turns' cached blocks (DecodeCore.submit)."""
-        if images:
-            raise ValueError("a decode worker prefills no prompt with images")
-        self.loop.check()
-        await self.loop.call(self.core.submit, request_id, list(prompt_token_ids), sampling, resume, tenant, cache_salt)
-        self.loop.kick()

@@ -40,3 +40,20 @@ def chat_prompts(tokenizer, lengths: list[int]) -> list[list[dict]]:
         body = user_text(tokenizer, n, shift=97 * i)
         out.append([{"role": "user", "content": f"{body}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}])
     return out
+
+
+def shared_prefix_prompts(vocab: int) -> list[list[int]]:
+    """20 prompts: groups sharing prefixes of 0, 13 (mid-block), 32 (whole blocks) and 47 tokens,
+    one prompt that is exactly another's prefix, one that repeats another whole."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    prompts = []
+    for shared in (0, 13, 32, 47):
+        base = rand(shared)
+        prompts += [base + rand(n) for n in (5, 11, 16, 29)]
+    prompts.append(prompts[5][:13])  # the whole prompt is another's prefix (ends mid-block)
+    prompts.append(list(prompts[9]))  # the same prompt again
+    prompts += [rand(40), rand(8)]
+    return prompts

@@ -1,7 +1,9 @@
-"""Disaggregated serving on a local Ray: 1 prefill + 2 decode workers, KV over shared memory.
+"""Disaggregated serving on a local Ray: 1 prefill + 2 decode workers, KV over shared memory,
+prefix caching on in both pools.
 
-Greedy output equals the colocated engine and transformers generate(); cancellation mid-prefill
-and mid-decode and a decode worker killed mid-request leave no KV block or /dev/shm segment held.
+Greedy output equals the colocated engine and transformers generate(), and 20 concurrent prompts
+sharing prefixes equal the cache-less engine; cancellation mid-prefill and mid-decode and a decode
+worker killed mid-request leave no KV block or /dev/shm segment held.
 """
 
 import asyncio
@@ -21,8 +23,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     loop = LoopThread()
+    # prefix caching on: every answer below must be what the cache-less engine and generate() give
     config = parse_config(
-        {"version": 1, "ray": {"num_cpus": 3}, "pools": {"decode": {"workers": 2}}}, "test_disaggregated"
+        {"version": 1, "ray": {"num_cpus": 3}, "engine": {"prefix_caching": True}, "pools": {"decode": {"workers": 2}}},
+        "test_disaggregated",
     )
     router = loop.run(start_router(config))
     yield loop, router
@@ -40,6 +44,30 @@ def test_concurrent_greedy_identical(cluster, smol_chats, smol_reference, smol_c
     assert got == smol_colocated
     assert got == smol_reference
     assert all(r.final.timings.ttft_s > 0 and r.final.timings.prefill_s > 0 for r in results)
+    assert_no_leaks(loop, router)
+
+
+def test_concurrent_prompts_sharing_prefixes_are_token_identical_with_the_caches_on(cluster, smol, make_engine):
+    """20 prompts sharing prefixes of 0, 13 (mid-block), 32 (whole blocks) and 47 tokens, one the
+    whole of another's prefix and one repeated, all at once, with the prefill and decode workers'
+    caches warm from 4 of them: the same tokens as the engine without a cache."""
+    from cluster.router_api import GenerateInput
+    from engine.sequence import SamplingParams
+    from tests.prompts import shared_prefix_prompts
+
+    loop, router = cluster
+    prompts = shared_prefix_prompts(len(smol.tokenizer))
+    greedy = SamplingParams(max_tokens=12)
+    reference = [o.token_ids for o in make_engine(smol).generate(prompts, greedy)]
+
+    def requests(tag, batch):
+        return [GenerateInput(f"{tag}-{i}", greedy, token_ids=tuple(p)) for i, p in enumerate(batch)]
+
+    warm = loop.run(run_all(router, requests("warm", prompts[:4])))
+    both = loop.run(run_all(router, requests("shared", prompts)))
+    assert [r.token_ids for r in warm] == reference[:4]
+    assert [r.token_ids for r in both] == reference
+    assert sum(r.final.cached_tokens for r in both) > 0
     assert_no_leaks(loop, router)
 
 

@@ -14,6 +14,7 @@ from engine.errors import EngineError
 from engine.kv_cache import ROOT, BlockManager, cache_root
 from engine.sequence import SamplingParams
 from tests.helpers.models import hf_greedy
+from tests.prompts import shared_prefix_prompts
 
 BS = 4
 
@@ -102,24 +103,10 @@ def test_without_caching_nothing_is_kept():
 
 
 # ------------------------------------------------------------------ the engine
-def _shared_prefix_prompts(vocab: int) -> list[list[int]]:
-    """20 prompts: groups sharing prefixes of 0, 13 (mid-block), 32 (whole blocks) and 47 tokens,
-    one prompt that is exactly another's prefix, one that repeats another whole."""
-    gen = torch.Generator().manual_seed(3)
-    rand = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()  # noqa: E731
-    prompts = []
-    for shared in (0, 13, 32, 47):
-        base = rand(shared)
-        prompts += [base + rand(n) for n in (5, 11, 16, 29)]
-    prompts.append(prompts[5][:13])  # the whole prompt is another's prefix (ends mid-block)
-    prompts.append(list(prompts[9]))  # the same prompt again
-    prompts += [rand(40), rand(8)]
-    return prompts
-
-
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_caching_on_is_token_identical_to_off_and_to_transformers(tiny, make_engine, block_size):
-    prompts = _shared_prefix_prompts(len(tiny.tokenizer))
+    # (the real SmolLM2 runs these 20 prompts through the cluster: tests/integration/test_gateway_e2e.py)
+    prompts = shared_prefix_prompts(len(tiny.tokenizer))
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     reference = [hf_greedy(tiny, p, 12) for p in prompts]
     off = make_engine(tiny, block_size=block_size, num_kv_blocks=256, max_num_batched_tokens=64)
@@ -134,7 +121,9 @@ def test_caching_on_is_token_identical_to_off_and_to_transformers(tiny, make_eng
     on.blocks.check()
 
 
-def test_a_conversation_reuses_its_history_and_computes_only_the_rest(tiny, make_engine):
+@pytest.mark.parametrize("model", ["tiny", "smol"])
+def test_a_conversation_reuses_its_history_and_computes_only_the_rest(request, make_engine, model):
+    tiny = request.getfixturevalue(model)  # the seeded tiny Llama, and the real SmolLM2
     engine = make_engine(tiny, block_size=8, num_kv_blocks=256, prefix_caching=True)
     greedy = SamplingParams(max_tokens=10, temperature=0.0)
     gen = torch.Generator().manual_seed(5)

@@ -410,7 +410,8 @@ class Dispatcher:
                     request.sampling,
                     epoch=decode.epoch,
                     **({"resume": flight.resume} if flight.resume else {}),
-                    **({"cache_salt": request.cache_salt} if request.cache_salt else {}),
+                    # a prompt with images is never cached (its placeholder tokens do not say which image)
+                    cache_salt=None if flight.images else request.cache_salt,
                 ),
                 deadline,
                 "decode activation",

@@ -6,9 +6,10 @@
 Requests go through `Gateway.events`, so sessions, metrics, limits and the in-flight bookkeeping
 are the gRPC door's. With serving keys configured, /v1/* and /metrics need `Authorization: Bearer
 <key>` (401 otherwise); /health never does. Every error is OpenAI-shaped JSON, {"error":
-{"message", "type", "param", "code"}}, with the status of its RouterError kind (400 / 401 / 404 / 408 /
-413 / 429 / 503 / 504 / 500); a malformed request names the field at fault, internal errors say
-only that (the cause goes to the log) and the server keeps serving. A body must arrive within
+{"message", "type", "param", "code"}}, with the status of its RouterError kind (400 / 401 / 404 /
+408 / 413 / 429 / 503 / 504 / 500); a malformed request names the field at fault (also in
+`param`), internal errors say only that (the cause goes to the log) and the server keeps serving.
+An aborted request ends as an error too (499, code `aborted`): OpenAI has no finish_reason for it. A body must arrive within
 server.connections.http_read_timeout_s (408 otherwise); a connection that sends no whole request
 within http_keepalive_s is closed. Only `data:` image URLs are accepted (the server
 fetches nothing). Extensions beyond OpenAI: `top_k`, `ignore_eos` in requests, an

@@ -259,7 +259,7 @@ class WorkerActor:
         sampling,
         epoch: int | None = None,
         resume: tuple[int, int] | None = None,
-        cache_salt: str = "",
+        cache_salt: str | None = "",
     ):
         self._fence(epoch, Role.DECODE)
         return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume, cache_salt)

@@ -10,8 +10,16 @@ A request's life on a decode worker:
         └─ cancel(rid) / lease lapses ──▶ blocks back to the pool — at once if the transfer is
                                           over, else after a short quarantine, so a copy still
                                           in flight can never land in reused blocks
+    submit(rid, prompt) ──▶ a next turn prefilled here on its cached history (prefix caching,
+                            conditional disaggregation), then RUNNING as any other
 
-Invariant: every block is free, RESERVED, QUARANTINED or owned by one engine sequence.
+With prefix caching, full blocks stay cached when their last holder ends (engine/kv_cache.py), a
+reservation takes the leading blocks of its prompt this worker holds from the cache (only the rest
+is transferred: the descriptor's first_block), and one cached block may belong to several
+reservations and sequences at once.
+
+Invariant: every block is free, cached and unheld, or held (by reference count) by RESERVED or
+QUARANTINED tables and engine sequences; the prefill worker writes only blocks no one else holds.
 """
 
 from __future__ import annotations
@@ -118,11 +126,12 @@ class DecodeCore:
         first_token: int,
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
-        cache_salt: str = "",
+        cache_salt: str | None = "",
     ) -> StepOutput:
         """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do.
         resume: a re-prefilled request's earlier output (LLMEngine.add_request). With prefix
-        caching its blocks (prompt, then output) stay cached under cache_salt for later turns."""
+        caching its blocks (prompt, then output) stay cached under cache_salt for later turns
+        (None: not cached, a prompt with images)."""
         res = self._reserved.pop(request_id, None)
         if res is None:
             raise KeyError(f"request {request_id!r} has no reservation on this decode worker (lease lapsed?)")

@@ -45,7 +45,7 @@ class DecodeWorker(SteppedWorker):
         first_token: int,
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
-        cache_salt: str = "",
+        cache_salt: str | None = "",
     ) -> StepOutput:
         self.loop.check()
         out = await self.loop.call(

@@ -258,15 +258,16 @@ class LLMEngine:
         sampling: SamplingParams,
         block_table: list[int],
         resume: tuple[int, int] | None = None,
-        cache_salt: str = "",
+        cache_salt: str | None = "",
     ) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
         sequence may already be finished by it (EOS, max_tokens=1, a stop string), or failed
         (FinishReason.ERROR). resume: as add_request's. cache_salt: with prefix caching, its
         prompt's full blocks and then those of its output are cached under this salt (a later
-        turn of the conversation finds them: add_request). If this raises, it raised before taking
-        `block_table`: the blocks are still the caller's."""
+        turn of the conversation finds them: add_request); None: never cached (a prompt with
+        images: its placeholder tokens do not say which image). If this raises, it raised before
+        taking `block_table`: the blocks are still the caller's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
@@ -281,10 +282,10 @@ class LLMEngine:
             num_computed_tokens=len(prompt_token_ids),
             block_table=block_table,
             status=SequenceStatus.RUNNING,
-            cache_root=cache_root(cache_salt),
+            cache_root=None if cache_salt is None else cache_root(cache_salt),
         )
-        # its prompt's K/V landed from a prefill worker: those full blocks are reusable now
-        self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_root)
+        if seq.cache_root is not None:  # its prompt's K/V landed from a prefill worker: reusable now
+            self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_root)
         self._seqs[request_id] = seq
         self._detok[request_id] = detok
         self.scheduler.running.append(seq)

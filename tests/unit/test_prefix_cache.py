@@ -277,6 +277,15 @@ def test_a_decode_worker_keeps_a_turn_cached_and_prefills_the_next_turns_rest_it
         salted = decode.reserve("salted", len(history), prompt_token_ids=history, cache_salt="other")
         assert salted.meta.first_block == 0  # another salt's blocks are never taken
         decode.cancel("salted")
+        # a prompt with images (the router says cache_salt None) leaves nothing cached behind
+        other = torch.randint(3, len(tiny.tokenizer), (35,), generator=gen).tolist()
+        before = decode.engine.blocks.num_cached_blocks
+        desc = decode.reserve("image", len(other))
+        (result,) = prefill.run_batch([PrefillTask("image", tuple(other), greedy, desc, cache_salt="")])
+        decode.activate("image", other, result.first_token, greedy, cache_salt=None)
+        while decode.has_work():
+            decode.step()
+        assert decode.engine.blocks.num_cached_blocks == before
         time.sleep(QUARANTINE_S)  # blocks of a transfer that never started wait out their quarantine
         assert decode.idle()
         decode.engine.blocks.check()

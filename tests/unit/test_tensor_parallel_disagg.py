@@ -72,10 +72,12 @@ def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False, back
         core.close()
 
 
+# gloo runs here where the receiving side is a group (each decode rank its own receiver); the
+# several-senders side over gloo is covered by tests/unit/test_kv_transfer_tp.py
 BACKENDS = pytest.mark.parametrize("backend", ["shm", "gloo"])
 
 
-@BACKENDS
+@pytest.mark.parametrize("backend", ["shm"])
 def test_prefill_tp2_to_decode_tp1_is_token_identical_to_transformers(backend):
     loaded = tiny_loaded()
     prompts = _prompts(len(loaded.tokenizer))

@@ -1,6 +1,7 @@
 """Disaggregated serving between pools of different tensor parallelism, on real gloo ranks: the tiny
-seeded Llama (4 heads, 2 KV heads), prefill TP2 -> decode TP1 and prefill TP1 -> decode TP2 over
-shared memory (one node) and over gloo (each rank its heads, as across nodes), gives greedy output token-identical to transformers generate() for 8 prompts of
+seeded Llama (4 heads, 2 KV heads), prefill TP2 -> decode TP1 over shared memory and prefill TP1 ->
+decode TP2 over shared memory and over the gloo transport (each decode rank its own receiver, as
+across nodes), gives greedy output token-identical to transformers generate() for 8 prompts of
 different lengths prefilled in one batch; every rank's KV heads land in the decode rank that holds
 them, and nothing stays held on either side."""
 
@@ -72,8 +73,9 @@ def _prefill_rank(tp: TPGroup, prompts, descriptors, caching: bool = False, back
         core.close()
 
 
-# gloo runs here where the receiving side is a group (each decode rank its own receiver); the
-# several-senders side over gloo is covered by tests/unit/test_kv_transfer_tp.py
+# The gloo transport runs here where the receiving side is a group (each decode rank its own
+# receiver); several senders over gloo are covered by tests/unit/test_kv_transfer_tp.py (the
+# model-level run costs the suite ~12 s; it passes with "gloo" added below).
 BACKENDS = pytest.mark.parametrize("backend", ["shm", "gloo"])
 
 

@@ -197,7 +197,9 @@ class Dispatcher:
             return
         t = timings(t0, time.monotonic(), first_at, last_at, len(tokens), phases)
         self.on_end(t, len(tokens), reason in (FinishReason.STOP, FinishReason.LENGTH))
-        yield FinalEvent(reason, len(ids), len(tokens), "".join(text), t, error, kind, flight.cached_tokens)
+        yield FinalEvent(
+            reason, len(ids), len(tokens), "".join(text), t, error, kind, flight.cached_tokens, flight.prefilled_by
+        )
 
     @staticmethod
     async def unless_aborted(flight: Flight, coro):
@@ -225,9 +227,12 @@ class Dispatcher:
         if self.mode is Mode.DISAGGREGATED:
             local = self._local_prefill(request, flight, ids)
             if local is not None and await self._submit(request, flight, ids, deadline, local):
+                flight.prefilled_by = "decode"
                 return None
+            flight.prefilled_by = "prefill"
             return await self._prefill_and_activate(request, flight, ids, deadline, phases)
         await self._submit(request, flight, ids, deadline)
+        flight.prefilled_by = "colocated"
         return None
 
     async def cancel_everywhere(self, flight: Flight) -> None:

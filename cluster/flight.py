@@ -47,6 +47,7 @@ class Flight:
     decode_lease: Lease | None = None  # the decode (or colocated) worker holding its KV, from reservation to end
     prefill_lease: Lease | None = None  # the prefill worker, for the prefill call only
     cached_tokens: int = 0  # prompt tokens its prefill found in a prefix cache
+    prefilled_by: str = ""  # the pool that computed its prompt (metrics: cache hits per pool)
     # Its prompt's block hashes (cache-aware routing), kept with the prompt's length: computed once
     # for the routing decisions of one prefill, again only for a resumed (longer) prompt.
     prefix_hashes: tuple[int, list[bytes]] | None = None

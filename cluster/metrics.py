@@ -55,10 +55,17 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("triptych_tokens_generated", "Completion tokens generated.", registry=r)
-        self.prompt_tokens = Counter("triptych_prompt_tokens", "Prompt tokens of requests answered.", registry=r)
+        self.prompt_tokens = Counter(
+            "triptych_prompt_tokens",
+            "Prompt tokens of requests answered, by the pool that computed them (none: refused or ended first).",
+            ["pool"],
+            registry=r,
+        )
         self.cached_tokens = Counter(
             "triptych_prefix_cache_hit_tokens",
-            "Prompt tokens found in a worker's prefix cache (not computed); the hit rate is this over prompt tokens.",
+            "Prompt tokens found in a worker's prefix cache (not computed), by pool; the hit rate is this over "
+            "triptych_prompt_tokens of the same pool.",
+            ["pool"],
             registry=r,
         )
         self.queue_length = Gauge("triptych_pool_queue_length", "Requests waiting in a pool.", ["role"], registry=r)
@@ -150,8 +157,9 @@ class RequestRecorder:
         m = self._m
         m.requests.labels(finish_reason=final.finish_reason.value, door=self._door).inc()
         m.tokens.inc(max(0, final.completion_tokens))
-        m.prompt_tokens.inc(max(0, final.prompt_tokens))
-        m.cached_tokens.inc(max(0, final.cached_tokens))
+        pool = final.prefilled_by or "none"
+        m.prompt_tokens.labels(pool=pool).inc(max(0, final.prompt_tokens))
+        m.cached_tokens.labels(pool=pool).inc(max(0, final.cached_tokens))
         if final.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
             return
         t = final.timings

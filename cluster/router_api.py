@@ -109,6 +109,7 @@ class FinalEvent:
     error: str | None = None  # set iff finish_reason is ERROR: a short message for the client
     error_kind: ErrorKind | None = None  # ... and its kind (a failure before the first token is a status)
     cached_tokens: int = 0  # of prompt_tokens, how many a prefix cache held (not computed)
+    prefilled_by: str = ""  # the pool whose worker computed the prompt (prefill, decode, colocated); "": none
 
 
 @dataclass(frozen=True)

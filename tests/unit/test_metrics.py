@@ -81,6 +81,23 @@ def test_own_registry_not_global():
     assert samples(b.render().decode())[("triptych_tokens_generated_total", ())] == 0
 
 
+def test_prompt_and_cache_hit_tokens_are_counted_per_pool():
+    m = Metrics()
+    m.start("grpc").finish(
+        FinalEvent(FinishReason.STOP, 40, 2, "hi", Timings(), cached_tokens=32, prefilled_by="decode")
+    )
+    m.start("grpc").finish(
+        FinalEvent(FinishReason.STOP, 50, 2, "hi", Timings(), cached_tokens=16, prefilled_by="prefill")
+    )
+    m.start("http").finish(FinalEvent(FinishReason.ERROR, 9, 0, "", Timings(), error="refused"))
+    s = samples(m.render().decode())
+    assert s[("triptych_prompt_tokens_total", (("pool", "decode"),))] == 40
+    assert s[("triptych_prefix_cache_hit_tokens_total", (("pool", "decode"),))] == 32
+    assert s[("triptych_prompt_tokens_total", (("pool", "prefill"),))] == 50
+    assert s[("triptych_prefix_cache_hit_tokens_total", (("pool", "prefill"),))] == 16
+    assert s[("triptych_prompt_tokens_total", (("pool", "none"),))] == 9
+
+
 def test_aborted_requests_skip_latency_histograms():
     m = Metrics()
     m.start("http").finish(FinalEvent(FinishReason.ABORT, 1, 2, "hi", Timings(ttft_s=0.1, e2e_s=0.2)))

@@ -122,6 +122,9 @@ class KVReceiver(ABC):
         self.whole = layout  # what senders see: this cache's layout, or its group's (add_ranks)
         self.senders = senders
         self.kv: torch.Tensor | None = None
+        # The follower ranks (add_ranks), in head order: (first KV head, number of heads, the
+        # handle senders reach that rank's cache by); descriptors name them after this cache.
+        self._ranks: tuple[tuple[int, int, object], ...] = ()
 
     @classmethod
     def _one_rank_only(cls) -> str:
@@ -138,8 +141,17 @@ class KVReceiver(ABC):
 
     def add_ranks(self, ranks: Sequence[tuple[KVLayout, object]]) -> None:
         """Rank 0 of a tensor-parallel receiver: the other ranks' layouts and cache handles
-        (rank_cache); senders then write each rank's heads into that rank's cache."""
-        raise ValueError(self._one_rank_only())
+        (rank_cache); senders then write each rank's heads into that rank's cache. The ranks'
+        heads must make one range from 0, each rank the same cache but for its heads."""
+        if not transport_info(self.backend_name).tensor_parallel:
+            raise ValueError(self._one_rank_only())
+        heads = [self.layout.kv_heads] + [lay.kv_heads for lay, _ in ranks]
+        for lay, _ in ranks:
+            check_compatible(self.layout.with_heads(lay.kv_heads), lay)  # the same cache but its heads
+        if self.layout.kv_head_start != 0 or any(a.stop != b.start for a, b in zip(heads, heads[1:])):
+            raise ValueError(f"the ranks' KV heads {[(h.start, h.stop) for h in heads]} are not one range from 0")
+        self._ranks = tuple((lay.kv_head_start, lay.num_kv_heads, handle) for lay, handle in ranks)
+        self.whole = self.layout.with_heads(range(0, heads[-1].stop))
 
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
         """Allocate the worker's KV cache where this transport can write it, and register it."""
@@ -268,6 +280,11 @@ class KVReceiver(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shared_heads(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The KV heads two (first head, number of heads) ranges share, as (lo, hi); none when lo >= hi."""
+    return max(a[0], b[0]), min(a[0] + a[1], b[0] + b[1])
 
 
 class KVSender(ABC):

@@ -46,13 +46,14 @@ from kv_transfer.base import (
     KVReceiver,
     KVSender,
     RankCache,
+    shared_heads,
     TransferError,
     TransferState,
     TransferStatus,
     TransferTimeout,
 )
 from kv_transfer.blocks import check_layer_blocks, copy_blocks, gather_blocks
-from kv_transfer.layout import TransferDescriptor, TransferMetadata, check_compatible
+from kv_transfer.layout import TransferDescriptor, TransferMetadata
 
 log = logging.getLogger(__name__)
 _CLOSE = b"__close__"
@@ -160,11 +161,6 @@ class _Reporter:
             self._n += 1
 
 
-def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-    """The heads two (start, count) ranges share, as (lo, hi); lo >= hi when none."""
-    return max(a[0], b[0]), min(a[0] + a[1], b[0] + b[1])
-
-
 class ChannelReceiver(KVReceiver):
     """Receiver half; subclasses give the link and where staging buffers live."""
 
@@ -183,7 +179,6 @@ class ChannelReceiver(KVReceiver):
         self._requests: dict[str, _RecvRequest] = {}
         self._by_seq: dict[int, _RecvRequest] = {}
         self._seqs = itertools.count(1)
-        self._ranks: tuple[tuple[int, int, Address], ...] = ()  # the follower ranks' receivers (add_ranks)
         self._reporters: dict[str, _Reporter] = {}  # a follower's control pairs, by rank 0's receiver id
         self._threads = [threading.Thread(target=self._accept, name="kv-accept", daemon=True)]
         self._threads[0].start()
@@ -218,19 +213,10 @@ class ChannelReceiver(KVReceiver):
             raise
         return RankCache(kv, rx.address, rx.close)
 
-    def add_ranks(self, ranks: Sequence[tuple[object, Address]]) -> None:
-        heads = [self.layout.kv_heads] + [lay.kv_heads for lay, _ in ranks]
-        for lay, _ in ranks:
-            check_compatible(self.layout.with_heads(lay.kv_heads), lay)  # the same cache but its heads
-        if self.layout.kv_head_start != 0 or any(a.stop != b.start for a, b in zip(heads, heads[1:])):
-            raise ValueError(f"the ranks' KV heads {[(h.start, h.stop) for h in heads]} are not one range from 0")
-        self._ranks = tuple((lay.kv_head_start, lay.num_kv_heads, tuple(addr)) for lay, addr in ranks)
-        self.whole = self.layout.with_heads(range(0, heads[-1].stop))
-
     def _parts_per_layer(self) -> int:
         step = self.whole.num_kv_heads // self.senders
         ranks = [(self.layout.kv_head_start, self.layout.num_kv_heads)] + [(s, n) for s, n, _ in self._ranks]
-        shared = (_overlap((p * step, step), r) for p in range(self.senders) for r in ranks)
+        shared = (shared_heads((p * step, step), r) for p in range(self.senders) for r in ranks)
         return sum(1 for lo, hi in shared if lo < hi)
 
     # -- threads ---------------------------------------------------------------------------
@@ -503,7 +489,7 @@ class ChannelSender(KVSender):
         self._post(control, _Header(Msg.CONNECT, ep.seq))
         targets, followers = [], []
         for rank, (start, n, addr) in enumerate(caches):
-            lo, hi = _overlap((start, n), mine)
+            lo, hi = shared_heads((start, n), mine)
             if lo >= hi or not len(meta.layers):
                 continue
             pair = control if rank == 0 else self._pair(addr)

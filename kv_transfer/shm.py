@@ -38,6 +38,7 @@ from kv_transfer.base import (
     KVReceiver,
     KVSender,
     RankCache,
+    shared_heads,
     TransferBackend,
     TransferError,
     TransferState,
@@ -46,7 +47,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.blocks import check_layer_blocks, copy_blocks
 from kv_transfer.control import ControlBlock, StateCode
-from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata, check_compatible
+from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata
 from kv_transfer.segment import Segment, pid_alive
 
 _ALIGN = 64
@@ -90,18 +91,8 @@ class ShmReceiver(KVReceiver):
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._gens = itertools.count(1)
         self._requests: dict[str, _RecvRequest] = {}
-        self._ranks: tuple[tuple[int, int, object], ...] = ()  # the follower ranks' caches (add_ranks)
 
     rank_cache = staticmethod(_shm_rank_cache)
-
-    def add_ranks(self, ranks) -> None:
-        heads = [self.layout.kv_heads] + [lay.kv_heads for lay, _ in ranks]
-        for lay, _ in ranks:
-            check_compatible(self.layout.with_heads(lay.kv_heads), lay)  # the same cache but its heads
-        if self.layout.kv_head_start != 0 or any(a.stop != b.start for a, b in zip(heads, heads[1:])):
-            raise ValueError(f"the ranks' KV heads {[(h.start, h.stop) for h in heads]} are not one range from 0")
-        self._ranks = tuple((lay.kv_head_start, lay.num_kv_heads, handle) for lay, handle in ranks)
-        self.whole = self.layout.with_heads(range(0, heads[-1].stop))
 
     # -- hooks the CUDA IPC receiver overrides -------------------------------------------
     def allocate_cache(self, num_blocks: int) -> torch.Tensor:
@@ -252,7 +243,7 @@ class ShmSender(KVSender):
         mine = self.layout.kv_heads
         out = []
         for rank, (start, n, handle) in enumerate(ep.caches):
-            lo, hi = max(start, mine.start), min(start + n, mine.stop)
+            lo, hi = shared_heads((start, n), (mine.start, len(mine)))
             if lo >= hi:
                 continue
             key = (ep.receiver_id, rank)

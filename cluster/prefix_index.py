@@ -1,13 +1,15 @@
-"""Cache-aware routing: the router's estimate of which worker's prefix cache holds a prompt's blocks.
+"""Cache-aware routing: the router's index of which worker's prefix cache holds a prompt's blocks.
 
 With `engine.prefix_caching` on, a worker computes only the part of a prompt its cache lacks, so
 where a request goes decides how much it computes. The router hashes a prompt's full blocks as the
 engine does (engine/kv_cache.py: the same chain from the request's cache salt, never the last
-block) and keeps, per worker, the hashes of the prompts it sent there, most recent last, at most
-that worker's KV capacity in blocks (an approximate index: it does not hear the workers'
-evictions, so it may count a block that was since evicted; never the other way round for a block
-it sent). A candidate's cost is the blocks it would compute plus a load term, and the cheapest
-serving worker wins:
+block) and keeps, per worker, the hashes it believes that worker holds, most recent last, at most
+that worker's KV capacity in blocks. Two sources feed it: the router records a prompt's hashes when
+it sends the prompt (and prompt + answer when a request ends), so the next request sees them at
+once; and `IndexFollower` applies what each worker's cache reports it stored and evicted
+(CacheEvents), every CACHE_SYNC_S, in the order it happened, so an evicted block stops counting
+within about that long. A candidate's cost is the blocks it would compute plus a load term, and
+the cheapest serving worker wins:
 
     cost(w) = (prompt blocks - cached leading blocks on w) + LOAD_BLOCKS * requests in flight on w
 
@@ -17,16 +19,23 @@ index is keyed by worker handle: a restarted or switched worker (a new handle) s
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from cluster.pools import WorkerHandle
-from engine.kv_cache import cache_root, prefix_hashes
+from cluster.pools import WorkerHandle, is_actor_death
+from engine.kv_cache import CacheEvents, cache_root, prefix_hashes
+
+log = logging.getLogger(__name__)
 
 # What one request in flight on a worker weighs against blocks to compute: about one 16-token
 # block's prefill per request (a request in flight delays a new one by a share of a step).
 LOAD_BLOCKS = 1.0
+# How often the index asks each worker what its cache stored and evicted: an evicted block may
+# still count for about this long (a cost estimate only: a wrong guess costs compute, never output).
+CACHE_SYNC_S = 0.5
 
 
 class PrefixIndex:
@@ -69,5 +78,75 @@ class PrefixIndex:
         while len(held) > self.capacity_blocks:
             held.popitem(last=False)
 
+    def apply(self, worker: WorkerHandle, events: CacheEvents) -> None:
+        """What `worker`'s cache stored and evicted since its last report, in order; a snapshot
+        (its log overflowed) replaces what the index believed first."""
+        if events.snapshot is not None:
+            self._held[worker] = OrderedDict.fromkeys(events.snapshot)
+        held = self._held.setdefault(worker, OrderedDict())
+        for stored, h in events.events:
+            if stored:
+                held[h] = None
+                held.move_to_end(h)
+            else:
+                held.pop(h, None)
+        while len(held) > self.capacity_blocks:
+            held.popitem(last=False)
+
     def blocks_held(self, worker: WorkerHandle) -> int:
         return len(self._held.get(worker) or ())
+
+
+class IndexFollower:
+    """Keeps a PrefixIndex following the workers' caches: every CACHE_SYNC_S each live prefill and
+    decode (or colocated) worker whose previous answer came back is asked for its cache events,
+    which are applied in order. A slow worker (a long prefill batch) holds back only its own
+    answer; a dead one is left to the router's death handling."""
+
+    def __init__(self, index: PrefixIndex, workers: Callable[[], list[WorkerHandle]]) -> None:
+        self.index = index
+        self._workers = workers
+        self._asked: dict[WorkerHandle, asyncio.Task] = {}
+        self._task: asyncio.Task | None = None
+        self._warned: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()  # one warning per handle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._asked.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def sync(self) -> None:
+        """One round, waiting for every answer (tests; the loop does not wait)."""
+        self._ask()
+        await asyncio.gather(*self._asked.values(), return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            self._ask()
+            await asyncio.sleep(CACHE_SYNC_S)
+
+    def _ask(self) -> None:
+        workers = [w for w in self._workers() if w.alive and not w.retired]
+        self._asked = {w: t for w, t in self._asked.items() if w in workers and not t.done()}
+        loop = asyncio.get_running_loop()
+        for w in workers:
+            if w not in self._asked:
+                self._asked[w] = loop.create_task(self._fetch(w))
+
+    async def _fetch(self, worker: WorkerHandle) -> None:
+        try:
+            events = await worker.actor.cache_events.remote()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_actor_death(exc) and worker not in self._warned:  # a death is the router's to report
+                self._warned.add(worker)
+                log.warning(
+                    "reading the cache events of %s failed (it is routed on older ones): %s", worker.worker_id, exc
+                )
+            return
+        self.index.apply(worker, events)

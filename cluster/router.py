@@ -11,8 +11,9 @@ each in its own module with its own lifecycle:
     pools        (cluster/pools.py)       worker handles, pools, leases (the in-flight counts)
 
 This module wires them and holds what spans them: the registry of flights (request id → Flight),
-one poller per decode worker routing its step messages to their flights, worker deaths (a death seen by any call, poll or health check ends or resumes that worker's
-requests and reaps its shared-memory segments), abort, cluster status and shutdown.
+one poller per decode worker routing its step messages to their flights, worker deaths (a death
+seen by any call, poll or health check ends or resumes that worker's requests; the kernel frees
+its shared memory: kv_transfer/segment.py), abort, cluster status and shutdown.
 
 Every wait is bounded by the request's deadline. A decode worker that dies ends its requests with
 FinalEvent(ERROR) naming the worker (or resumes them); nothing waits forever. Closing a stream
@@ -33,7 +34,7 @@ from cluster.dispatch import Dispatcher
 from cluster.flight import Aborted, DecodeDied, Flight
 from cluster.fair_share import FairShare
 from cluster.pools import Pools, WorkerHandle, is_actor_death, is_stale
-from cluster.prefix_index import PrefixIndex
+from cluster.prefix_index import IndexFollower, PrefixIndex
 from cluster.resume import Resume
 from cluster.role_switch import RoleSwitcher
 from cluster.router_api import (
@@ -98,7 +99,6 @@ class ClusterRouter(Router):
         self.slots = FairShare(self._decode_slots)
         self._flights: dict[str, Flight] = {}
         self._pollers: list[asyncio.Task] = []
-        self._reapers: list[asyncio.Task] = []  # segment clean-ups after a worker death (shutdown waits)
         self._on_shutdown = on_shutdown
         self.supervisor = None  # the controller's Supervisor (cluster/supervisor.py), if any
         self.policy = None  # the role policy (cluster/role_policy.py) when role switching is on
@@ -127,10 +127,12 @@ class ClusterRouter(Router):
             on_end=self._ended,
         )
         self.dispatch.resume = self.resume = Resume(self.dispatch, reprefill_on_decode_failure)
+        self.cache_follower: IndexFollower | None = None  # the index follows the workers' caches
         if prefix_caching_block_size:
             bs = prefix_caching_block_size
-            self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs)
+            index = self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs)
             self.dispatch.max_local_prefill_tokens = max_local_prefill_tokens
+            self.cache_follower = IndexFollower(index, lambda: self.pools.prefill + self.pools.decode)
         self.switcher = RoleSwitcher(
             mode=self.mode,
             pools=self.pools,
@@ -171,6 +173,8 @@ class ClusterRouter(Router):
     def start(self) -> None:
         for w in self.pools.decode:
             self._start_poller(w)
+        if self.cache_follower is not None:
+            self.cache_follower.start()
 
     def _start_poller(self, worker: WorkerHandle) -> None:
         self._pollers = [t for t in self._pollers if not t.done()]
@@ -224,8 +228,6 @@ class ClusterRouter(Router):
             return
         worker.alive = False
         log.error("worker %s died: %s", worker.worker_id, exc)
-        self._reapers = [t for t in self._reapers if not t.done()]
-        self._reapers.append(asyncio.get_running_loop().create_task(_reap_segments()))
         for flight in list(self._flights.values()):
             if flight.decode is worker:
                 flight.events.put_nowait(
@@ -318,19 +320,7 @@ class ClusterRouter(Router):
         for task in self._pollers:
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
-        pending = [t for t in self._reapers if not t.done()]
-        if pending:  # each gives up after ~5 s
-            await asyncio.wait(pending, timeout=10)
+        if self.cache_follower is not None:
+            await self.cache_follower.stop()
         if self._on_shutdown is not None:
             await self._on_shutdown()
-
-
-async def _reap_segments(attempts: int = 50) -> None:
-    """Unlink the shared-memory segments a dead worker on this host left behind (its process
-    may take a moment to exit after Ray reports it dead)."""
-    from kv_transfer.segment import cleanup_stale
-
-    for _ in range(attempts):
-        if cleanup_stale():
-            return
-        await asyncio.sleep(0.1)

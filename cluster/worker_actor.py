@@ -52,6 +52,7 @@ from encode_workers.encoder import ImageEncoder
 from encode_workers.inproc import InProcessEncoder
 from encode_workers.worker import EncodeOptions, EncodeWorker
 from cluster.tp_group import RankGroup, TPSpec
+from engine.kv_cache import CacheEvents
 from engine.llm_engine import LoadedModel
 from engine.tensor_parallel import TP_ROLES
 from engine.worker_api import Role, WorkerReady, WorkerStatus, setup_threads
@@ -198,6 +199,10 @@ class WorkerActor:
     async def status(self) -> WorkerStatus:
         self._check_group()
         return await self.impl.status()
+
+    async def cache_events(self) -> CacheEvents:
+        self._check_group()
+        return await self.impl.cache_events()
 
     def _check_group(self) -> None:
         """WorkerLoopDied once a rank of this worker's tensor-parallel group ended."""

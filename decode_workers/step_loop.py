@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from engine.errors import WorkerLoopDied
+from engine.kv_cache import CacheEvents
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams, StepOutput
 from engine.worker_api import WorkerInfo, WorkerReady, WorkerStatus
@@ -152,6 +153,10 @@ class SteppedWorker:
     async def status(self) -> WorkerStatus:
         self.loop.check()
         return await self.loop.call(engine_status, self.info, self.core.engine)
+
+    async def cache_events(self) -> CacheEvents:
+        self.loop.check()
+        return await self.loop.call(self.core.engine.blocks.drain_events)
 
     async def idle(self) -> bool:
         return await self.loop.call(self.core.idle)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from encode_workers.encoder import ImageEncoder
 from encode_workers.service import EncodeService
 from encode_workers.transfer import EncodeStats
+from engine.kv_cache import CacheEvents
 from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
 from kv_transfer.layout import TransferDescriptor
 
@@ -67,6 +68,9 @@ class EncodeWorker:
             kv_blocks_used=0,
             kv_blocks_total=0,
         )
+
+    async def cache_events(self) -> CacheEvents:
+        return CacheEvents()  # no KV cache
 
     async def idle(self) -> bool:
         return self.inflight == 0

@@ -16,6 +16,10 @@ is evicted (its hash forgotten, the block reused) only when an allocation finds 
 cached block never stands in the way of a request that would run without caching. A new sequence
 takes the longest run of cached blocks matching its prompt (`match_prefix` / `take_prefix`) and
 computes only the rest. Invariant: free + cached-unreferenced + in use = total (`check`).
+
+The manager also logs what it stores and evicts, in order (`drain_events`): the worker hands the
+log to the router, whose index of which worker holds which blocks (cluster/prefix_index.py)
+follows the workers' caches instead of guessing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from engine.errors import EngineError
 
@@ -51,6 +56,17 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int, root: bytes = ROOT)
 def cache_root(salt: str) -> bytes:
     """The chain's start for a request with cache salt `salt` ('' shares with every request)."""
     return ROOT if not salt else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class CacheEvents:
+    """What a prefix cache stored and evicted since the last drain, oldest first: (True, hash) for a
+    block now cached, (False, hash) for one evicted. `snapshot` is None, or every hash cached now,
+    when the log overflowed (more changes than `BlockManager.max_events` between two drains): then
+    the snapshot replaces what the reader knew, and the events that follow it apply on top."""
+
+    events: tuple[tuple[bool, bytes], ...] = ()
+    snapshot: tuple[bytes, ...] | None = None
 
 
 class BlockPool:
@@ -106,6 +122,29 @@ class BlockManager:
         self.evictions = 0
         self.hit_tokens = 0  # prompt tokens served from the cache (take_prefix), for metrics
         self.query_tokens = 0  # prompt tokens looked up
+        # stored / evicted hashes since the last drain_events; past max_events the log is dropped
+        # and the next drain answers a snapshot instead (a reader that never drains costs nothing more)
+        self.max_events = 2 * num_blocks
+        self._events: list[tuple[bool, bytes]] = []
+        self._events_lost = False
+
+    def _log(self, stored: bool, h: bytes) -> None:
+        if self._events_lost:
+            return
+        if len(self._events) >= self.max_events:
+            self._events.clear()
+            self._events_lost = True
+            return
+        self._events.append((stored, h))
+
+    def drain_events(self) -> CacheEvents:
+        """The stores and evictions since the last call (CacheEvents); call it on the thread that
+        changes the manager."""
+        if self._events_lost:
+            self._events_lost = False
+            return CacheEvents(snapshot=tuple(self._by_hash))
+        events, self._events = tuple(self._events), []
+        return CacheEvents(events)
 
     @property
     def num_free_blocks(self) -> int:
@@ -162,7 +201,9 @@ class BlockManager:
     def _take(self, n: int) -> list[int]:
         while self.pool.num_free < n and self._lru:  # evict the least recently used cached blocks
             block, _ = self._lru.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(block)]
+            h = self._hash_of.pop(block)
+            del self._by_hash[h]
+            self._log(False, h)
             self.pool.give_back([block])
             self.evictions += 1
         ids = self.pool.take(n)
@@ -248,3 +289,4 @@ class BlockManager:
             if h not in self._by_hash and b not in self._hash_of:
                 self._by_hash[h] = b
                 self._hash_of[b] = h
+                self._log(True, h)

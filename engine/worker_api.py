@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # annotations only: this module imports nothing of the project at run time
+    from engine.kv_cache import CacheEvents
     from engine.kv_layout import KVLayout
 
 
@@ -90,6 +91,11 @@ class Worker(Protocol):
     async def ready(self) -> WorkerReady: ...
 
     async def status(self) -> WorkerStatus: ...
+
+    async def cache_events(self) -> CacheEvents:
+        """What its prefix cache stored and evicted since the last call (empty without one): the
+        router's cache-aware index follows it (cluster/prefix_index.py)."""
+        ...
 
     async def idle(self) -> bool:
         """True when it holds nothing: no queued or running request, no KV block, no transfer."""

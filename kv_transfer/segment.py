@@ -1,9 +1,22 @@
-"""POSIX shared-memory segments (files under /dev/shm) mapped as torch tensors.
+"""Shared memory between the processes of one node, mapped as torch tensors, that no crash can
+strand.
 
-Names are `triptych-<uuid>-p<creator pid>-<kind>`: unique per segment, and the creator pid lets
-`list_segments` / `cleanup_segments` find what one process owns, and `cleanup_stale` remove
-what a dead process left. Only the creator unlinks; mappings stay valid after unlink until the
-last tensor viewing them is freed.
+A segment is anonymous memory (`memfd_create`): it has no name in /dev/shm or anywhere else, so
+the kernel frees it when the last process holding it (its creator's file descriptor, or anyone's
+mapping) lets go, whatever ends those processes (SIGKILL, OOM, a node's Ray dying). Nothing has to
+be reaped, and nothing is left for a later start to find.
+
+Another process on the node attaches through the creator's descriptor table: the segment's handle
+is `triptych-<uuid>-p<creator pid>-<kind>-fd<fd>`, and `attach` opens `/proc/<pid>/fd/<fd>`,
+then checks that what it opened is that very segment (a memfd of that name: a descriptor number
+reused by another file is refused). Only the creator closes its descriptor (`unlink`, idempotent):
+from then on no one can attach, and mappings stay valid until the last tensor viewing them is
+freed. A creator's death closes it too. Attaching needs the same user (ptrace read access to the
+creator), as /dev/shm needed its file mode.
+
+Leak checks look at what live processes hold: `held_segments()` lists every segment some process
+still has open or mapped (memory not freed), `orphaned_segments()` those whose creator has ended
+(a peer still mapping them), `list_segments()` the ones this process created and still offers.
 """
 
 from __future__ import annotations
@@ -12,14 +25,22 @@ import mmap
 import os
 import re
 import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-SHM_DIR = Path("/dev/shm")
 PREFIX = "triptych-"
-_NAME = re.compile(rf"^{PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+$")
+_HANDLE = re.compile(rf"^({PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+)-fd(\d+)$")
+_MEMFD = re.compile(rf"/memfd:({PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+) \(deleted\)")
+_CREATOR = re.compile(rf"^{PREFIX}[0-9a-f]{{32}}-p(\d+)-")
+PROC = Path("/proc")
+_OWNED: weakref.WeakSet[Segment] = weakref.WeakSet()  # created here (list_segments)
+
+
+class SegmentGone(FileNotFoundError):
+    """The segment's creator let go of it (or ended): it can no longer be attached."""
 
 
 def _map(fd: int, nbytes: int) -> mmap.mmap:
@@ -28,34 +49,49 @@ def _map(fd: int, nbytes: int) -> mmap.mmap:
 
 
 class Segment:
-    """One mapped segment. `owner` segments are unlinked by unlink()/close()."""
+    """One mapped segment. The creator (`owner`) holds its descriptor until unlink()."""
 
-    def __init__(self, name: str, buf: mmap.mmap, owner: bool) -> None:
-        self.name, self.buf, self.owner = name, buf, owner
+    def __init__(self, name: str, buf: mmap.mmap, fd: int | None) -> None:
+        self.name, self.buf, self._fd = name, buf, fd
         self.nbytes = len(buf)
+
+    def __del__(self) -> None:
+        self.unlink()  # a creator that forgot: its tensors keep the mapping, not the descriptor
+
+    @property
+    def owner(self) -> bool:
+        """The creator, still holding the descriptor others attach through."""
+        return self._fd is not None
 
     @classmethod
     def create(cls, kind: str, nbytes: int) -> Segment:
-        name = f"{PREFIX}{uuid.uuid4().hex}-p{os.getpid()}-{kind}"
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        base = f"{PREFIX}{uuid.uuid4().hex}-p{os.getpid()}-{kind}"
+        fd = os.memfd_create(base, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, max(nbytes, 1))
-            return cls(name, _map(fd, max(nbytes, 1)), owner=True)
+            seg = cls(f"{base}-fd{fd}", _map(fd, max(nbytes, 1)), fd)
+            _OWNED.add(seg)
+            return seg
         except BaseException:
-            os.unlink(SHM_DIR / name)
-            raise
-        finally:
             os.close(fd)
+            raise
 
     @classmethod
     def attach(cls, name: str) -> Segment:
-        if not _NAME.match(name):
-            raise ValueError(f"not a triptych segment name: {name!r}")
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        m = _HANDLE.match(name)
+        if not m:
+            raise ValueError(f"not a triptych segment handle: {name!r}")
+        base, pid, fd_no = m.group(1), int(m.group(2)), int(m.group(3))
         try:
-            return cls(name, _map(fd, os.fstat(fd).st_size), owner=False)
+            fd = os.open(PROC / str(pid) / "fd" / str(fd_no), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SegmentGone(f"shared-memory segment {base} is gone (its creator, process {pid}, let go of it)")
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != f"/memfd:{base} (deleted)":
+                raise SegmentGone(f"shared-memory segment {base} is gone (process {pid} let go of it)")
+            return cls(name, _map(fd, os.fstat(fd).st_size), None)
         finally:
-            os.close(fd)
+            os.close(fd)  # the mapping keeps the memory
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
         """A tensor viewing bytes [offset, offset + numel*itemsize) of the segment."""
@@ -66,61 +102,74 @@ class Segment:
         return np.frombuffer(self.buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def unlink(self) -> None:
-        """Remove the name (owner only, idempotent); live mappings keep the memory."""
-        if self.owner:
-            try:
-                os.unlink(SHM_DIR / self.name)
-            except FileNotFoundError:
-                pass
-            self.owner = False
+        """Let go of the descriptor (creator only, idempotent): no one can attach any more; live
+        mappings keep the memory until their last view is freed."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-def list_segments(pid: int | None = None) -> list[str]:
-    """Names of triptych segments created by `pid` (default: this process); None-safe glob."""
-    pid = os.getpid() if pid is None else pid
-    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*") if _owner(p.name) == pid)
-
-
-def list_all_segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*") if _owner(p.name) is not None)
-
-
-def cleanup_segments(pid: int | None = None) -> list[str]:
-    """Unlink every segment created by `pid` (default: this process); returns the names."""
-    names = list_segments(pid)
-    for name in names:
-        try:
-            os.unlink(SHM_DIR / name)
-        except FileNotFoundError:
-            pass
-    return names
-
-
-def stale_segments() -> list[str]:
-    """Segments whose creator process is gone: a leak unless someone reaps them."""
-    return [name for name in list_all_segments() if not pid_alive(_owner(name))]
-
-
-def cleanup_stale() -> list[str]:
-    """Unlink segments whose creator process is gone (e.g. a killed receiver)."""
-    removed = []
-    for name in list_all_segments():
-        pid = _owner(name)
-        if pid is not None and not pid_alive(pid):
-            removed += cleanup_segments(pid)
-    return sorted(set(removed))
-
-
-def _owner(name: str) -> int | None:
-    m = _NAME.match(name)
+def creator_pid(name: str) -> int | None:
+    """The pid that created the segment of this handle or name (None: neither)."""
+    m = _CREATOR.match(name)
     return int(m.group(1)) if m else None
 
 
+def _held_by(pid: str) -> set[str]:
+    """The segments process `pid` holds open (descriptors) or mapped; empty if it is gone."""
+    held: set[str] = set()
+    try:
+        fds = list((PROC / pid / "fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return held
+    for fd in fds:
+        try:
+            m = _MEMFD.fullmatch(os.readlink(fd))
+        except OSError:
+            continue
+        if m:
+            held.add(m.group(1))
+    try:
+        with open(PROC / pid / "maps") as f:
+            held.update(m.group(1) for line in f if (m := _MEMFD.search(line)))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return held
+
+
+def held_segments(pid: int | None = None) -> list[str]:
+    """The segments that process `pid` (default: any live process on this host) still holds open
+    or mapped, i.e. whose memory is not freed, by name `triptych-<uuid>-p<creator pid>-<kind>`."""
+    if pid is not None:
+        return sorted(_held_by(str(pid)))
+    held: set[str] = set()
+    for p in PROC.iterdir():
+        if p.name.isdigit():
+            held |= _held_by(p.name)
+    return sorted(held)
+
+
+def list_segments() -> list[str]:
+    """Handles of the segments this process created and has not let go of (attachable)."""
+    return sorted(seg.name for seg in list(_OWNED) if seg.owner)
+
+
+def orphaned_segments() -> list[str]:
+    """Segments still held by some process although their creator has ended: memory a live
+    process keeps for a peer that is gone (a sender still mapping a dead receiver's cache)."""
+    return [n for n in held_segments() if not pid_alive(creator_pid(n) or 0)]
+
+
 def pid_alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie, exited but not yet reaped, is dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"

@@ -5,9 +5,12 @@ The sender maps that segment once and copies each layer's blocks straight from i
 into the reserved destination blocks; the receiver copies nothing. Completion is signalled
 per item through a ControlBlock slot (see control.py for the ordering argument).
 
-Resources: the receiver creates and unlinks everything (cache, control table, one payload
-segment per request with payloads); the sender only maps, so a killed sender leaks nothing,
-and a killed receiver's segments are found by `segment.cleanup_stale()`.
+Resources: the receiver creates everything (cache, control table, one payload segment per request
+with payloads) as anonymous shared memory (kv_transfer/segment.py), which the kernel frees once no
+process holds it: a killed sender or receiver leaves nothing behind. The sender maps a receiver's
+cache and control table once and keeps them while the receiver lives; at its next connect it lets
+go of those of receivers that have ended within WATCH_S (a watcher thread; their memory is freed
+then), so no sender keeps a dead decode worker's cache alive.
 
 The sender copies on one background thread so send_layer returns at once and the copy of layer
 l overlaps the compute of layer l+1; finish() waits for the copies.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import os
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,9 +52,10 @@ from kv_transfer.base import (
 from kv_transfer.blocks import check_layer_blocks, copy_blocks
 from kv_transfer.control import ControlBlock, StateCode
 from kv_transfer.layout import PayloadSpec, TransferDescriptor, TransferMetadata
-from kv_transfer.segment import Segment, pid_alive
+from kv_transfer.segment import Segment, creator_pid, pid_alive
 
 _ALIGN = 64
+WATCH_S = 1.0  # how often a sender looks for receivers that ended (their mappings are dropped)
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,9 @@ class ShmSender(KVSender):
         self._caches: dict[tuple[str, int], torch.Tensor] = {}  # (receiver_id, rank) -> mapped cache
         self._ctls: dict[str, ControlBlock] = {}  # receiver_id -> mapped control table
         self._open: dict[str, _SendRequest] = {}
+        self._lock = threading.Lock()  # the mappings: connect and the watcher
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # -- hooks the CUDA IPC sender overrides ---------------------------------------------
     def _open_cache(self, layout, handle: object, rank: int, cached: torch.Tensor | None) -> torch.Tensor:
@@ -253,6 +261,27 @@ class ShmSender(KVSender):
             out.append((cache, slice(lo - start, hi - start), slice(lo - mine.start, hi - mine.start)))
         return out
 
+    def _watch(self) -> None:
+        while not self._closed.wait(WATCH_S):
+            self.forget_ended()
+
+    def forget_ended(self) -> list[str]:
+        """Let go of the mappings of receivers whose process ended (a request still open to one
+        keeps its own until it is aborted or finished): the memory of a dead decode worker's
+        cache is freed once no process maps it. Returns their receiver ids."""
+        with self._lock:
+            busy = {r.ep.receiver_id for r in list(self._open.values())}
+            ended = [
+                rid
+                for rid, ctl in self._ctls.items()
+                if rid not in busy and (pid := creator_pid(ctl.segment.name)) is not None and not pid_alive(pid)
+            ]
+            for rid in ended:
+                del self._ctls[rid]
+                for key in [k for k in self._caches if k[0] == rid]:
+                    del self._caches[key]
+        return ended
+
     def _open_payloads(self, meta: TransferMetadata, ep: ShmEndpoint) -> dict[str, torch.Tensor]:
         if not meta.payloads:
             return {}
@@ -269,13 +298,17 @@ class ShmSender(KVSender):
         part = self._check_descriptor(desc, len(ep.slots))
         if meta.request_id in self._open:
             raise ValueError(f"request {meta.request_id!r} is already connected")
-        ctl = self._ctls.get(ep.receiver_id)
-        if ctl is None:
-            ctl = self._ctls[ep.receiver_id] = ControlBlock.attach(ep.ctl_name, ep.num_slots, ep.max_items)
-        slot, gen = ep.slots[part]
-        if not ctl.owns(slot, gen):
-            raise TransferError(f"request {meta.request_id!r} was released by the receiver")
-        targets = self._targets(ep, desc.layout) if len(meta.layers) else []
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="kv-shm-watch", daemon=True)
+            self._watcher.start()
+        with self._lock:
+            ctl = self._ctls.get(ep.receiver_id)
+            if ctl is None:
+                ctl = self._ctls[ep.receiver_id] = ControlBlock.attach(ep.ctl_name, ep.num_slots, ep.max_items)
+            slot, gen = ep.slots[part]
+            if not ctl.owns(slot, gen):
+                raise TransferError(f"request {meta.request_id!r} was released by the receiver")
+            targets = self._targets(ep, desc.layout) if len(meta.layers) else []
         ctl.set_pid(slot, os.getpid())
         ctl.set_state(slot, gen, StateCode.IN_PROGRESS)
         self._open[meta.request_id] = _SendRequest(meta, ep, ctl, slot, gen, targets, self._open_payloads(meta, ep))
@@ -361,8 +394,12 @@ class ShmSender(KVSender):
             self.abort(rid)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        self._caches.clear()
-        self._ctls.clear()
+        self._closed.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+        with self._lock:
+            self._caches.clear()
+            self._ctls.clear()
 
 
 class ShmBackend(TransferBackend):

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from encode_workers.inproc import InProcessEncoder
 from encode_workers.transfer import EncodeShard
 from engine.errors import WorkerBroken, WorkerLoopDied
+from engine.kv_cache import CacheEvents
 from engine.llm_engine import LoadedModel
 from engine.tensor_parallel import TPGroup
 from engine.worker_api import Role, WorkerReady, WorkerStatus, worker_info
@@ -143,6 +144,11 @@ class PrefillWorker:
             kv_blocks_total=b.num_total_blocks,
             kv_blocks_cached=b.num_cached_blocks,
         )
+
+    async def cache_events(self) -> CacheEvents:
+        """On the batch thread, which changes the cache (after the batch running now, if any)."""
+        self._check()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.core.blocks.drain_events)
 
     async def idle(self) -> bool:
         return (

@@ -3,7 +3,7 @@ said (a gRPC status name, an HTTP status, or what it served). Used by the gatewa
 (the oversized kinds, sent from another process) and by `bench/hostile.py` (all of them).
 
     python -m tests.attacks --grpc HOST:PORT --http URL [--admin HOST:PORT] [--key K] [--names a,b]
-        [--oversized] [--victim-session S] [--victim-request R] [--admin-keys] [--timing]
+        [--oversized] [--victim-session S] [--victim-request R] [--admin-keys] [--timing] [--nice N]
         prints one JSON object: {attack name: what the server answered}
 
 Every attack is one function of a Target; none may raise (an unexpected exception is reported as
@@ -17,6 +17,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import struct
 import time
@@ -441,7 +442,10 @@ def main(argv=None) -> None:
     p.add_argument("--names", default=None, help="comma-separated attack names (default: all)")
     p.add_argument("--oversized", action="store_true", help="only the oversized kinds")
     p.add_argument("--timing", action="store_true", help="answer {name: [answer, start, end]} (unix seconds)")
+    p.add_argument("--nice", type=int, default=0, help="run at this niceness (an attacker on another machine)")
     args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # here, not in a preexec_fn: forking a process with gRPC threads is not safe
     target = Target(
         args.grpc,
         args.http,

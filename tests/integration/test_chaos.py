@@ -27,7 +27,7 @@ from cluster.config import parse_config
 from cluster.controller import start_router
 from cluster.router_api import RouterError
 from engine.sequence import FinishReason
-from kv_transfer.segment import list_all_segments
+from kv_transfer.segment import creator_pid, held_segments
 from tests.helpers.router import LoopThread, chat_request, collect, run_all
 
 pytestmark = pytest.mark.slow
@@ -141,18 +141,26 @@ async def _pids(router) -> set[int]:
 
 
 def _assert_no_leaks(loop, router, pids: set[int]) -> None:
-    """Every block free, no request held, and no /dev/shm segment of this cluster's workers left
-    but a live decode worker's KV cache and control table ("kv", "ctl"): nothing of a dead worker,
-    no per-request payload. Only this cluster's pids count: a shared machine runs other tests."""
+    """Every block free, no request held, and no shared memory of this cluster's workers still held
+    but a live decode worker's KV cache and control table ("kv", "ctl"): nothing of a dead worker
+    (a sender lets go of it within a second), no per-request payload. Only this cluster's pids
+    count: a shared machine runs other tests."""
     assert loop.run(router.wait_idle(30)), "KV blocks or requests still held after the test"
     live = loop.run(_pids(router))
     pids |= live
-    left = []
-    for name in list_all_segments():
-        pid, kind = int(name.rsplit("-p", 1)[1].split("-")[0]), name.rsplit("-", 1)[1]
-        if pid in pids and (pid not in live or kind not in ("kv", "ctl")):
-            left.append(name)
-    assert not left, f"shared-memory segments left: {left}"
+
+    def left() -> list[str]:
+        out = []
+        for name in held_segments():
+            pid, kind = creator_pid(name), name.rsplit("-", 1)[1]
+            if pid in pids and (pid not in live or kind not in ("kv", "ctl")):
+                out.append(name)
+        return out
+
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(), f"shared memory left: {left()}"
 
 
 def _serves_normally(loop, router, prompts) -> None:

@@ -68,6 +68,12 @@ def test_concurrent_prompts_sharing_prefixes_are_token_identical_with_the_caches
     assert [r.token_ids for r in warm] == reference[:4]
     assert [r.token_ids for r in both] == reference
     assert sum(r.final.cached_tokens for r in both) > 0
+    # the router's index follows what each worker's cache reports: with everything finished, it
+    # believes exactly as many blocks as each cache holds
+    loop.run(router.cache_follower.sync())
+    cached = {s.worker_id: s.kv_blocks_cached for s in loop.run(router.cluster_status()).workers}
+    believed = {w.worker_id: router.dispatch.prefix_index.blocks_held(w) for w in router.prefill + router.decode}
+    assert believed == cached and all(believed.values()), (believed, cached)
     assert_no_leaks(loop, router)
 
 
@@ -127,7 +133,7 @@ def test_killed_decode_worker_fails_its_requests_only(cluster, smol_chats):
     victim = router.decode[0]
 
     async def scenario():
-        requests = [chat_request(f"kill-{i}", smol_chats[i % 6], 400) for i in range(6)]
+        requests = [chat_request(f"kill-{i}", smol_chats[i % 6], 160) for i in range(6)]
         tasks = [asyncio.ensure_future(collect(router, r)) for r in requests]
         t = time.monotonic()
         while victim.inflight == 0 or router.decode[1].inflight == 0:

@@ -1,43 +1,125 @@
-"""`triptych serve` stops gracefully on SIGTERM (as systemd, Kubernetes and `kill` send it): the
-gateway drains, the workers close their transports, nothing is left in /dev/shm. Starting Ray
-installs a SIGTERM handler of its own that exits at once; serve takes the signal back."""
+"""`triptych serve` under the two ways an operator stops it.
+
+SIGKILL of the whole process tree mid-request (the gateway and router, Ray's processes, the
+prefill and decode workers): no shared memory of the killed processes is held afterwards, with no
+reaper (kv_transfer/segment.py), and a fresh start on the same machine serves normally.
+
+SIGTERM (as systemd, Kubernetes and `kill` send it) stops it gracefully: the gateway drains, the
+workers close their transports, nothing is held. Starting Ray installs a SIGTERM handler of its
+own that exits at once; serve takes the signal back."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from kv_transfer.segment import list_all_segments, stale_segments
+import triptych
+from kv_transfer.segment import creator_pid, held_segments, orphaned_segments
 
 pytestmark = pytest.mark.slow
+FREED_WITHIN_S = 10.0  # the kernel frees at once; this allows for the processes to be torn down
 
 
-def test_sigterm_stops_serve_gracefully(tmp_path):
-    before = set(list_all_segments())
-    config = tmp_path / "deploy.yaml"
-    config.write_text(
-        json.dumps({"version": 1, "ray": {"num_cpus": 2}, "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}})
-    )
+def _serve(config: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `triptych serve` in a session of its own; returns it, its gRPC target and its output."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "triptych.cli", "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
-    lines = []
+    lines: list[str] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
         if "Press Ctrl-C" in line or not line:
             break
-    assert "Press Ctrl-C" in lines[-1], "".join(lines)[-3000:]
-    assert set(list_all_segments()) - before, "the decode worker holds its KV segment while serving"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    out = "".join(lines)
+    assert "Press Ctrl-C" in lines[-1], out[-3000:]
+    target = re.search(r"gRPC\s+(\S+:\d+)", out)
+    assert target, out[-3000:]
+    return proc, target.group(1), lines
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(p.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _kill_tree(root: int) -> None:
+    for pid in _tree(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_path):
+    before = set(held_segments())
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        json.dumps({"version": 1, "ray": {"num_cpus": 2}, "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}})
+    )
+    proc, target, _ = _serve(config)
+    streaming = threading.Event()
+
+    def client() -> None:
+        try:
+            with triptych.Client(target, timeout=120) as c:
+                for _ in c.generate("Count from one to one hundred.", max_tokens=200, ignore_eos=True):
+                    streaming.set()
+        except Exception:
+            pass  # the server is killed under it
+
+    threading.Thread(target=client, daemon=True).start()
+    assert streaming.wait(120), "no token streamed"
+    pids = _tree(proc.pid)
+    ours = {n for n in set(held_segments()) - before if creator_pid(n) in pids}
+    _kill_tree(proc.pid)  # the whole tree at once, mid-request: nothing gets to clean up
+    assert {n.rsplit("-", 1)[1] for n in ours} >= {"kv", "ctl"}, "the decode worker holds its KV cache"
+    proc.wait(30)
+    deadline = time.monotonic() + FREED_WITHIN_S
+    while (left := ours & set(held_segments())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"shared memory of killed processes still held: {left}"
+    assert not list(Path("/dev/shm").glob("triptych-*"))
+
+    # a fresh start on the same machine serves, and SIGTERM then stops it gracefully
+    proc, target, _ = _serve(config)
+    try:
+        with triptych.Client(target, timeout=120) as c:
+            done = c.complete("Say hi.", max_tokens=4)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        _kill_tree(proc.pid)  # whatever failed above: no server outlives the test
+    assert not done.error and done.text, done
     assert proc.returncode == 0, out[-3000:]
     assert "stopped." in out and "SIGTERM received" not in out
-    assert not (set(list_all_segments()) - before) and not stale_segments()
+    deadline = time.monotonic() + 15  # its workers' processes may take a moment to end
+    while set(held_segments()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (set(held_segments()) - before) and not orphaned_segments()

@@ -1,7 +1,7 @@
-"""Disaggregated serving with sparse prefill: a FlexPrefill prefill pool answers ~2K-token needle
-prompts (bench/ruler.py) as dense prefill does, and leaves no KV block or segment held.
+"""Disaggregated serving with sparse prefill: a FlexPrefill prefill pool answers a ~2K-token needle
+prompt (bench/ruler.py) as dense prefill does, and leaves no KV block or segment held.
 
-dense_below=512 makes every one of these prompts take the sparse path; the dense answers come
+dense_below=512 makes the prompt take the sparse path; the dense answer comes
 from the colocated engine (dense prefill) in this process. (Sparse quality at 4K-16K is measured
 by bench/sparse_quality.py and bench/ruler.py; this test is about the pool's wiring.)
 """
@@ -23,8 +23,9 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def needle_tasks(smol):
-    # Magic-number needles in natural text near the start and near the end (depths 10% and 90%).
-    return [make_tasks(smol.tokenizer, LENGTH, ("needle",), 5)[i] for i in (0, 4)]
+    # A magic-number needle in natural text near the start (depth 10%), far from the recent window
+    # that any sparse pattern keeps. Depths 10-90% at 4K-16K: bench/ruler.py.
+    return make_tasks(smol.tokenizer, LENGTH, ("needle",), 5)[:1]
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ stay within 2x of what they are with no attacker."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-import triptych
 from cluster.config import ServerConfig
 from cluster.router import ClusterRouter
 from cluster.router_api import ModelInfo
@@ -58,44 +55,40 @@ class PreparingRouter(FakeRouter):
         return self.real.estimate_tokens(message)
 
 
-def _victim(target: str, stop: threading.Event, gaps: list[float], streams: int | None = None) -> None:
-    """Stream "steady" requests back to back; record the gaps between chunks."""
-    with triptych.Client(target, timeout=60) as c:
-        done = 0
-        while not stop.is_set() and (streams is None or done < streams):
-            last = None
-            for chunk in c.generate("keep going steady", max_tokens=200):
-                now = time.perf_counter()
-                if last is not None and not chunk.is_final:
-                    gaps.append(now - last)
-                last = now
-            done += 1
+def _victim(target: str, streams: int | None = None) -> subprocess.Popen:
+    """An ordinary client in its own process (tests/helpers/victim.py), so that the gaps it times
+    are the gateway's, not this process's threads waiting for the GIL."""
+    cmd = [sys.executable, "-m", "tests.helpers.victim", target]
+    cmd += ["--streams", str(streams)] if streams else []
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _gaps(victim: subprocess.Popen) -> list[float]:
+    out, _ = victim.communicate("", timeout=120)  # stdin closed: it finishes its stream and prints
+    assert victim.returncode == 0
+    return json.loads(out)
 
 
 def test_oversized_requests_do_not_stall_other_clients(smol_tokenizer):
     srv = GatewayThread(PreparingRouter(smol_tokenizer))
     try:
-        calm: list[float] = []
-        _victim(srv.target, threading.Event(), calm, streams=3)
-        stop, loaded = threading.Event(), []
-        victim = threading.Thread(target=_victim, args=(srv.target, stop, loaded), daemon=True)
-        victim.start()
-        time.sleep(0.5)
+        calm = _gaps(_victim(srv.target, streams=3))
+        victim = _victim(srv.target)
+        time.sleep(1.0)
         t0 = time.monotonic()
-        # The attacker's own process runs at the lowest priority: it stands for a client on another
+        # The attacker's process runs at the lowest priority: it stands for a client on another
         # machine (building 30 MB bodies is its CPU, not the server's); the gateway's work for its
         # requests keeps full priority, so a loop stall still shows in the victim's gaps.
         out = subprocess.run(
-            [sys.executable, "-m", "tests.attacks", "--grpc", srv.target, "--http", srv.url, "--oversized"],
+            [sys.executable, "-m", "tests.attacks", "--grpc", srv.target, "--http", srv.url, "--oversized"]
+            + ["--nice", "19"],
             capture_output=True,
             text=True,
             timeout=600,
-            preexec_fn=lambda: os.nice(19),
         )
         attack_s = time.monotonic() - t0
         time.sleep(0.5)
-        stop.set()
-        victim.join(30)
+        loaded = _gaps(victim)
     finally:
         srv.stop()
     assert out.returncode == 0, out.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -76,21 +77,38 @@ def test_release_fences_a_late_sender():
     assert segment.list_segments() == []
 
 
-def receiver_that_dies(names) -> None:
+def receiver_that_dies(descriptors) -> None:
     rx = get_backend("shm").Receiver(LAYOUT)
-    rx.allocate_cache(4)
-    names.put(rx.segment_names())
+    rx.allocate_cache(16)
+    descriptors.put(rx.prepare("r1", DST_IDS, payloads=[PayloadSpec("img", (3, 5), "float32")]))
     signal.pause()
 
 
-def test_cleanup_stale_removes_segments_of_a_killed_receiver():
+def test_a_killed_receiver_leaves_no_memory_behind():
+    """SIGKILL of a receiver frees its cache, control table and payload segments with no reaper:
+    they have no name anywhere (/dev/shm stays empty), the kernel frees them once no process
+    holds them, and a sender that mapped them lets go once its request is aborted (WATCH_S)."""
+    from kv_transfer.shm import WATCH_S
+
     ctx = mp.get_context("spawn")
-    names = ctx.Queue()
-    proc = ctx.Process(target=receiver_that_dies, args=(names,), daemon=True)
+    descriptors = ctx.Queue()
+    proc = ctx.Process(target=receiver_that_dies, args=(descriptors,), daemon=True)
     proc.start()
-    left = names.get(timeout=TIMEOUT)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join(timeout=TIMEOUT)
-    assert sorted(left) == segment.list_segments(proc.pid)
-    assert set(left) <= set(segment.cleanup_stale())
-    assert segment.list_segments(proc.pid) == []
+    desc = descriptors.get(timeout=TIMEOUT)
+    mine = lambda: [n for n in segment.held_segments() if f"-p{proc.pid}-" in n]  # noqa: E731
+    assert sorted(n.rsplit("-", 1)[1] for n in mine()) == ["ctl", "kv", "pl"]
+    assert not list(segment.Path("/dev/shm").glob("triptych-*"))
+    with get_backend("shm").Sender(LAYOUT, async_copy=False) as tx:
+        tx.connect(desc)
+        tx.send_layer("r1", 0, source_cache(5)[0], SRC_IDS)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=TIMEOUT)
+        assert mine() and segment.orphaned_segments()  # this sender still maps the dead receiver's
+        tx.abort("r1")
+        deadline = time.monotonic() + 5 * WATCH_S
+        while mine() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not mine(), mine()
+        with pytest.raises(FileNotFoundError, match="is gone"):
+            tx.connect(desc)  # nothing of it can be attached again
+    assert not segment.orphaned_segments()

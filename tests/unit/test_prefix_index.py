@@ -4,8 +4,8 @@ sends a prompt to the worker likely to hold its prefix unless that worker is muc
 from __future__ import annotations
 
 from cluster.pools import Lease, WorkerHandle
-from cluster.prefix_index import PrefixIndex
-from engine.kv_cache import BlockManager, cache_root
+from cluster.prefix_index import IndexFollower, PrefixIndex
+from engine.kv_cache import BlockManager, CacheEvents, cache_root
 from engine.worker_api import Role
 
 BS = 4
@@ -56,3 +56,75 @@ def test_the_index_is_bounded_by_a_workers_capacity_and_a_new_handle_starts_empt
     assert index.overlap(a, first) == 0  # its first blocks were the oldest: forgotten first
     restarted = WorkerHandle(a.worker_id, a.role, actor=None, epoch=a.epoch + 1)
     assert index.overlap(restarted, second) == 0
+
+
+def _cache(m: BlockManager, tokens: list[int], salt: str = "") -> None:
+    """Compute `tokens` into `m` (as a step does) and free them: their full blocks stay cached."""
+    table: list[int] = []
+    m.allocate(table, len(tokens))
+    m.register(table, [], tokens, len(tokens), cache_root(salt))
+    m.free(table)
+
+
+def test_the_index_follows_what_a_workers_cache_stored_and_evicted():
+    """The engine logs stores and evictions in order; applied to the index, it believes exactly
+    the blocks the cache holds, including blocks it never sent there and none it evicted."""
+    m, index, (a,) = BlockManager(8, BS, prefix_caching=True), PrefixIndex(BS, 8), _workers(1)
+    first, second = list(range(21)), list(range(500, 521))  # 5 full blocks each (+1 token)
+    _cache(m, first)
+    index.apply(a, m.drain_events())
+    assert index.overlap(a, index.hashes(first)) == 5 and m.drain_events().events == ()
+    _cache(m, second)  # 6 blocks on a full pool: 3 of the first prompt's cached blocks evicted
+    events = m.drain_events()
+    assert [stored for stored, _ in events.events].count(False) == 3 and events.snapshot is None
+    index.apply(a, events)
+    held = set(m._by_hash)
+    assert index.overlap(a, index.hashes(second)) == 5
+    assert index.overlap(a, index.hashes(first)) == 0  # its first block went first (LRU)
+    assert {h for h in index.hashes(first) + index.hashes(second) if index.overlap(a, [h])} == held
+
+
+def test_an_overflowed_log_is_answered_with_a_snapshot():
+    m, index, (a,) = BlockManager(8, BS, prefix_caching=True), PrefixIndex(BS, 8), _workers(1)
+    index.record(a, index.hashes(list(range(900, 921))))
+    for start in range(0, 400, 20):  # 20 prompts of 5 blocks into 8 blocks: far more than 2 x 8 events
+        _cache(m, list(range(start, start + 21)))
+    events = m.drain_events()
+    assert events.snapshot is not None and set(events.snapshot) == set(m._by_hash) and events.events == ()
+    index.apply(a, events)
+    assert index.blocks_held(a) == len(m._by_hash)
+    assert m.drain_events() == CacheEvents()  # back to a log
+
+
+def test_the_follower_asks_live_workers_and_applies_in_order():
+    import asyncio
+
+    class Actor:
+        def __init__(self, answers):
+            self.answers = list(answers)
+            self.cache_events = self
+
+        def remote(self):
+            fut = asyncio.get_running_loop().create_future()
+            answer = self.answers.pop(0)
+            fut.set_exception(answer) if isinstance(answer, Exception) else fut.set_result(answer)
+            return fut
+
+    h1, h2 = b"1" * 16, b"2" * 16
+    index = PrefixIndex(BS, 8)
+    a = WorkerHandle(
+        "decode-0", Role.DECODE, Actor([CacheEvents(((True, h1), (True, h2))), CacheEvents(((False, h1),))])
+    )
+    b = WorkerHandle("prefill-0", Role.PREFILL, Actor([RuntimeError("loop died")]))
+    dead = WorkerHandle("decode-1", Role.DECODE, Actor([]), alive=False)  # never asked
+    follower = IndexFollower(index, lambda: [a, b, dead])
+
+    async def rounds():
+        await follower.sync()
+        first = index.overlap(a, [h1, h2])
+        await follower.sync()
+        await follower.stop()
+        return first
+
+    assert asyncio.run(rounds()) == 2
+    assert index.overlap(a, [h2]) == 1 and index.overlap(a, [h1]) == 0 and index.blocks_held(b) == 0

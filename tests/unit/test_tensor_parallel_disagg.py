@@ -17,7 +17,7 @@ from decode_workers.decode_core import DecodeCore, DecodeOptions, decode_followe
 from engine.config import EngineConfig
 from engine.sequence import SamplingParams
 from engine.tensor_parallel import TPGroup, run_local_group
-from kv_transfer.segment import list_segments, stale_segments
+from kv_transfer.segment import list_segments, orphaned_segments
 from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillTask, prefill_follower
 from tests.helpers.models import hf_greedy
 from tests.helpers.tp import tiny_loaded
@@ -127,7 +127,7 @@ def test_prefill_tp1_to_decode_tp2_is_token_identical_to_transformers(backend):
             prefill.close()
         got, decode_layout = group.result(timeout=300)
     assert (decode_layout.kv_head_start, decode_layout.num_kv_heads) == (0, 1)  # rank 0 holds head 0 of 2
-    assert not stale_segments()  # each decode rank unlinked its cache segment when it stopped
+    assert not orphaned_segments()  # each decode rank let go of its cache segment when it stopped
     assert not list_segments()
     for i, (n, ref) in enumerate(zip(LENGTHS, reference)):
         assert got[f"r{i}"] == ref, f"prompt of {n} tokens: prefill TP1 -> decode TP2 {got[f'r{i}']} != {ref}"

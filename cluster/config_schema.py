@@ -150,6 +150,7 @@ class LimitsConfig:
     max_id_chars: int = 128  # a request id, session id or cache salt
     max_tokens: int | None = None  # ceiling on a request's max_tokens; None: model.max_model_len
     max_requests_per_client: int = 64  # in flight (queued or running) per client; server-wide: max_queued_requests
+    max_choices: int = 8  # OpenAI `n`: choices of one request (each counts as a request in flight)
 
 
 @dataclass(frozen=True)

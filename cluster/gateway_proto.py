@@ -21,7 +21,7 @@ from engine.worker_api import Role
 from protos.triptych.v1 import triptych_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Triptych"].full_name
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # "tool": a tool's result, rendered by the chat template
 
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

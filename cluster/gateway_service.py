@@ -109,7 +109,7 @@ class Gateway(pb_grpc.TriptychServicer):
     ) -> None:
         self.router = router
         self.sessions = sessions if sessions is not None else SessionStore()
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(router.model_info().name)
         self.keys = keys if keys is not None else KeyRing()
         self.limits = limits
         self.shares = ClientShares(limits, max_queued_requests)
@@ -118,6 +118,7 @@ class Gateway(pb_grpc.TriptychServicer):
         self._status: tuple[float, ClusterStatus] | None = None
         self._status_task: asyncio.Future | None = None
         self._refusals_logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, not logged since)
+        self.metrics.in_flight.set_function(lambda: len(self._owned))
 
     @staticmethod
     def new_request_id() -> str:

@@ -19,6 +19,9 @@ times, seconds) in non-streaming responses and in the last streamed chunk.
 Turning a body into the router's input (every OpenAI field, its checks and caps) is
 cluster/openai_request.py; this module holds the routes, the response shapes and the server.
 
+`n` choices are n requests of their own (ids `<id>-<i>`), answered as one response (streamed:
+chunks of all choices as they come, each naming its `index`); one refused refuses the whole.
+
 A streaming request is validated up to its first event before the SSE response starts, so
 requests refused before generation get a real HTTP status. If the client disconnects mid-stream,
 aiohttp cancels the handler (handler_cancellation) and the request is aborted.
@@ -31,7 +34,7 @@ import json
 import logging
 import ssl
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +44,7 @@ from cluster.auth import Principal
 from cluster.config import ServerConfig
 from cluster.gateway_service import UNAUTHENTICATED_MESSAGE, Gateway
 from cluster.metrics import CONTENT_TYPE
-from cluster.openai_request import json_field, parse_request
+from cluster.openai_request import json_field, parse_n, parse_request
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError
 from engine.sequence import FinishReason
 
@@ -164,27 +167,43 @@ class _Api:
         if rid:
             caps.check_id("X-Request-Id", rid, self.gateway.limits)
         rid = rid or self.gateway.new_request_id()
-        events = self.gateway.events(
-            GenerateInput(request_id=rid, sampling=sampling, **inp), principal=request[PRINCIPAL], door="http"
-        )
+        n = parse_n(body, self.gateway.limits)
+        # n choices: n requests of their own (ids rid-0 .. rid-(n-1)); seeded choice i draws from seed + i
+        inputs = [
+            GenerateInput(
+                request_id=rid if n == 1 else f"{rid}-{i}",
+                sampling=sampling
+                if sampling.seed is None or i == 0
+                else replace(sampling, seed=(sampling.seed + i) % 2**64),
+                **inp,
+            )
+            for i in range(n)
+        ]
+        streams = [self.gateway.events(x, principal=request[PRINCIPAL], door="http") for x in inputs]
         try:
-            first = await anext(events)  # RouterError here becomes the HTTP status
+            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+            for first in firsts:  # a RouterError here becomes the HTTP status
+                if isinstance(first, BaseException):
+                    raise first
             fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat)
             if stream:
-                return await self._stream(request, rid, fmt, first, events, bool(options.get("include_usage")))
-            final = first
-            while not isinstance(final, FinalEvent):
-                final = await anext(events)
+                include_usage = bool(options.get("include_usage"))
+                return await self._stream(request, rid, fmt, _merge(firsts, streams), n, include_usage)
+            finals = await asyncio.gather(*(_final(f, s) for f, s in zip(firsts, streams)))
         finally:
-            await events.aclose()
-        if final.finish_reason is FinishReason.ERROR:
-            status, type_ = _STATUS[final.error_kind or ErrorKind.INTERNAL]
-            return error_response(status, final.error or "generation failed", type_, "generation_failed")
-        if final.finish_reason is FinishReason.ABORT:
+            await asyncio.gather(*(s.aclose() for s in streams))
+        failed = next((f for f in finals if f.finish_reason is FinishReason.ERROR), None)
+        if failed is not None:
+            status, type_ = _STATUS[failed.error_kind or ErrorKind.INTERNAL]
+            return error_response(status, failed.error or "generation failed", type_, "generation_failed")
+        if any(f.finish_reason is FinishReason.ABORT for f in finals):
             return web.json_response({"error": {**ABORTED, "code": "aborted"}}, status=499)
-        return web.json_response(fmt.whole(final), headers={"X-Request-Id": rid})
+        return web.json_response(fmt.whole(finals), headers={"X-Request-Id": rid})
 
-    async def _stream(self, request, rid, fmt, event, events, include_usage: bool) -> web.StreamResponse:
+    async def _stream(self, request, rid, fmt, events, n: int, include_usage: bool) -> web.StreamResponse:
+        """SSE of the n choices' events as they come (each chunk names its choice), one final
+        chunk per choice, then usage (if asked) and [DONE]. A choice that fails or is aborted ends
+        the stream with an error event (the others are aborted by the caller)."""
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": rid}
         )
@@ -195,34 +214,42 @@ class _Api:
 
         try:
             if fmt.chat:
-                await send(fmt.chunk({"role": "assistant", "content": ""}, None, include_usage))
-            while not isinstance(event, FinalEvent):
-                if event.text:
-                    await send(fmt.chunk(event.text, None, include_usage))
-                event = await anext(events)
-            if event.finish_reason is FinishReason.ERROR:  # too late for a status: an error event
-                await send(
-                    {
-                        "error": {
-                            "message": event.error or "generation failed",
-                            "type": "server_error",
-                            "param": None,
-                            "code": "generation_failed",
+                for i in range(n):
+                    await send(fmt.chunk({"role": "assistant", "content": ""}, None, include_usage, i))
+            finals: list[FinalEvent] = []
+            async for i, event in events:
+                if not isinstance(event, FinalEvent):
+                    if event.text:
+                        await send(fmt.chunk(event.text, None, include_usage, i))
+                    continue
+                if event.finish_reason is FinishReason.ERROR:  # too late for a status: an error event
+                    await send(
+                        {
+                            "error": {
+                                "message": event.error or "generation failed",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "generation_failed",
+                            }
                         }
-                    }
-                )
-            elif event.finish_reason is FinishReason.ABORT:
-                await send({"error": {**ABORTED, "code": "aborted"}})
-            else:
-                last = fmt.chunk({} if fmt.chat else "", event.finish_reason.value, include_usage)
+                    )
+                    break
+                if event.finish_reason is FinishReason.ABORT:
+                    await send({"error": {**ABORTED, "code": "aborted"}})
+                    break
+                last = fmt.chunk({} if fmt.chat else "", event.finish_reason.value, include_usage, i)
                 last["timings"] = asdict(event.timings)
                 await send(last)
+                finals.append(event)
+            else:
                 if include_usage:
-                    await send({**fmt.chunk(None, None, False), "choices": [], "usage": _usage(event)})
+                    await send({**fmt.chunk(None, None, False), "choices": [], "usage": _usage(finals)})
             await send(b"[DONE]")
             await resp.write_eof()
         except ConnectionResetError:  # the client went away; the caller's aclose() aborts
             log.info("HTTP client of request %s disconnected", rid)
+        finally:
+            await events.aclose()
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
@@ -272,45 +299,86 @@ class _Format:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: Any, finish_reason: str | None, include_usage: bool) -> dict:
+    def chunk(self, delta: Any, finish_reason: str | None, include_usage: bool, index: int = 0) -> dict:
         if self.chat:
             choice = {
-                "index": 0,
+                "index": index,
                 "delta": {"content": delta} if isinstance(delta, str) else delta,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
             out = {**self._head("text_completion"), "choices": [choice]}
         if include_usage:
             out["usage"] = None
         return out
 
-    def whole(self, final: FinalEvent) -> dict:
-        reason = final.finish_reason.value
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": final.text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": reason}
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(final), "timings": asdict(final.timings)}
+    def whole(self, finals: list[FinalEvent]) -> dict:
+        """The response of the choices' final events (`timings`: the first choice's)."""
+        choices = []
+        for i, final in enumerate(finals):
+            reason = final.finish_reason.value
+            if self.chat:
+                message = {"role": "assistant", "content": final.text}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": final.text, "logprobs": None, "finish_reason": reason})
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return {**head, "choices": choices, "usage": _usage(finals), "timings": asdict(finals[0].timings)}
 
 
-def _usage(final: FinalEvent) -> dict:
+def _usage(finals: list[FinalEvent]) -> dict:
+    """OpenAI usage of a request's choices: the prompt once, every choice's completion tokens."""
+    prompt = finals[0].prompt_tokens
+    completion = sum(f.completion_tokens for f in finals)
     return {
-        "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": final.completion_tokens,
-        "total_tokens": final.prompt_tokens + final.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens},
     }
+
+
+async def _final(event, events) -> FinalEvent:
+    """One choice's final event, from its first event on."""
+    while not isinstance(event, FinalEvent):
+        event = await anext(events)
+    return event
+
+
+async def _merge(firsts: list, streams: list):
+    """(choice index, event) of every choice's stream as they come, each choice's first event
+    first; ends when every choice has ended (or when closed: its readers are cancelled)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def read(i: int, first, events) -> None:
+        try:
+            await queue.put((i, first))
+            event = first
+            while not isinstance(event, FinalEvent):
+                event = await anext(events)
+                await queue.put((i, event))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    readers = [asyncio.ensure_future(read(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams))]
+    try:
+        left = len(readers)
+        while left:
+            i, event = await queue.get()
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, FinalEvent):
+                left -= 1
+            yield i, event
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
 
 def build_app(gateway: Gateway, server: ServerConfig = ServerConfig()) -> web.Application:

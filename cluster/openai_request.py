@@ -51,10 +51,19 @@ def json_kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
+def parse_n(body: dict, limits: LimitsConfig) -> int:
+    """The choices asked for (`n`): each is generated as a request of its own (with `seed`, choice
+    i draws from seed + i), at most server.limits.max_choices."""
     n = json_field(body, "n", int, "an integer", 1)
-    if n != 1:
-        raise invalid(f"'n' must be 1 (one choice per request), got {caps.clip(n)}", param="n")
+    if isinstance(n, bool) or not 1 <= n <= limits.max_choices:
+        raise invalid(
+            f"'n' must be in [1, {limits.max_choices}] (server.limits.max_choices), got {caps.clip(n)}", param="n"
+        )
+    return n
+
+
+def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
+    parse_n(body, limits)
     best_of = json_field(body, "best_of", int, "an integer", 1)
     if best_of != 1:
         raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}", param="best_of")

@@ -129,7 +129,18 @@ class RequestValidator:
         if isinstance(prompt, str):
             ids = tok(prompt).input_ids if prompt else []
         elif prompt and isinstance(prompt[0], dict):
-            ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+            try:
+                ids = list(
+                    tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+                )
+            except Exception as exc:
+                from jinja2 import TemplateError
+
+                if isinstance(
+                    exc, TemplateError
+                ):  # the template's own words (raise_exception), e.g. roles must alternate
+                    raise InvalidRequestError(f"the model's chat template refused these messages: {str(exc)[:200]}")
+                raise
         else:
             ids = list(prompt)
             vocab = len(tok)

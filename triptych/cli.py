@@ -28,17 +28,19 @@ def _add(sub, name: str, module: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     try:
         mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        parser.set_defaults(_run=lambda args, m=module: _missing(m))
+    except ModuleNotFoundError as exc:  # the SDK alone is installed (or a dependency of the server side is missing)
+        parser.set_defaults(_run=lambda args, m=exc.name or module: _missing(name, m), _lenient=True)
         return
     mod.add_arguments(parser)
     parser.set_defaults(_run=mod.run)
 
 
-def _missing(module: str) -> int:
-    print(f"triptych: this command needs {module}, which this installation does not have", file=sys.stderr)
+def _missing(command: str, module: str) -> int:
+    print(
+        f"triptych {command}: needs the server side, which this installation lacks (no module {module!r}); "
+        "install it with: pip install 'triptych[serve]'",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -77,7 +79,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_lenient", False):  # a command that cannot run takes any arguments
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args._run(args) or 0)
 
 

@@ -219,9 +219,11 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """A Prometheus text page as {(sample name, sorted label pairs): value}."""
+    """A Prometheus text page as {(sample name, sorted label pairs): value}, without the `model`
+    label every series carries (test_metrics.py checks it)."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = {k: v for k, v in s.labels.items() if k != "model"}
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
     return out

@@ -177,7 +177,8 @@ def test_openai_client_sees_errors(oai):
     [
         (b"{not json", "not valid JSON", None),
         (b"[1, 2]", "must be a JSON object", None),
-        (json.dumps(chat_body(n=2)).encode(), "'n' must be 1", "n"),
+        (json.dumps(chat_body(n=9)).encode(), "'n' must be in [1, 8] (server.limits.max_choices)", "n"),
+        (json.dumps(chat_body(n=0)).encode(), "'n' must be in [1, 8]", "n"),
         (json.dumps(chat_body(temperature="hot")).encode(), "'temperature' must be a number", "temperature"),
         (json.dumps(chat_body(temperature=1e9)).encode(), "temperature must be in", "temperature"),
         (json.dumps(chat_body(max_tokens=0)).encode(), "'max_tokens' must be >= 1", "max_tokens"),
@@ -288,3 +289,65 @@ def test_health_503_when_not_serving(server, http):
         assert http.post("/v1/chat/completions", json=chat_body()).status_code == 503
     finally:
         server.gateway.serving = True
+
+
+def test_a_tool_result_message_is_accepted(http, router):
+    """A tool's result (role "tool", as clients send after running a tool themselves) reaches the
+    chat template like any turn; an assistant turn that only called tools has no content."""
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"celsius": 20}'},
+    ]
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert resp.status_code == 200, resp.text
+    got = router.inputs[-1].messages
+    assert [(m.role, m.content) for m in got] == [
+        ("user", "weather in Paris?"),
+        ("assistant", ""),
+        ("tool", '{"celsius": 20}'),
+    ]
+
+
+def test_a_chat_template_refusal_is_invalid_argument_in_its_own_words(smol):
+    from engine.errors import InvalidRequestError
+    from engine.llm_engine import RequestValidator
+
+    tok = smol.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('tool turns need a call') }}{% endif %}x"
+    )
+    try:
+        with pytest.raises(InvalidRequestError, match="chat template refused these messages: tool turns need a call"):
+            RequestValidator(tok, 100, 100).tokenize([{"role": "tool", "content": "1"}])
+    finally:
+        tok.chat_template = saved
+
+
+def test_n_choices_are_generated_as_requests_of_their_own(http, oai, router):
+    """n = 3: three requests (a seeded choice i draws from seed + i), answered as
+    three choices, the prompt counted once in usage; streamed, every chunk names its choice and
+    each choice ends with its own finish_reason."""
+    resp = http.post("/v1/chat/completions", json=chat_body(n=3, seed=7), headers={"X-Request-Id": "many"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["message"]["content"] == "Hello!" and c["finish_reason"] == "stop" for c in body["choices"])
+    one = http.post("/v1/chat/completions", json=chat_body()).json()["usage"]
+    assert body["usage"]["completion_tokens"] == 3 * one["completion_tokens"]
+    assert body["usage"]["prompt_tokens"] == one["prompt_tokens"]  # once, not per choice
+    assert sorted(i.sampling.seed for i in router.inputs[-4:-1]) == [7, 8, 9]  # the three choices, then `one`
+
+    stream = oai.completions.create(
+        model=MODEL, prompt="hello", n=2, stream=True, stream_options={"include_usage": True}
+    )
+    text, reasons, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            text[c.index] += c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert text == {0: "Hello!", 1: "Hello!"} and reasons == {0: "stop", 1: "stop"}
+    assert usage.completion_tokens == 2 * 3

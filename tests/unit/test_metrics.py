@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import triptych
 from cluster.metrics import Metrics
@@ -66,6 +67,18 @@ def test_metrics_after_requests(server):
     assert s[("triptych_kv_cache_usage_ratio", (("role", "decode"), ("worker", "decode-0")))] == pytest.approx(0.25)
     assert s[("triptych_pool_workers_alive", (("role", "decode"),))] == 1
     assert s[("triptych_role_switches_total", ())] == 1
+    assert ("triptych_pool_requests_running", (("role", "decode"),)) in s
+    assert s[("triptych_requests_in_flight", ())] == 0  # all ended
+    for name in ("time_per_output_token_seconds", "decode_time_seconds"):
+        assert s[(f"triptych_{name}_count", ())] >= 1, name
+    assert s[("triptych_request_prompt_tokens_count", ())] >= 1
+    assert s[("triptych_request_generation_tokens_sum", ())] >= 3
+    # every series names the model, and the router's counters are counters
+    families = list(text_string_to_metric_families(resp.text))
+    assert {f.name for f in families if f.type == "counter"} >= {"triptych_role_switches", "triptych_worker_restarts"}
+    for f in families:
+        if f.name.startswith("triptych_"):
+            assert all(x.labels.get("model") == MODEL for x in f.samples), f.name
 
 
 def test_own_registry_not_global():

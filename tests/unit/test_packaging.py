@@ -1,8 +1,14 @@
-"""The installed distribution holds every package of the project (a non-editable install too)."""
+"""Packaging: the installed distribution holds every package of the project (a non-editable
+install too); the SDK installs and imports without the server side, which is an extra declared
+with ranges and pinned to the tested versions by constraints.txt (the lock)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 from setuptools import find_packages
@@ -22,3 +28,101 @@ def test_package_discovery_finds_every_package_of_the_tree():
     assert on_disk - found == set(), "packages a non-editable install would lose"
     assert {"triptych.commands", "engine.sparse", "protos.triptych.v1"} <= found
     assert not any(p.split(".")[0] in NOT_SHIPPED for p in found)
+
+
+HEAVY = (
+    "torch",
+    "ray",
+    "transformers",
+    "numpy",
+    "yaml",
+    "aiohttp",
+    "triton",
+    "PIL",
+    "matplotlib",
+    "prometheus_client",
+    "gguf",
+    "safetensors",
+    "grpc_health",
+    "grpc_reflection",
+)
+
+
+def _name(requirement: str) -> str:
+    return requirement.split(";")[0].split("[")[0].replace(">", " ").replace("<", " ").replace("=", " ").split()[0]
+
+
+def test_the_sdk_is_light_and_everything_is_a_range_pinned_by_the_lock():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert sorted(map(_name, base)) == ["grpcio", "protobuf"]
+    assert "torch" in map(_name, extras["serve"]) and "accelerate" not in map(_name, extras["serve"])
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    assert pins["torch"] == "2.13.0"
+    for req in base + extras["serve"] + extras["dev"]:
+        assert _name(req) in pins, f"{req} is not pinned in constraints.txt"
+        if _name(req) != "ruff":  # formatting changes between ruff releases: pinned on purpose
+            assert "==" not in req.split(";")[0], f"{req}: pyproject declares ranges, constraints.txt pins"
+
+
+def test_the_built_wheel_asks_for_the_server_side_only_as_an_extra(tmp_path):
+    src = tmp_path / "src"  # a copy: building in the tree would leave build/ behind
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", *NOT_SHIPPED)
+    shutil.copytree(ROOT, src, ignore=skip)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(src),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("triptych-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        names = z.namelist()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    unconditional = sorted(_name(r) for r in requires if "extra ==" not in r)
+    assert unconditional == ["grpcio", "protobuf"], requires
+    assert any(_name(r) == "torch" and 'extra == "serve"' in r for r in requires), requires
+    assert "triptych/client.py" in names and "protos/triptych/v1/triptych_pb2.py" in names
+
+
+def test_the_sdk_and_admin_commands_work_without_the_server_side():
+    """In a process where every server-side module is missing (as after `pip install triptych`):
+    the SDK imports, `triptych admin` parses, and `triptych serve` says what to install."""
+    blocker = f"""
+import importlib.abc, sys
+HEAVY = {HEAVY!r}
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+import triptych
+from triptych import Client, AsyncClient
+from triptych.cli import main
+assert not [m for m in sys.modules if m.split(".")[0] in HEAVY]
+code = main(["serve", "--config", "deploy/local.yaml"])
+print("serve exit", code)
+try:
+    main(["admin", "status", "--help"])
+except SystemExit as e:
+    print("admin help exit", e.code)
+"""
+    out = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "serve exit 2" in out.stdout and "admin help exit 0" in out.stdout, out.stdout
+    assert (
+        "pip install 'triptych[serve]'" in out.stderr and "no module 'yaml'" in out.stderr or "no module" in out.stderr
+    )

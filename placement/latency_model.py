@@ -33,8 +33,6 @@ from placement.errors import PlanningError
 from placement.hardware import ClusterSpec
 from placement.profile import DecodeSample, EncodeSample, ModelShape, PrefillSample, Profile, TransferSample
 
-# Fixed kernel-launch / framework overhead per layer per forward on a GPU, seconds.
-LAYER_OVERHEAD_S = 10e-6
 # Activation dtype size for all-reduce and pipeline hops, bytes (fp16/bf16).
 ACT_BYTES = 2
 # A ViT-L/14-336-like encoder for images: FLOPs per image (2 · 0.3e9 params · 576 patches).
@@ -153,13 +151,13 @@ def roofline(
     L, h = model.num_layers, model.hidden
     # Two ring all-reduces per layer of (tokens × hidden) activations among tp devices.
     ar_bytes_per_token = 2 * L * 2 * (tp - 1) / tp * h * ACT_BYTES
-    ar_b = ar_bytes_per_token / cluster.intra_node_bandwidth
+    ar_b = ar_bytes_per_token / (cluster.intra_node_bandwidth * cluster.allreduce_efficiency)
     ar_a = 2 * L * 2 * (tp - 1) * cluster.intra_node_latency
     pp_bw, pp_lat = cluster.link(stages_intra_node)
     pp_b = (pp - 1) * h * ACT_BYTES / pp_bw
     pp_a = (pp - 1) * pp_lat
     weights_s = model.weight_bytes / mem_bw  # every stage reads its weights once per forward
-    fixed = weights_s + L * LAYER_OVERHEAD_S + ar_a + pp_a
+    fixed = weights_s + L * cluster.gpu.layer_overhead_s + ar_a + pp_a
     per_token = 2 * model.num_params / flops + ar_b + pp_b
     prefill = PrefillModel(
         a=fixed,
@@ -171,7 +169,7 @@ def roofline(
         b=model.kv_bytes_per_token / mem_bw + 4 * L * h / flops,  # read KV + attention FLOPs per context token
         c=per_token,
     )
-    encode = EncodeModel(a=L * LAYER_OVERHEAD_S, per_image=ENCODER_FLOPS_PER_IMAGE / flops)
+    encode = EncodeModel(a=L * cluster.gpu.layer_overhead_s, per_image=ENCODER_FLOPS_PER_IMAGE / flops)
     return InstanceLatency(tp, pp, prefill, decode, encode)
 
 

@@ -185,12 +185,15 @@ def _start_ray(
         _token_auth_if_available()
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
-        except ray.exceptions.AuthenticationError:
-            raise ConfigError(
-                f"the Ray cluster at {address} refused this process's authentication: it uses token "
-                "authentication; set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or "
-                "~/.ray/auth_token: `ray get-auth-token` on the head node prints it)"
-            ) from None
+        except Exception as err:
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE") == "token"
+                else "; if it uses token authentication (`ray start --head` turns it on), set "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: "
+                "`ray get-auth-token` on the head node prints it)"
+            )
+            raise ConfigError(address, "", f"could not join this Ray cluster ({err}){hint}") from None
         return False
     progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
     ray.init(

@@ -6,7 +6,9 @@ reaper (kv_transfer/segment.py), and a fresh start on the same machine serves no
 
 SIGTERM (as systemd, Kubernetes and `kill` send it) stops it gracefully: the gateway drains, the
 workers close their transports, nothing is held. Starting Ray installs a SIGTERM handler of its
-own that exits at once; serve takes the signal back."""
+own that exits at once; serve takes the signal back. That second start joins a cluster made by
+`ray start --head`, with Ray's token authentication on, as a new user following the rendered
+commands would."""
 
 import json
 import os
@@ -27,14 +29,18 @@ pytestmark = pytest.mark.slow
 FREED_WITHIN_S = 10.0  # the kernel frees at once; this allows for the processes to be torn down
 
 
-def _serve(config: Path) -> tuple[subprocess.Popen, str, list[str]]:
+def _serve(
+    config: Path, env: dict | None = None, address: str | None = None
+) -> tuple[subprocess.Popen, str, list[str]]:
     """Start `triptych serve` in a session of its own; returns it, its gRPC target and its output."""
+    cmd = [sys.executable, "-m", "triptych.cli", "serve", "--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "triptych.cli", "serve", "--config", str(config)],
+        cmd + (["--address", address] if address else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
     lines: list[str] = []
     deadline = time.monotonic() + 300
@@ -107,15 +113,28 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
     assert not left, f"shared memory of killed processes still held: {left}"
     assert not list(Path("/dev/shm").glob("triptych-*"))
 
-    # a fresh start on the same machine serves, and SIGTERM then stops it gracefully
-    proc, target, _ = _serve(config)
+    # A fresh start on the same machine serves, here joining a Ray cluster started by `ray start
+    # --head`, which turns Ray's token authentication on: serve finds the token as a new user's
+    # shell would have it (RAY_AUTH_MODE unset). Then SIGTERM stops it gracefully.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false"]
+    head += ["--resources", json.dumps({"prefill": 1, "decode": 1}), "--disable-usage-stats"]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+    joined = tmp_path / "joined.yaml"  # a same-node transport is refused when joining a cluster
+    joined.write_text(json.dumps({**json.loads(config.read_text()), "transport": {"backend": "gloo"}}))
     try:
-        with triptych.Client(target, timeout=120) as c:
-            done = c.complete("Say hi.", max_tokens=4)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=180)
+        proc, target, _ = _serve(joined, env=env, address=f"127.0.0.1:{port}")
+        try:
+            with triptych.Client(target, timeout=120) as c:
+                done = c.complete("Say hi.", max_tokens=4)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=180)
+        finally:
+            _kill_tree(proc.pid)  # whatever failed above: no server outlives the test
     finally:
-        _kill_tree(proc.pid)  # whatever failed above: no server outlives the test
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert not done.error and done.text, done
     assert proc.returncode == 0, out[-3000:]
     assert "stopped." in out and "SIGTERM received" not in out
@@ -123,3 +142,11 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
     while set(held_segments()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not (set(held_segments()) - before) and not orphaned_segments()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

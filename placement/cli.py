@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--trace-start", type=int, default=0, help="first trace request used")
     a("--trace-count", type=int, default=4000, help="trace requests used (fit + held-out)")
     a("--sample", type=int, default=300, help="fit requests per per-phase simulation")
+    a(
+        "--band-slices",
+        type=int,
+        default=8,
+        help="disjoint slices of the whole trace each plan's goodput is predicted on (its p10-p90 band; "
+        "the pick maximises the p10 per device); 0: no band, pick by the held-out prediction",
+    )
     a("--token-budget", type=int, default=2048, help="prefill batch / colocated iteration token budget")
     a("--max-batch", type=int, default=256, help="sequences per decode batch")
     a("--model-path", default=None, help="model directory written to model.path in the YAML")
@@ -71,6 +78,8 @@ def _settings(args: argparse.Namespace) -> SearchSettings:
         raise PlanningError(f"--rate must be > 0 req/s, got {args.rate}")
     if args.sample < 10:
         raise PlanningError(f"--sample must be >= 10, got {args.sample}")
+    if args.band_slices < 0 or args.band_slices == 1:
+        raise PlanningError(f"--band-slices must be 0 (no band) or >= 2, got {args.band_slices}")
     return SearchSettings(
         slo=Slo(args.ttft_slo, args.tpot_slo),
         max_model_len=args.max_model_len,
@@ -106,7 +115,7 @@ def _perf(args: argparse.Namespace) -> PerfModel:
 
 
 def _table(plans: tuple[Plan, ...]) -> str:
-    rows = [("#", "mode", "placement", "devices", "goodput req/s", "per device", "attain@rate")]
+    rows = [("#", "mode", "placement", "devices", "goodput req/s", "per device", "attain@rate", "band p10/med/p90")]
     for i, p in enumerate(plans):
         rows.append(
             (
@@ -117,6 +126,7 @@ def _table(plans: tuple[Plan, ...]) -> str:
                 f"{p.goodput:.3g}",
                 f"{p.goodput_per_gpu:.3g}",
                 f"{p.attainment:.1%}@{p.rate:.3g}",
+                "/".join(f"{x:.3g}" for x in p.band) if p.band else "-",
             )
         )
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
@@ -149,8 +159,10 @@ def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> Non
     ax.axhline(100 * searcher.s.target_attainment, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")
+    band = f"; chosen goodput {chosen.describe_band()}" if chosen.band else ""
     ax.set_title(
-        f"{searcher.perf.model.name} on {searcher.cluster.name} (simulated)\n{result.degrees.short()}", fontsize=9
+        f"{searcher.perf.model.name} on {searcher.cluster.name} (simulated){band}\n{result.degrees.short()}",
+        fontsize=9,
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -166,8 +178,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     perf = _perf(args)
-    reqs = tr.load_trace(args.trace)
-    reqs = tr.slice_trace(reqs, args.trace_start, args.trace_count)
+    whole = tr.load_trace(args.trace)
+    reqs = tr.slice_trace(whole, args.trace_start, args.trace_count)
     if len(reqs) < 2:
         raise PlanningError(f"{args.trace}: {len(reqs)} request(s) after --trace-start/--trace-count; need >= 2")
     reqs = tr.scale_lengths(tr.scale_time(reqs, args.time_scale), args.length_scale, args.max_model_len)
@@ -181,6 +193,16 @@ def _plan(args: argparse.Namespace) -> int:
     )
     searcher = Searcher(perf, fit, held, settings, progress)
     result = searcher.run()
+    if args.band_slices:
+        # The prediction above rests on one slice of the trace; slices differ. Each plan's goodput
+        # on disjoint slices spread over the whole trace gives its band, and the pick its lower bound.
+        scaled = tr.scale_lengths(tr.scale_time(whole, args.time_scale), args.length_scale, args.max_model_len)
+        slices = tr.slices(scaled, args.band_slices, settings.verify_sample)
+        progress(
+            f"bands: each plan on {len(slices)} disjoint slices of {len(slices[0])} requests over the whole trace "
+            f"({len(whole)} requests)"
+        )
+        result = searcher.with_bands(result, slices)
     out = Path(args.output)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +224,11 @@ def _plan(args: argparse.Namespace) -> int:
         f"predicted goodput {c.goodput:.3g} req/s ({c.goodput_per_gpu:.3g} per device); attainment {c.attainment:.1%} "
         f"(TTFT {c.ttft_attainment:.1%}, TPOT {c.tpot_attainment:.1%}) at {c.rate:.3g} req/s on held-out requests"
     )
+    if c.band is not None:
+        print(
+            f"goodput over {args.band_slices} slices of the whole trace: {c.describe_band()} "
+            f"(picked for the best p10 per device: {c.lower_per_gpu:.3g})"
+        )
     for n, names in enumerate(c.nodes):
         print(f"  node {n}: {', '.join(names) if names else '(idle)'}")
     print("ranked plans (simulated on a sample of the trace; verify on the real cluster):")

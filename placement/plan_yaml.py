@@ -112,6 +112,11 @@ def write_plan(
         f"{' (low node affinity)' if plan.low_affinity else ''}.",
         f"# Predicted (simulation): goodput {plan.goodput:.3g} req/s ({plan.goodput_per_gpu:.3g} per device); "
         f"attainment {plan.attainment:.1%} at {plan.rate:.3g} req/s.",
+        *(
+            [f"# Goodput over disjoint slices of the whole trace: {plan.describe_band()} (picked on the p10)."]
+            if plan.band
+            else []
+        ),
         "# A plan is only trusted once this prediction has been compared with the measured goodput.",
         f"# Parallelism: {parallel_degrees(perf.model, perf.cluster.gpus_per_node, settings.max_tp).describe()}.",
         f"# Each worker reserves one {device} per TP rank (num_{device_key} = tensor_parallel).",

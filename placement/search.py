@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
+
 from engine.worker_api import Mode, Role
 from placement.errors import PlanningError
 from placement.latency_model import PerfModel, TransferModel
@@ -96,6 +98,8 @@ class Plan:
     tpot_attainment: float
     goodput: float
     nodes: tuple[tuple[str, ...], ...] = ()  # per node: "prefill#0/stage0 (tp=2)" entries
+    # goodput (req/s) over disjoint slices of the whole trace: (p10, median, p90); Searcher.band
+    band: tuple[float, float, float] | None = None
 
     @property
     def num_gpus(self) -> int:
@@ -104,6 +108,17 @@ class Plan:
     @property
     def goodput_per_gpu(self) -> float:
         return self.goodput / self.num_gpus
+
+    @property
+    def lower_per_gpu(self) -> float:
+        """The band's p10 per device (the goodput without a band): what the pick maximises."""
+        return (self.band[0] if self.band else self.goodput) / self.num_gpus
+
+    def describe_band(self) -> str:
+        if self.band is None:
+            return "no band"
+        lo, mid, hi = self.band
+        return f"median {mid:.3g} req/s, p10-p90 {lo:.3g}-{hi:.3g}"
 
     def pool(self, role: Role) -> PoolPlan | None:
         return next((p for p in self.pools if p.role is role), None)
@@ -477,6 +492,28 @@ class Searcher:
             f"requests even at low load: the fastest prefill of a mean prompt ({l:.0f} tokens) takes {best_prefill:.3g} s "
             f"and the fastest single decode step {best_step:.3g} s"
         )
+
+    def band(self, plan: Plan, slices: list[tuple[Request, ...]]) -> tuple[float, float, float]:
+        """(p10, median, p90) of the plan's goodput over `slices` (trace.slices): how much the
+        prediction moves with the part of the trace it rests on."""
+        cfg = self.sim_config(plan.pools, plan.mode, plan.low_affinity, self.s.slo)
+        goodputs = [self.bisect_goodput(cfg, s, max(plan.goodput, 1e-6)) for s in slices]
+        p10, p50, p90 = np.percentile(goodputs, [10, 50, 90])
+        return float(p10), float(p50), float(p90)
+
+    def with_bands(self, result: SearchResult, slices: list[tuple[Request, ...]]) -> SearchResult:
+        """Every plan with its band, ranked by the band's lower bound (p10) per device: the pick is
+        the plan whose goodput per device holds best across the trace, not on one slice. Ties go to
+        fewer devices, then fewer workers."""
+        banded = []
+        for i, plan in enumerate(result.plans):
+            self.progress(
+                f"band {i + 1}/{len(result.plans)}: {plan.mode.value} {plan.describe()}, {len(slices)} slices"
+            )
+            banded.append(replace(plan, band=self.band(plan, slices)))
+        colocated = next((b for p, b in zip(result.plans, banded) if p is result.colocated), None)
+        banded.sort(key=lambda p: (-round(p.lower_per_gpu, 9), p.num_gpus, sum(x.instances for x in p.pools)))
+        return replace(result, plans=tuple(banded), colocated=colocated)
 
     def curve(self, plan: Plan, rates: list[float]) -> list[float]:
         """Held-out SLO attainment of `plan` at each rate (full runs, no early stop)."""

@@ -193,3 +193,16 @@ def split(requests: tuple[Request, ...], fit_fraction: float = 0.5) -> tuple[tup
         )
     k = min(len(requests) - 1, max(1, math.floor(len(requests) * fit_fraction)))
     return slice_trace(requests, 0, k), slice_trace(requests, k)
+
+
+def slices(requests: tuple[Request, ...], k: int, size: int) -> list[tuple[Request, ...]]:
+    """`k` disjoint slices of `size` consecutive requests spread evenly over the whole trace (slice
+    i starts at request i·len/k), each re-based to 0 s; a trace shorter than k·size gives k equal
+    consecutive parts. Consecutive requests keep each slice's own burst pattern."""
+    if k < 1 or size < 1:
+        raise PlanningError(f"need k >= 1 slices of size >= 1, got k={k} size={size}")
+    if len(requests) < 2 * k:
+        raise PlanningError(f"trace has {len(requests)} requests; too few for {k} slices of at least 2")
+    step = len(requests) / k
+    size = min(size, math.floor(step))
+    return [slice_trace(requests, math.floor(i * step), size) for i in range(k)]

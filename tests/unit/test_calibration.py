@@ -7,13 +7,12 @@ import pytest
 
 from placement import calibrate
 from placement.hardware import load_cluster
-
-pytestmark = pytest.mark.skipif(not calibrate.CSV.is_file(), reason="the measured data is not in ../shared")
+from tests.helpers.traces import SPLITWISE
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return calibrate.load_rows()[0]
+    return calibrate.load_rows(SPLITWISE)[0]
 
 
 def test_impossible_and_power_capped_rows_are_left_out(rows):

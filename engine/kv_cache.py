@@ -61,9 +61,9 @@ def cache_root(salt: str) -> bytes:
 @dataclass(frozen=True)
 class CacheEvents:
     """What a prefix cache stored and evicted since the last drain, oldest first: (True, hash) for a
-    block now cached, (False, hash) for one evicted. `snapshot` is None, or every hash cached now,
-    when the log overflowed (more changes than `BlockManager.max_events` between two drains): then
-    the snapshot replaces what the reader knew, and the events that follow it apply on top."""
+    block now cached, (False, hash) for one evicted. When the log overflowed (more changes than
+    `BlockManager.max_events` between two drains) there are no events and `snapshot` holds every
+    hash cached now, which replaces what the reader knew; otherwise `snapshot` is None."""
 
     events: tuple[tuple[bool, bytes], ...] = ()
     snapshot: tuple[bytes, ...] | None = None

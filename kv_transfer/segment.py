@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 PREFIX = "triptych-"
-_HANDLE = re.compile(rf"^({PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+)-fd(\d+)$")
-_MEMFD = re.compile(rf"/memfd:({PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+) \(deleted\)")
-_CREATOR = re.compile(rf"^{PREFIX}[0-9a-f]{{32}}-p(\d+)-")
+_NAME = rf"{PREFIX}[0-9a-f]{{32}}-p(\d+)-[a-z0-9_]+"  # a segment's name; group: the creator's pid
+_HANDLE = re.compile(rf"^({_NAME})-fd(\d+)$")  # name, pid, the creator's fd
+_MEMFD = re.compile(rf"/memfd:({_NAME}) \(deleted\)")  # how /proc shows one: name, pid
+_CREATOR = re.compile(rf"^{_NAME}")  # a name or a handle: pid
 PROC = Path("/proc")
 _OWNED: weakref.WeakSet[Segment] = weakref.WeakSet()  # created here (list_segments)
 

@@ -206,43 +206,34 @@ class HeldOut:
     before_decode: float
 
 
-def held_out(rows: list[Row], hardware: str, base: ClusterSpec) -> list[HeldOut]:
-    """Leave each (model, TP) group of a GPU out in turn: fit on the others, measure on it."""
+def held_out(rows: list[Row], hardware: str, base: ClusterSpec) -> tuple[list[HeldOut], dict[str, float]]:
+    """Leave each (model, TP) group of a GPU out in turn: fit on the others, measure on it. Returns
+    the groups, and the median absolute error over every row of the GPU, each predicted by the fit
+    that left its group out."""
     mine = [r for r in rows if r.hardware == hardware]
-    out = []
+    groups = []
+    pooled: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for group in sorted({r.group for r in mine}):
         test = [r for r in mine if r.group == group]
         fitted = fit([r for r in mine if r.group != group], base).apply(base)
-
-        def med(cluster: ClusterSpec, kind: str) -> float:
-            return statistics.median(abs(e) for e in relative_errors(test, cluster, kind))
-
-        out.append(
+        errors = {kind: [abs(e) for e in relative_errors(test, fitted, kind)] for kind in KINDS}
+        before = {kind: [abs(e) for e in relative_errors(test, base, kind)] for kind in KINDS}
+        for kind in KINDS:
+            pooled[kind] += errors[kind]
+        med = statistics.median
+        groups.append(
             HeldOut(
                 hardware,
                 group[0],
                 group[1],
                 len(test),
-                med(fitted, "prefill"),
-                med(fitted, "decode"),
-                med(base, "prefill"),
-                med(base, "decode"),
+                med(errors["prefill"]),
+                med(errors["decode"]),
+                med(before["prefill"]),
+                med(before["decode"]),
             )
         )
-    return out
-
-
-def held_out_errors(rows: list[Row], hardware: str, base: ClusterSpec) -> dict[str, float]:
-    """The median absolute error over every row of a GPU, each predicted by the fit that left its
-    (model, TP) group out."""
-    mine = [r for r in rows if r.hardware == hardware]
-    errors: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    for group in sorted({r.group for r in mine}):
-        test = [r for r in mine if r.group == group]
-        fitted = fit([r for r in mine if r.group != group], base).apply(base)
-        for kind in KINDS:
-            errors[kind] += [abs(e) for e in relative_errors(test, fitted, kind)]
-    return {kind: statistics.median(v) for kind, v in errors.items()}
+    return groups, {kind: statistics.median(v) for kind, v in pooled.items()}
 
 
 # What the cluster files said before calibration (hand-set guesses), for the comparison printed.
@@ -272,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             f"layer_overhead_us {eff.layer_overhead_s * 1e6:.1f}, intra_node_latency_us {eff.hop_latency_s * 1e6:.1f} (all rows)"
         )
         print("  held out (fitted on the other groups)   prefill err   decode err   (uncalibrated: prefill, decode)")
-        for h in held_out(rows, hardware, base):
+        groups, pooled = held_out(rows, hardware, base)
+        for h in groups:
             print(
                 f"  {h.model:<11} TP{h.tp}  {h.rows:>3} rows                 {h.prefill:>8.1%}    {h.decode:>8.1%}"
                 f"     ({h.before_prefill:.1%}, {h.before_decode:.1%})"
             )
-        pooled = held_out_errors(rows, hardware, base)
         print(f"  every held-out row                      {pooled['prefill']:>8.1%}    {pooled['decode']:>8.1%}")
     return 0
 

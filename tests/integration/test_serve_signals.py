@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import triptych
+from engine.worker_api import free_port
 from kv_transfer.segment import creator_pid, held_segments, orphaned_segments
 
 pytestmark = pytest.mark.slow
@@ -117,7 +118,7 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
     # --head`, which turns Ray's token authentication on: serve finds the token as a new user's
     # shell would have it (RAY_AUTH_MODE unset). Then SIGTERM stops it gracefully.
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    port = _free_port()
+    port = free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false"]
     head += ["--resources", json.dumps({"prefill": 1, "decode": 1}), "--disable-usage-stats"]
@@ -142,11 +143,3 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
     while set(held_segments()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not (set(held_segments()) - before) and not orphaned_segments()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

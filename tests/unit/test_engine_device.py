@@ -80,6 +80,16 @@ def test_cuda_index_must_be_visible(one_gpu):
         resolve_device("cuda:1", pool="prefill")
 
 
+def test_cuda_without_triton_says_to_install_the_gpu_extra(one_gpu, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(DeviceError, match=r"pool 'decode' runs on CUDA.*no triton module.*'triptych\[gpu\]'"):
+        resolve_device("auto", pool="decode")
+    assert resolve_device("cpu") == CPU
+
+
 # ------------------------------------------------------------------------------------ tensors
 def test_tiny_engine_tensors_all_on_the_cpu(tiny, make_engine):
     """auto on this machine is the CPU: weights, buffers, KV cache, every step's inputs and

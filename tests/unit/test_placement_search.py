@@ -1,6 +1,7 @@
 """Search, YAML output and the `plan` CLI end to end, including infeasible inputs."""
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -134,6 +135,14 @@ def test_cli_end_to_end_4x8_under_60s(tmp_path, capsys):
     assert any("PP = 1 only" in line for line in (tmp_path / "plan.yaml").read_text().splitlines()[:8])
     assert (tmp_path / "plan.png").stat().st_size > 1000
     assert tuple(yaml.safe_load((tmp_path / "plan.yaml").read_text())) == DEPLOY_KEYS
+
+
+def test_without_matplotlib_the_plan_says_there_is_no_plot(tmp_path, monkeypatch):
+    said = []
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the `plot` extra
+    assert cli._plot(tmp_path / "plan.png", None, None, said.append) is False
+    assert said == ["no plot: matplotlib is not installed (pip install 'triptych[plot]')"]
+    assert not (tmp_path / "plan.png").exists()
 
 
 @pytest.mark.parametrize(

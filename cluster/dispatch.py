@@ -20,6 +20,7 @@ that the consumer read to its end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -159,7 +160,7 @@ class Dispatcher:
                     flight.cached_tokens = max(flight.cached_tokens, out.cached_tokens)
                     tokens.extend(out.new_token_ids)
                     text.append(out.new_text)
-                    yield TokenEvent(tuple(out.new_token_ids), out.new_text)
+                    yield TokenEvent(tuple(out.new_token_ids), out.new_text, out.logprobs)
                     if out.finished:
                         reason = out.finish_reason
                         self._remember(request, flight, ids, tokens)
@@ -403,7 +404,10 @@ class Dispatcher:
             if result.encode_s:
                 phases["encode_s"] = result.encode_s
             flight.state = FlightState.ACTIVATING
-            return await self._activate(request, flight, decode, ids, result.first_token, deadline)
+            out = await self._activate(request, flight, decode, ids, result.first_token, deadline)
+            if result.first_logprob is not None:  # the first token was sampled on the prefill worker
+                out = dataclasses.replace(out, logprobs=(result.first_logprob,))
+            return out
 
     async def _activate(self, request, flight, decode: WorkerHandle, ids, first_token: int, deadline) -> StepOutput:
         try:

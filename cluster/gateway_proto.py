@@ -121,6 +121,7 @@ def input_from_pb(
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
         max_model_len=max_model_len,
         limits=limits,
     )
@@ -239,5 +240,18 @@ def switch_to_pb(s) -> pb.RoleSwitch:
 def event_to_pb(rid: str, event: TokenEvent | FinalEvent, index: int) -> pb.GenerateResponse:
     if isinstance(event, FinalEvent):
         return final_to_pb(rid, event)
-    chunk = pb.TokenChunk(text=event.text, token_ids=list(event.token_ids), index=index)
+    chunk = pb.TokenChunk(
+        text=event.text,
+        token_ids=list(event.token_ids),
+        index=index,
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                token=lp.token,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, token=text, logprob=v) for t, text, v in lp.top],
+            )
+            for lp in event.logprobs
+        ],
+    )
     return pb.GenerateResponse(request_id=rid, chunk=chunk)

@@ -35,6 +35,7 @@ import logging
 import ssl
 import time
 from dataclasses import asdict, replace
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -46,7 +47,7 @@ from cluster.gateway_service import UNAUTHENTICATED_MESSAGE, Gateway
 from cluster.metrics import CONTENT_TYPE
 from cluster.openai_request import json_field, parse_n, parse_request
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError
-from engine.sequence import FinishReason
+from engine.sequence import FinishReason, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,17 @@ class _Api:
         stream = json_field(body, "stream", bool, "a boolean", False)
         options = json_field(body, "stream_options", dict, "an object", {})
         rid = request.headers.get("X-Request-Id")
-        if rid:
-            caps.check_id("X-Request-Id", rid, self.gateway.limits)
-        rid = rid or self.gateway.new_request_id()
         n = parse_n(body, self.gateway.limits)
+        if rid:
+            # with n > 1 the choices' ids (<id>-<i>, what Abort takes) must fit the limit too
+            caps.check_id(
+                "X-Request-Id" if n == 1 else f"X-Request-Id with n={n}", rid + _suffix(n), self.gateway.limits
+            )
+        rid = rid or self.gateway.new_request_id()
         # n choices: n requests of their own (ids rid-0 .. rid-(n-1)); seeded choice i draws from seed + i
         inputs = [
             GenerateInput(
-                request_id=rid if n == 1 else f"{rid}-{i}",
+                request_id=rid + _suffix(n, i),
                 sampling=sampling
                 if sampling.seed is None or i == 0
                 else replace(sampling, seed=(sampling.seed + i) % 2**64),
@@ -185,11 +189,12 @@ class _Api:
             for first in firsts:  # a RouterError here becomes the HTTP status
                 if isinstance(first, BaseException):
                     raise first
-            fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat)
+            fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat, sampling.logprobs is not None)
             if stream:
                 include_usage = bool(options.get("include_usage"))
                 return await self._stream(request, rid, fmt, _merge(firsts, streams), n, include_usage)
-            finals = await asyncio.gather(*(_final(f, s) for f, s in zip(firsts, streams)))
+            ended = await asyncio.gather(*(_final(f, s) for f, s in zip(firsts, streams)))
+            finals = [final for final, _ in ended]
         finally:
             await asyncio.gather(*(s.aclose() for s in streams))
         failed = next((f for f in finals if f.finish_reason is FinishReason.ERROR), None)
@@ -198,7 +203,7 @@ class _Api:
             return error_response(status, failed.error or "generation failed", type_, "generation_failed")
         if any(f.finish_reason is FinishReason.ABORT for f in finals):
             return web.json_response({"error": {**ABORTED, "code": "aborted"}}, status=499)
-        return web.json_response(fmt.whole(finals), headers={"X-Request-Id": rid})
+        return web.json_response(fmt.whole(finals, [lps for _, lps in ended]), headers={"X-Request-Id": rid})
 
     async def _stream(self, request, rid, fmt, events, n: int, include_usage: bool) -> web.StreamResponse:
         """SSE of the n choices' events as they come (each chunk names its choice), one final
@@ -219,8 +224,8 @@ class _Api:
             finals: list[FinalEvent] = []
             async for i, event in events:
                 if not isinstance(event, FinalEvent):
-                    if event.text:
-                        await send(fmt.chunk(event.text, None, include_usage, i))
+                    if event.text or event.logprobs:
+                        await send(fmt.chunk(event.text, None, include_usage, i, event.logprobs))
                     continue
                 if event.finish_reason is FinishReason.ERROR:  # too late for a status: an error event
                     await send(
@@ -290,41 +295,77 @@ class _Api:
 
 
 class _Format:
-    """OpenAI response shapes for one request (chat.completion or text_completion)."""
+    """OpenAI response shapes for one request (chat.completion or text_completion); with
+    `logprobs`, each choice's log-probabilities in the endpoint's own shape (_logprobs)."""
 
-    def __init__(self, id_: str, model: str, chat: bool) -> None:
-        self.id, self.model, self.chat = id_, model, chat
+    def __init__(self, id_: str, model: str, chat: bool, logprobs: bool = False) -> None:
+        self.id, self.model, self.chat, self.logprobs = id_, model, chat, logprobs
         self.created = int(time.time())
+        self._offsets: dict[int, int] = {}  # choice -> characters of token text so far (text_offset)
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: Any, finish_reason: str | None, include_usage: bool, index: int = 0) -> dict:
+    def _logprobs(self, index: int, lps: Sequence[TokenLogprob]) -> dict | None:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}. Completions: tokens,
+        token_logprobs, top_logprobs ({text: logprob}) and text_offset, continuing the choice's
+        earlier chunks. None when the request did not ask."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [_chat_logprob(lp) for lp in lps], "refusal": None}
+        offset = self._offsets.get(index, 0)
+        offsets = []
+        for lp in lps:
+            offsets.append(offset)
+            offset += len(lp.token)
+        self._offsets[index] = offset
+        return {
+            "tokens": [lp.token for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text: v for _, text, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def chunk(
+        self,
+        delta: Any,
+        finish_reason: str | None,
+        include_usage: bool,
+        index: int = 0,
+        lps: Sequence[TokenLogprob] = (),
+    ) -> dict:
+        logprobs = self._logprobs(index, lps) if lps else None
         if self.chat:
             choice = {
                 "index": index,
                 "delta": {"content": delta} if isinstance(delta, str) else delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish_reason}
             out = {**self._head("text_completion"), "choices": [choice]}
         if include_usage:
             out["usage"] = None
         return out
 
-    def whole(self, finals: list[FinalEvent]) -> dict:
-        """The response of the choices' final events (`timings`: the first choice's)."""
+    def whole(self, finals: list[FinalEvent], logprobs: list[list[TokenLogprob]]) -> dict:
+        """The response of the choices' final events and log-probabilities (`timings`: the first
+        choice's)."""
         choices = []
-        for i, final in enumerate(finals):
+        for i, (final, lps) in enumerate(zip(finals, logprobs)):
             reason = final.finish_reason.value
             if self.chat:
                 message = {"role": "assistant", "content": final.text}
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+                choices.append(
+                    {"index": i, "message": message, "logprobs": self._logprobs(i, lps), "finish_reason": reason}
+                )
             else:
-                choices.append({"index": i, "text": final.text, "logprobs": None, "finish_reason": reason})
+                choices.append(
+                    {"index": i, "text": final.text, "logprobs": self._logprobs(i, lps), "finish_reason": reason}
+                )
         head = self._head("chat.completion" if self.chat else "text_completion")
         return {**head, "choices": choices, "usage": _usage(finals), "timings": asdict(finals[0].timings)}
 
@@ -341,11 +382,27 @@ def _usage(finals: list[FinalEvent]) -> dict:
     }
 
 
-async def _final(event, events) -> FinalEvent:
-    """One choice's final event, from its first event on."""
+def _suffix(n: int, choice: int | None = None) -> str:
+    """What choice `choice` (default: the last) of n adds to the request id: nothing for n = 1."""
+    return "" if n == 1 else f"-{n - 1 if choice is None else choice}"
+
+
+def _chat_logprob(lp: TokenLogprob) -> dict:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.token.encode()),
+        "top_logprobs": [{"token": text, "logprob": v, "bytes": list(text.encode())} for _, text, v in lp.top],
+    }
+
+
+async def _final(event, events) -> tuple[FinalEvent, list[TokenLogprob]]:
+    """One choice's final event and its tokens' log-probabilities, from its first event on."""
+    lps: list[TokenLogprob] = []
     while not isinstance(event, FinalEvent):
+        lps.extend(event.logprobs)
         event = await anext(events)
-    return event
+    return event, lps
 
 
 async def _merge(firsts: list, streams: list):

@@ -107,12 +107,14 @@ def sampling(
     seed: int | None = None,
     stop: tuple[str, ...] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     max_model_len: int,
     limits: LimitsConfig,
 ) -> SamplingParams:
     """SamplingParams from API values. Unset / 0 max_tokens means the server's ceiling
     (server.limits.max_tokens, else max_model_len); unset temperature and top_p mean 1.0 (docs/API.md);
-    top_k -1 means none. Bad values raise RouterError(INVALID_ARGUMENT) naming the field."""
+    top_k -1 means none; logprobs None means none (else the alternatives per token, 0 to
+    MAX_LOGPROBS). Bad values raise RouterError(INVALID_ARGUMENT) naming the field."""
     ceiling = min(limits.max_tokens or max_model_len, max_model_len)
     if max_tokens and max_tokens > ceiling:
         raise refused(
@@ -133,6 +135,7 @@ def sampling(
             seed=seed,
             stop=tuple(stop),
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
     except InvalidRequestError as err:
         raise refused(str(err), "bad_sampling", err.field) from None

@@ -22,6 +22,7 @@ from cluster import limits as caps
 from cluster.config import LimitsConfig
 from cluster.gateway_proto import CHAT_ROLES, invalid
 from cluster.router_api import ChatMessage, ErrorKind, ModelInfo, RouterError
+from engine.sequence import MAX_LOGPROBS
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*;base64,(?P<data>.*)", re.DOTALL)
 
@@ -62,12 +63,31 @@ def parse_n(body: dict, limits: LimitsConfig) -> int:
     return n
 
 
-def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs of a request: chat asks with `logprobs: true` and `top_logprobs: k`
+    (k needs logprobs on), a completion with `logprobs: k`; k in [0, MAX_LOGPROBS]."""
+    if chat:
+        on = json_field(body, "logprobs", bool, "a boolean", False)
+        top = json_field(body, "top_logprobs", int, "an integer")
+        if top is not None and not on:
+            raise invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        name, k = "top_logprobs", (top or 0) if on else None
+    else:
+        if body.get("top_logprobs") is not None:
+            raise invalid("'top_logprobs' is a chat field; completions take 'logprobs': k", param="top_logprobs")
+        name, k = "logprobs", json_field(body, "logprobs", int, "an integer")
+    if k is not None and (isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+        raise invalid(f"'{name}' must be in [0, {MAX_LOGPROBS}], got {caps.clip(k)}", param=name)
+    return k
+
+
+def _sampling(body: dict, max_model_len: int, limits: LimitsConfig, chat: bool) -> Any:
     parse_n(body, limits)
     best_of = json_field(body, "best_of", int, "an integer", 1)
     if best_of != 1:
         raise invalid(f"'best_of' must be 1, got {caps.clip(best_of)}", param="best_of")
-    for name in ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "suffix"):
+    logprobs = _logprobs(body, chat)
+    for name in ("echo", "tools", "functions", "logit_bias", "suffix"):
         if body.get(name):
             raise invalid(f"'{name}' is not supported by this server", param=name)
     for name in ("presence_penalty", "frequency_penalty"):
@@ -110,6 +130,7 @@ def _sampling(body: dict, max_model_len: int, limits: LimitsConfig) -> Any:
         seed=json_field(body, "seed", int, "an integer"),
         stop=stops,
         ignore_eos=json_field(body, "ignore_eos", bool, "a boolean", False),
+        logprobs=logprobs,
         max_model_len=max_model_len,
         limits=limits,
     )
@@ -279,4 +300,4 @@ def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig)
         )
     inp = {"messages": parse_messages(body.get("messages"), limits)} if chat else _prompt(body)
     inp["cache_salt"] = json_field(body, "cache_salt", str, "a string", "")  # checked with the input's limits
-    return body, inp, _sampling(body, max_model_len, limits)
+    return body, inp, _sampling(body, max_model_len, limits, chat)

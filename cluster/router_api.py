@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from engine.sequence import FinishReason, SamplingParams
+from engine.sequence import FinishReason, SamplingParams, TokenLogprob
 from engine.worker_api import Mode, Role, WorkerStatus
 
 
@@ -83,6 +83,7 @@ class Prepared:
 class TokenEvent:
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,10 @@ class LoadedModel:
     def max_model_len(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, decoded alone (what its log-probabilities are reported with)."""
+        return self.tokenizer.decode([token_id])
+
     @property
     def eos_token_ids(self) -> frozenset[int]:
         ids = set()
@@ -205,7 +209,7 @@ class LLMEngine:
         self.layout = self.runner.layout
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
-        self.sampler = Sampler(device)
+        self.sampler = Sampler(device, self.loaded.token_text)
         self.validator = RequestValidator(
             self.loaded.tokenizer, self.max_model_len, config.num_kv_blocks * config.block_size
         )
@@ -402,6 +406,7 @@ class LLMEngine:
         return None
 
     def _postprocess(self, seq: Sequence) -> StepOutput:
+        logprob = self.sampler.take_logprob(seq.request_id)  # before _forget drops it
         try:
             detok = self._detok[seq.request_id]
             new_text, hit_stop = detok.update(seq.token_ids, seq.num_prompt_tokens)
@@ -421,6 +426,7 @@ class LLMEngine:
             reason is not None,
             reason,
             cached_tokens=seq.num_cached_tokens,
+            logprobs=() if logprob is None else (logprob,),
         )
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:

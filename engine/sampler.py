@@ -7,16 +7,21 @@ decode worker after the prefill worker's first token; any worker after a re-pref
 the same random numbers whatever the probabilities are, so a draw over uniform weights of the
 same size skips exactly one token's randomness (tests/unit/test_worker_actor.py checks the streams
 match).
+
+A request that asks for log-probabilities (SamplingParams.logprobs) gets, per sampled token, a
+TokenLogprob computed from the same logits row (`take_logprob`); only steps with such rows copy
+those values to the host as well.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.sequence import SamplingParams
+from engine.sequence import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,9 @@ class RowFailure:
 # What one row's sampling came to, next to its token id in the one copy to the host of a step;
 # of two outcomes the larger code is reported (a NaN row is reported as NaN, whatever the draw).
 _OK, _EMPTY, _NAN = 0, 1, 2
+# A log-probability of minus infinity (a token the model rules out) is reported as this: JSON has
+# no infinity (OpenAI's API uses the same floor)
+LOGPROB_FLOOR = -9999.0
 
 
 class Sampler:
@@ -42,9 +50,12 @@ class Sampler:
     A step copies one thing to the host: the sampled token ids with each row's outcome, once
     (`sample`); no check in between waits for the device."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", token_text: Callable[[int], str] = str) -> None:
+        """token_text: a token id's text (the tokenizer's decode of it alone), for TokenLogprob."""
         self.device = torch.device(device)
+        self.token_text = token_text
         self._generators: dict[str, torch.Generator] = {}
+        self._logprobs: dict[str, TokenLogprob] = {}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -57,6 +68,12 @@ class Sampler:
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._logprobs.pop(request_id, None)
+
+    def take_logprob(self, request_id: str) -> TokenLogprob | None:
+        """The log-probabilities of the token `sample` last drew for this request, once; None
+        when it did not ask for them (or the row failed)."""
+        return self._logprobs.pop(request_id, None)
 
     def advance(self, request_id: str, params: SamplingParams, vocab_size: int, draws: int) -> None:
         """Skip the random numbers of `draws` tokens this request sampled elsewhere (seeded,
@@ -109,7 +126,32 @@ class Sampler:
                 )
             else:
                 out.append(token)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None and not isinstance(out[i], RowFailure)]
+        if wanted:
+            try:
+                self._record_logprobs(logits, wanted, out, request_ids, params)
+            except Exception:
+                log.exception("log-probabilities of a batch failed")
+                for i in wanted:
+                    out[i] = RowFailure("computing log-probabilities failed for this request")
         return out
+
+    def _record_logprobs(
+        self, logits: torch.Tensor, rows: list[int], tokens: list, request_ids: list[str], params: list[SamplingParams]
+    ) -> None:
+        """TokenLogprob of each row in `rows` (its sampled token, and its top k) into _logprobs."""
+        index = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [R, V]
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=logits.device)[:, None])
+        k = max(params[i].logprobs or 0 for i in rows)
+        top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        values = torch.cat([chosen, top_lp], dim=1).clamp(min=LOGPROB_FLOOR).tolist()  # one copy of the values
+        ids = top_ids.tolist()
+        text = self.token_text
+        for r, i in enumerate(rows):
+            n = params[i].logprobs or 0
+            top = tuple((t, text(t), v) for t, v in zip(ids[r][:n], values[r][1 : n + 1]))
+            self._logprobs[request_ids[i]] = TokenLogprob(tokens[i], text(tokens[i]), values[r][0], top)
 
     def _draw(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, empty) as 0-d tensors on the logits' device, without waiting for it: `empty`

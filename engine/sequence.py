@@ -42,6 +42,20 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0  # far past where sampling is uniform noise; a bound, not a knob
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**64 - 1  # what a seeded generator accepts (uint64 on the wire)
+MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's top_logprobs ceiling)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model's own distribution (a log-softmax
+    of its raw logits: before temperature, top-k and top-p, so the same whichever way the token
+    was picked), with the `top` most likely tokens at its position, most likely first, as
+    (token id, text, log-probability). `token` is the token's own text, decoded alone."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no log-probabilities; k in [0, MAX_LOGPROBS]: each generated token's, and the k most
+    # likely tokens at its position (TokenLogprob)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
@@ -77,6 +94,10 @@ class SamplingParams:
             raise InvalidRequestError("stop strings must be non-empty", "stop")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -171,3 +192,4 @@ class StepOutput:
     finish_reason: FinishReason | None
     error: str | None = None  # set iff finish_reason is ERROR: what failed, for the client
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (on a sequence's outputs)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked for them

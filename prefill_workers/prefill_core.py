@@ -36,7 +36,7 @@ from engine.kv_cache import BlockManager, cache_root
 from engine.llm_engine import LoadedModel, tp_runner
 from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import SamplingParams, Sequence, TokenLogprob
 from engine.tensor_parallel import TPGroup, follow
 from engine.worker_api import TENANT_ACTIVE_S
 from kv_transfer.layout import TransferDescriptor
@@ -83,6 +83,7 @@ class PrefillResult:
     batch_size: int = 1
     encode_s: float = 0.0  # in-process image encoding of the batch (no encode pool)
     cached_tokens: int = 0  # prompt tokens found in this worker's prefix cache (not computed)
+    first_logprob: TokenLogprob | None = None  # the first token's, when the request asked for them
 
 
 class PrefillCore:
@@ -107,7 +108,7 @@ class PrefillCore:
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.prefix_caching)
         self.tp = tp or TPGroup.single(device)
         self.runner = tp_runner(loaded, cfg, self.tp)  # this rank's shard and KV heads
-        self.sampler = Sampler(device)
+        self.sampler = Sampler(device, loaded.token_text)
         self.sender = get_backend(options.backend).Sender(self.runner.layout)
         self.queue: deque[PrefillTask] = deque()
         self._failed_streak = 0  # batches in a row in which every prompt failed
@@ -365,6 +366,7 @@ class PrefillCore:
             raise
         finally:
             cached = {seq.request_id: seq.num_cached_tokens for seq in seqs}
+            logprobs = {seq.request_id: self.sampler.take_logprob(seq.request_id) for seq in seqs}
             for seq in seqs:
                 self.blocks.free(seq.block_table)
                 self.sampler.forget(seq.request_id)
@@ -379,6 +381,7 @@ class PrefillCore:
                 batch_size=len(tasks),
                 encode_s=encode_s if t.images else 0.0,
                 cached_tokens=cached.get(t.request_id, 0),
+                first_logprob=None if t.request_id in errors else logprobs.get(t.request_id),
             )
             for t in tasks
         ]

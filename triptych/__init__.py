@@ -33,6 +33,8 @@ from .types import (
     RoleSwitch,
     Timings,
     TokenChunk,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     WorkerStatus,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "Stream",
     "Timings",
     "TokenChunk",
+    "TokenLogprob",
+    "TopLogprob",
     "TriptychError",
     "Unauthenticated",
     "Unavailable",

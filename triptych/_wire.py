@@ -22,6 +22,8 @@ from .types import (
     RoleSwitch,
     Timings,
     TokenChunk,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     WorkerStatus,
 )
@@ -114,6 +116,7 @@ def sampling_pb(
     seed: int | None = None,
     stop: str | Iterable[str] | None = None,
     ignore_eos: bool = False,
+    logprobs: int | None = None,
 ) -> pb.SamplingParams:
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -125,6 +128,10 @@ def sampling_pb(
         params.top_p = top_p
     if seed is not None:
         params.seed = seed
+    if logprobs is not None:
+        if logprobs < 0:  # the server says the upper limit (INVALID_ARGUMENT)
+            raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+        params.logprobs = logprobs
     return params
 
 
@@ -174,13 +181,22 @@ def chunk_from_pb(resp: pb.GenerateResponse) -> TokenChunk | FinalChunk:
             request_id=resp.request_id,
         )
     c = resp.chunk
-    return TokenChunk(text=c.text, token_ids=tuple(c.token_ids), index=c.index, request_id=resp.request_id)
+    logprobs = tuple(
+        TokenLogprob(
+            lp.token_id, lp.token, lp.logprob, tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in lp.top)
+        )
+        for lp in c.logprobs
+    )
+    return TokenChunk(
+        text=c.text, token_ids=tuple(c.token_ids), index=c.index, request_id=resp.request_id, logprobs=logprobs
+    )
 
 
 def completion_from_chunks(chunks: Iterable[TokenChunk | FinalChunk]) -> Completion:
     """Fold a finished stream (its last item a FinalChunk) into one Completion."""
     texts: list[str] = []
     ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
     final = None
     for chunk in chunks:
         if isinstance(chunk, FinalChunk):
@@ -188,6 +204,7 @@ def completion_from_chunks(chunks: Iterable[TokenChunk | FinalChunk]) -> Complet
         else:
             texts.append(chunk.text)
             ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
     if final is None:  # the stream was cancelled locally before the final chunk
         raise RuntimeError("stream ended without a final chunk")
     return Completion(
@@ -198,6 +215,7 @@ def completion_from_chunks(chunks: Iterable[TokenChunk | FinalChunk]) -> Complet
         timings=final.timings,
         error=final.error,
         request_id=final.request_id,
+        logprobs=tuple(logprobs),
     )
 
 

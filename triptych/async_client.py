@@ -153,6 +153,7 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         session_id: str | None = None,
         cache_salt: str | None = None,
         request_id: str | None = None,
@@ -172,6 +173,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
         return AsyncStream(
             self._stub.Generate(
@@ -191,6 +193,7 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         session_id: str | None = None,
         cache_salt: str | None = None,
         request_id: str | None = None,
@@ -208,6 +211,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
         return AsyncStream(
             self._stub.Generate(

@@ -161,6 +161,7 @@ class Client:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         session_id: str | None = None,
         cache_salt: str | None = None,
         request_id: str | None = None,
@@ -181,6 +182,7 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
         return self._stream(req, timeout)
 
@@ -195,6 +197,7 @@ class Client:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         session_id: str | None = None,
         cache_salt: str | None = None,
         request_id: str | None = None,
@@ -203,7 +206,9 @@ class Client:
         """Stream a chat reply. `messages` is [{"role": ..., "content": str | [parts]}]; a part
         is a str, image bytes, {"type": "text", "text": ...} or {"type": "image", "image": bytes}.
         With `session_id`, the server prepends the session's earlier turns. With `cache_salt`, only
-        requests with the same salt share the server's cached prompt prefixes."""
+        requests with the same salt share the server's cached prompt prefixes. With `logprobs=k`
+        (0 to 20), every chunk carries each token's log-probability and the k most likely tokens
+        at its position (`TokenChunk.logprobs`)."""
         req = _wire.generate_request(
             messages=messages,
             session_id=session_id,
@@ -216,6 +221,7 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
         return self._stream(req, timeout)
 

@@ -51,13 +51,35 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (natural log) under the model's own distribution:
+    a log-softmax of its raw logits, before temperature, top_k and top_p. `top`: the most likely
+    tokens at its position, most likely first (as many as `logprobs=` asked). -9999.0 stands for
+    minus infinity."""
+
+    token_id: int
+    token: str  # the token's text, decoded alone
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenChunk:
-    """Newly generated tokens. `index` is the position of token_ids[0] in the completion."""
+    """Newly generated tokens. `index` is the position of token_ids[0] in the completion.
+    `logprobs`: one per token, when the request asked for them (`logprobs=`)."""
 
     text: str
     token_ids: tuple[int, ...]
     index: int
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
     is_final = False
 
 
@@ -90,6 +112,7 @@ class Completion:
     timings: Timings
     error: str = ""
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ FakeRouter picks its behaviour from the last words of the input (prompt or last 
 "slow" streams until aborted, "steady" streams 200 tokens 25 ms apart, "midfail" fails after one
 token, "prefail" before any, ERRORS' keywords raise that
 RouterError before the first event ("eager-..." raises from generate() itself), "bug" raises a
-plain exception; anything else streams "Hel" "lo" "!" then FinalEvent(STOP).
+plain exception; anything else streams "Hel" "lo" "!" (with made-up log-probabilities when asked)
+then FinalEvent(STOP).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cluster.router_api import (
     Timings,
     TokenEvent,
 )
-from engine.sequence import FinishReason
+from engine.sequence import FinishReason, TokenLogprob
 from engine.worker_api import Role, WorkerStatus
 
 MODEL = "fake-model"
@@ -48,6 +49,10 @@ ERRORS = {
     "missing": (ErrorKind.NOT_FOUND, "no such session"),
     "crash": (ErrorKind.INTERNAL, "prefill worker died"),
 }
+
+
+def _top(k: int) -> tuple[tuple[int, str, float], ...]:
+    return tuple((100 + j, f"<{j}>", -1.0 - j) for j in range(k))
 
 
 class SetRoleCall(NamedTuple):
@@ -131,8 +136,11 @@ class FakeRouter(Router):
                 finished = True
                 yield FinalEvent(FinishReason.ERROR, 3, 1, "a", TIMINGS, error="decode worker died")
                 return
+            k = request.sampling.logprobs
             for i, piece in enumerate(["Hel", "lo", "!"]):
-                yield TokenEvent((10 + i,), piece)
+                # with logprobs: the token's own, and k alternatives (ids 100.., "<j>", -1 - j)
+                lps = () if k is None else (TokenLogprob(10 + i, piece, -0.5 * i, _top(k)),)
+                yield TokenEvent((10 + i,), piece, lps)
             finished = True
             yield FinalEvent(FinishReason.STOP, 5, 3, "Hello!", TIMINGS, cached_tokens=2)
         finally:

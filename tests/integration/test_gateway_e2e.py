@@ -232,3 +232,53 @@ def test_a_conversation_reuses_its_earlier_turns_on_the_decode_worker(served, sm
     assert hits >= sum(usage[1]["prompt_tokens_details"].values()) > 0
     status = client.cluster_status()
     assert any(w.kv_blocks_cached > 0 for p in status.pools for w in p.workers)
+
+
+def test_logprobs_are_the_models_own_over_sdk_and_http(served, smol):
+    """Log-probabilities of the real model, compared with a log-softmax of transformers' logits:
+    over the SDK (the first token sampled on the prefill worker, the rest on the decode worker),
+    then over HTTP chat and completions for the same prompt (now cached on the decode worker, which
+    prefills it itself): the same tokens and values."""
+    import torch
+
+    client, http_base, _, _, _ = served
+    tok, k, n = smol.tokenizer, 5, 8
+    chat = [{"role": "user", "content": "Name two fruits, briefly."}]
+    ids = list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+    salt = "logprobs"  # no cached block of another test's matches: the prompt goes to the prefill worker
+    c = client.complete(messages=chat, max_tokens=n, temperature=0, logprobs=k, cache_salt=salt)
+    assert not c.error and c.token_ids and len(c.logprobs) == len(c.token_ids)
+    assert c.timings.transfer_s > 0  # prefilled on the prefill worker, its KV sent to the decode worker
+    with torch.no_grad():
+        logits = smol.model(torch.tensor([ids + list(c.token_ids)])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)[len(ids) - 1 : -1]
+    for pos, (token, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+        assert (lp.token_id, lp.token) == (token, tok.decode([token]))
+        assert lp.logprob == pytest.approx(ref[pos, token].item(), abs=2e-3)
+        assert lp.top[0].token_id == token  # greedy: the most likely token is the one chosen
+        assert [t.logprob for t in lp.top] == pytest.approx(ref[pos].topk(k).values.tolist(), abs=2e-3)
+        assert all(t.logprob == pytest.approx(ref[pos, t.token_id].item(), abs=2e-3) for t in lp.top)
+
+    body = {
+        "messages": chat,
+        "max_tokens": n,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": k,
+        "cache_salt": salt,
+    }
+    r = httpx.post(f"{http_base}/v1/chat/completions", timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["timings"]["transfer_s"] == 0  # prefilled on the decode worker that holds the prompt
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == [lp.token for lp in c.logprobs]
+    assert [e["logprob"] for e in content] == pytest.approx([lp.logprob for lp in c.logprobs], abs=2e-3)
+    assert [len(e["top_logprobs"]) for e in content] == [k] * len(content)
+
+    body = {"prompt": ids, "max_tokens": n, "temperature": 0, "logprobs": 2, "cache_salt": salt}
+    r = httpx.post(f"{http_base}/v1/completions", timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["logprobs"]
+    assert lps["tokens"] == [lp.token for lp in c.logprobs]
+    assert lps["token_logprobs"] == pytest.approx([lp.logprob for lp in c.logprobs], abs=2e-3)
+    assert [list(top) for top in lps["top_logprobs"]] == [[t.token for t in lp.top[:2]] for lp in c.logprobs]

@@ -77,6 +77,19 @@ def test_sampling_defaults_follow_the_api_doc(client, router):
     assert inp.images == (PNG,)
 
 
+def test_logprobs_travel_to_the_sdk(client, router):
+    c = client.complete("hello", logprobs=2)
+    assert router.inputs[-1].sampling.logprobs == 2
+    assert [(lp.token_id, lp.token, lp.logprob) for lp in c.logprobs] == [
+        (10, "Hel", 0.0),
+        (11, "lo", -0.5),
+        (12, "!", -1.0),
+    ]
+    assert c.logprobs[0].top == (triptych.TopLogprob(100, "<0>", -1.0), triptych.TopLogprob(101, "<1>", -2.0))
+    client.complete("hello")
+    assert router.inputs[-1].sampling.logprobs is None and client.complete("hello").logprobs == ()
+
+
 def test_chat_messages_and_images_reach_the_router(client, router):
     reply = client.complete(
         messages=[
@@ -118,6 +131,7 @@ def test_router_bug_is_internal_and_server_keeps_serving(client):
         (dict(prompt="hello", session_id="s"), "session_id needs chat input"),
         (dict(prompt="hello", top_p=0.0), "top_p"),
         (dict(prompt="hello", temperature=-1.0), "temperature"),
+        (dict(prompt="hello", logprobs=21), "logprobs must be an integer in [0, 20]"),
     ],
 )
 def test_bad_input_is_invalid_argument(client, kwargs, needle):

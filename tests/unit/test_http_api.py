@@ -143,6 +143,46 @@ def test_non_streaming_json_shape(http):
     assert body["timings"]["prefill_s"] == pytest.approx(0.02) and isinstance(body["created"], int)
 
 
+def test_logprobs_in_the_shapes_of_chat_and_completions(http, oai):
+    """Chat: choices[].logprobs.content[] with token, logprob, bytes and top_logprobs; completions:
+    tokens, token_logprobs, top_logprobs and text_offset; streamed per chunk; absent unless asked."""
+    body = http.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=2)).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == ["Hel", "lo", "!"] and [e["logprob"] for e in content] == [0, -0.5, -1]
+    assert content[0]["bytes"] == list(b"Hel")
+    assert content[1]["top_logprobs"] == [
+        {"token": "<0>", "logprob": -1.0, "bytes": list(b"<0>")},
+        {"token": "<1>", "logprob": -2.0, "bytes": list(b"<1>")},
+    ]
+    on = http.post("/v1/chat/completions", json=chat_body(logprobs=True)).json()["choices"][0]["logprobs"]
+    assert [e["top_logprobs"] for e in on["content"]] == [[], [], []]  # no top_logprobs: the tokens' own only
+    assert http.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["logprobs"] is None
+
+    done = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "logprobs": 1}).json()
+    assert done["choices"][0]["logprobs"] == {
+        "tokens": ["Hel", "lo", "!"],
+        "token_logprobs": [0, -0.5, -1],
+        "top_logprobs": [{"<0>": -1.0}] * 3,
+        "text_offset": [0, 3, 5],
+    }
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "top_logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+    streamed = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "logprobs": 0, "stream": True})
+    per_chunk = [c["choices"][0]["logprobs"] for c in sse_events(streamed)[:-2]]  # the final chunk has no tokens
+    assert [lp["text_offset"] for lp in per_chunk] == [[0], [3], [5]]  # continuing over the chunks
+    # the official client parses the streamed chat shape
+    parts = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], logprobs=True, top_logprobs=1, stream=True
+    )
+    tokens = [e for p in parts if p.choices and p.choices[0].logprobs for e in p.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in tokens] == [
+        ("Hel", 0.0, ["<0>"]),
+        ("lo", -0.5, ["<0>"]),
+        ("!", -1.0, ["<0>"]),
+    ]
+
+
 @pytest.mark.parametrize(
     "word, status",
     [
@@ -189,7 +229,14 @@ def test_openai_client_sees_errors(oai):
             "messages[0].content",
             "messages[0].content",
         ),
-        (json.dumps(chat_body(logprobs=True)).encode(), "'logprobs' is not supported", "logprobs"),
+        (json.dumps(chat_body(top_logprobs=2)).encode(), "'top_logprobs' needs 'logprobs': true", "top_logprobs"),
+        (
+            json.dumps(chat_body(logprobs=True, top_logprobs=21)).encode(),
+            "'top_logprobs' must be in [0, 20]",
+            "top_logprobs",
+        ),
+        (json.dumps(chat_body(logprobs=3)).encode(), "'logprobs' must be a boolean", "logprobs"),
+        (json.dumps(chat_body(echo=True)).encode(), "'echo' is not supported", "echo"),
     ],
 )
 def test_bad_requests_are_400_and_server_keeps_serving(http, raw, needle, param):
@@ -338,6 +385,14 @@ def test_n_choices_are_generated_as_requests_of_their_own(http, oai, router):
     assert body["usage"]["completion_tokens"] == 3 * one["completion_tokens"]
     assert body["usage"]["prompt_tokens"] == one["prompt_tokens"]  # once, not per choice
     assert sorted(i.sampling.seed for i in router.inputs[-4:-1]) == [7, 8, 9]  # the three choices, then `one`
+    # an id at the length limit leaves no room for the choices' suffixes (<id>-<i>, what Abort takes)
+    longest = "r" * 128  # server.limits.max_id_chars
+    assert http.post("/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": longest}).status_code == 200
+    refused = http.post("/v1/chat/completions", json=chat_body(n=2), headers={"X-Request-Id": longest})
+    assert (
+        refused.status_code == 400
+        and "X-Request-Id with n=2 length: 130; the limit is 128" in refused.json()["error"]["message"]
+    )
 
     stream = oai.completions.create(
         model=MODEL, prompt="hello", n=2, stream=True, stream_options={"include_usage": True}

@@ -138,3 +138,77 @@ def test_incremental_detokenizer_gives_the_whole_decodes_text(smol_tokenizer):
                     break
             want = wants[-1]
             assert got + fast.flush() == want + slow.flush() and fast.text == slow.text
+
+
+# ------------------------------------------------------------------------------------ logprobs
+def test_logprobs_are_the_raw_log_softmax_with_the_top_k():
+    logits = torch.randn(4, 50)
+    logits[2, 7] = float("-inf")  # a token the model rules out
+    params = [
+        SamplingParams(logprobs=3),
+        SamplingParams(),  # did not ask
+        SamplingParams(temperature=0.7, top_k=5, seed=3, logprobs=0),  # sampled, not greedy: raw logprobs still
+        SamplingParams(logprobs=5),
+    ]
+    s = Sampler(token_text=lambda t: f"t{t}")
+    tokens = s.sample(logits, ["a", "b", "c", "d"], params)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert s.take_logprob("b") is None
+    for rid, row, k in (("a", 0, 3), ("c", 2, 0), ("d", 3, 5)):
+        lp = s.take_logprob(rid)
+        assert lp.token_id == tokens[row] and lp.token == f"t{tokens[row]}"
+        assert lp.logprob == pytest.approx(ref[row, tokens[row]].item(), abs=1e-6)
+        top = ref[row].topk(k)
+        assert [t for t, _, _ in lp.top] == top.indices.tolist() and len(lp.top) == k
+        assert [v for _, _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert s.take_logprob(rid) is None  # taken once
+    # minus infinity is reported as the floor (JSON has no infinity)
+    s.sample(logits[2:3, :10], ["e"], [SamplingParams(logprobs=10)])
+    assert s.take_logprob("e").top[-1] == (7, "t7", -9999.0)
+
+
+def test_a_nan_row_gets_no_logprobs_and_fails_alone():
+    from engine.sampler import RowFailure
+
+    logits = torch.randn(2, 20)
+    logits[0, 3] = float("nan")
+    s = Sampler()
+    out = s.sample(logits, ["bad", "good"], [SamplingParams(logprobs=2)] * 2)
+    assert isinstance(out[0], RowFailure) and s.take_logprob("bad") is None
+    assert s.take_logprob("good").token_id == out[1]
+
+
+@pytest.mark.parametrize("value", [-1, 21, 2.0, True, "3"])
+def test_logprobs_out_of_range_are_refused(value):
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=r"logprobs must be an integer in \[0, 20\]"):
+        SamplingParams(logprobs=value)
+
+
+def test_engine_logprobs_match_transformers_over_chunked_batches(tiny, make_engine):
+    """Three prompts in one continuous batch, prefill chunked: every token's log-probability and
+    top 4 are the log-softmax of transformers' logits for the same sequence."""
+    engine = make_engine(tiny, block_size=8, num_kv_blocks=64, max_num_batched_tokens=24, max_num_seqs=4)
+    prompts = [tiny.tokenizer(t)["input_ids"] for t in ("The sea is", "Three pools serve a model", "Hi")]
+    params = [SamplingParams(max_tokens=6, ignore_eos=True, logprobs=4)] * 2 + [
+        SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.9, seed=11, logprobs=4)
+    ]
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got: dict[str, list] = {r: [] for r in rids}
+    tokens: dict[str, list] = {r: [] for r in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert len(out.logprobs) == len(out.new_token_ids)
+            got[out.request_id].extend(out.logprobs)
+            tokens[out.request_id].extend(out.new_token_ids)
+    for rid, prompt in zip(rids, prompts):
+        assert [lp.token_id for lp in got[rid]] == tokens[rid] and len(tokens[rid]) == 6
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([prompt + tokens[rid]])).logits[0].float()
+        ref = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+        for pos, lp in enumerate(got[rid]):
+            assert lp.logprob == pytest.approx(ref[pos, lp.token_id].item(), abs=1e-4)
+            assert lp.token == tiny.tokenizer.decode([lp.token_id])
+            assert [v for _, _, v in lp.top] == pytest.approx(ref[pos].topk(4).values.tolist(), abs=1e-4)
+            assert all(ref[pos, t].item() == pytest.approx(v, abs=1e-4) for t, _, v in lp.top)

@@ -23,6 +23,7 @@ from cluster.pools import Pools
 from cluster.router_api import ChatMessage, ErrorKind, GenerateInput, ModelInfo, Prepared, RouterError
 from engine import multimodal
 from engine.errors import EngineError, OutOfKVCacheError
+from engine.kv_cache import image_hash
 from engine.llm_engine import RequestValidator
 from engine.worker_api import Mode
 
@@ -60,7 +61,7 @@ class Admission:
     def prepare(self, request: GenerateInput) -> Prepared:
         """Decode the images (checking them) and tokenize: no side effect, safe on any thread."""
         images = self._images(request)
-        return Prepared(tuple(self._prompt_ids(request, images)), images)
+        return Prepared(tuple(self._prompt_ids(request, images)), images, tuple(image_hash(b) for b in images))
 
     def _images(self, request: GenerateInput) -> tuple[bytes, ...]:
         """The request's images in prompt order, each decoded once so bad bytes fail here."""
@@ -145,6 +146,8 @@ class Admission:
             live = live and any(w.serving for w in self.pools.prefill)
         if not live:
             raise RouterError(ErrorKind.UNAVAILABLE, "no live worker can serve this request", "no_worker")
-        flight = Flight(request.request_id or f"req-{next(self._ids)}", images=prepared.images)
+        flight = Flight(
+            request.request_id or f"req-{next(self._ids)}", images=prepared.images, image_hashes=prepared.image_hashes
+        )
         self.flights[flight.request_id] = flight
         return flight

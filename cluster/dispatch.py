@@ -74,15 +74,18 @@ class Dispatcher:
         """The prompt's block hashes (the index must be on), once per prompt (Flight.prefix_hashes)."""
         memo = flight.prefix_hashes
         if memo is None or memo[0] != len(ids):
-            memo = flight.prefix_hashes = (len(ids), self.prefix_index.hashes(ids, request.cache_salt))
+            memo = flight.prefix_hashes = (
+                len(ids),
+                self.prefix_index.hashes(ids, request.cache_salt, flight.image_hashes),
+            )
         return memo[1]
 
     def _pick(self, pool: list[WorkerHandle], request, ids, flight) -> WorkerHandle | None:
         """The worker a prompt goes to: with prefix caching, the one whose cache likely holds most
-        of it, weighed against load (cluster/prefix_index.py); else the least loaded. Prompts with
-        images are not cached, so they go by load."""
+        of it (a prompt with images: keyed by their content too), weighed against load
+        (cluster/prefix_index.py); else the least loaded."""
         index = self.prefix_index
-        if index is None or flight.images:
+        if index is None:
             return Pools.least_loaded(pool)
         hashes = self._hashes(request, flight, ids)
         worker = index.pick(pool, hashes)
@@ -112,8 +115,8 @@ class Dispatcher:
         """A finished request's decode (or colocated) worker keeps its prompt's and its output's
         full blocks cached: the next turn of the conversation finds them there."""
         index, worker = self.prefix_index, flight.decode
-        if index is not None and worker is not None and not flight.images:
-            index.record(worker, index.hashes(ids + tokens, request.cache_salt))
+        if index is not None and worker is not None:
+            index.record(worker, index.hashes(ids + tokens, request.cache_salt, flight.image_hashes, len(ids)))
 
     # ------------------------------------------------------------------ the stream
     async def stream(self, request: GenerateInput, flight: Flight, ids: list[int]):
@@ -304,9 +307,13 @@ class Dispatcher:
         index = self.prefix_index
         cached: dict = {}
         hashes: list[bytes] = []
-        if index is not None and not flight.images:
+        if index is not None:
             hashes = self._hashes(request, flight, ids)
-            cached = {"prompt_token_ids": ids, **({"cache_salt": request.cache_salt} if request.cache_salt else {})}
+            cached = {
+                "prompt_token_ids": ids,
+                **({"cache_salt": request.cache_salt} if request.cache_salt else {}),
+                **({"image_hashes": flight.image_hashes} if flight.image_hashes else {}),
+            }
         while True:
             order = index.ranked(self.pools.decode, hashes) if cached else Pools.by_load(self.pools.decode)
             for worker in order:
@@ -368,6 +375,7 @@ class Dispatcher:
                     sampled_before=flight.resume[0] if flight.resume else 0,
                     tenant=request.tenant,
                     cache_salt=request.cache_salt,
+                    image_hashes=flight.image_hashes,
                 )
                 result = await self.bounded(
                     prefill.actor.prefill.remote(task, epoch=prefill.epoch), deadline, "prefill"
@@ -419,8 +427,9 @@ class Dispatcher:
                     request.sampling,
                     epoch=decode.epoch,
                     **({"resume": flight.resume} if flight.resume else {}),
-                    # a prompt with images is never cached (its placeholder tokens do not say which image)
-                    cache_salt=None if flight.images else request.cache_salt,
+                    cache_salt=request.cache_salt,
+                    # a prompt with images: its blocks are keyed by their content hashes too
+                    **({"image_hashes": flight.image_hashes} if flight.image_hashes else {}),
                 ),
                 deadline,
                 "decode activation",

@@ -40,6 +40,7 @@ class Flight:
     request_id: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     images: tuple[bytes, ...] = ()  # in prompt order: top-level images, or the messages' in turn
+    image_hashes: tuple[bytes, ...] = ()  # their content hashes (prefix caching keys their blocks by them)
     resume: tuple[int, int] | None = None  # re-prefilled: (output tokens in the prompt, chars sent)
     aborted: asyncio.Event = field(default_factory=asyncio.Event)  # abort() before its first token too
     state: FlightState = FlightState.ADMITTED

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from cluster.pools import WorkerHandle, is_actor_death
-from engine.kv_cache import CacheEvents, cache_root, prefix_hashes
+from engine.kv_cache import CacheEvents, cache_key, prefix_hashes
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,38 @@ CACHE_SYNC_S = 0.5
 
 
 class PrefixIndex:
-    def __init__(self, block_size: int, capacity_blocks: int, load_blocks: float = LOAD_BLOCKS) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        capacity_blocks: int,
+        image_token_id: int | None = None,
+        load_blocks: float = LOAD_BLOCKS,
+    ) -> None:
+        """image_token_id: a vision-language model's image placeholder (prompts with images are
+        keyed by their images' content hashes over its positions, as the workers key them)."""
         self.block_size = block_size
+        self.image_token_id = image_token_id
         self.capacity_blocks = capacity_blocks
         self.load_blocks = load_blocks
         self._held: weakref.WeakKeyDictionary[WorkerHandle, OrderedDict[bytes, None]] = weakref.WeakKeyDictionary()
 
-    def hashes(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
-        """The hashes the engine looks a prompt's blocks up by (engine/kv_cache.py prefix_hashes)."""
-        return list(prefix_hashes(token_ids, self.block_size, cache_root(salt)))
+    def hashes(
+        self,
+        token_ids: Sequence[int],
+        salt: str = "",
+        image_hashes: Sequence[bytes] = (),
+        prompt_len: int | None = None,
+    ) -> list[bytes]:
+        """The hashes the engine looks a prompt's blocks up by (engine/kv_cache.py prefix_hashes);
+        `token_ids` may go on past the prompt (its first prompt_len, default all): an answer's
+        blocks are keyed as the worker that generated them keys them. None of them (the prompt goes
+        by load) when its image tokens do not make its images (cache_key's ValueError)."""
+        try:
+            key = cache_key(salt, token_ids[:prompt_len], self.image_token_id, image_hashes)
+        except ValueError as err:
+            log.warning("a prompt is routed by load: %s", err)
+            return []
+        return list(prefix_hashes(token_ids, self.block_size, key))
 
     def overlap(self, worker: WorkerHandle, hashes: list[bytes]) -> int:
         """Leading blocks of `hashes` the router believes `worker` holds."""

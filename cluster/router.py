@@ -130,7 +130,7 @@ class ClusterRouter(Router):
         self.cache_follower: IndexFollower | None = None  # the index follows the workers' caches
         if prefix_caching_block_size:
             bs = prefix_caching_block_size
-            index = self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs)
+            index = self.dispatch.prefix_index = PrefixIndex(bs, kv_capacity_tokens // bs, image_token_id)
             self.dispatch.max_local_prefill_tokens = max_local_prefill_tokens
             self.cache_follower = IndexFollower(index, lambda: self.pools.prefill + self.pools.decode)
         self.switcher = RoleSwitcher(

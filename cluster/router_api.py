@@ -73,10 +73,12 @@ class GenerateInput:
 @dataclass(frozen=True)
 class Prepared:
     """What a router's `prepare` made of a request: prompt token ids as the workers see them
-    (chat template applied, image tokens expanded) and its images in prompt order."""
+    (chat template applied, image tokens expanded) and its images in prompt order, with their
+    content hashes (what prefix caching keys their blocks by)."""
 
     token_ids: tuple[int, ...]
     images: tuple[bytes, ...] = ()
+    image_hashes: tuple[bytes, ...] = ()  # each image's content hash (engine/kv_cache.py image_hash)
 
 
 @dataclass(frozen=True)

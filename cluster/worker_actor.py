@@ -252,9 +252,12 @@ class WorkerActor:
         epoch: int | None = None,
         prompt_token_ids: list[int] | None = None,
         cache_salt: str = "",
+        image_hashes: tuple[bytes, ...] = (),
     ):
         self._fence(epoch, Role.DECODE)
-        return await self.impl.reserve(request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt)
+        return await self.impl.reserve(
+            request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt, image_hashes
+        )
 
     async def activate(
         self,
@@ -265,9 +268,12 @@ class WorkerActor:
         epoch: int | None = None,
         resume: tuple[int, int] | None = None,
         cache_salt: str | None = "",
+        image_hashes: tuple[bytes, ...] = (),
     ):
         self._fence(epoch, Role.DECODE)
-        return await self.impl.activate(request_id, prompt_token_ids, first_token, sampling, resume, cache_salt)
+        return await self.impl.activate(
+            request_id, prompt_token_ids, first_token, sampling, resume, cache_salt, image_hashes
+        )
 
     # ------------------------------------------------------------ colocated role (and decode: local prefill)
     async def submit(

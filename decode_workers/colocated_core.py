@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from encode_workers.inproc import InProcessEncoder
 from engine.config import EngineConfig
+from engine.kv_cache import image_hash
 from engine.llm_engine import LLMEngine, LoadedModel
 from engine.sequence import SamplingParams, StepOutput
 from engine.tensor_parallel import TPGroup
@@ -58,7 +59,8 @@ class ColocatedCore:
     ) -> None:
         """Queue a whole request; its images (if any) are encoded first. InvalidRequestError names
         an image that is not one. resume: a re-prefilled request's earlier output
-        (LLMEngine.add_request); tenant: who sent it; cache_salt: whose cached prefixes it may use."""
+        (LLMEngine.add_request); tenant: who sent it; cache_salt: whose cached prefixes it may use
+        (a prompt with images is cached under its images' content hashes too)."""
         features = None
         if images:
             if self.image_encoder is None:
@@ -72,6 +74,7 @@ class ColocatedCore:
             resume=resume,
             tenant=tenant,
             cache_salt=cache_salt,
+            image_hashes=[image_hash(b) for b in images],
         )
 
     def cancel(self, request_id: str) -> bool:

@@ -24,11 +24,12 @@ QUARANTINED tables and engine sequences; the prefill worker writes only blocks n
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
-from engine.kv_cache import cache_root
+from engine.kv_cache import cache_key
 from engine.llm_engine import LLMEngine, LoadedModel, tp_runner
 from engine.sequence import SamplingParams, StepOutput
 from engine.tensor_parallel import TPGroup, follow
@@ -36,6 +37,7 @@ from kv_transfer.base import TransferError
 from kv_transfer.layout import TransferDescriptor
 from kv_transfer.registry import get_backend
 
+log = logging.getLogger(__name__)
 QUARANTINE_S = 1.0
 
 
@@ -85,6 +87,7 @@ class DecodeCore:
         lease_s: float | None = None,
         prompt_token_ids: list[int] | None = None,
         cache_salt: str = "",
+        image_hashes: tuple[bytes, ...] = (),
     ) -> TransferDescriptor | None:
         """Hold blocks for a prompt and open its transfer; None when there is no room now.
 
@@ -92,14 +95,19 @@ class DecodeCore:
         activate(): a router or prefill worker that vanishes cannot hold them forever. With
         prefix caching and the prompt's ids, the leading blocks this worker has cached (an
         earlier turn's prompt and answer) are taken from the cache and not transferred: the
-        descriptor's `first_block` tells the prefill worker where to start sending."""
+        descriptor's `first_block` tells the prefill worker where to start sending. A prompt
+        with images is looked up by its images' content hashes too (`image_hashes`)."""
         self._housekeeping()
         blocks = self.engine.blocks
         prefix: list[int] = []
         if prompt_token_ids is not None:
             if len(prompt_token_ids) != num_prompt_tokens:
                 raise ValueError(f"{len(prompt_token_ids)} prompt ids for a prompt of {num_prompt_tokens} tokens")
-            prefix, _ = blocks.match_prefix(prompt_token_ids, cache_root(cache_salt))
+            try:
+                key = cache_key(cache_salt, prompt_token_ids, self.engine.loaded.image_token_id, image_hashes)
+                prefix, _ = blocks.match_prefix(prompt_token_ids, key)
+            except ValueError:  # its image tokens do not make its images: nothing is taken from the cache
+                log.warning("the images of %s do not fit its prompt; no cached prefix", request_id)
         running = len(self.engine.scheduler.running) + len(self._reserved)
         if running >= self.options.engine.max_num_seqs or not blocks.can_allocate([], num_prompt_tokens + 1, prefix):
             return None
@@ -127,11 +135,12 @@ class DecodeCore:
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
         cache_salt: str | None = "",
+        image_hashes: tuple[bytes, ...] = (),
     ) -> StepOutput:
         """Start decoding once the prompt's K/V have landed. Raises TransferError if they never do.
         resume: a re-prefilled request's earlier output (LLMEngine.add_request). With prefix
-        caching its blocks (prompt, then output) stay cached under cache_salt for later turns
-        (None: not cached, a prompt with images)."""
+        caching its blocks (prompt, then output) stay cached under cache_salt and its images'
+        content hashes for later turns (cache_salt None: not cached)."""
         res = self._reserved.pop(request_id, None)
         if res is None:
             raise KeyError(f"request {request_id!r} has no reservation on this decode worker (lease lapsed?)")
@@ -150,6 +159,7 @@ class DecodeCore:
                 res.block_table,
                 resume=resume,
                 cache_salt=cache_salt,
+                image_hashes=image_hashes,
             )
         except BaseException:  # refused before the engine took the blocks: they are still ours
             self.engine.blocks.free(res.block_table)
@@ -168,7 +178,8 @@ class DecodeCore:
         """Prefill a prompt here and decode it (conditional disaggregation): the router sends a
         request whose earlier turns this worker's prefix cache holds and whose new part is short;
         only that part is computed and nothing is transferred. As ColocatedCore.submit, but a
-        prompt with images is refused (they are encoded elsewhere; it is never cached either)."""
+        prompt with images is refused (they are encoded elsewhere: the router sends such a prompt
+        to a prefill worker)."""
         if images:
             raise ValueError("a decode worker prefills no prompt with images")
         self.engine.add_request(

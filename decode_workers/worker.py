@@ -32,10 +32,11 @@ class DecodeWorker(SteppedWorker):
         lease_s: float | None = None,
         prompt_token_ids: list[int] | None = None,
         cache_salt: str = "",
+        image_hashes: tuple[bytes, ...] = (),
     ) -> TransferDescriptor | None:
         self.loop.check()
         return await self.loop.call(
-            self.core.reserve, request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt
+            self.core.reserve, request_id, num_prompt_tokens, lease_s, prompt_token_ids, cache_salt, image_hashes
         )
 
     async def activate(
@@ -46,10 +47,11 @@ class DecodeWorker(SteppedWorker):
         sampling: SamplingParams,
         resume: tuple[int, int] | None = None,
         cache_salt: str | None = "",
+        image_hashes: tuple[bytes, ...] = (),
     ) -> StepOutput:
         self.loop.check()
         out = await self.loop.call(
-            self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume, cache_salt
+            self.core.activate, request_id, prompt_token_ids, first_token, sampling, resume, cache_salt, image_hashes
         )
         self.loop.kick()
         return out

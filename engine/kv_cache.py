@@ -8,9 +8,11 @@ assumes the check passed (it raises if not, never half-allocates), and `free` gi
 table back or, if any id in it is not owned, refuses without changing anything.
 
 Prefix caching (`prefix_caching=True`). A full block whose K/V are computed is identified by a
-hash chained from its parent block's hash and its token ids (`block_hash`; the chain starts from
-the sequence's cache key: a per-request salt, so requests with different salts never share a
-block). The manager keeps hash -> block for such blocks and a reference count per block (how many
+hash chained from its parent block's hash, its token ids and its extra keys (`block_hash`). A
+sequence's `CacheKey` gives both: the chain starts from its cache salt's root (requests with
+different salts never share a block), and a block that holds any placeholder token of an image is
+keyed by that image's content hash too (two prompts with the same token ids but different images
+never share such a block, nor any after it). The manager keeps hash -> block for such blocks and a reference count per block (how many
 tables hold it). A block whose last holder frees it stays cached, unreferenced, in LRU order, and
 is evicted (its hash forgotten, the block reused) only when an allocation finds no free block: a
 cached block never stands in the way of a request that would run without caching. A new sequence
@@ -35,27 +37,67 @@ from engine.errors import EngineError
 ROOT = b""  # the chain's start for requests without a cache salt
 
 
-def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
-    """The hash of a full block: its parent's hash and its token ids (blake2b, 16 bytes: a
-    collision would hand one request another's K/V, so not Python's hash())."""
+@dataclass(frozen=True)
+class CacheKey:
+    """What a sequence's block hashes are keyed by besides its token ids: `root`, the chain's start
+    (from its cache salt), and `images`, one (first position, end position, content hash) per
+    image of the prompt, spanning that image's placeholder tokens (`cache_key`)."""
+
+    root: bytes = ROOT
+    images: tuple[tuple[int, int, bytes], ...] = ()
+
+    def extra(self, start: int, end: int) -> bytes:
+        """The content hashes of the images with a placeholder token in positions [start, end)."""
+        return b"".join(h for first, last, h in self.images if first < end and last > start)
+
+
+SHARED = CacheKey()  # no salt, no images: shares with every such request
+
+
+def image_hash(data: bytes) -> bytes:
+    """An image's content hash, as cache keys take it (of its encoded bytes)."""
+    return hashlib.blake2b(data, digest_size=16, person=b"triptych-image").digest()
+
+
+def cache_key(
+    salt: str = "", token_ids: Sequence[int] = (), image_token_id: int | None = None, image_hashes: Sequence[bytes] = ()
+) -> CacheKey:
+    """The cache key of a prompt: its salt's root ('' shares with every request) and, with images,
+    each image's content hash over its placeholder tokens in `token_ids` (image tokens expanded:
+    the images' runs of `image_token_id`, in order, equally long). ValueError when the prompt's
+    placeholders do not split into len(image_hashes) equal unbroken runs."""
+    root = ROOT if not salt else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+    if not image_hashes:
+        return CacheKey(root)
+    places = [i for i, t in enumerate(token_ids) if t == image_token_id]
+    per, rest = divmod(len(places), len(image_hashes))
+    if image_token_id is None or not per or rest:
+        raise ValueError(f"{len(places)} image tokens do not make {len(image_hashes)} images")
+    spans = tuple((places[j * per], places[(j + 1) * per - 1] + 1, h) for j, h in enumerate(image_hashes))
+    if any(end - start != per for start, end, _ in spans):
+        raise ValueError(f"{len(places)} image tokens do not make {len(image_hashes)} unbroken runs")
+    return CacheKey(root, spans)
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int], extra: bytes = b"") -> bytes:
+    """The hash of a full block: its parent's hash, its token ids and its extra keys (the content
+    hashes of the images it holds tokens of; blake2b, 16 bytes: a collision would hand one
+    request another's K/V, so not Python's hash())."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(array("q", token_ids).tobytes())  # fixed width: no two id lists give the same bytes
+    h.update(extra)  # fixed-width hashes after fixed-width ids: unambiguous
     return h.digest()
 
 
-def prefix_hashes(token_ids: Sequence[int], block_size: int, root: bytes = ROOT) -> Iterator[bytes]:
+def prefix_hashes(token_ids: Sequence[int], block_size: int, key: CacheKey = SHARED) -> Iterator[bytes]:
     """The chained hashes of the full blocks of `token_ids` that may come from a cache: all but the
     block holding the last token (its logits are needed), in order; lazily, so a lookup stops at
     its first miss. The engine (match_prefix) and the router (cluster/prefix_index.py) use it."""
-    parent = root
+    parent = key.root
     for i in range((len(token_ids) - 1) // block_size):
-        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        start, end = i * block_size, (i + 1) * block_size
+        parent = block_hash(parent, token_ids[start:end], key.extra(start, end))
         yield parent
-
-
-def cache_root(salt: str) -> bytes:
-    """The chain's start for a request with cache salt `salt` ('' shares with every request)."""
-    return ROOT if not salt else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -238,14 +280,14 @@ class BlockManager:
         block_table.clear()
 
     # ------------------------------------------------------------ prefix caching
-    def match_prefix(self, token_ids: Sequence[int], root: bytes = ROOT) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, token_ids: Sequence[int], key: CacheKey = SHARED) -> tuple[list[int], list[bytes]]:
         """The cached blocks holding the longest run of `token_ids`' full blocks from the start,
         and their hashes; at least the last token is left to compute (its logits are sampled),
         so a prompt that is all cached blocks matches all but its last block. Changes nothing."""
         if not self.prefix_caching:
             return [], []
         blocks, hashes = [], []
-        for h in prefix_hashes(token_ids, self.block_size, root):
+        for h in prefix_hashes(token_ids, self.block_size, key):
             block = self._by_hash.get(h)
             if block is None:
                 break
@@ -273,7 +315,7 @@ class BlockManager:
         hashes: list[bytes],
         token_ids: Sequence[int],
         num_computed: int,
-        root: bytes = ROOT,
+        key: CacheKey = SHARED,
     ) -> None:
         """Cache the full blocks of a table whose K/V are now computed (the first `num_computed`
         tokens of `token_ids`); `hashes` holds the hashes of the blocks registered so far and is
@@ -283,7 +325,9 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(hashes), min(num_computed // bs, len(block_table))):
-            h = block_hash(hashes[-1] if hashes else root, token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(
+                hashes[-1] if hashes else key.root, token_ids[i * bs : (i + 1) * bs], key.extra(i * bs, (i + 1) * bs)
+            )
             hashes.append(h)
             b = block_table[i]
             if h not in self._by_hash and b not in self._hash_of:

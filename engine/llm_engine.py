@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from engine.errors import (
     WorkerBroken,
     is_device_failure,
 )
-from engine.kv_cache import BlockManager, cache_root
+from engine.kv_cache import BlockManager, CacheKey, cache_key
 from engine.kv_layout import KVLayout
 from engine.model_runner import ModelRunner
 from engine.sampler import RowFailure, Sampler
@@ -234,13 +235,16 @@ class LLMEngine:
         resume: tuple[int, int] | None = None,
         tenant: str = "",
         cache_salt: str = "",
+        image_hashes: Seq[bytes] = (),
     ) -> str:
         """image_features: one [num_image_tokens, H] tensor per image token of the prompt, in order.
         resume: (n, chars) for a request re-prefilled after a failure: the prompt's last n tokens
         are its earlier output, of whose text `chars` characters were already delivered.
         tenant: who sent it (new prompts are admitted round robin over tenants).
-        cache_salt: with prefix caching, only requests with the same salt share cached blocks;
-        prompts with images are not cached (their placeholder tokens do not say which image)."""
+        cache_salt: with prefix caching, only requests with the same salt share cached blocks.
+        image_hashes: the content hash of each image (engine/kv_cache.py image_hash), which keys
+        the blocks holding its placeholder tokens; a prompt with images but no hashes is not
+        cached (its placeholder tokens do not say which image)."""
         sampling = sampling or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -252,11 +256,13 @@ class LLMEngine:
                 self.loaded.model, self.loaded.image_token_id, ids, image_features
             )
         self.validator.check(ids, sampling)
+        if image_hashes and len(image_hashes) != len(image_features or ()):
+            raise InvalidRequestError(f"{len(image_hashes)} image hashes for {len(image_features or ())} images")
+        key = None if embeds is not None and not image_hashes else self._cache_key(cache_salt, ids, image_hashes)
         detok = self._detokenizer(sampling, ids, resume)
         if resume:  # the earlier output was sampled elsewhere
             self.sampler.advance(request_id, sampling, self._vocab_size(), resume[0])
-        root = None if embeds is not None else cache_root(cache_salt)
-        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant, cache_root=root)
+        seq = Sequence(request_id, ids, sampling, arrival=time.monotonic(), tenant=tenant, cache_key=key)
         if embeds is not None:
             self._prompt_embeds[request_id] = embeds
         self._seqs[request_id] = seq
@@ -273,15 +279,16 @@ class LLMEngine:
         block_table: list[int],
         resume: tuple[int, int] | None = None,
         cache_salt: str | None = "",
+        image_hashes: Seq[bytes] = (),
     ) -> StepOutput:
         """Join a sequence whose prompt K/V already sit in `block_table` (written by a prefill
         worker) and whose first token was sampled there. Returns the first token's output; the
         sequence may already be finished by it (EOS, max_tokens=1, a stop string), or failed
         (FinishReason.ERROR). resume: as add_request's. cache_salt: with prefix caching, its
         prompt's full blocks and then those of its output are cached under this salt (a later
-        turn of the conversation finds them: add_request); None: never cached (a prompt with
-        images: its placeholder tokens do not say which image). If this raises, it raised before
-        taking `block_table`: the blocks are still the caller's."""
+        turn of the conversation finds them: add_request) and its images' content hashes
+        (image_hashes); None: never cached. If this raises, it raised before taking
+        `block_table`: the blocks are still the caller's."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
@@ -296,14 +303,22 @@ class LLMEngine:
             num_computed_tokens=len(prompt_token_ids),
             block_table=block_table,
             status=SequenceStatus.RUNNING,
-            cache_root=None if cache_salt is None else cache_root(cache_salt),
+            cache_key=None if cache_salt is None else self._cache_key(cache_salt, prompt_token_ids, image_hashes),
         )
-        if seq.cache_root is not None:  # its prompt's K/V landed from a prefill worker: reusable now
-            self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_root)
+        if seq.cache_key is not None:  # its prompt's K/V landed from a prefill worker: reusable now
+            self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_key)
         self._seqs[request_id] = seq
         self._detok[request_id] = detok
         self.scheduler.running.append(seq)
         return self._postprocess(seq)
+
+    def _cache_key(self, salt: str, ids: Seq[int], image_hashes: Seq[bytes]) -> CacheKey:
+        """The prompt's cache key (engine/kv_cache.py); InvalidRequestError when its image tokens do
+        not make as many images as it has hashes."""
+        try:
+            return cache_key(salt, ids, self.loaded.image_token_id, image_hashes)
+        except ValueError as err:
+            raise InvalidRequestError(f"cannot key the prompt's images: {err}") from None
 
     def _vocab_size(self) -> int:
         """Width of the logits rows the sampler draws over."""

@@ -114,14 +114,14 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             prefix, hashes = (
-                ([], []) if seq.cache_root is None else self.blocks.match_prefix(seq.token_ids, seq.cache_root)
+                ([], []) if seq.cache_key is None else self.blocks.match_prefix(seq.token_ids, seq.cache_key)
             )
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_allocate(seq.block_table, start + n, prefix):
                 break
             self.waiting.remove(seq)
-            if seq.cache_root is not None:
+            if seq.cache_key is not None:
                 seq.num_computed_tokens = self.blocks.take_prefix(seq.block_table, prefix, seq.num_prompt_tokens)
                 seq.block_hashes = hashes
                 if not seq.num_preemptions:
@@ -154,9 +154,9 @@ class Scheduler:
         for entry in batch:
             seq = entry.seq
             seq.num_computed_tokens += entry.num_new_tokens
-            if seq.cache_root is not None:  # its newly computed full blocks become reusable
+            if seq.cache_key is not None:  # its newly computed full blocks become reusable
                 self.blocks.register(
-                    seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed_tokens, seq.cache_root
+                    seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed_tokens, seq.cache_key
                 )
             token = sampled.get(seq.request_id)
             if token is not None:

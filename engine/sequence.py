@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
-from engine.kv_cache import ROOT
+from engine.kv_cache import SHARED, CacheKey
 
 
 class SequenceStatus(enum.Enum):
@@ -133,10 +133,10 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None  # why it failed (FinishReason.ERROR), for its client
     tenant: str = ""  # who sent it: new prompts are admitted fairly among tenants
-    # Prefix caching (engine/kv_cache.py): where its block hash chain starts (its cache salt's
-    # root; None: never cached, e.g. a prompt with images), the hashes of its cached or registered
-    # full blocks, and the prompt tokens its first admission found cached.
-    cache_root: bytes | None = ROOT
+    # Prefix caching (engine/kv_cache.py): what its block hashes are keyed by (its cache salt's
+    # root and its images' content hashes; None: never cached), the hashes of its cached or
+    # registered full blocks, and the prompt tokens its first admission found cached.
+    cache_key: CacheKey | None = SHARED
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
 

@@ -32,7 +32,7 @@ from encode_workers.transfer import EncodeShard, prepare_image_receive, receive_
 from engine import multimodal
 from engine.config import EngineConfig
 from engine.errors import BROKEN_AFTER, InvalidRequestError, WorkerBroken, is_device_failure
-from engine.kv_cache import BlockManager, cache_root
+from engine.kv_cache import BlockManager, CacheKey, cache_key
 from engine.llm_engine import LoadedModel, tp_runner
 from engine.scheduler import ScheduledSeq
 from engine.sampler import RowFailure, Sampler
@@ -70,6 +70,7 @@ class PrefillTask:
     sampled_before: int = 0  # re-prefilled: output tokens already sampled (a seeded stream skips them)
     tenant: str = ""  # who sent it: batches share their token budget fairly among tenants
     cache_salt: str = ""  # prefix caching: only prompts with the same salt share cached blocks
+    image_hashes: tuple[bytes, ...] = ()  # each image's content hash (keys its blocks; none: not cached)
 
 
 @dataclass(frozen=True)
@@ -266,13 +267,12 @@ class PrefillCore:
                 except Exception:  # its forward rows are then token embeddings, discarded
                     log.exception("image features of %s not received", task.request_id)
                     errors[task.request_id] = "the image features did not arrive from the encode pool"
-            # Prefix caching: start after the cached run of the prompt's blocks (never for images)
-            root = (
-                None if task.request_id in embeds or task.images or task.image_shards else cache_root(task.cache_salt)
-            )
-            seq = Sequence(task.request_id, ids, task.sampling, cache_root=root)
-            if root is not None:
-                prefix, seq.block_hashes = self.blocks.match_prefix(ids, root)
+            # Prefix caching: start after the cached run of the prompt's blocks (keyed by its images'
+            # content too; a prompt with images but no hashes, or whose features failed, is not cached)
+            key = self._cache_key(task, ids, task.request_id in embeds, errors)
+            seq = Sequence(task.request_id, ids, task.sampling, cache_key=key)
+            if key is not None:
+                prefix, seq.block_hashes = self.blocks.match_prefix(ids, key)
                 seq.num_computed_tokens = seq.num_cached_tokens = self.blocks.take_prefix(
                     seq.block_table, prefix, len(ids)
                 )
@@ -386,6 +386,18 @@ class PrefillCore:
             for t in tasks
         ]
 
+    def _cache_key(self, task: PrefillTask, ids: list[int], with_features: bool, errors: dict) -> CacheKey | None:
+        """The prompt's cache key (engine/kv_cache.py), or None when it is not cached: it has images
+        whose features it lacks or whose content hashes it was not given."""
+        if task.images or task.image_shards:
+            if not (with_features and task.image_hashes) or task.request_id in errors:
+                return None
+        try:
+            return cache_key(task.cache_salt, ids, self.loaded.image_token_id, task.image_hashes)
+        except ValueError:
+            log.exception("cannot key the images of %s; not cached", task.request_id)
+            return None
+
     def _forward(self, seqs: list[Sequence], embeds: dict, send, orders=()) -> dict[str, int | RowFailure]:
         """One packed forward over `seqs` (K/V sent layer by layer through `send`, or after the
         last layer without streaming) and the first token of each: {request id: token}.
@@ -406,8 +418,8 @@ class PrefillCore:
                 send(layer)
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
         for s in seqs:  # their full blocks are computed: reusable by later prompts
-            if s.cache_root is not None:
-                self.blocks.register(s.block_table, s.block_hashes, s.token_ids, s.num_tokens, s.cache_root)
+            if s.cache_key is not None:
+                self.blocks.register(s.block_table, s.block_hashes, s.token_ids, s.num_tokens, s.cache_key)
         return {s.request_id: t for s, t in zip(seqs, tokens)}
 
     def close(self) -> None:

@@ -158,6 +158,24 @@ def check_epd(loop, router, llava, roles=("decode", "encode", "encode", "prefill
     assert_no_leaks(loop, router)
 
 
+def check_image_caching(loop, router, llava):
+    """Prefix caching keys an image's blocks by its content, end to end (encode, prefill, decode):
+    the same token ids with another image reuse only the text blocks before it; with the same
+    image every full block; each answer is transformers' for its own image."""
+    bs = router.dispatch.prefix_index.block_size
+    ids = list(range(300, 300 + bs + 2)) + [IMAGE_TOKEN_ID, 99, 1024, 7]  # one text block, then the image
+    full = len(ids) + TOKENS_PER_IMAGE - 1
+    a, b = png_bytes(80), png_bytes(81)
+    first = loop.run(collect(router, request("img-a", ids, [a])))
+    other = loop.run(collect(router, request("img-b", ids, [b])))
+    same = loop.run(collect(router, request("img-a-again", ids, [a])))
+    assert [r.final.error for r in (first, other, same)] == [None] * 3
+    assert first.token_ids == same.token_ids == reference(llava, ids, [a])
+    assert other.token_ids == reference(llava, ids, [b]) != first.token_ids
+    assert (other.final.cached_tokens, same.final.cached_tokens) == (bs, (full - 1) // bs * bs)
+    assert_no_leaks(loop, router)
+
+
 def check_encode_restart(loop, router, llava):
     """Kill an encode worker: the supervisor starts a replacement (epoch 1) and images flow again."""
     import ray
@@ -185,9 +203,10 @@ def check_encode_restart(loop, router, llava):
 
 
 def test_epd_one_node(model_dir, llava):
-    loop, router = deploy(model_dir)
+    loop, router = deploy(model_dir, **{"engine.prefix_caching": True})
     try:
         check_epd(loop, router, llava)
+        check_image_caching(loop, router, llava)
         assert vision_calls(router.prefill[0]) is None  # an encode pool: no vision tower in prefill
         # Without role_switching.encode_prefill neither side holds the other's weights: refused
         # before any draining, saying why.

@@ -18,11 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import triptych
+from tests.helpers.models import SMOL_NEW_TOKENS
 from engine.worker_api import free_port
 from kv_transfer.segment import creator_pid, held_segments, orphaned_segments
 
@@ -143,3 +145,93 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
     while set(held_segments()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not (set(held_segments()) - before) and not orphaned_segments()
+
+
+def _multinode_stack(transport: str) -> tuple[subprocess.Popen, str]:
+    """A serving stack on three simulated nodes (tests/helpers/multinode_stack.py), every process
+    of it in one tree of a session of its own; returns it and its gRPC target."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.multinode_stack", "--transport", transport],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (lines and lines[-1].startswith("READY")):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    if not (lines and lines[-1].startswith("READY")):
+        _kill_tree(proc.pid)
+        pytest.fail("the multinode stack did not start:\n" + "".join(lines)[-3000:])
+    return proc, lines[-1].split()[1]
+
+
+def _freed(ours: set[str]) -> set[str]:
+    """Of `ours`, what is still held after FREED_WITHIN_S."""
+    deadline = time.monotonic() + FREED_WITHIN_S
+    while (left := ours & set(held_segments())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_sigkill_of_a_multinode_stack_strands_no_memory_and_a_fresh_start_serves(smol_chats, smol_reference):
+    """The same on three simulated nodes (each with its own raylet): the prefill worker on one node
+    maps the cache of the decode worker on another. SIGKILL of every process of every node (each
+    node's Ray dying with its workers) mid-request frees all of it. A fresh stack on the same
+    machine, its KV now crossing the nodes over gloo (as between real machines), serves five of
+    the shared chats (10..2000 tokens; tests/integration/test_disaggregated.py runs others on one
+    node) concurrently, token-identical to transformers."""
+    before, shm_before = set(held_segments()), set(os.listdir("/dev/shm"))
+    proc, target = _multinode_stack("shm")
+    streaming = threading.Event()
+
+    def client() -> None:
+        try:
+            with triptych.Client(target, timeout=120) as c:
+                for _ in c.generate("Count from one to one hundred.", max_tokens=200, ignore_eos=True):
+                    streaming.set()
+        except Exception:
+            pass  # the stack is killed under it
+
+    try:
+        with triptych.Client(target, timeout=60) as c:
+            nodes = {w.role.value: w.node_id for p in c.cluster_status().pools for w in p.workers}
+        assert nodes["prefill"] != nodes["decode"], nodes
+        threading.Thread(target=client, daemon=True).start()
+        assert streaming.wait(120), "no token streamed"
+        pids = _tree(proc.pid)
+        ours = {n for n in set(held_segments()) - before if creator_pid(n) in pids}
+        cache = {n for n in ours if n.endswith("-kv")}
+        assert cache, "the decode worker holds its KV cache in a segment"
+        # the cache is mapped across nodes: by the decode worker and by the prefill worker
+        assert len({pid for pid in pids if cache & set(held_segments(pid))}) >= 2
+    finally:
+        _kill_tree(proc.pid)  # every node's processes at once, mid-request
+    proc.wait(30)
+    assert not (left := _freed(ours)), f"shared memory of killed processes still held: {left}"
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+    proc, target = _multinode_stack("gloo")
+    picked = [1, 5, 9, 13, 19]
+    try:
+        with triptych.Client(target, timeout=300) as c:
+            nodes = {w.role.value: w.node_id for p in c.cluster_status().pools for w in p.workers}
+            with ThreadPoolExecutor(len(picked)) as pool:
+                answers = list(
+                    pool.map(
+                        lambda i: c.complete(messages=smol_chats[i], max_tokens=SMOL_NEW_TOKENS, temperature=0), picked
+                    )
+                )
+        fresh = {n for n in set(held_segments()) - before if creator_pid(n) in _tree(proc.pid)}
+    finally:
+        _kill_tree(proc.pid)
+    proc.wait(30)
+    assert nodes["prefill"] != nodes["decode"], nodes
+    assert [a.error for a in answers] == [""] * len(picked)
+    assert [list(a.token_ids) for a in answers] == [smol_reference[i] for i in picked]
+    assert not _freed(fresh) and not orphaned_segments()

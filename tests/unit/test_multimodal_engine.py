@@ -145,3 +145,44 @@ def test_prefix_caching_never_shares_blocks_between_different_images(split, llav
     assert run(engine, requests, feats) == reference  # again, with the text prompts' blocks cached
     assert engine.blocks.hit_tokens > 0
     engine.blocks.check()
+
+
+def test_prefix_caching_keys_image_blocks_by_their_content(split, llava, requests, reference, make_engine):
+    """With the images' content hashes, blocks holding an image's placeholder tokens are keyed by
+    that image: the same token ids with other images share only the text blocks before the first
+    image; with the same images, every full block is reused; the answers stay the reference's."""
+    from engine.kv_cache import image_hash
+
+    encoder, loaded = split
+    engine = make_engine(loaded, block_size=8, num_kv_blocks=256, prefix_caching=True)
+    ids, images = requests[2]  # 12 text tokens, then 3 images (16 placeholders each) with text between
+
+    def keyed(imgs):
+        engine.add_request(
+            ids,
+            SamplingParams(max_tokens=NEW_TOKENS),
+            image_features=features_of(encoder, llava, imgs),
+            image_hashes=[image_hash(b) for b in imgs],
+        )
+        tokens, cached = [], None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+                cached = out.cached_tokens
+        return tokens, cached
+
+    others = [png_bytes(999 + i) for i in range(len(images))]
+    assert keyed(others)[1] == 0
+    assert keyed(images) == (reference[2], 8)  # block 0 (text) only: block 1 holds image 0's tokens
+    full = len(multimodal.expand_image_tokens(ids, IMAGE_TOKEN_ID, len(images), 16))
+    assert keyed(images) == (reference[2], (full - 1) // 8 * 8)  # every full block but the last
+    # the last image differs: everything up to its first block is reused, nothing after
+    swapped = images[:2] + others[2:]
+    first_of_last = [
+        i for i, t in enumerate(multimodal.expand_image_tokens(ids, IMAGE_TOKEN_ID, 3, 16)) if t == IMAGE_TOKEN_ID
+    ][32]
+    assert keyed(swapped)[1] == first_of_last // 8 * 8
+    engine.blocks.check()
+    with pytest.raises(InvalidRequestError, match="2 image hashes for 3 images"):
+        engine.add_request(ids, image_features=features_of(encoder, llava, images), image_hashes=[b"x" * 16] * 2)
+    assert not engine.has_unfinished() and not engine._prompt_embeds

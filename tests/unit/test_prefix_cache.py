@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.kv_cache import ROOT, BlockManager, cache_root
+from engine.kv_cache import SHARED, BlockManager, CacheKey, cache_key, image_hash, prefix_hashes
 from engine.sequence import SamplingParams
 from tests.helpers.models import hf_greedy
 from tests.prompts import shared_prefix_prompts
@@ -19,12 +19,12 @@ from tests.prompts import shared_prefix_prompts
 BS = 4
 
 
-def _computed(m: BlockManager, tokens: list[int], root: bytes = ROOT) -> tuple[list[int], list[bytes]]:
+def _computed(m: BlockManager, tokens: list[int], key: CacheKey = SHARED) -> tuple[list[int], list[bytes]]:
     """A table whose K/V are all computed, registered as the scheduler does."""
     table: list[int] = []
     m.allocate(table, len(tokens))
     hashes: list[bytes] = []
-    m.register(table, hashes, tokens, len(tokens), root)
+    m.register(table, hashes, tokens, len(tokens), key)
     return table, hashes
 
 
@@ -39,7 +39,7 @@ def test_freed_full_blocks_stay_cached_and_are_found_again():
     assert len(blocks) == 2 and len(hashes) == 2
     # a different token in block 1 breaks the chain from there; a different salt from the start
     assert len(m.match_prefix(tokens[:5] + [0] + tokens[6:] + [1])[0]) == 1
-    assert m.match_prefix(tokens + [1], cache_root("tenant-b")) == ([], [])
+    assert m.match_prefix(tokens + [1], cache_key("tenant-b")) == ([], [])
     new: list[int] = []
     assert m.take_prefix(new, blocks, 13) == 2 * BS
     m.allocate(new, 13)
@@ -293,3 +293,30 @@ def test_a_decode_worker_keeps_a_turn_cached_and_prefills_the_next_turns_rest_it
     finally:
         prefill.close()
         decode.close()
+
+
+def test_blocks_holding_an_images_tokens_are_keyed_by_its_content():
+    """Text blocks before the first image hash as without images; a block holding any placeholder
+    of an image, and every block after it, depends on that image's content hash."""
+    img = 9
+    ids = list(range(100, 106)) + [img] * 4 + [50, 51] + [img] * 4 + list(range(60, 67))  # images at 6..10, 12..16
+    a, b, c = (image_hash(bytes([n]) * 100) for n in (1, 2, 3))
+    key = cache_key("", ids, img, [a, b])
+    assert key.images == ((6, 10, a), (12, 16, b))
+    plain = list(prefix_hashes(ids, BS))
+    same = list(prefix_hashes(ids, BS, key))
+    assert same[0] == plain[0] and all(x != y for x, y in zip(same[1:], plain[1:]))  # block 1 holds image a
+    other_second = list(prefix_hashes(ids, BS, cache_key("", ids, img, [a, c])))
+    # blocks 0..2 (positions 0..11) hold only text and image a; block 3 (12..15) holds image b
+    assert other_second[:3] == same[:3] and all(x != y for x, y in zip(other_second[3:], same[3:]))
+    assert list(prefix_hashes(ids, BS, cache_key("", ids, img, [a, b]))) == same  # deterministic
+    m = BlockManager(16, BS, prefix_caching=True)
+    table, _ = _computed(m, ids, key)
+    m.free(table)
+    assert len(m.match_prefix(ids, cache_key("", ids, img, [a, c]))[0]) == 3
+    assert len(m.match_prefix(ids, cache_key("", ids, img, [c, b]))[0]) == 1
+    for hashes, why in (([a], "8 image tokens do not make 1"), ([a, b, c], "8 image tokens do not make 3")):
+        with pytest.raises(ValueError, match=why):
+            cache_key("", ids, img, hashes)
+    with pytest.raises(ValueError, match="unbroken"):
+        cache_key("", [img, 1, img, img, 2, img], img, [a, b])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cluster.pools import Lease, WorkerHandle
 from cluster.prefix_index import IndexFollower, PrefixIndex
-from engine.kv_cache import BlockManager, CacheEvents, cache_root
+from engine.kv_cache import BlockManager, CacheEvents, cache_key, image_hash, prefix_hashes
 from engine.worker_api import Role
 
 BS = 4
@@ -21,11 +21,19 @@ def test_the_router_hashes_a_prompt_as_the_engine_caches_it():
     for salt in ("", "tenant-a"):
         table: list[int] = []
         m.allocate(table, len(tokens))
-        m.register(table, hashes := [], tokens, len(tokens), cache_root(salt))
+        m.register(table, hashes := [], tokens, len(tokens), cache_key(salt))
         m.free(table)
-        _, engine_hashes = m.match_prefix(tokens + [7], cache_root(salt))
+        _, engine_hashes = m.match_prefix(tokens + [7], cache_key(salt))
         assert PrefixIndex(BS, 16).hashes(tokens + [7], salt) == engine_hashes == hashes[: len(engine_hashes)]
     assert PrefixIndex(BS, 16).hashes(tokens, "a") != PrefixIndex(BS, 16).hashes(tokens, "b")
+    # a prompt with images (placeholder 9): keyed by their content, as the workers key it; an
+    # answer's blocks after the prompt too, even where the answer holds the placeholder token
+    ids, images = [1, 2, 9, 9, 9, 9, 3, 4, 5, 6], [image_hash(b"png-1")]
+    key = cache_key("s", ids, 9, images)
+    index = PrefixIndex(BS, 16, image_token_id=9)
+    assert index.hashes(ids, "s", images) == list(prefix_hashes(ids, BS, key)) != index.hashes(ids, "s")
+    answer = ids + [9, 7, 7, 7, 7]
+    assert index.hashes(answer, "s", images, len(ids)) == list(prefix_hashes(answer, BS, key))
 
 
 def test_a_prompt_goes_where_its_prefix_is_unless_that_worker_is_much_busier():
@@ -62,7 +70,7 @@ def _cache(m: BlockManager, tokens: list[int], salt: str = "") -> None:
     """Compute `tokens` into `m` (as a step does) and free them: their full blocks stay cached."""
     table: list[int] = []
     m.allocate(table, len(tokens))
-    m.register(table, [], tokens, len(tokens), cache_root(salt))
+    m.register(table, [], tokens, len(tokens), cache_key(salt))
     m.free(table)
 
 

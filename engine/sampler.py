@@ -48,7 +48,8 @@ class Sampler:
     seed, so the workers that share a seeded request run on one kind of device).
 
     A step copies one thing to the host: the sampled token ids with each row's outcome, once
-    (`sample`); no check in between waits for the device."""
+    (`sample`); no check in between waits for the device. Only a step with rows that asked for
+    log-probabilities copies those as well, after it."""
 
     def __init__(self, device: torch.device | str = "cpu", token_text: Callable[[int], str] = str) -> None:
         """token_text: a token id's text (the tokenizer's decode of it alone), for TokenLogprob."""

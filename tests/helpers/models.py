@@ -8,7 +8,7 @@ import torch
 # The real-model prompt set: 20 chat prompts whose user message is 5..2000 tokens, each continued
 # greedily for SMOL_NEW_TOKENS tokens (the `smol_*` fixtures in tests/conftest.py).
 SMOL_LENGTHS = [5, 10, 20, 40, 70, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1400, 1600, 1800, 1900, 2000]
-SMOL_NEW_TOKENS = 32
+SMOL_NEW_TOKENS = 24
 
 
 def tiny_llama_config(vocab_size: int, layers: int = 2):

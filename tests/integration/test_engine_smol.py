@@ -1,7 +1,7 @@
 """The real SmolLM2: greedy output of the engine equals transformers generate() token for token.
 
 20 chat-templated prompts whose user message is 5..2000 tokens (plus the template's system
-prompt and a question), SMOL_NEW_TOKENS (32) new tokens each, all run as one continuous batch.
+prompt and a question), SMOL_NEW_TOKENS (24) new tokens each, all run as one continuous batch.
 """
 
 import pytest

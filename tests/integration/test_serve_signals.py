@@ -183,8 +183,8 @@ def test_sigkill_of_a_multinode_stack_strands_no_memory_and_a_fresh_start_serves
     """The same on three simulated nodes (each with its own raylet): the prefill worker on one node
     maps the cache of the decode worker on another. SIGKILL of every process of every node (each
     node's Ray dying with its workers) mid-request frees all of it. A fresh stack on the same
-    machine, its KV now crossing the nodes over gloo (as between real machines), serves five of
-    the shared chats (10..2000 tokens; tests/integration/test_disaggregated.py runs others on one
+    machine, its KV now crossing the nodes over gloo (as between real machines), serves three of
+    the shared chats (10..1800 tokens; tests/integration/test_disaggregated.py runs others on one
     node) concurrently, token-identical to transformers."""
     before, shm_before = set(held_segments()), set(os.listdir("/dev/shm"))
     proc, target = _multinode_stack("shm")
@@ -217,7 +217,7 @@ def test_sigkill_of_a_multinode_stack_strands_no_memory_and_a_fresh_start_serves
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
     proc, target = _multinode_stack("gloo")
-    picked = [1, 5, 9, 13, 19]
+    picked = [1, 9, 17]
     try:
         with triptych.Client(target, timeout=300) as c:
             nodes = {w.role.value: w.node_id for p in c.cluster_status().pools for w in p.workers}

@@ -292,6 +292,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
+        key = None if cache_salt is None else self._cache_key(cache_salt, prompt_token_ids, image_hashes)
         # The first token (and, resumed, the earlier output) was sampled elsewhere: skip its draws.
         self.sampler.advance(request_id, sampling, self._vocab_size(), 1 + (resume[0] if resume else 0))
         seq = Sequence(
@@ -303,7 +304,7 @@ class LLMEngine:
             num_computed_tokens=len(prompt_token_ids),
             block_table=block_table,
             status=SequenceStatus.RUNNING,
-            cache_key=None if cache_salt is None else self._cache_key(cache_salt, prompt_token_ids, image_hashes),
+            cache_key=key,
         )
         if seq.cache_key is not None:  # its prompt's K/V landed from a prefill worker: reusable now
             self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_key)

@@ -105,7 +105,7 @@ def test_without_caching_nothing_is_kept():
 # ------------------------------------------------------------------ the engine
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_caching_on_is_token_identical_to_off_and_to_transformers(tiny, make_engine, block_size):
-    # (the real SmolLM2 runs these 20 prompts through the cluster: tests/integration/test_gateway_e2e.py)
+    # (the real SmolLM2 runs these 20 prompts through the cluster: tests/integration/test_disaggregated.py)
     prompts = shared_prefix_prompts(len(tiny.tokenizer))
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     reference = [hf_greedy(tiny, p, 12) for p in prompts]

@@ -86,13 +86,9 @@ def _kill_tree(root: int) -> None:
             pass
 
 
-def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_path):
-    before = set(held_segments())
-    config = tmp_path / "deploy.yaml"
-    config.write_text(
-        json.dumps({"version": 1, "ray": {"num_cpus": 2}, "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}})
-    )
-    proc, target, _ = _serve(config)
+def _stream_until_killed(target: str) -> threading.Event:
+    """A client streaming a long answer from `target` in the background; the event is set once
+    tokens flow. The stack is killed under it: its errors are expected."""
     streaming = threading.Event()
 
     def client() -> None:
@@ -101,19 +97,34 @@ def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_pat
                 for _ in c.generate("Count from one to one hundred.", max_tokens=200, ignore_eos=True):
                     streaming.set()
         except Exception:
-            pass  # the server is killed under it
+            pass
 
     threading.Thread(target=client, daemon=True).start()
-    assert streaming.wait(120), "no token streamed"
+    return streaming
+
+
+def _freed(ours: set[str]) -> set[str]:
+    """Of `ours`, what is still held after FREED_WITHIN_S."""
+    deadline = time.monotonic() + FREED_WITHIN_S
+    while (left := ours & set(held_segments())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_sigkill_of_the_stack_strands_no_memory_and_a_fresh_start_serves(tmp_path):
+    before = set(held_segments())
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        json.dumps({"version": 1, "ray": {"num_cpus": 2}, "server": {"grpc_port": 0, "http_port": 0, "admin_port": 0}})
+    )
+    proc, target, _ = _serve(config)
+    assert _stream_until_killed(target).wait(120), "no token streamed"
     pids = _tree(proc.pid)
     ours = {n for n in set(held_segments()) - before if creator_pid(n) in pids}
     _kill_tree(proc.pid)  # the whole tree at once, mid-request: nothing gets to clean up
     assert {n.rsplit("-", 1)[1] for n in ours} >= {"kv", "ctl"}, "the decode worker holds its KV cache"
     proc.wait(30)
-    deadline = time.monotonic() + FREED_WITHIN_S
-    while (left := ours & set(held_segments())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"shared memory of killed processes still held: {left}"
+    assert not (left := _freed(ours)), f"shared memory of killed processes still held: {left}"
     assert not list(Path("/dev/shm").glob("triptych-*"))
 
     # A fresh start on the same machine serves, here joining a Ray cluster started by `ray start
@@ -171,14 +182,6 @@ def _multinode_stack(transport: str) -> tuple[subprocess.Popen, str]:
     return proc, lines[-1].split()[1]
 
 
-def _freed(ours: set[str]) -> set[str]:
-    """Of `ours`, what is still held after FREED_WITHIN_S."""
-    deadline = time.monotonic() + FREED_WITHIN_S
-    while (left := ours & set(held_segments())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def test_sigkill_of_a_multinode_stack_strands_no_memory_and_a_fresh_start_serves(smol_chats, smol_reference):
     """The same on three simulated nodes (each with its own raylet): the prefill worker on one node
     maps the cache of the decode worker on another. SIGKILL of every process of every node (each
@@ -188,22 +191,11 @@ def test_sigkill_of_a_multinode_stack_strands_no_memory_and_a_fresh_start_serves
     node) concurrently, token-identical to transformers."""
     before, shm_before = set(held_segments()), set(os.listdir("/dev/shm"))
     proc, target = _multinode_stack("shm")
-    streaming = threading.Event()
-
-    def client() -> None:
-        try:
-            with triptych.Client(target, timeout=120) as c:
-                for _ in c.generate("Count from one to one hundred.", max_tokens=200, ignore_eos=True):
-                    streaming.set()
-        except Exception:
-            pass  # the stack is killed under it
-
     try:
         with triptych.Client(target, timeout=60) as c:
             nodes = {w.role.value: w.node_id for p in c.cluster_status().pools for w in p.workers}
         assert nodes["prefill"] != nodes["decode"], nodes
-        threading.Thread(target=client, daemon=True).start()
-        assert streaming.wait(120), "no token streamed"
+        assert _stream_until_killed(target).wait(120), "no token streamed"
         pids = _tree(proc.pid)
         ours = {n for n in set(held_segments()) - before if creator_pid(n) in pids}
         cache = {n for n in ours if n.endswith("-kv")}

@@ -20,7 +20,10 @@ Turning a body into the router's input (every OpenAI field, its checks and caps)
 cluster/openai_request.py; this module holds the routes, the response shapes and the server.
 
 `n` choices are n requests of their own (ids `<id>-<i>`), answered as one response (streamed:
-chunks of all choices as they come, each naming its `index`); one refused refuses the whole.
+chunks of all choices as they come, each naming its `index`); one refused refuses the whole. They
+share the prompt's prefill through the prefix cache: with `engine.prefix_caching` (and cache-aware
+routing) the later choices start once the first one's prefill is done and are routed where its
+KV is, so they compute only the prompt's last block; with caching off each computes the prompt.
 
 A streaming request is validated up to its first event before the SSE response starts, so
 requests refused before generation get a real HTTP status. If the client disconnects mid-stream,
@@ -185,10 +188,7 @@ class _Api:
         ]
         streams = [self.gateway.events(x, principal=request[PRINCIPAL], door="http") for x in inputs]
         try:
-            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-            for first in firsts:  # a RouterError here becomes the HTTP status
-                if isinstance(first, BaseException):
-                    raise first
+            firsts = await _firsts(streams, staged=n > 1 and self.gateway.router.shares_prefixes())
             fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat, sampling.logprobs is not None)
             if stream:
                 include_usage = bool(options.get("include_usage"))
@@ -368,6 +368,22 @@ class _Format:
                 )
         head = self._head("chat.completion" if self.chat else "text_completion")
         return {**head, "choices": choices, "usage": _usage(finals), "timings": asdict(finals[0].timings)}
+
+
+async def _firsts(streams: list, staged: bool) -> list:
+    """The first event of each choice's stream (starting it). `staged`: the first choice's
+    prefill goes first and the others start once it is done, so that they find its prompt's KV
+    in the prefix cache (the router routes them there) instead of each computing it. A refusal
+    (RouterError) of any choice is raised: it becomes the HTTP status."""
+    firsts: list = []
+    if staged:
+        firsts = await asyncio.gather(anext(streams[0]), return_exceptions=True)
+        streams = streams[1:] if not isinstance(firsts[0], BaseException) else []
+    firsts += await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    for first in firsts:
+        if isinstance(first, BaseException):
+            raise first
+    return firsts
 
 
 def _usage(finals: list[FinalEvent]) -> dict:

@@ -254,6 +254,9 @@ class ClusterRouter(Router):
         flight = self.admission.admit(request, prepared)
         return self.dispatch.stream(request, flight, list(prepared.token_ids))
 
+    def shares_prefixes(self) -> bool:
+        return self.dispatch.prefix_index is not None
+
     def _ended(self, t: Timings, completion_tokens: int, completed: bool) -> None:
         """A request ended by itself: its TTFT (the whole wait when it got no token) and TPOT
         go to the role policy's SLO window."""

@@ -164,6 +164,12 @@ class Router(abc.ABC):
 
         Closing the iterator early (client went away) aborts the request."""
 
+    def shares_prefixes(self) -> bool:
+        """True when a request finds the KV of a prompt prefix computed for an earlier one where it
+        is routed (prefix caching with cache-aware routing): the gateway then starts a request's
+        later choices (`n`) after the first one's prefill, and they compute only its last block."""
+        return False
+
     @abc.abstractmethod
     async def abort(self, request_id: str) -> bool:
         """True when the request was in flight; its stream then ends with FinalEvent(ABORT)."""

@@ -83,7 +83,12 @@ class FakeRouter(Router):
         self.aborts: list[str] = []  # requests whose stream was closed or aborted early
         self.abort_calls: list[str] = []  # Abort RPC / router.abort() calls
         self.shut_down = False
+        self.shares = False  # what shares_prefixes() answers
+        self.trace: list[tuple[str, str]] = []  # ("generate" | "first token", request id), in order
         self._abort_events: dict[str, asyncio.Event] = {}
+
+    def shares_prefixes(self) -> bool:
+        return self.shares
 
     async def set_worker_role(self, worker_id, role, reason="manual", drain_timeout_s=60.0):
         self.inputs.append(SetRoleCall("set_role", worker_id, role, reason, drain_timeout_s))
@@ -95,6 +100,7 @@ class FakeRouter(Router):
 
     def generate(self, request: GenerateInput, prepared=None):
         self.inputs.append(request)
+        self.trace.append(("generate", request.request_id))
         word = input_text(request).split()[-1] if input_text(request).split() else ""
         if word.startswith("eager-"):
             raise RouterError(*ERRORS[word.removeprefix("eager-")])
@@ -140,6 +146,9 @@ class FakeRouter(Router):
             for i, piece in enumerate(["Hel", "lo", "!"]):
                 # with logprobs: the token's own, and k alternatives (ids 100.., "<j>", -1 - j)
                 lps = () if k is None else (TokenLogprob(10 + i, piece, -0.5 * i, _top(k)),)
+                if i == 0:
+                    await asyncio.sleep(0.05)  # a prefill takes a while: choices started together overlap
+                    self.trace.append(("first token", rid))
                 yield TokenEvent((10 + i,), piece, lps)
             finished = True
             yield FinalEvent(FinishReason.STOP, 5, 3, "Hello!", TIMINGS, cached_tokens=2)

@@ -234,6 +234,30 @@ def test_a_conversation_reuses_its_earlier_turns_on_the_decode_worker(served, sm
     assert any(w.kv_blocks_cached > 0 for p in status.pools for w in p.workers)
 
 
+def test_n_choices_share_the_prompts_prefill(served, smol, make_engine):
+    """n = 3 over HTTP: the later choices start after the first one's prefill and find its KV
+    cached (every full block but the last one's), and each choice is the model's own answer."""
+    _, http_base, _, _, _ = served
+    from tests.helpers.gateway import samples
+
+    def hits() -> float:
+        metrics = samples(httpx.get(f"{http_base}/metrics", timeout=30).text)
+        return sum(v for (name, _), v in metrics.items() if name == "triptych_prefix_cache_hit_tokens_total")
+
+    chat = [{"role": "user", "content": "Give one short fact about owls and one about hawks. " * 5}]
+    before = hits()
+    r = httpx.post(
+        f"{http_base}/v1/chat/completions",
+        timeout=120,
+        json={"messages": chat, "max_tokens": 6, "temperature": 0, "n": 3},
+    )
+    assert r.status_code == 200, r.text
+    offline = make_engine(smol).generate([chat], SamplingParams(max_tokens=6))[0].text
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [offline] * 3
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert hits() - before >= 2 * ((prompt - 1) // 16 * 16) > 0  # engine.block_size 16
+
+
 def test_logprobs_are_the_models_own_over_sdk_and_http(served, smol):
     """Log-probabilities of the real model, compared with a log-softmax of transformers' logits:
     over the SDK (the first token sampled on the prefill worker, the rest on the decode worker),

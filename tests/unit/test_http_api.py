@@ -372,6 +372,23 @@ def test_a_chat_template_refusal_is_invalid_argument_in_its_own_words(smol):
         tok.chat_template = saved
 
 
+@pytest.mark.parametrize("shares", [False, True])
+def test_n_choices_start_after_the_first_ones_prefill_when_the_router_shares_prefixes(http, router, shares):
+    """With prefix caching (the router shares prefixes) choices 1..n-1 start only once choice 0's
+    prefill is done (its first token), so they find its KV cached; without, all start at once."""
+    router.shares, router.trace[:] = shares, []
+    try:
+        for stream in (False, True):
+            router.trace.clear()
+            resp = http.post("/v1/chat/completions", json=chat_body(n=3, stream=stream))
+            assert resp.status_code == 200, resp.text
+            first_token = router.trace.index(("first token", router.inputs[-3].request_id))
+            later = [router.trace.index(("generate", x.request_id)) for x in router.inputs[-2:]]
+            assert all(i > first_token for i in later) if shares else all(i < first_token for i in later)
+    finally:
+        router.shares = False
+
+
 def test_n_choices_are_generated_as_requests_of_their_own(http, oai, router):
     """n = 3: three requests (a seeded choice i draws from seed + i), answered as
     three choices, the prompt counted once in usage; streamed, every chunk names its choice and

@@ -7,28 +7,34 @@ on the real cluster, per deployment.
    node is busy while timing, as in a deployment (--alone: not), unless --profile names profiles.
 2. Plan (`placement.search`) for the local CPU cluster from those profiles on one slice of the
    trace (--fit-start/--fit-count; the planner fits on its first half and predicts each plan's
-   goodput on its second half). Every ranked plan is a deployment to measure; the first is the pick.
-   On a node of <= 4 devices the layouts the ranking lacks (e.g. one predicted to meet the SLOs
-   at no rate) are added with their simulated goodput on the same held-out half.
+   goodput on its second half), then, as `triptych plan` does, each plan's goodput band (p10,
+   median, p90) over --band-slices disjoint slices of the whole trace, ranked by the band's p10
+   per device. Every ranked plan is a deployment to measure; the first is the pick. On a node of
+   <= 4 devices the layouts the ranking lacks (e.g. one predicted to meet the SLOs at no rate) are
+   added with their simulated goodput and band.
 3. Measure each deployment with the real engine on Ray, one at a time, replaying a *different*
    slice of the trace (--measure-start/--requests) at the same SLOs and length scaling, rescaled
    to each probed rate as bench/goodput.py does. Goodput = the highest probed rate at which
    >= 90% of requests meet both TTFT and TPOT (and no lower rate failed). Like the planner's
    simulations, a probe repeats the slice back to back until it spans >= 10 TTFT SLOs.
-   Rate search: start at the prediction, step up (pass) or down (fail) by --step until the
-   goodput is bracketed, then bisect (geometric mean) until hi/lo <= 1 + --precision or
-   --max-probes rates were run; or measure exactly --rates. A probe stops sending once more than
-   10% of its requests have missed (those sent finish; --no-early-stop replays all).
+   Probes are sized by request count: --requests 40 gives a binomial standard error of 4.7
+   points at the 90% target (each probe's is printed), and at low rates a probe is 40 requests,
+   not a fixed wall-clock span.
+   Rate search, from the band: probe its p10, then (passed) its p90, so that two probes say
+   whether the measured goodput lies below, inside or above the band; then step by --step
+   outside it or bisect (geometric mean) inside until hi/lo <= 1 + --precision or --max-probes
+   rates were run; or measure exactly --rates. A probe stops sending once more than 10% of its
+   requests have missed (those sent finish; --no-early-stop replays all).
    Shared machine: before each profile and probe the script waits (up to --max-wait) until other
    processes use <= --max-background CPU cores, measures their use during it from /proc, and runs
    it again (up to --retries times) when they used more; the table marks what stayed disturbed.
-4. Print predicted vs. measured goodput and the error, whether the pick is the best measured,
-   and, per probe, the simulator's attainment and latencies on the very requests measured (this
+4. Print predicted vs. measured goodput and the error, whether the measured goodput lies in the
+   predicted band, whether the pick is the best measured, and, per probe, the simulator's attainment and latencies on the very requests measured (this
    separates latency-model error from the difference between the fit and measured slices).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.plan_validation            # profiles, plans, measures
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.plan_validation --profile /tmp/pv/profile_t1.json,/tmp/pv/profile_t2.json \
-        --requests 60 --max-probes 5
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.plan_validation --profile /tmp/plan_validation/profile_t1.json \
+        --trace ../shared/data/traces/mooncake_fast25_conversation_trace.jsonl --measure-start 1000
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.common import AZURE_CONV, prompt_ids, text_token_ids
@@ -62,6 +68,7 @@ PROFILE_BACKGROUND: list[tuple[int, float]] = []  # (threads, cores other proces
 class Probe:
     rate: float
     attainment: float  # measured, over all requests of the probe (unsent ones count as missed)
+    requests: int  # replayed (the slice, repeated until the probe spans >= 10 TTFT SLOs)
     complete: bool
     ttft: tuple[float, float]  # measured p50, p90 (s)
     tpot: tuple[float, float]  # measured p50, p90 (s)
@@ -85,6 +92,21 @@ class Deployment:
     pick: bool = False
     probes: list[Probe] = field(default_factory=list)
     sim_goodput: float = math.nan  # simulator's goodput on the measured slice
+
+    def in_band(self, max_background: float = math.inf) -> str:
+        """Where the measured goodput lies against the predicted band [p10, p90]: below, inside,
+        above; "inside?" etc. when its bracket [pass, fail) straddles an edge."""
+        lo, hi = self.measured(max_background)
+        if self.plan.band is None:
+            return "no band"
+        p10, _, p90 = self.plan.band
+        if lo is None:  # failed at every rate probed
+            return "below" if hi is not None and hi <= p10 else "n/a"
+        if lo < p10:
+            return "below" if hi is not None and hi <= p10 else "below or inside"
+        if lo <= p90:
+            return "inside" if hi is not None and hi <= p90 else "inside or above"
+        return "above"
 
     def measured(self, max_background: float = math.inf) -> tuple[float | None, float | None]:
         """(lo, hi): highest passing rate below the lowest failing rate, and that failing rate,
@@ -215,10 +237,28 @@ def plan_all(args, profiles: str):
     fit, held = tr.split(reqs, 0.5)
     searcher = Searcher(perf, fit, held, settings, lambda m: log(f"plan: {m}"))
     result = searcher.run()
-    return perf, settings, searcher, result
+    slices = band_slices(args, settings)
+    if slices:
+        result = searcher.with_bands(result, slices)
+    return perf, settings, searcher, result, slices
 
 
-def node_layouts(searcher: Searcher, ranked: list[Plan]) -> list[Plan]:
+def band_slices(args, settings: SearchSettings) -> list:
+    """The disjoint slices of the whole (scaled) trace each plan's band is predicted on, as
+    `triptych plan --band-slices` takes them; [] for --band-slices 0."""
+    if not args.band_slices:
+        return []
+    whole = tr.scale_lengths(tr.load_trace(args.trace), args.length_scale, args.max_len)
+    ranges = tr.slice_ranges(len(whole), args.band_slices, settings.verify_sample)
+    end = args.measure_start + args.requests
+    for a, b in ranges:
+        if a < end and args.measure_start < b:
+            log(f"WARNING: the measured slice [{args.measure_start}, {end}) overlaps band slice [{a}, {b})")
+    log(f"bands over {len(ranges)} slices of the whole trace: {', '.join(f'[{a}, {b})' for a, b in ranges)}")
+    return tr.slices(whole, args.band_slices, settings.verify_sample)
+
+
+def node_layouts(searcher: Searcher, ranked: list[Plan], slices: list) -> list[Plan]:
     """Layouts of a small single node (<= 4 devices) that the ranking lacks, with predicted goodputs:
     colocated k × TP t (k·t = devices) and prefill TP p + decode TP d (p + d = devices). The
     ranking drops configurations that meet the SLOs at no rate; their measurement checks that."""
@@ -243,7 +283,8 @@ def node_layouts(searcher: Searcher, ranked: list[Plan]) -> list[Plan]:
         cfg = searcher.sim_config(pools, mode, False, searcher.s.slo)
         g = searcher.bisect_goodput(cfg, searcher.held, 0.5)
         res = searcher.attain(cfg, searcher.held, max(g, 1e-3), early=False)
-        out.append(Plan(pools, mode, False, max(g, 1e-3), res.attainment, res.ttft_attainment, res.tpot_attainment, g))
+        plan = Plan(pools, mode, False, max(g, 1e-3), res.attainment, res.ttft_attainment, res.tpot_attainment, g)
+        out.append(replace(plan, band=searcher.band(plan, slices)) if slices else plan)
     return out
 
 
@@ -318,6 +359,12 @@ async def replay(router, reqs, prompts, slo: Slo, early_stop: bool) -> tuple[lis
     return outcomes, complete
 
 
+def _stderr(p: Probe) -> float:
+    """Binomial standard error of a probe's attainment (at the target when it is 0 or 1)."""
+    a = p.attainment if 0 < p.attainment < 1 else TARGET
+    return math.sqrt(a * (1 - a) / max(1, p.requests))
+
+
 def _p(values, q):
     return percentile([v for v in values if math.isfinite(v)], q)
 
@@ -367,6 +414,7 @@ async def measure(dep: Deployment, perf, settings, searcher: Searcher, measured_
             p = Probe(
                 rate,
                 att,
+                len(reqs),
                 complete,
                 (_p([o.ttft for o in done], 50), _p([o.ttft for o in done], 90)),
                 (_p([o.tpot for o in done if o.tpot > 0], 50), _p([o.tpot for o in done if o.tpot > 0], 90)),
@@ -383,7 +431,8 @@ async def measure(dep: Deployment, perf, settings, searcher: Searcher, measured_
             )
             dep.probes.append(p)
             log(
-                f"  {dep.name} @ {rate:.3f} req/s: attainment {att:.1%}{'' if complete else ' (stopped early)'} "
+                f"  {dep.name} @ {rate:.3f} req/s, {len(reqs)} requests: attainment {att:.1%} "
+                f"±{_stderr(p) * 100:.1f}{'' if complete else ' (stopped early)'} "
                 f"[sim {sim.attainment:.1%}]; TTFT p50/p90 {p.ttft[0]:.2f}/{p.ttft[1]:.2f} s "
                 f"[sim {p.sim_ttft[0]:.2f}/{p.sim_ttft[1]:.2f}]; TPOT p50/p90 {p.tpot[0] * 1e3:.0f}/{p.tpot[1] * 1e3:.0f} ms "
                 f"[sim {p.sim_tpot[0] * 1e3:.0f}/{p.sim_tpot[1] * 1e3:.0f}]; prefill ratio {p.prefill_ratio:.2f}; "
@@ -396,14 +445,18 @@ async def measure(dep: Deployment, perf, settings, searcher: Searcher, measured_
         await router.shutdown()
 
 
-def rate_search(start: float, args, max_probes: int):
+def rate_search(start: float, args, max_probes: int, band: tuple[float, float, float] | None = None):
+    """The rates a deployment is probed at. With a band: its p10 first, then (passed) its p90,
+    which say whether the goodput lies below, inside or above it; then, as without a band (from
+    `start`), step by --step until bracketed and bisect until hi/lo <= 1 + --precision."""
+
     async def run(probe) -> None:
         if args.rates:
             for r in args.rates:
                 await probe(r)
             return
         results: dict[float, bool] = {}
-        r = start
+        r = band[0] if band else start
         runs = 0
         while runs < max_probes:
             runs += 1
@@ -415,7 +468,9 @@ def rate_search(start: float, args, max_probes: int):
             hi = min(fails) if fails else None
             oks = [x for x, ok in results.items() if ok and (hi is None or x < hi)]
             lo = max(oks) if oks else None
-            if lo is None:
+            if band and lo == band[0] and hi is None and band[2] > band[0]:
+                r = band[2]  # passed at p10: is it above p90?
+            elif lo is None:
                 r = hi / args.step
             elif hi is None:
                 r = lo * args.step
@@ -447,13 +502,16 @@ def report(deps: list[Deployment], args, n_measured: int) -> str:
             err = "agree (none)" if pred == 0 else "n/a"
         else:
             err = f"{(pred - lo) / lo * 100:+.0f}%"
+        band = "-" if d.plan.band is None else "{:.3f} / {:.3f} / {:.3f}".format(*d.plan.band)
         rows.append(
             [
                 ("pick: " if d.pick else "") + d.name,
                 f"{d.plan.num_gpus}",
                 f"{pred:.3f}",
+                band,
                 meas,
                 bracket,
+                d.in_band(mb),
                 err,
                 f"{d.sim_goodput:.3f}",
                 str(len(d.probes)),
@@ -463,8 +521,10 @@ def report(deps: list[Deployment], args, n_measured: int) -> str:
         "deployment",
         "cores",
         "predicted req/s",
+        "band p10 / median / p90",
         "measured req/s",
         "bracket [pass, fail)",
+        "in band",
         "error",
         "sim on measured slice",
         "probes",
@@ -497,13 +557,14 @@ def report(deps: list[Deployment], args, n_measured: int) -> str:
         lines.append(f"planner's pick: {pick.name}; highest passing rate: {best_measured.name} -> pick is {verdict}")
     lines.append("")
     lines.append(
-        "probes (measured vs. simulator on the same requests; TTFT s, TPOT ms, p50/p90; "
-        "prefill ratio = median worker prefill time / modelled):"
+        "probes (measured vs. simulator on the same requests; attainment ± its binomial standard error; "
+        "TTFT s, TPOT ms, p50/p90; prefill ratio = median worker prefill time / modelled):"
     )
     for d in deps:
         for p in sorted(d.probes, key=lambda p: p.rate):
             lines.append(
-                f"  {d.name:44s} {p.rate:6.3f} req/s  attain {p.attainment:6.1%}{' ' if p.complete else '*'} "
+                f"  {d.name:44s} {p.rate:6.3f} req/s  {p.requests:4d} reqs  attain {p.attainment:6.1%} "
+                f"±{_stderr(p) * 100:3.1f}{' ' if p.complete else '*'} "
                 f"sim {p.sim_attainment:6.1%}  TTFT {p.ttft[0]:5.2f}/{p.ttft[1]:5.2f} sim "
                 f"{p.sim_ttft[0]:5.2f}/{p.sim_ttft[1]:5.2f}  TPOT {p.tpot[0] * 1e3:4.0f}/{p.tpot[1] * 1e3:4.0f} "
                 f"sim {p.sim_tpot[0] * 1e3:4.0f}/{p.sim_tpot[1] * 1e3:4.0f}  prefill ratio {p.prefill_ratio:.2f}  "
@@ -530,7 +591,7 @@ async def main_async(args) -> int:
     t_start = time.monotonic()
     profiles = args.profile or await run_profiles(args)
     try:
-        perf, settings, searcher, result = plan_all(args, profiles)
+        perf, settings, searcher, result, slices = plan_all(args, profiles)
     except PlanningError as exc:
         print(
             f"plan_validation: the planner found no deployment to validate: {exc} "
@@ -548,11 +609,11 @@ async def main_async(args) -> int:
         log(f"WARNING: the measured slice overlaps the planner's slice [{args.fit_start}, {fit_end})")
     plans = list(result.plans)
     if not args.ranked_only:
-        plans += node_layouts(searcher, plans)
+        plans += node_layouts(searcher, plans, slices)
     if args.deployments:
         plans = [plans[i] for i in args.deployments]
     deps = [Deployment(f"{p.mode.value}: {p.describe()}", p, p is result.chosen) for p in plans]
-    log("predictions: " + "; ".join(f"{d.name} {d.plan.goodput:.3f} req/s" for d in deps))
+    log("predictions: " + "; ".join(f"{d.name} {d.plan.goodput:.3f} req/s ({d.plan.describe_band()})" for d in deps))
     sim_search = Searcher(perf, measured, measured, settings)
     for d in deps:
         cfg = sim_search.sim_config(d.plan.pools, d.plan.mode, d.plan.low_affinity, settings.slo)
@@ -562,8 +623,12 @@ async def main_async(args) -> int:
         # A layout predicted to meet the SLOs at no rate gets two probes, from half the lowest other prediction.
         start = d.plan.goodput if d.plan.goodput > 0 else 0.5 * min(positive, default=0.2)
         probes = args.max_probes if d.plan.goodput > 0 else min(2, args.max_probes)
-        log(f"measuring {d.name} (predicted {d.plan.goodput:.3f} req/s; first probe at {start:.3f})")
-        await measure(d, perf, settings, searcher, measured, rate_search(start, args, probes), args)
+        band = d.plan.band if d.plan.goodput > 0 and d.plan.band and d.plan.band[0] > 0 else None
+        first = band[0] if band else start
+        log(
+            f"measuring {d.name} (predicted {d.plan.goodput:.3f} req/s, {d.plan.describe_band()}; first probe at {first:.3f})"
+        )
+        await measure(d, perf, settings, searcher, measured, rate_search(start, args, probes, band), args)
     st = tr.stats(measured)
     print(
         f"trace {args.trace.name}: planner slice requests [{args.fit_start}, {fit_end}) (fit half / held-out half), "
@@ -598,8 +663,9 @@ def main(argv=None) -> int:
     a(
         "--requests",
         type=int,
-        default=200,
-        help="distinct requests of the measured slice (repeated while a probe spans < 10 TTFT SLOs)",
+        default=40,
+        help="distinct requests of the measured slice (repeated while a probe spans < 10 TTFT SLOs); "
+        "40 gives a standard error of 4.7 points on an attainment near the 90%% target",
     )
     a("--length-scale", type=float, default=0.125)
     a("--max-len", type=int, default=2048)
@@ -607,6 +673,12 @@ def main(argv=None) -> int:
     # held-out prompts take over 2 s to prefill on one busy core, so nothing attains 90% at any rate.
     a("--ttft-slo", type=float, default=5.0)
     a("--tpot-slo", type=float, default=0.5)
+    a(
+        "--band-slices",
+        type=int,
+        default=8,
+        help="disjoint slices of the whole trace each plan's band is predicted on (as triptych plan); 0: none",
+    )
     a("--sample", type=int, default=300, help="planner fit requests per per-phase run (held-out: twice that)")
     a("--token-budget", type=int, default=1024, help="engine max_num_batched_tokens (planner and deployments)")
     a("--max-batch", type=int, default=64, help="engine max_num_seqs (planner and deployments)")
@@ -624,7 +696,7 @@ def main(argv=None) -> int:
         help="indices into the deployments (ranked plans, then other layouts; default all)",
     )
     a("--rates", type=float, nargs="+", default=None, help="measure exactly these rates instead of searching")
-    a("--max-probes", type=int, default=5, help="rates measured per deployment by the search")
+    a("--max-probes", type=int, default=3, help="rates measured per deployment by the search")
     a("--step", type=float, default=1.25, help="factor between rates while bracketing")
     a("--precision", type=float, default=0.1, help="stop bisecting when fail/pass <= 1 + this")
     a("--no-early-stop", action="store_true", help="replay every request of a probe even after it has failed")

@@ -43,6 +43,7 @@ from cluster.config_schema import (
     TransportConfig,
 )
 from engine.device import DEVICE_CHOICES, check_device, wants_gpu
+from engine.kv_select.config import KVSelectionConfig, KVSelectionConfigError, KVSelectionMethod
 from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
 from engine.tensor_parallel import MAX_TENSOR_PARALLEL, TP_ROLES
 from engine.worker_api import Mode, Role
@@ -153,10 +154,33 @@ def _sparse(s: Section) -> SparsePrefillConfig:
         s.fail(err.field, err.reason)
 
 
+def _kv_selection(s: Section) -> KVSelectionConfig:
+    """The engine's KVSelectionConfig itself, defaults from there; a value it refuses is a
+    ConfigError naming the field."""
+    d = KVSelectionConfig()
+    values = dict(
+        method=s.enum("method", KVSelectionMethod, d.method),
+        budget=s.float("budget", d.budget, lo=0.0, hi=1.0, lo_open=True),
+        min_budget=s.float("min_budget", d.min_budget, lo=0.0, hi=1.0),
+        gamma=s.float("gamma", d.gamma, lo=0.0, hi=1.0, lo_open=True),
+        sink=s.int("sink", d.sink, lo=0),
+        window=s.int("window", d.window, lo=1),
+        rescore_every=s.int("rescore_every", d.rescore_every, lo=1, hi=256),
+        dense_below=s.int("dense_below", d.dense_below, lo=0),
+    )
+    s.done()
+    try:
+        return KVSelectionConfig(**values)
+    except KVSelectionConfigError as err:
+        s.fail(err.field, err.reason)
+
+
 def _pool(s: Section, default: PoolConfig) -> PoolConfig:
     role = default.role
-    if "sparse" in s.data and role not in (Role.PREFILL, Role.COLOCATED):
-        s.fail("sparse", "sparse attention applies only to the prefill and colocated pools")
+    if "sparse" in s.data and role not in (Role.PREFILL, Role.COLOCATED, Role.DECODE):
+        s.fail("sparse", "sparse prefill applies only to the prefill, colocated and decode pools")
+    if "kv_selection" in s.data and role not in (Role.DECODE, Role.COLOCATED):
+        s.fail("kv_selection", "KV selection applies only to the decode and colocated pools")
     workers = s.int("workers", default.workers, lo=0)
     num_cpus = s.float("num_cpus", default.num_cpus, lo=0.0)
     num_gpus = s.float("num_gpus", default.num_gpus, lo=0.0)
@@ -177,7 +201,13 @@ def _pool(s: Section, default: PoolConfig) -> PoolConfig:
         tensor_parallel=tp,
         pipeline_parallel=_pipeline_parallel(s, default.pipeline_parallel),
         sparse=_sparse(s.section("sparse")),
+        kv_selection=_kv_selection(s.section("kv_selection")),
     )
+    if out.kv_selection.on and tp > 1:
+        s.fail(
+            "kv_selection",
+            f"{out.kv_selection.method.value} runs on one rank only; this pool has tensor_parallel {tp}",
+        )
     s.done()
     return out
 

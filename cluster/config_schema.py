@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from types import MappingProxyType
 from typing import Any
 
+from engine.kv_select.config import KVSelectionConfig
 from engine.sparse.config import SparsePrefillConfig
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import known_backends
@@ -89,6 +90,7 @@ class PoolConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sparse: SparsePrefillConfig = SparsePrefillConfig()  # the engine's own settings object and defaults
+    kv_selection: KVSelectionConfig = KVSelectionConfig()  # decode-side KV selection (the engine's own object)
 
     def engine_device(self) -> str:
         """The engine's device setting for this pool's workers. `auto` is the GPU Ray assigns the
@@ -291,8 +293,10 @@ class DeployConfig:
 def _plain(obj: Any) -> Any:
     if is_dataclass(obj):
         skip = {"source", "role"}
-        if isinstance(obj, PoolConfig) and obj.role not in (Role.PREFILL, Role.COLOCATED):
-            skip.add("sparse")  # only prefill-side pools accept sparse settings
+        if isinstance(obj, PoolConfig) and obj.role not in (Role.PREFILL, Role.COLOCATED, Role.DECODE):
+            skip.add("sparse")  # only pools that prefill accept sparse settings (a decode worker: a new turn)
+        if isinstance(obj, PoolConfig) and obj.role not in (Role.DECODE, Role.COLOCATED):
+            skip.add("kv_selection")  # only decode-side pools select KV
         return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name not in skip}
     if isinstance(obj, enum.Enum):
         return obj.value

@@ -73,6 +73,7 @@ def engine_config(config: DeployConfig, pool: PoolConfig) -> EngineConfig:
         tensor_parallel=pool.tensor_parallel,
         # decode workers cache what they hold too: a conversation's next turn reuses prompt + answer
         prefix_caching=e.prefix_caching and pool.role in (Role.COLOCATED, Role.PREFILL, Role.DECODE),
+        kv_selection=pool.kv_selection if pool.kv_selection.on else None,
     )
 
 

@@ -104,6 +104,13 @@ class Metrics:
             m + ["role", "worker"],
             registry=r,
         )
+        self.kv_density = Gauge(
+            "triptych_kv_selection_density",
+            "Decode-side KV selection: the share of their context's KV blocks the worker's selected "
+            "decode rows attended to, since the worker started.",
+            m + ["role", "worker"],
+            registry=r,
+        )
         self.workers_alive = Gauge("triptych_pool_workers_alive", "Live workers in a pool.", m + ["role"], registry=r)
         self.last_switch = Gauge(
             "triptych_last_role_switch_timestamp_seconds",
@@ -128,7 +135,14 @@ class Metrics:
 
     def update_cluster(self, status: ClusterStatus) -> None:
         """Refresh the gauges from a cluster snapshot (workers that disappeared are dropped)."""
-        for gauge in (self.queue_length, self.running, self.kv_usage, self.kv_cached, self.workers_alive):
+        for gauge in (
+            self.queue_length,
+            self.running,
+            self.kv_usage,
+            self.kv_cached,
+            self.kv_density,
+            self.workers_alive,
+        ):
             gauge.clear()
         self.epoch.clear()
         self.last_switch.clear()
@@ -146,6 +160,8 @@ class Metrics:
                 usage = w.kv_blocks_used / w.kv_blocks_total
                 self.kv_usage.labels(model=model, role=role, worker=w.worker_id).set(usage)
                 self.kv_cached.labels(model=model, role=role, worker=w.worker_id).set(w.kv_blocks_cached)
+            if w.kv_selected_rows:
+                self.kv_density.labels(model=model, role=role, worker=w.worker_id).set(w.kv_selection_density)
         for role, n in queued.items():
             self.queue_length.labels(model=model, role=role).set(n)
             self.running.labels(model=model, role=role).set(running[role])
@@ -178,12 +194,28 @@ class _ClusterCounters:
             "Successful restarts of a worker id since the cluster started.",
             labels=["model", "worker"],
         )
+        selected = CounterMetricFamily(
+            "triptych_kv_selected_rows",
+            "Decode rows that attended to a KV selection (decode-side KV selection), per worker since it started.",
+            labels=["model", "role", "worker"],
+        )
+        rescores = CounterMetricFamily(
+            "triptych_kv_selection_rescores",
+            "KV selections scored from recent queries (loopserve, snapkv), per worker since it started.",
+            labels=["model", "role", "worker"],
+        )
         s = self.status
         switches.add_metric([self.model], max(s.switch_count, len(s.role_switches)) if s else 0)
         for worker, n in s.restarts if s else ():
             restarts.add_metric([self.model, worker], n)
+        for w in s.workers if s else ():
+            if w.kv_selected_rows:
+                selected.add_metric([self.model, w.role.value, w.worker_id], w.kv_selected_rows)
+                rescores.add_metric([self.model, w.role.value, w.worker_id], w.kv_selection_rescores)
         yield switches
         yield restarts
+        yield selected
+        yield rescores
 
 
 class RequestRecorder:

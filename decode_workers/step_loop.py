@@ -178,4 +178,5 @@ def engine_status(info: WorkerInfo, engine: LLMEngine) -> WorkerStatus:
         kv_blocks_used=engine.blocks.num_used_blocks,
         kv_blocks_total=engine.blocks.num_total_blocks,
         kv_blocks_cached=engine.blocks.num_cached_blocks,
+        **({} if engine.selector is None else engine.selector.stats.status()),
     )

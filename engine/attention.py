@@ -13,6 +13,9 @@ For each layer this function
      rows x longest context, not with the real context tokens. On CUDA the decode rows instead
      go to the Triton paged decode kernel (engine/paged_decode.py): one launch for all of them,
      reading the cache in place; the bucketed path stays for the CPU.
+  4. with decode-side KV selection (`select`, engine/kv_select/selector.py): selected rows attend
+     over their per-layer compact block tables instead, the queries selection scores with are
+     captured, and rows due for a new selection add up the attention mass of their blocks.
 Called without `triptych_meta` (e.g. by `generate()`), it is plain SDPA, so one loaded model
 serves both the engine and the reference.
 """
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from engine.paged_decode import paged_decode_attention
+from engine.kv_select.selector import SelectionPlan, block_mass, quest_pick
+from engine.paged_decode import paged_decode_attention, paged_decode_attention_torch
 from engine.sparse.dense import dense_causal_attention
 
 ATTN_IMPLEMENTATION = "triptych_paged"
@@ -69,6 +73,7 @@ class AttentionMetadata:
     decodes: list[DecodeBucket]
     on_layer_done: Callable[[int], None] | None = None
     sparse: object | None = None  # engine.sparse.SparsePrefillConfig
+    select: SelectionPlan | None = None  # decode-side KV selection of this forward
 
     @cached_property
     def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,6 +119,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         meta.on_layer_done(layer)
 
     out = torch.empty_like(q)
+    if meta.select is not None:
+        _selection(meta.select, layer, q, k_blocks, v_blocks, out, scaling if scaling is not None else d**-0.5)
     for seg in meta.prefills:
         rows = slice(seg.q_start, seg.q_start + seg.q_len)
         if seg.ctx_slots is None:
@@ -136,6 +143,33 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask, scale=scaling, enable_gqa=True)
         out.index_copy_(0, bucket.rows, od.squeeze(2))
     return out.unsqueeze(0), None
+
+
+def _selection(sel: SelectionPlan, layer: int, q, k_blocks, v_blocks, out, scale: float) -> None:
+    """This layer's part of decode-side KV selection (see the module docstring, step 4)."""
+    bs, n_kv, d = k_blocks.shape[1], k_blocks.shape[2], k_blocks.shape[3]
+    if sel.written_blocks is not None and sel.written_blocks.numel():  # quest: redo the written blocks' bounds
+        kb = k_blocks.index_select(0, sel.written_blocks)  # [n, bs, Hkv, D]
+        sel.bounds[layer].index_copy_(0, sel.written_blocks, torch.stack([kb.amin(1), kb.amax(1)], dim=1))
+    if sel.capture_rows is not None:
+        sel.captured.append(q.index_select(0, sel.capture_rows))
+    for i, r in enumerate(sel.rescores):
+        keys = k_blocks.index_select(0, r.blocks).view(-1, n_kv, d)
+        recent = torch.cat([r.queries[layer], q[r.row : r.row + 1]])
+        sel.scores[i].append(block_mass(recent, keys, r.ctx_len, bs, scale))
+    if sel.selected is not None:
+        s = sel.selected
+        tables, lens = s.tables[layer], s.lens[layer]
+        qd = q.index_select(0, s.rows)
+        attend = paged_decode_attention if k_blocks.is_cuda else paged_decode_attention_torch
+        out.index_copy_(0, s.rows, attend(qd, k_blocks, v_blocks, tables.int(), lens.int(), scale))
+    if sel.quest:  # per row, this layer's picks; then one call for all of them
+        picks = [quest_pick(q[r.row], sel.bounds[layer], r, bs) for r in sel.quest]
+        tables = torch.nn.utils.rnn.pad_sequence([b for b, _ in picks], batch_first=True).int()
+        lens = torch.tensor([n for _, n in picks], dtype=torch.int32, device=q.device)
+        rows = torch.tensor([r.row for r in sel.quest], device=q.device)
+        attend = paged_decode_attention if k_blocks.is_cuda else paged_decode_attention_torch
+        out.index_copy_(0, rows, attend(q.index_select(0, rows), k_blocks, v_blocks, tables, lens, scale))
 
 
 def register() -> str:

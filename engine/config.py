@@ -28,6 +28,8 @@ class EngineConfig:
         engine with more than one is given its group (rank 0 drives, the others follow).
     prefix_caching: keep computed full blocks for reuse by later prompts with the same prefix
         (engine/kv_cache.py); cached blocks are evicted before any request waits for memory.
+    kv_selection: decode-side KV selection (engine/kv_select/config.py KVSelectionConfig), or
+        None: every decode step attends to the whole context. One rank only (tensor_parallel 1).
     """
 
     model: str | None = None
@@ -42,6 +44,7 @@ class EngineConfig:
     sparse: object | None = None  # engine.sparse.SparsePrefillConfig, or None for dense prefill
     tensor_parallel: int = 1
     prefix_caching: bool = False
+    kv_selection: object | None = None  # engine.kv_select.config.KVSelectionConfig
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel"):
@@ -50,6 +53,11 @@ class EngineConfig:
                 raise EngineError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.prefix_caching, bool):
             raise EngineError(f"EngineConfig.prefix_caching must be true or false, got {self.prefix_caching!r}")
+        if self.kv_selection is not None and getattr(self.kv_selection, "on", False) and self.tensor_parallel > 1:
+            raise EngineError(
+                f"EngineConfig.kv_selection ({self.kv_selection.method.value}) runs on one rank only; "
+                f"tensor_parallel is {self.tensor_parallel}"
+            )
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise EngineError(f"EngineConfig.dtype must be float32, float16, bfloat16 or None, got {self.dtype!r}")
         try:

@@ -25,6 +25,7 @@ from engine.errors import (
 )
 from engine.kv_cache import BlockManager, CacheKey, cache_key
 from engine.kv_layout import KVLayout
+from engine.kv_select.selector import KVSelector
 from engine.model_runner import ModelRunner
 from engine.sampler import RowFailure, Sampler
 from engine.scheduler import ScheduledSeq, Scheduler
@@ -220,10 +221,25 @@ class LLMEngine:
         self._ids = itertools.count()
         self._prompt_embeds: dict[str, torch.Tensor] = {}  # image requests: [prompt len, H]
         self._failed_streak = 0  # batches in a row in which every sequence failed (WorkerBroken)
+        self.selector: KVSelector | None = None  # decode-side KV selection (config.kv_selection)
+        self.set_kv_selection(config.kv_selection)
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    def set_kv_selection(self, selection) -> None:
+        """Decode with this KVSelectionConfig (engine/kv_select/config.py) from now on; None or
+        method dense: attend to the whole context. Only while no request is in flight (a
+        sequence's selection state belongs to the method that made it)."""
+        if self._seqs:
+            raise EngineError("the KV selection method can change only while no request is in flight")
+        if selection is not None and selection.on and self.tp.size > 1:
+            raise EngineError(f"KV selection ({selection.method.value}) runs on one rank only")
+        self.selector = None
+        if selection is not None and selection.on:
+            heads = self.loaded.model.config.num_attention_heads
+            self.selector = KVSelector(selection, self.layout, heads, self.config.num_kv_blocks, self.placement.device)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -306,6 +322,8 @@ class LLMEngine:
             status=SequenceStatus.RUNNING,
             cache_key=key,
         )
+        if self.selector is not None:  # quest: key bounds of the blocks the prefill worker wrote
+            self.selector.refresh_bounds(self.runner.kv, block_table)
         if seq.cache_key is not None:  # its prompt's K/V landed from a prefill worker: reusable now
             self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_key)
         self._seqs[request_id] = seq
@@ -408,7 +426,10 @@ class LLMEngine:
             embeds = multimodal.packed_inputs_embeds(
                 batch, self._prompt_embeds, self.loaded.model.get_input_embeddings()
             )
-        result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds)
+        select = self.selector.plan(batch) if self.selector is not None else None
+        result = self.runner.forward(batch, sparse=self.config.sparse, inputs_embeds=embeds, select=select)
+        if self.selector is not None:
+            self.selector.update(select)
         seqs = [e.seq for e in result.sampled]
         tokens = self.sampler.sample(result.logits, [s.request_id for s in seqs], [s.sampling for s in seqs])
         return {s.request_id: t for s, t in zip(seqs, tokens)}
@@ -457,6 +478,8 @@ class LLMEngine:
         self._detok.pop(seq.request_id, None)
         self.sampler.forget(seq.request_id)
         self._prompt_embeds.pop(seq.request_id, None)
+        if self.selector is not None:
+            self.selector.forget(seq.request_id)
 
     # ---------------------------------------------------------------- offline API
     def generate(

@@ -20,6 +20,7 @@ import torch
 from engine import attention
 from engine.errors import EngineError
 from engine.kv_layout import KVLayout
+from engine.kv_select.selector import SelectionPlan
 from engine.scheduler import ScheduledSeq
 from engine.tensor_parallel import TPGroup
 
@@ -78,15 +79,24 @@ class ModelRunner:
         batch: list[ScheduledSeq],
         on_layer_done: Callable[[int], None] | None = None,
         sparse: object | None = None,
+        select: SelectionPlan | None = None,
     ):
-        return self.build_plan(self.plan(batch), on_layer_done, sparse)
+        return self.build_plan(self.plan(batch), on_layer_done, sparse, select)
 
     def build_plan(
         self,
         plan: list[PlanRow],
         on_layer_done: Callable[[int], None] | None = None,
         sparse: object | None = None,
+        select: SelectionPlan | None = None,
     ):
+        """select: the forward's decode-side KV selection; its selected and quest rows attend
+        over their kept blocks (engine/attention.py), not in the dense decode buckets."""
+        own = set()
+        if select is not None:
+            own = {r.row for r in select.quest}
+            if select.selected is not None:
+                own.update(select.selected.rows.tolist())
         # Token ids, positions and slots are gathered as Python ints and become one tensor each:
         # per-sequence tensor ops would cost more than the ints for a batch of decode rows.
         ids: list[int] = []
@@ -102,7 +112,8 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(self.layout.slots(table, start, end))
             if n == 1 and start > 0:
-                decodes.append((row, end, table))
+                if row not in own:
+                    decodes.append((row, end, table))
             else:
                 ctx = None if start == 0 else self._tensor(self.layout.slots(table, 0, end))
                 prefills.append(attention.PrefillSegment(row, n, end, ctx))
@@ -114,6 +125,7 @@ class ModelRunner:
             decodes=self._decode_buckets(decodes),
             on_layer_done=on_layer_done,
             sparse=sparse,
+            select=select,
         )
         return self._tensor(ids), self._tensor(positions), meta
 
@@ -137,7 +149,7 @@ class ModelRunner:
             group.append(entry)
         if group:
             buckets.append(group)
-        out = []
+        out: list[attention.DecodeBucket] = []
         for group in buckets:
             nb = -(-group[0][1] // bs)
             blocks: list[int] = []
@@ -158,9 +170,10 @@ class ModelRunner:
         sparse: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         extra: object = None,
+        select: SelectionPlan | None = None,
     ) -> ForwardResult:
         plan = self.plan(batch)
-        logits = self.forward_plan(plan, on_layer_done, sparse, inputs_embeds, extra)
+        logits = self.forward_plan(plan, on_layer_done, sparse, inputs_embeds, extra, select)
         return ForwardResult(logits, [entry for entry, p in zip(batch, plan) if p.samples])
 
     @torch.inference_mode()
@@ -171,12 +184,15 @@ class ModelRunner:
         sparse: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         extra: object = None,
+        select: SelectionPlan | None = None,
     ) -> torch.Tensor:
         """The float logits [sampled rows, vocab] of a forward over `plan` (the sampled rows in
         plan order); a tensor-parallel driver has its followers run the same forward (`extra`
         goes with the plan to them: what else they do with it, tensor_parallel.follow)."""
+        if select is not None and self.tp.size > 1:
+            raise EngineError("decode-side KV selection runs on one rank only (tensor_parallel 1)")
         self.tp.broadcast_plan((plan, sparse, extra), inputs_embeds)
-        hidden = self._hidden(plan, on_layer_done, sparse, inputs_embeds)
+        hidden = self._hidden(plan, on_layer_done, sparse, inputs_embeds, select)
         ends, row = [], 0
         for p in plan:
             row += len(p.new_token_ids)
@@ -197,8 +213,8 @@ class ModelRunner:
         the same layers on this rank's heads and cache; the driver samples."""
         self._hidden(plan, on_layer_done, sparse, inputs_embeds)
 
-    def _hidden(self, plan, on_layer_done, sparse, inputs_embeds) -> torch.Tensor:
-        input_ids, positions, meta = self.build_plan(plan, on_layer_done, sparse)
+    def _hidden(self, plan, on_layer_done, sparse, inputs_embeds, select=None) -> torch.Tensor:
+        input_ids, positions, meta = self.build_plan(plan, on_layer_done, sparse, select)
         kwargs = {"inputs_embeds": inputs_embeds[None]} if inputs_embeds is not None else {"input_ids": input_ids[None]}
         hidden = self.model.model(position_ids=positions[None], use_cache=False, triptych_meta=meta, **kwargs)
         return hidden.last_hidden_state[0]

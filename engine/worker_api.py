@@ -76,6 +76,11 @@ class WorkerStatus:
     kv_blocks_total: int
     epoch: int = 0
     kv_blocks_cached: int = 0  # prefix caching: cached blocks no request holds (reusable, evictable)
+    # decode-side KV selection (engine/kv_select) since the worker started: decode rows that
+    # attended to a selection, their kept share of their context's blocks, and selections scored
+    kv_selected_rows: int = 0
+    kv_selection_density: float = 1.0
+    kv_selection_rescores: int = 0
 
 
 class Worker(Protocol):

@@ -199,10 +199,15 @@ def slices(requests: tuple[Request, ...], k: int, size: int) -> list[tuple[Reque
     """`k` disjoint slices of `size` consecutive requests spread evenly over the whole trace (slice
     i starts at request i·len/k), each re-based to 0 s; a trace shorter than k·size gives k equal
     consecutive parts. Consecutive requests keep each slice's own burst pattern."""
+    return [slice_trace(requests, start, end - start) for start, end in slice_ranges(len(requests), k, size)]
+
+
+def slice_ranges(count: int, k: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) request indices of `slices(requests, k, size)` for a trace of `count`."""
     if k < 1 or size < 1:
         raise PlanningError(f"need k >= 1 slices of size >= 1, got k={k} size={size}")
-    if len(requests) < 2 * k:
-        raise PlanningError(f"trace has {len(requests)} requests; too few for {k} slices of at least 2")
-    step = len(requests) / k
+    if count < 2 * k:
+        raise PlanningError(f"trace has {count} requests; too few for {k} slices of at least 2")
+    step = count / k
     size = min(size, math.floor(step))
-    return [slice_trace(requests, math.floor(i * step), size) for i in range(k)]
+    return [(math.floor(i * step), math.floor(i * step) + size) for i in range(k)]

@@ -128,6 +128,35 @@ def test_sparse_section_is_the_engines_config():
     assert err.path == "pools.prefill.sparse.block_size" and "power of two" in err.reason
 
 
+def test_kv_selection_section_is_the_engines_config_on_decode_side_pools():
+    from cluster.controller import engine_config
+    from engine.kv_select.config import KVSelectionConfig, KVSelectionMethod
+
+    assert DeployConfig().pools.decode.kv_selection == KVSelectionConfig()  # one set of defaults
+    assert engine_config(DeployConfig(), DeployConfig().pools.decode).kv_selection is None  # off: dense
+    cfg = parse_config(_with(pools={"decode": {"kv_selection": {"method": "loopserve", "budget": 0.25}}}))
+    chosen = KVSelectionConfig(method=KVSelectionMethod.LOOPSERVE, budget=0.25)
+    assert cfg.pools.decode.kv_selection == chosen == engine_config(cfg, cfg.pools.decode).kv_selection
+    assert parse_config(cfg.to_dict()) == cfg
+    # a decode worker prefills a new turn over the history it holds: sparse prefill applies there too
+    assert (
+        parse_config(_with(pools={"decode": {"sparse": {"method": "flexprefill"}}})).pools.decode.sparse.method.value
+        == "flexprefill"
+    )
+    err = _error(_with(pools={"prefill": {"kv_selection": {"method": "quest"}}}))
+    assert err.path == "pools.prefill.kv_selection" and "decode and colocated pools" in err.reason
+    err = _error(_with(pools={"decode": {"kv_selection": {"budget": 0.2, "min_budget": 0.3}}}))  # the engine's rule
+    assert err.path == "pools.decode.kv_selection.min_budget" and "budget=0.2" in err.reason
+    err = _error(_with(pools={"decode": {"kv_selection": {"method": "h2o"}}}))
+    assert err.path == "pools.decode.kv_selection.method"
+    err = _error(
+        _with(
+            transport={"backend": "shm"}, pools={"decode": {"tensor_parallel": 3, "kv_selection": {"method": "snapkv"}}}
+        )
+    )
+    assert err.path == "pools.decode.kv_selection" and "one rank only" in err.reason
+
+
 def test_colocated_mode_uses_colocated_pool():
     cfg = parse_config(_with(mode="colocated", pools={"prefill": {"workers": 0}, "colocated": {"workers": 2}}))
     assert [p.role for p in cfg.active_pools()] == [Role.COLOCATED]
@@ -249,7 +278,8 @@ def test_colocated_needs_colocated_workers():
 
 def test_encode_pool_may_be_empty_but_takes_no_sparse():
     assert parse_config(_with(pools={"encode": {"workers": 0}})).pools.encode.workers == 0
-    assert _error(_with(pools={"decode": {"sparse": {"method": "static"}}})).path == "pools.decode.sparse"
+    err = _error(_with(pools={"encode": {"sparse": {"method": "static"}}}))
+    assert err.path == "pools.encode.sparse" and "prefill, colocated and decode pools" in err.reason
 
 
 def test_transport_names_are_the_registrys():

@@ -1,0 +1,1 @@
+"""Decode-side KV selection (LoopServe-style progressive selection and its baselines)."""

@@ -1,0 +1,346 @@
+"""Decode-side KV selection: which KV blocks each decode row attends to, per layer.
+
+The engine asks `KVSelector.plan(batch)` before a forward and passes the `SelectionPlan` to the
+runner; the attention hook (engine/attention.py) then
+  - attends each *selected* row over its per-layer compact block tables (`SelectedRows`: the
+    kept blocks in order, all full but the last, so a table + a length describe them, as for a
+    dense row; the paged decode kernel takes them unchanged on CUDA),
+  - copies the queries of `capture_rows` into `captured` (the recent queries LoopServe and
+    SnapKV score with),
+  - for each `Rescore` row (which attends densely this step) adds up, per layer, the attention
+    mass its recent queries and the current one give each of its blocks into `scores`,
+  - for `quest` rows picks the blocks per layer itself from per-block key bounds (`bounds`, kept
+    up to date for every block the forward writes);
+and `KVSelector.update(plan)` turns captured queries and scores into each sequence's selection.
+The cache itself is never changed by selection. What each method keeps: engine/kv_select/config.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_layout import KVLayout
+from engine.kv_select.config import KVSelectionConfig, KVSelectionMethod
+
+M = KVSelectionMethod
+
+
+@dataclass
+class _State:
+    prompt_len: int
+    queries: torch.Tensor | None = None  # [layers, n <= R, Hq, D], the latest queries (any order)
+    fresh: int = 0  # queries gathered since the last selection
+    middle: torch.Tensor | None = None  # [layers, k] logical ids of the kept middle blocks, -1 pads
+    middle_count: int = 0  # kept middle blocks over all layers (a host int: no device sync per step)
+    selected_once: bool = False
+
+
+@dataclass(frozen=True)
+class Rescore:
+    row: int  # packed row (a decode row attending densely this step)
+    queries: torch.Tensor  # [layers, n, Hq, D] its earlier recent queries (the current one is added)
+    blocks: torch.Tensor  # [N] its physical blocks, in order
+    ctx_len: int
+
+
+@dataclass(frozen=True)
+class SelectedRows:
+    rows: torch.Tensor  # [B] packed rows
+    tables: torch.Tensor  # [layers, B, W] physical ids of the kept blocks, in order (pads: 0)
+    lens: torch.Tensor  # [layers, B] tokens in each row's kept blocks
+
+
+@dataclass(frozen=True)
+class QuestRow:
+    row: int
+    blocks: torch.Tensor  # [N] physical blocks, in order
+    ctx_len: int
+    sink: int  # logical blocks [0, sink) always kept
+    tail: int  # ... and [tail, N)
+    keep: int  # middle blocks to pick from [sink, tail)
+
+
+@dataclass
+class SelectionPlan:
+    capture_rows: torch.Tensor | None = None  # [C] packed rows whose queries are captured
+    captured: list[torch.Tensor] = field(default_factory=list)  # per layer [C, Hq, D] (the hook fills)
+    rescores: list[Rescore] = field(default_factory=list)
+    scores: list[list[torch.Tensor]] = field(default_factory=list)  # per rescore, per layer: mass [N]
+    selected: SelectedRows | None = None
+    quest: list[QuestRow] = field(default_factory=list)
+    bounds: torch.Tensor | None = None  # quest: [layers, blocks, 2, Hkv, D] per-block key min / max
+    written_blocks: torch.Tensor | None = None  # quest: blocks this forward writes (bounds to redo)
+    # bookkeeping for update(): (request id, what) per capture row and per rescore
+    capture_of: list[tuple[str, bool]] = field(default_factory=list)  # (request id, from a prompt)
+    rescore_of: list[tuple[str, int, int, int]] = field(default_factory=list)  # (id, N, tail, keep)
+    kept_blocks: int = 0  # over selected rows and layers, this step
+    context_blocks: int = 0
+
+
+@dataclass
+class SelectionStats:
+    rows: int = 0  # decode rows that attended to a selection
+    kept_blocks: int = 0  # their kept blocks, summed over layers
+    context_blocks: int = 0  # their whole context's blocks, summed over layers
+    rescores: int = 0  # selections made from scores (loopserve, snapkv)
+
+    @property
+    def density(self) -> float:
+        return self.kept_blocks / self.context_blocks if self.context_blocks else 1.0
+
+    def status(self) -> dict:
+        """The WorkerStatus fields (engine/worker_api.py) of these counts."""
+        return {
+            "kv_selected_rows": self.rows,
+            "kv_selection_density": self.density,
+            "kv_selection_rescores": self.rescores,
+        }
+
+
+class KVSelector:
+    """One engine's selection state: per sequence, its recent queries and kept middle blocks."""
+
+    def __init__(self, config: KVSelectionConfig, layout: KVLayout, num_q_heads: int, num_blocks: int, device):
+        self.config = config
+        self.layout = layout
+        self.bs = layout.block_size
+        self.num_q_heads = num_q_heads
+        self.device = torch.device(device)
+        self.stats = SelectionStats()
+        self._states: dict[str, _State] = {}
+        self.bounds = None
+        if config.method is M.QUEST:
+            shape = (layout.num_layers, num_blocks, 2, layout.num_kv_heads, layout.head_dim)
+            self.bounds = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+
+    def forget(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def _state(self, seq) -> _State:
+        state = self._states.get(seq.request_id)
+        if state is None:
+            state = self._states[seq.request_id] = _State(seq.num_prompt_tokens)
+        return state
+
+    def _shape(self, ctx: int, prompt_len: int) -> tuple[int, int, int] | None:
+        """(N, tail, keep) of a decode row over `ctx` tokens: its blocks, the first block of the
+        always-kept tail, and how many middle blocks [sink, tail) it may keep; None: dense."""
+        c = self.config
+        n = -(-ctx // self.bs)
+        if ctx < c.dense_below:
+            return None
+        tail = max(0, min(n - c.window, prompt_len // self.bs))
+        sink = min(c.sink, tail)
+        keep = max(0, math.ceil(c.budget * n) - sink - (n - tail))
+        if keep >= tail - sink:
+            return None  # the budget holds every block
+        return n, tail, keep
+
+    def plan(self, batch) -> SelectionPlan | None:
+        """What the forward over `batch` (engine/scheduler.py ScheduledSeq, in packed order) does
+        for selection; None when nothing in it is selected, captured or scored."""
+        c = self.config
+        plan = SelectionPlan()
+        captures: list[int] = []
+        selected: list[tuple] = []  # (row, blocks [N], logical [L, W], lens [L])
+        scoring = c.method in (M.LOOPSERVE, M.SNAPKV)
+        row = 0
+        for entry in batch:
+            seq, n_new = entry.seq, entry.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n_new
+            state = self._state(seq)
+            # A prompt chunk (even one token, after a prefix cache hit) attends densely; its last
+            # queries are kept when it ends the prompt.
+            if not (n_new == 1 and start >= state.prompt_len):
+                if scoring and end >= state.prompt_len and not state.selected_once:
+                    w = min(c.rescore_every, n_new)
+                    captures.extend(range(row + n_new - w, row + n_new))
+                    plan.capture_of.extend([(seq.request_id, True)] * w)
+                row += n_new
+                continue
+            shape = self._shape(end, state.prompt_len)
+            wants_queries = c.method is M.LOOPSERVE or (c.method is M.SNAPKV and not state.selected_once)
+            due = wants_queries and state.fresh >= c.rescore_every - 1
+            if shape is not None:
+                blocks = self._table(seq.block_table, shape[0])
+                if c.method is M.QUEST:
+                    plan.quest.append(QuestRow(row, blocks, end, min(c.sink, shape[1]), shape[1], shape[2]))
+                elif due and state.queries is not None:
+                    plan.rescores.append(Rescore(row, state.queries, blocks, end))
+                    plan.rescore_of.append((seq.request_id, *shape))
+                elif c.method is M.STREAMING or state.middle is not None:
+                    logical, lens = self._logical(state, end, *shape)
+                    selected.append((row, blocks, logical, lens))
+                    n, tail, keep = shape
+                    fixed = min(c.sink, tail) + n - tail
+                    middle = keep if c.method is M.STREAMING else state.middle_count / self.layout.num_layers
+                    self._count(n, fixed + middle)
+            if wants_queries:
+                captures.append(row)
+                plan.capture_of.append((seq.request_id, False))
+            row += 1
+        plan.scores = [[] for _ in plan.rescores]
+        if captures:
+            plan.capture_rows = self._tensor(captures)
+        if selected:
+            plan.selected = self._selected(selected, plan)
+        for q in plan.quest:
+            n = q.blocks.shape[0]
+            self._count(n, q.sink + q.keep + n - q.tail)
+        if self.bounds is not None:
+            plan.bounds = self.bounds
+            plan.written_blocks = self._written(batch)
+        if not (captures or selected or plan.rescores or plan.quest or plan.written_blocks is not None):
+            return None
+        return plan
+
+    def _count(self, n: int, kept: float) -> None:
+        """A selected row of n blocks keeping `kept` per layer (on average), in the stats."""
+        layers = self.layout.num_layers
+        self.stats.rows += 1
+        self.stats.kept_blocks += round(kept * layers)
+        self.stats.context_blocks += n * layers
+
+    def refresh_bounds(self, kv: torch.Tensor, block_table) -> None:
+        """quest: the key bounds of blocks written elsewhere (a prefill worker's KV landed in
+        them): computed from the cache `kv` [layers, 2, blocks, block_size, Hkv, D]."""
+        if self.bounds is None or not block_table:
+            return
+        blocks = self._tensor(list(block_table))
+        k = kv[:, 0].index_select(1, blocks)  # [L, n, bs, Hkv, D]
+        self.bounds[:, blocks] = torch.stack([k.amin(2), k.amax(2)], dim=2)
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _table(self, block_table, n: int) -> torch.Tensor:
+        return self._tensor(block_table[:n])
+
+    def _written(self, batch) -> torch.Tensor:
+        """The blocks a forward over `batch` writes (quest redoes their key bounds)."""
+        out: set[int] = set()
+        for entry in batch:
+            seq = entry.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + entry.num_new_tokens
+            out.update(seq.block_table[start // self.bs : -(-end // self.bs)])
+        return self._tensor(sorted(out))
+
+    def _logical(self, state: _State, ctx: int, n: int, tail: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, W] logical ids of the kept blocks of each layer, in order, -1 pads at the end; and
+        [L] tokens in them (every kept block is full but the last, the current one)."""
+        layers = self.layout.num_layers
+        sink = min(self.config.sink, tail)
+        parts = [torch.arange(sink, device=self.device).expand(layers, sink)]
+        if self.config.method is M.STREAMING:
+            parts.append(torch.arange(tail - keep, tail, device=self.device).expand(layers, keep))
+        else:
+            parts.append(state.middle)
+        parts.append(torch.arange(tail, n, device=self.device).expand(layers, n - tail))
+        logical = torch.cat(parts, dim=1)
+        logical = torch.where(logical < 0, n + 1, logical).sort(dim=1).values  # pads last
+        counts = (logical <= n).sum(dim=1)
+        logical = torch.where(logical > n, -1, logical)
+        lens = counts * self.bs - (n * self.bs - ctx)
+        return logical, lens
+
+    def _selected(self, rows, plan: SelectionPlan) -> SelectedRows:
+        layers = self.layout.num_layers
+        width = max(logical.shape[1] for _, _, logical, _ in rows)
+        tables = torch.zeros((layers, len(rows), width), dtype=torch.long, device=self.device)
+        lens = torch.empty((layers, len(rows)), dtype=torch.long, device=self.device)
+        for i, (_, blocks, logical, row_lens) in enumerate(rows):
+            w = logical.shape[1]
+            tables[:, i, :w] = torch.where(logical < 0, 0, blocks[logical.clamp(min=0)])
+            lens[:, i] = row_lens
+        return SelectedRows(self._tensor([r for r, _, _, _ in rows]), tables, lens)
+
+    def update(self, plan: SelectionPlan | None) -> None:
+        """After the forward: keep the captured queries, select from the scores."""
+        if plan is None:
+            return
+        if plan.captured:
+            stacked = torch.stack(plan.captured)  # [L, C, Hq, D]
+            i = 0
+            while i < len(plan.capture_of):
+                rid, from_prompt = plan.capture_of[i]
+                j = i
+                while j < len(plan.capture_of) and plan.capture_of[j] == (rid, from_prompt):
+                    j += 1
+                state = self._states.get(rid)
+                if state is not None:
+                    self._remember(state, stacked[:, i:j], from_prompt)
+                i = j
+        for (rid, n, tail, keep), scores in zip(plan.rescore_of, plan.scores):
+            state = self._states.get(rid)
+            if state is not None and scores:
+                state.middle = self._choose(torch.stack(scores), n, tail, keep)
+                state.middle_count = int((state.middle >= 0).sum())  # one device sync per selection
+                state.fresh = 0
+                state.selected_once = True
+                self.stats.rescores += 1
+
+    def _remember(self, state: _State, queries: torch.Tensor, from_prompt: bool) -> None:
+        r = self.config.rescore_every
+        if from_prompt or state.queries is None:
+            state.queries = queries[:, -r:].clone()
+        else:
+            state.queries = torch.cat([state.queries, queries], dim=1)[:, -r:]
+        state.fresh += queries.shape[1]
+
+    def _choose(self, mass: torch.Tensor, n: int, tail: int, keep: int) -> torch.Tensor:
+        """[L, keep] logical ids of the middle blocks to keep per layer (-1 pads): snapkv the
+        `keep` with most mass; loopserve the fewest covering `gamma` of the mass (with sink and
+        tail), at least min_budget of the blocks, at most `keep`."""
+        c = self.config
+        sink = min(c.sink, tail)
+        middle = mass[:, sink:tail]
+        values, order = middle.sort(dim=1, descending=True)
+        counts = torch.full((mass.shape[0],), keep, device=mass.device)
+        if c.method is M.LOOPSERVE:
+            total = mass.sum(dim=1)
+            covered = (total - middle.sum(dim=1))[:, None] + values.cumsum(dim=1)
+            need = (covered < c.gamma * total[:, None]).sum(dim=1) + 1
+            least = max(0, math.ceil(c.min_budget * n) - sink - (n - tail))
+            counts = need.clamp(min=min(least, keep), max=keep)
+        picked = order[:, :keep] + sink
+        cols = torch.arange(keep, device=mass.device)[None, :]
+        return torch.where(cols < counts[:, None], picked, -1)
+
+
+# ------------------------------------------------------------------ used by the attention hook
+
+
+def block_mass(q_recent: torch.Tensor, k: torch.Tensor, ctx_len: int, block_size: int, scale: float) -> torch.Tensor:
+    """[N] attention mass that the queries `q_recent` [R, Hq, D] give each block of a context
+    whose keys are `k` [N * block_size, Hkv, D] (the first ctx_len real), summed over queries
+    and heads (each query-head's attention sums to 1)."""
+    r, hq, d = q_recent.shape
+    hkv = k.shape[1]
+    kk = k[:ctx_len].transpose(0, 1).float()  # [Hkv, L, D]
+    qq = q_recent.float().reshape(r, hkv, hq // hkv, d).permute(1, 0, 2, 3).reshape(hkv, -1, d)  # [Hkv, R*g, D]
+    probs = torch.softmax(qq @ kk.transpose(1, 2) * scale, dim=-1)  # [Hkv, R*g, L]
+    per_token = probs.sum(dim=(0, 1))
+    n = k.shape[0] // block_size
+    return torch.nn.functional.pad(per_token, (0, n * block_size - ctx_len)).view(n, block_size).sum(dim=1)
+
+
+def quest_pick(q: torch.Tensor, bounds: torch.Tensor, row: QuestRow, block_size: int) -> tuple[torch.Tensor, int]:
+    """Quest for one row and layer: q [Hq, D], bounds [blocks, 2, Hkv, D]; the physical ids of
+    the kept blocks in order and the tokens in them (sink, the `keep` middle blocks whose keys
+    bound the query's attention score highest, summed over heads, and the tail)."""
+    hq, d = q.shape
+    sink, tail, keep, n = row.sink, row.tail, row.keep, row.blocks.shape[0]
+    middle = row.blocks[sink:tail]
+    b = bounds.index_select(0, middle).float()  # [M, 2, Hkv, D]
+    hkv = b.shape[2]
+    qq = q.float().view(hkv, hq // hkv, d)[None, :, :, :]  # [1, Hkv, g, D]
+    lo, hi = b[:, 0, :, None, :], b[:, 1, :, None, :]  # [M, Hkv, 1, D]
+    upper = torch.maximum(qq * lo, qq * hi).sum(dim=-1).sum(dim=(1, 2))  # [M]
+    top = upper.topk(keep).indices.sort().values + sink
+    logical = torch.cat([torch.arange(sink, device=q.device), top, torch.arange(tail, n, device=q.device)])
+    kept = logical.shape[0]
+    return row.blocks.index_select(0, logical), kept * block_size - (n * block_size - row.ctx_len)

@@ -6,15 +6,15 @@
 Each task is a conversation built locally (no downloads) of about `length` tokens after the chat
 template: two long user turns of natural text (stdlib docstrings, as bench/ruler.py), each
 answered by a short assistant turn, then a final user message of more text with a question. Two
-facts are planted: a locker's 5-digit pass key inside the first user turn's text and a code word's
-5-digit number in the first assistant turn. The question asks for one of them (alternating), and
+facts are planted: a locker's 5-digit pass key inside the first user turn's text and a project's
+meeting city in the first assistant turn. The question asks for one of them (alternating), and
 sits at the start, the middle or the end of the final user message (cycling: LoopServe's
-benchmark shows that position matters). The answer prefix ("The pass key for the <w> locker is")
+benchmark shows that position matters). The answer prefix ("The pass key for the <w> locker is", "The <w> project will meet in")
 follows the generation prompt, as RULER's templates do.
 
 Then a follow-up turn that depends on the model's own earlier answer: that answer is appended as
-the assistant's turn and the user asks to repeat the number it gave; it is right when it repeats
-the number of that answer (or the planted one when the answer had none).
+the assistant's turn and the user asks to repeat it; it is right when it repeats that answer's
+first word (the number or the city; the planted one when the answer had none).
 
 Every method runs on the same engine with prefix caching on, so the long history is prefilled
 once (dense: selection is decode-side) and each method decodes from the same KV. Per method and
@@ -40,7 +40,7 @@ POSITIONS = ("start", "middle", "end")
 class Task:
     length: int
     position: str
-    asks: str  # "user" (the locker's pass key) or "assistant" (the code word's number)
+    asks: str  # "user" (the locker's pass key) or "assistant" (the project's city)
     messages: tuple[dict, ...]
     prefix: str
     answer: str
@@ -62,17 +62,22 @@ def _prompt_ids(tokenizer, messages, prefix: str) -> list[int]:
     return list(ids) + tokenizer(prefix).input_ids
 
 
+CITIES = ("Lisbon", "Nairobi", "Oslo", "Lima", "Hanoi", "Dublin", "Quito", "Tunis", "Perth", "Riga", "Accra", "Bern")
+
+
 def make_task(tokenizer, docs, length: int, i: int, rng: random.Random) -> Task:
+    """Two facts of different kinds (so that a small model does not swap them): a locker's pass
+    key in the first user turn, a project's meeting city in the first assistant turn."""
     w1, w2 = rng.sample(_KEY_WORDS, 2)
-    k1, k2 = str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999))
+    key, city = str(rng.randint(10000, 99999)), rng.choice(CITIES)
     asks = "user" if i % 2 == 0 else "assistant"
     position = POSITIONS[i % len(POSITIONS)]
     if asks == "user":
         question = f"What is the pass key for the {w1} locker that I mentioned in my first message?"
-        prefix, answer = f"The pass key for the {w1} locker is", k1
+        prefix, answer = f"The pass key for the {w1} locker is", key
     else:
-        question = f"What is the number of the {w2} code that you told me earlier?"
-        prefix, answer = f"The number of the {w2} code is", k2
+        question = f"In which city will the {w2} project meet, as you told me earlier?"
+        prefix, answer = f"The {w2} project will meet in", city
     shift = rng.randrange(len(docs))
     depth = rng.uniform(0.1, 0.9)  # where the pass key sits in the first user turn
 
@@ -84,10 +89,10 @@ def make_task(tokenizer, docs, length: int, i: int, rng: random.Random) -> Task:
         user1 = (
             "Please read this document carefully.\n\n"
             + t1[:cut]
-            + f"\nThe pass key for the {w1} locker is {k1}. Remember it.\n"
+            + f"\nThe pass key for the {w1} locker is {key}. Remember it.\n"
             + t1[cut:]
         )
-        assistant1 = f"I have read it. Please also note for later: the {w2} code is {k2}."
+        assistant1 = f"I have read it. Please also note for later: the {w2} project will meet in {city}."
         user2 = "Here is another document.\n\n" + _text(tokenizer, docs, shift + a, b)
         assistant2 = "Understood. I have read the second document."
         t3 = _text(tokenizer, docs, shift + a + b, c)
@@ -127,8 +132,9 @@ class Row:
     density: list[float] = field(default_factory=list)
 
 
-def _number(text: str) -> str | None:
-    m = re.search(r"\d{5}", text.replace(",", ""))
+def _said(text: str) -> str | None:
+    """The answer a text gives: its first word (a number or a name), without punctuation."""
+    m = re.search(r"[A-Za-z0-9]+", text.replace(",", ""))
     return m.group(0) if m else None
 
 
@@ -188,19 +194,20 @@ def main(argv=None) -> int:
             row = rows[name]
             row.decode_s += time.monotonic() - t
             row.texts.append(text)
-            row.right.append(task.answer in text.replace(",", ""))
+            row.right.append(task.answer.lower() in text.replace(",", "").lower())
             if engine.selector is not None:
                 row.density.append(engine.selector.stats.density)
-            # the follow-up: this method's own answer becomes the assistant's turn
-            said = _number(text) or task.answer
+            # the follow-up: this method's own answer becomes the assistant's turn; right when it
+            # repeats that answer
+            said = _said(text) or task.answer
             follow = task.messages + (
                 {"role": "assistant", "content": f"{task.prefix}{text}"},
-                {"role": "user", "content": "Repeat the number you just gave me."},
+                {"role": "user", "content": "Please repeat your answer."},
             )
             engine.set_kv_selection(cfg)
-            ftext = engine.generate([_prompt_ids(tok, follow, "The number I gave you is")], params)[0].text
+            ftext = engine.generate([_prompt_ids(tok, follow, task.prefix)], params)[0].text
             row.follow_texts.append(ftext)
-            row.follow_right.append(said in ftext.replace(",", ""))
+            row.follow_right.append(said.lower() in ftext.replace(",", "").lower())
             if args.verbose:
                 print(f"  task {ti} {name}: {text!r} / {ftext!r}", file=sys.stderr)
         dense = rows["dense"]

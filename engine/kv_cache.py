@@ -207,6 +207,10 @@ class BlockManager:
         """Cached blocks no table holds (kept for reuse, evicted on demand)."""
         return len(self._lru)
 
+    def cached_blocks(self) -> list[int]:
+        """Every block the cache identifies by a hash (held or not)."""
+        return list(self._by_hash.values())
+
     def all_free(self) -> bool:
         """No table holds a block (cached blocks may remain: they are reusable, not held)."""
         return self.num_used_blocks == 0

@@ -237,9 +237,13 @@ class LLMEngine:
         if selection is not None and selection.on and self.tp.size > 1:
             raise EngineError(f"KV selection ({selection.method.value}) runs on one rank only")
         self.selector = None
+        self.scheduler.uncached_tail = 0
         if selection is not None and selection.on:
             heads = self.loaded.model.config.num_attention_heads
             self.selector = KVSelector(selection, self.layout, heads, self.config.num_kv_blocks, self.placement.device)
+            self.scheduler.uncached_tail = self.selector.observed_prompt_tokens
+            # quest: the key bounds of the blocks already written (a prefix cache's)
+            self.selector.refresh_bounds(self.runner.kv, self.blocks.cached_blocks())
 
     # ---------------------------------------------------------------- requests
     def add_request(

@@ -42,6 +42,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; preemption takes from the end
         self.num_preemptions = 0
+        # a prompt's last tokens computed even when its prefix cache holds them: decode-side KV
+        # selection scores with their queries (engine/kv_select)
+        self.uncached_tail = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -116,6 +119,9 @@ class Scheduler:
             prefix, hashes = (
                 ([], []) if seq.cache_key is None else self.blocks.match_prefix(seq.token_ids, seq.cache_key)
             )
+            if self.uncached_tail:
+                most = max(0, seq.num_prompt_tokens - self.uncached_tail) // self.blocks.block_size
+                prefix, hashes = prefix[:most], hashes[:most]
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_allocate(seq.block_table, start + n, prefix):

@@ -33,6 +33,7 @@ class _State:
     prompt_len: int
     queries: torch.Tensor | None = None  # [layers, n <= R, Hq, D], the latest queries (any order)
     fresh: int = 0  # queries gathered since the last selection
+    from_prompt: bool = False  # queries holds the prompt's last queries (the first selection is due)
     middle: torch.Tensor | None = None  # [layers, k] logical ids of the kept middle blocks, -1 pads
     middle_count: int = 0  # kept middle blocks over all layers (a host int: no device sync per step)
     selected_once: bool = False
@@ -116,6 +117,12 @@ class KVSelector:
             shape = (layout.num_layers, num_blocks, 2, layout.num_kv_heads, layout.head_dim)
             self.bounds = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
 
+    @property
+    def observed_prompt_tokens(self) -> int:
+        """A prompt's last tokens whose queries make the first selection (loopserve, snapkv):
+        the engine computes them even when its prefix cache holds them (Scheduler.uncached_tail)."""
+        return self.config.rescore_every if self.config.method in (M.LOOPSERVE, M.SNAPKV) else 0
+
     def forget(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
@@ -164,7 +171,8 @@ class KVSelector:
                 continue
             shape = self._shape(end, state.prompt_len)
             wants_queries = c.method is M.LOOPSERVE or (c.method is M.SNAPKV and not state.selected_once)
-            due = wants_queries and state.fresh >= c.rescore_every - 1
+            # the first selection at the first decode step after the prompt's queries, then every R
+            due = wants_queries and (state.from_prompt or state.fresh >= c.rescore_every - 1)
             if shape is not None:
                 blocks = self._table(seq.block_table, shape[0])
                 if c.method is M.QUEST:
@@ -211,8 +219,9 @@ class KVSelector:
         if self.bounds is None or not block_table:
             return
         blocks = self._tensor(list(block_table))
-        k = kv[:, 0].index_select(1, blocks)  # [L, n, bs, Hkv, D]
-        self.bounds[:, blocks] = torch.stack([k.amin(2), k.amax(2)], dim=2)
+        for layer in range(kv.shape[0]):
+            k = kv[layer, 0].index_select(0, blocks)  # [n, bs, Hkv, D]
+            self.bounds[layer].index_copy_(0, blocks, torch.stack([k.amin(1), k.amax(1)], dim=1))
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -280,11 +289,13 @@ class KVSelector:
                 state.middle = self._choose(torch.stack(scores), n, tail, keep)
                 state.middle_count = int((state.middle >= 0).sum())  # one device sync per selection
                 state.fresh = 0
+                state.from_prompt = False
                 state.selected_once = True
                 self.stats.rescores += 1
 
     def _remember(self, state: _State, queries: torch.Tensor, from_prompt: bool) -> None:
         r = self.config.rescore_every
+        state.from_prompt = from_prompt
         if from_prompt or state.queries is None:
             state.queries = queries[:, -r:].clone()
         else:
@@ -292,23 +303,34 @@ class KVSelector:
         state.fresh += queries.shape[1]
 
     def _choose(self, mass: torch.Tensor, n: int, tail: int, keep: int) -> torch.Tensor:
-        """[L, keep] logical ids of the middle blocks to keep per layer (-1 pads): snapkv the
-        `keep` with most mass; loopserve the fewest covering `gamma` of the mass (with sink and
-        tail), at least min_budget of the blocks, at most `keep`."""
+        """[L, keep] logical ids of the middle blocks to keep per layer (-1 pads). snapkv: the
+        `keep` with most mass. loopserve: the fewest covering `gamma` of the mass (with sink and
+        tail), each with the block after it, at least min_budget of the blocks, at most `keep`:
+        the recent queries attend to where a span starts (the token after an earlier occurrence
+        of theirs, as a copy does), and the rest of that span (a number's further digits) is read
+        in the next steps, often across a block boundary."""
         c = self.config
         sink = min(c.sink, tail)
         middle = mass[:, sink:tail]
         values, order = middle.sort(dim=1, descending=True)
-        counts = torch.full((mass.shape[0],), keep, device=mass.device)
-        if c.method is M.LOOPSERVE:
-            total = mass.sum(dim=1)
-            covered = (total - middle.sum(dim=1))[:, None] + values.cumsum(dim=1)
-            need = (covered < c.gamma * total[:, None]).sum(dim=1) + 1
-            least = max(0, math.ceil(c.min_budget * n) - sink - (n - tail))
-            counts = need.clamp(min=min(least, keep), max=keep)
-        picked = order[:, :keep] + sink
         cols = torch.arange(keep, device=mass.device)[None, :]
-        return torch.where(cols < counts[:, None], picked, -1)
+        if c.method is not M.LOOPSERVE:
+            return torch.where(cols < keep, order[:, :keep] + sink, -1)
+        total = mass.sum(dim=1)
+        covered = (total - middle.sum(dim=1))[:, None] + values.cumsum(dim=1)
+        need = ((covered < c.gamma * total[:, None]).sum(dim=1) + 1).tolist()  # one sync per selection
+        least = max(0, math.ceil(c.min_budget * n) - sink - (n - tail))
+        out = torch.full((mass.shape[0], keep), -1, dtype=torch.long)
+        for layer, (ranked, top) in enumerate(zip(order.tolist(), need)):
+            chosen: dict[int, None] = {}  # ordered
+            for i, b in enumerate(ranked):
+                if len(chosen) >= keep or (i >= top and len(chosen) >= least):
+                    break
+                for x in (b, b + 1):
+                    if x < middle.shape[1] and len(chosen) < keep:
+                        chosen.setdefault(x)
+            out[layer, : len(chosen)] = torch.tensor(list(chosen), dtype=torch.long) + sink
+        return out.to(mass.device)
 
 
 # ------------------------------------------------------------------ used by the attention hook

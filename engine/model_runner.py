@@ -96,7 +96,7 @@ class ModelRunner:
         if select is not None:
             own = {r.row for r in select.quest}
             if select.selected is not None:
-                own.update(select.selected.rows.tolist())
+                own.update(select.selected.host_rows)
         # Token ids, positions and slots are gathered as Python ints and become one tensor each:
         # per-sequence tensor ops would cost more than the ints for a batch of decode rows.
         ids: list[int] = []

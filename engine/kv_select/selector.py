@@ -52,6 +52,7 @@ class SelectedRows:
     rows: torch.Tensor  # [B] packed rows
     tables: torch.Tensor  # [layers, B, W] physical ids of the kept blocks, in order (pads: 0)
     lens: torch.Tensor  # [layers, B] tokens in each row's kept blocks
+    host_rows: tuple[int, ...] = ()  # `rows` as host ints (the runner leaves them out of the dense buckets)
 
 
 @dataclass(frozen=True)
@@ -177,16 +178,18 @@ class KVSelector:
                 blocks = self._table(seq.block_table, shape[0])
                 if c.method is M.QUEST:
                     plan.quest.append(QuestRow(row, blocks, end, min(c.sink, shape[1]), shape[1], shape[2]))
-                elif due and state.queries is not None:
-                    plan.rescores.append(Rescore(row, state.queries, blocks, end))
-                    plan.rescore_of.append((seq.request_id, *shape))
-                elif c.method is M.STREAMING or state.middle is not None:
-                    logical, lens = self._logical(state, end, *shape)
-                    selected.append((row, blocks, logical, lens))
-                    n, tail, keep = shape
-                    fixed = min(c.sink, tail) + n - tail
-                    middle = keep if c.method is M.STREAMING else state.middle_count / self.layout.num_layers
-                    self._count(n, fixed + middle)
+                else:
+                    if due and state.queries is not None:
+                        plan.rescores.append(Rescore(row, state.queries, blocks, end))
+                        plan.rescore_of.append((seq.request_id, *shape))
+                    # attends over its current selection (also while its next one is scored)
+                    if c.method is M.STREAMING or state.middle is not None:
+                        logical, lens = self._logical(state, end, *shape)
+                        selected.append((row, blocks, logical, lens))
+                        n, tail, keep = shape
+                        fixed = min(c.sink, tail) + n - tail
+                        middle = keep if c.method is M.STREAMING else state.middle_count / self.layout.num_layers
+                        self._count(n, fixed + middle)
             if wants_queries:
                 captures.append(row)
                 plan.capture_of.append((seq.request_id, False))
@@ -195,7 +198,7 @@ class KVSelector:
         if captures:
             plan.capture_rows = self._tensor(captures)
         if selected:
-            plan.selected = self._selected(selected, plan)
+            plan.selected = self._selected(selected)
         for q in plan.quest:
             n = q.blocks.shape[0]
             self._count(n, q.sink + q.keep + n - q.tail)
@@ -256,7 +259,7 @@ class KVSelector:
         lens = counts * self.bs - (n * self.bs - ctx)
         return logical, lens
 
-    def _selected(self, rows, plan: SelectionPlan) -> SelectedRows:
+    def _selected(self, rows) -> SelectedRows:
         layers = self.layout.num_layers
         width = max(logical.shape[1] for _, _, logical, _ in rows)
         tables = torch.zeros((layers, len(rows), width), dtype=torch.long, device=self.device)
@@ -265,7 +268,8 @@ class KVSelector:
             w = logical.shape[1]
             tables[:, i, :w] = torch.where(logical < 0, 0, blocks[logical.clamp(min=0)])
             lens[:, i] = row_lens
-        return SelectedRows(self._tensor([r for r, _, _, _ in rows]), tables, lens)
+        host = tuple(r for r, _, _, _ in rows)
+        return SelectedRows(self._tensor(list(host)), tables, lens, host)
 
     def update(self, plan: SelectionPlan | None) -> None:
         """After the forward: keep the captured queries, select from the scores."""

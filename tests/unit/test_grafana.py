@@ -25,7 +25,9 @@ def _exposed() -> set[str]:
     rec.on_tokens(1)
     rec.finish(FinalEvent(FinishReason.STOP, 10, 11, "x", timings, prefilled_by="prefill"))
     m.record_rejected("invalid_argument", "http", "bad_sampling")
-    worker = WorkerStatus("decode-0", Role.DECODE, "n", True, 1, 2, 3, 8, kv_blocks_cached=1)
+    worker = WorkerStatus(
+        "decode-0", Role.DECODE, "n", True, 1, 2, 3, 8, kv_blocks_cached=1, kv_selected_rows=4, kv_selection_rescores=1
+    )
     m.update_cluster(ClusterStatus("disaggregated", (worker,), switch_count=1, restarts=(("decode-0", 1),)))
     return {s.name for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
 

@@ -177,3 +177,60 @@ def test_selection_refuses_tensor_parallel():
 
     with pytest.raises(EngineError, match="kv_selection .loopserve. runs on one rank only"):
         EngineConfig(tensor_parallel=2, kv_selection=KVSelectionConfig(method="loopserve"))
+
+
+@pytest.mark.parametrize("method", ["loopserve", "quest"])
+def test_a_decode_worker_selects_over_kv_a_prefill_worker_wrote(tiny, method):
+    """Disaggregated: the prompt's KV lands from a prefill worker (dense), then the decode
+    worker's engine selects: at a budget holding every block its output is transformers'; at
+    half, loopserve selects after R decode steps (it saw no prompt queries), quest from the
+    key bounds of the landed blocks; the decode worker's blocks are all free after."""
+    from decode_workers.decode_core import DecodeCore, DecodeOptions
+    from engine.config import EngineConfig
+    from prefill_workers.prefill_core import PrefillCore, PrefillOptions, PrefillTask
+    from tests.helpers.models import hf_greedy
+
+    prefill = PrefillCore(PrefillOptions(EngineConfig(block_size=8, num_kv_blocks=128), backend="shm"), tiny)
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    try:
+        for budget in (1.0, 0.5):
+            selection = KVSelectionConfig(method=method, budget=budget, dense_below=64, rescore_every=4, window=2)
+            config = EngineConfig(block_size=8, num_kv_blocks=128, kv_selection=selection)
+            decode = DecodeCore(DecodeOptions(config, backend="shm"), tiny)
+            try:
+                outs = []
+                for i, p in enumerate(LONG):
+                    desc = decode.reserve(f"p{i}", len(p))
+                    (result,) = prefill.run_batch([PrefillTask(f"p{i}", tuple(p), greedy, desc)])
+                    outs.append(list(decode.activate(f"p{i}", p, result.first_token, greedy).new_token_ids))
+                while decode.has_work():
+                    for o in decode.step():
+                        outs[int(o.request_id[1:])] += o.new_token_ids
+                stats = decode.engine.selector.stats
+                if budget == 1.0:
+                    assert outs == [hf_greedy(tiny, p, 16) for p in LONG] and stats.rows == 0
+                else:
+                    assert stats.rows > 0 and stats.density <= 0.5 + 16 / 150
+                    if method == "loopserve":  # after 3 decode queries, then every 4
+                        assert stats.rescores == 3 * len(range(4, 16, 4))
+                assert decode.engine.blocks.all_free() and not decode.engine.selector._states
+            finally:
+                decode.close()
+    finally:
+        prefill.close()
+
+
+def test_preempted_sequences_recompute_and_select_again(make_engine, tiny):
+    """A pool too small for the three sequences at once: the scheduler preempts and recomputes;
+    with a budget holding every block the output is still dense's, and at half every sequence
+    finishes with nothing left behind (make_engine checks the blocks)."""
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    small = dict(block_size=8, num_kv_blocks=60, max_num_batched_tokens=64)
+    dense = [o.token_ids for o in make_engine(tiny, **small).generate(LONG, params)]
+    for budget in (1.0, 0.5):
+        selection = KVSelectionConfig(method="loopserve", budget=budget, dense_below=64, rescore_every=4)
+        engine = make_engine(tiny, **small, kv_selection=selection)
+        out = [o.token_ids for o in engine.generate(LONG, params)]
+        assert engine.scheduler.num_preemptions > 0
+        assert (out == dense) if budget == 1.0 else all(len(o) == 20 for o in out)
+        assert not engine.selector._states

@@ -234,3 +234,33 @@ def test_preempted_sequences_recompute_and_select_again(make_engine, tiny):
         assert engine.scheduler.num_preemptions > 0
         assert (out == dense) if budget == 1.0 else all(len(o) == 20 for o in out)
         assert not engine.selector._states
+
+
+def test_a_new_turn_over_a_cached_history_is_prefilled_sparsely(make_engine, tiny, monkeypatch):
+    """With prefix caching and FlexPrefill (what a decode pool's `sparse:` gives its local
+    prefills), the next turn's chunk attends to the cached history through the sparse path
+    (q_offset = the history it did not recompute), keeping part of the blocks."""
+    import engine.sparse as sparse
+    from engine.sparse import SparsePrefillConfig
+
+    calls = []
+    real = sparse.sparse_prefill_attention
+
+    def recording(q, k, v, q_offset, scale, config):
+        out, stats = real(q, k, v, q_offset, scale, config)
+        calls.append((q.shape[0], q_offset, stats.density))
+        return out, stats
+
+    monkeypatch.setattr(sparse, "sparse_prefill_attention", recording, raising=False)
+    flex = SparsePrefillConfig(method="flexprefill", block_size=16, min_budget=16, dense_below=0, gamma=0.5)
+    engine = make_engine(
+        tiny, block_size=8, num_kv_blocks=256, max_num_batched_tokens=512, prefix_caching=True, sparse=flex
+    )
+    history = LONG[2] * 2  # 380 tokens
+    engine.generate([history], SamplingParams(max_tokens=1))
+    calls.clear()
+    turn = history + list(range(500, 540))
+    engine.generate([turn], SamplingParams(max_tokens=1))
+    new = [(lq, off, density) for lq, off, density in calls if off > 0]
+    assert new and all(off >= 376 and lq <= 48 for lq, off, _ in new)  # only the new turn was computed
+    assert min(density for _, _, density in new) < 1.0

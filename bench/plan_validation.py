@@ -29,12 +29,13 @@ on the real cluster, per deployment.
    processes use <= --max-background CPU cores, measures their use during it from /proc, and runs
    it again (up to --retries times) when they used more; the table marks what stayed disturbed.
 4. Print predicted vs. measured goodput and the error, whether the measured goodput lies in the
-   predicted band, whether the pick is the best measured, and, per probe, the simulator's attainment and latencies on the very requests measured (this
+   predicted band, whether the pick is the best measured, and, per probe, the simulator's
+   attainment and latencies on the very requests measured (this
    separates latency-model error from the difference between the fit and measured slices).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.plan_validation            # profiles, plans, measures
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.plan_validation --profile /tmp/plan_validation/profile_t1.json \
-        --trace ../shared/data/traces/mooncake_fast25_conversation_trace.jsonl --measure-start 1000
+        --fit-start 5500 --measure-start 11000                      # another slice, with the profile above
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Deployment:
 
     def in_band(self, max_background: float = math.inf) -> str:
         """Where the measured goodput lies against the predicted band [p10, p90]: below, inside,
-        above; "inside?" etc. when its bracket [pass, fail) straddles an edge."""
+        above; "below or inside" / "inside or above" when its bracket [pass, fail) straddles an edge."""
         lo, hi = self.measured(max_background)
         if self.plan.band is None:
             return "no band"

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from bench.ruler import _KEY_WORDS
+from bench.ruler import _KEY_WORDS, doc_tokens, filler
 
 POSITIONS = ("start", "middle", "end")
 
@@ -46,15 +46,8 @@ class Task:
     answer: str
 
 
-def _docs(tokenizer) -> list[int]:
-    from tests.prompts import corpus
-
-    return tokenizer(corpus()).input_ids
-
-
 def _text(tokenizer, docs: list[int], start: int, n: int) -> str:
-    reps = 1 + (start % len(docs) + n) // len(docs)
-    return tokenizer.decode((docs * reps)[start % len(docs) : start % len(docs) + n])
+    return tokenizer.decode(filler(docs, n, start))
 
 
 def _prompt_ids(tokenizer, messages, prefix: str) -> list[int]:
@@ -165,7 +158,7 @@ def main(argv=None) -> int:
     engine = LLMEngine(
         EngineConfig(block_size=16, num_kv_blocks=1400, max_num_batched_tokens=2048, prefix_caching=True), loaded
     )
-    docs = _docs(tok)
+    docs = doc_tokens(tok)
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = [("dense", None)] + [
         (

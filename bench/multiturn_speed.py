@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from bench.ruler import doc_tokens, filler
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,11 +40,10 @@ def main(argv=None) -> int:
     from engine.kv_select.config import KVSelectionConfig
     from engine.llm_engine import LLMEngine, LoadedModel
     from engine.sequence import SamplingParams
-    from tests.prompts import corpus
 
     torch.set_num_threads(1)
     loaded = LoadedModel.load(None)
-    docs = loaded.tokenizer(corpus()).input_ids
+    docs = doc_tokens(loaded.tokenizer)
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     blocks = max(batches) * 16 + max(contexts) // 16 * 2 + 64
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for ctx in contexts:
-        prompt = (docs * (1 + ctx // len(docs)))[: ctx - 1]
+        prompt = filler(docs, ctx - 1)
         engine.generate([prompt + [docs[0]]], SamplingParams(max_tokens=1))  # prefill once: cached from now on
         for batch in batches:
             dense_ms = None

@@ -222,7 +222,7 @@ async def run_profiles(args) -> str:
     return ",".join(paths)
 
 
-def plan_all(args, profiles: str):
+def plan_all(args, profiles: str, trace: tuple):
     perf = perf_model(profiles, args.cluster)
     settings = SearchSettings(
         slo=Slo(args.ttft_slo, args.tpot_slo),
@@ -232,24 +232,22 @@ def plan_all(args, profiles: str):
         token_budget=args.token_budget,
         max_batch=args.max_batch,
     )
-    reqs = tr.scale_lengths(
-        tr.slice_trace(tr.load_trace(args.trace), args.fit_start, args.fit_count), args.length_scale, args.max_len
-    )
+    reqs = tr.scale_lengths(tr.slice_trace(trace, args.fit_start, args.fit_count), args.length_scale, args.max_len)
     fit, held = tr.split(reqs, 0.5)
     searcher = Searcher(perf, fit, held, settings, lambda m: log(f"plan: {m}"))
     result = searcher.run()
-    slices = band_slices(args, settings)
+    slices = band_slices(args, settings, trace)
     if slices:
         result = searcher.with_bands(result, slices)
     return perf, settings, searcher, result, slices
 
 
-def band_slices(args, settings: SearchSettings) -> list:
+def band_slices(args, settings: SearchSettings, trace: tuple) -> list:
     """The disjoint slices of the whole (scaled) trace each plan's band is predicted on, as
     `triptych plan --band-slices` takes them; [] for --band-slices 0."""
     if not args.band_slices:
         return []
-    whole = tr.scale_lengths(tr.load_trace(args.trace), args.length_scale, args.max_len)
+    whole = tr.scale_lengths(trace, args.length_scale, args.max_len)
     ranges = tr.slice_ranges(len(whole), args.band_slices, settings.verify_sample)
     end = args.measure_start + args.requests
     for a, b in ranges:
@@ -590,9 +588,14 @@ async def main_async(args) -> int:
     from placement.errors import PlanningError
 
     t_start = time.monotonic()
+    try:
+        trace = tr.load_trace(args.trace)  # before profiling: a bad path fails at once
+    except PlanningError as exc:
+        print(f"plan_validation: {exc}", file=sys.stderr)
+        return 2
     profiles = args.profile or await run_profiles(args)
     try:
-        perf, settings, searcher, result, slices = plan_all(args, profiles)
+        perf, settings, searcher, result, slices = plan_all(args, profiles, trace)
     except PlanningError as exc:
         print(
             f"plan_validation: the planner found no deployment to validate: {exc} "
@@ -603,7 +606,7 @@ async def main_async(args) -> int:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     write_plan(Path(args.out_dir) / "plan.yaml", result.chosen, perf, settings)
     measured = tr.scale_lengths(
-        tr.slice_trace(tr.load_trace(args.trace), args.measure_start, args.requests), args.length_scale, args.max_len
+        tr.slice_trace(trace, args.measure_start, args.requests), args.length_scale, args.max_len
     )
     fit_end = args.fit_start + args.fit_count
     if args.measure_start < fit_end and args.fit_start < args.measure_start + args.requests:

@@ -68,12 +68,25 @@ def score(task: RulerTask, text: str) -> bool:
     return all(a.lower() in text.lower() for a in task.answers)
 
 
+def doc_tokens(tokenizer) -> list[int]:
+    """The natural filler text (stdlib docstrings, tests/prompts.py corpus) as token ids."""
+    from tests.prompts import corpus
+
+    return tokenizer(corpus()).input_ids
+
+
+def filler(stream: list[int], n: int, start: int = 0) -> list[int]:
+    """n tokens of `stream` from `start`, wrapping around."""
+    reps = 1 + (start % len(stream) + n) // len(stream)
+    return (stream * reps)[start % len(stream) : start % len(stream) + n]
+
+
 class _Builder:
     """Token-level assembly of chat-templated prompts for one tokenizer."""
 
-    def __init__(self, tokenizer) -> None:
-        from tests.prompts import corpus
+    filler = staticmethod(filler)
 
+    def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         empty = list(
             tokenizer.apply_chat_template(
@@ -83,18 +96,12 @@ class _Builder:
         # The user's content goes before the template's last end-of-turn token.
         end = len(empty) - 1 - empty[::-1].index(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.head, self.tail = empty[:end], empty[end:]
-        self.docs = tokenizer(corpus()).input_ids
+        self.docs = doc_tokens(tokenizer)
         self.noise = tokenizer(_NOISE * 16).input_ids
         self.newline = tokenizer("\n").input_ids
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text).input_ids
-
-    @staticmethod
-    def filler(stream: list[int], n: int, start: int = 0) -> list[int]:
-        """n tokens of `stream` from `start`, wrapping around."""
-        reps = 1 + (start % len(stream) + n) // len(stream)
-        return (stream * reps)[start % len(stream) : start % len(stream) + n]
 
     def prompt(self, parts: list[list[int]], prefix: str) -> list[int]:
         return self.head + [t for p in parts for t in p] + self.tail + self.ids(prefix)

@@ -43,8 +43,9 @@ from cluster.config_schema import (
     TransportConfig,
 )
 from engine.device import DEVICE_CHOICES, check_device, wants_gpu
-from engine.kv_select.config import KVSelectionConfig, KVSelectionConfigError, KVSelectionMethod
-from engine.sparse.config import SparseConfigError, SparseMethod, SparsePrefillConfig
+from engine.errors import SettingError
+from engine.kv_select.config import KVSelectionConfig, KVSelectionMethod
+from engine.sparse.config import SparseMethod, SparsePrefillConfig
 from engine.tensor_parallel import MAX_TENSOR_PARALLEL, TP_ROLES
 from engine.worker_api import Mode, Role
 from kv_transfer.registry import known_backends, transport_info
@@ -147,11 +148,7 @@ def _sparse(s: Section) -> SparsePrefillConfig:
         sink=s.int("sink", d.sink, lo=0),
         local=s.int("local", d.local, lo=1),
     )
-    s.done()
-    try:
-        return SparsePrefillConfig(**values)
-    except SparseConfigError as err:
-        s.fail(err.field, err.reason)
+    return _engine_settings(s, SparsePrefillConfig, values)
 
 
 def _kv_selection(s: Section) -> KVSelectionConfig:
@@ -168,10 +165,16 @@ def _kv_selection(s: Section) -> KVSelectionConfig:
         rescore_every=s.int("rescore_every", d.rescore_every, lo=1, hi=256),
         dense_below=s.int("dense_below", d.dense_below, lo=0),
     )
+    return _engine_settings(s, KVSelectionConfig, values)
+
+
+def _engine_settings(s: Section, cls, values: dict):
+    """The engine's settings object `cls` built from a section's values; a value the engine
+    refuses (its SettingError) is a ConfigError naming the field."""
     s.done()
     try:
-        return KVSelectionConfig(**values)
-    except KVSelectionConfigError as err:
+        return cls(**values)
+    except SettingError as err:
         s.fail(err.field, err.reason)
 
 

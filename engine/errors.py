@@ -5,6 +5,17 @@ class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
 
 
+class SettingError(ValueError):
+    """A field of an engine settings object (`owner`, e.g. SparsePrefillConfig) out of its
+    domain; `field` names it, `reason` says why (the deploy config reports both at the YAML key)."""
+
+    owner = "settings"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{self.owner}.{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 class InvalidRequestError(EngineError, ValueError):
     """A request (prompt or sampling parameters) the engine refuses; the message says why and
     `field` names the parameter at fault, when one is (an API error's `param`)."""

@@ -239,8 +239,7 @@ class LLMEngine:
         self.selector = None
         self.scheduler.uncached_tail = 0
         if selection is not None and selection.on:
-            heads = self.loaded.model.config.num_attention_heads
-            self.selector = KVSelector(selection, self.layout, heads, self.config.num_kv_blocks, self.placement.device)
+            self.selector = KVSelector(selection, self.layout, self.config.num_kv_blocks, self.placement.device)
             self.scheduler.uncached_tail = self.selector.observed_prompt_tokens
             # quest: the key bounds of the blocks already written (a prefix cache's)
             self.selector.refresh_bounds(self.runner.kv, self.blocks.cached_blocks())
@@ -313,6 +312,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         detok = self._detokenizer(sampling, prompt_token_ids, resume)
         key = None if cache_salt is None else self._cache_key(cache_salt, prompt_token_ids, image_hashes)
+        if self.selector is not None:  # quest: key bounds of the blocks the prefill worker wrote
+            self.selector.refresh_bounds(self.runner.kv, block_table)
         # The first token (and, resumed, the earlier output) was sampled elsewhere: skip its draws.
         self.sampler.advance(request_id, sampling, self._vocab_size(), 1 + (resume[0] if resume else 0))
         seq = Sequence(
@@ -326,8 +327,6 @@ class LLMEngine:
             status=SequenceStatus.RUNNING,
             cache_key=key,
         )
-        if self.selector is not None:  # quest: key bounds of the blocks the prefill worker wrote
-            self.selector.refresh_bounds(self.runner.kv, block_table)
         if seq.cache_key is not None:  # its prompt's K/V landed from a prefill worker: reusable now
             self.blocks.register(block_table, seq.block_hashes, seq.token_ids, len(prompt_token_ids), seq.cache_key)
         self._seqs[request_id] = seq

@@ -189,8 +189,6 @@ class ModelRunner:
         """The float logits [sampled rows, vocab] of a forward over `plan` (the sampled rows in
         plan order); a tensor-parallel driver has its followers run the same forward (`extra`
         goes with the plan to them: what else they do with it, tensor_parallel.follow)."""
-        if select is not None and self.tp.size > 1:
-            raise EngineError("decode-side KV selection runs on one rank only (tensor_parallel 1)")
         self.tp.broadcast_plan((plan, sparse, extra), inputs_embeds)
         hidden = self._hidden(plan, on_layer_done, sparse, inputs_embeds, select)
         ends, row = [], 0

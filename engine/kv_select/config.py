@@ -35,6 +35,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from engine.errors import SettingError
+
 
 class KVSelectionMethod(str, enum.Enum):
     DENSE = "dense"
@@ -44,12 +46,10 @@ class KVSelectionMethod(str, enum.Enum):
     QUEST = "quest"  # per step, by per-block key bounds
 
 
-class KVSelectionConfigError(ValueError):
-    """A KVSelectionConfig field out of its domain; `field` names it, `reason` says why."""
+class KVSelectionConfigError(SettingError):
+    """A KVSelectionConfig field out of its domain."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"KVSelectionConfig.{field}: {reason}")
-        self.field, self.reason = field, reason
+    owner = "KVSelectionConfig"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,21 @@ from engine.kv_layout import KVLayout
 from engine.kv_select.config import KVSelectionConfig, KVSelectionMethod
 
 M = KVSelectionMethod
+
+
+class Shape(NamedTuple):
+    """A selected decode row's blocks: n in all; [0, sink) and [tail, n) always kept; `keep` of
+    the middle [sink, tail) kept."""
+
+    n: int
+    sink: int
+    tail: int
+    keep: int
+
+    @property
+    def fixed(self) -> int:
+        """Blocks always kept: the sink and the tail."""
+        return self.sink + self.n - self.tail
 
 
 @dataclass
@@ -60,9 +76,7 @@ class QuestRow:
     row: int
     blocks: torch.Tensor  # [N] physical blocks, in order
     ctx_len: int
-    sink: int  # logical blocks [0, sink) always kept
-    tail: int  # ... and [tail, N)
-    keep: int  # middle blocks to pick from [sink, tail)
+    shape: Shape
 
 
 @dataclass
@@ -77,9 +91,7 @@ class SelectionPlan:
     written_blocks: torch.Tensor | None = None  # quest: blocks this forward writes (bounds to redo)
     # bookkeeping for update(): (request id, what) per capture row and per rescore
     capture_of: list[tuple[str, bool]] = field(default_factory=list)  # (request id, from a prompt)
-    rescore_of: list[tuple[str, int, int, int]] = field(default_factory=list)  # (id, N, tail, keep)
-    kept_blocks: int = 0  # over selected rows and layers, this step
-    context_blocks: int = 0
+    rescore_of: list[tuple[str, Shape]] = field(default_factory=list)  # (request id, its shape)
 
 
 @dataclass
@@ -105,11 +117,10 @@ class SelectionStats:
 class KVSelector:
     """One engine's selection state: per sequence, its recent queries and kept middle blocks."""
 
-    def __init__(self, config: KVSelectionConfig, layout: KVLayout, num_q_heads: int, num_blocks: int, device):
+    def __init__(self, config: KVSelectionConfig, layout: KVLayout, num_blocks: int, device):
         self.config = config
         self.layout = layout
         self.bs = layout.block_size
-        self.num_q_heads = num_q_heads
         self.device = torch.device(device)
         self.stats = SelectionStats()
         self._states: dict[str, _State] = {}
@@ -133,9 +144,8 @@ class KVSelector:
             state = self._states[seq.request_id] = _State(seq.num_prompt_tokens)
         return state
 
-    def _shape(self, ctx: int, prompt_len: int) -> tuple[int, int, int] | None:
-        """(N, tail, keep) of a decode row over `ctx` tokens: its blocks, the first block of the
-        always-kept tail, and how many middle blocks [sink, tail) it may keep; None: dense."""
+    def _shape(self, ctx: int, prompt_len: int) -> Shape | None:
+        """The Shape of a decode row over `ctx` tokens; None: it attends densely."""
         c = self.config
         n = -(-ctx // self.bs)
         if ctx < c.dense_below:
@@ -145,7 +155,7 @@ class KVSelector:
         keep = max(0, math.ceil(c.budget * n) - sink - (n - tail))
         if keep >= tail - sink:
             return None  # the budget holds every block
-        return n, tail, keep
+        return Shape(n, sink, tail, keep)
 
     def plan(self, batch) -> SelectionPlan | None:
         """What the forward over `batch` (engine/scheduler.py ScheduledSeq, in packed order) does
@@ -175,21 +185,20 @@ class KVSelector:
             # the first selection at the first decode step after the prompt's queries, then every R
             due = wants_queries and (state.from_prompt or state.fresh >= c.rescore_every - 1)
             if shape is not None:
-                blocks = self._table(seq.block_table, shape[0])
+                blocks = self._tensor(seq.block_table[: shape.n])
                 if c.method is M.QUEST:
-                    plan.quest.append(QuestRow(row, blocks, end, min(c.sink, shape[1]), shape[1], shape[2]))
+                    plan.quest.append(QuestRow(row, blocks, end, shape))
+                    self._count(shape.n, shape.fixed + shape.keep)
                 else:
                     if due and state.queries is not None:
                         plan.rescores.append(Rescore(row, state.queries, blocks, end))
-                        plan.rescore_of.append((seq.request_id, *shape))
+                        plan.rescore_of.append((seq.request_id, shape))
                     # attends over its current selection (also while its next one is scored)
                     if c.method is M.STREAMING or state.middle is not None:
-                        logical, lens = self._logical(state, end, *shape)
+                        logical, lens = self._logical(state, end, shape)
                         selected.append((row, blocks, logical, lens))
-                        n, tail, keep = shape
-                        fixed = min(c.sink, tail) + n - tail
-                        middle = keep if c.method is M.STREAMING else state.middle_count / self.layout.num_layers
-                        self._count(n, fixed + middle)
+                        middle = shape.keep if c.method is M.STREAMING else state.middle_count / self.layout.num_layers
+                        self._count(shape.n, shape.fixed + middle)
             if wants_queries:
                 captures.append(row)
                 plan.capture_of.append((seq.request_id, False))
@@ -199,9 +208,6 @@ class KVSelector:
             plan.capture_rows = self._tensor(captures)
         if selected:
             plan.selected = self._selected(selected)
-        for q in plan.quest:
-            n = q.blocks.shape[0]
-            self._count(n, q.sink + q.keep + n - q.tail)
         if self.bounds is not None:
             plan.bounds = self.bounds
             plan.written_blocks = self._written(batch)
@@ -229,9 +235,6 @@ class KVSelector:
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _table(self, block_table, n: int) -> torch.Tensor:
-        return self._tensor(block_table[:n])
-
     def _written(self, batch) -> torch.Tensor:
         """The blocks a forward over `batch` writes (quest redoes their key bounds)."""
         out: set[int] = set()
@@ -241,11 +244,11 @@ class KVSelector:
             out.update(seq.block_table[start // self.bs : -(-end // self.bs)])
         return self._tensor(sorted(out))
 
-    def _logical(self, state: _State, ctx: int, n: int, tail: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logical(self, state: _State, ctx: int, shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
         """[L, W] logical ids of the kept blocks of each layer, in order, -1 pads at the end; and
         [L] tokens in them (every kept block is full but the last, the current one)."""
         layers = self.layout.num_layers
-        sink = min(self.config.sink, tail)
+        n, sink, tail, keep = shape
         parts = [torch.arange(sink, device=self.device).expand(layers, sink)]
         if self.config.method is M.STREAMING:
             parts.append(torch.arange(tail - keep, tail, device=self.device).expand(layers, keep))
@@ -287,10 +290,10 @@ class KVSelector:
                 if state is not None:
                     self._remember(state, stacked[:, i:j], from_prompt)
                 i = j
-        for (rid, n, tail, keep), scores in zip(plan.rescore_of, plan.scores):
+        for (rid, shape), scores in zip(plan.rescore_of, plan.scores):
             state = self._states.get(rid)
             if state is not None and scores:
-                state.middle = self._choose(torch.stack(scores), n, tail, keep)
+                state.middle = self._choose(torch.stack(scores), shape)
                 state.middle_count = int((state.middle >= 0).sum())  # one device sync per selection
                 state.fresh = 0
                 state.from_prompt = False
@@ -306,7 +309,7 @@ class KVSelector:
             state.queries = torch.cat([state.queries, queries], dim=1)[:, -r:]
         state.fresh += queries.shape[1]
 
-    def _choose(self, mass: torch.Tensor, n: int, tail: int, keep: int) -> torch.Tensor:
+    def _choose(self, mass: torch.Tensor, shape: Shape) -> torch.Tensor:
         """[L, keep] logical ids of the middle blocks to keep per layer (-1 pads). snapkv: the
         `keep` with most mass. loopserve: the fewest covering `gamma` of the mass (with sink and
         tail), each with the block after it, at least min_budget of the blocks, at most `keep`:
@@ -314,12 +317,11 @@ class KVSelector:
         of theirs, as a copy does), and the rest of that span (a number's further digits) is read
         in the next steps, often across a block boundary."""
         c = self.config
-        sink = min(c.sink, tail)
+        n, sink, tail, keep = shape
         middle = mass[:, sink:tail]
         values, order = middle.sort(dim=1, descending=True)
-        cols = torch.arange(keep, device=mass.device)[None, :]
         if c.method is not M.LOOPSERVE:
-            return torch.where(cols < keep, order[:, :keep] + sink, -1)
+            return order[:, :keep] + sink
         total = mass.sum(dim=1)
         covered = (total - middle.sum(dim=1))[:, None] + values.cumsum(dim=1)
         need = ((covered < c.gamma * total[:, None]).sum(dim=1) + 1).tolist()  # one sync per selection
@@ -359,7 +361,7 @@ def quest_pick(q: torch.Tensor, bounds: torch.Tensor, row: QuestRow, block_size:
     the kept blocks in order and the tokens in them (sink, the `keep` middle blocks whose keys
     bound the query's attention score highest, summed over heads, and the tail)."""
     hq, d = q.shape
-    sink, tail, keep, n = row.sink, row.tail, row.keep, row.blocks.shape[0]
+    n, sink, tail, keep = row.shape
     middle = row.blocks[sink:tail]
     b = bounds.index_select(0, middle).float()  # [M, 2, Hkv, D]
     hkv = b.shape[2]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from engine.errors import SettingError
+
 
 class SparseMethod(str, enum.Enum):
     DENSE = "dense"
@@ -31,12 +33,10 @@ class SparseMethod(str, enum.Enum):
     STATIC = "static"  # sink + local window + power-of-two distance blocks
 
 
-class SparseConfigError(ValueError):
-    """A SparsePrefillConfig field out of its domain; `field` names it, `reason` says why."""
+class SparseConfigError(SettingError):
+    """A SparsePrefillConfig field out of its domain."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"SparsePrefillConfig.{field}: {reason}")
-        self.field, self.reason = field, reason
+    owner = "SparsePrefillConfig"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from engine import attention
 from engine.kv_layout import KVLayout
 from engine.kv_select.config import KVSelectionConfig, KVSelectionConfigError
-from engine.kv_select.selector import KVSelector, QuestRow, block_mass, quest_pick
+from engine.kv_select.selector import KVSelector, QuestRow, Shape, block_mass, quest_pick
 from engine.sequence import SamplingParams
 
 BS, HKV, HQ, D = 4, 2, 4, 8
@@ -44,7 +44,7 @@ def test_a_selected_row_attends_exactly_over_its_kept_blocks(ctx):
     torch.manual_seed(0)
     cfg = KVSelectionConfig(method="streaming", budget=0.5, sink=1, window=2, dense_below=0)
     layers, blocks = 2, 40
-    sel = KVSelector(cfg, _layout(layers), HQ, blocks, "cpu")
+    sel = KVSelector(cfg, _layout(layers), blocks, "cpu")
     n = -(-ctx // BS)
     table = torch.randperm(blocks)[:n].tolist()
     kv = torch.randn(layers, 2, blocks, BS, HKV, D)
@@ -85,22 +85,22 @@ def test_loopserve_keeps_the_fewest_blocks_covering_gamma_within_its_budgets():
     with the block after it), layer 1's is spread evenly (the budget caps it); min_budget is a
     floor; snapkv keeps the budget's count by mass alone."""
     cfg = KVSelectionConfig(method="loopserve", budget=0.5, min_budget=0.0, gamma=0.9, sink=1, window=2)
-    sel = KVSelector(cfg, _layout(), HQ, 64, "cpu")
+    sel = KVSelector(cfg, _layout(), 64, "cpu")
     n, tail, keep = 20, 18, 7  # 1 sink + 7 middle + 2 tail = 10 = 0.5 * 20
     mass = torch.full((2, n), 1.0)
     mass[0] = 0.01
     mass[0, 5], mass[0, 11] = 50.0, 40.0
-    middle = sel._choose(mass, n, tail, keep)
+    middle = sel._choose(mass, Shape(n, 1, tail, keep))
     assert sorted(x for x in middle[0].tolist() if x >= 0) == [5, 6, 11, 12]
     assert (middle[1] >= 0).sum() == keep
     floor = KVSelector(
-        KVSelectionConfig(method="loopserve", budget=0.5, min_budget=0.4, sink=1, window=2), _layout(), HQ, 64, "cpu"
+        KVSelectionConfig(method="loopserve", budget=0.5, min_budget=0.4, sink=1, window=2), _layout(), 64, "cpu"
     )
-    kept = [x for x in floor._choose(mass, n, tail, keep)[0].tolist() if x >= 0]
+    kept = [x for x in floor._choose(mass, Shape(n, 1, tail, keep))[0].tolist() if x >= 0]
     assert {5, 6, 11, 12} <= set(kept) and math.ceil(0.4 * n) - 1 - 2 <= len(kept) <= keep
-    snap = KVSelector(KVSelectionConfig(method="snapkv", budget=0.5, sink=1, window=2), _layout(), HQ, 64, "cpu")
-    assert {5, 11} <= set(snap._choose(mass, n, tail, keep)[0].tolist()) and (
-        snap._choose(mass, n, tail, keep) >= 0
+    snap = KVSelector(KVSelectionConfig(method="snapkv", budget=0.5, sink=1, window=2), _layout(), 64, "cpu")
+    assert {5, 11} <= set(snap._choose(mass, Shape(n, 1, tail, keep))[0].tolist()) and (
+        snap._choose(mass, Shape(n, 1, tail, keep)) >= 0
     ).all()
 
 
@@ -112,7 +112,7 @@ def test_quest_keeps_the_block_whose_keys_bound_the_score_highest():
     q = torch.randn(HQ, D)
     bounds[6, 1] = q.view(HKV, -1, D).sum(1).clamp(min=0) * 5  # keys near q's direction in block 6
     bounds[6, 0] = q.view(HKV, -1, D).sum(1).clamp(max=0) * 5
-    kept, length = quest_pick(q, bounds, QuestRow(0, blocks, 38, sink=1, tail=8, keep=1), BS)
+    kept, length = quest_pick(q, bounds, QuestRow(0, blocks, 38, Shape(10, sink=1, tail=8, keep=1)), BS)
     assert kept.tolist() == [0, 6, 8, 9] and length == 3 * BS + 2
 
 

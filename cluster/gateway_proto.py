@@ -4,8 +4,8 @@ events, cluster status and role switches back to messages; plus the status-code 
 
 Invariants: parsing refuses (RouterError INVALID_ARGUMENT or RESOURCE_EXHAUSTED, naming the
 field or the limit) before building anything whose size a client controls: messages, content
-parts and images are counted on a shallow parse first. Conversions hold no state and do no I/O,
-so they run on the gateway's admission threads.
+parts, images and the bytes besides images are counted by walking the wire format first.
+Conversions hold no state and do no I/O, so they run on the gateway's admission threads.
 """
 
 from __future__ import annotations
@@ -48,50 +48,94 @@ ROLE_PB = {
 _MODE_PB = {"colocated": pb.MODE_COLOCATED, "disaggregated": pb.MODE_DISAGGREGATED}
 
 
-def _shape_classes():
-    """Wire-compatible views of GenerateRequest and ChatMessages whose chat messages and images are
-    left as bytes: parsing through them counts a request's messages and images without building
-    them (a million chat messages take ~100 ms to parse fully, holding the interpreter lock; ~15
-    ms this way), so an oversized request is refused before the full parse."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    f = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="triptych_gateway_shape.proto", package="triptych_gateway")
-    chat = proto.message_type.add(name="ChatShape")
-    chat.field.add(name="messages", number=1, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
-    message = proto.message_type.add(name="MessageShape")
-    message.field.add(name="content", number=2, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
-    request = proto.message_type.add(name="RequestShape")
-    request.field.add(name="chat", number=3, type=f.TYPE_BYTES, label=f.LABEL_OPTIONAL)
-    request.field.add(name="images", number=5, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    get = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"triptych_gateway.{name}"))  # noqa: E731
-    return get("RequestShape"), get("ChatShape"), get("MessageShape")
+class _Malformed(Exception):
+    pass
 
 
-_RequestShape, _ChatShape, _MessageShape = _shape_classes()
+def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        if i >= end:
+            raise _Malformed
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise _Malformed
+
+
+def _fields(buf: bytes, start: int, end: int):
+    """(field number, start, end) of each field of the message in buf[start:end], in wire order;
+    a length-delimited field's bounds are its payload's. Skips payloads by their length: never
+    reads or copies them."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i, end)
+        kind = key & 7
+        if kind == 0:
+            j = _varint(buf, i, end)[1]
+        elif kind == 1:
+            j = i + 8
+        elif kind == 2:
+            n, i = _varint(buf, i, end)
+            j = i + n
+        elif kind == 5:
+            j = i + 4
+        else:
+            raise _Malformed
+        if j > end:
+            raise _Malformed
+        yield key >> 3, i, j
+        i = j
+
+
+def _check_shape(raw: bytes, limits: LimitsConfig, supports_images: bool) -> None:
+    """Count a serialized GenerateRequest's messages, content parts and images, and its bytes
+    besides its images', by walking the wire format: payloads are skipped by their length and
+    counting stops past each limit, so a 15 MB prompt or a million messages are refused in
+    microseconds, before the full parse (which holds the interpreter lock for tens of ms)."""
+    counts = {"messages": 0, "content parts": 0, "images": 0}
+    limit = {
+        "messages": (limits.max_messages, "max_messages", "too_many_messages"),
+        "content parts": (caps.max_content_parts(limits), "4 x max_messages + max_images", "too_many_parts"),
+        "images": (limits.max_images, "max_images", "too_many_images"),
+    }
+    image_bytes = 0
+
+    def count(what: str) -> None:
+        counts[what] += 1
+        caps.check_count(what, counts[what], *limit[what], stopped=True)
+
+    for number, start, end in _fields(raw, 0, len(raw)):
+        if number == 5:  # GenerateRequest.images
+            count("images")
+            image_bytes += end - start
+        elif number == 3:  # GenerateRequest.chat
+            for c_number, m_start, m_end in _fields(raw, start, end):
+                if c_number != 1:  # ChatMessages.messages
+                    continue
+                count("messages")
+                for m_number, p_start, p_end in _fields(raw, m_start, m_end):
+                    if m_number != 2:  # ChatMessage.content
+                        continue
+                    count("content parts")
+                    for p_number, i_start, i_end in _fields(raw, p_start, p_end):
+                        if p_number == 2:  # ContentPart.image
+                            count("images")
+                            image_bytes += i_end - i_start
+    caps.check_size(len(raw), limits, supports_images, image_bytes)
 
 
 def parse_request(raw: bytes, limits: LimitsConfig, supports_images: bool = True) -> pb.GenerateRequest:
     """Parse a serialized GenerateRequest, checking its size and counting its messages and images
-    first (see _shape_classes). Raises RouterError(INVALID_ARGUMENT) for too many or for bytes
-    that are not a GenerateRequest."""
-    caps.check_size(len(raw), limits, supports_images)
+    first (_check_shape). Raises RouterError(INVALID_ARGUMENT) for too many or for bytes that are
+    not a GenerateRequest."""
     try:
-        shape = _RequestShape.FromString(raw)
-        messages = _ChatShape.FromString(shape.chat).messages if shape.chat else ()
-        caps.check_count("messages", len(messages), limits.max_messages, "max_messages", "too_many_messages")
-        parts = sum(len(_MessageShape.FromString(m).content) for m in messages)
-    except DecodeError:
-        raise invalid("the request is not a valid GenerateRequest message") from None
-    caps.check_count(
-        "content parts", parts, caps.max_content_parts(limits), "4 x max_messages + max_images", "too_many_parts"
-    )
-    caps.check_count("images", len(shape.images), limits.max_images, "max_images", "too_many_images")
-    try:
+        _check_shape(raw, limits, supports_images)
         return pb.GenerateRequest.FromString(raw)
-    except DecodeError:
+    except (_Malformed, DecodeError):
         raise invalid("the request is not a valid GenerateRequest message") from None
 
 

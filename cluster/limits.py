@@ -26,11 +26,12 @@ def refused(message: str, reason: str, param: str | None = None) -> RouterError:
     return RouterError(ErrorKind.INVALID_ARGUMENT, message, reason, param)
 
 
-def check_count(what: str, n: int, limit: int, setting: str, reason: str) -> None:
-    """`setting`: the limit's name under server.limits, or a phrase in parentheses."""
+def check_count(what: str, n: int, limit: int, setting: str, reason: str, stopped: bool = False) -> None:
+    """`setting`: the limit's name under server.limits, or a phrase in parentheses. `stopped`:
+    counting stopped past the limit, so the refusal says "more than" it."""
     if n > limit:
         where = f"server.limits.{setting}" if setting.isidentifier() else setting
-        raise refused(f"{what}: {n}; the limit is {limit} ({where})", reason)
+        raise refused(f"{what}: {f'more than {limit}' if stopped else n}; the limit is {limit} ({where})", reason)
 
 
 def check_id(what: str, value: str, limits: LimitsConfig) -> None:
@@ -58,15 +59,18 @@ def max_content_parts(limits: LimitsConfig) -> int:
     return 4 * limits.max_messages + limits.max_images
 
 
-def check_size(n: int, limits: LimitsConfig, supports_images: bool) -> None:
-    if not supports_images:
-        check_count(
-            "request bytes",
-            n,
-            text_request_bytes(limits),
-            "a model without images: 6 x server.limits.max_prompt_chars + room for max_messages",
-            "request_too_large",
-        )
+def check_size(n: int, limits: LimitsConfig, supports_images: bool, image_bytes: int = 0) -> None:
+    """A request's bytes, less its images' (`image_bytes`, as the door found them without parsing
+    the request), must fit a request without images: whatever else a request holds is text, which
+    the caps bound. This refuses a 15 MB prompt by its size, before parsing it would hold the
+    interpreter lock for tens of milliseconds."""
+    check_count(
+        "request bytes besides images" if supports_images else "request bytes",
+        n - image_bytes if supports_images else n,
+        text_request_bytes(limits),
+        "6 x server.limits.max_prompt_chars + room for max_messages",
+        "request_too_large",
+    )
 
 
 def check_prompt_tokens(n: int, max_model_len: int) -> None:

@@ -235,12 +235,29 @@ def json_items_limit(limits: LimitsConfig) -> int:
     return limits.max_prompt_chars + 16 * limits.max_messages + 1024
 
 
+def data_url_bytes(raw: bytes, limits: LimitsConfig) -> int:
+    """Bytes of a raw JSON body's data URLs (each string that starts with `data:`, up to its
+    closing quote), found with bytes.find, without parsing: the image data check_size leaves out
+    of the body's size. Counts at most max_images of them, each at most the base64 of the largest
+    image (longer ones stay in the size, as text); parsing refuses them by their own checks."""
+    total, longest = 0, limits.max_image_bytes * 4 // 3 + 256
+    i = raw.find(b'"data:')
+    for _ in range(limits.max_images):
+        end = raw.find(b'"', i + 1) if i >= 0 else -1
+        if end < 0:
+            break
+        total += end - i if end - i <= longest else 0
+        i = raw.find(b'"data:', end + 1)
+    return total
+
+
 def parse_body(raw: bytes, limits: LimitsConfig = LimitsConfig(), supports_images: bool = True) -> dict:
     """The request body as a JSON object; INVALID_ARGUMENT for anything else (NaN and Infinity,
     which Python's json accepts, included). Parsing holds the interpreter lock, so a body larger
-    than any acceptable request to this model, or with more values than any (300k messages), is
-    refused first by its size and by counting separators, which costs a fraction of parsing it."""
-    caps.check_size(len(raw), limits, supports_images)
+    than any acceptable request to this model (by its bytes besides its data URLs), or with more
+    values than any (300k messages), is refused first by its size and by counting separators,
+    which costs a fraction of parsing it."""
+    caps.check_size(len(raw), limits, supports_images, data_url_bytes(raw, limits) if supports_images else 0)
     items = raw.count(b",") + raw.count(b"{")
     caps.check_count(
         "JSON values in the body",
@@ -284,6 +301,12 @@ def note_ignored_fields(body: dict) -> None:
         if shown not in _ignored_logged:
             _ignored_logged.add(shown)
             log.debug("ignoring OpenAI request field %s: this server does not use it", shown)
+
+
+def parse_chunks(chunks: list[bytes], chat: bool, info: ModelInfo, limits: LimitsConfig) -> tuple[dict, dict, Any]:
+    """parse_request of a body read as chunks; joining them (a copy that does not hold the
+    interpreter lock past 1 MB) runs here, off the event loop."""
+    return parse_request(b"".join(chunks), chat, info, limits)
 
 
 def parse_request(raw: bytes, chat: bool, info: ModelInfo, limits: LimitsConfig) -> tuple[dict, dict, Any]:

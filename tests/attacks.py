@@ -299,11 +299,11 @@ ATTACKS: list[Attack] = [
     # Refused by gRPC / aiohttp while reading (RESOURCE_EXHAUSTED / 413) when the model takes no images
     # (no acceptable request is that large), by the door's caps (INVALID_ARGUMENT / 400) otherwise.
     Attack(
-        "grpc 30 MB prompt", lambda t: _grpc(t, prompt="x" * (30 << 20), max_tokens=4), TOO_BIG_GRPC, oversized=True
+        "grpc 15 MB prompt", lambda t: _grpc(t, prompt="x" * (15 << 20), max_tokens=4), TOO_BIG_GRPC, oversized=True
     ),
     Attack(
-        "http 30 MB prompt",
-        lambda t: _http(t, "/v1/completions", body={"prompt": "x" * (30 << 20)}),
+        "http 15 MB prompt",
+        lambda t: _http(t, "/v1/completions", body={"prompt": "x" * (15 << 20)}),
         TOO_BIG_HTTP,
         oversized=True,
     ),

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from cluster.fair_share import FairShare
@@ -33,6 +34,7 @@ from cluster.prefix_index import PrefixIndex
 from cluster.router_api import ErrorKind, FinalEvent, GenerateInput, RouterError, Timings, TokenEvent
 from encode_workers.parallel import encode_parallel, plan_shards
 from encode_workers.transfer import EncodeShard
+from engine.kv_cache import choices_salt
 from engine.sequence import FinishReason, StepOutput
 from engine.worker_api import Mode
 from prefill_workers.prefill_core import PrefillTask
@@ -40,6 +42,7 @@ from prefill_workers.prefill_core import PrefillTask
 log = logging.getLogger(__name__)
 RESERVE_RETRY_S = 0.02
 CANCEL_TIMEOUT_S = 10.0
+MAX_CHOICE_GROUPS = 4096  # requests with n > 1 whose first choice's worker is remembered
 
 
 class Dispatcher:
@@ -69,6 +72,7 @@ class Dispatcher:
         self.resume = None  # cluster/resume.py's Resume, set by the router
         self.prefix_index: PrefixIndex | None = None  # cache-aware routing (engine.prefix_caching on)
         self.max_local_prefill_tokens = 0  # with the index, disaggregated: conditional disaggregation
+        self._choices: OrderedDict[str, WorkerHandle] = OrderedDict()  # choices_of -> the first one's worker
 
     def _hashes(self, request, flight, ids) -> list[bytes]:
         """The prompt's block hashes (the index must be on), once per prompt (Flight.prefix_hashes)."""
@@ -80,13 +84,33 @@ class Dispatcher:
             )
         return memo[1]
 
+    def _salt(self, request: GenerateInput) -> str:
+        """The cache salt a prompt's worker keys its blocks by. Without the prefix index, the
+        choices of one request share their prompt's prefill through a salt only they carry,
+        cached even where prefix caching is off (engine/kv_cache.py choices_salt); with it, they
+        share it through the cache like any request, under the client's salt."""
+        if request.choices_of and self.prefix_index is None:
+            return choices_salt(request.choices_of)
+        return request.cache_salt
+
     def _pick(self, pool: list[WorkerHandle], request, ids, flight) -> WorkerHandle | None:
         """The worker a prompt goes to: with prefix caching, the one whose cache likely holds most
         of it (a prompt with images: keyed by their content too), weighed against load
-        (cluster/prefix_index.py); else the least loaded."""
+        (cluster/prefix_index.py); else the least loaded, except that the choices of one request
+        go where the first one went while it serves (its prompt's blocks are cached there)."""
         index = self.prefix_index
         if index is None:
-            return Pools.least_loaded(pool)
+            group = request.choices_of
+            worker = self._choices.get(group) if group else None
+            if worker is not None and worker.serving and worker in pool:
+                self._choices.move_to_end(group)
+                return worker
+            worker = Pools.least_loaded(pool)
+            if group and worker is not None:
+                self._choices[group] = worker
+                while len(self._choices) > MAX_CHOICE_GROUPS:  # the oldest requests' choices have started
+                    self._choices.popitem(last=False)
+            return worker
         hashes = self._hashes(request, flight, ids)
         worker = index.pick(pool, hashes)
         if worker is not None:
@@ -279,7 +303,7 @@ class Dispatcher:
                     **({"images": flight.images} if flight.images else {}),
                     **({"resume": flight.resume} if flight.resume else {}),
                     **({"tenant": request.tenant} if request.tenant else {}),
-                    **({"cache_salt": request.cache_salt} if request.cache_salt else {}),
+                    **({"cache_salt": self._salt(request)} if self._salt(request) else {}),
                 ),
                 deadline,
                 "submit",
@@ -374,7 +398,7 @@ class Dispatcher:
                     images=() if self.pools.encode else flight.images,
                     sampled_before=flight.resume[0] if flight.resume else 0,
                     tenant=request.tenant,
-                    cache_salt=request.cache_salt,
+                    cache_salt=self._salt(request),
                     image_hashes=flight.image_hashes,
                 )
                 result = await self.bounded(

@@ -21,9 +21,9 @@ cluster/openai_request.py; this module holds the routes, the response shapes and
 
 `n` choices are n requests of their own (ids `<id>-<i>`), answered as one response (streamed:
 chunks of all choices as they come, each naming its `index`); one refused refuses the whole. They
-share the prompt's prefill through the prefix cache: with `engine.prefix_caching` (and cache-aware
-routing) the later choices start once the first one's prefill is done and are routed where its
-KV is, so they compute only the prompt's last block; with caching off each computes the prompt.
+share the prompt's prefill: the later choices start once the first one's prefill is done and go
+where its KV is (through the prefix cache with `engine.prefix_caching`; otherwise through a cache
+of their own, cluster/dispatch.py `_salt`), so they compute only the prompt's last block.
 
 A streaming request is validated up to its first event before the SSE response starts, so
 requests refused before generation get a real HTTP status. If the client disconnects mid-stream,
@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import ssl
 import time
 from dataclasses import asdict, replace
@@ -194,20 +195,23 @@ class _Api:
                 "X-Request-Id" if n == 1 else f"X-Request-Id with n={n}", rid + _suffix(n), self.gateway.limits
             )
         rid = rid or self.gateway.new_request_id()
-        # n choices: n requests of their own (ids rid-0 .. rid-(n-1)); seeded choice i draws from seed + i
+        # n choices: n requests of their own (ids rid-0 .. rid-(n-1)); seeded choice i draws from seed + i;
+        # they carry one unguessable id, by which they share the prompt's prefill and no one else does
+        group = secrets.token_hex(16) if n > 1 else ""
         inputs = [
             GenerateInput(
                 request_id=rid + _suffix(n, i),
                 sampling=sampling
                 if sampling.seed is None or i == 0
                 else replace(sampling, seed=(sampling.seed + i) % 2**64),
+                choices_of=group,
                 **inp,
             )
             for i in range(n)
         ]
         streams = [self.gateway.events(x, principal=request[PRINCIPAL], door="http") for x in inputs]
         try:
-            firsts = await _firsts(streams, staged=n > 1 and self.gateway.router.shares_prefixes())
+            firsts = await _firsts(streams, staged=n > 1 and self.gateway.router.shares_choices())
             fmt = _Format(("chatcmpl-" if chat else "cmpl-") + rid, model, chat, sampling.logprobs is not None)
             if stream:
                 include_usage = bool(options.get("include_usage"))
@@ -392,7 +396,7 @@ class _Format:
 async def _firsts(streams: list, staged: bool) -> list:
     """The first event of each choice's stream (starting it). `staged`: the first choice's
     prefill goes first and the others start once it is done, so that they find its prompt's KV
-    in the prefix cache (the router routes them there) instead of each computing it. A refusal
+    cached (the router routes them there) instead of each computing it. A refusal
     (RouterError) of any choice is raised: it becomes the HTTP status."""
     firsts: list = []
     if staged:

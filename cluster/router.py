@@ -254,8 +254,8 @@ class ClusterRouter(Router):
         flight = self.admission.admit(request, prepared)
         return self.dispatch.stream(request, flight, list(prepared.token_ids))
 
-    def shares_prefixes(self) -> bool:
-        return self.dispatch.prefix_index is not None
+    def shares_choices(self) -> bool:
+        return True  # through the prefix cache, or a cache of the choices' own (Dispatch._salt)
 
     def _ended(self, t: Timings, completion_tokens: int, completed: bool) -> None:
         """A request ended by itself: its TTFT (the whole wait when it got no token) and TPOT

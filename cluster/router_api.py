@@ -68,6 +68,9 @@ class GenerateInput:
     deadline_s: float | None = None  # seconds from submission; None: the server's default
     tenant: str = ""  # who sent it (the gateway's principal): decode slots are shared fairly by tenant
     cache_salt: str = ""  # prefix caching: only requests with the same salt share cached KV blocks
+    # The choices of one request (OpenAI `n` > 1) carry one id, which the gateway makes (never a
+    # client): they go to the same worker and share their prompt's prefill (Router.shares_choices).
+    choices_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,10 +167,10 @@ class Router(abc.ABC):
 
         Closing the iterator early (client went away) aborts the request."""
 
-    def shares_prefixes(self) -> bool:
-        """True when a request finds the KV of a prompt prefix computed for an earlier one where it
-        is routed (prefix caching with cache-aware routing): the gateway then starts a request's
-        later choices (`n`) after the first one's prefill, and they compute only its last block."""
+    def shares_choices(self) -> bool:
+        """True when the choices of one request (`choices_of`) that start after the first one's
+        prefill find its prompt's KV where they are routed: the gateway then starts them so, and
+        they compute only the prompt's last block."""
         return False
 
     @abc.abstractmethod

@@ -18,6 +18,8 @@ is evicted (its hash forgotten, the block reused) only when an allocation finds 
 cached block never stands in the way of a request that would run without caching. A new sequence
 takes the longest run of cached blocks matching its prompt (`match_prefix` / `take_prefix`) and
 computes only the rest. Invariant: free + cached-unreferenced + in use = total (`check`).
+With prefix caching off, only the blocks of keys marked `always` are cached: the choices of one
+request (CHOICES_SALT), which share its prompt's blocks and no one else's.
 
 The manager also logs what it stores and evicts, in order (`drain_events`): the worker hands the
 log to the router, whose index of which worker holds which blocks (cluster/prefix_index.py)
@@ -35,16 +37,22 @@ from dataclasses import dataclass
 from engine.errors import EngineError
 
 ROOT = b""  # the chain's start for requests without a cache salt
+# The salt of the choices of one request (OpenAI `n` > 1; `choices_salt`): no client can send it
+# (a client's salt is printable), so only those choices share its blocks, and they are cached even
+# where prefix caching is off: the later choices compute only the prompt's last block.
+CHOICES_SALT = "\x00choices:"
 
 
 @dataclass(frozen=True)
 class CacheKey:
     """What a sequence's block hashes are keyed by besides its token ids: `root`, the chain's start
     (from its cache salt), and `images`, one (first position, end position, content hash) per
-    image of the prompt, spanning that image's placeholder tokens (`cache_key`)."""
+    image of the prompt, spanning that image's placeholder tokens (`cache_key`); `always` for
+    the choices of one request (CHOICES_SALT)."""
 
     root: bytes = ROOT
     images: tuple[tuple[int, int, bytes], ...] = ()
+    always: bool = False  # cached even where prefix caching is off (the choices of one request)
 
     def extra(self, start: int, end: int) -> bytes:
         """The content hashes of the images with a placeholder token in positions [start, end)."""
@@ -59,6 +67,11 @@ def image_hash(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16, person=b"triptych-image").digest()
 
 
+def choices_salt(group: str) -> str:
+    """The cache salt of the choices of one request; `group`: an id only they carry."""
+    return CHOICES_SALT + group
+
+
 def cache_key(
     salt: str = "", token_ids: Sequence[int] = (), image_token_id: int | None = None, image_hashes: Sequence[bytes] = ()
 ) -> CacheKey:
@@ -67,8 +80,9 @@ def cache_key(
     the images' runs of `image_token_id`, in order, equally long). ValueError when the prompt's
     placeholders do not split into len(image_hashes) equal unbroken runs."""
     root = ROOT if not salt else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+    always = salt.startswith(CHOICES_SALT)
     if not image_hashes:
-        return CacheKey(root)
+        return CacheKey(root, always=always)
     places = [i for i, t in enumerate(token_ids) if t == image_token_id]
     per, rest = divmod(len(places), len(image_hashes))
     if image_token_id is None or not per or rest:
@@ -76,7 +90,7 @@ def cache_key(
     spans = tuple((places[j * per], places[(j + 1) * per - 1] + 1, h) for j, h in enumerate(image_hashes))
     if any(end - start != per for start, end, _ in spans):
         raise ValueError(f"{len(places)} image tokens do not make {len(image_hashes)} unbroken runs")
-    return CacheKey(root, spans)
+    return CacheKey(root, spans, always)
 
 
 def block_hash(parent: bytes, token_ids: Sequence[int], extra: bytes = b"") -> bytes:
@@ -217,7 +231,7 @@ class BlockManager:
 
     def check(self) -> None:
         """EngineError unless free + cached-unreferenced + in use = total and the references add up."""
-        held = sum(1 for r in self._refs if r > 0) if self.prefix_caching else self.num_used_blocks
+        held = sum(1 for r in self._refs if r > 0)
         if self.pool.num_free + len(self._lru) + held != self.pool.num_blocks:
             raise EngineError(
                 f"KV block accounting broken: {self.pool.num_free} free + {len(self._lru)} cached + {held} in use "
@@ -261,7 +275,7 @@ class BlockManager:
         """Give every block of the table back and empty it; EngineError (table and pool
         unchanged) if one of them is not owned (BlockPool.give_back). A cached block whose last
         holder this was stays cached (LRU), the others go back to the pool."""
-        if not self.prefix_caching:
+        if not self._hash_of:  # no block is cached, so none is shared: each goes back
             self.pool.give_back(block_table)
             for b in block_table:
                 self._refs[b] = 0
@@ -288,7 +302,7 @@ class BlockManager:
         """The cached blocks holding the longest run of `token_ids`' full blocks from the start,
         and their hashes; at least the last token is left to compute (its logits are sampled),
         so a prompt that is all cached blocks matches all but its last block. Changes nothing."""
-        if not self.prefix_caching:
+        if not (self.prefix_caching or key.always):
             return [], []
         blocks, hashes = [], []
         for h in prefix_hashes(token_ids, self.block_size, key):
@@ -325,7 +339,7 @@ class BlockManager:
         tokens of `token_ids`); `hashes` holds the hashes of the blocks registered so far and is
         extended in place. A block whose hash is already cached elsewhere (computed twice at once)
         stays private to its table."""
-        if not self.prefix_caching:
+        if not (self.prefix_caching or key.always):
             return
         bs = self.block_size
         for i in range(len(hashes), min(num_computed // bs, len(block_table))):

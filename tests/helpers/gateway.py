@@ -83,11 +83,11 @@ class FakeRouter(Router):
         self.aborts: list[str] = []  # requests whose stream was closed or aborted early
         self.abort_calls: list[str] = []  # Abort RPC / router.abort() calls
         self.shut_down = False
-        self.shares = False  # what shares_prefixes() answers
+        self.shares = False  # what shares_choices() answers
         self.trace: list[tuple[str, str]] = []  # ("generate" | "first token", request id), in order
         self._abort_events: dict[str, asyncio.Event] = {}
 
-    def shares_prefixes(self) -> bool:
+    def shares_choices(self) -> bool:
         return self.shares
 
     async def set_worker_role(self, worker_id, role, reason="manual", drain_timeout_s=60.0):

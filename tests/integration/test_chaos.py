@@ -2,7 +2,8 @@
 
 Cluster: a head (the router, this process) and two nodes, each offering {prefill: 1, decode: 1},
 so 2 prefill + 2 decode workers, one of each per node; KV over shared memory (all simulated
-nodes share this machine). One cluster serves the three scenarios, in order:
+nodes share this machine). One cluster serves the three scenarios, in order (after a check of
+n > 1 choices sharing their prefill with caching off, on the intact cluster):
 
     kill a prefill worker ─▶ its requests are retried on the other one: none fails
     kill a decode worker  ─▶ its requests fail naming the worker; the rest finish
@@ -193,6 +194,39 @@ async def _run_with_fault(router, prompts, fault, settle_s: float = 4.0) -> tupl
     t = await fault()
     await asyncio.sleep(settle_s)
     return await stream.stop(), t
+
+
+def test_the_choices_of_one_request_share_its_prefill_without_caching(chaos):
+    """Before the chaos (caching is off here, 2 prefill workers): the choices of one request (n > 1,
+    one `choices_of`) started after the first one's first token go to its prefill worker and
+    compute only the prompt's last block; a request with another id computes it all; greedy
+    choices answer alike."""
+    from cluster.router_api import ChatMessage, GenerateInput
+    from engine.config import EngineConfig
+    from engine.sequence import SamplingParams
+    from tests.helpers.router import collect
+
+    loop, router, _, _, prompts, _ = chaos
+    messages = tuple(ChatMessage(m["role"], m["content"]) for m in prompts[3])
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+
+    def choice(rid: str, group: str) -> GenerateInput:
+        return GenerateInput(rid, greedy, messages=messages, choices_of=group)
+
+    async def run():
+        first = asyncio.Event()
+        zero = asyncio.create_task(collect(router, choice("n-0", "g"), first))
+        await first.wait()
+        rest = await asyncio.gather(*(collect(router, choice(f"n-{i}", "g")) for i in (1, 2)))
+        return [await zero, *rest, await collect(router, choice("other", "h"))]
+
+    results = loop.run(run())
+    assert all(r.final.error is None for r in results), [r.final.error for r in results]
+    bs = EngineConfig().block_size  # the deployment's (not set above)
+    full = (results[0].final.prompt_tokens - 1) // bs * bs
+    assert [r.final.cached_tokens for r in results] == [0, full, full, 0] and full > 0
+    assert len({tuple(r.token_ids) for r in results}) == 1
+    assert loop.run(router.wait_idle(30))
 
 
 def test_killed_prefill_worker_requests_are_retried(chaos):

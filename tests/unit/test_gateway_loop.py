@@ -77,7 +77,7 @@ def test_oversized_requests_do_not_stall_other_clients(smol_tokenizer):
         time.sleep(1.0)
         t0 = time.monotonic()
         # The attacker's process runs at the lowest priority: it stands for a client on another
-        # machine (building 30 MB bodies is its CPU, not the server's); the gateway's work for its
+        # machine (building 15-40 MB bodies is its CPU, not the server's); the gateway's work for its
         # requests keeps full priority, so a loop stall still shows in the victim's gaps.
         out = subprocess.run(
             [sys.executable, "-m", "tests.attacks", "--grpc", srv.target, "--http", srv.url, "--oversized"]

@@ -373,10 +373,12 @@ def test_a_chat_template_refusal_is_invalid_argument_in_its_own_words(smol):
 
 
 @pytest.mark.parametrize("shares", [False, True])
-def test_n_choices_start_after_the_first_ones_prefill_when_the_router_shares_prefixes(http, router, shares):
-    """With prefix caching (the router shares prefixes) choices 1..n-1 start only once choice 0's
-    prefill is done (its first token), so they find its KV cached; without, all start at once."""
+def test_n_choices_start_after_the_first_ones_prefill_when_the_router_shares_them(http, router, shares):
+    """When the router shares the choices' prefill, choices 1..n-1 start only once choice 0's
+    prefill is done (its first token), so they find its KV cached; otherwise all start at once.
+    The choices carry one id of their own, which no other request carries."""
     router.shares, router.trace[:] = shares, []
+    groups = []
     try:
         for stream in (False, True):
             router.trace.clear()
@@ -385,6 +387,8 @@ def test_n_choices_start_after_the_first_ones_prefill_when_the_router_shares_pre
             first_token = router.trace.index(("first token", router.inputs[-3].request_id))
             later = [router.trace.index(("generate", x.request_id)) for x in router.inputs[-2:]]
             assert all(i > first_token for i in later) if shares else all(i < first_token for i in later)
+            groups.append({x.choices_of for x in router.inputs[-3:]})
+        assert all(len(g) == 1 and len(next(iter(g))) == 32 for g in groups) and groups[0] != groups[1]
     finally:
         router.shares = False
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.kv_cache import SHARED, BlockManager, CacheKey, cache_key, image_hash, prefix_hashes
+from engine.kv_cache import SHARED, BlockManager, CacheKey, cache_key, choices_salt, image_hash, prefix_hashes
 from engine.sequence import SamplingParams
 from tests.helpers.models import hf_greedy
 from tests.prompts import shared_prefix_prompts
@@ -100,6 +100,58 @@ def test_without_caching_nothing_is_kept():
     t, _ = _computed(m, list(range(8)))
     m.free(t)
     assert m.num_cached_blocks == 0 and m.match_prefix(list(range(9))) == ([], []) and m.all_free()
+
+
+def test_without_caching_the_choices_of_one_request_still_share_their_blocks():
+    """A request's choices (n > 1) carry a salt only they have (choices_salt): their blocks are
+    cached even with caching off, found by the same salt only, and their references counted."""
+    m = BlockManager(8, BS)
+    tokens = list(range(100, 110))
+    group = cache_key(choices_salt("g1"))
+    table, _ = _computed(m, tokens, group)
+    assert m.match_prefix(tokens, SHARED) == ([], []) and m.match_prefix(tokens, cache_key("g1")) == ([], [])
+    assert m.match_prefix(tokens, cache_key(choices_salt("g2"))) == ([], [])
+    blocks, _ = m.match_prefix(tokens, cache_key(choices_salt("g1")))
+    assert blocks == table[:2]
+    second: list[int] = []
+    m.take_prefix(second, blocks, len(tokens))
+    m.allocate(second, len(tokens))
+    m.free(table)  # the shared blocks stay held by the second choice
+    assert m.num_used_blocks == 3 and m.num_cached_blocks == 0
+    m.check()
+    m.free(second)
+    assert m.all_free() and m.num_cached_blocks == 2  # evicted on demand, like any cached block
+    m.check()
+    big: list[int] = []
+    m.allocate(big, 8 * BS)  # the whole pool: both cached blocks are evicted
+    assert m.num_cached_blocks == 0 and m.match_prefix(tokens, group) == ([], [])
+    m.free(big)
+    m.check()
+
+
+def test_without_caching_the_later_choices_compute_only_the_prompts_last_block(tiny, make_engine):
+    """Colocated, caching off: choice 0 of a request, then (after its prefill) choices 1 and 2 with
+    the same choices salt compute only the prompt's last block; a request with another salt computes
+    it all; every output is transformers' (greedy)."""
+    engine = make_engine(tiny, block_size=8, num_kv_blocks=64)
+    prompt = torch.randint(3, len(tiny.tokenizer), (29,), generator=torch.Generator().manual_seed(5)).tolist()
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    salt = choices_salt("req-1")
+    engine.add_request(prompt, greedy, "c0", cache_salt=salt)
+    outs, cached = {}, {}
+    for o in engine.step():  # c0's prefill: its first token
+        outs[o.request_id], cached[o.request_id] = list(o.new_token_ids), o.cached_tokens
+    for rid, s in (("c1", salt), ("c2", salt), ("other", choices_salt("req-2")), ("plain", "")):
+        engine.add_request(prompt, greedy, rid, cache_salt=s)
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            cached.setdefault(o.request_id, o.cached_tokens)
+    # c1 and c2 matched c0's 3 full blocks (24 of 29 tokens)
+    assert cached == {"c0": 0, "c1": 24, "c2": 24, "other": 0, "plain": 0}
+    reference = hf_greedy(tiny, prompt, 6)
+    assert all(out == reference for out in outs.values()), outs
+    engine.blocks.check()
 
 
 # ------------------------------------------------------------------ the engine

@@ -139,3 +139,33 @@ def test_abort_ends_a_request_waiting_for_a_decode_slot_or_its_reservation():
     assert waited[-1].finish_reason is FinishReason.ABORT and reserved[-1].finish_reason is FinishReason.ABORT
     assert decode.reserved == set() and "r1" in decode.cancels
     assert router.slots.in_use == 0 and router.slots.waiting == 0 and router.decode[0].inflight == 0
+
+
+def test_the_choices_of_one_request_go_where_the_first_went():
+    """Without cache-aware routing, a request's choices (one `choices_of`) go to the prefill worker
+    the first one went to while it serves, under a salt only they carry; others go by load."""
+    from engine.kv_cache import choices_salt
+
+    router = ClusterRouter(
+        mode="disaggregated",
+        tokenizer=_Vocab(),
+        model_info=ModelInfo("fake", 64, 10, (), "float32", False),
+        kv_capacity_tokens=64,
+        prefill=[WorkerHandle(f"prefill-{i}", Role.PREFILL, object()) for i in range(3)],
+        decode=[WorkerHandle("decode-0", Role.DECODE, object())],
+        max_inflight=4,
+        default_timeout_s=5.0,
+    )
+    d, pool = router.dispatch, router.prefill
+    assert router.shares_choices()
+
+    def pick(group: str):
+        request = GenerateInput("r", SamplingParams(), token_ids=(1, 2), choices_of=group)
+        return d._pick(pool, request, [1, 2], None), d._salt(request)
+
+    first, salt = pick("g")
+    assert salt == choices_salt("g") and d._salt(GenerateInput("p", SamplingParams(), token_ids=(1,))) == ""
+    first._leases = 5  # busiest now: the choices still go there, a plain request does not
+    assert pick("g")[0] is first and pick("h")[0] is not first
+    first.draining = True  # no longer serving: the next choice goes by load
+    assert pick("g")[0] is not first

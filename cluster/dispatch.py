@@ -293,6 +293,7 @@ class Dispatcher:
             raise RouterError(ErrorKind.UNAVAILABLE, "no live colocated worker")
         flight.state = FlightState.SUBMITTING
         flight.decode_lease = Lease(worker)
+        salt = self._salt(request)
         try:
             await self.bounded(
                 worker.actor.submit.remote(
@@ -303,7 +304,7 @@ class Dispatcher:
                     **({"images": flight.images} if flight.images else {}),
                     **({"resume": flight.resume} if flight.resume else {}),
                     **({"tenant": request.tenant} if request.tenant else {}),
-                    **({"cache_salt": self._salt(request)} if self._salt(request) else {}),
+                    **({"cache_salt": salt} if salt else {}),
                 ),
                 deadline,
                 "submit",

@@ -91,6 +91,11 @@ def _fields(buf: bytes, start: int, end: int):
         i = j
 
 
+def _field(buf: bytes, start: int, end: int, number: int):
+    """(start, end) of each occurrence of field `number` in the message in buf[start:end]."""
+    return ((i, j) for n, i, j in _fields(buf, start, end) if n == number)
+
+
 def _check_shape(raw: bytes, limits: LimitsConfig, supports_images: bool) -> None:
     """Count a serialized GenerateRequest's messages, content parts and images, and its bytes
     besides its images', by walking the wire format: payloads are skipped by their length and
@@ -113,18 +118,13 @@ def _check_shape(raw: bytes, limits: LimitsConfig, supports_images: bool) -> Non
             count("images")
             image_bytes += end - start
         elif number == 3:  # GenerateRequest.chat
-            for c_number, m_start, m_end in _fields(raw, start, end):
-                if c_number != 1:  # ChatMessages.messages
-                    continue
+            for m_start, m_end in _field(raw, start, end, 1):  # ChatMessages.messages
                 count("messages")
-                for m_number, p_start, p_end in _fields(raw, m_start, m_end):
-                    if m_number != 2:  # ChatMessage.content
-                        continue
+                for p_start, p_end in _field(raw, m_start, m_end, 2):  # ChatMessage.content
                     count("content parts")
-                    for p_number, i_start, i_end in _fields(raw, p_start, p_end):
-                        if p_number == 2:  # ContentPart.image
-                            count("images")
-                            image_bytes += i_end - i_start
+                    for i_start, i_end in _field(raw, p_start, p_end, 2):  # ContentPart.image
+                        count("images")
+                        image_bytes += i_end - i_start
     caps.check_size(len(raw), limits, supports_images, image_bytes)
 
 

@@ -1,5 +1,7 @@
 """Errors the engine raises at its boundary. Each message names the problem and the value."""
 
+import enum
+
 
 class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -14,6 +16,16 @@ class SettingError(ValueError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{self.owner}.{field}: {reason}")
         self.field, self.reason = field, reason
+
+    @classmethod
+    def coerce_enum(cls, settings: object, field: str, kind: type[enum.Enum]) -> None:
+        """Set a frozen settings object's `field` to its value as a member of `kind`, or raise
+        this error listing the values it takes."""
+        value = getattr(settings, field)
+        try:
+            object.__setattr__(settings, field, kind(value))
+        except ValueError:
+            raise cls(field, f"{value!r} is not one of {[m.value for m in kind]}") from None
 
 
 class InvalidRequestError(EngineError, ValueError):

@@ -64,12 +64,7 @@ class KVSelectionConfig:
     dense_below: int = 1024  # contexts shorter than this (tokens) attend densely
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "method", KVSelectionMethod(self.method))
-        except ValueError:
-            raise KVSelectionConfigError(
-                "method", f"{self.method!r} is not one of {[m.value for m in KVSelectionMethod]}"
-            ) from None
+        KVSelectionConfigError.coerce_enum(self, "method", KVSelectionMethod)
         for name in ("budget", "gamma"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:

@@ -53,12 +53,7 @@ class SparsePrefillConfig:
     local: int = 8  # static: window of recent key blocks, diagonal included
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "method", SparseMethod(self.method))
-        except ValueError:
-            raise SparseConfigError(
-                "method", f"{self.method!r} is not one of {[m.value for m in SparseMethod]}"
-            ) from None
+        SparseConfigError.coerce_enum(self, "method", SparseMethod)
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise SparseConfigError("block_size", f"{self.block_size} must be a power of two >= 16")
         if not 0.0 < self.gamma <= 1.0:
